@@ -1,0 +1,226 @@
+"""Layered, typed configuration.
+
+Layers, later wins: the packaged ``conf/base.yaml`` -> the environment file named by ``env``
+(``conf/local.yaml``, ``conf/databricks.yaml``, ``conf/emr.yaml``) -> the user's ``--conf`` file
+-> ``--set dotted.key=value`` overrides. The result is parsed once into frozen pydantic objects;
+unknown keys and wrong types are rejected with the dotted key path in the message.
+"""
+from __future__ import annotations
+
+import copy
+from importlib.resources import files
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+ENVIRONMENTS = ("local", "databricks", "emr")
+
+
+class ConfigError(ValueError):
+    """The configuration cannot be used; the message names the key and what to change."""
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SparkConf(_Frozen):
+    master: str | None = None
+    app_name: str = "cvseg"
+    shuffle_partitions: int | None = Field(default=None, ge=1)
+    driver_memory: str = "4g"
+    extra: dict[str, str] = Field(default_factory=dict)
+
+
+class StorageConf(_Frozen):
+    warehouse: str = "./warehouse"
+    backend: Literal["auto", "delta-spark", "deltalake"] = "auto"
+
+
+class BusinessConf(_Frozen):
+    timezone: str = "Asia/Tokyo"
+    currency: str = "JPY"
+
+
+class CsvConf(_Frozen):
+    header: bool = True
+    delimiter: str = ","
+    encoding: str = "utf-8"
+    quote: str = '"'
+
+
+class ColumnMapping(_Frozen):
+    """Canonical order field -> column name in the client's export (None: not in the export)."""
+
+    order_id: str
+    customer_id: str
+    order_ts: str
+    gross_amount: str | None = None
+    status: str | None = None
+    cancelled_amount: str | None = None
+    channel: str | None = None
+    category: str | None = None
+    currency: str | None = None
+    quantity: str | None = None
+    unit_price: str | None = None
+
+
+class CancellationConf(_Frozen):
+    style: Literal["none", "status", "negative_lines"] = "none"
+    cancelled_values: tuple[str, ...] = ()
+    order_id_prefix: str | None = None
+    strip_prefix_to_match: bool = True
+
+
+class SourceConf(_Frozen):
+    path: str | None = None
+    format: Literal["csv", "parquet", "delta"] = "csv"
+    csv: CsvConf = CsvConf()
+    grain: Literal["order", "line"] = "order"
+    columns: ColumnMapping
+    timestamp_format: str = "yyyy-MM-dd HH:mm:ss"
+    timestamp_formats_extra: tuple[str, ...] = ()
+    source_timezone: str = "Asia/Tokyo"
+    cancellation: CancellationConf = CancellationConf()
+    extra_columns: Literal["drop", "keep"] = "drop"
+    allowed_currencies: tuple[str, ...] = ()
+
+
+class ValidationConf(_Frozen):
+    max_rejected_share: float = Field(default=0.05, ge=0.0, le=1.0)
+    future_tolerance_days: int = Field(default=0, ge=0)
+
+
+class FeaturesConf(_Frozen):
+    time_unit: Literal["days", "weeks"] = "days"
+    trailing_months: tuple[int, ...] = (3, 6, 12)
+    horizon_months: int = Field(default=6, ge=1)
+
+    @field_validator("trailing_months")
+    @classmethod
+    def _positive(cls, v: tuple[int, ...]) -> tuple[int, ...]:
+        if not v or any(m <= 0 for m in v):
+            raise ValueError("must be a non-empty list of positive month counts")
+        return tuple(sorted(set(v)))
+
+
+class Config(_Frozen):
+    env: Literal["local", "databricks", "emr"] = "local"
+    client: str = "demo"
+    spark: SparkConf = SparkConf()
+    storage: StorageConf = StorageConf()
+    business: BusinessConf = BusinessConf()
+    source: SourceConf
+    validation: ValidationConf = ValidationConf()
+    features: FeaturesConf = FeaturesConf()
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+def _read_yaml(path: Path | str) -> dict[str, Any]:
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    return data
+
+
+def _packaged(name: str) -> dict[str, Any]:
+    text = files("conf").joinpath(name).read_text(encoding="utf-8")
+    return yaml.safe_load(text) or {}
+
+
+def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """Merge ``over`` into a copy of ``base``; mappings merge key by key, anything else replaces."""
+    out = copy.deepcopy(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """``a.b.c=value`` -> (["a","b","c"], parsed value); the value is read as YAML (numbers, lists)."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected dotted.key=value")
+    key, raw = item.split("=", 1)
+    parts = [p for p in key.strip().split(".") if p]
+    if not parts:
+        raise ConfigError(f"--set {item!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return parts, value
+
+
+def _apply_override(data: dict[str, Any], parts: list[str], value: Any) -> None:
+    node = data
+    for i, part in enumerate(parts[:-1]):
+        nxt = node.get(part)
+        if nxt is None:
+            nxt = node[part] = {}
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"--set {'.'.join(parts)}: {'.'.join(parts[: i + 1])} is not a section")
+        node = nxt
+    node[parts[-1]] = value
+
+
+def _format_errors(exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        path = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        if err["type"] == "extra_forbidden":
+            lines.append(f"  {path}: unknown key (see conf/README.md for the keys that exist)")
+        elif err["type"] == "missing":
+            lines.append(f"  {path}: required key is missing")
+        else:
+            lines.append(f"  {path}: {err['msg']} (got {err.get('input')!r})")
+    return "invalid configuration:\n" + "\n".join(lines)
+
+
+def resolve_layers(conf_path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
+    """The merged (not yet validated) mapping of every layer."""
+    user = _read_yaml(conf_path) if conf_path else {}
+    set_items = [parse_override(o) for o in overrides]
+    env = user.get("env", "local")
+    for parts, value in set_items:
+        if parts == ["env"]:
+            env = value
+    if env not in ENVIRONMENTS:
+        raise ConfigError(f"env: must be one of {', '.join(ENVIRONMENTS)} (got {env!r})")
+    data = deep_merge(_packaged("base.yaml"), _packaged(f"{env}.yaml"))
+    data = deep_merge(data, user)
+    data["env"] = env
+    for parts, value in set_items:
+        _apply_override(data, parts, value)
+    return data
+
+
+def load_config(conf_path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Parse every layer once into a frozen :class:`Config`."""
+    data = resolve_layers(conf_path, overrides)
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc)) from None
+
+
+def dump_config(config: Config, path: str | Path) -> Path:
+    """Write the fully resolved config, so a run can be repeated with ``--conf path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False, allow_unicode=True), encoding="utf-8")
+    return path

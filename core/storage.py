@@ -1,0 +1,394 @@
+"""The one module that reads and writes tables.
+
+Every table is a Delta table under ``storage.warehouse/<name>``. Two interchangeable backends
+write the same Delta format:
+
+* ``delta-spark`` - native, when the session has Delta's JVM classes (Databricks, EMR, a laptop
+  that could download the jars).
+* ``deltalake`` - no Delta jars needed (this is the embedded default): Spark writes parquet files
+  in parallel into a staging folder inside the table, the files are moved into their partition
+  folders, and the driver commits them in one Delta transaction with ``deltalake`` (delta-rs).
+  Only file paths, sizes and row counts go to the driver, never rows.
+
+A write that fails before its commit leaves the table at its previous version: readers only see
+files named by the Delta log, and the log is written last, atomically.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+from urllib.parse import unquote
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
+from pyspark.sql import types as T
+
+from core.spark import has_delta_classes
+from core.tables import TableSpec, table_spec
+
+log = logging.getLogger(__name__)
+
+STAGING_DIR = "_staging"
+
+
+class StorageError(RuntimeError):
+    """A table cannot be read or written; the message says which and why."""
+
+
+class SchemaContractError(StorageError):
+    """A DataFrame does not match the declared schema of the table it is written to."""
+
+
+# --------------------------------------------------------------------------------------------
+# Schema helpers
+# --------------------------------------------------------------------------------------------
+def spark_to_arrow_type(dtype: T.DataType) -> pa.DataType:
+    """Arrow type of a Spark type, as Spark writes it to parquet (timestamps: UTC microseconds)."""
+    simple = {
+        T.StringType: pa.string(), T.LongType: pa.int64(), T.IntegerType: pa.int32(),
+        T.ShortType: pa.int16(), T.ByteType: pa.int8(), T.DoubleType: pa.float64(),
+        T.FloatType: pa.float32(), T.BooleanType: pa.bool_(), T.DateType: pa.date32(),
+        T.TimestampType: pa.timestamp("us", tz="UTC"), T.BinaryType: pa.binary(),
+        T.TimestampNTZType: pa.timestamp("us"),
+    }
+    for spark_type, arrow_type in simple.items():
+        if isinstance(dtype, spark_type):
+            return arrow_type
+    if isinstance(dtype, T.DecimalType):
+        return pa.decimal128(dtype.precision, dtype.scale)
+    if isinstance(dtype, T.ArrayType):
+        return pa.list_(spark_to_arrow_type(dtype.elementType))
+    if isinstance(dtype, T.MapType):
+        return pa.map_(spark_to_arrow_type(dtype.keyType), spark_to_arrow_type(dtype.valueType))
+    if isinstance(dtype, T.StructType):
+        return pa.struct([pa.field(f.name, spark_to_arrow_type(f.dataType), f.nullable) for f in dtype.fields])
+    raise StorageError(f"no Delta mapping for Spark type {dtype.simpleString()}")
+
+
+def spark_to_arrow_schema(schema: T.StructType) -> pa.Schema:
+    return pa.schema([pa.field(f.name, spark_to_arrow_type(f.dataType), f.nullable) for f in schema.fields])
+
+
+def conform(df: DataFrame, spec: TableSpec) -> DataFrame:
+    """Select the table's columns in order with the declared types; fail on missing/extra columns."""
+    have = set(df.columns)
+    want = spec.columns
+    missing = [c for c in want if c not in have]
+    extra = sorted(have - set(want))
+    if missing or extra:
+        parts = []
+        if missing:
+            parts.append(f"missing columns {missing}")
+        if extra:
+            parts.append(f"unexpected columns {extra}")
+        raise SchemaContractError(f"cannot write table {spec.name!r}: {'; '.join(parts)}")
+    current = dict(df.dtypes)
+    cols = []
+    for field in spec.schema.fields:
+        if current[field.name] == field.dataType.simpleString():
+            cols.append(F.col(field.name))
+        else:
+            cols.append(F.col(field.name).cast(field.dataType).alias(field.name))
+    return df.select(*cols)
+
+
+# --------------------------------------------------------------------------------------------
+# Backends
+# --------------------------------------------------------------------------------------------
+@dataclass
+class _StagedFile:
+    relative_path: str
+    size: int
+    partition_values: dict[str, str | None]
+    num_records: int
+
+
+class _DeltaRsBackend:
+    """Spark writes parquet in parallel; the driver commits the files with delta-rs."""
+
+    name = "deltalake"
+
+    def __init__(self, spark: SparkSession):
+        self.spark = spark
+
+    # -- reading --------------------------------------------------------------------------
+    def exists(self, path: str) -> bool:
+        from deltalake import DeltaTable
+
+        return DeltaTable.is_deltatable(path)
+
+    def read(self, path: str, spec: TableSpec, version: int | None) -> DataFrame:
+        from deltalake import DeltaTable
+
+        table = DeltaTable(path, version=version) if version is not None else DeltaTable(path)
+        uris = table.file_uris()
+        if not uris:
+            return self.spark.createDataFrame([], spec.schema)
+        df = (self.spark.read.schema(spec.schema).option("basePath", path)
+              .option("mergeSchema", "false").parquet(*uris))
+        return df.select(*spec.columns)
+
+    def version(self, path: str) -> int:
+        from deltalake import DeltaTable
+
+        return DeltaTable(path).version()
+
+    def history(self, path: str) -> list[dict[str, Any]]:
+        from deltalake import DeltaTable
+
+        return DeltaTable(path).history()
+
+    # -- writing --------------------------------------------------------------------------
+    def _stage(self, df: DataFrame, path: str, spec: TableSpec) -> list[_StagedFile]:
+        """Write df as parquet into a fresh staging folder, move the files into place."""
+        if "://" in path and not path.startswith("file://"):
+            raise StorageError(
+                f"the deltalake backend writes local paths only, not {path}; on a cluster set "
+                "storage.backend: delta-spark (Databricks and EMR have Delta's jars)")
+        table_root = Path(path.removeprefix("file://"))
+        staging = table_root / STAGING_DIR / uuid.uuid4().hex
+        writer = df.write.mode("errorifexists")
+        if spec.partition_by:
+            writer = writer.partitionBy(*spec.partition_by)
+        writer.parquet(str(staging))
+        staged: list[_StagedFile] = []
+        try:
+            for file in sorted(staging.rglob("*.parquet")):
+                relative = file.relative_to(staging)
+                target = table_root / relative
+                target.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(file, target)
+                values: dict[str, str | None] = {}
+                for part in relative.parts[:-1]:
+                    key, _, value = part.partition("=")
+                    value = unquote(value)
+                    values[key] = None if value == "__HIVE_DEFAULT_PARTITION__" else value
+                staged.append(_StagedFile(
+                    relative_path=relative.as_posix(), size=target.stat().st_size,
+                    partition_values=values, num_records=pq.read_metadata(target).num_rows))
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+            try:
+                (table_root / STAGING_DIR).rmdir()
+            except OSError:
+                pass
+        return staged
+
+    def _add_actions(self, staged: list[_StagedFile]) -> list:
+        from deltalake.transaction import AddAction
+
+        now = int(time.time() * 1000)
+        return [AddAction(path=f.relative_path, size=f.size, partition_values=f.partition_values,
+                          modification_time=now, data_change=True,
+                          stats=json.dumps({"numRecords": f.num_records}))
+                for f in staged if f.num_records > 0 or not f.partition_values]
+
+    def _commit(self, path: str, spec: TableSpec, actions: list, mode: str,
+                partition_filters: list | None, operation: str) -> None:
+        from deltalake import CommitProperties, DeltaTable, Schema
+        from deltalake.transaction import create_table_with_add_actions
+
+        schema = Schema.from_arrow(spark_to_arrow_schema(spec.schema))
+        props = CommitProperties(custom_metadata={"engine_operation": operation})
+        if not self.exists(path):
+            Path(path).mkdir(parents=True, exist_ok=True)
+            create_table_with_add_actions(path, schema, [a for a in actions if hasattr(a, "stats")],
+                                          mode="error", partition_by=list(spec.partition_by) or None,
+                                          name=spec.name, description=spec.description,
+                                          commit_properties=props)
+            return
+        DeltaTable(path).create_write_transaction(
+            actions, mode=mode, schema=schema, partition_by=list(spec.partition_by) or None,
+            partition_filters=partition_filters, commit_properties=props)
+
+    def write(self, df: DataFrame, path: str, spec: TableSpec, mode: str,
+              partitions: dict[str, list[str]] | None) -> None:
+        """mode: append | overwrite (whole table) | replace_partitions."""
+        staged = self._stage(df, path, spec)
+        adds = self._add_actions(staged)
+        if mode == "append":
+            self._commit(path, spec, adds, "append", None, "append")
+            return
+        if mode == "overwrite":
+            self._commit(path, spec, adds, "overwrite", None, "overwrite")
+            return
+        # replace_partitions: the partitions written plus any named explicitly (may be emptied)
+        (column,) = spec.partition_by  # every partitioned table here has one partition column
+        values = {f.partition_values.get(column) for f in staged if f.partition_values}
+        values |= set((partitions or {}).get(column, []))
+        values.discard(None)
+        if not values:
+            log.info("%s: nothing to replace", spec.name)
+            if not self.exists(path):
+                self._commit(path, spec, [], "append", None, "create")
+            return
+        if not self.exists(path):
+            self._commit(path, spec, adds, "append", None, "replace_partitions")
+            return
+        from deltalake import DeltaTable
+        from deltalake.transaction import RemoveAction
+
+        now = int(time.time() * 1000)
+        removes = []
+        current = pa.table(DeltaTable(path).get_add_actions(flatten=True)).to_pylist()
+        for action in current:
+            if str(action.get(f"partition.{column}")) in values:
+                removes.append(RemoveAction(path=action["path"], data_change=True,
+                                            deletion_timestamp=now, size=action["size_bytes"],
+                                            partition_values={column: str(action[f"partition.{column}"])}))
+        self._commit(path, spec, adds + removes, "append", None, "replace_partitions")
+
+
+class _DeltaSparkBackend:
+    """Native Delta Lake through delta-spark (the session has Delta's classes)."""
+
+    name = "delta-spark"
+
+    def __init__(self, spark: SparkSession):
+        self.spark = spark
+
+    def exists(self, path: str) -> bool:
+        from delta.tables import DeltaTable
+
+        return DeltaTable.isDeltaTable(self.spark, path)
+
+    def read(self, path: str, spec: TableSpec, version: int | None) -> DataFrame:
+        reader = self.spark.read.format("delta")
+        if version is not None:
+            reader = reader.option("versionAsOf", version)
+        return reader.load(path).select(*spec.columns)
+
+    def version(self, path: str) -> int:
+        return int(self.history(path)[0]["version"])
+
+    def history(self, path: str) -> list[dict[str, Any]]:
+        from delta.tables import DeltaTable
+
+        rows = DeltaTable.forPath(self.spark, path).history(100).collect()  # log entries, small
+        return [r.asDict(recursive=True) for r in rows]
+
+    def write(self, df: DataFrame, path: str, spec: TableSpec, mode: str,
+              partitions: dict[str, list[str]] | None) -> None:
+        writer = df.write.format("delta")
+        if spec.partition_by:
+            writer = writer.partitionBy(*spec.partition_by)
+        if mode == "append":
+            writer.mode("append").save(path)
+        elif mode == "overwrite":
+            writer.mode("overwrite").option("overwriteSchema", "false").save(path)
+        elif partitions and any(partitions.values()):
+            (column,) = spec.partition_by
+            quoted = ", ".join("'" + str(v).replace("'", "''") + "'" for v in partitions[column])
+            writer.mode("overwrite").option("replaceWhere", f"{column} IN ({quoted})").save(path)
+        else:
+            writer.mode("overwrite").option("partitionOverwriteMode", "dynamic").save(path)
+
+
+# --------------------------------------------------------------------------------------------
+# Public facade
+# --------------------------------------------------------------------------------------------
+class Storage:
+    """Reads and writes the engine's tables under one warehouse path."""
+
+    def __init__(self, spark: SparkSession, warehouse: str, backend: str = "auto"):
+        self.spark = spark
+        self.warehouse = warehouse if "://" in warehouse else os.path.abspath(warehouse)
+        if backend == "auto":
+            backend = "delta-spark" if has_delta_classes(spark) else "deltalake"
+        if backend == "delta-spark":
+            self._backend: _DeltaRsBackend | _DeltaSparkBackend = _DeltaSparkBackend(spark)
+        elif backend == "deltalake":
+            self._backend = _DeltaRsBackend(spark)
+        else:
+            raise StorageError(f"storage.backend: unknown backend {backend!r}")
+
+    @property
+    def backend(self) -> str:
+        return self._backend.name
+
+    def path(self, name: str) -> str:
+        table_spec(name)
+        return f"{self.warehouse.rstrip('/')}/{name}"
+
+    def exists(self, name: str) -> bool:
+        return self._backend.exists(self.path(name))
+
+    def read(self, name: str, version: int | None = None) -> DataFrame:
+        spec = table_spec(name)
+        path = self.path(name)
+        if not self._backend.exists(path):
+            raise StorageError(f"table {name!r} does not exist yet at {path}; run the stage that "
+                               "writes it first (see `cvseg --help`)")
+        return self._backend.read(path, spec, version)
+
+    def read_or_empty(self, name: str) -> DataFrame:
+        spec = table_spec(name)
+        if not self.exists(name):
+            return self.spark.createDataFrame([], spec.schema)
+        return self.read(name)
+
+    def version(self, name: str) -> int:
+        return self._backend.version(self.path(name))
+
+    def history(self, name: str) -> list[dict[str, Any]]:
+        return self._backend.history(self.path(name))
+
+    def append(self, name: str, df: DataFrame) -> None:
+        spec = table_spec(name)
+        self._backend.write(conform(df, spec), self.path(name), spec, "append", None)
+
+    def overwrite(self, name: str, df: DataFrame) -> None:
+        spec = table_spec(name)
+        self._backend.write(conform(df, spec), self.path(name), spec, "overwrite", None)
+
+    def replace_partitions(self, name: str, df: DataFrame,
+                           partitions: dict[str, Iterable[Any]] | None = None) -> None:
+        """Replace the partitions present in ``df`` (and any named in ``partitions``, which may be
+        emptied that way); every other partition is left as it was."""
+        spec = table_spec(name)
+        if not spec.partition_by:
+            raise StorageError(f"table {name!r} is not partitioned; use overwrite or merge")
+        named = {k: [str(v) for v in vs] for k, vs in (partitions or {}).items()}
+        self._backend.write(conform(df, spec), self.path(name), spec, "replace_partitions", named)
+
+    def merge(self, name: str, df: DataFrame, keys: tuple[str, ...] | None = None) -> None:
+        """Upsert by key: rows of ``df`` replace rows with the same key; other rows stay.
+
+        ``df`` must hold each key once. On partitioned tables a key is expected to stay in its
+        partition (true for the engine's tables: orders keep their month).
+        """
+        spec = table_spec(name)
+        keys = tuple(keys or spec.keys)
+        if not keys:
+            raise StorageError(f"table {name!r} has no merge keys")
+        new_df = conform(df, spec)
+        path = self.path(name)
+        if isinstance(self._backend, _DeltaSparkBackend) and self._backend.exists(path):
+            from delta.tables import DeltaTable
+
+            condition = " AND ".join(f"t.`{k}` <=> s.`{k}`" for k in keys)
+            (DeltaTable.forPath(self.spark, path).alias("t").merge(new_df.alias("s"), condition)
+             .whenMatchedUpdateAll().whenNotMatchedInsertAll().execute())
+            return
+        if not self._backend.exists(path):
+            mode = "replace_partitions" if spec.partition_by else "overwrite"
+            self._backend.write(new_df, path, spec, mode, None)
+            return
+        existing = self._backend.read(path, spec, None)
+        if spec.partition_by:
+            # Rewrite only the partitions the new rows touch.
+            touched = new_df.select(*spec.partition_by).distinct()
+            existing = existing.join(F.broadcast(touched), on=list(spec.partition_by), how="left_semi")
+        kept = existing.join(new_df.select(*keys), on=list(keys), how="left_anti")
+        merged = kept.unionByName(new_df)
+        mode = "replace_partitions" if spec.partition_by else "overwrite"
+        self._backend.write(merged.select(*spec.columns), path, spec, mode, None)

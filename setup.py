@@ -1,0 +1,48 @@
+"""Packaging for the customer-value segmentation engine (console script: ``cvseg``)."""
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+ROOT = Path(__file__).parent
+VERSION = (ROOT / "core" / "VERSION").read_text().strip()
+
+# Spark line pinned to Databricks Runtime 17.3 LTS / EMR 7.x-on-Spark-4 (Apache Spark 4.0).
+SPARK = "pyspark>=4.0.1,<4.1"
+
+setup(
+    name="cvseg",
+    version=VERSION,
+    description="Customer 6-month value, stable segments and trends on Apache Spark",
+    long_description=(ROOT / "README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10,<3.13",
+    packages=find_packages(include=["core", "core.*", "jobs", "jobs.*", "pipelines", "pipelines.*",
+                                    "models", "models.*", "conf", "conf.*"]),
+    package_data={"core": ["VERSION"], "conf": ["*.yaml", "examples/*.yaml", "README.md"]},
+    install_requires=[
+        SPARK,
+        "delta-spark>=4.0,<4.1",   # native Delta when the session has Delta's jars
+        "deltalake>=1.1,<2",       # same Delta format through delta-rs when it has not
+        "pyarrow>=15",
+        "pandas>=2.2",
+        "numpy>=1.26",
+        "scipy>=1.11",
+        "lifetimes==0.11.3",
+        "scikit-learn>=1.4",
+        "mlflow>=3.1,<4",
+        "boto3>=1.34",
+        "pydantic>=2.6,<3",
+        "PyYAML>=6",
+        "matplotlib>=3.8",
+        "psutil>=5.9",
+    ],
+    extras_require={
+        "dev": [
+            "pytest>=8",
+            "chispa>=0.10",
+            "moto[s3,server]>=5",
+            "pypdf>=4",
+        ],
+    },
+    entry_points={"console_scripts": ["cvseg=jobs.cli:main"]},
+)
