@@ -46,15 +46,16 @@ class BusinessConf(_Frozen):
 
 class CsvConf(_Frozen):
     header: bool = True
-    delimiter: str = ","
+    delimiter: str = ","                 # "whitespace": runs of spaces/tabs (fixed-width exports)
     encoding: str = "utf-8"
     quote: str = '"'
+    column_names: tuple[str, ...] = ()   # names for files without a header row
 
 
 class ColumnMapping(_Frozen):
     """Canonical order field -> column name in the client's export (None: not in the export)."""
 
-    order_id: str
+    order_id: str | None = None          # None: derived from source file name and row number
     customer_id: str
     order_ts: str
     gross_amount: str | None = None

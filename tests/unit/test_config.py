@@ -1,0 +1,90 @@
+"""Config: layering, overrides, rejection of unknown keys and wrong types with the key path named."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from core.config import ConfigError, dump_config, load_config
+
+CONF = Path(__file__).resolve().parents[2] / "conf"
+
+
+def test_layers_base_env_user_and_overrides(tmp_path):
+    user = tmp_path / "client.yaml"
+    user.write_text(yaml.safe_dump({"client": "acme", "features": {"time_unit": "weeks"},
+                                    "source": {"columns": {"order_id": "受注番号"}}}), encoding="utf-8")
+    config = load_config(user, ["validation.max_rejected_share=0.1", "spark.extra={'a.b': 'c'}"])
+    assert config.env == "local"
+    assert config.spark.master == "local[*]"            # from local.yaml
+    assert config.client == "acme"                      # from the user file
+    assert config.source.columns.order_id == "受注番号"
+    assert config.source.columns.customer_id == "customer_id"  # base value kept by the deep merge
+    assert config.features.time_unit == "weeks"
+    assert config.validation.max_rejected_share == 0.1
+    assert config.spark.extra == {"a.b": "c"}
+
+
+def test_environment_files_select_cluster_settings():
+    config = load_config(None, ["env=databricks"])
+    assert config.spark.master is None and config.storage.backend == "delta-spark"
+    assert load_config(None, ["env=emr"]).storage.warehouse.startswith("s3://")
+    with pytest.raises(ConfigError, match="env: must be one of"):
+        load_config(None, ["env=laptop"])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("source.columns.order_idd=x", r"source\.columns\.order_idd: unknown key"),
+    ("validation.max_rejected_share=lots", r"validation\.max_rejected_share: .*valid number"),
+    ("validation.max_rejected_share=1.5", r"validation\.max_rejected_share: .*less than or equal to 1"),
+    ("features.time_unit=months", r"features\.time_unit: .*'days' or 'weeks'"),
+    ("features.trailing_months=[0]", r"features\.trailing_months: .*positive"),
+    ("storage.backend=hive", r"storage\.backend"),
+])
+def test_bad_values_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
+
+
+def test_bad_files_and_override_syntax(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("source: [unclosed", encoding="utf-8")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(broken)
+    with pytest.raises(ConfigError, match="expected dotted.key=value"):
+        load_config(None, ["features.time_unit"])
+
+
+def test_config_is_frozen_and_round_trips(tmp_path):
+    config = load_config(None, ["client=acme"])
+    with pytest.raises(Exception):
+        config.client = "other"  # type: ignore[misc]
+    again = load_config(dump_config(config, tmp_path / "resolved.yaml"))
+    assert again == config
+
+
+@pytest.mark.parametrize("name", ["base.yaml", "local.yaml", "databricks.yaml", "emr.yaml"])
+def test_shipped_files_hold_no_secrets(name):
+    text = (CONF / name).read_text(encoding="utf-8").lower()
+    for word in ("password", "secret", "aws_access_key", "token:"):
+        assert word not in text
+
+
+def test_every_key_is_documented_in_conf_readme():
+    from core.config import Config
+
+    readme = (CONF / "README.md").read_text(encoding="utf-8")
+
+    def keys(model, prefix=""):
+        for name, field in model.model_fields.items():
+            path = f"{prefix}{name}"
+            yield path
+            annotation = field.annotation
+            if isinstance(annotation, type) and hasattr(annotation, "model_fields"):
+                yield from keys(annotation, path + ".")
+
+    missing = [k for k in keys(Config) if f"`{k}`" not in readme]
+    assert not missing, f"keys not documented in conf/README.md: {missing}"

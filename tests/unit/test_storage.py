@@ -1,0 +1,116 @@
+"""Storage: Delta tables through delta-rs commits; partitions, versions, merge, crash safety."""
+from __future__ import annotations
+
+import datetime as dt
+
+import pytest
+from chispa import assert_df_equality
+from deltalake import DeltaTable
+
+from core import storage as storage_module
+from core.storage import SchemaContractError, StorageError
+from core.tables import ORDERS_QUARANTINE
+
+D1, D2 = dt.date(2024, 1, 31), dt.date(2024, 2, 29)
+
+
+def _quarantine_df(spark, rows):
+    return spark.createDataFrame(
+        [(f, r, reason, [reason], None, None, None, {"col": "v"}, "run-1", D1) for f, r, reason in rows],
+        ORDERS_QUARANTINE.schema)
+
+
+def _orders_df(spark, rows):
+    """rows: (order_id, customer_id, yyyy-mm-dd, gross)."""
+    from pyspark.sql import functions as F
+
+    from core.tables import ORDERS
+
+    df = spark.createDataFrame(rows, "order_id string, customer_id string, d string, gross double")
+    return df.select(
+        "order_id", "customer_id",
+        F.to_timestamp("d").alias("order_ts"), F.to_date("d").alias("order_date"),
+        F.col("gross").alias("gross_amount"), F.lit(False).alias("is_cancelled"),
+        F.lit(0.0).alias("cancelled_amount"), F.col("gross").alias("net_amount"),
+        F.lit("web").alias("channel"), F.lit(None).cast("string").alias("category"),
+        F.lit("JPY").alias("currency"), F.lit(None).cast("map<string,string>").alias("extra"),
+        F.lit("f.csv").alias("source_file"), F.lit(1).cast("long").alias("source_row"),
+        F.lit("run").alias("ingest_run_id"), F.date_format("d", "yyyy-MM").alias("order_month"),
+    ).select(*ORDERS.columns)
+
+
+def test_replace_partition_leaves_other_partitions_intact_and_old_versions_readable(spark, storage):
+    storage.append("orders", _orders_df(spark, [("o1", "c1", "2024-01-05", 10.0), ("o2", "c1", "2024-02-05", 20.0),
+                                                ("o3", "c2", "2024-03-05", 30.0)]))
+    storage.replace_partitions("orders", _orders_df(spark, [("o4", "c3", "2024-02-10", 40.0),
+                                                            ("o5", "c3", "2024-02-11", 50.0)]))
+    now = {r.order_id: r.order_month for r in storage.read("orders").collect()}
+    assert now == {"o1": "2024-01", "o4": "2024-02", "o5": "2024-02", "o3": "2024-03"}
+    # version 0 is the table as first written
+    assert sorted(r.order_id for r in storage.read("orders", version=0).collect()) == ["o1", "o2", "o3"]
+    assert storage.version("orders") == 1
+    # a partition named explicitly with no rows is emptied
+    storage.replace_partitions("orders", spark.createDataFrame([], storage.read("orders").schema),
+                               partitions={"order_month": ["2024-03"]})
+    assert sorted(r.order_id for r in storage.read("orders").collect()) == ["o1", "o4", "o5"]
+    history = storage.history("orders")
+    assert [h["version"] for h in history][:3] == [2, 1, 0]
+
+
+def test_merge_upserts_by_key_and_is_idempotent(spark, storage):
+    storage.merge("orders_quarantine", _quarantine_df(spark, [("a.csv", 1, "x"), ("a.csv", 2, "y")]))
+    storage.merge("orders_quarantine", _quarantine_df(spark, [("a.csv", 2, "z"), ("b.csv", 1, "x")]))
+    storage.merge("orders_quarantine", _quarantine_df(spark, [("a.csv", 2, "z"), ("b.csv", 1, "x")]))
+    got = storage.read("orders_quarantine").select("source_file", "source_row", "reason")
+    expected = spark.createDataFrame([("a.csv", 1, "x"), ("a.csv", 2, "z"), ("b.csv", 1, "x")],
+                                     "source_file string, source_row long, reason string")
+    assert_df_equality(got, expected, ignore_row_order=True, ignore_nullable=True)
+
+
+def test_partitioned_merge_rewrites_only_touched_partitions(spark, storage):
+    storage.merge("orders", _orders_df(spark, [("o1", "c1", "2024-01-05", 10.0), ("o2", "c1", "2024-02-05", 20.0)]))
+    files_before = set(DeltaTable(storage.path("orders")).file_uris())
+    storage.merge("orders", _orders_df(spark, [("o2", "c1", "2024-02-05", 25.0), ("o3", "c9", "2024-02-07", 5.0)]))
+    files_after = set(DeltaTable(storage.path("orders")).file_uris())
+    january = {f for f in files_before if "2024-01" in f}
+    assert january and january <= files_after, "the untouched January partition must keep its files"
+    got = {r.order_id: r.gross_amount for r in storage.read("orders").collect()}
+    assert got == {"o1": 10.0, "o2": 25.0, "o3": 5.0}
+
+
+def test_write_killed_before_commit_leaves_previous_version(spark, storage, monkeypatch):
+    storage.merge("orders_quarantine", _quarantine_df(spark, [("a.csv", 1, "x")]))
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt("killed after the data files were written, before the commit")
+
+    monkeypatch.setattr(storage_module._DeltaRsBackend, "_commit", crash)
+    with pytest.raises(KeyboardInterrupt):
+        storage.append("orders_quarantine", _quarantine_df(spark, [("b.csv", 1, "y"), ("b.csv", 2, "y")]))
+    monkeypatch.undo()
+    assert storage.version("orders_quarantine") == 0
+    assert [(r.source_file, r.source_row) for r in storage.read("orders_quarantine").collect()] == [("a.csv", 1)]
+    # the table is still writable afterwards
+    storage.append("orders_quarantine", _quarantine_df(spark, [("c.csv", 1, "z")]))
+    assert storage.read("orders_quarantine").count() == 2
+
+
+def test_schema_contract_names_missing_and_extra_columns(spark, storage):
+    df = _quarantine_df(spark, [("a.csv", 1, "x")]).drop("reason").withColumnRenamed("detail", "details")
+    with pytest.raises(SchemaContractError, match=r"missing columns \['reason', 'detail'\].*unexpected columns \['details'\]"):
+        storage.append("orders_quarantine", df)
+
+
+def test_reading_a_table_that_does_not_exist_says_what_to_run(storage):
+    with pytest.raises(StorageError, match="does not exist yet"):
+        storage.read("customer_features")
+    with pytest.raises(KeyError, match="unknown table"):
+        storage.path("no_such_table")
+
+
+def test_tables_are_plain_delta_readable_without_spark(spark, storage):
+    storage.append("orders", _orders_df(spark, [("o1", "c1", "2024-01-05", 10.0)]))
+    table = DeltaTable(storage.path("orders")).to_pyarrow_table()
+    assert table.num_rows == 1
+    assert table.column("order_id").to_pylist() == ["o1"]
+    assert str(table.schema.field("order_ts").type) == "timestamp[us, tz=UTC]"
