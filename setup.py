@@ -33,6 +33,7 @@ setup(
         "boto3>=1.34",
         "pydantic>=2.6,<3",
         "PyYAML>=6",
+        "python-dateutil>=2.8",
         "matplotlib>=3.8",
         "psutil>=5.9",
     ],

@@ -1,0 +1,47 @@
+"""`cvseg` command line: one verb per stage, each a thin job (parse, configure, call the pipeline)."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from core import __version__
+from jobs import calibrate, demo, features, generate, ingest, show
+from jobs.common import add_config_args, run_main
+
+VERBS = {
+    "generate": generate,
+    "ingest": ingest,
+    "features": features,
+    "calibrate": calibrate,
+    "show": show,
+    "demo": demo,
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cvseg", description="Customer 6-month value, segments and trends on Apache Spark.")
+    parser.add_argument("--version", action="version", version=f"cvseg {__version__}")
+    sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+    for name, module in VERBS.items():
+        verb = sub.add_parser(name, help=module.HELP, description=module.HELP)
+        module.add_arguments(verb)
+        add_config_args(verb)
+        verb.set_defaults(func=module.main)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return run_main(args.func, args)
+
+
+def entry(verb: str):
+    """Console-script style entry for one verb (Databricks python_wheel_task, EMR steps)."""
+    def _main() -> None:
+        sys.exit(main([verb, *sys.argv[1:]]))
+    return _main
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,101 @@
+"""What every entry point shares: --conf/--set, config loading, session and storage, error exits."""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import logging
+import sys
+import time
+from contextlib import contextmanager
+from typing import Iterator
+
+from core.config import Config, ConfigError, load_config
+
+
+class UsageError(ValueError):
+    """The command line asks for something that cannot be done; the message says what to change."""
+
+
+def add_config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--conf", metavar="PATH", help="YAML layered on conf/base.yaml and the env file")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override one config key, e.g. --set features.time_unit=weeks (repeatable)")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks")
+
+
+def parse_date(text: str) -> dt.date:
+    try:
+        return dt.date.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a date; use YYYY-MM-DD") from None
+
+
+def config_from(args: argparse.Namespace) -> Config:
+    return load_config(args.conf, args.overrides)
+
+
+def build_session(config: Config):
+    from core.spark import build_spark
+
+    return build_spark(config.spark, config.storage.warehouse)
+
+
+def build_storage(config: Config, spark):
+    from core.storage import Storage
+
+    return Storage(spark, config.storage.warehouse, config.storage.backend)
+
+
+def today_in(timezone: str) -> dt.date:
+    from zoneinfo import ZoneInfo
+
+    return dt.datetime.now(ZoneInfo(timezone)).date()
+
+
+@contextmanager
+def step(name: str) -> Iterator[None]:
+    """Print a progress line with the step's wall time."""
+    started = time.perf_counter()
+    print(f"[{name}] ...", flush=True)
+    yield
+    print(f"[{name}] done in {time.perf_counter() - started:.1f}s", flush=True)
+
+
+def known_errors() -> tuple[type[BaseException], ...]:
+    """Errors whose message already says what to fix: printed without a traceback."""
+    from core.spark import JavaMissingError
+    from core.storage import StorageError
+
+    errors: list[type[BaseException]] = [ConfigError, UsageError, JavaMissingError, StorageError,
+                                         FileNotFoundError]
+    for module, names in (("pipelines.ingest", ("IngestError",)),
+                          ("pipelines.features", ("FeaturesError",)),
+                          ("pipelines.calibration", ("CalibrationError",)),
+                          ("pipelines.generate", ("GeneratorError",))):
+        try:
+            mod = __import__(module, fromlist=list(names))
+        except ImportError:
+            continue
+        errors.extend(getattr(mod, n) for n in names if hasattr(mod, n))
+    return tuple(errors)
+
+
+def run_main(func, args: argparse.Namespace) -> int:
+    """Run a verb; known errors become one clear line and exit code 2, anything else exit code 1."""
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        func(args)
+        return 0
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - the one place errors become exit codes
+        if args.debug:
+            raise
+        if isinstance(exc, known_errors()):
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        print(f"error: unexpected {type(exc).__name__}: {exc}\n(run again with --debug for the traceback)",
+              file=sys.stderr)
+        return 1

@@ -1,0 +1,24 @@
+"""`cvseg features --as-of D`: one row per customer as of D into `customer_features`."""
+from __future__ import annotations
+
+import argparse
+
+from jobs.common import build_session, build_storage, config_from, parse_date, step
+
+HELP = "build customer features as of a date"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--as-of", type=parse_date, required=True, help="YYYY-MM-DD")
+
+
+def main(args: argparse.Namespace) -> dict:
+    from pipelines.features import run_features
+
+    config = config_from(args)
+    spark = build_session(config)
+    storage = build_storage(config, spark)
+    with step("features"):
+        stats = run_features(storage, args.as_of, config.features)
+    print(f"customer_features as of {args.as_of}: {stats}")
+    return stats

@@ -1,0 +1,31 @@
+"""`cvseg ingest`: map the client's export onto `orders`, rejected rows to `orders_quarantine`."""
+from __future__ import annotations
+
+import argparse
+
+from jobs.common import UsageError, build_session, build_storage, config_from, parse_date, step, today_in
+
+HELP = "ingest the client's order export (columns mapped by conf) with validation and quarantine"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--path", help="file, folder or glob; default source.path from the config")
+    parser.add_argument("--run-date", type=parse_date,
+                        help="orders after this day are quarantined as future (default: today)")
+
+
+def main(args: argparse.Namespace):
+    from pipelines.ingest import run_ingest
+
+    config = config_from(args)
+    path = args.path or config.source.path
+    if not path:
+        raise UsageError("no source given: pass --path or set source.path in your --conf file")
+    spark = build_session(config)
+    storage = build_storage(config, spark)
+    run_date = args.run_date or today_in(config.business.timezone)
+    with step("ingest"):
+        summary = run_ingest(spark, storage, config.source, config.validation,
+                             config.business.timezone, run_date, path=path)
+    print(summary)
+    return summary
