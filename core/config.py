@@ -107,6 +107,31 @@ class FeaturesConf(_Frozen):
         return tuple(sorted(set(v)))
 
 
+class ModelsConf(_Frozen):
+    purchase_models: tuple[Literal["bgnbd", "paretonbd", "mbgnbd"], ...] = ("bgnbd", "paretonbd", "mbgnbd")
+    compare_cohort: bool = True
+    compare_naive: bool = True
+    penalizer_coef: float = Field(default=0.0, ge=0.0)
+    cohort_min_cell_size: int = Field(default=30, ge=1)
+    cohort_by_channel: bool = False
+    champion_metric: Literal["mae", "rmse", "abs_total_error_pct", "spearman", "normalized_gini",
+                             "top_decile_capture", "top20_capture"] = "mae"
+    refit_every_days: int = Field(default=7, ge=1)
+
+    @field_validator("purchase_models")
+    @classmethod
+    def _non_empty(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        if not v:
+            raise ValueError("list at least one purchase model")
+        return tuple(dict.fromkeys(v))
+
+
+class TrackingConf(_Frozen):
+    uri: str | None = None            # None: sqlite:///<warehouse>/mlflow.db locally, "databricks" there
+    experiment: str | None = None     # None: /Shared/cvseg/<client> on Databricks, cvseg-<client> elsewhere
+    registered_model: str | None = None  # None: cvseg_<client>_ltv
+
+
 class Config(_Frozen):
     env: Literal["local", "databricks", "emr"] = "local"
     client: str = "demo"
@@ -116,6 +141,8 @@ class Config(_Frozen):
     source: SourceConf
     validation: ValidationConf = ValidationConf()
     features: FeaturesConf = FeaturesConf()
+    models: ModelsConf = ModelsConf()
+    tracking: TrackingConf = TrackingConf()
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

@@ -1,0 +1,205 @@
+"""MLflow through a few small helpers: experiment setup, logging a fit or a backtest, the registry.
+
+Local default: ``sqlite:///<warehouse>/mlflow.db`` with artifacts under ``<warehouse>/mlflow-artifacts``
+(MLflow 3 deprecates the file store). On Databricks the workspace tracking server (``databricks``).
+Each registered model version is a :class:`models.bundle.ScoringBundle` logged as a pyfunc; the
+best by the configured metric carries the alias ``champion``; older versions stay.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from core.config import Config
+
+log = logging.getLogger(__name__)
+
+CHAMPION = "champion"
+#: metric -> True when higher is better
+METRIC_DIRECTION = {"mae": False, "rmse": False, "abs_total_error_pct": False, "spearman": True,
+                    "normalized_gini": True, "top_decile_capture": True, "top20_capture": True}
+
+
+@dataclass(frozen=True)
+class TrackingTarget:
+    uri: str
+    experiment: str
+    registered_model: str
+    artifact_root: str | None
+
+
+def tracking_target(config: Config) -> TrackingTarget:
+    client = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in config.client)
+    on_databricks = config.env == "databricks"
+    uri = config.tracking.uri or ("databricks" if on_databricks else None)
+    artifact_root = None
+    if uri is None:
+        warehouse = config.storage.warehouse
+        if "://" in warehouse:
+            raise ValueError("tracking.uri: set an MLflow tracking server for a remote warehouse "
+                             f"({warehouse}); the local sqlite default needs a local folder")
+        folder = Path(warehouse).resolve()
+        folder.mkdir(parents=True, exist_ok=True)
+        uri = f"sqlite:///{folder / 'mlflow.db'}"
+        artifact_root = (folder / "mlflow-artifacts").as_uri()
+    experiment = config.tracking.experiment or (f"/Shared/cvseg/{client}" if on_databricks else f"cvseg-{client}")
+    return TrackingTarget(uri=uri, experiment=experiment,
+                          registered_model=config.tracking.registered_model or f"cvseg_{client}_ltv",
+                          artifact_root=artifact_root)
+
+
+def start(target: TrackingTarget) -> str:
+    """Point MLflow at the target and make sure the experiment exists; returns its id."""
+    import mlflow
+
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    mlflow.set_tracking_uri(target.uri)
+    mlflow.set_registry_uri(target.uri)
+    client = mlflow.MlflowClient()
+    experiment = client.get_experiment_by_name(target.experiment)
+    if experiment is None:
+        experiment_id = client.create_experiment(target.experiment, artifact_location=target.artifact_root)
+    else:
+        experiment_id = experiment.experiment_id
+    mlflow.set_experiment(experiment_id=experiment_id)
+    return experiment_id
+
+
+class BundlePyfunc:
+    """MLflow pyfunc wrapper around a saved :class:`ScoringBundle` (artifact ``bundle``)."""
+
+    @staticmethod
+    def make():
+        import mlflow.pyfunc
+
+        class _Pyfunc(mlflow.pyfunc.PythonModel):
+            def load_context(self, context):
+                from models.bundle import ScoringBundle
+
+                self.bundle = ScoringBundle.load(context.artifacts["bundle"])
+
+            def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
+                return self.bundle.predict(model_input)
+
+        return _Pyfunc()
+
+
+def _signature(bundle) -> Any:
+    from mlflow.models import infer_signature
+
+    from models.bundle import FEATURE_COLUMNS
+
+    example = pd.DataFrame([{"customer_id": "C1", "frequency": 2.0, "recency": 30.0, "T": 60.0,
+                             "monetary_value": 5000.0, "n_orders": 3, "n_cancelled": 0, "net_6m": 12000.0,
+                             "acquisition_channel": "web"}])[list(FEATURE_COLUMNS)]
+    return infer_signature(example, bundle.predict(example)), example
+
+
+def log_bundle(bundle, run_name: str, params: dict[str, Any], metrics: dict[str, float],
+               artifacts: dict[str, Any] | None = None, tags: dict[str, str] | None = None,
+               register_as: str | None = None) -> tuple[str, str | None]:
+    """One run: params, metrics, artifacts (tables as CSV, figures as PNG, dicts as JSON) and the bundle
+    as a pyfunc model (registered under ``register_as`` when given). Returns (run_id, version)."""
+    import mlflow
+
+    with mlflow.start_run(run_name=run_name) as run, tempfile.TemporaryDirectory() as tmp:
+        mlflow.log_params({k: (json.dumps(v) if isinstance(v, (list, dict, tuple)) else v)
+                           for k, v in params.items()})
+        mlflow.log_metrics({k: float(v) for k, v in metrics.items() if v is not None and pd.notna(v)})
+        if tags:
+            mlflow.set_tags(tags)
+        for name, value in (artifacts or {}).items():
+            _log_artifact(value, name, Path(tmp))
+        folder = bundle.save(Path(tmp) / "bundle")
+        signature, example = _signature(bundle)
+        info = mlflow.pyfunc.log_model(name="model", python_model=BundlePyfunc.make(),
+                                       artifacts={"bundle": str(folder)}, signature=signature,
+                                       registered_model_name=register_as,
+                                       code_paths=None)
+        version = getattr(info, "registered_model_version", None)
+        return run.info.run_id, (str(version) if version is not None else None)
+
+
+def _log_artifact(value: Any, name: str, folder: Path) -> None:
+    import mlflow
+
+    if isinstance(value, pd.DataFrame):
+        path = folder / f"{name}.csv"
+        value.to_csv(path, index=False)
+        mlflow.log_artifact(str(path))
+    elif hasattr(value, "savefig"):
+        path = folder / f"{name}.png"
+        value.savefig(path, dpi=110, bbox_inches="tight")
+        mlflow.log_artifact(str(path))
+    else:
+        path = folder / f"{name}.json"
+        path.write_text(json.dumps(value, indent=2, default=str), encoding="utf-8")
+        mlflow.log_artifact(str(path))
+
+
+def set_champion(registered_model: str, version: str) -> None:
+    import mlflow
+
+    mlflow.MlflowClient().set_registered_model_alias(registered_model, CHAMPION, version)
+
+
+def champion_version(registered_model: str) -> str | None:
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return str(mlflow.MlflowClient().get_model_version_by_alias(registered_model, CHAMPION).version)
+    except MlflowException:
+        return None
+
+
+def load_champion(registered_model: str):
+    """The champion bundle and its version; a clear error if there is none yet."""
+    import mlflow
+
+    version = champion_version(registered_model)
+    if version is None:
+        raise LookupError(f"no champion model registered as {registered_model!r} yet; run `cvseg backtest` "
+                          "(or `cvseg fit --register`) first")
+    from models.bundle import ScoringBundle
+
+    local = mlflow.artifacts.download_artifacts(f"models:/{registered_model}@{CHAMPION}")
+    bundle_dir = next(Path(local).rglob("bundle.json")).parent
+    return ScoringBundle.load(bundle_dir), version
+
+
+def list_versions(registered_model: str) -> pd.DataFrame:
+    """Every registered version with its aliases, run and creation time (newest first)."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    client = mlflow.MlflowClient()
+    try:
+        versions = client.search_model_versions(f"name = '{registered_model}'")
+    except MlflowException:
+        versions = []
+    rows = []
+    for v in versions:
+        run = client.get_run(v.run_id) if v.run_id else None
+        rows.append({
+            "version": int(v.version), "aliases": ",".join(getattr(v, "aliases", []) or []),
+            "value_model": (run.data.params.get("value_model") if run else None),
+            "purchase_model": (run.data.params.get("purchase_model") if run else None),
+            "as_of": (run.data.params.get("as_of") if run else None),
+            "created": pd.Timestamp(v.creation_timestamp, unit="ms", tz="UTC").strftime("%Y-%m-%d %H:%M"),
+            "run_id": v.run_id,
+        })
+    frame = pd.DataFrame(rows, columns=["version", "aliases", "value_model", "purchase_model", "as_of",
+                                        "created", "run_id"])
+    return frame.sort_values("version", ascending=False).reset_index(drop=True)
+
+
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")

@@ -1,0 +1,167 @@
+"""What scoring needs, as one versioned object: the champion's value model plus BTYD components.
+
+A :class:`ScoringBundle` always carries the BTYD components (a purchase model, Gamma-Gamma spend
+model and the beta-binomial cancellation model), because every customer score reports
+``p_alive``, expected purchases, expected order value and the predicted cancellation rate. The
+6-month net value comes from ``value_model``:
+
+* ``"btyd"``: expected purchases x expected order value x (1 - predicted cancellation rate);
+* ``"cohort"``: the mean actual net revenue of the customer's cell six months earlier
+  (the empirical six-month cohort method, :class:`models.cohort.CohortModel`);
+* ``"naive"``: the customer's own net revenue of the last six months.
+
+:meth:`ScoringBundle.predict` takes a pandas frame of customer features (the columns named in
+:data:`FEATURE_COLUMNS`) and returns :data:`SCORE_COLUMNS`; it is what Spark's ``mapInPandas``
+runs per batch and what the MLflow pyfunc serves. Everything is pure numpy/pandas.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import pandas as pd
+
+from models.base import BaseModel, PurchaseModel, SpendModel, load_model
+from models.cancellation import CancellationRateModel
+from models.cohort import DEFAULT_BANDS, CohortModel, assign_cells
+from models.naive import NaiveRepeatModel
+
+BUNDLE_FORMAT_VERSION = 1
+VALUE_MODELS = ("btyd", "cohort", "naive")
+DAYS_PER_UNIT = {"days": 1.0, "weeks": 7.0}
+
+#: Feature columns a bundle reads (a subset of the customer_features table).
+FEATURE_COLUMNS = ("customer_id", "frequency", "recency", "T", "monetary_value", "n_orders", "n_cancelled",
+                   "net_6m", "acquisition_channel")
+#: Columns :meth:`ScoringBundle.predict` returns, in order.
+SCORE_COLUMNS = ("customer_id", "p_alive", "expected_purchases", "expected_order_value", "predicted_gross_value",
+                 "predicted_cancel_rate", "predicted_net_value")
+
+
+def horizon_in_units(horizon_months: int, time_unit: str) -> float:
+    """The horizon in the model's time unit (a month is 365.25/12 days)."""
+    return horizon_months * 365.25 / 12.0 / DAYS_PER_UNIT[time_unit]
+
+
+def cells_from_features(features: pd.DataFrame, time_unit: str, bands: Mapping[str, list[float]],
+                        with_channel: bool) -> pd.DataFrame:
+    """Cohort cells of customers from BTYD features (recency/T in ``time_unit``)."""
+    per_unit = DAYS_PER_UNIT[time_unit]
+    tenure_days = features["T"].to_numpy(float) * per_unit
+    days_since_last = (features["T"].to_numpy(float) - features["recency"].to_numpy(float)) * per_unit
+    channel = features["acquisition_channel"].fillna("unknown").to_numpy(object) if with_channel else None
+    return assign_cells(features["frequency"].to_numpy(float), np.round(days_since_last, 6),
+                        np.round(tenure_days, 6), channel=channel, bands=bands)
+
+
+@dataclass
+class ScoringBundle:
+    purchase: PurchaseModel
+    spend: SpendModel
+    cancellation: CancellationRateModel
+    value_model: str = "btyd"
+    cohort: CohortModel | None = None
+    naive: NaiveRepeatModel | None = None
+    horizon_months: int = 6
+    time_unit: str = "days"
+    bands: dict[str, list[float]] = field(default_factory=lambda: {k: list(v) for k, v in DEFAULT_BANDS.items()})
+    cohort_with_channel: bool = False
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.value_model not in VALUE_MODELS:
+            raise ValueError(f"value_model must be one of {VALUE_MODELS}, got {self.value_model!r}")
+        if self.value_model == "cohort" and self.cohort is None:
+            raise ValueError("value_model 'cohort' needs a fitted CohortModel")
+        if self.time_unit not in DAYS_PER_UNIT:
+            raise ValueError(f"time_unit must be days or weeks, got {self.time_unit!r}")
+
+    @property
+    def horizon(self) -> float:
+        return horizon_in_units(self.horizon_months, self.time_unit)
+
+    def predict(self, features: pd.DataFrame) -> pd.DataFrame:
+        """Scores for each customer row; never NaN or infinite (checked)."""
+        missing = [c for c in FEATURE_COLUMNS if c not in features.columns]
+        if missing:
+            raise ValueError(f"features lack columns {missing}")
+        frequency = features["frequency"].to_numpy(float)
+        recency = features["recency"].to_numpy(float)
+        age = features["T"].to_numpy(float)
+        monetary = features["monetary_value"].to_numpy(float)
+        purchases = self.purchase.expected_purchases(self.horizon, frequency, recency, age)
+        p_alive = self.purchase.p_alive(frequency, recency, age)
+        order_value = self.spend.expected_order_value(frequency, monetary)
+        cancel_rate = self.cancellation.predict(features["n_orders"].to_numpy(float),
+                                                features["n_cancelled"].to_numpy(float))
+        gross = purchases * order_value
+        if self.value_model == "btyd":
+            net = gross * (1.0 - cancel_rate)
+        elif self.value_model == "cohort":
+            cells = cells_from_features(features, self.time_unit, self.bands, self.cohort_with_channel)
+            net = self.cohort.predict(cells)["expected_revenue"].to_numpy(float)
+        else:
+            net = features["net_6m"].fillna(0.0).to_numpy(float)
+        out = pd.DataFrame({
+            "customer_id": features["customer_id"].to_numpy(),
+            "p_alive": p_alive, "expected_purchases": purchases, "expected_order_value": order_value,
+            "predicted_gross_value": gross, "predicted_cancel_rate": cancel_rate, "predicted_net_value": net,
+        })
+        numeric = out.drop(columns="customer_id").to_numpy(float)
+        if not np.isfinite(numeric).all():
+            bad = ~np.isfinite(numeric).all(axis=1)
+            raise FloatingPointError(
+                f"{int(bad.sum())} customers got non-finite scores, e.g. "
+                f"{features.loc[bad, list(FEATURE_COLUMNS)].head(3).to_dict('records')}")
+        return out
+
+    # -- persistence: one folder, one JSON per component -----------------------------------
+    def save(self, folder: str | Path) -> Path:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        components = {"purchase": self.purchase, "spend": self.spend, "cancellation": self.cancellation,
+                      "cohort": self.cohort, "naive": self.naive}
+        saved = {}
+        for role, model in components.items():
+            if model is not None:
+                model.save(folder / f"{role}.json")
+                saved[role] = f"{role}.json"
+        manifest = {"format_version": BUNDLE_FORMAT_VERSION, "value_model": self.value_model,
+                    "components": saved, "horizon_months": self.horizon_months, "time_unit": self.time_unit,
+                    "bands": self.bands, "cohort_with_channel": self.cohort_with_channel,
+                    "metadata": self.metadata}
+        (folder / "bundle.json").write_text(json.dumps(manifest, indent=2, default=str), encoding="utf-8")
+        return folder
+
+    @classmethod
+    def load(cls, folder: str | Path) -> "ScoringBundle":
+        folder = Path(folder)
+        manifest_path = folder / "bundle.json"
+        if not manifest_path.exists():
+            raise ValueError(f"{folder} holds no bundle.json; not a saved scoring bundle")
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        if manifest.get("format_version") != BUNDLE_FORMAT_VERSION:
+            raise ValueError(f"{manifest_path}: bundle format_version {manifest.get('format_version')!r} is not "
+                             f"{BUNDLE_FORMAT_VERSION}; re-fit with this engine version")
+        parts: dict[str, BaseModel] = {role: load_model(folder / name)
+                                       for role, name in manifest["components"].items()}
+        return cls(purchase=parts["purchase"], spend=parts["spend"], cancellation=parts["cancellation"],
+                   value_model=manifest["value_model"], cohort=parts.get("cohort"), naive=parts.get("naive"),
+                   horizon_months=manifest["horizon_months"], time_unit=manifest["time_unit"],
+                   bands=manifest["bands"], cohort_with_channel=manifest["cohort_with_channel"],
+                   metadata=manifest.get("metadata", {}))
+
+    def describe(self) -> dict[str, Any]:
+        """Small, JSON-ready summary: model names and fitted parameters."""
+        def params(model: BaseModel | None) -> dict[str, Any] | None:
+            if model is None or model.params_ is None:
+                return None
+            return {k: float(v) for k, v in model.params_.items() if np.isscalar(v)}
+
+        return {"value_model": self.value_model, "purchase_model": self.purchase.name,
+                "purchase_params": params(self.purchase), "spend_params": params(self.spend),
+                "cancellation_params": params(self.cancellation), "horizon_months": self.horizon_months,
+                "time_unit": self.time_unit}
