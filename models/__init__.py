@@ -1,12 +1,15 @@
 """LTV models on small pandas/numpy inputs: no Spark, no tables, usable in a notebook.
 
 * purchase models (``PurchaseModel``): ``BGNBDModel`` ("bgnbd"), ``ParetoNBDModel`` ("paretonbd"),
-  ``MBGNBDModel`` ("mbgnbd"), through lifetimes;
+  ``MBGNBDModel`` ("mbgnbd"), through lifetimes (BG/NBD fitted by default by ``models.fast_bgnbd``,
+  an exact numpy likelihood on distinct values: seconds for millions of customers);
 * spend model (``SpendModel``): ``GammaGammaModel`` ("gamma_gamma"), through lifetimes;
 * ``CancellationRateModel`` ("cancellation"): beta-binomial empirical Bayes;
 * ``CohortModel`` ("cohort") and ``assign_cells``: the empirical six-month cohort method;
 * ``NaiveRepeatModel`` ("naive"): the next six months repeat the last six;
-* ``predict_value``: purchases x order value x (1 - cancellation rate).
+* ``predict_value``: purchases x order value x (1 - cancellation rate);
+* ``models.metrics``: backtest metrics (MAE, RMSE, total error, Spearman, normalised Gini, top-share
+  capture, decile table), the reference definitions for the distributed ones.
 
 ``make_model(name, **hyperparameters)`` builds any of them by name; ``load_model(path)`` reads
 any saved model. Only ``models.btyd`` and ``models.gamma_gamma`` (via ``models._lifetimes_compat``)

@@ -22,7 +22,7 @@ Conventions (scikit-learn / lifetimes style):
                                                  "error": "ConvergenceError: ..."}],
      "log_likelihood": -9582.4,          # total, unpenalised, in the caller's units
      "n_customers": 2357.0, "n_rows": 1016, "standard_errors": {...} or None,
-     "backend": "lifetimes 0.11.3"}
+     "backend": "lifetimes 0.11.3"}     # what maximised the likelihood; BG/NBD by default: "fast"
 """
 from __future__ import annotations
 
