@@ -88,6 +88,8 @@ INGEST_RUNS = TableSpec(
         _f("reason_counts", T.MapType(S, L)),
         _f("started_at", TS, False),
         _f("finished_at", TS, False),
+        _f("status", S, False),              # ok | rejected (above validation.max_rejected_share)
+        _f("cancellation_lines_applied", L, False),  # negative lines folded into their orders
     ]),
     keys=("ingest_run_id",),
 )
@@ -151,8 +153,28 @@ CALIBRATION_HOLDOUT = TableSpec(
     keys=("cutoff_date", "customer_id"),
 )
 
+CUSTOMER_SCORES = TableSpec(
+    name="customer_scores",
+    description="Every customer's predicted 6-month value as of a date, with the model version used.",
+    schema=T.StructType([
+        _f("as_of_date", DT, False),
+        _f("customer_id", S, False),
+        _f("p_alive", D, False),
+        _f("expected_purchases", D, False),      # over the horizon
+        _f("expected_order_value", D, False),    # gross, Gamma-Gamma
+        _f("predicted_gross_value", D, False),
+        _f("predicted_cancel_rate", D, False),   # own rate shrunk to the population (beta-binomial)
+        _f("predicted_net_value", D, False),     # the 6-month LTV
+        _f("value_model", S, False),             # btyd | cohort | naive
+        _f("model_version", S, False),           # registered MLflow version (or "unregistered")
+        _f("horizon_months", I, False),
+    ]),
+    partition_by=("as_of_date",),
+    keys=("as_of_date", "customer_id"),
+)
+
 TABLES: dict[str, TableSpec] = {t.name: t for t in (
-    ORDERS, ORDERS_QUARANTINE, INGEST_RUNS, CUSTOMER_FEATURES, CALIBRATION_HOLDOUT,
+    ORDERS, ORDERS_QUARANTINE, INGEST_RUNS, CUSTOMER_FEATURES, CALIBRATION_HOLDOUT, CUSTOMER_SCORES,
 )}
 
 

@@ -118,7 +118,29 @@ class ScoringBundle:
                 f"{features.loc[bad, list(FEATURE_COLUMNS)].head(3).to_dict('records')}")
         return out
 
-    # -- persistence: one folder, one JSON per component -----------------------------------
+    # -- persistence ---------------------------------------------------------------------
+    def to_payload(self) -> dict[str, Any]:
+        """Plain, picklable dict (JSON documents of each component): what Spark broadcasts."""
+        components = {"purchase": self.purchase, "spend": self.spend, "cancellation": self.cancellation,
+                      "cohort": self.cohort, "naive": self.naive}
+        return {"components": {role: m.to_dict() for role, m in components.items() if m is not None},
+                "value_model": self.value_model, "horizon_months": self.horizon_months,
+                "time_unit": self.time_unit, "bands": self.bands,
+                "cohort_with_channel": self.cohort_with_channel, "metadata": self.metadata}
+
+    @classmethod
+    def from_payload(cls, payload: dict[str, Any]) -> "ScoringBundle":
+        from models.base import MODEL_REGISTRY
+
+        parts = {role: MODEL_REGISTRY[doc["model"]].from_dict(doc, source=f"payload:{role}")
+                 for role, doc in payload["components"].items()}
+        return cls(purchase=parts["purchase"], spend=parts["spend"], cancellation=parts["cancellation"],
+                   value_model=payload["value_model"], cohort=parts.get("cohort"), naive=parts.get("naive"),
+                   horizon_months=payload["horizon_months"], time_unit=payload["time_unit"],
+                   bands=payload["bands"], cohort_with_channel=payload["cohort_with_channel"],
+                   metadata=payload.get("metadata", {}))
+
+    # one folder, one JSON per component
     def save(self, folder: str | Path) -> Path:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)

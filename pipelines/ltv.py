@@ -1,0 +1,175 @@
+"""LTV stage: fit on sufficient statistics, score every customer with a vectorised pandas function.
+
+Only small sufficient statistics reach the driver:
+
+* purchase models: unique (frequency, recency, T) rows with their customer count;
+* Gamma-Gamma: unique (frequency, monetary_value) rows of repeat customers with counts;
+* cancellation: unique (n_orders, n_cancelled) rows with counts.
+
+Fits use the counts as ``weights``, which is exact (a weighted fit equals the fit on all rows).
+Scoring runs :meth:`models.bundle.ScoringBundle.predict` per Arrow batch through ``mapInPandas``
+with the fitted bundle broadcast once, and writes ``customer_scores``.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import numpy as np
+import pandas as pd
+from pyspark.sql import DataFrame
+from pyspark.sql import functions as F
+from pyspark.sql import types as T
+
+from core.tables import CUSTOMER_SCORES
+from models import CancellationRateModel, GammaGammaModel, make_model
+from models.bundle import FEATURE_COLUMNS, SCORE_COLUMNS, ScoringBundle
+
+log = logging.getLogger(__name__)
+
+
+class LtvInputError(ValueError):
+    """The features cannot be fitted or scored; the message says what to run or change."""
+
+
+# --------------------------------------------------------------------------------------------
+# Sufficient statistics (Spark -> small pandas frames)
+# --------------------------------------------------------------------------------------------
+def rfm_sufficient_stats(features_df: DataFrame) -> pd.DataFrame:
+    """Unique (frequency, recency, T) rows with the number of customers in each.
+
+    Customers first seen on the as-of day (T = 0) carry no information about purchase rates and
+    the likelihood is undefined for them, so they are left out of the fit (they are scored).
+    """
+    return (features_df.where(F.col("T") > 0).groupBy("frequency", "recency", "T").agg(F.count(F.lit(1)).alias("weight"))
+            .toPandas())
+
+
+def spend_sufficient_stats(features_df: DataFrame) -> pd.DataFrame:
+    """Unique (frequency, monetary_value) rows of repeat customers with positive spend."""
+    return (features_df.where((F.col("frequency") > 0) & (F.col("monetary_value") > 0))
+            .groupBy("frequency", "monetary_value").agg(F.count(F.lit(1)).alias("weight")).toPandas())
+
+
+def cancellation_sufficient_stats(features_df: DataFrame) -> pd.DataFrame:
+    return (features_df.groupBy("n_orders", "n_cancelled").agg(F.count(F.lit(1)).alias("weight"))
+            .toPandas())
+
+
+@dataclass
+class FittedModels:
+    """Every fitted BTYD bundle by purchase-model name, with fit timings and sizes."""
+
+    bundles: dict[str, ScoringBundle]
+    seconds: dict[str, float] = field(default_factory=dict)
+    sizes: dict[str, int] = field(default_factory=dict)
+
+
+def fit_btyd_bundles(features_df: DataFrame, purchase_models: tuple[str, ...], time_unit: str,
+                     horizon_months: int = 6, penalizer_coef: float = 0.0) -> FittedModels:
+    """Fit each purchase model plus the shared Gamma-Gamma and cancellation models."""
+    seconds: dict[str, float] = {}
+    started = time.perf_counter()
+    rfm = rfm_sufficient_stats(features_df)
+    spend = spend_sufficient_stats(features_df)
+    cancels = cancellation_sufficient_stats(features_df)
+    seconds["sufficient_statistics"] = time.perf_counter() - started
+    if rfm.empty:
+        raise LtvInputError("customer_features is empty for this date; run `cvseg features --as-of D` "
+                            "on a date with orders")
+    if spend.empty:
+        raise LtvInputError("no repeat customers with positive spend: Gamma-Gamma cannot be fitted; "
+                            "use an as-of date with more history")
+    started = time.perf_counter()
+    spend_model = GammaGammaModel(penalizer_coef=penalizer_coef).fit(
+        spend["frequency"], spend["monetary_value"], weights=spend["weight"])
+    seconds["fit_gamma_gamma"] = time.perf_counter() - started
+    started = time.perf_counter()
+    cancel_model = CancellationRateModel().fit(cancels["n_orders"], cancels["n_cancelled"],
+                                               weights=cancels["weight"])
+    seconds["fit_cancellation"] = time.perf_counter() - started
+    bundles = {}
+    for name in purchase_models:
+        started = time.perf_counter()
+        purchase = make_model(name, penalizer_coef=penalizer_coef, time_unit=time_unit).fit(
+            rfm["frequency"], rfm["recency"], rfm["T"], weights=rfm["weight"])
+        seconds[f"fit_{name}"] = time.perf_counter() - started
+        bundles[name] = ScoringBundle(purchase=purchase, spend=spend_model, cancellation=cancel_model,
+                                      value_model="btyd", horizon_months=horizon_months, time_unit=time_unit)
+    return FittedModels(bundles=bundles, seconds=seconds,
+                        sizes={"rfm_rows": len(rfm), "spend_rows": len(spend), "cancel_rows": len(cancels),
+                               "customers": int(rfm["weight"].sum())})
+
+
+# --------------------------------------------------------------------------------------------
+# Scoring
+# --------------------------------------------------------------------------------------------
+SCORE_SCHEMA = T.StructType([
+    T.StructField("customer_id", T.StringType(), False),
+    *[T.StructField(c, T.DoubleType(), False) for c in SCORE_COLUMNS[1:]],
+])
+
+
+def score_customers(features_df: DataFrame, bundle: ScoringBundle) -> DataFrame:
+    """Scores for every customer row of ``features_df`` (a vectorised pandas function per batch)."""
+    spark = features_df.sparkSession
+    shared = spark.sparkContext.broadcast(bundle.to_payload())
+
+    def predict_batches(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
+        model = ScoringBundle.from_payload(shared.value)
+        for batch in batches:
+            yield model.predict(batch)
+
+    inputs = features_df.select(*[F.col(c).cast("double") if c in ("n_orders", "n_cancelled") else F.col(c)
+                                  for c in FEATURE_COLUMNS])
+    return inputs.mapInPandas(predict_batches, SCORE_SCHEMA)
+
+
+def scores_table_rows(scores_df: DataFrame, as_of_date: dt.date, value_model: str, model_version: str,
+                      horizon_months: int) -> DataFrame:
+    return scores_df.select(
+        F.lit(as_of_date).alias("as_of_date"), *SCORE_COLUMNS,
+        F.lit(value_model).alias("value_model"), F.lit(str(model_version)).alias("model_version"),
+        F.lit(horizon_months).alias("horizon_months"))
+
+
+def run_score(storage: Any, as_of_date: dt.date, bundle: ScoringBundle, model_version: str) -> dict[str, Any]:
+    """Read ``customer_features`` at D, write the D partition of ``customer_scores``."""
+    from core.tables import CUSTOMER_FEATURES
+
+    features_df = storage.read(CUSTOMER_FEATURES.name).where(F.col("as_of_date") == F.lit(as_of_date))
+    if bundle.time_unit != _time_unit_of(features_df):
+        raise LtvInputError(f"the model was fitted in {bundle.time_unit} but customer_features as of {as_of_date} "
+                            f"is in {_time_unit_of(features_df)}; rebuild features with features.time_unit="
+                            f"{bundle.time_unit} or refit")
+    rows_df = scores_table_rows(score_customers(features_df, bundle), as_of_date, bundle.value_model,
+                                model_version, bundle.horizon_months)
+    storage.replace_partitions(CUSTOMER_SCORES.name, rows_df, partitions={"as_of_date": [as_of_date]})
+    written = storage.read(CUSTOMER_SCORES.name).where(F.col("as_of_date") == F.lit(as_of_date))
+    stats = written.agg(F.count(F.lit(1)).alias("customers"), F.sum("predicted_net_value").alias("total"),
+                        F.avg("p_alive").alias("mean_p_alive")).first()
+    return {"as_of_date": as_of_date.isoformat(), "customers": int(stats["customers"]),
+            "predicted_net_value_total": float(stats["total"] or 0.0),
+            "mean_p_alive": float(stats["mean_p_alive"] or 0.0), "model_version": str(model_version)}
+
+
+def _time_unit_of(features_df: DataFrame) -> str | None:
+    row = features_df.select("time_unit").limit(1).first()
+    if row is None:
+        raise LtvInputError("customer_features has no rows for this date; run `cvseg features --as-of D` first")
+    return row["time_unit"]
+
+
+def describe_params(bundles: dict[str, ScoringBundle]) -> dict[str, Any]:
+    """``{"bgnbd": {"r":..,"alpha":..,"a":..,"b":..}, "gamma_gamma": {...}, ...}`` for --json output."""
+    out: dict[str, Any] = {}
+    for name, bundle in bundles.items():
+        out[name] = {k: float(v) for k, v in bundle.purchase.params_.items() if np.isscalar(v)}
+    if bundles:
+        any_bundle = next(iter(bundles.values()))
+        out["gamma_gamma"] = {k: float(v) for k, v in any_bundle.spend.params_.items() if np.isscalar(v)}
+        out["cancellation"] = {k: float(v) for k, v in any_bundle.cancellation.params_.items() if np.isscalar(v)}
+    return out
