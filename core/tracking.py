@@ -122,6 +122,7 @@ def log_bundle(bundle, run_name: str, params: dict[str, Any], metrics: dict[str,
         signature, example = _signature(bundle)
         info = mlflow.pyfunc.log_model(name="model", python_model=BundlePyfunc.make(),
                                        artifacts={"bundle": str(folder)}, signature=signature,
+                                       input_example=example,
                                        registered_model_name=register_as,
                                        code_paths=None)
         version = getattr(info, "registered_model_version", None)
@@ -188,6 +189,7 @@ def list_versions(registered_model: str) -> pd.DataFrame:
         versions = []
     rows = []
     for v in versions:
+        v = client.get_model_version(registered_model, v.version)  # search results omit aliases
         run = client.get_run(v.run_id) if v.run_id else None
         rows.append({
             "version": int(v.version), "aliases": ",".join(getattr(v, "aliases", []) or []),

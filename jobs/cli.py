@@ -5,7 +5,7 @@ import argparse
 import sys
 
 from core import __version__
-from jobs import calibrate, demo, features, generate, ingest, show
+from jobs import calibrate, demo, features, fit, generate, ingest, models_cmd, score, show
 from jobs.common import add_config_args, run_main
 
 VERBS = {
@@ -13,6 +13,9 @@ VERBS = {
     "ingest": ingest,
     "features": features,
     "calibrate": calibrate,
+    "fit": fit,
+    "score": score,
+    "models": models_cmd,
     "show": show,
     "demo": demo,
 }

@@ -71,7 +71,9 @@ def known_errors() -> tuple[type[BaseException], ...]:
     for module, names in (("pipelines.ingest", ("IngestError",)),
                           ("pipelines.features", ("FeaturesError",)),
                           ("pipelines.calibration", ("CalibrationError",)),
-                          ("pipelines.generate", ("GeneratorError",))):
+                          ("pipelines.generate", ("GeneratorError",)),
+                          ("pipelines.ltv", ("LtvInputError",)),
+                          ("models.base", ("ModelFitError",))):
         try:
             mod = __import__(module, fromlist=list(names))
         except ImportError:
