@@ -10,7 +10,7 @@ from pathlib import Path
 from core.config import dump_config, load_config
 from jobs.common import build_session, build_storage, step
 
-HELP = "run generate -> ingest -> features -> calibration end to end on sample data"
+HELP = "run generate -> ingest -> features -> calibration -> fit -> score end to end on sample data"
 
 SYNTHETIC_END = dt.date(2026, 9, 30)
 CDNOW_AS_OF = dt.date(1997, 9, 30)
@@ -72,6 +72,30 @@ def main(args: argparse.Namespace) -> dict:
         calibration_stats = run_calibration(storage, cutoff, config.features)
     print(f"  {calibration_stats}")
 
+    from core import tracking
+    from pipelines.ltv import describe_params, fit_btyd_bundles, run_score
+    from pyspark.sql import functions as F
+
+    with step(f"fit BTYD models on features as of {as_of}"):
+        features_df = storage.read("customer_features").where(F.col("as_of_date") == F.lit(as_of))
+        fitted = fit_btyd_bundles(features_df, config.models.purchase_models[:1], config.features.time_unit,
+                                  config.features.horizon_months, config.models.penalizer_coef)
+        target = tracking.tracking_target(config)
+        tracking.start(target)
+        name, bundle = next(iter(fitted.bundles.items()))
+        run_id, version = tracking.log_bundle(
+            bundle, run_name=f"demo-fit-{name}-{as_of}",
+            params={"purchase_model": name, "value_model": "btyd", "as_of": as_of.isoformat(),
+                    "time_unit": config.features.time_unit},
+            metrics={}, artifacts={"parameters": bundle.describe()}, tags={"kind": "fit"},
+            register_as=target.registered_model)
+        tracking.set_champion(target.registered_model, version)
+    for model_name, params in describe_params(fitted.bundles).items():
+        print(f"  {model_name:<13} " + ", ".join(f"{k}={v:.4g}" for k, v in params.items()))
+    with step(f"score every customer with model version {version}"):
+        score_stats = run_score(storage, as_of, bundle, version)
+    print(f"  {score_stats}")
+
     from jobs.show import select_rows
 
     rows, _ = select_rows(storage, "customer_features", as_of=as_of, limit=5,
@@ -80,12 +104,16 @@ def main(args: argparse.Namespace) -> dict:
     print(f"\ncustomer_features as of {as_of} (first 5 rows):")
     print(rows.to_string(index=False))
     print("\nTables:")
-    for name in ("orders", "orders_quarantine", "ingest_runs", "customer_features", "calibration_holdout"):
-        if storage.exists(name):
-            print(f"  {name:<20} {storage.path(name)}")
+    for table in ("orders", "orders_quarantine", "ingest_runs", "customer_features", "calibration_holdout",
+                  "customer_scores"):
+        if storage.exists(table):
+            print(f"  {table:<20} {storage.path(table)}")
+    print(f"MLflow: {target.uri} (experiment {target.experiment}, model {target.registered_model})")
     print(f"\nResolved config: {conf_path}\nGo on with, e.g.:")
     print(f"  cvseg show customer_features --conf {conf_path} --as-of {as_of}")
     print(f"  cvseg show orders_quarantine --conf {conf_path}")
-    print(f"  cvseg features --conf {conf_path} --as-of {as_of - relativedelta(months=1)}")
+    print(f"  cvseg show customer_scores --conf {conf_path}")
+    print(f"  cvseg fit --conf {conf_path} --as-of {as_of} --json")
+    print(f"  cvseg models --conf {conf_path}")
     return {"conf": str(conf_path), "as_of": as_of, "ingest": ingest_summary,
-            "features": feature_stats, "calibration": calibration_stats}
+            "features": feature_stats, "calibration": calibration_stats, "scores": score_stats}

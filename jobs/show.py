@@ -9,7 +9,8 @@ from jobs.common import UsageError, build_session, build_storage, config_from, p
 HELP = "print rows of a table (csv or aligned text)"
 
 # The column that an --as-of date selects, for tables that are snapshots by date.
-AS_OF_COLUMNS = {"customer_features": "as_of_date", "calibration_holdout": "cutoff_date"}
+AS_OF_COLUMNS = {"customer_features": "as_of_date", "calibration_holdout": "cutoff_date",
+                 "customer_scores": "as_of_date"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
