@@ -1,0 +1,82 @@
+"""Benchmark helpers: wall time per step and peak resident memory of the driver and the JVM."""
+from __future__ import annotations
+
+import os
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import psutil
+
+
+@dataclass
+class PeakMemory:
+    """Samples RSS of this Python process (driver) and its child processes (the Spark JVM, Python
+    workers) in a background thread; psutil's RSS is a point reading, so peaks are sampled maxima."""
+
+    interval: float = 0.1
+    driver_peak: int = 0
+    jvm_peak: int = 0
+    workers_peak: int = 0
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _thread: threading.Thread | None = None
+
+    def _sample(self) -> None:
+        me = psutil.Process(os.getpid())
+        while not self._stop.is_set():
+            try:
+                driver = me.memory_info().rss
+                jvm = workers = 0
+                for child in me.children(recursive=True):
+                    try:
+                        rss = child.memory_info().rss
+                        if "java" in child.name():
+                            jvm += rss
+                        else:
+                            workers += rss
+                    except psutil.Error:
+                        continue
+                self.driver_peak = max(self.driver_peak, driver)
+                self.jvm_peak = max(self.jvm_peak, jvm)
+                self.workers_peak = max(self.workers_peak, workers)
+            except psutil.Error:
+                pass
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> "PeakMemory":
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._thread:
+            self._thread.join()
+
+    def reset(self) -> None:
+        self.driver_peak = self.jvm_peak = self.workers_peak = 0
+
+    def summary(self) -> str:
+        gib = 1024 ** 3
+        return (f"peak RSS driver {self.driver_peak / gib:.2f} GiB, JVM {self.jvm_peak / gib:.2f} GiB, "
+                f"python workers {self.workers_peak / gib:.2f} GiB")
+
+
+class Timer:
+    def __init__(self) -> None:
+        self.rows: list[tuple[str, float, str]] = []
+
+    @contextmanager
+    def step(self, name: str, memory: PeakMemory | None = None):
+        if memory:
+            memory.reset()
+        started = time.perf_counter()
+        yield
+        seconds = time.perf_counter() - started
+        note = memory.summary() if memory else ""
+        self.rows.append((name, seconds, note))
+        print(f"{name:<28} {seconds:8.1f} s   {note}", flush=True)
+
+    def total(self, *names: str) -> float:
+        return sum(s for n, s, _ in self.rows if not names or n in names)

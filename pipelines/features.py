@@ -1,0 +1,337 @@
+"""FEATURES stage: one row per customer as of a date (table ``customer_features``).
+
+Input is the ``orders`` table (:data:`core.tables.ORDERS`): one row per order, amounts before
+cancellation. Output is exactly :data:`core.tables.CUSTOMER_FEATURES`.
+
+Definitions (the contract the tests check against an independent pandas computation):
+
+* **Population and leakage.** A customer is in the table for as-of date ``D`` when they have at
+  least one order with ``order_date <= D`` (``order_date`` is the business-local calendar day).
+  Orders after ``D`` are filtered out before anything else is computed.
+* **BTYD statistics on gross orders.** Every order counts, cancelled ones too: the product
+  predicts gross orders and value and then applies the predicted cancellation rate. Orders on
+  the same day are one *purchase day* (the lifetimes convention).
+  ``frequency = n_purchase_days - 1``; ``recency`` = last - first purchase day; ``T`` = ``D`` -
+  first purchase day; both in ``time_unit`` (``days``, or ``weeks`` = days / 7 as a float).
+  ``monetary_value`` = mean over the *repeat* purchase days (the first day excluded) of the
+  day's total gross amount, 0 when ``frequency`` is 0.
+  This equals ``lifetimes.utils.summary_data_from_transaction_data(freq="D",
+  freq_multiplier=1 or 7, observation_period_end=D, monetary_value_col=gross)``.
+* **Orders and amounts.** ``n_orders`` counts every order, ``n_cancelled`` the fully cancelled
+  ones (``is_cancelled``); ``gross_amount`` / ``cancelled_amount`` / ``net_amount`` are sums of
+  the table's columns. ``avg_order_value`` = mean gross of orders not cancelled (null if none).
+  ``cancel_rate_count`` = n_cancelled / n_orders; ``cancel_rate_amount`` = cancelled / gross
+  (null when gross is 0).
+* **Cadence.** Gaps in days between consecutive purchase days: ``gap_mean_days`` (null without
+  a gap) and ``gap_std_days`` (sample standard deviation, ddof=1; null with fewer than 2 gaps).
+* **Trailing windows.** ``orders_{m}m`` / ``net_{m}m``: orders and net amount with
+  ``add_months(D, -m) < order_date <= D``; ``m`` must be the months the schema has (3, 6, 12).
+* **Acquisition and preference.** ``acquisition_channel`` = channel of the first order (earliest
+  ``order_ts``, ties by ``order_id``; null when that order has no channel).
+  ``top_category`` = the category with most orders; ties: larger gross, then the smaller name;
+  null categories are ignored (null when the customer has none).
+* **Repeat.** ``is_repeat`` = at least two purchase days; ``days_to_second_purchase`` = days
+  from the first to the second purchase day (null if none).
+* **RFM (the baseline the method argues against).** Quintile scores 1-5: ``rfm_r`` on days
+  since the last order (5 = most recent), ``rfm_f`` on ``n_orders``, ``rfm_m`` on
+  ``net_amount``; ``rfm_score`` = the three digits, e.g. ``"545"``. Cut points are the 20/40/60/
+  80 % quantiles from :meth:`DataFrame.approxQuantile` with relative error
+  :data:`RFM_RELATIVE_ERROR` (0.1 % of the customer count in rank; exact when a partition holds
+  fewer than 10,000 customers, because Spark's quantile summary only starts compressing beyond
+  that). A value's bucket is ``1 + (number of cut points strictly below it)``, so a value equal to
+  a cut point falls in the lower bucket and tied values always share a score (with many
+  one-order customers several cut points coincide and some scores stay empty; that is the
+  honest answer, not a bug). Recency is scored reversed: ``rfm_r = 6 - bucket(days since last)``.
+
+Cost: one shuffle by ``customer_id`` (a window's exchange), two sorts inside it (category
+run, then date order), one streaming aggregate; no Python UDFs and nothing customer-sized on the
+driver. The per-customer result is materialised once (``localCheckpoint``) so the RFM cut points
+and the write read the same rows without recomputing the aggregation.
+"""
+from __future__ import annotations
+
+import calendar
+import datetime as dt
+import re
+from typing import Any, Iterable, Sequence
+
+from pyspark.sql import Column, DataFrame, Window
+from pyspark.sql import functions as F
+
+from core.storage import conform
+from core.tables import CUSTOMER_FEATURES, ORDERS
+
+TIME_UNITS: dict[str, float] = {"days": 1.0, "weeks": 7.0}
+RFM_RELATIVE_ERROR = 0.001
+RFM_PROBABILITIES = (0.2, 0.4, 0.6, 0.8)
+
+# The ORDERS columns this stage reads (the rest of the table is not needed).
+FEATURE_INPUT_COLUMNS = ("order_id", "customer_id", "order_ts", "order_date", "gross_amount",
+                         "is_cancelled", "cancelled_amount", "net_amount", "channel", "category")
+
+
+# Customers are partitioned and sorted by a 64-bit hash first, then the id itself: sorting on a
+# long prefix that differs between customers is several times cheaper than comparing ids that
+# share leading characters ("C000123..."); the id keeps customers apart if two hashes collide.
+CUSTOMER_KEY = ("customer_hash", "customer_id")
+
+
+class FeaturesInputError(ValueError):
+    """The orders or the parameters cannot produce features; the message says what to fix."""
+
+
+# --------------------------------------------------------------------------------------------
+# Small helpers (plain Python: dates and parameters)
+# --------------------------------------------------------------------------------------------
+def to_date(value: dt.date | dt.datetime | str) -> dt.date:
+    """``date``, ``datetime`` (its date) or ``"YYYY-MM-DD"`` -> ``date``."""
+    if isinstance(value, dt.datetime):
+        return value.date()
+    if isinstance(value, dt.date):
+        return value
+    if isinstance(value, str):
+        try:
+            return dt.date.fromisoformat(value.strip())
+        except ValueError:
+            raise FeaturesInputError(f"date {value!r}: expected YYYY-MM-DD") from None
+    raise FeaturesInputError(f"date {value!r}: expected a date or a YYYY-MM-DD string")
+
+
+def add_months(day: dt.date, months: int) -> dt.date:
+    """Spark's ``add_months`` in Python: same day of month, clamped to the month's last day."""
+    index = day.year * 12 + (day.month - 1) + months
+    year, month = divmod(index, 12)
+    last = calendar.monthrange(year, month + 1)[1]
+    return dt.date(year, month + 1, min(day.day, last))
+
+
+def schema_trailing_months() -> tuple[int, ...]:
+    """The trailing-window months that CUSTOMER_FEATURES has columns for (3, 6, 12)."""
+    months = {int(m.group(1)) for c in CUSTOMER_FEATURES.columns
+              if (m := re.fullmatch(r"orders_(\d+)m", c))}
+    return tuple(sorted(months))
+
+
+def check_trailing_months(trailing_months: Iterable[int]) -> tuple[int, ...]:
+    months = tuple(sorted(set(int(m) for m in trailing_months)))
+    expected = schema_trailing_months()
+    if months != expected:
+        raise FeaturesInputError(
+            f"features.trailing_months is {list(months)} but the customer_features table has "
+            f"columns for {list(expected)} (orders_<m>m, net_<m>m); set features.trailing_months "
+            f"to {list(expected)} or add the columns to core/tables.py")
+    return months
+
+
+def check_time_unit(time_unit: str) -> str:
+    if time_unit not in TIME_UNITS:
+        raise FeaturesInputError(f"features.time_unit {time_unit!r}: must be one of {sorted(TIME_UNITS)}")
+    return time_unit
+
+
+def validate_orders(orders_df: DataFrame) -> DataFrame:
+    """Fail early, naming every missing or mistyped column the features need."""
+    want = {f.name: f.dataType.simpleString() for f in ORDERS.schema.fields if f.name in FEATURE_INPUT_COLUMNS}
+    have = dict(orders_df.dtypes)
+    problems = [f"{name} is missing" if name not in have else f"{name} is {have[name]}, expected {dtype}"
+                for name, dtype in want.items() if have.get(name) != dtype]
+    if problems:
+        raise FeaturesInputError("orders cannot be used for features: " + "; ".join(problems)
+                                 + " (read them from the `orders` table written by `cvseg ingest`)")
+    return orders_df
+
+
+# --------------------------------------------------------------------------------------------
+# Column functions
+# --------------------------------------------------------------------------------------------
+def cancellation_rate(cancelled: Column | str, total: Column | str) -> Column:
+    """cancelled / total as a double; null when total is 0 (ANSI mode would raise instead)."""
+    cancelled, total = F.col(cancelled) if isinstance(cancelled, str) else cancelled, \
+        F.col(total) if isinstance(total, str) else total
+    return F.when(total != 0, cancelled.cast("double") / total.cast("double"))
+
+
+def days_in_unit(days: Column, time_unit: str) -> Column:
+    """A day count expressed in the BTYD time unit (weeks are days / 7, a float)."""
+    return days.cast("double") / F.lit(TIME_UNITS[check_time_unit(time_unit)])
+
+
+def quantile_bucket(value: Column, cut_points: Sequence[float]) -> Column:
+    """1 + number of cut points strictly below ``value`` (ties with a cut point go low)."""
+    bucket = F.lit(1)
+    for cut in cut_points:
+        bucket = bucket + F.when(value > F.lit(float(cut)), 1).otherwise(0)
+    return bucket
+
+
+def rfm_score(r: Column, f: Column, m: Column) -> Column:
+    """"545"-style concatenation of the three 1-5 scores."""
+    return F.concat(r.cast("string"), f.cast("string"), m.cast("string"))
+
+
+# --------------------------------------------------------------------------------------------
+# Transforms
+# --------------------------------------------------------------------------------------------
+def orders_as_of(orders_df: DataFrame, as_of_date: dt.date) -> DataFrame:
+    """Orders on or before the as-of date, only the columns features read."""
+    return (validate_orders(orders_df)
+            .where(F.col("order_date") <= F.lit(as_of_date))
+            .select(*FEATURE_INPUT_COLUMNS)
+            .withColumn("customer_hash", F.xxhash64("customer_id")))
+
+
+def with_category_totals(orders_df: DataFrame) -> DataFrame:
+    """Each order gets its customer's order count and gross in the order's category."""
+    w_category = (Window.partitionBy(*CUSTOMER_KEY, "category")
+                  .rowsBetween(Window.unboundedPreceding, Window.unboundedFollowing))
+    return (orders_df
+            .withColumn("category_orders", F.count(F.lit(1)).over(w_category))
+            .withColumn("category_gross", F.sum("gross_amount").over(w_category)))
+
+
+def with_purchase_sequence(orders_df: DataFrame) -> DataFrame:
+    """Per order, in the customer's order sequence (date, then ts, then id): whether it is the
+    first order, the customer's first purchase day, whether it opens a new purchase day, and
+    the gap in days since the previous purchase day (null unless it opens a repeat day)."""
+    w_orders = Window.partitionBy(*CUSTOMER_KEY).orderBy("order_date", "order_ts", "order_id")
+    w_previous = w_orders.rowsBetween(-1, -1)          # lag's own frame: the previous order
+    w_so_far = w_orders.rowsBetween(Window.unboundedPreceding, Window.currentRow)
+    previous_date = F.col("previous_order_date")
+    return (orders_df
+            .withColumn("previous_order_date", F.lag("order_date").over(w_previous))
+            # sorted by date, so the running minimum is the first purchase day
+            .withColumn("first_purchase_day", F.min("order_date").over(w_so_far))
+            .withColumn("is_first_order", previous_date.isNull())
+            .withColumn("is_new_purchase_day", previous_date.isNull() | (F.col("order_date") > previous_date))
+            .withColumn("purchase_gap_days",
+                        F.when(F.col("order_date") > previous_date, F.datediff("order_date", previous_date))))
+
+
+def aggregate_customers(sequenced_df: DataFrame, as_of_date: dt.date,
+                        trailing_months: Sequence[int]) -> DataFrame:
+    """One row per customer from orders carrying :func:`with_purchase_sequence` and
+    :func:`with_category_totals` columns. The input is already clustered and sorted by customer,
+    so this aggregate streams without another shuffle or sort. Aggregates are kept to cheap
+    sums and counts (they run once per order); ratios are taken per customer afterwards."""
+    is_repeat_day_order = F.col("order_date") > F.col("first_purchase_day")
+    gap = F.col("purchase_gap_days")
+    trailing = []
+    for months in trailing_months:
+        in_window = F.col("order_date") > F.lit(add_months(as_of_date, -months))
+        trailing += [F.count_if(in_window).alias(f"orders_{months}m"),
+                     F.sum(F.when(in_window, F.col("net_amount")).otherwise(F.lit(0.0))).alias(f"net_{months}m")]
+    category_rank = F.when(F.col("category").isNotNull(), F.struct(
+        (-F.col("category_orders")).alias("neg_orders"), (-F.col("category_gross")).alias("neg_gross"),
+        F.col("category").alias("category")))
+    return sequenced_df.groupBy(*CUSTOMER_KEY).agg(
+        F.min("order_date").alias("first_order_date"),
+        F.max("order_date").alias("last_order_date"),
+        F.count(F.lit(1)).alias("n_orders"),
+        F.count_if("is_cancelled").alias("n_cancelled"),
+        F.count_if("is_new_purchase_day").alias("n_purchase_days"),
+        F.sum("gross_amount").alias("gross_amount"),
+        F.sum("cancelled_amount").alias("cancelled_amount"),
+        F.sum("net_amount").alias("net_amount"),
+        F.sum(F.when(~F.col("is_cancelled"), F.col("gross_amount"))).alias("completed_gross"),
+        F.sum(F.when(is_repeat_day_order, F.col("gross_amount"))).alias("repeat_gross"),
+        F.min(F.when(is_repeat_day_order, F.col("order_date"))).alias("second_purchase_day"),
+        # integer day gaps: the sum of squares is exact in a double, and cheaper than stddev_samp
+        F.sum((gap * gap).cast("double")).alias("gap_square_sum"),
+        *trailing,
+        # exactly one order per customer is the first one
+        F.max(F.when(F.col("is_first_order"), F.col("channel"))).alias("acquisition_channel"),
+        F.min(category_rank)["category"].alias("top_category"),
+    )
+
+
+def gap_std(gap_count: Column, gap_sum: Column, gap_square_sum: Column) -> Column:
+    """Sample standard deviation (ddof=1) from count, sum and sum of squares; null below 2 gaps."""
+    variance = (gap_square_sum - gap_sum * gap_sum / gap_count) / (gap_count - 1)
+    return F.when(gap_count >= 2, F.sqrt(F.greatest(variance, F.lit(0.0))))
+
+
+def with_customer_statistics(customers_df: DataFrame, as_of_date: dt.date, time_unit: str) -> DataFrame:
+    """BTYD statistics, rates, cadence and repeat flags from the per-customer aggregates."""
+    frequency = F.col("n_purchase_days") - 1
+    span_days = F.datediff("last_order_date", "first_order_date")
+    n_completed = F.col("n_orders") - F.col("n_cancelled")
+    return (customers_df
+            .withColumn("as_of_date", F.lit(as_of_date))
+            .withColumn("time_unit", F.lit(time_unit))
+            .withColumn("frequency", frequency.cast("double"))
+            .withColumn("recency", days_in_unit(span_days, time_unit))
+            .withColumn("T", days_in_unit(F.datediff(F.lit(as_of_date), F.col("first_order_date")), time_unit))
+            .withColumn("monetary_value", F.when(frequency > 0, F.col("repeat_gross") / frequency)
+                        .otherwise(F.lit(0.0)))
+            .withColumn("avg_order_value", F.when(n_completed > 0, F.col("completed_gross") / n_completed))
+            .withColumn("cancel_rate_count", cancellation_rate("n_cancelled", "n_orders"))
+            .withColumn("cancel_rate_amount", cancellation_rate("cancelled_amount", "gross_amount"))
+            # the gaps telescope: their sum is the first-to-last span
+            .withColumn("gap_mean_days", F.when(frequency >= 1, span_days / frequency))
+            .withColumn("gap_std_days", gap_std(frequency, span_days.cast("double"), F.col("gap_square_sum")))
+            .withColumn("is_repeat", F.col("n_purchase_days") >= 2)
+            .withColumn("days_to_second_purchase", F.datediff("second_purchase_day", "first_order_date"))
+            .drop("customer_hash", "repeat_gross", "second_purchase_day", "completed_gross", "gap_square_sum"))
+
+
+def rfm_inputs(customers_df: DataFrame) -> DataFrame:
+    """The three values RFM scores rank: days since last order, order count, net amount."""
+    return customers_df.select(
+        F.datediff("as_of_date", "last_order_date").cast("double").alias("days_since_last_order"),
+        F.col("n_orders").cast("double").alias("n_orders"),
+        F.col("net_amount").cast("double").alias("net_amount"))
+
+
+def rfm_cut_points(customers_df: DataFrame, relative_error: float = RFM_RELATIVE_ERROR) -> dict[str, list[float]]:
+    """Quintile cut points (20/40/60/80 %) of the RFM inputs: a tiny driver-side statistic."""
+    inputs_df = rfm_inputs(customers_df)
+    cuts = inputs_df.approxQuantile(inputs_df.columns, list(RFM_PROBABILITIES), relative_error)
+    return dict(zip(inputs_df.columns, cuts))
+
+
+def with_rfm_scores(customers_df: DataFrame, cut_points: dict[str, Sequence[float]]) -> DataFrame:
+    days_since_last = F.datediff("as_of_date", "last_order_date")
+    return (customers_df
+            .withColumn("rfm_r", F.lit(6) - quantile_bucket(days_since_last, cut_points["days_since_last_order"]))
+            .withColumn("rfm_f", quantile_bucket(F.col("n_orders"), cut_points["n_orders"]))
+            .withColumn("rfm_m", quantile_bucket(F.col("net_amount"), cut_points["net_amount"]))
+            .withColumn("rfm_score", rfm_score(F.col("rfm_r"), F.col("rfm_f"), F.col("rfm_m"))))
+
+
+def build_customer_features(orders_df: DataFrame, as_of_date: dt.date | str, time_unit: str = "days",
+                            trailing_months: Sequence[int] = (3, 6, 12),
+                            rfm_relative_error: float = RFM_RELATIVE_ERROR) -> DataFrame:
+    """``customer_features`` rows as of ``as_of_date`` (see the module docstring).
+
+    Runs one Spark job: the per-customer rows are materialised (local checkpoint) so that the
+    RFM cut points and whoever consumes the result read one computation.
+    """
+    as_of_date = to_date(as_of_date)
+    check_time_unit(time_unit)
+    months = check_trailing_months(trailing_months)
+    customers_df = (orders_as_of(orders_df, as_of_date)
+                    .transform(with_category_totals)
+                    .transform(with_purchase_sequence)
+                    .transform(aggregate_customers, as_of_date, months)
+                    .transform(with_customer_statistics, as_of_date, time_unit)
+                    .localCheckpoint(eager=True))
+    cut_points = rfm_cut_points(customers_df, rfm_relative_error)
+    return conform(with_rfm_scores(customers_df, cut_points), CUSTOMER_FEATURES)
+
+
+# --------------------------------------------------------------------------------------------
+# Stage runner
+# --------------------------------------------------------------------------------------------
+def run_features(storage: Any, as_of_date: dt.date | str, features_conf: Any) -> dict[str, Any]:
+    """Read ``orders``, write the ``as_of_date`` partition of ``customer_features``."""
+    as_of_date = to_date(as_of_date)
+    features_df = build_customer_features(
+        storage.read(ORDERS.name), as_of_date, time_unit=features_conf.time_unit,
+        trailing_months=features_conf.trailing_months)
+    storage.replace_partitions(CUSTOMER_FEATURES.name, features_df, partitions={"as_of_date": [as_of_date]})
+    stats = features_df.agg(F.count(F.lit(1)).alias("customers"),
+                            F.coalesce(F.sum("n_orders"), F.lit(0)).alias("orders"),
+                            F.count_if("is_repeat").alias("repeat_customers")).first()
+    return {"as_of_date": as_of_date.isoformat(), "time_unit": features_conf.time_unit,
+            "customers": int(stats["customers"]), "orders": int(stats["orders"]),
+            "repeat_customers": int(stats["repeat_customers"])}

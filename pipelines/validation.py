@@ -1,0 +1,133 @@
+"""Data-quality rules as data: each rule is a Column condition (True = the row is bad) and a
+stable reason code. ``split_by_rules`` separates good rows from quarantined rows; nothing is
+dropped, every row lands on exactly one side.
+
+The rules for order exports live here too (``order_rules``): they read the canonical columns that
+:mod:`pipelines.ingest` prepares, and their parameters (run date, tolerance, currencies) come in
+as arguments, never from config.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import date, timedelta
+
+from pyspark.sql import Column, DataFrame
+from pyspark.sql import functions as F
+
+# Stable reason codes: they are stored in orders_quarantine and counted in ingest_runs.
+MISSING_ORDER_ID = "missing_order_id"
+MISSING_CUSTOMER_ID = "missing_customer_id"
+UNPARSABLE_TIMESTAMP = "unparsable_timestamp"
+FUTURE_TIMESTAMP = "future_timestamp"
+MISSING_AMOUNT = "missing_amount"
+NON_NUMERIC_AMOUNT = "non_numeric_amount"
+NEGATIVE_AMOUNT = "negative_amount"
+UNKNOWN_CURRENCY = "unknown_currency"
+DUPLICATE_ORDER_CONFLICT = "duplicate_order_conflict"
+CANCELLATION_WITHOUT_ORDER = "cancellation_without_order"
+
+REASON_CODES: tuple[str, ...] = (
+    MISSING_ORDER_ID, MISSING_CUSTOMER_ID, UNPARSABLE_TIMESTAMP, FUTURE_TIMESTAMP, MISSING_AMOUNT,
+    NON_NUMERIC_AMOUNT, NEGATIVE_AMOUNT, UNKNOWN_CURRENCY, DUPLICATE_ORDER_CONFLICT,
+    CANCELLATION_WITHOUT_ORDER,
+)
+
+
+@dataclass(frozen=True, eq=False)  # eq=False: Column overloads ==, so compare rules by identity
+class Rule:
+    """``condition`` is True when the row is bad; a null condition counts as "not bad", so write
+    conditions that are explicit about nulls. ``detail`` is a fixed text or a Column (per row)."""
+
+    code: str
+    condition: Column
+    detail: str | Column
+
+
+def with_rule_results(df: DataFrame, rules: list[Rule]) -> DataFrame:
+    """Add ``reasons`` (every failing code, in rule order), ``reason`` (the first) and ``detail``
+    (the first failing rule's detail); ``reason`` is null and ``reasons`` empty on good rows."""
+    if not rules:
+        return (df.withColumn("reasons", F.array().cast("array<string>"))
+                .withColumn("reason", F.lit(None).cast("string"))
+                .withColumn("detail", F.lit(None).cast("string")))
+    failing = [F.when(F.coalesce(r.condition, F.lit(False)), F.lit(r.code)) for r in rules]
+    reason = F.lit(None).cast("string")
+    detail = F.lit(None).cast("string")
+    for rule in reversed(rules):  # built inside out so the first failing rule wins
+        text = rule.detail if isinstance(rule.detail, Column) else F.lit(rule.detail)
+        bad = F.coalesce(rule.condition, F.lit(False))
+        reason = F.when(bad, F.lit(rule.code)).otherwise(reason)
+        detail = F.when(bad, text).otherwise(detail)
+    # the array (a lambda, evaluated without code generation) is built for bad rows only
+    return (df.withColumn("reason", reason)
+            .withColumn("reasons", F.when(F.col("reason").isNull(), F.array().cast("array<string>"))
+                        .otherwise(F.filter(F.array(*failing), lambda c: c.isNotNull())))
+            .withColumn("detail", detail))
+
+
+def any_rule_fails(rules: list[Rule]) -> Column:
+    """True when at least one rule fails (null conditions count as passing)."""
+    out = F.lit(False)
+    for rule in rules:
+        out = out | F.coalesce(rule.condition, F.lit(False))
+    return out
+
+
+def split_by_rules(df: DataFrame, rules: list[Rule]) -> tuple[DataFrame, DataFrame]:
+    """(valid_df, quarantine_df): rows failing no rule, and rows failing at least one with
+    ``reason``/``reasons``/``detail``. Persist ``df`` first if it is expensive: both sides read it."""
+    checked_df = with_rule_results(df, rules)
+    is_bad = F.size("reasons") > 0
+    valid_df = checked_df.filter(~is_bad).drop("reasons", "reason", "detail")
+    quarantine_df = checked_df.filter(is_bad)
+    return valid_df, quarantine_df
+
+
+def _blank(col: Column) -> Column:
+    return col.isNull() | (F.trim(col) == "")
+
+
+def order_rules(*, run_date: date, future_tolerance_days: int = 0,
+                allowed_currencies: tuple[str, ...] = (), order_id_mapped: bool = True) -> list[Rule]:
+    """Row rules for canonical order rows, in priority order (the first failing one is the reason).
+
+    Expected columns (prepared by ``pipelines.ingest``): ``order_id``, ``customer_id``,
+    ``order_ts_text`` (as read), ``order_ts`` (parsed instant), ``order_date``,
+    ``amount_text`` (gross as read, for the message), ``gross_amount`` (parsed, null if not a
+    number), ``is_amount_missing``, ``is_amount_non_numeric``, ``is_cancellation_line``,
+    ``currency``, ``is_order_conflict``, ``conflict_detail``, ``has_target_order``.
+    """
+    last_day = run_date + timedelta(days=future_tolerance_days)
+    rules: list[Rule] = []
+    if order_id_mapped:
+        rules.append(Rule(MISSING_ORDER_ID, _blank(F.col("order_id")), "order id is empty"))
+    rules += [
+        Rule(MISSING_CUSTOMER_ID, _blank(F.col("customer_id")), "customer id is empty"),
+        Rule(UNPARSABLE_TIMESTAMP, F.col("order_ts").isNull(),
+             F.concat(F.lit("order timestamp "),
+                      F.coalesce(F.concat(F.lit("'"), F.col("order_ts_text"), F.lit("'")), F.lit("(empty)")),
+                      F.lit(" does not match source.timestamp_format"))),
+        Rule(FUTURE_TIMESTAMP, F.col("order_date") > F.lit(last_day),
+             F.concat(F.lit("order date "), F.col("order_date").cast("string"),
+                      F.lit(f" is after the run date {run_date.isoformat()}"
+                            + (f" + {future_tolerance_days} days" if future_tolerance_days else "")))),
+        Rule(MISSING_AMOUNT, F.col("is_amount_missing"), "amount is empty"),
+        Rule(NON_NUMERIC_AMOUNT, F.col("is_amount_non_numeric"),
+             F.concat(F.lit("amount '"), F.coalesce(F.col("amount_text"), F.lit("")), F.lit("' is not a number"))),
+        Rule(NEGATIVE_AMOUNT, ~F.col("is_cancellation_line") & (F.col("gross_amount") < 0),
+             F.concat(F.lit("negative amount "), F.col("gross_amount").cast("string"),
+                      F.lit(" on a row that is not a cancellation line"))),
+    ]
+    if allowed_currencies:
+        allowed = sorted({c.strip().upper() for c in allowed_currencies})
+        rules.append(Rule(
+            UNKNOWN_CURRENCY,
+            _blank(F.col("currency")) | ~F.upper(F.trim(F.col("currency"))).isin(allowed),
+            F.concat(F.lit("currency '"), F.coalesce(F.col("currency"), F.lit("")),
+                     F.lit(f"' is not in source.allowed_currencies ({', '.join(allowed)})"))))
+    rules += [
+        Rule(DUPLICATE_ORDER_CONFLICT, F.col("is_order_conflict"), F.col("conflict_detail")),
+        Rule(CANCELLATION_WITHOUT_ORDER, F.col("is_cancellation_line") & ~F.col("has_target_order"),
+             "cancellation line with no order of the same customer at or before it"),
+    ]
+    return rules

@@ -1,0 +1,251 @@
+"""Ingest end to end on small files: quarantine reasons, threshold, re-ingest, Japanese cp932
+exports, UCI-style cancellation lines, exact row numbers, parquet/Delta, CDNOW, bad input."""
+from __future__ import annotations
+
+from datetime import date, datetime
+from pathlib import Path
+
+import pytest
+from chispa import assert_approx_df_equality, assert_df_equality
+from pyspark.sql import functions as F
+
+from core.config import SourceConf, ValidationConf, load_config
+from pipelines.ingest import IngestError, IngestRejectedError, run_ingest
+
+DATA = Path(__file__).resolve().parents[1] / "data" / "ingest"
+ROOT = Path(__file__).resolve().parents[2]
+CDNOW = next((ROOT / ".venv" / "lib").glob("python3*/site-packages/lifetimes/datasets/CDNOW_sample.txt"), None)
+ORDER_COLUMNS = {"order_id": "order_id", "customer_id": "customer_id", "order_ts": "order_ts",
+                 "gross_amount": "gross_amount"}
+
+
+def source(**kw) -> SourceConf:
+    kw.setdefault("columns", ORDER_COLUMNS)
+    return SourceConf.model_validate(kw)
+
+
+def quarantine_rows(storage) -> list[tuple]:
+    return sorted((r.source_row, r.reason) for r in storage.read("orders_quarantine").collect())
+
+
+def test_quarantine_reasons_threshold_and_reingest(spark, storage):
+    path = str(DATA / "orders_bad.csv")
+    conf = source(columns={**ORDER_COLUMNS, "currency": "currency", "channel": "channel"},
+                  timestamp_formats_extra=["yyyy/MM/dd HH:mm"], allowed_currencies=["JPY"])
+    run_date = date(2024, 3, 31)
+
+    # 1. Default threshold (5%): the run fails, the quarantine and the run record are written, orders not.
+    with pytest.raises(IngestRejectedError) as failed:
+        run_ingest(spark, storage, conf, ValidationConf(), "Asia/Tokyo", run_date, path=path, run_id="r1")
+    message = str(failed.value)
+    assert message.startswith("11 of 16 rows (68.8%) were rejected, above validation.max_rejected_share=5%: "
+                              "top reasons duplicate_order_conflict 2, missing_customer_id 2, ")
+    assert "cvseg show orders_quarantine" in message
+    assert not storage.exists("orders")
+    run = storage.read("ingest_runs").first()
+    assert (run.status, run.input_rows, run.quarantined_rows, run.orders_written) == ("rejected", 16, 11, 0)
+
+    expected_quarantine = [
+        (2, "missing_customer_id"), (3, "unparsable_timestamp"), (4, "future_timestamp"),
+        (5, "negative_amount"), (6, "non_numeric_amount"), (7, "missing_amount"), (8, "unknown_currency"),
+        (9, "duplicate_order_conflict"), (10, "duplicate_order_conflict"), (11, "missing_order_id"),
+        (16, "missing_customer_id"),
+    ]
+    assert quarantine_rows(storage) == expected_quarantine
+    q = {r.source_row: r for r in storage.read("orders_quarantine").collect()}
+    assert q[16].reasons == ["missing_customer_id", "unparsable_timestamp", "non_numeric_amount", "unknown_currency"]
+    assert q[16].raw == {"order_id": "A013", "customer_id": None, "order_ts": "not a date",
+                         "gross_amount": "xyz", "currency": "EUR", "channel": "web"}
+    assert q[9].detail == "order id A009 is on 2 rows whose content differ; every one is quarantined"
+    assert q[6].detail == "amount 'abc' is not a number"
+    assert {r.source_file for r in q.values()} == {path} and q[3].order_id == "A003"
+
+    # 2. A looser threshold accepts the good rows; the identity holds and is printed.
+    summary = run_ingest(spark, storage, conf, ValidationConf(max_rejected_share=1.0), "Asia/Tokyo",
+                         run_date, path=path, run_id="r2")
+    assert (summary.input_rows, summary.accepted_rows, summary.quarantined_rows,
+            summary.exact_duplicate_rows, summary.orders_written) == (16, 4, 11, 1, 4)
+    assert ("input rows 16 from 1 file(s) = accepted order rows 4 + cancellation lines applied 0 "
+            "+ quarantined 11 + exact duplicates dropped 1") in str(summary)
+    assert summary.reason_counts["duplicate_order_conflict"] == 2
+    expected_orders = spark.createDataFrame([
+        ("A001", "C1", datetime(2024, 1, 5, 1), date(2024, 1, 5), 1200.0, "JPY", "web", 1, "2024-01"),
+        ("A010", "C6", datetime(2024, 1, 13, 1), date(2024, 1, 13), 2000.0, "JPY", "app", 13, "2024-01"),
+        ("A011", "C2", datetime(2024, 3, 31, 14, 30), date(2024, 3, 31), 700.0, "JPY", "web", 14, "2024-03"),
+        ("A012", "C1", datetime(2024, 2, 1, 0), date(2024, 2, 1), 300.0, "JPY", "catalog", 15, "2024-02"),
+    ], "order_id string, customer_id string, order_ts timestamp, order_date date, gross_amount double, "
+       "currency string, channel string, source_row long, order_month string")
+    orders_df = storage.read("orders")
+    assert_df_equality(orders_df.select(*expected_orders.columns), expected_orders,
+                       ignore_row_order=True, ignore_nullable=True)
+    before = orders_df.orderBy("order_id").collect()
+
+    # 3. Re-ingesting the same file adds nothing: same orders (same run id even), quarantine not doubled.
+    again = run_ingest(spark, storage, conf, ValidationConf(max_rejected_share=1.0), "Asia/Tokyo",
+                       run_date, path=path, run_id="r3")
+    assert again.orders_written == 0 and again.accepted_rows == 4
+    assert storage.read("orders").orderBy("order_id").collect() == before
+    assert quarantine_rows(storage) == expected_quarantine
+    runs = {r.ingest_run_id: r.status for r in storage.read("ingest_runs").collect()}
+    assert runs == {"r1": "rejected", "r2": "ok", "r3": "ok"}
+
+
+def test_cp932_japanese_export_with_status_cancellation(spark, storage):
+    path = str(DATA / "orders_cp932.csv")
+    conf = source(
+        csv={"encoding": "cp932"},
+        columns={"customer_id": "顧客番号", "order_id": "受注番号", "order_ts": "受注日", "gross_amount": "受注金額",
+                 "status": "キャンセル区分", "cancelled_amount": "キャンセル金額", "channel": "媒体",
+                 "category": "商品カテゴリ"},
+        timestamp_format="yyyy/MM/dd HH:mm:ss", timestamp_formats_extra=["yyyy/MM/dd"],
+        cancellation={"style": "status", "cancelled_values": ["キャンセル"]}, extra_columns="keep")
+
+    # Read as UTF-8 the header is garbage: the error names the encoding to try.
+    with pytest.raises(IngestError, match="source.csv.encoding: cp932"):
+        run_ingest(spark, storage, conf.model_copy(update={"csv": conf.csv.model_copy(update={"encoding": "utf-8"})}),
+                   ValidationConf(), "Asia/Tokyo", date(2024, 12, 31), path=path)
+
+    summary = run_ingest(spark, storage, conf, ValidationConf(), "Asia/Tokyo", date(2024, 12, 31), path=path)
+    assert (summary.input_rows, summary.accepted_rows, summary.quarantined_rows) == (4, 4, 0)
+    assert summary.encoding_suspect_rows == 0
+    expected_df = spark.createDataFrame([
+        ("J0001", "K001", datetime(2024, 1, 4, 23), date(2024, 1, 5), 1234.0, False, 0.0, 1234.0, "通販カタログ", "食品", {"備考": None}),
+        ("J0002", "K001", datetime(2024, 1, 20, 3), date(2024, 1, 20), 5000.0, True, 5000.0, 0.0, "WEB", "化粧品", {"備考": None}),
+        ("J0003", "K002", datetime(2024, 1, 31, 15), date(2024, 2, 1), 3000.0, False, 1000.0, 2000.0, "WEB", "食品", {"備考": "一部返品"}),
+        ("J0004", "K003", datetime(2024, 2, 2, 1), date(2024, 2, 2), 12345.0, False, 0.0, 12345.0, "LINE", "健康食品", {"備考": "①特記"}),
+    ], "order_id string, customer_id string, order_ts timestamp, order_date date, gross_amount double, "
+       "is_cancelled boolean, cancelled_amount double, net_amount double, channel string, category string, "
+       "extra map<string,string>")
+    # maps cannot be sorted, so order both sides by id rather than ignore_row_order
+    assert_df_equality(storage.read("orders").select(*expected_df.columns).orderBy("order_id"), expected_df,
+                       ignore_nullable=True)
+
+
+def test_uci_style_cancellation_lines_at_line_grain(spark, storage):
+    path = str(DATA / "uci_lines.csv")
+    conf = source(
+        grain="line",
+        columns={"order_id": "InvoiceNo", "customer_id": "CustomerID", "order_ts": "InvoiceDate",
+                 "gross_amount": None, "quantity": "Quantity", "unit_price": "UnitPrice",
+                 "channel": "Country", "category": "StockCode"},
+        timestamp_format="M/d/yyyy H:mm", source_timezone="Europe/London",
+        cancellation={"style": "negative_lines", "order_id_prefix": "C"})
+    summary = run_ingest(spark, storage, conf, ValidationConf(max_rejected_share=0.5), "Europe/London",
+                         date(2011, 12, 31), path=path)
+
+    # 10 lines = 4 order lines + 3 cancellation lines applied + 2 quarantined + 1 exact duplicate
+    assert (summary.input_rows, summary.accepted_rows, summary.cancellation_lines_applied,
+            summary.quarantined_rows, summary.exact_duplicate_rows) == (10, 4, 3, 2, 1)
+    assert summary.is_reconciled and summary.orders_accepted == 3 and summary.cancellation_lines_by_heuristic == 1
+    assert quarantine_rows(storage) == [(7, "cancellation_without_order"), (9, "negative_amount")]
+    expected_df = spark.createDataFrame([
+        # two lines; C536365 names it (-2 x 2.55); category of the largest line, channel of the first
+        ("536365", "17850", 35.64, 5.10, 30.54, False, "United Kingdom", "71053", 1),
+        # C536379 names no order: the customer's latest order at or before it
+        ("536366", "17850", 11.10, 5.00, 6.10, False, "United Kingdom", "22633", 3),
+        ("536367", "13047", 54.08, 54.08, 0.0, True, "United Kingdom", "84879", 4),
+    ], "order_id string, customer_id string, gross_amount double, cancelled_amount double, net_amount double, "
+       "is_cancelled boolean, channel string, category string, source_row long")
+    assert_approx_df_equality(storage.read("orders").select(*expected_df.columns).orderBy("order_id"),
+                              expected_df, precision=1e-9, ignore_nullable=True)
+
+
+def test_row_numbers_exact_across_files_split_into_partitions(spark, storage, tmp_path):
+    folder = tmp_path / "monthly"
+    folder.mkdir()
+    sizes = {"2024-01.csv": 3000, "2024-02.csv": 7, "2024-03.csv": 0}
+    for name, n in sizes.items():
+        lines = ["order_id,customer_id,order_ts,gross_amount,expected_row"]
+        lines += [f"{name}-{i},c{i % 97},2024-01-{1 + i % 28:02d} 12:00:00,{i},{i}" for i in range(1, n + 1)]
+        (folder / name).write_text("\n".join(lines) + "\n")
+    key = "spark.sql.files.maxPartitionBytes"
+    previous = spark.conf.get(key)
+    spark.conf.set(key, "8k")
+    try:
+        assert spark.read.csv(str(folder)).rdd.getNumPartitions() > 5  # the big file really is split
+        summary = run_ingest(spark, storage, source(extra_columns="keep"), ValidationConf(), "Asia/Tokyo",
+                             date(2024, 12, 31), path=str(folder))
+    finally:
+        spark.conf.set(key, previous)
+    assert (summary.input_rows, summary.accepted_rows, summary.source_files) == (3007, 3007, 2)
+    orders_df = storage.read("orders")
+    wrong = orders_df.filter(F.col("source_row") != F.col("extra")["expected_row"].cast("long")).count()
+    assert wrong == 0
+    assert orders_df.filter(F.col("source_file") == str(folder / "2024-02.csv")).count() == 7
+
+
+def test_parquet_folder_and_delta_table_sources(spark, storage, tmp_path):
+    import pandas as pd
+    from deltalake import write_deltalake
+
+    frame = pd.DataFrame({
+        # a gap in an integer column makes pandas write floats: 101.0 must still be customer "101"
+        "order_id": ["P1", "P2", "P3", "P4"], "customer_id": [101, 101, 102, None],
+        "order_ts": pd.to_datetime(["2024-01-05 08:00", "2024-02-01 09:00", "2024-02-03 10:00", "2024-02-04 10:00"]),
+        "gross_amount": [100.0, 250.5, -3.0, 10.0]})
+    folder = tmp_path / "pq"
+    folder.mkdir()
+    frame.iloc[:2].to_parquet(folder / "part-a.parquet", index=False)
+    frame.iloc[2:].to_parquet(folder / "part-b.parquet", index=False)
+
+    summary = run_ingest(spark, storage, source(format="parquet"), ValidationConf(max_rejected_share=1.0),
+                         "Asia/Tokyo", date(2024, 12, 31), path=str(folder))
+    assert (summary.accepted_rows, summary.quarantined_rows) == (2, 2)
+    assert quarantine_rows(storage) == [(1, "negative_amount"), (2, "missing_customer_id")]
+    got = {r.order_id: (r.customer_id, r.order_ts, r.source_row) for r in storage.read("orders").collect()}
+    # naive parquet timestamps are wall time in source_timezone (Tokyo, UTC+9)
+    assert got == {"P1": ("101", datetime(2024, 1, 4, 23), 1), "P2": ("101", datetime(2024, 2, 1, 0), 2)}
+
+    # The same orders from a Delta table: same content, so nothing is rewritten.
+    write_deltalake(str(tmp_path / "delta"), frame.iloc[:2])
+    again = run_ingest(spark, storage, source(format="delta"), ValidationConf(), "Asia/Tokyo",
+                       date(2024, 12, 31), path=str(tmp_path / "delta"))
+    assert (again.input_rows, again.accepted_rows, again.orders_written) == (2, 2, 0)
+
+
+@pytest.mark.skipif(CDNOW is None, reason="lifetimes' CDNOW sample is not installed")
+def test_cdnow_sample_with_the_example_mapping(spark, storage):
+    conf = load_config(ROOT / "conf" / "examples" / "cdnow.yaml")
+    summary = run_ingest(spark, storage, conf.source, conf.validation, conf.business.timezone,
+                         date(1998, 12, 31), path=str(CDNOW))
+    assert (summary.input_rows, summary.accepted_rows, summary.quarantined_rows,
+            summary.exact_duplicate_rows) == (6919, 6919, 0, 0)
+    orders_df = storage.read("orders")
+    assert orders_df.count() == 6919
+    assert orders_df.select("customer_id").distinct().count() == 2357
+    first = orders_df.filter(F.col("order_id") == "CDNOW_sample.txt#1").first()
+    assert (first.customer_id, first.order_date, first.gross_amount) == ("00004", date(1997, 1, 1), 29.33)
+
+
+def test_bad_input_gives_clear_errors_and_writes_nothing(spark, storage, tmp_path):
+    conf = source()
+    validation = ValidationConf()
+
+    def error(path, conf=conf) -> str:
+        with pytest.raises(IngestError) as exc:
+            run_ingest(spark, storage, conf, validation, "Asia/Tokyo", date(2024, 12, 31), path=str(path))
+        return str(exc.value)
+
+    assert "does not exist" in error(tmp_path / "nope.csv") and "nope.csv" in error(tmp_path / "nope.csv")
+    assert "no file matches" in error(tmp_path / "none" / "*.csv")
+    (tmp_path / "empty.csv").write_bytes(b"")
+    assert "empty" in error(tmp_path / "empty.csv")
+    (tmp_path / "header_only.csv").write_text("order_id,customer_id,order_ts,gross_amount\n")
+    assert "no data rows" in error(tmp_path / "header_only.csv")
+
+    (tmp_path / "wrong.csv").write_text("order_no,customer,order_ts,gross_amount\nA1,C1,2024-01-01 00:00:00,1\n")
+    message = error(tmp_path / "wrong.csv")
+    assert "'order_id' (source.columns.order_id)" in message and "'customer_id' (source.columns.customer_id)" in message
+    assert "columns found: 'order_no', 'customer', 'order_ts', 'gross_amount'" in message
+    assert "'order_no'" in message.split("did you mean")[1]  # the close match is offered
+
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    (mixed / "a.csv").write_text("order_id,customer_id,order_ts,gross_amount\nA1,C1,2024-01-01 00:00:00,1\n")
+    (mixed / "b.csv").write_text("order_id,gross_amount,order_ts,customer_id\nA2,2,2024-01-01 00:00:00,C2\n")
+    assert "different header" in error(mixed)
+
+    assert "source.csv.encoding" in error(tmp_path / "wrong.csv", source(csv={"encoding": "latin-99"}))
+    assert "source.columns.gross_amount" in error(tmp_path / "wrong.csv", source(columns={
+        "customer_id": "customer", "order_ts": "order_ts", "gross_amount": None}))
+    assert not storage.exists("ingest_runs") and not storage.exists("orders")
