@@ -514,8 +514,10 @@ def generate(spark: SparkSession, n_customers: int, seed: int, end_date: dt.date
         **params.to_truth(),
         "observed": observed,
         "injected_defects": defects,
-        "defect_notes": "defects are extra rows; the clean process is what remains after quarantining "
-                        "them and keeping the first row of each order_id in file order",
+        "defect_notes": "defects are extra rows, each a modified copy of a clean row; the clean process "
+                        "is what remains after quarantining them and keeping the first row of each "
+                        "order_id in file order. An ingest that quarantines every row of a conflicting "
+                        "order_id accepts n_clean_orders - conflicting_duplicate_order_id orders.",
     }
     true_params_path = os.path.join(out_dir, "true_params.json")
     with open(true_params_path, "w", encoding="utf-8") as fh:
