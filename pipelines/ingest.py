@@ -12,21 +12,29 @@ How a run goes
 2. Map client columns onto canonical names (``source.columns``), parse amounts, timestamps (local
    text in ``source_timezone`` -> UTC instant; ``order_date`` is the day in the business zone) and
    the cancellation style.
-3. Flag exact duplicates (every mapped field equal: the first row is kept, the rest counted and
-   dropped) and order ids with conflicting content (all such rows quarantined), in one window.
+3. Duplicates: one aggregation (pass 1) finds the order ids seen more than once. Exact duplicates
+   (every mapped field equal) are counted and dropped, the first in read order kept; when the rows
+   of an order id differ, all of them (copies included) are quarantined as
+   ``duplicate_order_conflict``. At grain line, lines of one order must agree on customer and time.
 4. Negative "cancellation lines" (UCI Online Retail style) are folded into an order: the one whose id
    is the line's id without the prefix (same customer) or, failing that, the customer's most recent
    order at or before the cancellation (UCI credit notes do not reference their invoice, so this is
-   a documented heuristic). A line with no such order is quarantined.
+   a documented heuristic). A line with no such order is quarantined. Lines are matched within one
+   ingest only.
 5. Rules from :mod:`pipelines.validation` give every row a kind (order, cancellation line applied,
-   quarantined, exact duplicate) and the persisted result is counted in ONE aggregation, so
+   quarantined, exact duplicate). Pass 2 keeps only the rows that are not plain orders (few) and
+   counts them in ONE aggregation; accepted = input - the rest, so
    ``input rows = accepted + cancellation lines applied + quarantined + exact duplicates`` holds by
    construction and is printed.
 6. Above ``validation.max_rejected_share`` the quarantine and the ``ingest_runs`` row are written but
    not the orders (no half-written orders) and :class:`IngestRejectedError` says what to inspect.
-   Otherwise orders are merged by ``order_id``: rows whose content is unchanged are not rewritten,
-   so re-ingesting a file adds nothing; a changed row from a later export replaces the earlier one
-   (corrections arrive as re-exports).
+   Otherwise (pass 3) orders are merged by ``order_id``: orders whose content is unchanged are not
+   rewritten, so re-ingesting a file adds nothing; a changed order from a later export replaces the
+   earlier one (corrections arrive as re-exports). Quarantine rows merge by (source_file, source_row).
+
+Why three passes over the export and no cache of every row: on this engine's target machines
+(2 cores) building an in-memory cache of all parsed rows cost more than parsing the export again,
+and a window over all rows (a full sort) cost more than an aggregation of keys.
 """
 from __future__ import annotations
 
@@ -457,11 +465,16 @@ def match_cancellations(cancels_df: DataFrame, orders_df: DataFrame, *, order_id
 
 
 def with_row_kind(df: DataFrame) -> DataFrame:
-    """``kind``: exact_duplicate, else quarantined (a rule failed), else cancellation, else order."""
-    return df.withColumn("kind", F.when(F.col("is_exact_duplicate"), F.lit(KIND_DUPLICATE))
-                         .when(F.col("reason").isNotNull(), F.lit(KIND_QUARANTINED))
-                         .when(F.col("is_cancellation_line"), F.lit(KIND_CANCELLATION))
-                         .otherwise(F.lit(KIND_ORDER)))
+    """``kind``: exact_duplicate, else quarantined (a rule failed), else cancellation, else order.
+
+    The always-true ``spark_partition_id() >= 0`` is a fence: Spark pushes a filter below every
+    deterministic projection by inlining what it projects, so a filter on ``kind`` would parse each
+    timestamp and amount a second time; a nondeterministic ``kind`` keeps filters above it."""
+    kind = (F.when(F.col("is_exact_duplicate"), F.lit(KIND_DUPLICATE))
+            .when(F.col("reason").isNotNull(), F.lit(KIND_QUARANTINED))
+            .when(F.col("is_cancellation_line"), F.lit(KIND_CANCELLATION))
+            .otherwise(F.lit(KIND_ORDER)))
+    return df.withColumn("kind", F.when(F.spark_partition_id() >= 0, kind))
 
 
 def with_source_rows(df: DataFrame, offsets_df: DataFrame) -> DataFrame:
@@ -803,12 +816,8 @@ def run_ingest(spark: SparkSession, storage: Storage, source: SourceConf, valida
 
 def _run_ingest(spark: SparkSession, storage: Storage, source: SourceConf, validation: ValidationConf,
                 business_tz: str, run_date: date, path: str | None, run_id: str | None) -> IngestSummary:
-    """Three passes over the export, no full-size cache (measured: building a cache of every
-    parsed row costs more than parsing the export again):
-    1. keys only: rows and first position per file split, duplicate statistics per order id;
-    2. every row classified; the rows that are not plain orders (few) are persisted and counted;
-    3. the accepted orders are written (skipped when the rejected share is above the threshold).
-    """
+    """Pass 1: keys only (rows per file split, order ids seen twice); pass 2: every row
+    classified, the few that are not plain orders kept and counted; pass 3: accepted orders written."""
     started = datetime.now(timezone.utc)
     clock = _Clock(log)
     path = path or source.path
@@ -932,7 +941,7 @@ def _run_ingest(spark: SparkSession, storage: Storage, source: SourceConf, valid
             orders_df = build_orders(lines_df, cancels_df, grain=source.grain, order_id_mapped=order_id_mapped,
                                      ingest_run_id=run_id)
             orders_accepted, orders_written = _merge_orders(
-                storage, orders_df, accepted if source.grain == "order" else None, run_id, cached)
+                storage, orders_df, accepted if source.grain == "order" else None, cached)
             clock.lap("pass 3: write orders")
         if quarantined:
             storage.merge(ORDERS_QUARANTINE.name, build_quarantine(
@@ -996,7 +1005,7 @@ def _offsets_frame(spark: SparkSession, splits: list) -> DataFrame:
         rows, "_src_file string, _src_block bigint, _first_pos bigint, _rows_before bigint, source_file string")
 
 
-def _merge_orders(storage: Storage, orders_df: DataFrame, accepted: int | None, run_id: str,
+def _merge_orders(storage: Storage, orders_df: DataFrame, accepted: int | None,
                   cached: list[DataFrame]) -> tuple[int, int]:
     """Merge by order_id, skipping orders whose content is already in the table.
     Returns (orders accepted, orders new or changed); ``accepted`` is known at grain order."""
@@ -1006,16 +1015,15 @@ def _merge_orders(storage: Storage, orders_df: DataFrame, accepted: int | None, 
         return written, written
     existing_df = storage.read(ORDERS.name)
     existing_df = existing_df.select("order_id", order_content_hash(existing_df).alias("_hash"))
-    # merge reads its input several times: keep the orders once computed
-    new_df = orders_df.withColumn("_hash", order_content_hash(orders_df)).persist(StorageLevel.MEMORY_AND_DISK)
-    cached.append(new_df)
-    changed_df = new_df.join(existing_df, on=["order_id", "_hash"], how="left_anti").drop("_hash") \
-        .persist(StorageLevel.MEMORY_AND_DISK)
+    # merge reads its input several times (touched months, keys, rows): keep the changed orders
+    changed_df = (orders_df.withColumn("_hash", order_content_hash(orders_df))
+                  .join(existing_df, on=["order_id", "_hash"], how="left_anti").drop("_hash")
+                  .persist(StorageLevel.MEMORY_AND_DISK))
     cached.append(changed_df)
     written = changed_df.count()
     if written:
         storage.merge(ORDERS.name, changed_df)
-    return (accepted if accepted is not None else new_df.count()), written
+    return (accepted if accepted is not None else orders_df.count()), written
 
 
 def _append_run(spark: SparkSession, storage: Storage, s: IngestSummary) -> None:

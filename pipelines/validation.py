@@ -50,34 +50,30 @@ def with_rule_results(df: DataFrame, rules: list[Rule]) -> DataFrame:
         return (df.withColumn("reasons", F.array().cast("array<string>"))
                 .withColumn("reason", F.lit(None).cast("string"))
                 .withColumn("detail", F.lit(None).cast("string")))
-    failing = [F.when(F.coalesce(r.condition, F.lit(False)), F.lit(r.code)) for r in rules]
+    # Each condition is evaluated once into a flag column; reason, detail and the array read the
+    # flags (conditions repeated in three expressions were evaluated three times, parsing included).
+    flags = [f"_rule_{i}" for i in range(len(rules))]
+    flagged_df = df.select("*", *[F.coalesce(r.condition, F.lit(False)).alias(f) for r, f in zip(rules, flags)])
     reason = F.lit(None).cast("string")
     detail = F.lit(None).cast("string")
-    for rule in reversed(rules):  # built inside out so the first failing rule wins
+    for rule, flag in reversed(list(zip(rules, flags))):  # built inside out: the first failing rule wins
         text = rule.detail if isinstance(rule.detail, Column) else F.lit(rule.detail)
-        bad = F.coalesce(rule.condition, F.lit(False))
-        reason = F.when(bad, F.lit(rule.code)).otherwise(reason)
-        detail = F.when(bad, text).otherwise(detail)
-    # the array (a lambda, evaluated without code generation) is built for bad rows only
-    return (df.withColumn("reason", reason)
+        reason = F.when(F.col(flag), F.lit(rule.code)).otherwise(reason)
+        detail = F.when(F.col(flag), text).otherwise(detail)
+    # "" marks a passing rule; array_remove (unlike a filter lambda) keeps code generation
+    failing = [F.when(F.col(flag), F.lit(rule.code)).otherwise(F.lit("")) for rule, flag in zip(rules, flags)]
+    return (flagged_df.withColumn("reason", reason)
             .withColumn("reasons", F.when(F.col("reason").isNull(), F.array().cast("array<string>"))
-                        .otherwise(F.filter(F.array(*failing), lambda c: c.isNotNull())))
-            .withColumn("detail", detail))
-
-
-def any_rule_fails(rules: list[Rule]) -> Column:
-    """True when at least one rule fails (null conditions count as passing)."""
-    out = F.lit(False)
-    for rule in rules:
-        out = out | F.coalesce(rule.condition, F.lit(False))
-    return out
+                        .otherwise(F.array_remove(F.array(*failing), "")))
+            .withColumn("detail", detail)
+            .drop(*flags))
 
 
 def split_by_rules(df: DataFrame, rules: list[Rule]) -> tuple[DataFrame, DataFrame]:
     """(valid_df, quarantine_df): rows failing no rule, and rows failing at least one with
     ``reason``/``reasons``/``detail``. Persist ``df`` first if it is expensive: both sides read it."""
     checked_df = with_rule_results(df, rules)
-    is_bad = F.size("reasons") > 0
+    is_bad = F.col("reason").isNotNull()
     valid_df = checked_df.filter(~is_bad).drop("reasons", "reason", "detail")
     quarantine_df = checked_df.filter(is_bad)
     return valid_df, quarantine_df
