@@ -43,10 +43,13 @@ Definitions (the contract the tests check against an independent pandas computat
   one-order customers several cut points coincide and some scores stay empty; that is the
   honest answer, not a bug). Recency is scored reversed: ``rfm_r = 6 - bucket(days since last)``.
 
-Cost: one shuffle by ``customer_id`` (a window's exchange), two sorts inside it (category
-run, then date order), one streaming aggregate; no Python UDFs and nothing customer-sized on the
-driver. The per-customer result is materialised once (``localCheckpoint``) so the RFM cut points
-and the write read the same rows without recomputing the aggregation.
+Cost (the stage must stay cheap: 2M customers / 13M orders on 2 cores): one shuffle by customer;
+inside it, one radix pre-sort, two window passes (date order, category peers) whose sorts are
+cheap on the pre-sorted rows, and one streaming aggregate. No Python UDFs, no join, nothing
+customer-sized on the driver. The per-customer rows are materialised once (``localCheckpoint``)
+so the RFM cut points and the write read the same rows without recomputing them. A single
+``groupBy`` with collected arrays was measured too: slower (Spark's object hash aggregate falls
+back to sorting after 128 keys, and the array lambdas are interpreted).
 """
 from __future__ import annotations
 
@@ -58,7 +61,8 @@ from typing import Any, Iterable, Sequence
 from pyspark.sql import Column, DataFrame, Window
 from pyspark.sql import functions as F
 
-from core.storage import conform
+from core.config import FeaturesConf
+from core.storage import Storage, conform
 from core.tables import CUSTOMER_FEATURES, ORDERS
 
 TIME_UNITS: dict[str, float] = {"days": 1.0, "weeks": 7.0}
@@ -70,13 +74,13 @@ FEATURE_INPUT_COLUMNS = ("order_id", "customer_id", "order_ts", "order_date", "g
                          "is_cancelled", "cancelled_amount", "net_amount", "channel", "category")
 
 
-# Customers are partitioned and sorted by a 64-bit hash first, then the id itself: sorting on a
-# long prefix that differs between customers is several times cheaper than comparing ids that
-# share leading characters ("C000123..."); the id keeps customers apart if two hashes collide.
+# Customers are partitioned and sorted by a 64-bit hash of the id first, then the id itself: the
+# hash gives the sorts a long prefix that differs between customers (ids often share leading
+# characters, "C000123..."), and the id keeps two customers apart if their hashes collide.
 CUSTOMER_KEY = ("customer_hash", "customer_id")
 
 
-class FeaturesInputError(ValueError):
+class FeaturesError(ValueError):
     """The orders or the parameters cannot produce features; the message says what to fix."""
 
 
@@ -93,8 +97,8 @@ def to_date(value: dt.date | dt.datetime | str) -> dt.date:
         try:
             return dt.date.fromisoformat(value.strip())
         except ValueError:
-            raise FeaturesInputError(f"date {value!r}: expected YYYY-MM-DD") from None
-    raise FeaturesInputError(f"date {value!r}: expected a date or a YYYY-MM-DD string")
+            raise FeaturesError(f"date {value!r}: expected YYYY-MM-DD") from None
+    raise FeaturesError(f"date {value!r}: expected a date or a YYYY-MM-DD string")
 
 
 def add_months(day: dt.date, months: int) -> dt.date:
@@ -116,7 +120,7 @@ def check_trailing_months(trailing_months: Iterable[int]) -> tuple[int, ...]:
     months = tuple(sorted(set(int(m) for m in trailing_months)))
     expected = schema_trailing_months()
     if months != expected:
-        raise FeaturesInputError(
+        raise FeaturesError(
             f"features.trailing_months is {list(months)} but the customer_features table has "
             f"columns for {list(expected)} (orders_<m>m, net_<m>m); set features.trailing_months "
             f"to {list(expected)} or add the columns to core/tables.py")
@@ -125,7 +129,7 @@ def check_trailing_months(trailing_months: Iterable[int]) -> tuple[int, ...]:
 
 def check_time_unit(time_unit: str) -> str:
     if time_unit not in TIME_UNITS:
-        raise FeaturesInputError(f"features.time_unit {time_unit!r}: must be one of {sorted(TIME_UNITS)}")
+        raise FeaturesError(f"features.time_unit {time_unit!r}: must be one of {sorted(TIME_UNITS)}")
     return time_unit
 
 
@@ -136,7 +140,7 @@ def validate_orders(orders_df: DataFrame) -> DataFrame:
     problems = [f"{name} is missing" if name not in have else f"{name} is {have[name]}, expected {dtype}"
                 for name, dtype in want.items() if have.get(name) != dtype]
     if problems:
-        raise FeaturesInputError("orders cannot be used for features: " + "; ".join(problems)
+        raise FeaturesError("orders cannot be used for features: " + "; ".join(problems)
                                  + " (read them from the `orders` table written by `cvseg ingest`)")
     return orders_df
 
@@ -146,8 +150,8 @@ def validate_orders(orders_df: DataFrame) -> DataFrame:
 # --------------------------------------------------------------------------------------------
 def cancellation_rate(cancelled: Column | str, total: Column | str) -> Column:
     """cancelled / total as a double; null when total is 0 (ANSI mode would raise instead)."""
-    cancelled, total = F.col(cancelled) if isinstance(cancelled, str) else cancelled, \
-        F.col(total) if isinstance(total, str) else total
+    cancelled = F.col(cancelled) if isinstance(cancelled, str) else cancelled
+    total = F.col(total) if isinstance(total, str) else total
     return F.when(total != 0, cancelled.cast("double") / total.cast("double"))
 
 
@@ -176,14 +180,36 @@ def orders_as_of(orders_df: DataFrame, as_of_date: dt.date) -> DataFrame:
     """Orders on or before the as-of date, only the columns features read."""
     return (validate_orders(orders_df)
             .where(F.col("order_date") <= F.lit(as_of_date))
-            .select(*FEATURE_INPUT_COLUMNS)
-            .withColumn("customer_hash", F.xxhash64("customer_id")))
+            .select(*FEATURE_INPUT_COLUMNS))
+
+
+def cluster_by_customer(orders_df: DataFrame) -> DataFrame:
+    """Shuffle orders by customer (the stage's one shuffle) and pre-sort each partition.
+
+    The windows below need rows sorted by several keys; Spark sorts several keys with a
+    comparison sort that costs about 2-3 us per row on unordered input, but a single long key
+    with a radix sort, and the comparison sort is cheap on input that is already nearly in
+    order. So each partition is first radix-sorted on one long, the customer hash's high 44 bits
+    joined with the order day's low 20 bits (customer, then date), and the windows' own sort
+    only fixes what that key cannot order (ties, hash collisions): measured on 1M customers,
+    sort time falls from ~30 s to ~7 s of task time. The pre-sort affects speed only, never
+    results: the windows still sort on the exact keys.
+    """
+    day_bits = 20
+    low_mask = (1 << day_bits) - 1
+    presort_key = (F.col("customer_hash").bitwiseAND(F.lit(~low_mask))
+                   .bitwiseOR(F.unix_date("order_date").cast("long").bitwiseAND(F.lit(low_mask))))
+    return (orders_df
+            .withColumn("customer_hash", F.xxhash64("customer_id"))
+            .repartition(*CUSTOMER_KEY)
+            .sortWithinPartitions(presort_key))
 
 
 def with_category_totals(orders_df: DataFrame) -> DataFrame:
     """Each order gets its customer's order count and gross in the order's category."""
-    w_category = (Window.partitionBy(*CUSTOMER_KEY, "category")
-                  .rowsBetween(Window.unboundedPreceding, Window.unboundedFollowing))
+    # one window group per customer; the peers of a row (same category) form its frame
+    w_category = (Window.partitionBy(*CUSTOMER_KEY).orderBy("category")
+                  .rangeBetween(Window.currentRow, Window.currentRow))
     return (orders_df
             .withColumn("category_orders", F.count(F.lit(1)).over(w_category))
             .withColumn("category_gross", F.sum("gross_amount").over(w_category)))
@@ -235,8 +261,8 @@ def aggregate_customers(sequenced_df: DataFrame, as_of_date: dt.date,
         F.sum(F.when(~F.col("is_cancelled"), F.col("gross_amount"))).alias("completed_gross"),
         F.sum(F.when(is_repeat_day_order, F.col("gross_amount"))).alias("repeat_gross"),
         F.min(F.when(is_repeat_day_order, F.col("order_date"))).alias("second_purchase_day"),
-        # integer day gaps: the sum of squares is exact in a double, and cheaper than stddev_samp
-        F.sum((gap * gap).cast("double")).alias("gap_square_sum"),
+        # integer day gaps: a long sum of squares is exact (and cheaper than stddev_samp)
+        F.sum(gap.cast("long") * gap.cast("long")).alias("gap_square_sum"),
         *trailing,
         # exactly one order per customer is the first one
         F.max(F.when(F.col("is_first_order"), F.col("channel"))).alias("acquisition_channel"),
@@ -245,9 +271,11 @@ def aggregate_customers(sequenced_df: DataFrame, as_of_date: dt.date,
 
 
 def gap_std(gap_count: Column, gap_sum: Column, gap_square_sum: Column) -> Column:
-    """Sample standard deviation (ddof=1) from count, sum and sum of squares; null below 2 gaps."""
-    variance = (gap_square_sum - gap_sum * gap_sum / gap_count) / (gap_count - 1)
-    return F.when(gap_count >= 2, F.sqrt(F.greatest(variance, F.lit(0.0))))
+    """Sample standard deviation (ddof=1) of integer gaps from their count, sum and sum of
+    squares (all longs); null below 2 gaps. ``n*sum(x^2) - sum(x)^2`` is computed in exact long
+    arithmetic, so the only rounding is the final division and square root."""
+    spread = gap_count * gap_square_sum - gap_sum * gap_sum
+    return F.when(gap_count >= 2, F.sqrt(spread.cast("double") / (gap_count * (gap_count - 1)).cast("double")))
 
 
 def with_customer_statistics(customers_df: DataFrame, as_of_date: dt.date, time_unit: str) -> DataFrame:
@@ -268,7 +296,7 @@ def with_customer_statistics(customers_df: DataFrame, as_of_date: dt.date, time_
             .withColumn("cancel_rate_amount", cancellation_rate("cancelled_amount", "gross_amount"))
             # the gaps telescope: their sum is the first-to-last span
             .withColumn("gap_mean_days", F.when(frequency >= 1, span_days / frequency))
-            .withColumn("gap_std_days", gap_std(frequency, span_days.cast("double"), F.col("gap_square_sum")))
+            .withColumn("gap_std_days", gap_std(frequency, span_days.cast("long"), F.col("gap_square_sum")))
             .withColumn("is_repeat", F.col("n_purchase_days") >= 2)
             .withColumn("days_to_second_purchase", F.datediff("second_purchase_day", "first_order_date"))
             .drop("customer_hash", "repeat_gross", "second_purchase_day", "completed_gross", "gap_square_sum"))
@@ -310,6 +338,7 @@ def build_customer_features(orders_df: DataFrame, as_of_date: dt.date | str, tim
     check_time_unit(time_unit)
     months = check_trailing_months(trailing_months)
     customers_df = (orders_as_of(orders_df, as_of_date)
+                    .transform(cluster_by_customer)
                     .transform(with_category_totals)
                     .transform(with_purchase_sequence)
                     .transform(aggregate_customers, as_of_date, months)
@@ -322,7 +351,7 @@ def build_customer_features(orders_df: DataFrame, as_of_date: dt.date | str, tim
 # --------------------------------------------------------------------------------------------
 # Stage runner
 # --------------------------------------------------------------------------------------------
-def run_features(storage: Any, as_of_date: dt.date | str, features_conf: Any) -> dict[str, Any]:
+def run_features(storage: Storage, as_of_date: dt.date | str, features_conf: FeaturesConf) -> dict[str, Any]:
     """Read ``orders``, write the ``as_of_date`` partition of ``customer_features``."""
     as_of_date = to_date(as_of_date)
     features_df = build_customer_features(
