@@ -66,6 +66,7 @@ class PeakMemory:
 class Timer:
     def __init__(self) -> None:
         self.rows: list[tuple[str, float, str]] = []
+        self.peaks: list[tuple[str, float, float, int, int]] = []   # name, s, -, driver, jvm bytes
 
     @contextmanager
     def step(self, name: str, memory: PeakMemory | None = None):
@@ -76,6 +77,8 @@ class Timer:
         seconds = time.perf_counter() - started
         note = memory.summary() if memory else ""
         self.rows.append((name, seconds, note))
+        if memory:
+            self.peaks.append((name, seconds, 0.0, memory.driver_peak, memory.jvm_peak))
         print(f"{name:<28} {seconds:8.1f} s   {note}", flush=True)
 
     def total(self, *names: str) -> float:
