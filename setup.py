@@ -35,6 +35,8 @@ setup(
         "PyYAML>=6",
         "python-dateutil>=2.8",
         "matplotlib>=3.8",
+        "matplotlib-fontja>=1.1,<2",  # ships the IPAexGothic TTF: Japanese text in charts and PDF
+        "reportlab>=4.2,<6",       # A4 PDF report (pure pip, embeds the TTF)
         "psutil>=5.9",
     ],
     extras_require={
@@ -43,6 +45,7 @@ setup(
             "chispa>=0.10",
             "moto[s3,server]>=5",
             "pypdf>=4",
+            "pypdfium2>=4",          # renders PDF pages to images in tests where poppler is absent
         ],
     },
     entry_points={"console_scripts": ["cvseg=jobs.cli:main"]},

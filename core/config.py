@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 ENVIRONMENTS = ("local", "databricks", "emr")
 
@@ -117,6 +117,7 @@ class ModelsConf(_Frozen):
     champion_metric: Literal["mae", "rmse", "abs_total_error_pct", "spearman", "normalized_gini",
                              "top_decile_capture", "top20_capture"] = "mae"
     refit_every_days: int = Field(default=7, ge=1)
+    champion_max_age_days: int | None = Field(default=None, ge=1)
 
     @field_validator("purchase_models")
     @classmethod
@@ -132,6 +133,79 @@ class TrackingConf(_Frozen):
     registered_model: str | None = None  # None: cvseg_<client>_ltv
 
 
+class ExportConf(_Frozen):
+    """The daily customer -> segment CSV (`cvseg export`, last step of `cvseg run`)."""
+
+    dest: str = "./exports"               # local folder or s3://bucket/prefix/
+    file_prefix: str = "customer_segments"
+    staging_dir: str | None = None        # where Spark writes part files; None: a local temp folder
+    pseudonymise_ids: bool = False        # keyed HMAC-SHA256 of customer_id instead of the raw id
+    hmac_key_env: str = "CVSEG_EXPORT_HMAC_KEY"   # environment variable holding the HMAC key
+    s3_endpoint_url: str | None = None    # S3-compatible endpoint (MinIO, tests); None: AWS
+    multipart_chunk_mb: int = Field(default=64, ge=5)
+
+
+class SegmentBand(_Frozen):
+    """One value band: customers whose predicted 6-month net value reaches ``lower`` (a quantile in
+    (0, 1) with ``band_method: quantile``, an amount in business.currency with ``value``)."""
+
+    name: str = Field(min_length=1)
+    lower: float | None = None            # None: the bottom band, which takes everyone left
+
+
+RESERVED_SEGMENT_NAMES = ("new", "dormant", "(none)", "(gone)", "(unsegmented)")
+
+
+class SegmentsConf(_Frozen):
+    """Segment generations (`cvseg segments`): value bands plus the lifecycle segments."""
+
+    generation_months: int = Field(default=6, ge=1)
+    band_method: Literal["quantile", "value"] = "quantile"
+    bands: tuple[SegmentBand, ...] = (
+        SegmentBand(name="top", lower=0.9), SegmentBand(name="high", lower=0.7),
+        SegmentBand(name="middle", lower=0.4), SegmentBand(name="low", lower=None))
+    quantile_relative_error: float = Field(default=0.001, ge=0.0, le=0.1)
+    new_customer_days: int = Field(default=90, ge=0)       # 0: no `new` segment
+    dormant_p_alive: float = Field(default=0.2, ge=0.0, le=1.0)  # 0: no `dormant` segment
+
+    @model_validator(mode="after")
+    def _check_bands(self) -> "SegmentsConf":
+        names = [b.name for b in self.bands]
+        if not names:
+            raise ValueError("bands: list at least one band")
+        if len(set(names)) != len(names):
+            raise ValueError(f"bands: names must be unique (got {names})")
+        reserved = sorted(set(names) & set(RESERVED_SEGMENT_NAMES))
+        if reserved:
+            raise ValueError(f"bands: {reserved} are reserved segment names; rename the band")
+        lowers = [b.lower for b in self.bands]
+        if lowers[-1] is not None or any(v is None for v in lowers[:-1]):
+            raise ValueError("bands: list bands from the highest down; every band but the last needs "
+                             "`lower`, the last (bottom) band has `lower: null`")
+        bounded = [float(v) for v in lowers[:-1]]
+        if any(a <= b for a, b in zip(bounded, bounded[1:])):
+            raise ValueError(f"bands: `lower` must strictly decrease from the first band down (got {bounded})")
+        if self.band_method == "quantile" and any(not 0.0 < v < 1.0 for v in bounded):
+            raise ValueError(f"bands: with band_method quantile every `lower` is a quantile in (0, 1) "
+                             f"(got {bounded}); use band_method: value for amounts")
+        return self
+
+
+class TrendsConf(_Frozen):
+    """Trend tables (`cvseg trends`)."""
+
+    years: int = Field(default=5, ge=1)                 # trend_yearly / trend_yearly_category window
+    recompute_weeks: int = Field(default=4, ge=0)       # always recompute at least the last N weeks
+
+
+class ReportConf(_Frozen):
+    """Diagnostic and weekly reports (`cvseg report`)."""
+
+    language: Literal["ja", "en"] = "ja"
+    output_dir: str | None = None          # None: <storage.warehouse>/reports
+    formats: tuple[Literal["html", "pdf"], ...] = ("html", "pdf")
+
+
 class Config(_Frozen):
     env: Literal["local", "databricks", "emr"] = "local"
     client: str = "demo"
@@ -143,6 +217,10 @@ class Config(_Frozen):
     features: FeaturesConf = FeaturesConf()
     models: ModelsConf = ModelsConf()
     tracking: TrackingConf = TrackingConf()
+    segments: SegmentsConf = SegmentsConf()
+    trends: TrendsConf = TrendsConf()
+    export: ExportConf = ExportConf()
+    report: ReportConf = ReportConf()
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

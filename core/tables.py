@@ -173,9 +173,301 @@ CUSTOMER_SCORES = TableSpec(
     keys=("as_of_date", "customer_id"),
 )
 
+PIPELINE_RUNS = TableSpec(
+    name="pipeline_runs",
+    description="One row per step of `cvseg run` that executed (ok or failed); skipped steps add no row.",
+    schema=T.StructType([
+        _f("run_id", S, False),
+        _f("run_date", DT, False),           # the as-of date D the run is for
+        _f("step", S, False),                # ingest | features | score | segments | trends | export
+        _f("status", S, False),              # ok | failed
+        _f("started_at", TS, False),
+        _f("finished_at", TS, False),
+        _f("seconds", D, False),
+        _f("output_versions", T.MapType(S, L)),  # table -> Delta version the step committed
+        _f("message", S),                    # summary (ok) or the one-line reason (failed)
+    ]),
+    keys=("run_id", "step"),
+)
+
 TABLES: dict[str, TableSpec] = {t.name: t for t in (
     ORDERS, ORDERS_QUARANTINE, INGEST_RUNS, CUSTOMER_FEATURES, CALIBRATION_HOLDOUT, CUSTOMER_SCORES,
+    PIPELINE_RUNS,
 )}
+
+# -- Stage 3: segment generations and trend tables (pipelines/segments.py, pipelines/trends.py) --
+SEGMENTS_CURRENT = TableSpec(
+    name="segments_current",
+    description="Every segmented customer's segment in the current generation (read by `cvseg export`).",
+    schema=T.StructType([
+        _f("customer_id", S, False),
+        _f("segment", S, False),
+        _f("generation_id", I, False),
+        _f("valid_from", DT, False),          # the generation cut, or the night a newcomer was placed
+        _f("value_at_assignment", D, False),  # predicted 6-month net value when placed
+        _f("p_alive_at_assignment", D, False),
+        _f("assigned_as_of", DT, False),      # as-of date of the customer_scores used
+    ]),
+    keys=("customer_id",),
+)
+
+SEGMENTS_HISTORY = TableSpec(
+    name="segments_history",
+    description="SCD type 2 history of segments: one row per customer and generation; valid_to null while current.",
+    schema=T.StructType([
+        _f("customer_id", S, False),
+        _f("segment", S, False),
+        _f("generation_id", I, False),        # partition
+        _f("valid_from", DT, False),
+        _f("valid_to", DT),                   # exclusive: the next generation's valid_from
+        _f("value_at_assignment", D, False),
+        _f("p_alive_at_assignment", D, False),
+        _f("assigned_as_of", DT, False),
+        _f("assignment", S, False),           # generation (cut) | placement (nightly newcomer)
+    ]),
+    partition_by=("generation_id",),
+    keys=("customer_id", "generation_id"),
+)
+
+SEGMENT_GENERATIONS = TableSpec(
+    name="segment_generations",
+    description="One row per segment generation with its frozen band definitions and cut points.",
+    schema=T.StructType([
+        _f("generation_id", I, False),
+        _f("valid_from", DT, False),
+        _f("valid_to", DT),                   # null while current
+        _f("as_of_date", DT, False),          # customer_scores date the cut used
+        _f("band_method", S, False),          # quantile | value
+        _f("definition", S, False),           # JSON: bands with frozen cut points, lifecycle rules, precedence
+        _f("horizon_months", I, False),       # horizon of the predicted values
+        _f("customers", L, False),            # customers segmented at the cut
+        _f("segment_counts", T.MapType(S, L), False),
+    ]),
+    keys=("generation_id",),
+)
+
+GENERATION_REVIEW = TableSpec(
+    name="generation_review",
+    description="Closing the loop: per segment of an ended generation, predicted vs actual net revenue.",
+    schema=T.StructType([
+        _f("generation_id", I, False),        # partition: the generation that ended
+        _f("segment", S, False),
+        _f("valid_from", DT, False),
+        _f("valid_to", DT, False),
+        _f("customers", L, False),
+        _f("predicted_net_value", D, False),  # sum of value_at_assignment
+        _f("actual_net_value", D, False),     # net of orders after assignment, within the generation and horizon
+        _f("actual_orders", L, False),
+        _f("buyers", L, False),               # customers with at least one such order
+        _f("actual_to_predicted", D),         # actual / predicted; null when predicted is 0
+        _f("horizon_coverage", D, False),     # mean share of the horizon the generation observed (1 = full)
+    ]),
+    partition_by=("generation_id",),
+    keys=("generation_id", "segment"),
+)
+
+SEGMENT_MIGRATION = TableSpec(
+    name="segment_migration",
+    description="Customers by (segment in the ended generation, segment in the new one); sums to the customers of both.",
+    schema=T.StructType([
+        _f("to_generation", I, False),        # partition
+        _f("from_generation", I, False),
+        _f("from_segment", S, False),         # "(none)": not segmented in from_generation (newcomer)
+        _f("to_segment", S, False),           # "(gone)": not in the new generation's scores
+        _f("customers", L, False),
+    ]),
+    partition_by=("to_generation",),
+    keys=("to_generation", "from_segment", "to_segment"),
+)
+
+TREND_WEEKLY_SEGMENT = TableSpec(
+    name="trend_weekly_segment",
+    description="Per week (Monday) and current segment: customer base, active buyers, orders and revenue.",
+    schema=T.StructType([
+        _f("year", I, False),                 # partition: calendar year of week_start
+        _f("week_start", DT, False),          # Monday of the business-timezone order_date
+        _f("week_end", DT, False),
+        _f("segment", S, False),              # current segment; "(unsegmented)" if none yet
+        _f("customers", L, False),            # segment's customers with a first order on or before week_end
+        _f("active_buyers", L, False),        # customers with an order that was not fully cancelled
+        _f("orders", L, False),
+        _f("cancelled_orders", L, False),
+        _f("gross", D, False),
+        _f("cancelled", D, False),
+        _f("net", D, False),
+        _f("is_partial_week", B, False),      # the as-of date falls inside the week
+    ]),
+    partition_by=("year",),
+    keys=("week_start", "segment"),
+)
+
+TREND_NEW_CUSTOMERS_WEEKLY = TableSpec(
+    name="trend_new_customers_weekly",
+    description="New customers (first order) per week and acquisition channel.",
+    schema=T.StructType([
+        _f("year", I, False),                 # partition: calendar year of week_start
+        _f("week_start", DT, False),
+        _f("acquisition_channel", S, False),  # channel of the first order; "(unknown)" if none
+        _f("new_customers", L, False),
+        _f("is_partial_week", B, False),
+    ]),
+    partition_by=("year",),
+    keys=("week_start", "acquisition_channel"),
+)
+
+TREND_F2_CONVERSION = TableSpec(
+    name="trend_f2_conversion",
+    description="Second-purchase (F2) conversion within 90 and 180 days by acquisition-month cohort.",
+    schema=T.StructType([
+        _f("cohort_year", I, False),          # partition
+        _f("cohort_month", S, False),         # yyyy-MM of the first order
+        _f("customers", L, False),
+        _f("converted_90d", L, False),        # second purchase day within 90 days of the first
+        _f("converted_180d", L, False),
+        _f("f2_rate_90d", D, False),
+        _f("f2_rate_180d", D, False),
+        _f("is_complete_90d", B, False),      # every cohort member has had 90 days by the as-of date
+        _f("is_complete_180d", B, False),
+    ]),
+    partition_by=("cohort_year",),
+    keys=("cohort_month",),
+)
+
+TREND_COHORT_RETENTION = TableSpec(
+    name="trend_cohort_retention",
+    description="Active customers and revenue by acquisition-month cohort and month of activity.",
+    schema=T.StructType([
+        _f("activity_year", I, False),        # partition
+        _f("activity_month", S, False),       # yyyy-MM of the orders
+        _f("cohort_month", S, False),         # yyyy-MM of the first order
+        _f("months_since_first_order", I, False),  # 0 = the acquisition month
+        _f("cohort_customers", L, False),
+        _f("active_customers", L, False),     # with an order not fully cancelled in activity_month
+        _f("orders", L, False),
+        _f("net", D, False),
+        _f("retention_rate", D, False),       # active_customers / cohort_customers
+    ]),
+    partition_by=("activity_year",),
+    keys=("activity_month", "cohort_month"),
+)
+
+TREND_YEARLY = TableSpec(
+    name="trend_yearly",
+    description="New vs existing customers and net revenue per calendar year (last trends.years years).",
+    schema=T.StructType([
+        _f("year", I, False),                 # partition
+        _f("new_customers", L, False),        # first order in the year
+        _f("existing_customers", L, False),   # first order before the year, active in it
+        _f("new_customer_net", D, False),
+        _f("existing_customer_net", D, False),
+        _f("net", D, False),
+        _f("orders", L, False),
+        _f("is_partial_year", B, False),
+        _f("through_date", DT, False),        # last day counted (the as-of date in the current year)
+    ]),
+    partition_by=("year",),
+    keys=("year",),
+)
+
+TREND_YEARLY_CATEGORY = TableSpec(
+    name="trend_yearly_category",
+    description="trend_yearly by product category: buyers new in the year vs existing, and net revenue.",
+    schema=T.StructType([
+        _f("year", I, False),                 # partition
+        _f("category", S, False),             # "(unknown)" for orders without one
+        _f("new_customers", L, False),        # buyers in the category whose first order is in the year
+        _f("existing_customers", L, False),   # buyers in the category acquired in an earlier year
+        _f("new_customer_net", D, False),
+        _f("existing_customer_net", D, False),
+        _f("net", D, False),
+        _f("orders", L, False),
+        _f("is_partial_year", B, False),
+    ]),
+    partition_by=("year",),
+    keys=("year", "category"),
+)
+
+TREND_RUNS = TableSpec(
+    name="trend_runs",
+    description="One row per trend run that wrote something: what it read and which periods it recomputed.",
+    schema=T.StructType([
+        _f("run_seq", L, False),
+        _f("as_of_date", DT, False),
+        _f("mode", S, False),                 # rebuild | incremental
+        _f("generation_id", I),               # segment generation the weekly segment trend used
+        _f("segments_version", L),            # Delta version of segments_current read
+        _f("ingest_run_ids", T.ArrayType(S), False),  # ingest runs present in orders
+        _f("recomputed_from", T.MapType(S, I), False),  # table -> first year recomputed (null: all)
+        _f("finished_at", TS, False),
+    ]),
+    keys=("run_seq",),
+)
+
+TABLES.update({t.name: t for t in (
+    SEGMENTS_CURRENT, SEGMENTS_HISTORY, SEGMENT_GENERATIONS, GENERATION_REVIEW, SEGMENT_MIGRATION,
+    TREND_WEEKLY_SEGMENT, TREND_NEW_CUSTOMERS_WEEKLY, TREND_F2_CONVERSION, TREND_COHORT_RETENTION,
+    TREND_YEARLY, TREND_YEARLY_CATEGORY, TREND_RUNS,
+)})
+# -- end of stage 3 tables --
+
+# -- Stage 2: backtests (pipelines/backtest.py); a few rows per run, so not partitioned --
+MODEL_BACKTEST = TableSpec(
+    name="model_backtest",
+    description="One row per backtest run, origin and model: the holdout metrics (NaN stored as null).",
+    schema=T.StructType([
+        _f("backtest_run_id", S, False),
+        _f("origin_date", DT, False),         # the backtest's as-of date: the holdout ends here
+        _f("cutoff_date", DT, False),         # origin - horizon: models see data up to here
+        _f("horizon_end", DT, False),
+        _f("horizon_months", I, False),
+        _f("time_unit", S, False),
+        _f("model", S, False),                # bgnbd | paretonbd | mbgnbd | cohort | naive
+        _f("value_model", S, False),          # btyd | cohort | naive
+        _f("purchase_model", S, False),       # BTYD purchase model in the bundle (cohort/naive: for p_alive)
+        _f("penalizer_coef", D, False),
+        _f("n_customers", L, False),          # customers at the cutoff (predicted and compared)
+        _f("actual_total", D, False),         # actual net revenue in (cutoff, horizon_end]
+        _f("predicted_total", D, False),
+        _f("mae", D),
+        _f("rmse", D),
+        _f("total_error_pct", D),             # (predicted - actual) / actual total x 100; + = over
+        _f("abs_total_error_pct", D),
+        _f("spearman", D),
+        _f("normalized_gini", D),
+        _f("top_decile_capture", D),          # share of actual revenue in the predicted top 10%
+        _f("top20_capture", D),
+        _f("calibration_holdout_version", L, False),  # Delta version of the input table
+        _f("mlflow_run_id", S),
+        _f("mlflow_parent_run_id", S),
+        _f("model_version", S),               # registered version (newest origin only), else null
+        _f("is_champion", B, False),          # best mean champion_metric over the run's origins
+        _f("champion_metric", S, False),
+        _f("created_at", TS, False),
+    ]),
+    keys=("backtest_run_id", "origin_date", "model"),
+)
+
+MODEL_BACKTEST_DECILES = TableSpec(
+    name="model_backtest_deciles",
+    description="Decile calibration table per backtest run, origin and model (decile 1 = highest predicted).",
+    schema=T.StructType([
+        _f("backtest_run_id", S, False),
+        _f("origin_date", DT, False),
+        _f("model", S, False),
+        _f("decile", I, False),
+        _f("n", L, False),                    # customers (ties are never split, so deciles can be uneven)
+        _f("mean_predicted", D),              # null when n is 0
+        _f("mean_actual", D),
+        _f("sum_predicted", D, False),
+        _f("sum_actual", D, False),
+        _f("created_at", TS, False),
+    ]),
+    keys=("backtest_run_id", "origin_date", "model", "decile"),
+)
+
+TABLES.update({t.name: t for t in (MODEL_BACKTEST, MODEL_BACKTEST_DECILES)})
+# -- end of backtest tables --
+
 
 
 def table_spec(name: str) -> TableSpec:

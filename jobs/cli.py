@@ -6,6 +6,10 @@ import sys
 
 from core import __version__
 from jobs import calibrate, demo, features, fit, generate, ingest, models_cmd, score, show
+from jobs import export as export_cmd, run as run_cmd
+from jobs import segments as segments_cmd, trends as trends_cmd
+from jobs import report as report_cmd
+from jobs import backtest as backtest_cmd
 from jobs.common import add_config_args, run_main
 
 VERBS = {
@@ -14,7 +18,13 @@ VERBS = {
     "features": features,
     "calibrate": calibrate,
     "fit": fit,
+    "backtest": backtest_cmd,
     "score": score,
+    "segments": segments_cmd,
+    "trends": trends_cmd,
+    "export": export_cmd,
+    "run": run_cmd,
+    "report": report_cmd,
     "models": models_cmd,
     "show": show,
     "demo": demo,

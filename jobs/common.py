@@ -73,6 +73,11 @@ def known_errors() -> tuple[type[BaseException], ...]:
                           ("pipelines.calibration", ("CalibrationError",)),
                           ("pipelines.generate", ("GeneratorError",)),
                           ("pipelines.ltv", ("LtvInputError",)),
+                          ("pipelines.backtest", ("BacktestError",)),
+                          ("pipelines.segments", ("SegmentsError",)),
+                          ("pipelines.trends", ("TrendsError",)),
+                          ("pipelines.export", ("ExportError",)),
+                          ("pipelines.report", ("ReportError",)),
                           ("models.base", ("ModelFitError",))):
         try:
             mod = __import__(module, fromlist=list(names))
