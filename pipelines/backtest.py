@@ -1,0 +1,653 @@
+"""BACKTEST stage: fit every model as of a past cutoff, predict the next horizon, compare with what happened.
+
+For each *origin* ``O`` (the as-of date ``D``, then ``D`` minus ``spacing_months``, ... ``n_origins``
+origins) the cutoff is ``C = O - horizon_months``:
+
+* ``calibration_holdout`` at ``C`` (features as of ``C`` + each customer's actual orders in
+  ``(C, O]``) is reused when that partition exists with the same horizon and time unit, else built;
+* every configured purchase model (``models.purchase_models``) is fitted with Gamma-Gamma spend and
+  the cancellation model on sufficient statistics of the features at ``C`` only
+  (:func:`pipelines.ltv.fit_btyd_bundles`);
+* the **six-month cohort method**: customers of ``calibration_holdout`` at ``C - H`` are put in
+  cells in Spark (:func:`with_cohort_cells`), and each cell's customer count, sum and sum of squares of
+  actual net revenue in ``(C - H, C]`` come to the driver as one small aggregate (one row per cell);
+  :class:`models.cohort.CohortModel` backs sparse cells off to coarser ones. A customer's prediction
+  is the mean of their cell at ``C``;
+* the **naive** baseline: the customer's own net revenue in the trailing six months;
+* every model predicts every customer in one ``mapInPandas`` pass with the bundles broadcast
+  (:func:`predict_all`), giving long rows (model, customer_id, predicted, actual).
+
+**MLflow.** One parent run per backtest; one nested run per (origin, model) with params, metrics and
+artifacts (calibration plot, decile table, parameter table). The bundles fitted at the newest origin --
+exactly the models whose metrics were just measured, fitted on data up to its cutoff -- are logged as
+pyfunc models and registered (one new version per model per backtest); the model with the best mean
+``models.champion_metric`` over the origins gets the alias ``champion`` (the previous champion stays an
+older version). A cohort or naive champion scores with its own method (the bundle carries the cells).
+
+Metrics are computed in Spark per model; only one row per model (and ten decile rows per model)
+reach the driver. The definitions are those of :mod:`models.metrics` (tested against it):
+
+* ``mae``, ``rmse``, ``total_error_pct`` (positive = over-prediction), ``abs_total_error_pct``;
+* ``spearman``: Pearson correlation of average ranks (ties share their average rank);
+* ``normalized_gini``: area between the capture curve and the diagonal, divided by the same area when
+  customers are ordered by their actual value;
+* ``top_decile_capture`` / ``top20_capture``: share of the actual total brought by the predicted
+  top 10% / 20% of customers;
+* decile table: customers in ten groups by prediction (decile 1 = highest), mean predicted vs actual.
+
+**Ties and ranks in Spark.** Customers with the same predicted value form a tie group that is never
+split. Rows are first grouped by (model, value) -- one row per tie group, with its customer count and
+actual sum -- and a running sum over the groups of each model, ordered by value, gives the number of
+customers above each group (``Window.partitionBy(model)``, frame: unbounded preceding to current row).
+From it: the average rank ``C + (W + 1) / 2`` (spearman, joined back to the customers), the capture
+curve corners (gini, top-share capture, with linear interpolation inside a tie group) and the decile
+``ceil(10 k / N)`` of a group with average rank ``k`` (integer arithmetic, exact). The window holds
+one row per *distinct* value of a model in one task: bounded by the distinct predictions (many
+customers share values: zeros of the naive model, cohort cell means), not by a global sort.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import math
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+from pyspark import StorageLevel
+from pyspark.sql import Column, DataFrame, Window
+from pyspark.sql import functions as F
+from pyspark.sql import types as T
+
+from core.config import Config
+from core.tracking import METRIC_DIRECTION
+from core.storage import Storage
+from core.tables import CALIBRATION_HOLDOUT, MODEL_BACKTEST, MODEL_BACKTEST_DECILES, ORDERS
+from models import CELL_COLUMNS, DEFAULT_BANDS, CohortModel, NaiveRepeatModel
+from models.bundle import DAYS_PER_UNIT, FEATURE_COLUMNS, ScoringBundle
+from pipelines.calibration import holdout_end, run_calibration
+from pipelines.features import add_months, to_date
+from pipelines.ltv import fit_btyd_bundles
+
+log = logging.getLogger(__name__)
+
+METRIC_COLUMNS = ("mae", "rmse", "total_error_pct", "abs_total_error_pct", "spearman", "normalized_gini",
+                  "top_decile_capture", "top20_capture")
+DECILE_COLUMNS = ("decile", "n", "mean_predicted", "mean_actual", "sum_predicted", "sum_actual")
+PREDICTION_SCHEMA = T.StructType([
+    T.StructField("model", T.StringType(), False),
+    T.StructField("customer_id", T.StringType(), False),
+    T.StructField("predicted", T.DoubleType(), False),
+    T.StructField("actual", T.DoubleType(), False),
+])
+_FRAME_TO_CURRENT = (Window.unboundedPreceding, Window.currentRow)
+_FRAME_WHOLE = (Window.unboundedPreceding, Window.unboundedFollowing)
+
+
+class BacktestError(ValueError):
+    """The backtest cannot run as asked; the message says what to change."""
+
+
+# --------------------------------------------------------------------------------------------
+# Dates
+# --------------------------------------------------------------------------------------------
+def backtest_origins(as_of: dt.date, n_origins: int = 1, spacing_months: int = 1) -> list[dt.date]:
+    """``as_of``, ``as_of - spacing``, ... (``n_origins`` dates, newest first).
+
+    Monthly origins (the default spacing) overlap in their holdout windows, so they are not
+    independent samples; they show whether the ranking of the models holds across starting months.
+    ``spacing_months = horizon_months`` gives non-overlapping holdouts (needing more history).
+    """
+    if n_origins < 1:
+        raise BacktestError(f"--origins must be at least 1 (got {n_origins})")
+    if spacing_months < 1:
+        raise BacktestError(f"--spacing-months must be at least 1 (got {spacing_months})")
+    return [add_months(as_of, -spacing_months * k) for k in range(n_origins)]
+
+
+# --------------------------------------------------------------------------------------------
+# Cohort cells (column functions + transforms)
+# --------------------------------------------------------------------------------------------
+def band_column(value: Column, edges: Sequence[float]) -> Column:
+    """Band number: the largest ``i`` with ``edges[i] <= value`` (as :func:`models.cohort.band_index`).
+
+    Values below the first edge get null: the cohort model rejects missing keys, so such a row fails
+    loudly instead of landing in band 0.
+    """
+    edges = [float(e) for e in edges]
+    band = F.when(value >= F.lit(edges[-1]), F.lit(len(edges) - 1))
+    for index in range(len(edges) - 2, -1, -1):
+        band = band.when(value >= F.lit(edges[index]), F.lit(index))
+    return band.cast("long")
+
+
+def with_cohort_cells(features_df: DataFrame, time_unit: str, bands: Mapping[str, Sequence[float]],
+                      with_channel: bool) -> DataFrame:
+    """Adds the cell keys (``frequency_band``, ``recency_band``, ``tenure_band`` [, ``channel``]).
+
+    Same definitions as :func:`models.bundle.cells_from_features` (which scoring uses): recency
+    band on days since the last order, tenure band on days since the first, both rounded to 6
+    decimals so weeks x 7 give whole days.
+    """
+    per_unit = F.lit(DAYS_PER_UNIT[time_unit])
+    days_since_last = F.round((F.col("T") - F.col("recency")) * per_unit, 6)
+    tenure_days = F.round(F.col("T") * per_unit, 6)
+    cells_df = (features_df
+                .withColumn("frequency_band", band_column(F.col("frequency"), bands["frequency"]))
+                .withColumn("recency_band", band_column(days_since_last, bands["recency_days"]))
+                .withColumn("tenure_band", band_column(tenure_days, bands["tenure_days"])))
+    if with_channel:
+        cells_df = cells_df.withColumn("channel", F.coalesce(F.col("acquisition_channel"), F.lit("unknown")))
+    return cells_df
+
+
+def cohort_key_columns(with_channel: bool) -> tuple[str, ...]:
+    return CELL_COLUMNS + (("channel",) if with_channel else ())
+
+
+def cohort_cell_stats(holdout_df: DataFrame, time_unit: str, bands: Mapping[str, Sequence[float]],
+                      with_channel: bool) -> DataFrame:
+    """One row per cell: customers, sum and sum of squares of their actual holdout net revenue."""
+    keys = list(cohort_key_columns(with_channel))
+    return (with_cohort_cells(holdout_df, time_unit, bands, with_channel)
+            .groupBy(*keys)
+            .agg(F.count(F.lit(1)).alias("n_customers"),
+                 F.sum("holdout_net").alias("revenue_sum"),
+                 F.sum(F.col("holdout_net") * F.col("holdout_net")).alias("revenue_sq_sum")))
+
+
+# --------------------------------------------------------------------------------------------
+# Predictions: every model, every customer, one mapInPandas pass
+# --------------------------------------------------------------------------------------------
+def predict_all(holdout_df: DataFrame, bundles: Mapping[str, ScoringBundle]) -> DataFrame:
+    """Long rows (model, customer_id, predicted, actual): each bundle's predicted net value over the
+    horizon and the customer's actual ``holdout_net``. The bundles are broadcast once."""
+    if not bundles:
+        raise BacktestError("no models to backtest: list models.purchase_models or enable compare_cohort/naive")
+    spark = holdout_df.sparkSession
+    shared = spark.sparkContext.broadcast({name: b.to_payload() for name, b in bundles.items()})
+
+    def predict_batches(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
+        models = {name: ScoringBundle.from_payload(payload) for name, payload in shared.value.items()}
+        for batch in batches:
+            actual = batch["holdout_net"].to_numpy(float)
+            for name, model in models.items():
+                scores = model.predict(batch)
+                yield pd.DataFrame({"model": name, "customer_id": scores["customer_id"].to_numpy(),
+                                    "predicted": scores["predicted_net_value"].to_numpy(float),
+                                    "actual": actual})
+
+    inputs = holdout_df.select(*[F.col(c).cast("double") if c in ("n_orders", "n_cancelled") else F.col(c)
+                                 for c in FEATURE_COLUMNS], "holdout_net")
+    return inputs.mapInPandas(predict_batches, PREDICTION_SCHEMA)
+
+
+# --------------------------------------------------------------------------------------------
+# Metrics in Spark (reference: models/metrics.py)
+# --------------------------------------------------------------------------------------------
+def error_metrics(predictions_df: DataFrame) -> DataFrame:
+    """Per model: customers, totals, MAE, RMSE, total error %, and whether any ranking is degenerate."""
+    error = F.col("predicted") - F.col("actual")
+    total_actual = F.sum("actual")
+    total_error = F.try_divide(F.sum("predicted") - total_actual, total_actual) * 100.0
+    return (predictions_df.groupBy("model")
+            .agg(F.count(F.lit(1)).alias("n_customers"),
+                 F.sum("predicted").alias("predicted_total"),
+                 total_actual.alias("actual_total"),
+                 F.avg(F.abs(error)).alias("mae"),
+                 F.sqrt(F.avg(error * error)).alias("rmse"),
+                 F.when(total_actual > 0, total_error).otherwise(F.lit(float("nan"))).alias("total_error_pct"),
+                 (F.min("predicted") == F.max("predicted")).alias("all_predicted_equal"),
+                 (F.min("actual") == F.max("actual")).alias("all_actual_equal"))
+            .withColumn("abs_total_error_pct", F.abs("total_error_pct")))
+
+
+def tie_groups(predictions_df: DataFrame, order_column: str) -> DataFrame:
+    """One row per (model, distinct ``order_column`` value), highest first, with running sums.
+
+    ``customers`` (W) and ``actual_sum`` (A) of the group; ``above`` = customers with a strictly
+    higher value (C); ``captured_before`` = actual revenue of those customers; ``n_total`` and
+    ``actual_total`` of the model.
+    """
+    ordered = Window.partitionBy("model").orderBy(F.col("value").desc()).rowsBetween(*_FRAME_TO_CURRENT)
+    whole = Window.partitionBy("model").rowsBetween(*_FRAME_WHOLE)
+    return (predictions_df.groupBy("model", F.col(order_column).alias("value"))
+            .agg(F.count(F.lit(1)).alias("customers"), F.sum("actual").alias("actual_sum"))
+            .withColumn("above", F.sum("customers").over(ordered) - F.col("customers"))
+            .withColumn("captured_before", F.sum("actual_sum").over(ordered) - F.col("actual_sum"))
+            .withColumn("n_total", F.sum("customers").over(whole))
+            .withColumn("actual_total", F.sum("actual_sum").over(whole)))
+
+
+def _ascending_average_rank() -> Column:
+    """Ascending average rank of a tie group: customers strictly below + (W + 1) / 2."""
+    below = F.col("n_total") - F.col("above") - F.col("customers")
+    return below + (F.col("customers") + F.lit(1.0)) / 2.0
+
+
+def _gini_area() -> Column:
+    """``integral (L(u) - u) du`` over the capture curve of tie groups (piecewise linear: exact)."""
+    # try_divide: a model whose customers bought nothing has actual_total 0 (ANSI mode would raise);
+    # its null area is turned into NaN by the caller
+    share_before = F.try_divide(F.col("captured_before"), F.col("actual_total"))
+    share_after = F.try_divide(F.col("captured_before") + F.col("actual_sum"), F.col("actual_total"))
+    return F.sum(F.col("customers") / F.col("n_total") * (share_before + share_after) / 2.0) - 0.5
+
+
+def _captured_share(share: float) -> Column:
+    """``L(share)``: the top ``share`` of customers; the group at the cut counts pro rata."""
+    cut = F.lit(share) * F.col("n_total")
+    fraction = F.least(F.greatest((cut - F.col("above")) / F.col("customers"), F.lit(0.0)), F.lit(1.0))
+    return F.try_divide(F.sum(F.col("actual_sum") * fraction), F.first("actual_total"))
+
+
+def ranking_metrics(predictions_df: DataFrame, by_predicted: DataFrame | None = None,
+                    by_actual: DataFrame | None = None) -> DataFrame:
+    """Per model: spearman, normalized_gini, top_decile_capture, top20_capture (NaN where degenerate).
+
+    ``by_predicted`` / ``by_actual``: :func:`tie_groups` of the same rows, when the caller has them.
+    """
+    by_predicted = tie_groups(predictions_df, "predicted") if by_predicted is None else by_predicted
+    by_actual = tie_groups(predictions_df, "actual") if by_actual is None else by_actual
+    curve = (by_predicted.groupBy("model")
+             .agg(_gini_area().alias("gini"),
+                  _captured_share(0.1).alias("top_decile_capture"),
+                  _captured_share(0.2).alias("top20_capture"),
+                  F.first("actual_total").alias("actual_total")))
+    best = by_actual.groupBy("model").agg(_gini_area().alias("best_gini"))
+    rank_p = by_predicted.select("model", F.col("value").alias("predicted"), _ascending_average_rank().alias("rank_p"))
+    rank_a = by_actual.select("model", F.col("value").alias("actual"), _ascending_average_rank().alias("rank_a"))
+    spearman = (predictions_df.select("model", "predicted", "actual")
+                .join(rank_p, on=["model", "predicted"], how="inner")
+                .join(rank_a, on=["model", "actual"], how="inner")
+                .groupBy("model")
+                # Pearson from population moments; try_divide: a constant ranking has no variance (ANSI
+                # would raise), its null becomes NaN in compute_metrics
+                .agg(F.try_divide(F.covar_pop("rank_p", "rank_a"),
+                                  F.sqrt(F.var_pop("rank_p") * F.var_pop("rank_a"))).alias("rank_corr")))
+    positive_total = F.col("actual_total") > 0
+    return (curve.join(best, on="model", how="inner").join(spearman, on="model", how="inner")
+            .select("model",
+                    F.col("rank_corr").alias("spearman_raw"),
+                    F.when(positive_total & (F.col("best_gini") > 0), F.col("gini") / F.col("best_gini"))
+                    .otherwise(F.lit(float("nan"))).alias("normalized_gini"),
+                    F.when(positive_total, F.col("top_decile_capture")).otherwise(F.lit(float("nan")))
+                    .alias("top_decile_capture"),
+                    F.when(positive_total, F.col("top20_capture")).otherwise(F.lit(float("nan")))
+                    .alias("top20_capture")))
+
+
+def decile_table(predictions_df: DataFrame, by_predicted: DataFrame | None = None) -> DataFrame:
+    """Per model and decile 1..10 present: n, sums and means of predicted and actual.
+
+    A tie group with average rank ``k = C + (W + 1) / 2`` (highest first) goes to decile
+    ``ceil(10 k / N)`` = ``ceil(10 (2C + W + 1) / 2N)``, computed in integers (exact), capped to 1..10.
+    """
+    by_predicted = tie_groups(predictions_df, "predicted") if by_predicted is None else by_predicted
+    groups_df = (by_predicted
+                 .withColumn("rank_x20", F.lit(10) * (F.lit(2) * F.col("above") + F.col("customers") + F.lit(1)))
+                 .withColumn("n_x2", F.lit(2) * F.col("n_total")))
+    # ceil(a / b) = (a + b - 1) div b on longs: exact, no floating-point rounding at decile borders
+    decile = F.expr("least(greatest((rank_x20 + n_x2 - 1) div n_x2, 1), 10)")
+    return (groups_df.withColumn("decile", decile.cast("int"))
+            .groupBy("model", "decile")
+            .agg(F.sum("customers").alias("n"),
+                 F.sum(F.col("value") * F.col("customers")).alias("sum_predicted"),
+                 F.sum("actual_sum").alias("sum_actual"))
+            .withColumn("mean_predicted", F.col("sum_predicted") / F.col("n"))
+            .withColumn("mean_actual", F.col("sum_actual") / F.col("n")))
+
+
+def compute_metrics(predictions_df: DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(one row per model with every metric, ten rows per model of deciles): bounded results only.
+
+    Empty deciles are added on the driver (n = 0, NaN means), as in the reference.
+    """
+    errors = error_metrics(predictions_df).toPandas()
+    # one row per tie group, read by three aggregates: materialised once (far fewer rows than customers)
+    by_predicted = tie_groups(predictions_df, "predicted").persist(StorageLevel.MEMORY_AND_DISK)
+    by_actual = tie_groups(predictions_df, "actual").persist(StorageLevel.MEMORY_AND_DISK)
+    try:
+        ranks = ranking_metrics(predictions_df, by_predicted, by_actual).toPandas()
+        deciles = decile_table(predictions_df, by_predicted).toPandas()
+    finally:
+        by_predicted.unpersist()
+        by_actual.unpersist()
+    metrics = errors.merge(ranks, on="model", how="left")
+    degenerate = metrics["all_predicted_equal"].astype(bool) | metrics["all_actual_equal"].astype(bool)
+    metrics["spearman"] = np.where(degenerate, np.nan, np.clip(metrics["spearman_raw"].astype(float), -1.0, 1.0))
+    metrics = metrics.drop(columns=["spearman_raw", "all_predicted_equal", "all_actual_equal"])
+    full = pd.MultiIndex.from_product([sorted(metrics["model"]), range(1, 11)], names=["model", "decile"])
+    deciles = deciles.set_index(["model", "decile"]).reindex(full).reset_index()
+    deciles["n"] = deciles["n"].fillna(0).astype("int64")
+    deciles[["sum_predicted", "sum_actual"]] = deciles[["sum_predicted", "sum_actual"]].fillna(0.0)
+    return metrics.reset_index(drop=True), deciles[["model", *DECILE_COLUMNS]]
+
+
+# --------------------------------------------------------------------------------------------
+# Models fitted at one cutoff
+# --------------------------------------------------------------------------------------------
+def fit_cohort_model(cohort_train_df: DataFrame, time_unit: str, min_cell_size: int, with_channel: bool,
+                     bands: Mapping[str, Sequence[float]] = DEFAULT_BANDS) -> CohortModel:
+    """Cells at ``C - H`` with their actual net revenue in ``(C - H, C]`` -> a fitted cohort model."""
+    cells = cohort_cell_stats(cohort_train_df, time_unit, bands, with_channel).toPandas()  # one row per cell
+    if cells.empty:
+        raise BacktestError("the cohort method has no customers one horizon before the cutoff; backtest a later "
+                            "--as-of, or set models.compare_cohort=false")
+    if cells[list(cohort_key_columns(with_channel))].isna().any(axis=None):
+        raise BacktestError("some customers fall below the first cohort band edge (negative recency or tenure); "
+                            "check customer_features for this cutoff")
+    return CohortModel(key_columns=cohort_key_columns(with_channel), min_cell_size=min_cell_size).fit(cells)
+
+
+@dataclass
+class OriginModels:
+    bundles: dict[str, ScoringBundle]
+    seconds: dict[str, float]
+    sizes: dict[str, int]
+
+
+def fit_origin_models(holdout_df: DataFrame, cohort_train_df: DataFrame | None, config: Config) -> OriginModels:
+    """Every configured model fitted at one cutoff, each as a scoring bundle keyed by model name.
+
+    The cohort and naive bundles carry the first purchase model's BTYD components, so their scores
+    still report p_alive and expected purchases; only the net value comes from the method.
+    """
+    models_conf, features_conf = config.models, config.features
+    fitted = fit_btyd_bundles(holdout_df, models_conf.purchase_models, features_conf.time_unit,
+                              features_conf.horizon_months, models_conf.penalizer_coef)
+    bundles = dict(fitted.bundles)
+    seconds = dict(fitted.seconds)
+    base = bundles[models_conf.purchase_models[0]]
+    shared = dict(purchase=base.purchase, spend=base.spend, cancellation=base.cancellation,
+                  horizon_months=features_conf.horizon_months, time_unit=features_conf.time_unit)
+    if cohort_train_df is not None:
+        started = time.perf_counter()
+        cohort = fit_cohort_model(cohort_train_df, features_conf.time_unit, models_conf.cohort_min_cell_size,
+                                  models_conf.cohort_by_channel)
+        seconds["fit_cohort"] = time.perf_counter() - started
+        bundles["cohort"] = ScoringBundle(value_model="cohort", cohort=cohort,
+                                          cohort_with_channel=models_conf.cohort_by_channel, **shared)
+    if models_conf.compare_naive:
+        if features_conf.horizon_months != 6:
+            log.warning("naive baseline skipped: it repeats the trailing six months (net_6m), which only "
+                        "compares with a six-month horizon (features.horizon_months=%d)",
+                        features_conf.horizon_months)
+        else:
+            bundles["naive"] = ScoringBundle(value_model="naive", naive=NaiveRepeatModel().fit(), **shared)
+    return OriginModels(bundles=bundles, seconds=seconds, sizes=fitted.sizes)
+
+
+# --------------------------------------------------------------------------------------------
+# Runner
+# --------------------------------------------------------------------------------------------
+def ensure_calibration(storage: Storage, cutoff: dt.date, config: Config, rebuild: bool = False
+                       ) -> tuple[DataFrame, bool]:
+    """The ``calibration_holdout`` rows at ``cutoff``; reused when the partition exists with the same
+    horizon end and time unit (else built and written). Returns (rows, reused)."""
+    features_conf = config.features
+    expected_end = holdout_end(cutoff, features_conf.horizon_months)
+    if not rebuild and storage.exists(CALIBRATION_HOLDOUT.name):
+        existing = (storage.read(CALIBRATION_HOLDOUT.name).where(F.col("cutoff_date") == F.lit(cutoff))
+                    .select("horizon_end", "time_unit").limit(1).collect())
+        if existing and existing[0]["horizon_end"] == expected_end \
+                and existing[0]["time_unit"] == features_conf.time_unit:
+            return _calibration_rows(storage, cutoff), True
+        if existing:
+            log.warning("calibration_holdout at %s was built with horizon end %s / %s; rebuilding it for %s / %s",
+                        cutoff, existing[0]["horizon_end"], existing[0]["time_unit"], expected_end,
+                        features_conf.time_unit)
+    run_calibration(storage, cutoff, features_conf)
+    return _calibration_rows(storage, cutoff), False
+
+
+def _calibration_rows(storage: Storage, cutoff: dt.date) -> DataFrame:
+    return storage.read(CALIBRATION_HOLDOUT.name).where(F.col("cutoff_date") == F.lit(cutoff))
+
+
+@dataclass
+class OriginResult:
+    origin: dt.date
+    cutoff: dt.date
+    horizon_end: dt.date
+    calibration_version: int
+    reused: dict[str, bool]
+    models: OriginModels
+    metrics: pd.DataFrame
+    deciles: pd.DataFrame
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def run_origin(storage: Storage, origin: dt.date, config: Config, rebuild: bool = False) -> OriginResult:
+    """Calibration at ``origin - H`` (and ``- 2H`` for the cohort cells), fits, predictions, metrics."""
+    horizon = config.features.horizon_months
+    cutoff = add_months(origin, -horizon)
+    seconds: dict[str, float] = {}
+    started = time.perf_counter()
+    holdout_df, reused = ensure_calibration(storage, cutoff, config, rebuild)
+    reused_flags = {"calibration": reused}
+    cohort_train_df = None
+    if config.models.compare_cohort:
+        cohort_train_df, reused_flags["cohort_cells"] = ensure_calibration(
+            storage, add_months(cutoff, -horizon), config, rebuild)
+    seconds["calibration"] = time.perf_counter() - started
+    version = storage.version(CALIBRATION_HOLDOUT.name)
+    models = fit_origin_models(holdout_df, cohort_train_df, config)
+    started = time.perf_counter()
+    predictions_df = predict_all(holdout_df, models.bundles).persist(StorageLevel.MEMORY_AND_DISK)
+    try:
+        metrics, deciles = compute_metrics(predictions_df)
+    finally:
+        predictions_df.unpersist()
+    seconds["predict_and_metrics"] = time.perf_counter() - started
+    return OriginResult(origin=origin, cutoff=cutoff, horizon_end=holdout_end(cutoff, horizon),
+                        calibration_version=version, reused=reused_flags, models=models, metrics=metrics,
+                        deciles=deciles, seconds=seconds)
+
+
+def choose_champion(metrics: pd.DataFrame, metric: str) -> tuple[str, pd.Series]:
+    """The model with the best mean of ``metric`` over the origins (NaN origins ignored).
+
+    Returns (model name, mean metric per model). Lower is better for errors, higher for
+    spearman, gini and capture (:data:`METRIC_DIRECTION`).
+    """
+    if metric not in METRIC_DIRECTION:
+        raise BacktestError(f"models.champion_metric {metric!r}: must be one of {sorted(METRIC_DIRECTION)}")
+    means = metrics.groupby("model")[metric].mean().dropna()
+    if means.empty:
+        raise BacktestError(f"no model has a finite {metric} (e.g. no revenue in any holdout); choose another "
+                            "models.champion_metric or a period with sales")
+    best = means.idxmax() if METRIC_DIRECTION[metric] else means.idxmin()
+    return str(best), means
+
+
+def calibration_figure(deciles: pd.DataFrame, title: str):
+    """Predicted vs actual mean 6-month net value per predicted decile (a matplotlib Figure)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(6.4, 4.0))
+    axes = figure.subplots()
+    x = deciles["decile"].to_numpy()
+    width = 0.4
+    axes.bar(x - width / 2, deciles["mean_predicted"].fillna(0.0), width, label="predicted (mean)")
+    axes.bar(x + width / 2, deciles["mean_actual"].fillna(0.0), width, label="actual (mean)")
+    axes.set_xticks(x)
+    axes.set_xlabel("decile of predicted value (1 = highest)")
+    axes.set_ylabel("net value per customer over the horizon")
+    axes.set_title(title)
+    axes.legend()
+    figure.tight_layout()
+    return figure
+
+
+def parameter_table(bundle: ScoringBundle) -> pd.DataFrame:
+    """Component, parameter, value and standard error (when the fit reports one) for the CSV artifact."""
+    rows = []
+    components = {"purchase": bundle.purchase, "spend": bundle.spend, "cancellation": bundle.cancellation}
+    for role, model in components.items():
+        errors = (model.fit_info_ or {}).get("standard_errors") or {}
+        for name, value in model.params_.items():
+            if np.isscalar(value):
+                rows.append({"component": role, "model": model.name, "parameter": name, "value": float(value),
+                             "standard_error": errors.get(name)})
+    if bundle.cohort is not None:
+        info = bundle.cohort.fit_info_
+        rows.append({"component": "cohort", "model": "cohort", "parameter": "population_mean",
+                     "value": bundle.cohort.params_["population_mean"], "standard_error": None})
+        for key in ("n_cells", "n_sparse_cells", "customers_in_sparse_cells"):
+            rows.append({"component": "cohort", "model": "cohort", "parameter": key, "value": float(info[key]),
+                         "standard_error": None})
+    return pd.DataFrame(rows, columns=["component", "model", "parameter", "value", "standard_error"])
+
+
+def run_backtest(storage: Storage, as_of: dt.date | str, config: Config, n_origins: int = 1,
+                 spacing_months: int = 1, backtest_run_id: str | None = None, rebuild: bool = False,
+                 track: bool = True) -> dict[str, Any]:
+    """Backtest every configured model at ``n_origins`` origins, log to MLflow, register and pick the
+    champion, and merge the results into ``model_backtest`` / ``model_backtest_deciles``.
+
+    ``backtest_run_id`` (default: a new id) keys the rows: re-running with the same id replaces that
+    run's rows instead of adding them. Returns a JSON-ready summary.
+    """
+    from core import tracking
+
+    as_of = to_date(as_of)
+    origins = backtest_origins(as_of, n_origins, spacing_months)
+    run_id = backtest_run_id or f"bt-{as_of.isoformat()}-{uuid.uuid4().hex[:8]}"
+    horizon = config.features.horizon_months
+    started_all = time.perf_counter()
+    results = [run_origin(storage, origin, config, rebuild) for origin in origins]
+    all_metrics = pd.concat([r.metrics.assign(origin_date=r.origin) for r in results], ignore_index=True)
+    champion_metric = config.models.champion_metric
+    champion, means = choose_champion(all_metrics, champion_metric)
+    created_at = dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
+
+    mlflow_runs: dict[tuple[dt.date, str], str] = {}
+    versions: dict[str, str | None] = {}
+    parent_run_id = None
+    champion_version = None
+    started = time.perf_counter()
+    if track:
+        target = tracking.tracking_target(config)
+        tracking.start(target)
+        parent_params = {"backtest_run_id": run_id, "as_of": as_of.isoformat(), "origins": len(origins),
+                         "spacing_months": spacing_months, "horizon_months": horizon,
+                         "time_unit": config.features.time_unit, "penalizer_coef": config.models.penalizer_coef,
+                         "purchase_models": list(config.models.purchase_models),
+                         "compare_cohort": config.models.compare_cohort, "compare_naive": config.models.compare_naive,
+                         "champion_metric": champion_metric, "orders_version": storage.version(ORDERS.name)}
+        with tracking.parent_run(f"backtest-{as_of.isoformat()}", parent_params,
+                                 tags={"kind": "backtest", "backtest_run_id": run_id}) as parent_run_id:
+            for position, result in enumerate(results):
+                latest = position == 0     # register the fits at the newest origin (what was just measured)
+                for name, bundle in result.models.bundles.items():
+                    row = result.metrics.set_index("model").loc[name]
+                    deciles = result.deciles[result.deciles["model"] == name].drop(columns="model")
+                    params = {"model": name, "value_model": bundle.value_model,
+                              "purchase_model": bundle.purchase.name,
+                              "as_of": result.cutoff.isoformat(), "origin": result.origin.isoformat(),
+                              "cutoff_date": result.cutoff.isoformat(), "horizon_end": result.horizon_end.isoformat(),
+                              "horizon_months": horizon, "time_unit": config.features.time_unit,
+                              "penalizer_coef": config.models.penalizer_coef,
+                              "calibration_holdout_version": result.calibration_version,
+                              "backtest_run_id": run_id}
+                    if name == "cohort":
+                        params.update(cohort_min_cell_size=config.models.cohort_min_cell_size,
+                                      cohort_by_channel=config.models.cohort_by_channel)
+                    metrics = {m: row[m] for m in (*METRIC_COLUMNS, "n_customers", "predicted_total", "actual_total")}
+                    metrics.update({f"fit_seconds_{k.removeprefix('fit_')}": v
+                                    for k, v in result.models.seconds.items()
+                                    if k == f"fit_{name}" or k in ("fit_gamma_gamma", "sufficient_statistics")})
+                    artifacts = {"decile_table": deciles, "parameters": parameter_table(bundle),
+                                 "calibration_plot": calibration_figure(
+                                     deciles, f"{name}: origin {result.origin}, cutoff {result.cutoff}")}
+                    bundle.metadata.update({"backtest_run_id": run_id, "cutoff_date": result.cutoff.isoformat(),
+                                            "origin": result.origin.isoformat(), "model": name})
+                    run_name = f"{name}-{result.origin.isoformat()}"
+                    tags = {"kind": "backtest_fit", "backtest_run_id": run_id}
+                    if latest:
+                        mlflow_run, version = tracking.log_bundle(bundle, run_name, params, metrics, artifacts, tags,
+                                                                  register_as=target.registered_model, nested=True)
+                        versions[name] = version
+                    else:
+                        mlflow_run = tracking.log_run(run_name, params, metrics, artifacts, tags, nested=True)
+                    mlflow_runs[(result.origin, name)] = mlflow_run
+            champion_version = versions.get(champion)
+            if champion_version:
+                tracking.set_champion(target.registered_model, champion_version)
+            summary_metrics = {f"mean_{champion_metric}_{m}": v for m, v in means.items()}
+            tracking.log_parent_metrics(summary_metrics, artifacts={
+                "backtest_metrics": all_metrics, "champion": {"model": champion, "version": champion_version,
+                                                               "metric": champion_metric}})
+
+    tracking_seconds = time.perf_counter() - started
+    started = time.perf_counter()
+    spark = storage.spark
+    rows = []
+    decile_rows = []
+    for result in results:
+        for record in result.metrics.to_dict("records"):
+            name = record["model"]
+            bundle = result.models.bundles[name]
+            rows.append({
+                "backtest_run_id": run_id, "origin_date": result.origin, "cutoff_date": result.cutoff,
+                "horizon_end": result.horizon_end, "horizon_months": horizon, "time_unit": config.features.time_unit,
+                "model": name, "value_model": bundle.value_model, "purchase_model": bundle.purchase.name,
+                "penalizer_coef": float(config.models.penalizer_coef),
+                "n_customers": int(record["n_customers"]), "actual_total": float(record["actual_total"]),
+                "predicted_total": float(record["predicted_total"]),
+                **{m: _finite_or_none(record[m]) for m in METRIC_COLUMNS},
+                "calibration_holdout_version": int(result.calibration_version),
+                "mlflow_run_id": mlflow_runs.get((result.origin, name)),
+                "mlflow_parent_run_id": parent_run_id,
+                "model_version": versions.get(name) if result is results[0] else None,
+                "is_champion": bool(name == champion),
+                "champion_metric": champion_metric, "created_at": created_at})
+        for record in result.deciles.to_dict("records"):
+            decile_rows.append({
+                "backtest_run_id": run_id, "origin_date": result.origin, "model": record["model"],
+                "decile": int(record["decile"]), "n": int(record["n"]),
+                "mean_predicted": _finite_or_none(record["mean_predicted"]),
+                "mean_actual": _finite_or_none(record["mean_actual"]),
+                "sum_predicted": float(record["sum_predicted"]), "sum_actual": float(record["sum_actual"]),
+                "created_at": created_at})
+    # Results are a few rows per model: built on the driver, merged by key (a re-run replaces its rows).
+    storage.merge(MODEL_BACKTEST.name, spark.createDataFrame(rows, MODEL_BACKTEST.schema))
+    storage.merge(MODEL_BACKTEST_DECILES.name, spark.createDataFrame(decile_rows, MODEL_BACKTEST_DECILES.schema))
+    write_seconds = time.perf_counter() - started
+    return {
+        "backtest_run_id": run_id, "as_of": as_of.isoformat(), "origins": [o.isoformat() for o in origins],
+        "horizon_months": horizon, "champion": champion, "champion_metric": champion_metric,
+        "champion_version": champion_version, "mean_metric": {k: float(v) for k, v in means.items()},
+        "model_versions": versions, "mlflow_parent_run_id": parent_run_id,
+        "metrics": [{**{k: _json_value(v) for k, v in r.items()}, "origin_date": r["origin_date"].isoformat()}
+                    for r in all_metrics.to_dict("records")],
+        "calibration_reused": {r.origin.isoformat(): r.reused for r in results},
+        "seconds": {"total": round(time.perf_counter() - started_all, 2), "mlflow": round(tracking_seconds, 2),
+                    "write_tables": round(write_seconds, 2),
+                    **{f"{r.origin.isoformat()}_{k}": round(v, 2) for r in results
+                       for k, v in {**r.seconds, **r.models.seconds}.items()}},
+    }
+
+
+def _json_value(value: Any) -> Any:
+    """numpy scalars to Python, NaN to None (for the JSON summary)."""
+    if isinstance(value, (float, np.floating)):
+        return _finite_or_none(value)
+    if isinstance(value, np.integer):
+        return int(value)
+    return value
+
+
+def _finite_or_none(value: Any) -> float | None:
+    """Delta/JSON-friendly: NaN (a degenerate metric) is stored as null."""
+    if value is None:
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
