@@ -1,0 +1,32 @@
+"""`cvseg trends --as-of D [--rebuild]`: update (or rebuild) the trend tables."""
+from __future__ import annotations
+
+import argparse
+
+from jobs.common import build_session, build_storage, config_from, parse_date, step
+
+HELP = "trend tables (weekly by segment, new customers, F2, cohorts, yearly): incremental or --rebuild"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--as-of", type=parse_date, required=True,
+                        help="YYYY-MM-DD (orders up to it are counted; customer_features must exist for it)")
+    parser.add_argument("--rebuild", action="store_true",
+                        help="recompute every period instead of only those touched since the last run")
+
+
+def main(args: argparse.Namespace) -> dict:
+    from jobs.common import UsageError
+    from pipelines.trends import TrendsError, run_trends
+
+    config = config_from(args)
+    spark = build_session(config)
+    storage = build_storage(config, spark)
+    with step("trends"):
+        try:
+            summary = run_trends(storage, args.as_of, config, rebuild=args.rebuild)
+        except TrendsError as exc:     # the message already says what to run
+            raise UsageError(str(exc)) from None
+    print(f"  trends as of {args.as_of} ({summary['mode']}): recomputed from {summary['recomputed_from']}")
+    print(f"  partitions replaced: {summary['partitions']}")
+    return summary

@@ -1,0 +1,411 @@
+"""TRENDS stage: weekly, monthly and yearly trend tables, updated incrementally or rebuilt.
+
+Inputs: ``orders`` with ``order_date <= D`` (``order_date`` is already the business-timezone
+day), ``customer_features`` at ``D`` (first order date, acquisition channel, days to the second
+purchase day: one row per customer with an order on or before ``D``) and ``segments_current``
+(customers not segmented yet count as ``(unsegmented)``). Amounts are in ``business.currency``.
+
+Tables (one row per key; every count is of customers or orders, amounts are sums)
+---------------------------------------------------------------------------------
+``trend_weekly_segment`` - key (week_start, segment). Weeks start on Monday.
+    week_end (Sunday), segment (the customer's *current* segment), customers (the segment's
+    customers whose first order is on or before week_end: the segment's base that week),
+    active_buyers (customers with at least one order in the week that was not fully cancelled),
+    orders, cancelled_orders (fully cancelled), gross, cancelled (cancelled amount), net
+    (gross - cancelled), is_partial_week (the as-of date falls inside the week). Dense: every
+    week from a segment's first customer to the as-of week has a row, zeros included.
+``trend_new_customers_weekly`` - key (week_start, acquisition_channel): new_customers (first
+    order in the week; channel of the first order, ``(unknown)`` when it has none),
+    is_partial_week. Weeks or channels without new customers have no row.
+``trend_f2_conversion`` - key cohort_month (yyyy-MM of the first order): customers,
+    converted_90d / converted_180d (second purchase day within 90 / 180 days of the first, as
+    ``customer_features.days_to_second_purchase``: same-day orders are one purchase, cancelled
+    orders count as purchases, the BTYD convention), f2_rate_90d / f2_rate_180d (converted /
+    customers), is_complete_90d / is_complete_180d (the cohort's last day + 90 / 180 days is on
+    or before the as-of date; rates of incomplete cohorts are still rising).
+``trend_cohort_retention`` - key (activity_month, cohort_month): months_since_first_order
+    (0 = the acquisition month), cohort_customers, active_customers (orders not fully
+    cancelled in activity_month), orders, net, retention_rate (active / cohort customers).
+    Only (cohort, month) pairs with orders have a row.
+``trend_yearly`` - key year, the last ``trends.years`` calendar years up to the as-of year:
+    new_customers (first order in the year), existing_customers (first order in an earlier year
+    and an order not fully cancelled in this one), new_customer_net / existing_customer_net /
+    net (net of the year's orders by those groups), orders, is_partial_year, through_date (the
+    last day counted: 31 Dec, or the as-of date in the current year).
+``trend_yearly_category`` - key (year, category): the same by product category (``(unknown)``
+    for orders without one); new_customers / existing_customers count the category's buyers
+    (an order not fully cancelled in the category that year) acquired in / before the year.
+``trend_runs`` - one row per run that wrote: as-of date, mode, the ingest runs and segment
+    generation / ``segments_current`` version it saw, and the first year recomputed per table.
+
+Incremental updates (only affected periods are replaced)
+--------------------------------------------------------
+Every trend table is partitioned by calendar year (``year`` of the week's Monday, ``cohort_year``,
+``activity_year``, ``year``): a few small files per table instead of one per week. Rows of a
+period depend on orders in that period and on customer attributes (first order date, channel,
+segment). A run at ``D`` after a run at ``L`` recomputes, per table, the years from
+
+* ``base`` = the earliest of: ``L`` (periods that were partial at ``L``, and orders dated after
+  ``L`` that were already ingested), the earliest order date among orders from ingest runs the
+  last trend run had not seen (``orders.ingest_run_id``: new and re-ingested orders), and ``D -
+  trends.recompute_weeks`` weeks (a margin for corrections that move an order's date backwards,
+  which the ingest run id cannot see);
+* weekly tables: the year of ``base``'s week; ``trend_weekly_segment`` also goes back to the first
+  order of customers placed in a segment since ``L`` (they move out of ``(unsegmented)``), and is
+  recomputed in full when a new segment generation was cut (every customer may have moved);
+* ``trend_f2_conversion``: the year of ``base - 180 days`` (a new order can be the second
+  purchase of a customer acquired up to 180 days earlier; cohorts incomplete at ``L`` move);
+* ``trend_cohort_retention`` (by activity year) and the yearly tables: the year of ``base``;
+  years that left the ``trends.years`` window are removed from the yearly tables.
+
+A new order can only move a customer's first order to a date on or after ``base``, so every year
+before these is unchanged; replaced years are replaced whole (a year left without rows is
+emptied). In a nightly run that is the current year (two around New Year), which the yearly
+tables must read anyway. Why ingest run ids rather than only "the last N weeks": late files and
+backfills (a client re-sends last quarter) are common in mail order and a fixed window would
+silently miss them; the ingest run ids cost one aggregate over one column of ``orders``.
+``rebuild=True`` (also the first run, and a run for a date before the last one) recomputes
+everything and overwrites every table; the result is the same as the incremental one (tested).
+A re-run for the same date with nothing new writes nothing.
+
+Cost: one aggregate of ``orders`` by ingest run (one column), then one scan of the orders in the
+recomputed years joined with the per-customer attributes (``customer_features`` at ``D`` with
+the segments), materialised once and aggregated per table; nothing customer-sized on the driver.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from typing import Any
+
+from pyspark.sql import Column, DataFrame, Window
+from pyspark.sql import functions as F
+
+from core.config import TrendsConf
+from core.tables import (CUSTOMER_FEATURES, ORDERS, SEGMENT_GENERATIONS, SEGMENTS_CURRENT, TREND_COHORT_RETENTION,
+                         TREND_F2_CONVERSION, TREND_NEW_CUSTOMERS_WEEKLY, TREND_RUNS, TREND_WEEKLY_SEGMENT,
+                         TREND_YEARLY, TREND_YEARLY_CATEGORY, table_spec)
+from pipelines.features import to_date
+
+log = logging.getLogger(__name__)
+
+UNSEGMENTED = "(unsegmented)"
+UNKNOWN = "(unknown)"
+F2_WINDOWS = (90, 180)
+F2_LOOKBACK_DAYS = max(F2_WINDOWS)
+
+
+class TrendsError(ValueError):
+    """Trends cannot be computed; the message says what to run or change."""
+
+
+# --------------------------------------------------------------------------------------------
+# Periods (plain Python, for ranges and partition lists)
+# --------------------------------------------------------------------------------------------
+def monday(day: dt.date) -> dt.date:
+    return day - dt.timedelta(days=day.weekday())
+
+
+# --------------------------------------------------------------------------------------------
+# Column functions
+# --------------------------------------------------------------------------------------------
+def week_start(day: Column) -> Column:
+    """Monday of the day's week (dayofweek: Sunday = 1 ... Saturday = 7)."""
+    return F.date_sub(day, (F.dayofweek(day) + F.lit(5)) % F.lit(7))
+
+
+def month_label(day: Column) -> Column:
+    return F.date_format(day, "yyyy-MM")
+
+
+def share(part: Column, whole: Column) -> Column:
+    return F.when(whole > 0, part.cast("double") / whole.cast("double")).otherwise(F.lit(0.0))
+
+
+def is_active_order() -> Column:
+    """An order that counts as buying: not fully cancelled."""
+    return ~F.col("is_cancelled")
+
+
+# --------------------------------------------------------------------------------------------
+# Transforms (``from_year``: recompute only periods in that partition year or later; None: all)
+# --------------------------------------------------------------------------------------------
+def customer_attributes(features_df: DataFrame, segments_df: DataFrame | None) -> DataFrame:
+    """One row per customer as of D: first order date, acquisition channel, days to the second
+    purchase, current segment (``(unsegmented)`` when none)."""
+    customers_df = features_df.select(
+        "customer_id", "first_order_date",
+        F.coalesce(F.col("acquisition_channel"), F.lit(UNKNOWN)).alias("acquisition_channel"),
+        "days_to_second_purchase")
+    if segments_df is None:
+        return customers_df.withColumn("segment", F.lit(UNSEGMENTED))
+    return (customers_df.join(segments_df.select("customer_id", "segment"), on="customer_id", how="left")
+            .withColumn("segment", F.coalesce(F.col("segment"), F.lit(UNSEGMENTED))))
+
+
+def orders_with_customers(orders_df: DataFrame, customers_df: DataFrame) -> DataFrame:
+    """Orders with their customer's first order date and segment (every customer with an order
+    on or before D has a features row, so the inner join drops nothing)."""
+    return (orders_df.select("customer_id", "order_date", "is_cancelled", "gross_amount", "cancelled_amount",
+                             "net_amount", F.coalesce(F.col("category"), F.lit(UNKNOWN)).alias("category"))
+            .join(customers_df.select("customer_id", "first_order_date", "segment"), on="customer_id", how="inner"))
+
+
+def _from(df: DataFrame, year: Column, from_year: int | None) -> DataFrame:
+    return df if from_year is None else df.where(year >= F.lit(from_year))
+
+
+def weekly_segment(orders_df: DataFrame, customers_df: DataFrame, as_of_date: dt.date,
+                   from_year: int | None) -> DataFrame:
+    """``trend_weekly_segment`` rows: a dense grid of weeks per segment up to the as-of week."""
+    # segment base: new customers per (first week, segment) -> running total over the week grid
+    firsts_df = (customers_df.groupBy(week_start(F.col("first_order_date")).alias("week_start"), "segment")
+                 .agg(F.count(F.lit(1)).alias("new_in_week")))
+    grid_df = (firsts_df.groupBy("segment").agg(F.min("week_start").alias("first_week"))
+               .select("segment", F.explode(F.sequence(F.col("first_week"), F.lit(monday(as_of_date)),
+                                                       F.expr("INTERVAL 7 DAYS"))).alias("week_start")))
+    running = Window.partitionBy("segment").orderBy("week_start").rowsBetween(Window.unboundedPreceding,
+                                                                             Window.currentRow)
+    base_df = (grid_df.join(firsts_df, on=["segment", "week_start"], how="left")
+               .withColumn("customers", F.sum(F.coalesce(F.col("new_in_week"), F.lit(0))).over(running))
+               .drop("new_in_week"))
+    activity_df = (orders_df.withColumn("week_start", week_start(F.col("order_date")))
+                   .groupBy("week_start", "segment").agg(
+                       F.count_distinct(F.when(is_active_order(), F.col("customer_id"))).alias("active_buyers"),
+                       F.count(F.lit(1)).alias("orders"),
+                       F.count_if("is_cancelled").alias("cancelled_orders"),
+                       F.sum("gross_amount").alias("gross"),
+                       F.sum("cancelled_amount").alias("cancelled"),
+                       F.sum("net_amount").alias("net")))
+    base_df = _from(base_df, F.year("week_start"), from_year)
+    activity_df = _from(activity_df, F.year("week_start"), from_year)
+    zero_long, zero = F.lit(0).cast("long"), F.lit(0.0)
+    return (base_df.join(activity_df, on=["week_start", "segment"], how="left")
+            .select(F.year("week_start").alias("year"), "week_start", F.date_add("week_start", 6).alias("week_end"),
+                    "segment", "customers",
+                    *[F.coalesce(F.col(c), zero_long).alias(c) for c in ("active_buyers", "orders", "cancelled_orders")],
+                    *[F.coalesce(F.col(c), zero).alias(c) for c in ("gross", "cancelled", "net")],
+                    (F.date_add("week_start", 6) > F.lit(as_of_date)).alias("is_partial_week")))
+
+
+def new_customers_weekly(customers_df: DataFrame, as_of_date: dt.date, from_year: int | None) -> DataFrame:
+    week = week_start(F.col("first_order_date"))
+    return (_from(customers_df, F.year(week), from_year)
+            .groupBy(week.alias("week_start"), "acquisition_channel")
+            .agg(F.count(F.lit(1)).alias("new_customers"))
+            .select(F.year("week_start").alias("year"), "week_start", "acquisition_channel", "new_customers",
+                    (F.date_add("week_start", 6) > F.lit(as_of_date)).alias("is_partial_week")))
+
+
+def f2_conversion(customers_df: DataFrame, as_of_date: dt.date, from_year: int | None) -> DataFrame:
+    days = F.col("days_to_second_purchase")
+    cohort_end = F.last_day(F.to_date(F.concat(F.col("cohort_month"), F.lit("-01"))))
+    return (_from(customers_df, F.year("first_order_date"), from_year)
+            .groupBy(F.year("first_order_date").alias("cohort_year"),
+                     month_label(F.col("first_order_date")).alias("cohort_month"))
+            .agg(F.count(F.lit(1)).alias("customers"),
+                 *[F.count_if(days <= F.lit(w)).alias(f"converted_{w}d") for w in F2_WINDOWS])
+            .select("cohort_year", "cohort_month", "customers", *[f"converted_{w}d" for w in F2_WINDOWS],
+                    *[share(F.col(f"converted_{w}d"), F.col("customers")).alias(f"f2_rate_{w}d") for w in F2_WINDOWS],
+                    *[(F.date_add(cohort_end, w) <= F.lit(as_of_date)).alias(f"is_complete_{w}d") for w in F2_WINDOWS]))
+
+
+def cohort_retention(orders_df: DataFrame, customers_df: DataFrame, from_year: int | None) -> DataFrame:
+    sizes_df = (customers_df.groupBy(month_label(F.col("first_order_date")).alias("cohort_month"))
+                .agg(F.count(F.lit(1)).alias("cohort_customers")))
+    activity_df = (_from(orders_df, F.year("order_date"), from_year)
+                   .groupBy(F.year("order_date").alias("activity_year"),
+                            month_label(F.col("order_date")).alias("activity_month"),
+                            month_label(F.col("first_order_date")).alias("cohort_month"))
+                   .agg(F.count_distinct(F.when(is_active_order(), F.col("customer_id"))).alias("active_customers"),
+                        F.count(F.lit(1)).alias("orders"), F.sum("net_amount").alias("net")))
+    first_of = lambda label: F.to_date(F.concat(F.col(label), F.lit("-01")))  # noqa: E731
+    # one row per cohort month: small enough to broadcast
+    return (activity_df.join(F.broadcast(sizes_df), on="cohort_month", how="inner")
+            .select("activity_year", "activity_month", "cohort_month",
+                    F.months_between(first_of("activity_month"), first_of("cohort_month")).cast("int")
+                    .alias("months_since_first_order"),
+                    "cohort_customers", "active_customers", "orders", "net",
+                    share(F.col("active_customers"), F.col("cohort_customers")).alias("retention_rate")))
+
+
+def _year_groups(orders_df: DataFrame, keys: list[Column]) -> DataFrame:
+    year = F.year("order_date")
+    is_new = F.year("first_order_date") == year
+    active_customer = F.when(is_active_order(), F.col("customer_id"))
+    return orders_df.groupBy(year.alias("year"), *keys).agg(
+        F.count_distinct(F.when(is_new, active_customer)).alias("new_buyers"),
+        F.count_distinct(F.when(~is_new, active_customer)).alias("existing_customers"),
+        F.coalesce(F.sum(F.when(is_new, F.col("net_amount"))), F.lit(0.0)).alias("new_customer_net"),
+        F.coalesce(F.sum(F.when(~is_new, F.col("net_amount"))), F.lit(0.0)).alias("existing_customer_net"),
+        F.sum("net_amount").alias("net"), F.count(F.lit(1)).alias("orders"))
+
+
+def yearly(orders_df: DataFrame, customers_df: DataFrame, as_of_date: dt.date, from_year: int) -> DataFrame:
+    new_df = (_from(customers_df, F.year("first_order_date"), from_year)
+              .groupBy(F.year("first_order_date").alias("year")).agg(F.count(F.lit(1)).alias("new_customers")))
+    active_df = _year_groups(_from(orders_df, F.year("order_date"), from_year), []).drop("new_buyers")
+    zero_long, zero = F.lit(0).cast("long"), F.lit(0.0)
+    year_end = F.make_date(F.col("year"), F.lit(12), F.lit(31))
+    return (new_df.join(active_df, on="year", how="full")
+            .select("year", F.coalesce("new_customers", zero_long).alias("new_customers"),
+                    F.coalesce("existing_customers", zero_long).alias("existing_customers"),
+                    *[F.coalesce(c, zero).alias(c) for c in ("new_customer_net", "existing_customer_net", "net")],
+                    F.coalesce("orders", zero_long).alias("orders"),
+                    (year_end > F.lit(as_of_date)).alias("is_partial_year"),
+                    F.least(year_end, F.lit(as_of_date)).alias("through_date")))
+
+
+def yearly_category(orders_df: DataFrame, as_of_date: dt.date, from_year: int) -> DataFrame:
+    return (_year_groups(_from(orders_df, F.year("order_date"), from_year), [F.col("category")])
+            .withColumnRenamed("new_buyers", "new_customers")
+            .withColumn("is_partial_year", F.make_date(F.col("year"), F.lit(12), F.lit(31)) > F.lit(as_of_date)))
+
+
+# --------------------------------------------------------------------------------------------
+# Stage runner
+# --------------------------------------------------------------------------------------------
+def _trends_conf(config: Any) -> TrendsConf:
+    conf = getattr(config, "trends", config)
+    if not isinstance(conf, TrendsConf):
+        raise TrendsError(f"run_trends needs the engine Config (or its trends section), got {type(config).__name__}")
+    return conf
+
+
+def _last_run(storage: Any) -> dict[str, Any] | None:
+    if not storage.exists(TREND_RUNS.name):
+        return None
+    rows = storage.read(TREND_RUNS.name).orderBy(F.col("run_seq").desc()).limit(1).collect()
+    return rows[0].asDict(recursive=True) if rows else None
+
+
+def _segments_state(storage: Any) -> tuple[DataFrame | None, int | None, int | None]:
+    """segments_current (or None), its Delta version and the current generation id."""
+    if not storage.exists(SEGMENTS_CURRENT.name):
+        return None, None, None
+    generation = None
+    if storage.exists(SEGMENT_GENERATIONS.name):
+        row = storage.read(SEGMENT_GENERATIONS.name).agg(F.max("generation_id")).first()
+        generation = None if row[0] is None else int(row[0])
+    return storage.read(SEGMENTS_CURRENT.name), storage.version(SEGMENTS_CURRENT.name), generation
+
+
+def run_trends(storage: Any, as_of_date: dt.date | str, config: Any, rebuild: bool = False) -> dict[str, Any]:
+    """Update the trend tables for ``as_of_date`` (module docstring); ``rebuild`` recomputes all.
+
+    ``config``: the engine Config (its ``trends`` section is used). Returns a summary: as_of_date,
+    mode (rebuild | incremental | unchanged), recomputed_from (table -> first year recomputed,
+    "all" for a full rebuild of that table) and partitions (table -> years replaced, or "all").
+    """
+    as_of_date = to_date(as_of_date)
+    conf = _trends_conf(config)
+    if not storage.exists(ORDERS.name):
+        raise TrendsError("no orders table yet: run `cvseg ingest` first")
+    if not storage.exists(CUSTOMER_FEATURES.name):
+        raise TrendsError(f"no customer_features table yet: run `cvseg features --as-of {as_of_date}` first")
+    features_df = storage.read(CUSTOMER_FEATURES.name).where(F.col("as_of_date") == F.lit(as_of_date))
+    if features_df.select("customer_id").limit(1).first() is None:
+        raise TrendsError(f"no customer_features for {as_of_date}: run `cvseg features --as-of {as_of_date}` first")
+    orders_df = storage.read(ORDERS.name).where(F.col("order_date") <= F.lit(as_of_date))
+    segments_df, segments_version, generation_id = _segments_state(storage)
+    # ingest runs present in the orders up to D, each with its earliest order date (a few rows)
+    ingest_runs = {r["ingest_run_id"]: r["first_date"] for r in
+                   orders_df.groupBy("ingest_run_id").agg(F.min("order_date").alias("first_date")).collect()}
+    last = None if rebuild else _last_run(storage)
+    full = last is None or as_of_date < last["as_of_date"]
+    window_first_year = as_of_date.year - conf.years + 1
+
+    starts: dict[str, int | None]        # table -> first partition year recomputed (None: all)
+    if full:
+        starts = {name: None for name in _TABLES}
+        starts[TREND_YEARLY.name] = starts[TREND_YEARLY_CATEGORY.name] = window_first_year
+    else:
+        seen = set(last["ingest_run_ids"])
+        unseen = [day for run_id, day in ingest_runs.items() if run_id not in seen]
+        if (as_of_date == last["as_of_date"] and not unseen and segments_version == last["segments_version"]
+                and generation_id == last["generation_id"]):
+            return {"as_of_date": as_of_date.isoformat(), "mode": "unchanged", "recomputed_from": {},
+                    "partitions": {}}
+        base = min([last["as_of_date"], as_of_date - dt.timedelta(weeks=conf.recompute_weeks), *unseen])
+        segment_base = base
+        if segments_df is not None and generation_id == last["generation_id"] \
+                and segments_version != last["segments_version"]:
+            # customers placed since the last run leave "(unsegmented)" from their first order on
+            # (placements on L itself came before the trend run of L: segments run first each night)
+            placed = (segments_df.where(F.col("assigned_as_of") > F.lit(last["as_of_date"])).select("customer_id")
+                      .join(features_df.select("customer_id", "first_order_date"), on="customer_id", how="inner")
+                      .agg(F.min("first_order_date")).first()[0])
+            segment_base = min(base, placed) if placed is not None else base
+        yearly_from = max(base.year, window_first_year)
+        starts = {
+            # a new generation may move every customer: the whole table
+            TREND_WEEKLY_SEGMENT.name: (monday(segment_base).year if generation_id == last["generation_id"]
+                                        else None),
+            TREND_NEW_CUSTOMERS_WEEKLY.name: monday(base).year,
+            TREND_F2_CONVERSION.name: (base - dt.timedelta(days=F2_LOOKBACK_DAYS)).year,
+            TREND_COHORT_RETENTION.name: base.year,
+            TREND_YEARLY.name: yearly_from,
+            TREND_YEARLY_CATEGORY.name: yearly_from,
+        }
+
+    # attributes of every customer, and the orders of the recomputed years: each read once
+    customers_df = customer_attributes(features_df, segments_df).localCheckpoint(eager=True)
+    order_years = [starts[t] for t in (TREND_WEEKLY_SEGMENT.name, TREND_COHORT_RETENTION.name, TREND_YEARLY.name)]
+    range_df = (orders_df if any(y is None for y in order_years)
+                else orders_df.where(F.col("order_date") >= F.lit(dt.date(min(order_years), 1, 1))))
+    enriched_df = orders_with_customers(range_df, customers_df).localCheckpoint(eager=True)
+
+    results = {
+        TREND_WEEKLY_SEGMENT.name: weekly_segment(enriched_df, customers_df, as_of_date, starts[TREND_WEEKLY_SEGMENT.name]),
+        TREND_NEW_CUSTOMERS_WEEKLY.name: new_customers_weekly(customers_df, as_of_date,
+                                                              starts[TREND_NEW_CUSTOMERS_WEEKLY.name]),
+        TREND_F2_CONVERSION.name: f2_conversion(customers_df, as_of_date, starts[TREND_F2_CONVERSION.name]),
+        TREND_COHORT_RETENTION.name: cohort_retention(enriched_df, customers_df, starts[TREND_COHORT_RETENTION.name]),
+        TREND_YEARLY.name: yearly(enriched_df, customers_df, as_of_date, starts[TREND_YEARLY.name]),
+        TREND_YEARLY_CATEGORY.name: yearly_category(enriched_df, as_of_date, starts[TREND_YEARLY_CATEGORY.name]),
+    }
+    partitions: dict[str, Any] = {}
+    for name, df in results.items():
+        if full or starts[name] is None:
+            storage.overwrite(name, df)
+            partitions[name] = "all"
+            continue
+        years = _replaced_years(storage, name, starts[name], as_of_date, window_first_year)
+        storage.replace_partitions(name, df, partitions={table_spec(name).partition_by[0]: years})
+        partitions[name] = years
+    customers_df.unpersist()
+    enriched_df.unpersist()
+
+    recomputed_from = {name: ("all" if full or start is None else start) for name, start in starts.items()}
+    _record_run(storage, last, as_of_date, "rebuild" if full else "incremental", generation_id, segments_version,
+                sorted(ingest_runs), starts)
+    return {"as_of_date": as_of_date.isoformat(), "mode": "rebuild" if full else "incremental",
+            "recomputed_from": recomputed_from, "partitions": partitions}
+
+
+_TABLES = (TREND_WEEKLY_SEGMENT.name, TREND_NEW_CUSTOMERS_WEEKLY.name, TREND_F2_CONVERSION.name,
+           TREND_COHORT_RETENTION.name, TREND_YEARLY.name, TREND_YEARLY_CATEGORY.name)
+
+
+def _replaced_years(storage: Any, name: str, from_year: int, as_of_date: dt.date,
+                    window_first_year: int) -> list[int]:
+    """Every partition year of the recomputed range (emptied when it gets no rows) - plus, for the
+    yearly tables, years that fell out of the window."""
+    years = list(range(from_year, as_of_date.year + 1))
+    if name in (TREND_YEARLY.name, TREND_YEARLY_CATEGORY.name) and storage.exists(name):
+        # a few rows, one per year (and category)
+        years += [r[0] for r in storage.read(name).select("year").distinct().collect() if r[0] < window_first_year]
+    return years
+
+
+def _record_run(storage: Any, last: dict[str, Any] | None, as_of_date: dt.date, mode: str,
+                generation_id: int | None, segments_version: int | None, ingest_run_ids: list[str],
+                starts: dict[str, int | None]) -> None:
+    """Append the run's state; written last, so a run that dies before it is redone in full."""
+    previous_seq = last["run_seq"] if last is not None else None
+    if previous_seq is None and storage.exists(TREND_RUNS.name):   # a rebuild after earlier runs
+        previous_seq = storage.read(TREND_RUNS.name).agg(F.max("run_seq")).first()[0]
+    row = (int(previous_seq or 0) + 1, as_of_date, mode, generation_id, segments_version, ingest_run_ids,
+           dict(starts),   # None: the whole table was recomputed
+           dt.datetime.now(dt.timezone.utc))
+    storage.append(TREND_RUNS.name, storage.spark.createDataFrame([row], TREND_RUNS.schema))
