@@ -1,0 +1,366 @@
+"""Export: the daily customer -> segment CSV, one row per customer, to a local folder or S3.
+
+How an export goes (no customer row ever reaches the driver's memory):
+
+1. :func:`export_rows` joins ``customer_scores`` as of D with ``segments_current``, formats the
+   numbers as fixed-point text and sorts by the exported id, so Spark writes ordered part files.
+2. Spark writes the part files in parallel (header-less CSV) into a staging folder; an
+   :class:`~pyspark.sql.Observation` counts rows and generations in the same pass.
+3. The driver concatenates the part files in partition order into ONE file, streaming bytes
+   (file I/O, not a collect) and computing sha256 and size as it goes.
+4. Publish: local - into ``<dest>/.<name>.<uuid>.tmp``, then ``os.replace`` to the final name;
+   S3 - ``upload_file`` (multipart above ``export.multipart_chunk_mb``) to a temporary key, a managed
+   server-side copy to the final key, the temporary key deleted. The manifest JSON (rows, sha256,
+   as-of date, generation, engine version, columns) is written last, the same way. File names
+   depend only on the as-of date, so re-exporting a date replaces the files, never duplicates them.
+
+S3 credentials come only from boto3's standard chain (environment, profile, instance role).
+"""
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO, Iterator
+
+from pyspark.sql import Column, DataFrame, Observation
+from pyspark.sql import functions as F
+
+from core.config import ExportConf
+
+log = logging.getLogger(__name__)
+
+EXPORT_COLUMNS = ("customer_id", "segment", "generation_id", "predicted_value_6m", "p_alive")
+HMAC_BLOCK_SIZE = 64   # SHA-256 block size in bytes (RFC 2104)
+_CHUNK = 8 * 1024 * 1024
+
+
+class ExportError(RuntimeError):
+    """The export cannot be made or delivered; the message says what to fix."""
+
+
+# --------------------------------------------------------------------------------------------
+# Column functions and transforms (no I/O)
+# --------------------------------------------------------------------------------------------
+def hmac_pads(key: bytes) -> tuple[bytes, bytes]:
+    """RFC 2104 inner and outer padded keys for HMAC-SHA256."""
+    if len(key) > HMAC_BLOCK_SIZE:
+        key = hashlib.sha256(key).digest()
+    key = key.ljust(HMAC_BLOCK_SIZE, b"\0")
+    return bytes(b ^ 0x36 for b in key), bytes(b ^ 0x5C for b in key)
+
+
+def hmac_sha256_hex(value: Column, key: bytes) -> Column:
+    """HMAC-SHA256(key, UTF-8 bytes of value) as lower-case hex, with native Spark functions
+    (sha2 over binary concatenations), so no Python UDF runs per row."""
+    inner, outer = hmac_pads(key)
+    inner_hash = F.unhex(F.sha2(F.concat(F.lit(bytearray(inner)), F.encode(value, "UTF-8")), 256))
+    return F.sha2(F.concat(F.lit(bytearray(outer)), inner_hash), 256)
+
+
+def export_rows(scores_df: DataFrame, segments_df: DataFrame, as_of_date: dt.date,
+                hmac_key: bytes | None = None) -> DataFrame:
+    """One row per customer scored as of D: id, segment, generation, 6-month value, p_alive.
+
+    Segments are those currently assigned and valid from D or earlier; a customer scored but not
+    (yet) segmented keeps an empty segment rather than being dropped. Numbers are fixed-point text
+    so the file does not depend on Spark's float formatting (no 1.0E-5).
+    """
+    scores = scores_df.where(F.col("as_of_date") == F.lit(as_of_date)).select(
+        "customer_id", "predicted_net_value", "p_alive")
+    segments = segments_df.where(F.col("valid_from") <= F.lit(as_of_date)).select(
+        "customer_id", "segment", "generation_id")
+    exported_id = hmac_sha256_hex(F.col("customer_id"), hmac_key) if hmac_key is not None else F.col("customer_id")
+    return (scores.join(segments, on="customer_id", how="left")
+            .select(exported_id.alias("customer_id"), F.col("segment"), F.col("generation_id"),
+                    F.format_string("%.2f", F.col("predicted_net_value")).alias("predicted_value_6m"),
+                    F.format_string("%.6f", F.col("p_alive")).alias("p_alive"))
+            .orderBy("customer_id"))
+
+
+# --------------------------------------------------------------------------------------------
+# Destinations
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Destination:
+    uri: str
+    bucket: str | None = None      # S3 only
+    prefix: str = ""               # S3 key prefix, "" or ending in "/"
+    folder: Path | None = None     # local only
+
+    @property
+    def is_s3(self) -> bool:
+        return self.bucket is not None
+
+    def location(self, name: str) -> str:
+        return f"s3://{self.bucket}/{self.prefix}{name}" if self.is_s3 else str(self.folder / name)
+
+
+def parse_destination(uri: str) -> Destination:
+    if uri.startswith("s3a://") or uri.startswith("s3n://"):
+        uri = "s3://" + uri.split("://", 1)[1]
+    if uri.startswith("s3://"):
+        bucket, _, prefix = uri[5:].partition("/")
+        if not bucket:
+            raise ExportError(f"export destination {uri!r} has no bucket; use s3://bucket/prefix/")
+        prefix = prefix.strip("/")
+        return Destination(uri=uri, bucket=bucket, prefix=f"{prefix}/" if prefix else "")
+    if "://" in uri and not uri.startswith("file://"):
+        raise ExportError(f"export destination {uri!r}: use a local folder or s3://bucket/prefix/")
+    return Destination(uri=uri, folder=Path(uri.removeprefix("file://")).resolve())
+
+
+def file_names(prefix: str, as_of_date: dt.date) -> tuple[str, str]:
+    stem = f"{prefix}_{as_of_date.isoformat()}"
+    return f"{stem}.csv", f"{stem}.manifest.json"
+
+
+def hmac_key_from_env(variable: str) -> bytes:
+    value = os.environ.get(variable)
+    if not value:
+        raise ExportError(f"export.pseudonymise_ids is on but the environment variable {variable} "
+                          "(export.hmac_key_env) is not set or empty; export the key in that variable, "
+                          "or set export.pseudonymise_ids=false")
+    return value.encode("utf-8")
+
+
+def s3_client(endpoint_url: str | None):
+    """boto3 S3 client; credentials from boto3's standard chain only."""
+    import boto3
+
+    return boto3.session.Session().client("s3", endpoint_url=endpoint_url)
+
+
+def _transfer_config(chunk_mb: int):
+    from boto3.s3.transfer import TransferConfig
+
+    size = chunk_mb * 1024 * 1024
+    return TransferConfig(multipart_threshold=size, multipart_chunksize=size)
+
+
+# --------------------------------------------------------------------------------------------
+# Part files -> one file
+# --------------------------------------------------------------------------------------------
+def _local_parts(folder: Path) -> list[Path]:
+    if not (folder / "_SUCCESS").exists():
+        raise ExportError(f"Spark did not finish writing the export parts in {folder} (no _SUCCESS)")
+    return sorted(folder.glob("part-*"))   # part-00000, part-00001 ...: partition order = sort order
+
+
+def _s3_parts(client, bucket: str, prefix: str) -> Iterator[BinaryIO]:
+    keys: list[str] = []
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        keys += [o["Key"] for o in page.get("Contents", [])]
+    if not any(k.rsplit("/", 1)[-1] == "_SUCCESS" for k in keys):
+        raise ExportError(f"Spark did not finish writing the export parts in s3://{bucket}/{prefix} (no _SUCCESS)")
+    for key in sorted(k for k in keys if k.rsplit("/", 1)[-1].startswith("part-")):
+        yield client.get_object(Bucket=bucket, Key=key)["Body"]
+
+
+@dataclass
+class Assembled:
+    sha256: str
+    bytes: int
+    lines: int
+
+
+def assemble(parts: Iterator[BinaryIO] | list[Path], header: str, out: BinaryIO) -> Assembled:
+    """Concatenate part files after a header, streaming; sha256, size and line count on the way."""
+    digest = hashlib.sha256()
+    size = lines = 0
+
+    def emit(block: bytes) -> None:
+        nonlocal size, lines
+        out.write(block)
+        digest.update(block)
+        size += len(block)
+        lines += block.count(b"\n")
+
+    emit(header.encode("utf-8"))
+    for part in parts:
+        stream = part.open("rb") if isinstance(part, Path) else part
+        try:
+            last = b""
+            while block := stream.read(_CHUNK):
+                emit(block)
+                last = block
+            if last and not last.endswith(b"\n"):
+                emit(b"\n")
+        finally:
+            stream.close()
+    return Assembled(sha256=digest.hexdigest(), bytes=size, lines=lines)
+
+
+# --------------------------------------------------------------------------------------------
+# Publishing
+# --------------------------------------------------------------------------------------------
+def _write_local_atomic(folder: Path, name: str, fill) -> Any:
+    """Write through a temporary name in the same folder, fsync, rename over the final name."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".{name}.{uuid.uuid4().hex}.tmp"
+    try:
+        with open(tmp, "wb") as handle:
+            result = fill(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, folder / name)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return result
+
+
+def _upload_s3_atomic(client, local: Path, dest: Destination, name: str, chunk_mb: int) -> None:
+    """Upload to a temporary key, copy server-side to the final key, delete the temporary key."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    from boto3.exceptions import Boto3Error
+
+    config = _transfer_config(chunk_mb)
+    tmp_key = f"{dest.prefix}_tmp_{uuid.uuid4().hex}_{name}.tmp"
+    final_key = f"{dest.prefix}{name}"
+    uploaded = False
+    try:
+        # a failed upload_file aborts its own multipart upload: nothing to clean up then
+        client.upload_file(str(local), dest.bucket, tmp_key, Config=config)
+        uploaded = True
+        client.copy({"Bucket": dest.bucket, "Key": tmp_key}, dest.bucket, final_key, Config=config)
+    except (Boto3Error, BotoCoreError, ClientError) as exc:
+        raise ExportError(f"upload to {dest.location(name)} failed: {_first_line(exc)}; check that the bucket "
+                          "exists and that boto3's credentials (environment, profile or instance role) may "
+                          "write to it") from exc
+    finally:
+        if uploaded:
+            try:
+                client.delete_object(Bucket=dest.bucket, Key=tmp_key)
+            except (BotoCoreError, ClientError):
+                log.warning("could not delete temporary object s3://%s/%s", dest.bucket, tmp_key)
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
+
+
+def _put_s3(client, dest: Destination, name: str, body: bytes) -> None:
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    try:
+        client.put_object(Bucket=dest.bucket, Key=f"{dest.prefix}{name}", Body=body,
+                          ContentType="application/json")
+    except (BotoCoreError, ClientError) as exc:
+        raise ExportError(f"writing {dest.location(name)} failed: {_first_line(exc)}") from exc
+
+
+# --------------------------------------------------------------------------------------------
+# Stage runner
+# --------------------------------------------------------------------------------------------
+def run_export(storage: Any, as_of_date: dt.date, export_conf: ExportConf, dest: str | None = None,
+               engine_version: str | None = None) -> dict[str, Any]:
+    """Write ``<prefix>_<D>.csv`` and its manifest to ``dest`` (default ``export.dest``)."""
+    destination = parse_destination(dest or export_conf.dest)
+    hmac_key = hmac_key_from_env(export_conf.hmac_key_env) if export_conf.pseudonymise_ids else None
+    for table, verb in (("customer_scores", "cvseg score"), ("segments_current", "cvseg run (segments step)")):
+        try:
+            present = storage.exists(table)
+        except KeyError:
+            present = False
+        if not present:
+            raise ExportError(f"table {table} does not exist yet; run `{verb} --as-of {as_of_date}` first")
+    rows_df = export_rows(storage.read("customer_scores"), storage.read("segments_current"), as_of_date, hmac_key)
+    return publish_export(rows_df, as_of_date, export_conf, destination, pseudonymised=hmac_key is not None,
+                          engine_version=engine_version)
+
+
+def publish_export(rows_df: DataFrame, as_of_date: dt.date, export_conf: ExportConf,
+                   destination: Destination, pseudonymised: bool = False,
+                   engine_version: str | None = None) -> dict[str, Any]:
+    """Write ``rows_df`` (the columns of :data:`EXPORT_COLUMNS`, sorted) as one CSV + manifest."""
+    from core import __version__
+
+    csv_name, manifest_name = file_names(export_conf.file_prefix, as_of_date)
+    observation = Observation("export")
+    observed_df = rows_df.observe(
+        observation, F.count(F.lit(1)).alias("rows"),
+        F.count_if(F.col("segment").isNull()).alias("without_segment"),
+        F.min("generation_id").alias("generation_min"), F.max("generation_id").alias("generation_max"))
+    run_token = uuid.uuid4().hex
+    s3 = s3_client(export_conf.s3_endpoint_url) if destination.is_s3 else None
+    scratch = Path(tempfile.mkdtemp(prefix="cvseg-export-"))
+    staging = (f"{export_conf.staging_dir.rstrip('/')}/{run_token}" if export_conf.staging_dir
+               else str(scratch / "parts"))
+    try:
+        (observed_df.write.mode("errorifexists")
+         .option("header", False).option("encoding", "UTF-8").option("lineSep", "\n")
+         .option("quote", '"').option("escape", '"')   # RFC 4180: a quote inside a field is doubled
+         .option("ignoreLeadingWhiteSpace", False).option("ignoreTrailingWhiteSpace", False)
+         .csv(staging))
+        metrics = observation.get
+        rows = int(metrics["rows"])
+        if rows == 0:
+            raise ExportError(f"customer_scores has no rows for {as_of_date}; run `cvseg score --as-of {as_of_date}` first")
+        header = ",".join(EXPORT_COLUMNS) + "\n"
+        if staging.startswith("s3://"):
+            bucket, _, key_prefix = staging[5:].partition("/")
+            staging_client = s3 or s3_client(export_conf.s3_endpoint_url)
+            parts: Any = lambda: _s3_parts(staging_client, bucket, key_prefix.rstrip("/") + "/")  # noqa: E731
+        else:
+            part_paths = _local_parts(Path(staging.removeprefix("file://")))
+            parts = lambda: part_paths  # noqa: E731
+
+
+        def fill(handle: BinaryIO) -> Assembled:
+            joined = assemble(parts(), header, handle)
+            if joined.lines - 1 < rows:   # quoted line breaks can only add lines, never remove them
+                raise ExportError(f"the joined export holds {joined.lines - 1} lines but Spark wrote {rows} rows; "
+                                  "the part files in the staging folder were changed while exporting")
+            return joined   # checked before the file gets its final name
+
+        if destination.is_s3:
+            local = scratch / csv_name
+            with open(local, "wb") as handle:
+                assembled = fill(handle)
+        else:
+            assembled = _write_local_atomic(destination.folder, csv_name, fill)
+        generation = metrics["generation_max"]
+        manifest = {
+            "file": csv_name, "rows": rows, "sha256": assembled.sha256, "bytes": assembled.bytes,
+            "as_of_date": as_of_date.isoformat(), "generation_id": generation,
+            "generation_ids_span": [metrics["generation_min"], generation],
+            "customers_without_segment": int(metrics["without_segment"]),
+            "columns": list(EXPORT_COLUMNS), "encoding": "utf-8", "header": True,
+            "customer_id": "hmac-sha256-hex" if pseudonymised else "raw",
+            "engine_version": engine_version or __version__,
+            "exported_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        }
+        body = (json.dumps(manifest, indent=2) + "\n").encode("utf-8")
+        if destination.is_s3:
+            _upload_s3_atomic(s3, local, destination, csv_name, export_conf.multipart_chunk_mb)
+            _put_s3(s3, destination, manifest_name, body)   # last: the manifest commits the export
+        else:
+            _write_local_atomic(destination.folder, manifest_name, lambda handle: handle.write(body))
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+        if export_conf.staging_dir:
+            _remove_staging(staging, s3, export_conf.s3_endpoint_url)
+    return {"as_of_date": as_of_date.isoformat(), "rows": rows, "sha256": assembled.sha256,
+            "bytes": assembled.bytes, "generation_id": generation,
+            "customers_without_segment": manifest["customers_without_segment"],
+            "file": destination.location(csv_name), "manifest": destination.location(manifest_name)}
+
+
+def _remove_staging(staging: str, client, endpoint_url: str | None) -> None:
+    if staging.startswith("s3://"):
+        bucket, _, prefix = staging[5:].partition("/")
+        client = client or s3_client(endpoint_url)
+        for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix.rstrip("/") + "/"):
+            for obj in page.get("Contents", []):
+                client.delete_object(Bucket=bucket, Key=obj["Key"])
+    else:
+        shutil.rmtree(staging.removeprefix("file://"), ignore_errors=True)

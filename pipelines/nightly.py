@@ -1,0 +1,381 @@
+"""The nightly pipeline for one as-of date D: ingest -> features -> score -> segments -> trends -> export.
+
+Each step that runs records one row in ``pipeline_runs`` (status, start/finish, seconds, the Delta
+versions of the tables it committed, a message) after its output is committed. A step is skipped
+when it already succeeded for D *after* every earlier step last succeeded for D, so:
+
+* a crashed run resumes: re-running D skips the committed steps and runs the rest;
+* re-running D after a clean run changes nothing (no step runs, no table gets a new version,
+  not even ``pipeline_runs``: skipped steps are printed, not recorded);
+* a step that is re-run (``force``) makes every later step stale, so they run too, also when the
+  steps run as separate processes (one Databricks/Airflow task per step).
+
+Score refits on a cadence (:func:`refit_reason`): no champion, champion fitted on features
+``models.refit_every_days`` or more before D, or registered more than ``models.champion_max_age_days``
+ago. A refit fits the first configured purchase model (+ Gamma-Gamma + cancellation) on
+sufficient statistics and registers it as the champion.
+
+Fault injection for tests: ``CVSEG_FAIL_AFTER_STEP=<step>`` (or ``fail_after``) stops the run
+right after that step is committed and recorded, as a crash would.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+import time
+import uuid
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Any, Callable, ContextManager
+
+from pyspark.sql import SparkSession
+from pyspark.sql import functions as F
+
+from core.config import Config
+from core.tables import PIPELINE_RUNS, TABLES
+
+log = logging.getLogger(__name__)
+
+STEPS = ("ingest", "features", "score", "segments", "trends", "export")
+FAIL_AFTER_ENV = "CVSEG_FAIL_AFTER_STEP"
+REFIT_CHOICES = ("auto", "always", "never")
+
+
+class PipelineStepError(RuntimeError):
+    """A step failed (or a failure was injected); the message is the one-line reason."""
+
+    def __init__(self, message: str, step: str, cause: BaseException | None = None):
+        super().__init__(message)
+        self.step = step
+        self.cause = cause
+
+
+class InjectedFailure(RuntimeError):
+    """Raised after a step on request (CVSEG_FAIL_AFTER_STEP), to test crash recovery."""
+
+
+@dataclass
+class StepOutcome:
+    step: str
+    status: str                      # ok | skipped
+    seconds: float = 0.0
+    output_versions: dict[str, int] = field(default_factory=dict)
+    message: str = ""
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class NightlyResult:
+    run_id: str
+    as_of_date: dt.date
+    outcomes: list[StepOutcome]
+
+    def outcome(self, step: str) -> StepOutcome | None:
+        return next((o for o in self.outcomes if o.step == step), None)
+
+    @property
+    def executed(self) -> list[str]:
+        return [o.step for o in self.outcomes if o.status == "ok"]
+
+
+# --------------------------------------------------------------------------------------------
+# Decisions (pure functions)
+# --------------------------------------------------------------------------------------------
+def select_steps(steps: list[str] | tuple[str, ...] | None) -> tuple[str, ...]:
+    """The requested steps in pipeline order; unknown names are an error naming the valid ones."""
+    if not steps:
+        return STEPS
+    unknown = [s for s in steps if s not in STEPS]
+    if unknown:
+        raise ValueError(f"unknown step(s) {unknown}; steps are: {', '.join(STEPS)}")
+    return tuple(s for s in STEPS if s in steps)
+
+
+def is_up_to_date(step: str, done: dict[str, dt.datetime]) -> bool:
+    """True when ``step`` last succeeded for D after every earlier step last succeeded for D."""
+    if step not in done:
+        return False
+    earlier = STEPS[:STEPS.index(step)]
+    return all(done[step] >= done[p] for p in earlier if p in done)
+
+
+@dataclass(frozen=True)
+class ChampionInfo:
+    version: str
+    fitted_as_of: dt.date | None      # as-of date of the features it was fitted on
+    registered_at: dt.datetime        # UTC
+
+
+def refit_reason(champion: ChampionInfo | None, as_of_date: dt.date, refit_every_days: int,
+                 champion_max_age_days: int | None, now: dt.datetime) -> str | None:
+    """Why the score step must refit before scoring D, or None to score with the champion."""
+    if champion is None:
+        return "no champion registered"
+    if champion.fitted_as_of is None:
+        return f"champion v{champion.version} records no as-of date"
+    age = (as_of_date - champion.fitted_as_of).days
+    if age >= refit_every_days:
+        return (f"cadence: champion v{champion.version} was fitted as of {champion.fitted_as_of}, "
+                f"{age} days before {as_of_date} (models.refit_every_days={refit_every_days})")
+    if champion_max_age_days is not None:
+        registered_days = (now - champion.registered_at).total_seconds() / 86400
+        if registered_days > champion_max_age_days:
+            return (f"champion v{champion.version} was registered {registered_days:.0f} days ago "
+                    f"(models.champion_max_age_days={champion_max_age_days})")
+    return None
+
+
+def fail_after_from_env() -> str | None:
+    value = os.environ.get(FAIL_AFTER_ENV, "").strip()
+    if value and value not in STEPS:
+        raise ValueError(f"{FAIL_AFTER_ENV}={value!r} is not a step; steps are: {', '.join(STEPS)}")
+    return value or None
+
+
+# --------------------------------------------------------------------------------------------
+# pipeline_runs
+# --------------------------------------------------------------------------------------------
+def completed_steps(storage: Any, as_of_date: dt.date) -> dict[str, dt.datetime]:
+    """Step -> latest successful finish for D (at most one row per step reaches the driver)."""
+    if not storage.exists(PIPELINE_RUNS.name):
+        return {}
+    rows = (storage.read(PIPELINE_RUNS.name)
+            .where((F.col("run_date") == F.lit(as_of_date)) & (F.col("status") == F.lit("ok")))
+            .groupBy("step").agg(F.max("finished_at").alias("finished_at")).collect())
+    return {r["step"]: r["finished_at"] for r in rows}
+
+
+def _record(spark: SparkSession, storage: Any, run_id: str, as_of_date: dt.date, step: str, status: str,
+            started: dt.datetime, finished: dt.datetime, versions: dict[str, int], message: str) -> None:
+    row = (run_id, as_of_date, step, status, started, finished, (finished - started).total_seconds(),
+           versions, message[:2000])
+    storage.append(PIPELINE_RUNS.name, spark.createDataFrame([row], PIPELINE_RUNS.schema))
+
+
+# Tables each step may commit (prefix "trend_": every trend table); their versions are recorded.
+STEP_OUTPUTS: dict[str, tuple[str, ...]] = {
+    "ingest": ("orders", "orders_quarantine", "ingest_runs"),
+    "features": ("customer_features",),
+    "score": ("customer_scores",),
+    "segments": ("segments_current", "segments_history", "segment_generations", "generation_review",
+                 "segment_migration"),
+    "trends": ("trend_",),
+    "export": (),
+}
+
+
+def step_tables(step: str) -> list[str]:
+    wanted = STEP_OUTPUTS[step]
+    return [name for name in TABLES if name in wanted or any(w.endswith("_") and name.startswith(w) for w in wanted)]
+
+
+def table_versions(storage: Any, names: list[str] | None = None) -> dict[str, int]:
+    """Current Delta version of the named (default: every registered) table that exists; log reads only."""
+    names = [n for n in TABLES if n != PIPELINE_RUNS.name] if names is None else names
+    return {name: storage.version(name) for name in names if storage.exists(name)}
+
+
+# --------------------------------------------------------------------------------------------
+# MLflow champion
+# --------------------------------------------------------------------------------------------
+def champion_info(registered_model: str) -> ChampionInfo | None:
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from core.tracking import CHAMPION
+
+    client = mlflow.MlflowClient()
+    try:
+        version = client.get_model_version_by_alias(registered_model, CHAMPION)
+    except MlflowException:
+        return None
+    fitted = None
+    if version.run_id:
+        as_of = client.get_run(version.run_id).data.params.get("as_of")
+        fitted = dt.date.fromisoformat(as_of) if as_of else None
+    registered = dt.datetime.fromtimestamp(version.creation_timestamp / 1000, tz=dt.timezone.utc)
+    return ChampionInfo(version=str(version.version), fitted_as_of=fitted, registered_at=registered)
+
+
+# --------------------------------------------------------------------------------------------
+# Steps
+# --------------------------------------------------------------------------------------------
+@dataclass
+class _Context:
+    spark: SparkSession
+    storage: Any
+    config: Config
+    as_of_date: dt.date
+    source_path: str | None
+    refit: str
+    new_generation: bool
+    rebuild_trends: bool
+    dest: str | None
+
+
+def _ingest(ctx: _Context) -> tuple[str, dict]:
+    from pipelines.ingest import run_ingest
+
+    path = ctx.source_path or ctx.config.source.path
+    if not path:
+        raise ValueError("no source to ingest: set source.path in the conf or pass --path")
+    s = run_ingest(ctx.spark, ctx.storage, ctx.config.source, ctx.config.validation,
+                   ctx.config.business.timezone, ctx.as_of_date, path=path)
+    return (f"{s.input_rows:,} rows read, {s.orders_written:,} orders new or changed, "
+            f"{s.quarantined_rows:,} quarantined"), {"input_rows": s.input_rows, "orders_written": s.orders_written,
+                                                     "quarantined_rows": s.quarantined_rows}
+
+
+def _features(ctx: _Context) -> tuple[str, dict]:
+    from pipelines.features import run_features
+
+    stats = run_features(ctx.storage, ctx.as_of_date, ctx.config.features)
+    return f"{stats['customers']:,} customers, {stats['orders']:,} orders", stats
+
+
+def _score(ctx: _Context) -> tuple[str, dict]:
+    from core import tracking
+    from pipelines.ltv import LtvInputError, fit_btyd_bundles, run_score
+
+    target = tracking.tracking_target(ctx.config)
+    tracking.start(target)
+    champion = champion_info(target.registered_model)
+    models = ctx.config.models
+    if ctx.refit == "always":
+        reason = "requested (--refit always)"
+    elif ctx.refit == "never":
+        if champion is None:
+            raise LtvInputError(f"no champion registered as {target.registered_model!r} and --refit never; "
+                              "run with --refit auto (or `cvseg backtest`) first")
+        reason = None
+    else:
+        reason = refit_reason(champion, ctx.as_of_date, models.refit_every_days, models.champion_max_age_days,
+                              dt.datetime.now(dt.timezone.utc))
+    details: dict[str, Any] = {"refit": reason is not None, "refit_reason": reason}
+    if reason is not None:
+        started = time.perf_counter()
+        features_df = ctx.storage.read("customer_features").where(F.col("as_of_date") == F.lit(ctx.as_of_date))
+        fitted = fit_btyd_bundles(features_df, models.purchase_models[:1], ctx.config.features.time_unit,
+                                  ctx.config.features.horizon_months, models.penalizer_coef)
+        name, bundle = next(iter(fitted.bundles.items()))
+        _, version = tracking.log_bundle(
+            bundle, run_name=f"nightly-fit-{name}-{ctx.as_of_date}",
+            params={"purchase_model": name, "value_model": "btyd", "as_of": ctx.as_of_date.isoformat(),
+                    "time_unit": ctx.config.features.time_unit, "penalizer_coef": models.penalizer_coef,
+                    "horizon_months": ctx.config.features.horizon_months,
+                    "customer_features_version": ctx.storage.version("customer_features")},
+            metrics={"log_likelihood": bundle.purchase.fit_info_.get("log_likelihood"),
+                     **{f"fit_seconds_{k}": v for k, v in fitted.seconds.items()}},
+            artifacts={"parameters": bundle.describe()}, tags={"kind": "fit", "trigger": "nightly"},
+            register_as=target.registered_model)
+        tracking.set_champion(target.registered_model, version)
+        details["refit_seconds"] = round(time.perf_counter() - started, 2)
+    else:
+        bundle, version = tracking.load_champion(target.registered_model)
+    stats = run_score(ctx.storage, ctx.as_of_date, bundle, version)
+    details.update(stats)
+    how = f"refit ({reason}) -> champion v{version}" if reason else f"champion v{version}"
+    return f"{stats['customers']:,} customers scored with {how}", details
+
+
+def _segments(ctx: _Context) -> tuple[str, dict]:
+    from pipelines.segments import run_segments
+
+    stats = run_segments(ctx.storage, ctx.as_of_date, ctx.config, new_generation=ctx.new_generation)
+    return _short(stats), stats
+
+
+def _trends(ctx: _Context) -> tuple[str, dict]:
+    from pipelines.trends import run_trends
+
+    stats = run_trends(ctx.storage, ctx.as_of_date, ctx.config, rebuild=ctx.rebuild_trends)
+    return _short(stats), stats
+
+
+def _export(ctx: _Context) -> tuple[str, dict]:
+    from pipelines.export import run_export
+
+    result = run_export(ctx.storage, ctx.as_of_date, ctx.config.export, dest=ctx.dest)
+    return f"{result['rows']:,} rows -> {result['file']} (sha256 {result['sha256'][:12]}...)", result
+
+
+def _short(stats: Any) -> str:
+    if isinstance(stats, dict):
+        return ", ".join(f"{k}={v}" for k, v in stats.items() if isinstance(v, (int, float, str)))[:300]
+    return str(stats)[:300]
+
+
+RUNNERS: dict[str, Callable[[_Context], tuple[str, dict]]] = {
+    "ingest": _ingest, "features": _features, "score": _score,
+    "segments": _segments, "trends": _trends, "export": _export,
+}
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+
+
+# --------------------------------------------------------------------------------------------
+# The orchestrator
+# --------------------------------------------------------------------------------------------
+def run_nightly(spark: SparkSession, storage: Any, config: Config, as_of_date: dt.date, *,
+                source_path: str | None = None, steps: list[str] | tuple[str, ...] | None = None,
+                refit: str = "auto", new_generation: bool = False, rebuild_trends: bool = False,
+                force: bool = False, dest: str | None = None, fail_after: str | None = None,
+                progress: Callable[[str], None] = print,
+                step_hook: Callable[[str], ContextManager] | None = None,
+                run_id: str | None = None) -> NightlyResult:
+    """Run (or resume) the nightly pipeline for D; raises :class:`PipelineStepError` on failure."""
+    if refit not in REFIT_CHOICES:
+        raise ValueError(f"refit must be one of {REFIT_CHOICES} (got {refit!r})")
+    selected = select_steps(steps)
+    fail_after = fail_after or fail_after_from_env()
+    run_id = run_id or f"run-{as_of_date.isoformat()}-{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}"
+    ctx = _Context(spark, storage, config, as_of_date, source_path, refit, new_generation, rebuild_trends, dest)
+    done = completed_steps(storage, as_of_date)
+    outcomes: list[StepOutcome] = []
+    total_started = time.perf_counter()
+    progress(f"[run {as_of_date}] {run_id}: steps {' -> '.join(selected)}")
+    for position, name in enumerate(selected, start=1):
+        label = f"[run {as_of_date}] {position}/{len(selected)} {name:<8}"
+        if not force and is_up_to_date(name, done):
+            progress(f"{label} skipped (committed at {done[name]:%Y-%m-%d %H:%M:%S})")
+            outcomes.append(StepOutcome(name, "skipped", message="already committed for this date"))
+            continue
+        progress(f"{label} ...")
+        outputs = step_tables(name)
+        before = table_versions(storage, outputs)
+        started_at = dt.datetime.now(dt.timezone.utc)
+        clock = time.perf_counter()
+        try:
+            with (step_hook(name) if step_hook else nullcontext()):
+                message, details = RUNNERS[name](ctx)
+        except Exception as exc:  # noqa: BLE001 - every failure becomes one recorded line
+            reason = _first_line(exc)
+            try:
+                _record(spark, storage, run_id, as_of_date, name, "failed", started_at,
+                        dt.datetime.now(dt.timezone.utc), {}, reason)
+            except Exception:  # noqa: BLE001 - the step's own error is the one to report
+                log.warning("could not record the failure of step %s in pipeline_runs", name, exc_info=True)
+            progress(f"{label} FAILED after {time.perf_counter() - clock:.1f}s")
+            raise PipelineStepError(
+                f"step {name} failed for {as_of_date}: {reason}; fix it and re-run `cvseg run --as-of "
+                f"{as_of_date}` (committed steps are skipped)", name, exc) from exc
+        seconds = time.perf_counter() - clock
+        after = table_versions(storage, outputs)
+        versions = {t: v for t, v in after.items() if before.get(t) != v}
+        finished_at = dt.datetime.now(dt.timezone.utc)
+        _record(spark, storage, run_id, as_of_date, name, "ok", started_at, finished_at, versions, message)
+        done[name] = finished_at.astimezone().replace(tzinfo=None)   # as PySpark reads it back: local, naive
+        outcomes.append(StepOutcome(name, "ok", seconds, versions, message, details))
+        progress(f"{label} done in {seconds:.1f}s: {message}")
+        if fail_after == name:
+            raise PipelineStepError(
+                f"injected failure after step {name} ({FAIL_AFTER_ENV}); re-run `cvseg run --as-of {as_of_date}` "
+                "to resume", name, InjectedFailure(name))
+    ran = sum(o.status == "ok" for o in outcomes)
+    progress(f"[run {as_of_date}] finished in {time.perf_counter() - total_started:.1f}s: "
+             f"{ran} step(s) ran, {len(outcomes) - ran} skipped")
+    return NightlyResult(run_id, as_of_date, outcomes)

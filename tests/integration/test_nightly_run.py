@@ -1,0 +1,194 @@
+"""`cvseg run`: the whole nightly pipeline on a small generated export.
+
+* a clean run, then the same date again: nothing runs, no table gets a new version, the export is untouched;
+* a run killed after a middle step (injected failure) and re-run: every table and the export equal the
+  clean run's;
+* a failing step exits non-zero with a one-line reason and is recorded as failed.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import json
+from pathlib import Path
+
+import pytest
+from pyspark.sql import functions as F
+from pyspark.sql import types as T
+
+from core.config import dump_config, load_config
+from core.storage import Storage
+from core.tables import PIPELINE_RUNS, TABLES
+from pipelines.nightly import STEPS, ChampionInfo, is_up_to_date, refit_reason, run_nightly, table_versions
+
+D = dt.date(2026, 9, 30)
+CONF = Path(__file__).resolve().parents[2] / "conf" / "examples" / "synthetic.yaml"
+CSV = "customer_segments_2026-09-30.csv"
+MANIFEST = "customer_segments_2026-09-30.manifest.json"
+
+
+# --------------------------------------------------------------------------------------------
+# Decisions (no Spark)
+# --------------------------------------------------------------------------------------------
+def test_refit_reason_cadence_and_age():
+    now = dt.datetime(2026, 10, 1, tzinfo=dt.timezone.utc)
+    fresh = ChampionInfo("3", dt.date(2026, 9, 28), now - dt.timedelta(days=2))
+    assert refit_reason(None, D, 7, None, now) == "no champion registered"
+    assert refit_reason(fresh, D, 7, None, now) is None
+    assert refit_reason(fresh, dt.date(2026, 10, 5), 7, None, now).startswith("cadence: champion v3")
+    assert refit_reason(fresh, dt.date(2026, 10, 4), 7, None, now) is None     # 6 days: not yet
+    old = ChampionInfo("3", dt.date(2026, 9, 28), now - dt.timedelta(days=40))
+    assert "registered 40 days ago" in refit_reason(old, D, 7, 30, now)
+    assert refit_reason(old, D, 7, None, now) is None
+    assert "no as-of" in refit_reason(ChampionInfo("1", None, now), D, 7, None, now)
+
+
+def test_step_is_stale_when_an_earlier_step_ran_after_it():
+    t = [dt.datetime(2026, 10, 1, 3, m) for m in range(6)]
+    done = dict(zip(STEPS, t))
+    assert all(is_up_to_date(s, done) for s in STEPS)
+    rerun_features = {**done, "features": dt.datetime(2026, 10, 1, 4, 0)}
+    assert is_up_to_date("ingest", rerun_features)
+    assert [s for s in STEPS if not is_up_to_date(s, rerun_features)] == ["score", "segments", "trends", "export"]
+    assert not is_up_to_date("segments", {"ingest": t[0]})
+
+
+# --------------------------------------------------------------------------------------------
+# Whole pipeline
+# --------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def export_path(spark, tmp_path_factory):
+    from pipelines.generate import generate
+
+    out = tmp_path_factory.mktemp("nightly-export")
+    summary = generate(spark, n_customers=2500, seed=11, end_date=D, out_dir=str(out), fmt="parquet")
+    return summary["orders_path"]
+
+
+def _setup(spark, root: Path, export_path: str):
+    config = load_config(CONF, [f"storage.warehouse={root / 'warehouse'}", f"source.path={export_path}",
+                                "source.format=parquet", f"export.dest={root / 'exports'}", "spark.master=null",
+                                "models.purchase_models=[bgnbd]"])
+    return config, Storage(spark, config.storage.warehouse, backend="deltalake")
+
+
+def _comparable(df):
+    """Drop what legitimately differs between two runs (run ids, wall-clock times); maps as sorted
+    entries so the content can be hashed."""
+    cols = []
+    for field in df.schema.fields:
+        if "run_id" in field.name or isinstance(field.dataType, T.TimestampType):
+            continue
+        if isinstance(field.dataType, T.MapType):
+            cols.append(F.array_sort(F.map_entries(F.col(field.name))).alias(field.name))
+        else:
+            cols.append(F.col(field.name))
+    return df.select(*cols)
+
+
+def fingerprints(storage) -> dict[str, tuple[int, int]]:
+    """Per table: (rows, order-independent content hash); one Spark job for all tables."""
+    from functools import reduce
+
+    parts = []
+    for name in sorted(TABLES):
+        if name == PIPELINE_RUNS.name or not storage.exists(name):
+            continue
+        df = _comparable(storage.read(name))
+        parts.append(df.agg(F.lit(name).alias("table"), F.count(F.lit(1)).alias("n"),
+                            F.sum(F.pmod(F.xxhash64(*df.columns), F.lit(2147483647))).alias("h")))
+    rows = reduce(lambda a, b: a.unionByName(b), parts).collect()   # one row per table
+    return {r["table"]: (int(r["n"]), int(r["h"] or 0)) for r in rows}
+
+
+def _manifest(root: Path) -> dict:
+    manifest = json.loads((root / "exports" / MANIFEST).read_text())
+    manifest.pop("exported_at")
+    return manifest
+
+
+@pytest.fixture(scope="module")
+def clean_run(spark, export_path, tmp_path_factory):
+    root = tmp_path_factory.mktemp("clean")
+    config, storage = _setup(spark, root, export_path)
+    result = run_nightly(spark, storage, config, D)
+    return root, config, storage, result
+
+
+def test_clean_run_then_same_date_again_changes_nothing(spark, clean_run):
+    root, config, storage, result = clean_run
+    assert result.executed == list(STEPS)
+    score = result.outcome("score")
+    assert score.details["refit"] and score.details["refit_reason"] == "no champion registered"
+    assert set(result.outcome("features").output_versions) == {"customer_features"}
+    assert "customer_scores" in score.output_versions and "segments_current" in result.outcome("segments").output_versions
+    manifest = json.loads((root / "exports" / MANIFEST).read_text())
+    csv_bytes = (root / "exports" / CSV).read_bytes()
+    assert manifest["rows"] == storage.read("customer_scores").where(F.col("as_of_date") == F.lit(D)).count()
+    assert manifest["rows"] == csv_bytes.count(b"\n") - 1 and manifest["customers_without_segment"] == 0
+    assert sorted(p.name for p in (root / "exports").iterdir()) == [CSV, MANIFEST]
+
+    versions = {**table_versions(storage), PIPELINE_RUNS.name: storage.version(PIPELINE_RUNS.name)}
+    mtime = (root / "exports" / CSV).stat().st_mtime_ns
+    again = run_nightly(spark, storage, config, D)
+    assert [o.status for o in again.outcomes] == ["skipped"] * len(STEPS)
+    assert {**table_versions(storage), PIPELINE_RUNS.name: storage.version(PIPELINE_RUNS.name)} == versions
+    assert (root / "exports" / CSV).read_bytes() == csv_bytes
+    assert (root / "exports" / CSV).stat().st_mtime_ns == mtime
+    ok_rows = storage.read(PIPELINE_RUNS.name).where(F.col("status") == "ok").count()
+    assert ok_rows == len(STEPS)
+
+
+def test_run_killed_after_score_resumes_to_the_clean_result(spark, clean_run, export_path, tmp_path, monkeypatch,
+                                                            capsys):
+    from jobs.cli import main
+
+    clean_root, _, clean_storage, _ = clean_run
+    config, storage = _setup(spark, tmp_path, export_path)
+    conf_file = dump_config(config, tmp_path / "conf.yaml")
+    argv = ["run", "--as-of", D.isoformat(), "--conf", str(conf_file)]
+
+    monkeypatch.setenv("CVSEG_FAIL_AFTER_STEP", "score")
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+    assert exited.value.code == 1
+    err_lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(err_lines) == 1 and "injected failure after step score" in err_lines[0]
+    done = {r["step"] for r in storage.read(PIPELINE_RUNS.name).where(F.col("status") == "ok").collect()}
+    assert done == {"ingest", "features", "score"}
+    assert not storage.exists("segments_current")
+    assert not (tmp_path / "exports" / CSV).exists()
+
+    monkeypatch.delenv("CVSEG_FAIL_AFTER_STEP")
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    for step in ("ingest", "features", "score"):
+        assert f"{step:<8} skipped" in out
+    for step in ("segments", "trends", "export"):
+        assert f"{step:<8} done in" in out
+
+    clean_prints = fingerprints(clean_storage)
+    assert {"orders", "customer_features", "customer_scores", "segments_current", "segments_history",
+            "segment_generations"} <= set(clean_prints)
+    assert sum(name.startswith("trend_") for name in clean_prints) >= 4
+    assert fingerprints(storage) == clean_prints
+    assert (tmp_path / "exports" / CSV).read_bytes() == (clean_root / "exports" / CSV).read_bytes()
+    assert _manifest(tmp_path) == _manifest(clean_root)
+
+
+def test_failing_step_exits_non_zero_with_one_line_and_is_recorded(spark, clean_run, capsys):
+    from jobs.cli import main
+
+    root, config, storage, _ = clean_run
+    conf_file = dump_config(config, root / "conf.yaml")
+    before = (root / "exports" / CSV).read_bytes()
+    with pytest.raises(SystemExit) as exited:
+        main(["run", "--as-of", D.isoformat(), "--conf", str(conf_file), "--steps", "export", "--force",
+              "--dest", "gs://elsewhere/x"])
+    assert exited.value.code == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and err[0].startswith("error: step export failed for 2026-09-30") and "s3://" in err[0]
+    failed = storage.read(PIPELINE_RUNS.name).where(F.col("status") == "failed").collect()
+    assert [r["step"] for r in failed] == ["export"] and "gs://elsewhere" in failed[0]["message"]
+    assert (root / "exports" / CSV).read_bytes() == before
+    with pytest.raises(ValueError, match="unknown step"):
+        run_nightly(spark, storage, config, D, steps=["exports"])
