@@ -1,0 +1,479 @@
+"""The diagnostic report: data -> blocks, section by section (no Spark here)."""
+from __future__ import annotations
+
+import datetime as dt
+
+import numpy as np
+import pandas as pd
+
+from pipelines.report import charts
+from pipelines.report.data import CANCEL_BAND_LABELS, UNKNOWN, DiagnosticData, Histogram, Missing
+from pipelines.report.document import (Bullets, Chart, Document, Heading, KeyFigures, PageBreak, Paragraph,
+                                       Table)
+from pipelines.report.i18n import CATALOGUE, Formats, Messages
+
+
+class Context:
+    """Language, formats and the shared helpers of every section."""
+
+    def __init__(self, language: str, currency: str):
+        self.m = Messages(language)
+        self.f = Formats(language, currency)
+
+    def missing(self, item: Missing) -> Paragraph:
+        return Paragraph(self.m("missing", tables=", ".join(item.tables), command=item.command), style="note")
+
+    def label(self, value: str | None) -> str:
+        if value is None or value in (UNKNOWN, "(unknown)") or (isinstance(value, float) and np.isnan(value)):
+            return self.m("unknown")
+        return str(value)
+
+    def segment(self, name: str) -> str:
+        """Standard segment names translated; client-defined names shown as configured."""
+        key = f"seg.{name}"
+        return self.m(key) if key in CATALOGUE else str(name)
+
+
+# --------------------------------------------------------------------------------------------
+# Findings: each returns a sentence or None when its data is missing or too thin
+# --------------------------------------------------------------------------------------------
+def finding_segment_shift(data: DiagnosticData, c: Context) -> str | None:
+    mig = data.migration
+    if isinstance(mig, Missing) or mig is None or mig.empty:
+        return None
+    moved = mig[(mig["from_segment"] != mig["to_segment"])
+                & ~mig["from_segment"].isin(["(none)"]) & ~mig["to_segment"].isin(["(gone)"])]
+    if moved.empty:
+        return None
+    top = moved.sort_values("customers", ascending=False).iloc[0]
+    source_total = mig.loc[mig["from_segment"] == top["from_segment"], "customers"].sum()
+    return c.m("find.segment_shift", src=c.segment(top["from_segment"]), dst=c.segment(top["to_segment"]),
+               n=c.f.count(int(top["customers"])), share=c.f.pct(top["customers"] / source_total))
+
+
+def finding_best_channel(data: DiagnosticData, c: Context) -> str | None:
+    channels = data.new_by_channel
+    if isinstance(channels, Missing) or channels.empty:
+        return None
+    known = channels[(channels["group"] != UNKNOWN) & (channels["customers"] >= 20)]
+    if len(known) < 2:
+        return None
+    ranked = known.sort_values("mean_value", ascending=False)
+    best, worst = ranked.iloc[0], ranked.iloc[-1]
+    if worst["mean_value"] <= 0:
+        return None
+    return c.m("find.best_channel", best=c.label(best["group"]), best_value=c.f.money(best["mean_value"]),
+               worst=c.label(worst["group"]), worst_value=c.f.money(worst["mean_value"]),
+               ratio=c.f.ratio(best["mean_value"] / worst["mean_value"]))
+
+
+def f2_halves(f2: pd.DataFrame) -> tuple[float, float] | None:
+    """F2 rate of the latest six cohorts and of the six before (customer-weighted)."""
+    if len(f2) < 12:
+        return None
+    recent, previous = f2.iloc[-6:], f2.iloc[-12:-6]
+    return (recent["converted"].sum() / recent["customers"].sum(),
+            previous["converted"].sum() / previous["customers"].sum())
+
+
+def finding_f2_trend(data: DiagnosticData, c: Context) -> str | None:
+    if isinstance(data.f2_cohorts, Missing):
+        return None
+    halves = f2_halves(data.f2_cohorts)
+    if halves is None:
+        return None
+    recent, previous = halves
+    delta = recent - previous
+    direction = "find.flat" if abs(delta) < 0.01 else ("find.up" if delta > 0 else "find.down")
+    return c.m("find.f2_trend", recent=c.f.pct(recent), previous=c.f.pct(previous), direction=c.m(direction))
+
+
+def top20_share(deciles: pd.DataFrame) -> float | None:
+    if deciles.empty or deciles["value"].sum() <= 0:
+        return None
+    return float(deciles.loc[deciles["group"] <= 2, "value"].sum() / deciles["value"].sum())
+
+
+def finding_concentration(data: DiagnosticData, c: Context) -> str | None:
+    if isinstance(data.deciles, Missing):
+        return None
+    share = top20_share(data.deciles)
+    if share is None:
+        return None
+    return c.m("find.concentration", share=c.f.pct(share))
+
+
+def finding_cancel_effect(data: DiagnosticData, c: Context) -> str | None:
+    bands = data.cancel_bands
+    if isinstance(bands, Missing) or bands.empty:
+        return None
+    by_band = bands.set_index("band")
+    if 0 not in by_band.index or not ({2, 3} & set(by_band.index)):
+        return None
+    high = by_band.loc[[b for b in (2, 3) if b in by_band.index]]
+    high_mean = float((high["mean_net"] * high["customers"]).sum() / high["customers"].sum())
+    low_mean = float(by_band.loc[0, "mean_net"])
+    if low_mean <= 0:
+        return None
+    return c.m("find.cancel_effect", share=c.f.pct(high["customers"].sum() / bands["customers"].sum()),
+               high=c.f.money(high_mean), low=c.f.money(low_mean), ratio=c.f.ratio(high_mean / low_mean))
+
+
+FINDINGS = (finding_segment_shift, finding_best_channel, finding_f2_trend, finding_concentration,
+            finding_cancel_effect)
+
+
+def headline_findings(data: DiagnosticData, c: Context, n: int = 3) -> list[str]:
+    found = []
+    for fn in FINDINGS:
+        sentence = fn(data, c)
+        if sentence:
+            found.append(sentence)
+        if len(found) == n:
+            break
+    return found
+
+
+# --------------------------------------------------------------------------------------------
+# Sections
+# --------------------------------------------------------------------------------------------
+def summary_section(data: DiagnosticData, c: Context) -> list:
+    blocks: list = [Heading(c.m("sec.summary"))]
+    findings = headline_findings(data, c)
+    if findings:
+        blocks += [Heading(c.m("sec.findings"), 2), Bullets(tuple(findings), numbered=True)]
+    blocks.append(Heading(c.m("sec.kpis"), 2))
+    items: list[tuple[str, str]] = []
+    if isinstance(data.kpis, Missing):
+        blocks.append(c.missing(data.kpis))
+    else:
+        k = data.kpis
+        items += [(c.m("kpi.customers"), c.f.count(k["customers"])),
+                  (c.m("kpi.active_12m"), c.f.count(k["active_12m"])),
+                  (c.m("kpi.new_12m"), c.f.count(k["new_12m"])),
+                  (c.m("kpi.repeat_rate"), c.f.pct(k["repeat_rate"]))]
+        items += [(c.m("kpi.gross_total"), c.f.money(k["gross_total"])),
+                  (c.m("kpi.cancelled_total"), c.f.money(k["cancelled_total"])),
+                  (c.m("kpi.net_total"), c.f.money(k["net_total"])),
+                  (c.m("kpi.net_12m"), c.f.money(k["net_12m"]))]
+    if not isinstance(data.kpis, Missing) and data.kpis["scored"]:
+        items.append((c.m("kpi.predicted"), c.f.money(data.kpis["predicted_net_6m"])))
+    if items:
+        blocks.append(KeyFigures(tuple(items)))
+    segments = data.value_by_segment
+    if not isinstance(segments, Missing) and not segments.empty and segments["value"].sum() > 0:
+        customers, value = segments["customers"].sum(), segments["value"].sum()
+        header = tuple(c.m(k) for k in ("seg.col.segment", "seg.col.customers", "seg.col.customer_share",
+                                        "seg.col.value", "seg.col.value_share", "seg.col.mean"))
+        rows = tuple((c.segment(r["group"]), c.f.count(r["customers"]), c.f.pct(r["customers"] / customers),
+                      c.f.money(r["value"]), c.f.pct(r["value"] / value), c.f.money(r["mean_value"]))
+                     for _, r in segments.iterrows())
+        blocks += [Heading(c.m("sec.segments"), 2),
+                   Table(header, rows, numeric=(False,) + (True,) * 5, emphasis_first=True)]
+    return blocks
+
+
+def _hist_chart(hist: Histogram, c: Context, title: str, xlabel: str, x_fmt, aid: str) -> Chart:
+    png = charts.histogram(hist.edges, hist.counts, title=title, xlabel=xlabel, ylabel=c.m("axis.customers"),
+                           x_fmt=x_fmt)
+    return Chart(png, title, aid)
+
+
+def retention_section(data: DiagnosticData, c: Context) -> list:
+    blocks: list = [PageBreak(), Heading(c.m("sec.retention"))]
+    if not isinstance(data.kpis, Missing):
+        k = data.kpis
+        blocks.append(Paragraph(c.m("ret.intro", repeat_rate=c.f.pct(k["repeat_rate"]),
+                                    repeat=c.f.count(k["repeat_customers"]), customers=c.f.count(k["customers"]),
+                                    median_days=c.f.number(k["median_days_to_second"]))))
+    f2 = data.f2_cohorts
+    if isinstance(f2, Missing):
+        blocks.append(c.missing(f2))
+    elif not f2.empty:
+        labels = [d.strftime("%y-%m") for d in f2["cohort_month"]]
+        title = c.m("ret.f2.title")
+        png = charts.bars(labels, {title: f2["f2_rate"].tolist()}, title=title, xlabel=c.m("ret.f2.x"),
+                          ylabel=c.m("ret.f2.y"), y_fmt=c.f.money_axis, percent=True)
+        blocks.append(Chart(png, title, c.m("ret.f2.aid")))
+    ret = data.cohort_retention
+    if isinstance(ret, Missing):
+        blocks.append(c.missing(ret))
+    elif not ret.empty:
+        matrix_df = ret.pivot_table(index="cohort_month", columns="months_since_first_order",
+                                    values="retention_rate", aggfunc="first").sort_index()
+        matrix_df = matrix_df.drop(columns=[0], errors="ignore")   # month 0 is 100% by definition
+        title = c.m("ret.heat.title")
+        png = charts.heatmap(matrix_df.to_numpy(dtype=float), list(matrix_df.index),
+                             [str(col) for col in matrix_df.columns], title=title, xlabel=c.m("ret.heat.x"),
+                             ylabel=c.m("ret.heat.y"), cell_fmt=lambda v: f"{100 * v:.0f}", percent=True)
+        blocks.append(Chart(png, title, c.m("ret.heat.aid")))
+    gap = data.gap_hist
+    if isinstance(gap, Missing):
+        blocks.append(c.missing(gap))
+    elif gap is not None:
+        blocks.append(_hist_chart(gap, c, c.m("ret.gap.title"), c.m("ret.gap.x"), lambda v: f"{v:,.0f}",
+                                  c.m("ret.gap.aid", median=c.f.number(gap.median), cap=c.f.number(gap.cap))))
+    return blocks
+
+
+def purchasing_section(data: DiagnosticData, c: Context) -> list:
+    blocks: list = [PageBreak(), Heading(c.m("sec.purchasing"))]
+    aov = data.aov_hist
+    if isinstance(aov, Missing):
+        blocks.append(c.missing(aov))
+    elif aov is not None:
+        blocks.append(_hist_chart(aov, c, c.m("pur.aov.title"), c.m("pur.aov.x", unit=c.f.unit), c.f.money_axis,
+                                  c.m("pur.aov.aid", median=c.f.money(aov.median), cap=c.f.money(aov.cap))))
+    cancel = data.cancel_hist
+    if isinstance(cancel, Missing):
+        blocks.append(c.missing(cancel))
+    elif cancel is not None:
+        title = c.m("pur.cancel.title")
+        png = charts.histogram(cancel.edges, cancel.counts, title=title, xlabel=c.m("pur.cancel.x"),
+                               ylabel=c.m("axis.customers"), x_fmt=lambda v: f"{100 * v:.0f}", open_ended=False)
+        blocks.append(Chart(png, title, c.m("pur.cancel.aid", zero=c.f.pct(data.zero_cancel_share))))
+    bands = data.cancel_bands
+    if isinstance(bands, Missing):
+        blocks.append(c.missing(bands))
+    elif not bands.empty:
+        title = c.m("pur.band.title")
+        labels = [CANCEL_BAND_LABELS[int(b)] for b in bands["band"]]
+        png = charts.bars(labels, {c.m("pur.band.gross"): bands["mean_gross"].tolist(),
+                                   c.m("pur.band.net"): bands["mean_net"].tolist()},
+                          title=title, xlabel=c.m("pur.band.x"), ylabel=c.m("pur.band.y", unit=c.f.unit),
+                          y_fmt=c.f.money_axis, annotations=[c.f.count(n) for n in bands["customers"]])
+        blocks.append(Chart(png, title, c.m("pur.band.aid")))
+    segments = data.value_by_segment
+    if isinstance(segments, Missing):
+        blocks.append(c.missing(segments))
+    elif not segments.empty:
+        title = c.m("pur.seg.title")
+        png = charts.bars([c.segment(s) for s in segments["group"]], {title: segments["mean_value"].tolist()},
+                          title=title, xlabel=c.m("pur.seg.x"), ylabel=c.m("pur.band.y", unit=c.f.unit),
+                          y_fmt=c.f.money_axis, annotations=[c.f.count(n) for n in segments["customers"]])
+        blocks.append(Chart(png, title, c.m("pur.seg.aid")))
+    return blocks
+
+
+def _per_new_chart(frame: pd.DataFrame, c: Context, title: str, ylabel: str) -> Chart:
+    ranked = frame.sort_values("mean_value", ascending=False)
+    png = charts.hbars([c.label(g) for g in ranked["group"]], ranked["mean_value"].tolist(),
+                       [c.f.count(n) for n in ranked["customers"]], title=title,
+                       xlabel=c.m("pro.per_new.x", unit=c.f.unit), ylabel=ylabel, x_fmt=c.f.money_axis)
+    return Chart(png, title, c.m("pro.per_new.aid", n=c.f.count(int(frame["customers"].sum()))))
+
+
+def profitability_section(data: DiagnosticData, c: Context) -> list:
+    blocks: list = [PageBreak(), Heading(c.m("sec.profitability"))]
+    dist = data.value_hist
+    if isinstance(dist, Missing):
+        blocks.append(c.missing(dist))
+    elif dist is not None:
+        blocks.append(_hist_chart(dist, c, c.m("pro.dist.title"), c.m("pro.dist.x", unit=c.f.unit), c.f.money_axis,
+                                  c.m("pro.dist.aid", median=c.f.money(dist.median), mean=c.f.money(dist.mean),
+                                      cap=c.f.money(dist.cap))))
+    par = data.pareto
+    if isinstance(par, Missing):
+        blocks.append(c.missing(par))
+    elif not par.empty and par["value"].sum() > 0:
+        customer_share = (par["customers"] / par["customers"].sum()).tolist()
+        value_share = (par["value"] / par["value"].sum()).tolist()
+        if data.pareto_kind == "segment":
+            labels = [c.segment(s) for s in par["group"]]
+            xlabel = c.m("pro.pareto.x.segment")
+        else:
+            labels = [str(int(g)) for g in par["group"]]
+            xlabel = c.m("pro.pareto.x.decile")
+        title = c.m("pro.pareto.title")
+        png = charts.pareto(labels, customer_share, value_share, title=title, xlabel=xlabel, ylabel=c.m("pro.pareto.y"),
+                            names=(c.m("pro.pareto.customers"), c.m("pro.pareto.value"), c.m("pro.pareto.cum")))
+        blocks.append(Chart(png, title, c.m("pro.pareto.aid", group=labels[0], cust=c.f.pct(customer_share[0]),
+                                           value=c.f.pct(value_share[0]))))
+    for frame, key_title, key_y in ((data.new_by_channel, "pro.channel.title", "pro.channel.y"),
+                                    (data.new_by_category, "pro.category.title", "pro.category.y")):
+        if isinstance(frame, Missing):
+            blocks.append(c.missing(frame))
+        elif not frame.empty:
+            blocks.append(_per_new_chart(frame, c, c.m(key_title), c.m(key_y)))
+    return blocks
+
+
+def trends_section(data: DiagnosticData, c: Context) -> list:
+    blocks: list = [PageBreak(), Heading(c.m("sec.trends"))]
+    yearly = data.yearly
+    if isinstance(yearly, Missing):
+        blocks.append(c.missing(yearly))
+    elif not yearly.empty:
+        years = [str(int(y)) + ("*" if partial else "") for y, partial in zip(yearly["year"], yearly["is_partial_year"])]
+        title = c.m("tr.cust.title")
+        png = charts.stacked(years, {c.m("tr.new"): yearly["new_customers"].tolist(),
+                                     c.m("tr.existing"): yearly["existing_customers"].tolist()},
+                             title=title, xlabel=c.m("tr.cust.x"), ylabel=c.m("axis.customers"),
+                             y_fmt=lambda v: f"{v:,.0f}")
+        partial_note = c.m("tr.partial") if yearly["is_partial_year"].any() else ""
+        blocks.append(Chart(png, title, c.m("tr.cust.aid") + partial_note))
+        title = c.m("tr.rev.title")
+        png = charts.stacked(years, {c.m("tr.new"): yearly["new_customer_net"].tolist(),
+                                     c.m("tr.existing"): yearly["existing_customer_net"].tolist()},
+                             title=title, xlabel=c.m("tr.cust.x"), ylabel=c.m("tr.rev.y", unit=c.f.unit),
+                             y_fmt=c.f.money_axis)
+        blocks.append(Chart(png, title, c.m("tr.rev.aid") + partial_note))
+    cat = data.yearly_category
+    if isinstance(cat, Missing):
+        blocks.append(c.missing(cat))
+    elif not cat.empty:
+        totals = cat.groupby("category")["net"].sum().sort_values(ascending=False)
+        keep = list(totals.index[:6])
+        pivot = cat[cat["category"].isin(keep)].pivot_table(index="year", columns="category", values="net",
+                                                            aggfunc="sum").fillna(0)[keep]
+        title = c.m("tr.cat.title")
+        partial = set(cat.loc[cat["is_partial_year"], "year"]) if "is_partial_year" in cat else set()
+        png = charts.bars([str(int(y)) + ("*" if y in partial else "") for y in pivot.index],
+                          {c.label(k): pivot[k].tolist() for k in keep},
+                          title=title, xlabel=c.m("tr.cust.x"), ylabel=c.m("tr.rev.y", unit=c.f.unit),
+                          y_fmt=c.f.money_axis)
+        blocks.append(Chart(png, title, c.m("tr.cat.aid") + (c.m("tr.partial") if partial else "")))
+    weekly = data.weekly_segment
+    if isinstance(weekly, Missing):
+        blocks.append(c.missing(weekly))
+    elif not weekly.empty:
+        pivot = weekly.pivot_table(index="week_start", columns="segment", values="net", aggfunc="sum").fillna(0)
+        order = pivot.sum().sort_values(ascending=False).index
+        title = c.m("tr.week.title")
+        png = charts.lines(list(pivot.index), {c.segment(s): pivot[s].tolist() for s in order}, title=title,
+                           xlabel=c.m("tr.week.x"), ylabel=c.m("tr.week.y", unit=c.f.unit), y_fmt=c.f.money_axis,
+                           x_labels=[c.f.short_date(d) for d in pivot.index])
+        blocks.append(Chart(png, title, c.m("tr.week.aid")))
+    return blocks
+
+
+METRICS = (("mae", "money"), ("rmse", "money"), ("abs_total_error_pct", "num"), ("spearman", "r"),
+           ("normalized_gini", "r"), ("top_decile_capture", "pct"), ("top20_capture", "pct"))
+
+
+def _metric(value, kind: str, c: Context) -> str:
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return c.m("na")
+    if kind == "money":
+        return c.f.money(value)
+    if kind == "pct":
+        return c.f.pct(value)
+    if kind == "num":
+        return f"{value:.1f}%"
+    return f"{value:.3f}"
+
+
+def models_section(data: DiagnosticData, c: Context) -> list:
+    blocks: list = [PageBreak(), Heading(c.m("sec.models"))]
+    champ = data.champion
+    if isinstance(champ, Missing):
+        blocks.append(c.missing(champ))
+    elif not champ.empty:
+        row = champ.iloc[0]
+        blocks.append(Paragraph(c.m("mod.champion", model=row["value_model"], version=row["model_version"])))
+    bt = data.backtest
+    if isinstance(bt, Missing):
+        blocks.append(c.missing(bt))
+        return blocks
+    if bt.empty:
+        return blocks
+    champion_rows = bt[bt["is_champion"]]
+    champion_model = champion_rows.iloc[0]["model"] if not champion_rows.empty else None
+    if champion_model is not None:
+        metric = champion_rows.iloc[0]["champion_metric"]
+        kind = dict(METRICS).get(metric, "r")
+        label = c.m(f"mod.m.{metric}") if metric in dict(METRICS) else metric
+        blocks.append(Paragraph(c.m("mod.why", model=champion_model, metric=label,
+                                    value=_metric(champion_rows.iloc[0][metric], kind, c))))
+    header = (c.m("mod.table.model"),) + tuple(c.m(f"mod.m.{key}") for key, _ in METRICS)
+    rows = tuple((row["model"] + (" ★" if row["model"] == champion_model else ""),)
+                 + tuple(_metric(row[key], kind, c) for key, kind in METRICS) for _, row in bt.iterrows())
+    blocks += [Table(header, rows, numeric=(False,) + (True,) * len(METRICS), emphasis_first=True),
+               Paragraph(c.m("mod.metrics.aid"), style="small")]
+    dec = data.backtest_deciles
+    if isinstance(dec, Missing):
+        blocks.append(c.missing(dec))
+    elif not dec.empty:
+        reference = champion_model if champion_model in set(dec["model"]) else dec["model"].iloc[0]
+        ref = dec[dec["model"] == reference].sort_values("decile")
+        models = {name: grp.sort_values("decile")["mean_predicted"].tolist() for name, grp in dec.groupby("model")}
+        title = c.m("mod.cal.title")
+        png = charts.calibration(ref["decile"].tolist(), ref["mean_actual"].tolist(), models, title=title,
+                                 xlabel=c.m("mod.cal.x"), ylabel=c.m("mod.cal.y", unit=c.f.unit),
+                                 y_fmt=c.f.money_axis, actual_label=c.m("mod.cal.actual"), champion=champion_model)
+        blocks.append(Chart(png, title, c.m("mod.cal.aid")))
+    return blocks
+
+
+def generations_section(data: DiagnosticData, c: Context) -> list:
+    blocks: list = [PageBreak(), Heading(c.m("sec.generations"))]
+    mig = data.migration
+    if isinstance(mig, Missing):
+        blocks.append(c.missing(mig))
+    elif not mig.empty:
+        matrix_df = mig.pivot_table(index="from_segment", columns="to_segment", values="customers",
+                                    aggfunc="sum").fillna(0)
+        title = c.m("gen.matrix.title")
+        png = charts.heatmap(matrix_df.to_numpy(dtype=float), [c.segment(s) for s in matrix_df.index],
+                             [c.segment(s) for s in matrix_df.columns], title=title, xlabel=c.m("gen.matrix.x"),
+                             ylabel=c.m("gen.matrix.y"), cell_fmt=lambda v: f"{v:,.0f}")
+        blocks.append(Chart(png, title, c.m("gen.matrix.aid")))
+    review = data.generation_review
+    if isinstance(review, Missing):
+        blocks.append(c.missing(review))
+    elif not review.empty:
+        title = c.m("gen.review.title")
+        png = charts.bars([c.segment(s) for s in review["segment"]],
+                          {c.m("gen.review.pred"): review["predicted_net_value"].tolist(),
+                           c.m("gen.review.actual"): review["actual_net_value"].tolist()},
+                          title=title, xlabel=c.m("pur.seg.x"), ylabel=c.m("gen.review.y", unit=c.f.unit),
+                          y_fmt=c.f.money_axis)
+        blocks.append(Chart(png, title, c.m("gen.review.aid", generation=int(review["generation_id"].iloc[0]),
+                                           pred=c.f.money(review["predicted_net_value"].sum()),
+                                           actual=c.f.money(review["actual_net_value"].sum()))))
+    return blocks
+
+
+def method_section(data: DiagnosticData, c: Context) -> list:
+    blocks: list = [PageBreak(), Heading(c.m("sec.method")), Paragraph(c.m("met.asof", as_of=c.f.date(data.as_of)))]
+    if isinstance(data.kpis, Missing):
+        blocks.append(c.missing(data.kpis))
+    else:
+        k = data.kpis
+        blocks.append(Paragraph(c.m("met.range", first=c.f.date(k["first_order_date"]),
+                                    last=c.f.date(k["last_order_date"]), orders=c.f.number(k["orders_total"]))))
+    q = data.quarantine
+    if isinstance(q, Missing):
+        blocks.append(c.missing(q))
+    else:
+        runs = q["runs"]
+        blocks.append(Paragraph(c.m("met.ingest", runs=c.f.number(runs["runs"]), input=c.f.number(runs["input_rows"]),
+                                    accepted=c.f.number(runs["accepted_rows"]),
+                                    quarantined=c.f.number(runs["quarantined_rows"]),
+                                    dups=c.f.number(runs["exact_duplicate_rows"]))))
+        if q["reasons"].empty:
+            blocks.append(Paragraph(c.m("met.none")))
+        else:
+            blocks.append(Table((c.m("met.reason"), c.m("met.rows")),
+                                tuple((str(r["reason"]), c.f.number(r["rows"])) for _, r in q["reasons"].iterrows()),
+                                title=c.m("met.quarantine"), numeric=(False, True)))
+    blocks += [Heading(c.m("met.defs"), 2),
+               Bullets(tuple(c.m(k) for k in ("def.ltv", "def.p_alive", "def.repeat", "def.f2", "def.active",
+                                              "def.revenue", "def.cancel", "def.segment", "def.channel")))]
+    return blocks
+
+
+SECTIONS = (summary_section, retention_section, purchasing_section, profitability_section, trends_section,
+            models_section, generations_section, method_section)
+
+
+def build_diagnostic(data: DiagnosticData, language: str, currency: str, client: str,
+                     generated: dt.datetime) -> Document:
+    c = Context(language, currency)
+    doc = Document(title=c.m("diag.title"),
+                   subtitle=c.m("subtitle", client=client, as_of=c.f.date(data.as_of),
+                                generated=generated.strftime("%Y-%m-%d %H:%M")),
+                   language=language)
+    for section in SECTIONS:
+        doc.add(*section(data, c))
+    return doc
