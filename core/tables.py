@@ -126,6 +126,7 @@ CUSTOMER_FEATURES = TableSpec(
         _f("net_12m", D, False),
         _f("acquisition_channel", S),
         _f("top_category", S),
+        _f("first_category", S),             # category of the first order
         _f("is_repeat", B, False),
         _f("days_to_second_purchase", I),
         _f("rfm_r", I, False),

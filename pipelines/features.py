@@ -29,7 +29,8 @@ Definitions (the contract the tests check against an independent pandas computat
 * **Acquisition and preference.** ``acquisition_channel`` = channel of the first order (earliest
   ``order_ts``, ties by ``order_id``; null when that order has no channel).
   ``top_category`` = the category with most orders; ties: larger gross, then the smaller name;
-  null categories are ignored (null when the customer has none).
+  null categories are ignored (null when the customer has none). ``first_category`` = category
+  of that first order (what brought the customer in; null when it has none).
 * **Repeat.** ``is_repeat`` = at least two purchase days; ``days_to_second_purchase`` = days
   from the first to the second purchase day (null if none).
 * **RFM (the baseline the method argues against).** Quintile scores 1-5: ``rfm_r`` on days
@@ -267,6 +268,7 @@ def aggregate_customers(sequenced_df: DataFrame, as_of_date: dt.date,
         # exactly one order per customer is the first one
         F.max(F.when(F.col("is_first_order"), F.col("channel"))).alias("acquisition_channel"),
         F.min(category_rank)["category"].alias("top_category"),
+        F.max(F.when(F.col("is_first_order"), F.col("category"))).alias("first_category"),
     )
 
 

@@ -107,7 +107,7 @@ def customer_base(storage, as_of: dt.date) -> DataFrame | Missing:
                    .select("customer_id", "first_order_date", "last_order_date", "n_orders", "gross_amount",
                            "cancelled_amount", "net_amount", "net_12m", "is_repeat", "days_to_second_purchase",
                            "gap_mean_days", "avg_order_value", "cancel_rate_amount", "orders_12m",
-                           "acquisition_channel", "top_category"))
+                           "acquisition_channel", "first_category"))
     if table_available(storage, "customer_scores"):
         scores_df = (storage.read("customer_scores").where(F.col("as_of_date") == F.lit(as_of))
                      .select("customer_id", "p_alive", "predicted_gross_value", "predicted_net_value",
@@ -186,7 +186,7 @@ def base_groups(base_df: DataFrame, as_of: dt.date, caps: dict[str, float], deci
         emit("hist_cancel", rate.isNotNull(), _bin("cancel_rate_amount", 1.0, CANCEL_BINS), rate),
         emit("band", rate.isNotNull() & scored, band, F.col("predicted_gross_value"), F.col("predicted_net_value")),
         emit("channel", is_new, F.coalesce(F.col("acquisition_channel"), F.lit(UNKNOWN)), F.col("predicted_net_value")),
-        emit("category", is_new, F.coalesce(F.col("top_category"), F.lit(UNKNOWN)), F.col("predicted_net_value")),
+        emit("category", is_new, F.coalesce(F.col("first_category"), F.lit(UNKNOWN)), F.col("predicted_net_value")),
         emit("f2", cohort_complete, F.date_format(F.trunc("first_order_date", "month"), "yyyy-MM-dd"), converted),
         emit("model", F.col("value_model").isNotNull(), F.concat_ws("|", "value_model", "model_version"),
              F.col("predicted_net_value")),

@@ -142,6 +142,7 @@ def reference_features(orders: pd.DataFrame, as_of: dt.date, time_unit: str = "d
             "gap_mean_days": float(np.mean(gaps)) if gaps else None,
             "gap_std_days": float(np.std(gaps, ddof=1)) if len(gaps) >= 2 else None,
             "acquisition_channel": g.iloc[0]["channel"], "top_category": top,
+            "first_category": g.iloc[0]["category"],
             "is_repeat": len(days) >= 2,
             "days_to_second_purchase": (days[1] - days[0]).days if len(days) >= 2 else None,
         }
