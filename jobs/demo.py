@@ -106,5 +106,7 @@ def main(args: argparse.Namespace) -> dict:
     print(f"  cvseg show customer_scores --conf {conf_path}")
     print(f"  cvseg export --conf {conf_path} --as-of {as_of} --dest s3://your-bucket/crm/")
     print(f"  cvseg models --conf {conf_path}")
+    print(f"  cvseg report --conf {conf_path} --as-of {as_of} --language ja --language en   # HTML + PDF")
+    print(f"  cvseg backtest --conf {conf_path} --as-of {as_of}       # all models vs the cohort method")
     return {"conf": str(conf_path), "as_of": as_of, "run": result, "calibration": calibration_stats,
             "export": export.details}

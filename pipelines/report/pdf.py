@@ -35,9 +35,9 @@ def _styles(font: str, language: str) -> dict[str, ParagraphStyle]:
         "subtitle": ParagraphStyle("subtitle", parent=base, fontSize=9, textColor=colors.HexColor("#5b6b7c"),
                                    spaceAfter=10),
         "h1": ParagraphStyle("h1", parent=base, fontSize=15, leading=20, textColor=NAVY, spaceBefore=2,
-                             spaceAfter=8, borderPadding=(0, 0, 3, 0)),
+                             spaceAfter=8, borderPadding=(0, 0, 3, 0), keepWithNext=1),
         "h2": ParagraphStyle("h2", parent=base, fontSize=11.5, leading=16, textColor=colors.HexColor("#1d2733"),
-                             spaceBefore=8, spaceAfter=4),
+                             spaceBefore=8, spaceAfter=4, keepWithNext=1),   # never a heading alone at a page foot
         "body": base,
         "lead": ParagraphStyle("lead", parent=base, fontSize=10.5, leading=16),
         "note": ParagraphStyle("note", parent=base, fontSize=8.8, leading=13, textColor=colors.HexColor("#8a5a00"),
@@ -62,14 +62,33 @@ def _p(text: str, style: ParagraphStyle) -> RLParagraph:
     return RLParagraph(escape(text), style)
 
 
+def _display_width(text: str) -> int:
+    """Width in half-width characters: CJK and full-width characters count twice."""
+    return sum(2 if ord(ch) >= 0x2E80 else 1 for ch in str(text))
+
+
+def _column_widths(block: Table, width: float) -> list[float]:
+    """Columns as wide as their longest cell (amounts like 2,799,874円 must not wrap); headers get
+    their full width when the table fits, otherwise they may wrap onto two lines."""
+    n = len(block.header)
+    if not n:
+        return []
+    cells = [max([6, *(_display_width(row[i]) + 1 for row in block.rows if i < len(row))]) for i in range(n)]
+    heads = [_display_width(h) for h in block.header]
+    need = [max(c, h) for c, h in zip(cells, heads)]
+    # ~4.6 pt per half-width character at 8.2 pt, plus 12 pt of cell padding
+    if sum(w * 4.6 + 12 for w in need) > width:
+        need = [max(c, (h + 1) // 2) for c, h in zip(cells, heads)]
+    total = sum(need)
+    return [width * w / total for w in need]
+
+
 def _table(block: Table, s: dict, width: float) -> list:
     numeric = block.numeric or (False,) * len(block.header)
     data = [[_p(h, s["cell_head_num"] if n else s["cell_head"]) for h, n in zip(block.header, numeric)]]
     for row in block.rows:
         data.append([_p(cell, s["cell_num"] if n else s["cell"]) for cell, n in zip(row, numeric)])
-    first = 0.5 if len(block.header) <= 3 else (0.26 if len(block.header) <= 6 else 0.16)
-    rest = (1 - first) / max(len(block.header) - 1, 1)
-    table = RLTable(data, colWidths=[width * first] + [width * rest] * (len(block.header) - 1), repeatRows=1)
+    table = RLTable(data, colWidths=_column_widths(block, width), repeatRows=1)
     table.setStyle(TableStyle([
         ("BACKGROUND", (0, 0), (-1, 0), NAVY),
         ("LINEBELOW", (0, 1), (-1, -1), 0.4, colors.HexColor("#d5dbe2")),
