@@ -87,6 +87,7 @@ class SourceConf(_Frozen):
     cancellation: CancellationConf = CancellationConf()
     extra_columns: Literal["drop", "keep"] = "drop"
     allowed_currencies: tuple[str, ...] = ()
+    new_files_only: bool = True
 
 
 class ValidationConf(_Frozen):

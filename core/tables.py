@@ -174,6 +174,21 @@ CUSTOMER_SCORES = TableSpec(
     keys=("as_of_date", "customer_id"),
 )
 
+INGESTED_FILES = TableSpec(
+    name="ingested_files",
+    description="Every source file an ingest committed, with the size and modification time it had then; "
+                "with source.new_files_only an unchanged file is not read again.",
+    schema=T.StructType([
+        _f("source_file", S, False),         # as in orders.source_file
+        _f("file_size", L, False),           # bytes
+        _f("modified_at", TS, False),        # the file system's modification time
+        _f("data_rows", L, False),           # rows read from it (header excluded)
+        _f("ingest_run_id", S, False),
+        _f("ingested_at", TS, False),
+    ]),
+    keys=("source_file", "file_size", "modified_at"),
+)
+
 PIPELINE_RUNS = TableSpec(
     name="pipeline_runs",
     description="One row per step of `cvseg run` that executed (ok or failed); skipped steps add no row.",
@@ -192,7 +207,7 @@ PIPELINE_RUNS = TableSpec(
 )
 
 TABLES: dict[str, TableSpec] = {t.name: t for t in (
-    ORDERS, ORDERS_QUARANTINE, INGEST_RUNS, CUSTOMER_FEATURES, CALIBRATION_HOLDOUT, CUSTOMER_SCORES,
+    ORDERS, ORDERS_QUARANTINE, INGEST_RUNS, INGESTED_FILES, CUSTOMER_FEATURES, CALIBRATION_HOLDOUT, CUSTOMER_SCORES,
     PIPELINE_RUNS,
 )}
 

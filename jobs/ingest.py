@@ -12,6 +12,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--path", help="file, folder or glob; default source.path from the config")
     parser.add_argument("--run-date", type=parse_date,
                         help="orders after this day are quarantined as future (default: today)")
+    parser.add_argument("--all-files", action="store_true",
+                        help="read every file again, also those already ingested unchanged "
+                             "(source.new_files_only=false for this run)")
 
 
 def main(args: argparse.Namespace):
@@ -24,8 +27,9 @@ def main(args: argparse.Namespace):
     spark = build_session(config)
     storage = build_storage(config, spark)
     run_date = args.run_date or today_in(config.business.timezone)
+    source = config.source.model_copy(update={"new_files_only": False}) if args.all_files else config.source
     with step("ingest"):
-        summary = run_ingest(spark, storage, config.source, config.validation,
+        summary = run_ingest(spark, storage, source, config.validation,
                              config.business.timezone, run_date, path=path)
     print(summary)
     return summary

@@ -32,6 +32,14 @@ How a run goes
    rewritten, so re-ingesting a file adds nothing; a changed order from a later export replaces the
    earlier one (corrections arrive as re-exports). Quarantine rows merge by (source_file, source_row).
 
+New files only (``source.new_files_only``, the default): the files Spark lists for the source are
+described by the file system (path, size, modification time; no data read) and those already in
+``ingested_files`` unchanged are skipped, so a nightly run over a folder that gains one file a day
+reads that file, not the whole history. A run with nothing new records an ``unchanged`` run and
+writes nothing else. A Delta source is read whole when any of its files is new. Files are recorded
+after the orders are committed (a crash in between only means they are read again: the merge
+makes that harmless), and never for a rejected run, so they are retried once the cause is fixed.
+
 Why three passes over the export and no cache of every row: on this engine's target machines
 (2 cores) building an in-memory cache of all parsed rows cost more than parsing the export again,
 and a window over all rows (a full sort) cost more than an aggregation of keys.
@@ -57,7 +65,7 @@ from pyspark.sql import types as T
 
 from core.config import SourceConf, ValidationConf
 from core.storage import Storage
-from core.tables import INGEST_RUNS, ORDERS, ORDERS_QUARANTINE
+from core.tables import INGEST_RUNS, INGESTED_FILES, ORDERS, ORDERS_QUARANTINE
 from pipelines.validation import REASON_CODES, order_rules, with_rule_results
 
 log = logging.getLogger(__name__)
@@ -88,7 +96,7 @@ class IngestSummary:
     ingest_run_id: str
     run_date: date
     source_path: str
-    status: str                      # ok | rejected
+    status: str                      # ok | rejected | unchanged (every file already ingested)
     input_rows: int
     accepted_rows: int               # accepted order rows (order lines when grain is line)
     cancellation_lines_applied: int
@@ -101,6 +109,7 @@ class IngestSummary:
     source_files: int = 0
     cancellation_lines_by_heuristic: int = 0
     encoding_suspect_rows: int = 0
+    skipped_files: int = 0           # already ingested with the same size and modification time
     started_at: datetime | None = None
     finished_at: datetime | None = None
 
@@ -115,6 +124,10 @@ class IngestSummary:
 
     def to_lines(self) -> list[str]:
         n = "{:,}".format
+        if self.status == "unchanged":
+            return [f"ingest {self.ingest_run_id} (unchanged) of {self.source_path}, run date {self.run_date}",
+                    f"  no new files: all {self.skipped_files} file(s) were ingested before with the same size and "
+                    "modification time (source.new_files_only; `cvseg ingest --all-files` reads them again)"]
         lines = [
             f"ingest {self.ingest_run_id} ({self.status}) of {self.source_path}, run date {self.run_date}",
             f"  input rows {n(self.input_rows)} from {self.source_files} file(s)"
@@ -127,6 +140,8 @@ class IngestSummary:
             f"  rejected share {self.rejected_share:.1%} (limit validation.max_rejected_share="
             f"{self.max_rejected_share:.0%})",
         ]
+        if self.skipped_files:
+            lines.append(f"  {self.skipped_files} file(s) ingested before unchanged were skipped (source.new_files_only)")
         if self.cancellation_lines_by_heuristic:
             lines.append(f"  {n(self.cancellation_lines_by_heuristic)} cancellation line(s) matched no order id and "
                          "were applied to the customer's latest earlier order")
@@ -602,8 +617,10 @@ def _java_charset(spark: SparkSession, encoding: str) -> str:
     return name
 
 
-def _check_exists(path: str) -> None:
+def _check_exists(path: str | list[str]) -> None:
     """Fail early and clearly for local paths; remote paths are checked by Spark (PATH_NOT_FOUND)."""
+    if isinstance(path, list):   # files just listed by list_source_files
+        return
     local = path[len("file:"):] if path.startswith("file:") else path
     if _SCHEME.match(path) and not path.startswith("file:"):
         return
@@ -667,7 +684,7 @@ def _read_csv(spark: SparkSession, path: str, source: SourceConf) -> _Source:
     return _with_positions(df, names, exact=False)
 
 
-def _read_parquet_like(spark: SparkSession, path: str, fmt: str) -> _Source:
+def _read_parquet_like(spark: SparkSession, path: str | list[str], fmt: str) -> _Source:
     if fmt == "delta":
         from core.spark import has_delta_classes
 
@@ -690,12 +707,13 @@ def _read_parquet_like(spark: SparkSession, path: str, fmt: str) -> _Source:
             raise IngestError(f"{path}: the Delta table has no data files (no data rows)")
         df = spark.read.parquet(*uris)
     else:
-        df = spark.read.parquet(path)
+        df = spark.read.parquet(*([path] if isinstance(path, str) else path))
     return _with_positions(df, list(df.columns), exact=True)
 
 
-def read_source(spark: SparkSession, path: str, source: SourceConf) -> _Source:
-    """Open the export lazily (only the header or footers are read here)."""
+def read_source(spark: SparkSession, path: str | list[str], source: SourceConf) -> _Source:
+    """Open the export lazily (only the header or footers are read here); ``path`` is the configured
+    file, folder or glob, or a list of files (the new ones, :func:`list_source_files`)."""
     from pyspark.errors import AnalysisException
 
     _check_exists(path)
@@ -711,6 +729,48 @@ def read_source(spark: SparkSession, path: str, source: SourceConf) -> _Source:
         if condition in ("UNABLE_TO_INFER_SCHEMA",):
             raise IngestError(f"{path}: no data to read (empty file or folder)") from None
         raise IngestError(f"cannot read {path} as {source.format}: {_first_line(exc)}") from exc
+
+
+@dataclass(frozen=True)
+class SourceFile:
+    """One file of the export as the file system describes it."""
+    uri: str                 # what the reader is given (a decoded Hadoop path)
+    path: str                # as stored in orders.source_file
+    size: int
+    modified_ms: int         # modification time, epoch milliseconds
+
+    @property
+    def key(self) -> tuple[str, int, int]:
+        """A file is "already ingested" when this matches: same path, size and modification time."""
+        return self.path, self.size, self.modified_ms
+
+
+def list_source_files(spark: SparkSession, src: _Source) -> list[SourceFile] | None:
+    """The files the source reader reads (Spark's own listing), with size and modification time:
+    file-system metadata only, no data. None when the session has no JVM gateway (Spark Connect),
+    where the files cannot be described and every file is read."""
+    try:
+        jvm = spark.sparkContext._jvm  # noqa: SLF001 - Hadoop FileSystem status of each file
+        hadoop_conf = spark.sparkContext._jsc.hadoopConfiguration()  # noqa: SLF001
+    except Exception:  # noqa: BLE001 - Spark Connect has no sparkContext
+        log.warning("cannot list source files on this session (no JVM gateway): every file is read")
+        return None
+    files = []
+    for uri in src.df.inputFiles():
+        hadoop_path = jvm.org.apache.hadoop.fs.Path(jvm.java.net.URI(uri))
+        status = hadoop_path.getFileSystem(hadoop_conf).getFileStatus(hadoop_path)
+        name = status.getPath().toString()
+        files.append(SourceFile(name, _local_path(name), int(status.getLen()), int(status.getModificationTime())))
+    return sorted(files, key=lambda f: f.path)
+
+
+def ingested_file_keys(storage: Storage) -> set[tuple[str, int, int]]:
+    """(path, size, modification ms) of every file committed before: one small row per file."""
+    if not storage.exists(INGESTED_FILES.name):
+        return set()
+    rows = storage.read(INGESTED_FILES.name).select(
+        "source_file", "file_size", F.unix_millis("modified_at").alias("modified_ms")).collect()
+    return {(r["source_file"], int(r["file_size"]), int(r["modified_ms"])) for r in rows}
 
 
 def _first_line(exc: BaseException) -> str:
@@ -831,6 +891,24 @@ def _run_ingest(spark: SparkSession, storage: Storage, source: SourceConf, valid
     order_id_mapped = mapping["order_id"] is not None
     negative_lines = source.cancellation.style == "negative_lines"
     src = read_source(spark, path, source)
+    listed = list_source_files(spark, src)
+    new_files, skipped = listed, 0
+    if listed is not None and source.new_files_only:
+        known = ingested_file_keys(storage)
+        new_files = [f for f in listed if f.key not in known]
+        skipped = len(listed) - len(new_files)
+        if listed and not new_files:
+            summary = IngestSummary(
+                ingest_run_id=run_id, run_date=run_date, source_path=path, status="unchanged", input_rows=0,
+                accepted_rows=0, cancellation_lines_applied=0, quarantined_rows=0, exact_duplicate_rows=0,
+                orders_accepted=0, orders_written=0, max_rejected_share=validation.max_rejected_share,
+                skipped_files=skipped, started_at=started, finished_at=datetime.now(timezone.utc))
+            _append_run(spark, storage, summary)
+            log.info("%s", summary)
+            return summary
+        # A Delta source is read whole (its log, not its files, says which rows are live).
+        if skipped and source.format != "delta":
+            src = read_source(spark, [f.uri for f in new_files], source)
     check_mapping(src.names, source, path)
     clock.lap("open source")
 
@@ -958,7 +1036,10 @@ def _run_ingest(spark: SparkSession, storage: Storage, source: SourceConf, valid
             max_rejected_share=validation.max_rejected_share,
             source_files=len({r["_src_file"] for r in splits}),
             cancellation_lines_by_heuristic=heuristic, encoding_suspect_rows=suspects,
-            started_at=started, finished_at=datetime.now(timezone.utc))
+            skipped_files=skipped, started_at=started, finished_at=datetime.now(timezone.utc))
+        if not rejected and new_files:
+            # after the orders commit: a crash before this line only means the files are read again
+            _record_files(spark, storage, new_files, splits, run_id, summary.finished_at)
         _append_run(spark, storage, summary)
         clock.lap("write ingest_runs")
     finally:
@@ -1013,17 +1094,33 @@ def _merge_orders(storage: Storage, orders_df: DataFrame, accepted: int | None,
         storage.merge(ORDERS.name, orders_df)   # one write, no second pass
         written = accepted if accepted is not None else storage.read(ORDERS.name).count()
         return written, written
-    existing_df = storage.read(ORDERS.name)
+    # Hash only the stored orders whose id comes in again: a night's file touches a few thousand
+    # of the millions of stored orders, so the semi-join reads one column of the rest.
+    incoming_df = (orders_df.withColumn("_hash", order_content_hash(orders_df))
+                   .persist(StorageLevel.MEMORY_AND_DISK))
+    cached.append(incoming_df)
+    existing_df = storage.read(ORDERS.name).join(incoming_df.select("order_id"), on="order_id", how="left_semi")
     existing_df = existing_df.select("order_id", order_content_hash(existing_df).alias("_hash"))
     # merge reads its input several times (touched months, keys, rows): keep the changed orders
-    changed_df = (orders_df.withColumn("_hash", order_content_hash(orders_df))
-                  .join(existing_df, on=["order_id", "_hash"], how="left_anti").drop("_hash")
+    changed_df = (incoming_df.join(existing_df, on=["order_id", "_hash"], how="left_anti").drop("_hash")
                   .persist(StorageLevel.MEMORY_AND_DISK))
     cached.append(changed_df)
     written = changed_df.count()
     if written:
         storage.merge(ORDERS.name, changed_df)
-    return (accepted if accepted is not None else orders_df.count()), written
+    return (accepted if accepted is not None else incoming_df.count()), written
+
+
+def _record_files(spark: SparkSession, storage: Storage, files: list[SourceFile], splits: list,
+                  run_id: str, at: datetime) -> None:
+    """Remember the files this run committed (one row per file) so the next run can skip them."""
+    rows_by_file: dict[str, int] = {}
+    for r in splits:
+        name = _local_path(r["_src_file"])
+        rows_by_file[name] = rows_by_file.get(name, 0) + int(r["_n"])
+    rows = [(f.path, f.size, datetime.fromtimestamp(f.modified_ms / 1000, tz=timezone.utc),
+             rows_by_file.get(f.path, 0), run_id, at) for f in files]
+    storage.merge(INGESTED_FILES.name, spark.createDataFrame(rows, INGESTED_FILES.schema))
 
 
 def _append_run(spark: SparkSession, storage: Storage, s: IngestSummary) -> None:

@@ -155,7 +155,7 @@ def _record(spark: SparkSession, storage: Any, run_id: str, as_of_date: dt.date,
 
 # Tables each step may commit (prefix "trend_": every trend table); their versions are recorded.
 STEP_OUTPUTS: dict[str, tuple[str, ...]] = {
-    "ingest": ("orders", "orders_quarantine", "ingest_runs"),
+    "ingest": ("orders", "orders_quarantine", "ingest_runs", "ingested_files"),
     "features": ("customer_features",),
     "score": ("customer_scores",),
     "segments": ("segments_current", "segments_history", "segment_generations", "generation_review",

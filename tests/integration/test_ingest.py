@@ -80,14 +80,54 @@ def test_quarantine_reasons_threshold_and_reingest(spark, storage):
                        ignore_row_order=True, ignore_nullable=True)
     before = orders_df.orderBy("order_id").collect()
 
-    # 3. Re-ingesting the same file adds nothing: same orders (same run id even), quarantine not doubled.
-    again = run_ingest(spark, storage, conf, ValidationConf(max_rejected_share=1.0), "Asia/Tokyo",
-                       run_date, path=path, run_id="r3")
+    # 3. The unchanged file is not read again (new_files_only); read again on request, it adds
+    # nothing: same orders (same run id even), quarantine not doubled.
+    unchanged = run_ingest(spark, storage, conf, ValidationConf(max_rejected_share=1.0), "Asia/Tokyo",
+                           run_date, path=path, run_id="r3")
+    assert (unchanged.status, unchanged.input_rows, unchanged.skipped_files) == ("unchanged", 0, 1)
+    assert "no new files: all 1 file(s) were ingested before" in str(unchanged)
+    again = run_ingest(spark, storage, conf.model_copy(update={"new_files_only": False}),
+                       ValidationConf(max_rejected_share=1.0), "Asia/Tokyo", run_date, path=path, run_id="r4")
     assert again.orders_written == 0 and again.accepted_rows == 4
     assert storage.read("orders").orderBy("order_id").collect() == before
     assert quarantine_rows(storage) == expected_quarantine
     runs = {r.ingest_run_id: r.status for r in storage.read("ingest_runs").collect()}
-    assert runs == {"r1": "rejected", "r2": "ok", "r3": "ok"}
+    assert runs == {"r1": "rejected", "r2": "ok", "r3": "unchanged", "r4": "ok"}
+    # the rejected run r1 recorded no file; r2 did, and r4 replaced that row (same file, same key)
+    files = storage.read("ingested_files").collect()
+    assert [(f.source_file, f.data_rows, f.ingest_run_id) for f in files] == [(path, 16, "r4")]
+
+
+def test_new_files_only_reads_new_and_changed_files(spark, storage, tmp_path):
+    """A folder that gains a file each night: each run reads only what is new or was rewritten."""
+    folder = tmp_path / "drop"
+    folder.mkdir()
+    header = "order_id,customer_id,order_ts,gross_amount\n"
+    (folder / "day1.csv").write_text(header + "A1,C1,2024-01-05 10:00:00,100\nA2,C2,2024-01-05 11:00:00,200\n")
+    run = lambda run_id: run_ingest(spark, storage, source(), ValidationConf(), "Asia/Tokyo",  # noqa: E731
+                                    date(2024, 12, 31), path=str(folder), run_id=run_id)
+    first = run("n1")
+    assert (first.input_rows, first.orders_written, first.source_files, first.skipped_files) == (2, 2, 1, 0)
+
+    (folder / "day2.csv").write_text(header + "A3,C1,2024-01-06 09:00:00,300\n")
+    second = run("n2")
+    assert (second.input_rows, second.orders_written, second.source_files, second.skipped_files) == (1, 1, 1, 1)
+    assert "1 file(s) ingested before unchanged were skipped" in str(second)
+    got = {r.order_id: (r.source_file.rsplit("/", 1)[-1], r.source_row) for r in storage.read("orders").collect()}
+    assert got == {"A1": ("day1.csv", 1), "A2": ("day1.csv", 2), "A3": ("day2.csv", 1)}
+
+    assert run("n3").status == "unchanged"
+
+    # a re-export of day 1 with a correction (different size): read again, the changed order replaced
+    (folder / "day1.csv").write_text(header + "A1,C1,2024-01-05 10:00:00,150\nA2,C2,2024-01-05 11:00:00,200\n")
+    fourth = run("n4")
+    assert (fourth.input_rows, fourth.orders_written, fourth.skipped_files) == (2, 1, 1)
+    amounts = {r.order_id: r.gross_amount for r in storage.read("orders").collect()}
+    assert amounts == {"A1": 150.0, "A2": 200.0, "A3": 300.0}
+    files = sorted((f.source_file.rsplit("/", 1)[-1], f.data_rows, f.ingest_run_id)
+                   for f in storage.read("ingested_files").collect())
+    # the old day-1 row stays (another size): it records what was read when
+    assert files == [("day1.csv", 2, "n1"), ("day1.csv", 2, "n4"), ("day2.csv", 1, "n2")]
 
 
 def test_cp932_japanese_export_with_status_cancellation(spark, storage):
