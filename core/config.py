@@ -99,6 +99,8 @@ class FeaturesConf(_Frozen):
     time_unit: Literal["days", "weeks"] = "days"
     trailing_months: tuple[int, ...] = (3, 6, 12)
     horizon_months: int = Field(default=6, ge=1)
+    incremental: bool = True
+    full_every_days: int = Field(default=7, ge=1)
 
     @field_validator("trailing_months")
     @classmethod

@@ -126,11 +126,14 @@ class _DeltaRsBackend:
 
         return DeltaTable.is_deltatable(path)
 
-    def read(self, path: str, spec: TableSpec, version: int | None) -> DataFrame:
+    def read(self, path: str, spec: TableSpec, version: int | None,
+             partitions: dict[str, list[str]] | None = None) -> DataFrame:
         from deltalake import DeltaTable
 
         table = DeltaTable(path, version=version) if version is not None else DeltaTable(path)
-        uris = table.file_uris()
+        # pruned from the log: Spark never lists or opens the other partitions' files
+        filters = [(column, "in", values) for column, values in (partitions or {}).items()]
+        uris = table.file_uris(partition_filters=filters or None)
         if not uris:
             return self.spark.createDataFrame([], spec.schema)
         df = (self.spark.read.schema(spec.schema).option("basePath", path)
@@ -141,6 +144,19 @@ class _DeltaRsBackend:
         from deltalake import DeltaTable
 
         return DeltaTable(path).version()
+
+    def files_appended_since(self, path: str, version: int) -> list[str] | None:
+        from deltalake import DeltaTable
+
+        table = DeltaTable(path)
+        if table.version() < version:
+            return None
+        later = [h for h in table.history() if h["version"] > version]
+        # only this engine's plain appends (replace_partitions also commits as a WRITE/Append)
+        if any(h.get("engine_operation") != "append" for h in later):
+            return None
+        before = set(DeltaTable(path, version=version).file_uris())
+        return [uri for uri in table.file_uris() if uri not in before]
 
     def history(self, path: str) -> list[dict[str, Any]]:
         from deltalake import DeltaTable
@@ -261,14 +277,30 @@ class _DeltaSparkBackend:
 
         return DeltaTable.isDeltaTable(self.spark, path)
 
-    def read(self, path: str, spec: TableSpec, version: int | None) -> DataFrame:
+    def read(self, path: str, spec: TableSpec, version: int | None,
+             partitions: dict[str, list[str]] | None = None) -> DataFrame:
         reader = self.spark.read.format("delta")
         if version is not None:
             reader = reader.option("versionAsOf", version)
-        return reader.load(path).select(*spec.columns)
+        df = reader.load(path).select(*spec.columns)
+        for column, values in (partitions or {}).items():
+            df = df.where(F.col(column).isin(values))   # Delta prunes the files from its log
+        return df
 
     def version(self, path: str) -> int:
         return int(self.history(path)[0]["version"])
+
+    def files_appended_since(self, path: str, version: int) -> list[str] | None:
+        history = self.history(path)
+        if int(history[0]["version"]) < version:
+            return None
+        later = [h for h in history if int(h["version"]) > version]
+        if len(later) >= 100 or any(h["operation"] != "WRITE" or (h.get("operationParameters") or {}).get("mode") != "Append"
+                                    for h in later):
+            return None   # history(100) may not reach back far enough, or something was rewritten
+        reader = self.spark.read.format("delta")
+        before = set(reader.option("versionAsOf", version).load(path).inputFiles())
+        return [uri for uri in reader.load(path).inputFiles() if uri not in before]
 
     def history(self, path: str) -> list[dict[str, Any]]:
         from delta.tables import DeltaTable
@@ -322,13 +354,22 @@ class Storage:
     def exists(self, name: str) -> bool:
         return self._backend.exists(self.path(name))
 
-    def read(self, name: str, version: int | None = None) -> DataFrame:
+    def read(self, name: str, version: int | None = None,
+             partitions: dict[str, Iterable[Any]] | None = None) -> DataFrame:
+        """The table (at ``version``); ``partitions`` ({partition column: values}) reads only those
+        partitions, pruned from the Delta log before any file is listed."""
         spec = table_spec(name)
         path = self.path(name)
         if not self._backend.exists(path):
             raise StorageError(f"table {name!r} does not exist yet at {path}; run the stage that "
                                "writes it first (see `cvseg --help`)")
-        return self._backend.read(path, spec, version)
+        named = None
+        if partitions is not None:
+            unknown = set(partitions) - set(spec.partition_by)
+            if unknown:
+                raise StorageError(f"table {name!r} is not partitioned by {sorted(unknown)}")
+            named = {k: [str(v) for v in vs] for k, vs in partitions.items()}
+        return self._backend.read(path, spec, version, named)
 
     def read_or_empty(self, name: str) -> DataFrame:
         spec = table_spec(name)
@@ -341,6 +382,20 @@ class Storage:
 
     def history(self, name: str) -> list[dict[str, Any]]:
         return self._backend.history(self.path(name))
+
+    def appended_since(self, name: str, version: int) -> DataFrame | None:
+        """The rows added to the table after ``version`` when every commit since was a plain
+        append (so nothing was rewritten or removed); None otherwise. Reads only the new files:
+        what incremental stages use to find what changed in a large table."""
+        spec = table_spec(name)
+        path = self.path(name)
+        files = self._backend.files_appended_since(path, version)
+        if files is None:
+            return None
+        if not files:
+            return self.spark.createDataFrame([], spec.schema)
+        return (self.spark.read.schema(spec.schema).option("basePath", path)
+                .option("mergeSchema", "false").parquet(*files).select(*spec.columns))
 
     def append(self, name: str, df: DataFrame) -> None:
         spec = table_spec(name)
@@ -383,11 +438,19 @@ class Storage:
             mode = "replace_partitions" if spec.partition_by else "overwrite"
             self._backend.write(new_df, path, spec, mode, None)
             return
-        existing = self._backend.read(path, spec, None)
         if spec.partition_by:
-            # Rewrite only the partitions the new rows touch.
-            touched = new_df.select(*spec.partition_by).distinct()
-            existing = existing.join(F.broadcast(touched), on=list(spec.partition_by), how="left_semi")
+            # Rewrite only the partitions the new rows touch: their values are a few rows.
+            (column,) = spec.partition_by
+            touched = [r[0] for r in new_df.select(column).distinct().collect()]
+            if not touched:
+                return
+            if None in touched:   # a null partition has no value to prune by: filter the rows
+                existing = self._backend.read(path, spec, None).join(
+                    F.broadcast(new_df.select(column).distinct()), on=column, how="left_semi")
+            else:
+                existing = self._backend.read(path, spec, None, {column: [str(v) for v in touched]})
+        else:
+            existing = self._backend.read(path, spec, None)
         kept = existing.join(new_df.select(*keys), on=list(keys), how="left_anti")
         merged = kept.unionByName(new_df)
         mode = "replace_partitions" if spec.partition_by else "overwrite"

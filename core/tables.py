@@ -174,6 +174,25 @@ CUSTOMER_SCORES = TableSpec(
     keys=("as_of_date", "customer_id"),
 )
 
+FEATURES_RUNS = TableSpec(
+    name="features_runs",
+    description="One row per customer_features partition written: the orders version it read and "
+                "whether it was computed in full or updated from an earlier date.",
+    schema=T.StructType([
+        _f("as_of_date", DT, False),
+        _f("orders_version", L, False),      # Delta version of `orders` the features were computed from
+        _f("time_unit", S, False),
+        _f("trailing_months", T.ArrayType(I), False),
+        _f("mode", S, False),                # full | incremental
+        _f("base_as_of_date", DT),           # incremental: the earlier partition it was updated from
+        _f("full_as_of_date", DT, False),    # the last full computation in this chain
+        _f("customers", L, False),
+        _f("recomputed_customers", L, False),   # customers whose orders were read (all, when full)
+        _f("computed_at", TS, False),
+    ]),
+    keys=("as_of_date",),
+)
+
 INGESTED_FILES = TableSpec(
     name="ingested_files",
     description="Every source file an ingest committed, with the size and modification time it had then; "
@@ -207,7 +226,7 @@ PIPELINE_RUNS = TableSpec(
 )
 
 TABLES: dict[str, TableSpec] = {t.name: t for t in (
-    ORDERS, ORDERS_QUARANTINE, INGEST_RUNS, INGESTED_FILES, CUSTOMER_FEATURES, CALIBRATION_HOLDOUT, CUSTOMER_SCORES,
+    ORDERS, ORDERS_QUARANTINE, INGEST_RUNS, INGESTED_FILES, CUSTOMER_FEATURES, FEATURES_RUNS, CALIBRATION_HOLDOUT, CUSTOMER_SCORES,
     PIPELINE_RUNS,
 )}
 

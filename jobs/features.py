@@ -10,6 +10,8 @@ HELP = "build customer features as of a date"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--as-of", type=parse_date, required=True, help="YYYY-MM-DD")
+    parser.add_argument("--full", action="store_true",
+                        help="compute every customer from all orders (no update from an earlier date)")
 
 
 def main(args: argparse.Namespace) -> dict:
@@ -19,6 +21,6 @@ def main(args: argparse.Namespace) -> dict:
     spark = build_session(config)
     storage = build_storage(config, spark)
     with step("features"):
-        stats = run_features(storage, args.as_of, config.features)
+        stats = run_features(storage, args.as_of, config.features, full=args.full)
     print(f"customer_features as of {args.as_of}: {stats}")
     return stats

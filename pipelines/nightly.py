@@ -156,7 +156,7 @@ def _record(spark: SparkSession, storage: Any, run_id: str, as_of_date: dt.date,
 # Tables each step may commit (prefix "trend_": every trend table); their versions are recorded.
 STEP_OUTPUTS: dict[str, tuple[str, ...]] = {
     "ingest": ("orders", "orders_quarantine", "ingest_runs", "ingested_files"),
-    "features": ("customer_features",),
+    "features": ("customer_features", "features_runs"),
     "score": ("customer_scores",),
     "segments": ("segments_current", "segments_history", "segment_generations", "generation_review",
                  "segment_migration"),
@@ -231,7 +231,9 @@ def _features(ctx: _Context) -> tuple[str, dict]:
     from pipelines.features import run_features
 
     stats = run_features(ctx.storage, ctx.as_of_date, ctx.config.features)
-    return f"{stats['customers']:,} customers, {stats['orders']:,} orders", stats
+    how = (f"updated from {stats['updated_from']}, {stats['recomputed_customers']:,} recomputed"
+           if stats["mode"] == "incremental" else f"full: {stats['full_reason']}")
+    return f"{stats['customers']:,} customers, {stats['orders']:,} orders ({how})", stats
 
 
 def _score(ctx: _Context) -> tuple[str, dict]:
