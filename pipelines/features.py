@@ -48,8 +48,8 @@ Incremental update (``features.incremental``, the default). When an earlier part
 (``features_runs`` says which orders version it read) and ``orders`` has only gained rows since
 (every commit a plain append: what a nightly ingest of new orders does), D is computed from P:
 customers with added rows or with orders dated in (P, D] are computed from all of their orders;
-everyone else keeps P's values except ``as_of_date``, ``T``, the trailing windows (recomputed from
-the orders of the last 12 months) and the RFM scores (cut points over all customers). The result
+everyone else keeps P's values except ``as_of_date``, ``T``, the trailing windows (P's minus the
+orders that left them: a day per window on a regular night) and the RFM scores (cut points over all customers). The result
 equals the full computation (tested; sums of doubles may differ in the last bits). Anything else -
 orders rewritten (a re-export that changed orders), no earlier partition, more than 30 % of the
 customers touched, the last full computation ``features.full_every_days`` or more days old - and
@@ -67,7 +67,9 @@ from __future__ import annotations
 
 import calendar
 import datetime as dt
+import logging
 import re
+import time
 from typing import Any, Iterable, Sequence
 
 from pyspark.sql import Column, DataFrame, Window
@@ -76,6 +78,8 @@ from pyspark.sql import functions as F
 from core.config import FeaturesConf
 from core.storage import Storage, conform
 from core.tables import CUSTOMER_FEATURES, FEATURES_RUNS, ORDERS
+
+log = logging.getLogger(__name__)
 
 TIME_UNITS: dict[str, float] = {"days": 1.0, "weeks": 7.0}
 RFM_RELATIVE_ERROR = 0.001
@@ -350,10 +354,13 @@ def customer_rows(orders_df: DataFrame, as_of_date: dt.date, time_unit: str,
             .transform(with_customer_statistics, as_of_date, time_unit))
 
 
-def with_rfm(customers_df: DataFrame, rfm_relative_error: float = RFM_RELATIVE_ERROR) -> DataFrame:
-    """Materialise the per-customer rows once (local checkpoint), so the RFM cut points and
-    whoever consumes the result read one computation, and add the scores."""
-    customers_df = customers_df.localCheckpoint(eager=True)
+def with_rfm(customers_df: DataFrame, rfm_relative_error: float = RFM_RELATIVE_ERROR,
+             checkpoint: bool = True) -> DataFrame:
+    """Add the RFM scores. ``checkpoint``: materialise the per-customer rows first (local
+    checkpoint) so the cut points and whoever consumes the result read one computation; without
+    it the cut points re-read only the three columns they rank."""
+    if checkpoint:
+        customers_df = customers_df.localCheckpoint(eager=True)
     cut_points = rfm_cut_points(customers_df, rfm_relative_error)
     return conform(with_rfm_scores(customers_df, cut_points), CUSTOMER_FEATURES)
 
@@ -388,16 +395,35 @@ def orders_dated(orders_df: DataFrame, after: dt.date, through: dt.date) -> Data
             .where((F.col("order_date") > F.lit(after)) & (F.col("order_date") <= F.lit(through))))
 
 
-def trailing_windows(orders_df: DataFrame, as_of_date: dt.date, months: Sequence[int]) -> DataFrame:
-    """``orders_{m}m`` / ``net_{m}m`` per customer with an order in the longest window (as in
-    :func:`aggregate_customers`), from the months of that window only."""
-    window_df = orders_dated(orders_df, add_months(as_of_date, -max(months)), as_of_date)
+def months_between(first: dt.date, last: dt.date) -> list[str]:
+    """The ``order_month`` values from ``first``'s month to ``last``'s, inclusive."""
+    out, index = [], first.year * 12 + first.month - 1
+    while index <= last.year * 12 + last.month - 1:
+        out.append(f"{index // 12:04d}-{index % 12 + 1:02d}")
+        index += 1
+    return out
+
+
+def leaving_windows(orders_df: DataFrame, previous_as_of: dt.date, as_of_date: dt.date,
+                    months: Sequence[int]) -> DataFrame:
+    """Per customer, the orders that leave each trailing window between P and D: for window
+    ``m``, orders dated in (add_months(P, -m), add_months(D, -m)]. A customer with no order in
+    (P, D] has ``orders_{m}m(D) = orders_{m}m(P) - leaving``. Reads a day or two per window on a
+    regular night (only the months of those ranges are opened)."""
+    ranges = {m: (add_months(previous_as_of, -m), add_months(as_of_date, -m)) for m in months}
+    wanted = sorted({key for after, through in ranges.values()
+                     for key in months_between(after + dt.timedelta(days=1), through)})
+    in_range = {m: (F.col("order_date") > F.lit(after)) & (F.col("order_date") <= F.lit(through))
+                for m, (after, through) in ranges.items()}
+    any_range = F.lit(False)
+    for condition in in_range.values():
+        any_range = any_range | condition
     aggregates = []
     for m in months:
-        in_window = F.col("order_date") > F.lit(add_months(as_of_date, -m))
-        aggregates += [F.count_if(in_window).alias(f"orders_{m}m"),
-                       F.sum(F.when(in_window, F.col("net_amount")).otherwise(F.lit(0.0))).alias(f"net_{m}m")]
-    return window_df.groupBy("customer_id").agg(*aggregates)
+        aggregates += [F.count_if(in_range[m]).alias(f"leaving_orders_{m}m"),
+                       F.sum(F.when(in_range[m], F.col("net_amount")).otherwise(F.lit(0.0))).alias(f"leaving_net_{m}m")]
+    return (orders_df.where(F.col("order_month").isin(wanted)).where(any_range)
+            .groupBy("customer_id").agg(*aggregates))
 
 
 def touched_customers(orders_df: DataFrame, appended_df: DataFrame, previous_as_of: dt.date,
@@ -411,7 +437,7 @@ def touched_customers(orders_df: DataFrame, appended_df: DataFrame, previous_as_
 
 
 def update_customer_features(previous_df: DataFrame, orders_df: DataFrame, touched_df: DataFrame,
-                             as_of_date: dt.date, time_unit: str, months: Sequence[int],
+                             previous_as_of: dt.date, as_of_date: dt.date, time_unit: str, months: Sequence[int],
                              broadcast_touched: bool = True,
                              rfm_relative_error: float = RFM_RELATIVE_ERROR) -> DataFrame:
     """``customer_features`` at D from those at an earlier date P (``previous_df``), equal to
@@ -420,21 +446,33 @@ def update_customer_features(previous_df: DataFrame, orders_df: DataFrame, touch
 
     Touched customers are computed from all of their orders. Every other customer has no order
     dated in (P, D] and none added since: their order history up to D is the one P saw, so only
-    what depends on the date moves: ``as_of_date``, ``T``, the trailing windows (computed again
-    from the orders of the longest window) and the RFM scores (cut points over all customers).
+    what depends on the date moves: ``as_of_date``, ``T``, the trailing windows (P's minus the
+    orders that left them, :func:`leaving_windows`; a sum of doubles may differ from the full
+    computation in the last bits, which ``features.full_every_days`` bounds) and the RFM scores
+    (cut points over all customers).
     """
     touched = F.broadcast(touched_df) if broadcast_touched else touched_df
+    # the touched customers are few: materialise them; the carried rows are cheap to re-read
+    # (a column-pruned scan of P for the RFM cut points, then the write), cheaper than a
+    # checkpoint of every customer
     recomputed_df = customer_rows(orders_df.join(touched, on="customer_id", how="left_semi"),
-                                  as_of_date, time_unit, months)
-    trailing_columns = [c for m in months for c in (f"orders_{m}m", f"net_{m}m")]
+                                  as_of_date, time_unit, months).localCheckpoint(eager=True)
+    leaving_df = leaving_windows(orders_df, previous_as_of, as_of_date, months).localCheckpoint(eager=True)
+    if leaving_df.count() <= BROADCAST_MAX_TOUCHED:   # a night's leaving orders: a few thousand customers
+        leaving_df = F.broadcast(leaving_df)
     carried_df = (previous_df.join(touched, on="customer_id", how="left_anti")
-                  .drop(*RFM_COLUMNS, *trailing_columns)
+                  .drop(*RFM_COLUMNS)
                   .withColumn("as_of_date", F.lit(as_of_date))
                   .withColumn("T", days_in_unit(F.datediff(F.lit(as_of_date), F.col("first_order_date")), time_unit))
-                  .join(trailing_windows(orders_df, as_of_date, months), on="customer_id", how="left")
-                  .fillna(0, subset=[f"orders_{m}m" for m in months])
-                  .fillna(0.0, subset=[f"net_{m}m" for m in months]))
-    return with_rfm(recomputed_df.unionByName(carried_df), rfm_relative_error)
+                  .join(leaving_df, on="customer_id", how="left"))
+    for m in months:
+        orders_left = F.col(f"orders_{m}m") - F.coalesce(f"leaving_orders_{m}m", F.lit(0))
+        carried_df = (carried_df
+                      .withColumn(f"net_{m}m", F.when(orders_left == 0, F.lit(0.0))   # exact when empty
+                                  .otherwise(F.col(f"net_{m}m") - F.coalesce(f"leaving_net_{m}m", F.lit(0.0))))
+                      .withColumn(f"orders_{m}m", orders_left)
+                      .drop(f"leaving_orders_{m}m", f"leaving_net_{m}m"))
+    return with_rfm(recomputed_df.unionByName(carried_df), rfm_relative_error, checkpoint=False)
 
 
 # --------------------------------------------------------------------------------------------
@@ -482,6 +520,7 @@ def run_features(storage: Storage, as_of_date: dt.date | str, features_conf: Fea
     as_of_date = to_date(as_of_date)
     time_unit = check_time_unit(features_conf.time_unit)
     months = check_trailing_months(features_conf.trailing_months)
+    started = time.perf_counter()
     orders_version = storage.version(ORDERS.name)
     orders_df = storage.read(ORDERS.name, version=orders_version)
     base, appended_df, reason = (None, None, "requested") if full else \
@@ -496,13 +535,17 @@ def run_features(storage: Storage, as_of_date: dt.date | str, features_conf: Fea
         touched_df = touched_customers(orders_df, appended_df, previous_as_of, as_of_date).localCheckpoint(eager=True)
         recomputed = touched_df.count()
         if recomputed <= INCREMENTAL_MAX_TOUCHED_SHARE * base["customers"]:
-            features_df = update_customer_features(previous_df, orders_df, touched_df, as_of_date, time_unit,
-                                                   months, broadcast_touched=recomputed <= BROADCAST_MAX_TOUCHED)
+            features_df = update_customer_features(previous_df, orders_df, touched_df, previous_as_of, as_of_date,
+                                                   time_unit, months,
+                                                   broadcast_touched=recomputed <= BROADCAST_MAX_TOUCHED)
         else:
             reason = f"{recomputed:,} of {base['customers']:,} customers have new orders"
     if features_df is None:
         features_df = build_customer_features(orders_df, as_of_date, time_unit=time_unit, trailing_months=months)
+    computed = time.perf_counter()
     storage.replace_partitions(CUSTOMER_FEATURES.name, features_df, partitions={"as_of_date": [as_of_date]})
+    log.debug("features %s: computed in %.1f s, written in %.1f s", as_of_date, computed - started,
+              time.perf_counter() - computed)
     stats = features_df.agg(F.count(F.lit(1)).alias("customers"),
                             F.coalesce(F.sum("n_orders"), F.lit(0)).alias("orders"),
                             F.count_if("is_repeat").alias("repeat_customers")).first()
