@@ -63,14 +63,21 @@ before these is unchanged; replaced years are replaced whole (a year left withou
 emptied). In a nightly run that is the current year (two around New Year), which the yearly
 tables must read anyway. Why ingest run ids rather than only "the last N weeks": late files and
 backfills (a client re-sends last quarter) are common in mail order and a fixed window would
-silently miss them; the ingest run ids cost one aggregate over one column of ``orders``.
+silently miss them; the ingest run ids cost one aggregate over two columns of ``orders``.
 ``rebuild=True`` (also the first run, and a run for a date before the last one) recomputes
 everything and overwrites every table; the result is the same as the incremental one (tested).
 A re-run for the same date with nothing new writes nothing.
 
-Cost: one aggregate of ``orders`` by ingest run (one column), then one scan of the orders in the
-recomputed years joined with the per-customer attributes (``customer_features`` at ``D`` with
-the segments), materialised once and aggregated per table; nothing customer-sized on the driver.
+Cost: one aggregate of ``orders`` by ingest run (two columns), one small summary of the customers
+(``customer_features`` at ``D`` with the segments, counted per first order date, segment and
+channel: the customer-side tables and the segment base come from it), and one scan of the
+orders in the recomputed years (pruned by ``order_month``) joined with the customers' first
+order date and segment, cached once and aggregated per table: per customer first (inside the
+join's customer partitions, no shuffle), then per period; nothing customer-sized on the driver.
+Measured at 2M customers / 13.7M orders, 2 shared cores, a nightly incremental run (warm JVM):
+~56 JVM CPU seconds, from ~71 (the per-customer summary replaced scans of a checkpoint of every
+customer; two-step aggregates replaced distinct counts and ``date_format`` grouping per order).
+Left: the ingest-run aggregate (~5 s), the orders join and its cache (~15-20 s).
 """
 from __future__ import annotations
 
@@ -130,37 +137,64 @@ def is_active_order() -> Column:
 # --------------------------------------------------------------------------------------------
 # Transforms (``from_year``: recompute only periods in that partition year or later; None: all)
 # --------------------------------------------------------------------------------------------
-def customer_attributes(features_df: DataFrame, segments_df: DataFrame | None) -> DataFrame:
+def customer_attributes(features_df: DataFrame, segments_df: DataFrame | None,
+                        placed_after: dt.date | None = None) -> DataFrame:
     """One row per customer as of D: first order date, acquisition channel, days to the second
-    purchase, current segment (``(unsegmented)`` when none)."""
+    purchase, current segment (``(unsegmented)`` when none) and ``newly_placed`` (placed in a
+    segment after ``placed_after``)."""
     customers_df = features_df.select(
         "customer_id", "first_order_date",
         F.coalesce(F.col("acquisition_channel"), F.lit(UNKNOWN)).alias("acquisition_channel"),
         "days_to_second_purchase")
     if segments_df is None:
-        return customers_df.withColumn("segment", F.lit(UNSEGMENTED))
-    return (customers_df.join(segments_df.select("customer_id", "segment"), on="customer_id", how="left")
-            .withColumn("segment", F.coalesce(F.col("segment"), F.lit(UNSEGMENTED))))
+        return customers_df.select("*", F.lit(UNSEGMENTED).alias("segment"), F.lit(False).alias("newly_placed"))
+    placed = (F.lit(False) if placed_after is None
+              else F.coalesce(F.col("assigned_as_of") > F.lit(placed_after), F.lit(False)))
+    return (customers_df.join(segments_df.select("customer_id", "segment", "assigned_as_of"), on="customer_id",
+                              how="left")
+            .select(*customers_df.columns, F.coalesce(F.col("segment"), F.lit(UNSEGMENTED)).alias("segment"),
+                    placed.alias("newly_placed")))
 
 
-def orders_with_customers(orders_df: DataFrame, customers_df: DataFrame) -> DataFrame:
+def customer_summary(customers_df: DataFrame) -> DataFrame:
+    """Customers counted per (first_order_date, segment, acquisition_channel, newly_placed): all
+    the customer-side tables need, a few ten thousand rows instead of one per customer."""
+    days = F.col("days_to_second_purchase")
+    return (customers_df.groupBy("first_order_date", "segment", "acquisition_channel", "newly_placed")
+            .agg(F.count(F.lit(1)).alias("customers"),
+                 *[F.count_if(days <= F.lit(w)).alias(f"converted_{w}d") for w in F2_WINDOWS]))
+
+
+def orders_with_customers(orders_df: DataFrame, customers_df: DataFrame, partitions: int) -> DataFrame:
     """Orders with their customer's first order date and segment (every customer with an order
-    on or before D has a features row, so the inner join drops nothing)."""
-    return (orders_df.select("customer_id", "order_date", "is_cancelled", "gross_amount", "cancelled_amount",
-                             "net_amount", F.coalesce(F.col("category"), F.lit(UNKNOWN)).alias("category"))
-            .join(customers_df.select("customer_id", "first_order_date", "segment"), on="customer_id", how="inner"))
+    on or before D has a features row, so the inner join drops nothing), hash-partitioned by
+    customer: per-customer aggregates of it need no further shuffle."""
+    orders_df = orders_df.select("customer_id", "order_date", "is_cancelled", "gross_amount", "cancelled_amount",
+                                 "net_amount", F.coalesce(F.col("category"), F.lit(UNKNOWN)).alias("category"))
+    customers_df = customers_df.select("customer_id", "first_order_date", "segment")
+    return (orders_df.repartition(partitions, "customer_id")
+            .join(customers_df.repartition(partitions, "customer_id"), on="customer_id", how="inner"))
 
 
 def _from(df: DataFrame, year: Column, from_year: int | None) -> DataFrame:
     return df if from_year is None else df.where(year >= F.lit(from_year))
 
 
-def weekly_segment(orders_df: DataFrame, customers_df: DataFrame, as_of_date: dt.date,
+def _per_customer(orders_df: DataFrame, keys: list[Column], sums: dict[str, Column]) -> DataFrame:
+    """Orders summed per (customer, keys), with ``is_active`` (an order not fully cancelled): a
+    count of distinct active customers per keys is then a count of active rows. Grouping by
+    the customer first stays inside the customer partitions of ``orders_with_customers``."""
+    return (orders_df.groupBy("customer_id", *keys)
+            .agg(F.bool_or(is_active_order()).alias("is_active"), F.count(F.lit(1)).alias("orders"),
+                 *[agg.alias(name) for name, agg in sums.items()]))
+
+
+def weekly_segment(orders_df: DataFrame, summary_df: DataFrame, as_of_date: dt.date,
                    from_year: int | None) -> DataFrame:
     """``trend_weekly_segment`` rows: a dense grid of weeks per segment up to the as-of week."""
     # segment base: new customers per (first week, segment) -> running total over the week grid
-    firsts_df = (customers_df.groupBy(week_start(F.col("first_order_date")).alias("week_start"), "segment")
-                 .agg(F.count(F.lit(1)).alias("new_in_week")))
+    firsts_df = (summary_df.groupBy(week_start(F.col("first_order_date")).alias("week_start"), "segment")
+                 .agg(F.sum("customers").alias("new_in_week")))
     grid_df = (firsts_df.groupBy("segment").agg(F.min("week_start").alias("first_week"))
                .select("segment", F.explode(F.sequence(F.col("first_week"), F.lit(monday(as_of_date)),
                                                        F.expr("INTERVAL 7 DAYS"))).alias("week_start")))
@@ -169,16 +203,14 @@ def weekly_segment(orders_df: DataFrame, customers_df: DataFrame, as_of_date: dt
     base_df = (grid_df.join(firsts_df, on=["segment", "week_start"], how="left")
                .withColumn("customers", F.sum(F.coalesce(F.col("new_in_week"), F.lit(0))).over(running))
                .drop("new_in_week"))
-    activity_df = (orders_df.withColumn("week_start", week_start(F.col("order_date")))
-                   .groupBy("week_start", "segment").agg(
-                       F.count_distinct(F.when(is_active_order(), F.col("customer_id"))).alias("active_buyers"),
-                       F.count(F.lit(1)).alias("orders"),
-                       F.count_if("is_cancelled").alias("cancelled_orders"),
-                       F.sum("gross_amount").alias("gross"),
-                       F.sum("cancelled_amount").alias("cancelled"),
-                       F.sum("net_amount").alias("net")))
     base_df = _from(base_df, F.year("week_start"), from_year)
-    activity_df = _from(activity_df, F.year("week_start"), from_year)
+    orders_df = _from(orders_df, F.year(week_start(F.col("order_date"))), from_year)
+    activity_df = (_per_customer(orders_df, [week_start(F.col("order_date")).alias("week_start"), F.col("segment")],
+                                 {"cancelled_orders": F.count_if("is_cancelled"), "gross": F.sum("gross_amount"),
+                                  "cancelled": F.sum("cancelled_amount"), "net": F.sum("net_amount")})
+                   .groupBy("week_start", "segment").agg(
+                       F.count_if("is_active").alias("active_buyers"),
+                       *[F.sum(c).alias(c) for c in ("orders", "cancelled_orders", "gross", "cancelled", "net")]))
     zero_long, zero = F.lit(0).cast("long"), F.lit(0.0)
     return (base_df.join(activity_df, on=["week_start", "segment"], how="left")
             .select(F.year("week_start").alias("year"), "week_start", F.date_add("week_start", 6).alias("week_end"),
@@ -188,62 +220,64 @@ def weekly_segment(orders_df: DataFrame, customers_df: DataFrame, as_of_date: dt
                     (F.date_add("week_start", 6) > F.lit(as_of_date)).alias("is_partial_week")))
 
 
-def new_customers_weekly(customers_df: DataFrame, as_of_date: dt.date, from_year: int | None) -> DataFrame:
+def new_customers_weekly(summary_df: DataFrame, as_of_date: dt.date, from_year: int | None) -> DataFrame:
     week = week_start(F.col("first_order_date"))
-    return (_from(customers_df, F.year(week), from_year)
+    return (_from(summary_df, F.year(week), from_year)
             .groupBy(week.alias("week_start"), "acquisition_channel")
-            .agg(F.count(F.lit(1)).alias("new_customers"))
+            .agg(F.sum("customers").alias("new_customers"))
             .select(F.year("week_start").alias("year"), "week_start", "acquisition_channel", "new_customers",
                     (F.date_add("week_start", 6) > F.lit(as_of_date)).alias("is_partial_week")))
 
 
-def f2_conversion(customers_df: DataFrame, as_of_date: dt.date, from_year: int | None) -> DataFrame:
-    days = F.col("days_to_second_purchase")
+def f2_conversion(summary_df: DataFrame, as_of_date: dt.date, from_year: int | None) -> DataFrame:
     cohort_end = F.last_day(F.to_date(F.concat(F.col("cohort_month"), F.lit("-01"))))
-    return (_from(customers_df, F.year("first_order_date"), from_year)
+    return (_from(summary_df, F.year("first_order_date"), from_year)
             .groupBy(F.year("first_order_date").alias("cohort_year"),
                      month_label(F.col("first_order_date")).alias("cohort_month"))
-            .agg(F.count(F.lit(1)).alias("customers"),
-                 *[F.count_if(days <= F.lit(w)).alias(f"converted_{w}d") for w in F2_WINDOWS])
+            .agg(F.sum("customers").alias("customers"),
+                 *[F.sum(f"converted_{w}d").alias(f"converted_{w}d") for w in F2_WINDOWS])
             .select("cohort_year", "cohort_month", "customers", *[f"converted_{w}d" for w in F2_WINDOWS],
                     *[share(F.col(f"converted_{w}d"), F.col("customers")).alias(f"f2_rate_{w}d") for w in F2_WINDOWS],
                     *[(F.date_add(cohort_end, w) <= F.lit(as_of_date)).alias(f"is_complete_{w}d") for w in F2_WINDOWS]))
 
 
-def cohort_retention(orders_df: DataFrame, customers_df: DataFrame, from_year: int | None) -> DataFrame:
-    sizes_df = (customers_df.groupBy(month_label(F.col("first_order_date")).alias("cohort_month"))
-                .agg(F.count(F.lit(1)).alias("cohort_customers")))
-    activity_df = (_from(orders_df, F.year("order_date"), from_year)
-                   .groupBy(F.year("order_date").alias("activity_year"),
-                            month_label(F.col("order_date")).alias("activity_month"),
-                            month_label(F.col("first_order_date")).alias("cohort_month"))
-                   .agg(F.count_distinct(F.when(is_active_order(), F.col("customer_id"))).alias("active_customers"),
-                        F.count(F.lit(1)).alias("orders"), F.sum("net_amount").alias("net")))
-    first_of = lambda label: F.to_date(F.concat(F.col(label), F.lit("-01")))  # noqa: E731
+def cohort_retention(orders_df: DataFrame, summary_df: DataFrame, from_year: int | None) -> DataFrame:
+    # months as first days (cheap to group by), labelled after aggregating
+    sizes_df = (summary_df.groupBy(F.trunc("first_order_date", "month").alias("cohort_first"))
+                .agg(F.sum("customers").alias("cohort_customers")))
+    activity_df = (_per_customer(_from(orders_df, F.year("order_date"), from_year),
+                                 [F.trunc("order_date", "month").alias("activity_first"),
+                                  F.trunc("first_order_date", "month").alias("cohort_first")],
+                                 {"net": F.sum("net_amount")})
+                   .groupBy("activity_first", "cohort_first")
+                   .agg(F.count_if("is_active").alias("active_customers"),
+                        F.sum("orders").alias("orders"), F.sum("net").alias("net")))
     # one row per cohort month: small enough to broadcast
-    return (activity_df.join(F.broadcast(sizes_df), on="cohort_month", how="inner")
-            .select("activity_year", "activity_month", "cohort_month",
-                    F.months_between(first_of("activity_month"), first_of("cohort_month")).cast("int")
-                    .alias("months_since_first_order"),
+    return (activity_df.join(F.broadcast(sizes_df), on="cohort_first", how="inner")
+            .select(F.year("activity_first").alias("activity_year"),
+                    month_label(F.col("activity_first")).alias("activity_month"),
+                    month_label(F.col("cohort_first")).alias("cohort_month"),
+                    F.months_between("activity_first", "cohort_first").cast("int").alias("months_since_first_order"),
                     "cohort_customers", "active_customers", "orders", "net",
                     share(F.col("active_customers"), F.col("cohort_customers")).alias("retention_rate")))
 
 
-def _year_groups(orders_df: DataFrame, keys: list[Column]) -> DataFrame:
+def _year_groups(orders_df: DataFrame, keys: list[str]) -> DataFrame:
     year = F.year("order_date")
-    is_new = F.year("first_order_date") == year
-    active_customer = F.when(is_active_order(), F.col("customer_id"))
-    return orders_df.groupBy(year.alias("year"), *keys).agg(
-        F.count_distinct(F.when(is_new, active_customer)).alias("new_buyers"),
-        F.count_distinct(F.when(~is_new, active_customer)).alias("existing_customers"),
-        F.coalesce(F.sum(F.when(is_new, F.col("net_amount"))), F.lit(0.0)).alias("new_customer_net"),
-        F.coalesce(F.sum(F.when(~is_new, F.col("net_amount"))), F.lit(0.0)).alias("existing_customer_net"),
-        F.sum("net_amount").alias("net"), F.count(F.lit(1)).alias("orders"))
+    per_customer = _per_customer(orders_df, [year.alias("year"), (F.year("first_order_date") == year).alias("is_new"),
+                                             *[F.col(k) for k in keys]], {"net": F.sum("net_amount")})
+    is_new = F.col("is_new")
+    return per_customer.groupBy("year", *keys).agg(
+        F.count_if(is_new & F.col("is_active")).alias("new_buyers"),
+        F.count_if(~is_new & F.col("is_active")).alias("existing_customers"),
+        F.coalesce(F.sum(F.when(is_new, F.col("net"))), F.lit(0.0)).alias("new_customer_net"),
+        F.coalesce(F.sum(F.when(~is_new, F.col("net"))), F.lit(0.0)).alias("existing_customer_net"),
+        F.sum("net").alias("net"), F.sum("orders").alias("orders"))
 
 
-def yearly(orders_df: DataFrame, customers_df: DataFrame, as_of_date: dt.date, from_year: int) -> DataFrame:
-    new_df = (_from(customers_df, F.year("first_order_date"), from_year)
-              .groupBy(F.year("first_order_date").alias("year")).agg(F.count(F.lit(1)).alias("new_customers")))
+def yearly(orders_df: DataFrame, summary_df: DataFrame, as_of_date: dt.date, from_year: int) -> DataFrame:
+    new_df = (_from(summary_df, F.year("first_order_date"), from_year)
+              .groupBy(F.year("first_order_date").alias("year")).agg(F.sum("customers").alias("new_customers")))
     active_df = _year_groups(_from(orders_df, F.year("order_date"), from_year), []).drop("new_buyers")
     zero_long, zero = F.lit(0).cast("long"), F.lit(0.0)
     year_end = F.make_date(F.col("year"), F.lit(12), F.lit(31))
@@ -257,7 +291,7 @@ def yearly(orders_df: DataFrame, customers_df: DataFrame, as_of_date: dt.date, f
 
 
 def yearly_category(orders_df: DataFrame, as_of_date: dt.date, from_year: int) -> DataFrame:
-    return (_year_groups(_from(orders_df, F.year("order_date"), from_year), [F.col("category")])
+    return (_year_groups(_from(orders_df, F.year("order_date"), from_year), ["category"])
             .withColumnRenamed("new_buyers", "new_customers")
             .withColumn("is_partial_year", F.make_date(F.col("year"), F.lit(12), F.lit(31)) > F.lit(as_of_date)))
 
@@ -317,6 +351,7 @@ def run_trends(storage: Any, as_of_date: dt.date | str, config: Any, rebuild: bo
 
     starts: dict[str, int | None]        # table -> first partition year recomputed (None: all)
     if full:
+        summary_df = _summary(features_df, segments_df, None)
         starts = {name: None for name in _TABLES}
         starts[TREND_YEARLY.name] = starts[TREND_YEARLY_CATEGORY.name] = window_first_year
     else:
@@ -326,15 +361,14 @@ def run_trends(storage: Any, as_of_date: dt.date | str, config: Any, rebuild: bo
                 and generation_id == last["generation_id"]):
             return {"as_of_date": as_of_date.isoformat(), "mode": "unchanged", "recomputed_from": {},
                     "partitions": {}}
+        summary_df = _summary(features_df, segments_df, last["as_of_date"])
         base = min([last["as_of_date"], as_of_date - dt.timedelta(weeks=conf.recompute_weeks), *unseen])
         segment_base = base
         if segments_df is not None and generation_id == last["generation_id"] \
                 and segments_version != last["segments_version"]:
             # customers placed since the last run leave "(unsegmented)" from their first order on
             # (placements on L itself came before the trend run of L: segments run first each night)
-            placed = (segments_df.where(F.col("assigned_as_of") > F.lit(last["as_of_date"])).select("customer_id")
-                      .join(features_df.select("customer_id", "first_order_date"), on="customer_id", how="inner")
-                      .agg(F.min("first_order_date")).first()[0])
+            placed = (summary_df.where(F.col("newly_placed")).agg(F.min("first_order_date")).first()[0])
             segment_base = min(base, placed) if placed is not None else base
         yearly_from = max(base.year, window_first_year)
         starts = {
@@ -348,39 +382,53 @@ def run_trends(storage: Any, as_of_date: dt.date | str, config: Any, rebuild: bo
             TREND_YEARLY_CATEGORY.name: yearly_from,
         }
 
-    # attributes of every customer, and the orders of the recomputed years: each read once
-    customers_df = customer_attributes(features_df, segments_df).localCheckpoint(eager=True)
+    # the orders of the recomputed years with their customers' attributes, materialised once
     order_years = [starts[t] for t in (TREND_WEEKLY_SEGMENT.name, TREND_COHORT_RETENTION.name, TREND_YEARLY.name)]
-    range_df = (orders_df if any(y is None for y in order_years)
-                else orders_df.where(F.col("order_date") >= F.lit(dt.date(min(order_years), 1, 1))))
-    enriched_df = orders_with_customers(range_df, customers_df).localCheckpoint(eager=True)
-
-    results = {
-        TREND_WEEKLY_SEGMENT.name: weekly_segment(enriched_df, customers_df, as_of_date, starts[TREND_WEEKLY_SEGMENT.name]),
-        TREND_NEW_CUSTOMERS_WEEKLY.name: new_customers_weekly(customers_df, as_of_date,
-                                                              starts[TREND_NEW_CUSTOMERS_WEEKLY.name]),
-        TREND_F2_CONVERSION.name: f2_conversion(customers_df, as_of_date, starts[TREND_F2_CONVERSION.name]),
-        TREND_COHORT_RETENTION.name: cohort_retention(enriched_df, customers_df, starts[TREND_COHORT_RETENTION.name]),
-        TREND_YEARLY.name: yearly(enriched_df, customers_df, as_of_date, starts[TREND_YEARLY.name]),
-        TREND_YEARLY_CATEGORY.name: yearly_category(enriched_df, as_of_date, starts[TREND_YEARLY_CATEGORY.name]),
-    }
-    partitions: dict[str, Any] = {}
-    for name, df in results.items():
-        if full or starts[name] is None:
-            storage.overwrite(name, df)
-            partitions[name] = "all"
-            continue
-        years = _replaced_years(storage, name, starts[name], as_of_date, window_first_year)
-        storage.replace_partitions(name, df, partitions={table_spec(name).partition_by[0]: years})
-        partitions[name] = years
-    customers_df.unpersist()
-    enriched_df.unpersist()
+    range_df = orders_df
+    if all(y is not None for y in order_years):
+        first_year = min(order_years)   # order_month (yyyy-MM of order_date) prunes the older files
+        range_df = orders_df.where((F.col("order_date") >= F.lit(dt.date(first_year, 1, 1)))
+                                   & (F.col("order_month") >= F.lit(f"{first_year:04d}-01")))
+    partitions_n = int(storage.spark.conf.get("spark.sql.shuffle.partitions"))
+    enriched_df = orders_with_customers(range_df, customer_attributes(features_df, segments_df), partitions_n)
+    # cache, not a checkpoint: columnar (each table reads only its columns) and it keeps the
+    # customer partitioning the per-customer aggregates rely on
+    enriched_df = enriched_df.cache()
+    try:
+        results = {
+            TREND_WEEKLY_SEGMENT.name: weekly_segment(enriched_df, summary_df, as_of_date,
+                                                      starts[TREND_WEEKLY_SEGMENT.name]),
+            TREND_NEW_CUSTOMERS_WEEKLY.name: new_customers_weekly(summary_df, as_of_date,
+                                                                  starts[TREND_NEW_CUSTOMERS_WEEKLY.name]),
+            TREND_F2_CONVERSION.name: f2_conversion(summary_df, as_of_date, starts[TREND_F2_CONVERSION.name]),
+            TREND_COHORT_RETENTION.name: cohort_retention(enriched_df, summary_df,
+                                                          starts[TREND_COHORT_RETENTION.name]),
+            TREND_YEARLY.name: yearly(enriched_df, summary_df, as_of_date, starts[TREND_YEARLY.name]),
+            TREND_YEARLY_CATEGORY.name: yearly_category(enriched_df, as_of_date, starts[TREND_YEARLY_CATEGORY.name]),
+        }
+        partitions: dict[str, Any] = {}
+        for name, df in results.items():
+            if full or starts[name] is None:
+                storage.overwrite(name, df)
+                partitions[name] = "all"
+                continue
+            years = _replaced_years(storage, name, starts[name], as_of_date, window_first_year)
+            storage.replace_partitions(name, df, partitions={table_spec(name).partition_by[0]: years})
+            partitions[name] = years
+    finally:
+        enriched_df.unpersist()
+        summary_df.unpersist()
 
     recomputed_from = {name: ("all" if full or start is None else start) for name, start in starts.items()}
     _record_run(storage, last, as_of_date, "rebuild" if full else "incremental", generation_id, segments_version,
                 sorted(ingest_runs), starts)
     return {"as_of_date": as_of_date.isoformat(), "mode": "rebuild" if full else "incremental",
             "recomputed_from": recomputed_from, "partitions": partitions}
+
+
+def _summary(features_df: DataFrame, segments_df: DataFrame | None, placed_after: dt.date | None) -> DataFrame:
+    """``customer_summary``, materialised: small, read by five tables."""
+    return customer_summary(customer_attributes(features_df, segments_df, placed_after)).localCheckpoint(eager=True)
 
 
 _TABLES = (TREND_WEEKLY_SEGMENT.name, TREND_NEW_CUSTOMERS_WEEKLY.name, TREND_F2_CONVERSION.name,
