@@ -74,7 +74,7 @@ def main() -> None:
             ingest_summary = run_ingest(spark, storage, config.source, config.validation,
                                         config.business.timezone, END_DATE, path=source_path)
         with timer.step("features", memory):
-            feature_stats = run_features(storage, END_DATE, config.features)
+            feature_stats = run_features(storage, END_DATE, config.features, full=True)
     print(ingest_summary)
     print(f"features: {feature_stats}")
 

@@ -100,7 +100,7 @@ def main() -> None:
 
         # ---- the engine: features -> sufficient statistics -> fits -> scores ----------------------------
         with timer.step("features", memory):
-            run_features(storage, END_DATE, config.features)
+            run_features(storage, END_DATE, config.features, full=True)   # every customer from all orders, also on a reused warehouse
         features_df = storage.read("customer_features").where(F.col("as_of_date") == F.lit(END_DATE))
         with timer.step("sufficient statistics", memory):
             rfm = rfm_sufficient_stats(features_df)
