@@ -512,6 +512,23 @@ def incremental_base(storage: Storage, as_of_date: dt.date, features_conf: Featu
     return base, appended_df, ""
 
 
+def _update_from(storage: Storage, base: Any, orders_df: DataFrame, appended_df: DataFrame,
+                 as_of_date: dt.date, time_unit: str, months: Sequence[int]) -> tuple[DataFrame | None, int | None, str]:
+    """(features at D updated from the ``features_runs`` row ``base``, customers recomputed, "")
+    or (None, count or None, why the update does not apply)."""
+    previous_as_of = base["as_of_date"]
+    previous_df = storage.read(CUSTOMER_FEATURES.name).where(F.col("as_of_date") == F.lit(previous_as_of))
+    if previous_df.count() != base["customers"]:
+        return None, None, f"the customer_features partition {previous_as_of} does not match its features_runs row"
+    touched_df = touched_customers(orders_df, appended_df, previous_as_of, as_of_date).localCheckpoint(eager=True)
+    recomputed = touched_df.count()
+    if recomputed > INCREMENTAL_MAX_TOUCHED_SHARE * base["customers"]:
+        return None, recomputed, f"{recomputed:,} of {base['customers']:,} customers have new orders"
+    return (update_customer_features(previous_df, orders_df, touched_df, previous_as_of, as_of_date, time_unit,
+                                     months, broadcast_touched=recomputed <= BROADCAST_MAX_TOUCHED),
+            recomputed, "")
+
+
 def run_features(storage: Storage, as_of_date: dt.date | str, features_conf: FeaturesConf,
                  full: bool = False) -> dict[str, Any]:
     """Read ``orders``, write the ``as_of_date`` partition of ``customer_features``: updated from
@@ -527,20 +544,10 @@ def run_features(storage: Storage, as_of_date: dt.date | str, features_conf: Fea
         incremental_base(storage, as_of_date, features_conf, orders_version)
     features_df = recomputed = None
     if base is not None:
-        previous_as_of = base["as_of_date"]
-        previous_df = storage.read(CUSTOMER_FEATURES.name).where(F.col("as_of_date") == F.lit(previous_as_of))
-        if previous_df.count() != base["customers"]:
-            base, reason = None, f"the customer_features partition {previous_as_of} does not match its features_runs row"
-    if base is not None:
-        touched_df = touched_customers(orders_df, appended_df, previous_as_of, as_of_date).localCheckpoint(eager=True)
-        recomputed = touched_df.count()
-        if recomputed <= INCREMENTAL_MAX_TOUCHED_SHARE * base["customers"]:
-            features_df = update_customer_features(previous_df, orders_df, touched_df, previous_as_of, as_of_date,
-                                                   time_unit, months,
-                                                   broadcast_touched=recomputed <= BROADCAST_MAX_TOUCHED)
-        else:
-            reason = f"{recomputed:,} of {base['customers']:,} customers have new orders"
-    if features_df is None:
+        features_df, recomputed, reason = _update_from(storage, base, orders_df, appended_df, as_of_date,
+                                                       time_unit, months)
+    incremental = features_df is not None
+    if not incremental:
         features_df = build_customer_features(orders_df, as_of_date, time_unit=time_unit, trailing_months=months)
     computed = time.perf_counter()
     storage.replace_partitions(CUSTOMER_FEATURES.name, features_df, partitions={"as_of_date": [as_of_date]})
@@ -550,7 +557,6 @@ def run_features(storage: Storage, as_of_date: dt.date | str, features_conf: Fea
                             F.coalesce(F.sum("n_orders"), F.lit(0)).alias("orders"),
                             F.count_if("is_repeat").alias("repeat_customers")).first()
     customers = int(stats["customers"])
-    incremental = features_df is not None and base is not None and not reason
     run = (as_of_date, orders_version, time_unit, list(months), "incremental" if incremental else "full",
            base["as_of_date"] if incremental else None, base["full_as_of_date"] if incremental else as_of_date,
            customers, recomputed if incremental else customers, dt.datetime.now(dt.timezone.utc))

@@ -114,3 +114,20 @@ def test_tables_are_plain_delta_readable_without_spark(spark, storage):
     assert table.num_rows == 1
     assert table.column("order_id").to_pylist() == ["o1"]
     assert str(table.schema.field("order_ts").type) == "timestamp[us, tz=UTC]"
+
+
+def test_partition_pruned_read_and_rows_appended_since_a_version(spark, storage):
+    storage.append("orders", _orders_df(spark, [("O1", "C1", "2024-01-05", 10.0), ("O2", "C2", "2024-02-05", 20.0)]))
+    first = storage.version("orders")
+    january = storage.read("orders", partitions={"order_month": ["2024-01"]})
+    assert [r.order_id for r in january.collect()] == ["O1"]
+    with pytest.raises(StorageError, match="not partitioned by \\['order_date'\\]"):
+        storage.read("orders", partitions={"order_date": ["2024-01-05"]})
+
+    assert storage.appended_since("orders", first).count() == 0
+    storage.append("orders", _orders_df(spark, [("O3", "C3", "2024-02-07", 30.0)]))
+    assert [r.order_id for r in storage.appended_since("orders", first).collect()] == ["O3"]
+    # a merge rewrites a month: the rows "appended since" are no longer all that changed
+    storage.merge("orders", _orders_df(spark, [("O2", "C2", "2024-02-05", 25.0)]))
+    assert storage.appended_since("orders", first) is None
+    assert storage.appended_since("orders", storage.version("orders") + 1) is None
