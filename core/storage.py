@@ -415,11 +415,14 @@ class Storage:
         named = {k: [str(v) for v in vs] for k, vs in (partitions or {}).items()}
         self._backend.write(conform(df, spec), self.path(name), spec, "replace_partitions", named)
 
-    def merge(self, name: str, df: DataFrame, keys: tuple[str, ...] | None = None) -> None:
+    def merge(self, name: str, df: DataFrame, keys: tuple[str, ...] | None = None,
+              previous_partitions: dict[str, Iterable[Any]] | None = None) -> None:
         """Upsert by key: rows of ``df`` replace rows with the same key; other rows stay.
 
-        ``df`` must hold each key once. On partitioned tables a key is expected to stay in its
-        partition (true for the engine's tables: orders keep their month).
+        ``df`` must hold each key once. On a partitioned table the stored copy of a key is looked
+        for in the partitions ``df`` writes to plus ``previous_partitions``: a caller whose rows
+        may move between partitions (an order re-dated into another month) names the partitions
+        their stored copies are in, so the old copy is removed rather than kept twice.
         """
         spec = table_spec(name)
         keys = tuple(keys or spec.keys)
@@ -438,20 +441,23 @@ class Storage:
             mode = "replace_partitions" if spec.partition_by else "overwrite"
             self._backend.write(new_df, path, spec, mode, None)
             return
+        previous: dict[str, list[str]] | None = None
         if spec.partition_by:
-            # Rewrite only the partitions the new rows touch: their values are a few rows.
+            # Rewrite only the partitions the new rows touch (plus where moved keys were before):
+            # their values are a few rows.
             (column,) = spec.partition_by
+            previous = {column: [str(v) for v in (previous_partitions or {}).get(column, [])]}
             touched = [r[0] for r in new_df.select(column).distinct().collect()]
             if not touched:
                 return
-            if None in touched:   # a null partition has no value to prune by: filter the rows
-                existing = self._backend.read(path, spec, None).join(
-                    F.broadcast(new_df.select(column).distinct()), on=column, how="left_semi")
-            else:
-                existing = self._backend.read(path, spec, None, {column: [str(v) for v in touched]})
+            if None in touched:   # every partition column here is non-null: a caller's bug
+                raise StorageError(f"cannot merge into {name!r}: rows with a null {column} (the partition column)")
+            wanted = sorted({str(v) for v in touched} | set(previous[column]))
+            existing = self._backend.read(path, spec, None, {column: wanted})
         else:
             existing = self._backend.read(path, spec, None)
         kept = existing.join(new_df.select(*keys), on=list(keys), how="left_anti")
         merged = kept.unionByName(new_df)
         mode = "replace_partitions" if spec.partition_by else "overwrite"
-        self._backend.write(merged.select(*spec.columns), path, spec, mode, None)
+        # naming the previous partitions replaces them even when the last row moved out
+        self._backend.write(merged.select(*spec.columns), path, spec, mode, previous)

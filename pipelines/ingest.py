@@ -596,9 +596,11 @@ _LINE_SEP_FREE = "\u0001"   # a delimiter that never occurs: one column holding 
 
 @dataclass
 class _Source:
-    df: DataFrame                # _s0.._sN plus _src_file, _src_block, _src_pos, _src_key
+    df: DataFrame                # _s0.._sN, _src_file, _src_block, _src_pos, _src_key, _is_malformed,
+                                 # _field_count, _line (see _with_positions)
     names: list[str]             # the source column names, in order
     exact_positions: bool        # True: _src_pos is the row index in the file (parquet)
+    names_from: str | None = None   # CSV: where the expected field count comes from, for messages
 
 
 _SPARK_CHARSETS = {"iso-8859-1", "us-ascii", "utf-16", "utf-16be", "utf-16le", "utf-32", "utf-8"}
@@ -632,16 +634,54 @@ def _check_exists(path: str | list[str]) -> None:
         raise IngestError(f"the source file or folder {path} does not exist; check source.path or --path")
 
 
-def _with_positions(df: DataFrame, names: list[str], exact: bool) -> _Source:
-    """Rename source columns to _s0.._sN and add the row's file and position."""
+def _with_positions(df: DataFrame, names: list[str], exact: bool, *, columns: Sequence[str] | None = None,
+                    malformed: Column | None = None, field_count: Column | None = None,
+                    line: Column | None = None, names_from: str | None = None) -> _Source:
+    """Rename source columns to _s0.._sN and add the row's file and position.
+
+    ``columns``: the columns of ``df`` holding the source columns (default: ``names``). CSV
+    readers also pass the row's shape: ``malformed`` (its field count is not the expected one),
+    ``field_count`` (null when not known) and ``line`` (the row as read); they become
+    ``_is_malformed`` (never null; False for parquet/Delta), ``_field_count`` and ``_line``
+    (both null unless the row is malformed). On a raw CSV scan these come from Spark's
+    corrupt-record column: a query reading only them (no source column) is refused by Spark.
+    """
     pos = F.col("_metadata.row_index") if exact else F.monotonically_increasing_id()
     block = F.lit(0).cast("bigint") if exact else F.col("_metadata.file_block_start")
     file_path = F.col("_metadata.file_path")   # a URI; decoded once per split on the driver
-    quoted = ["`" + n.replace("`", "``") + "`" for n in names]
+    quoted = ["`" + n.replace("`", "``") + "`" for n in (columns if columns is not None else names)]
+    is_malformed = F.lit(False) if malformed is None else F.coalesce(malformed, F.lit(False))
     out = df.select(*[F.col(q).alias(source_col(i)) for i, q in enumerate(quoted)],
-                    file_path.alias("_src_file"), block.alias("_src_block"), pos.alias("_src_pos"))
+                    file_path.alias("_src_file"), block.alias("_src_block"), pos.alias("_src_pos"),
+                    is_malformed.alias("_is_malformed"),
+                    (F.when(is_malformed, field_count) if field_count is not None
+                     else F.lit(None)).cast("int").alias("_field_count"),
+                    (F.when(is_malformed, line) if line is not None else F.lit(None)).cast("string").alias("_line"))
     key = F.monotonically_increasing_id() if exact else F.col("_src_pos")   # CSV: the position is the id
-    return _Source(out.withColumn("_src_key", key), list(names), exact)
+    return _Source(out.withColumn("_src_key", key), list(names), exact, names_from)
+
+
+def _regex_literal(text: str) -> str:
+    """``text`` as a Java regex matching it literally (every non-alphanumeric escaped)."""
+    return "".join(c if c.isalnum() else "\\" + c for c in text)
+
+
+def _delimited_field_count(line: Column, delimiter: str, quote: str) -> Column:
+    """Fields of a delimited line: delimiters outside quoted parts + 1 (Spark's default escape, a
+    backslash, is honoured inside quotes). Evaluated on malformed rows only, for the message."""
+    if quote:
+        q = _regex_literal(quote)
+        line = F.regexp_replace(line, f"{q}(?:[^{q}\\\\]|\\\\.)*{q}", "")
+    return F.size(F.split(line, _regex_literal(delimiter), -1))
+
+
+def _unused_name(base: str, taken: Sequence[str]) -> str:
+    """``base``, or ``base`` with more leading underscores, not in ``taken`` (in any case)."""
+    lowered = {t.lower() for t in taken}
+    name = base
+    while name.lower() in lowered:
+        name = "_" + name
+    return name
 
 
 def _read_csv(spark: SparkSession, path: str, source: SourceConf) -> _Source:
@@ -664,24 +704,43 @@ def _read_csv(spark: SparkSession, path: str, source: SourceConf) -> _Source:
             if not names:
                 raise IngestError(f"{path}: the file is empty (no header, no data rows)")
         fields = F.split(F.regexp_replace(F.col("line"), r"^\s+|\s+$", ""), r"\s+")
-        split_df = line_df.select("*", *[F.try_element_at(fields, F.lit(i + 1)).alias(f"_w{i}")
-                                         for i in range(len(names))])
-        src = _with_positions(split_df.select(*[F.col(f"_w{i}").alias(n) for i, n in enumerate(names)],
-                                              "_metadata"), names, exact=False)
-        return src
+        # a line with more or fewer words than columns is malformed (a blank in a value, a cut
+        # line): the words cannot be matched to columns. Same split as the values, no extra parse.
+        words = F.when(F.col("line").rlike(r"^\s*$"), F.lit(0)).otherwise(F.size(fields))
+        split_df = line_df.select("*", words.alias("_words"),
+                                  *[F.try_element_at(fields, F.lit(i + 1)).alias(f"_w{i}")
+                                    for i in range(len(names))])
+        return _with_positions(split_df, names, exact=False, columns=[f"_w{i}" for i in range(len(names))],
+                               malformed=F.col("_words") != len(names), field_count=F.col("_words"),
+                               line=F.col("line"),
+                               names_from="source.csv.column_names" if csv.column_names else "the header")
     delimiter = {"tab": "\t", "\\t": "\t"}.get(csv.delimiter, csv.delimiter)
     reader = reader.option("sep", delimiter)
     if csv.column_names:
-        schema = T.StructType([T.StructField(n, T.StringType()) for n in csv.column_names])
-        df = reader.option("header", csv.header).option("enforceSchema", "true").schema(schema).csv(path)
+        names = list(csv.column_names)
+        header_options = {"header": csv.header, "enforceSchema": "true"}
+        names_from = "source.csv.column_names"
     else:
-        # No schema: every column is read as text (bad values stay visible); enforceSchema=false
-        # makes Spark check every file's header against the first file's.
-        df = reader.option("header", csv.header).option("enforceSchema", "false").csv(path)
-    names = list(df.columns)
+        # Every column is read as text (bad values stay visible). The names are what Spark makes
+        # of the first line (it reads only that line); enforceSchema=false makes Spark check every
+        # file's header against them.
+        names = list(reader.option("header", csv.header).option("enforceSchema", "false").csv(path).columns)
+        header_options = {"header": csv.header, "enforceSchema": "false"}
+        names_from = "the header" if csv.header else "the first line"
     if not names:
         raise IngestError(f"{path}: the file is empty (no header, no data rows)")
-    return _with_positions(df, names, exact=False)
+    # Spark flags a row whose field count differs from the schema (too many: the extra fields
+    # are dropped; too few: the missing ones are null) only when the schema has a corrupt-record
+    # column, which then holds the line; the column is null on well-formed rows.
+    corrupt = _unused_name("_corrupt_record", names)
+    schema = T.StructType([T.StructField(n, T.StringType()) for n in names]
+                          + [T.StructField(corrupt, T.StringType())])
+    df = (reader.options(**header_options).option("columnNameOfCorruptRecord", corrupt)
+          .schema(schema).csv(path))
+    line = F.col(corrupt)
+    return _with_positions(df, names, exact=False, malformed=line.isNotNull(),
+                           field_count=_delimited_field_count(line, delimiter, csv.quote), line=line,
+                           names_from=names_from)
 
 
 def _read_parquet_like(spark: SparkSession, path: str | list[str], fmt: str) -> _Source:
@@ -1092,6 +1151,10 @@ def _offsets_frame(spark: SparkSession, splits: list) -> DataFrame:
         rows, "_src_file string, _src_block bigint, _first_pos bigint, _rows_before bigint, source_file string")
 
 
+# Up to this many incoming orders, their ids are broadcast to the lookup of stored copies.
+BROADCAST_MAX_INCOMING = 5_000_000
+
+
 def _merge_orders(storage: Storage, orders_df: DataFrame, accepted: int | None,
                   cached: list[DataFrame]) -> tuple[int, int]:
     """Merge by order_id, skipping orders whose content is already in the table.
@@ -1106,10 +1169,19 @@ def _merge_orders(storage: Storage, orders_df: DataFrame, accepted: int | None,
                    .persist(StorageLevel.MEMORY_AND_DISK))
     cached.append(incoming_df)
     clock = _Clock(log)
-    # orders keep their month (Storage.merge relies on it too): read only the months touched
-    months = [r[0] for r in incoming_df.select("order_month").distinct().collect()]
+    # Where are the stored copies of the incoming ids? Usually nowhere (new orders) or in the same
+    # month, but a corrected order can be re-dated into another month: look in every month, on
+    # the id column only (a column-pruned scan), then read whole rows only from those months.
+    incoming_ids_df = incoming_df.select("order_id")
+    if incoming_df.count() <= BROADCAST_MAX_INCOMING:
+        incoming_ids_df = F.broadcast(incoming_ids_df)
+    stored_months = [r[0] for r in storage.read(ORDERS.name).select("order_id", "order_month")
+                     .join(incoming_ids_df, on="order_id", how="left_semi")
+                     .select("order_month").distinct().collect()]
+    incoming_months = [r[0] for r in incoming_df.select("order_month").distinct().collect()]
+    months = sorted(set(incoming_months) | set(stored_months))
     existing_df = (storage.read(ORDERS.name, partitions={"order_month": months})
-                   .join(incoming_df.select("order_id"), on="order_id", how="left_semi"))
+                   .join(incoming_ids_df, on="order_id", how="left_semi"))
     existing_df = (existing_df.select("order_id", order_content_hash(existing_df).alias("_hash"))
                    .persist(StorageLevel.MEMORY_AND_DISK))
     cached.append(existing_df)
@@ -1122,7 +1194,8 @@ def _merge_orders(storage: Storage, orders_df: DataFrame, accepted: int | None,
         .limit(1).count() > 0
     clock.lap("merge: changed orders")
     if replacing:
-        storage.merge(ORDERS.name, changed_df)    # rewrites the months of the replaced orders
+        # rewrites the months of the replaced orders, also the month a re-dated order leaves
+        storage.merge(ORDERS.name, changed_df, previous_partitions={"order_month": stored_months})
     elif written:
         # only new order ids (a regular night): append, no month rewritten; the months of a big
         # table cost ~10 us per stored row to rewrite, the new orders ~nothing

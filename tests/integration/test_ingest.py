@@ -130,6 +130,27 @@ def test_new_files_only_reads_new_and_changed_files(spark, storage, tmp_path):
     assert files == [("day1.csv", 2, "n1"), ("day1.csv", 2, "n4"), ("day2.csv", 1, "n2")]
 
 
+def test_corrected_order_re_dated_into_another_month_is_stored_once(spark, storage, tmp_path):
+    """`orders` is partitioned by month: a correction that moves an order to another month
+    replaces the stored copy in the old month instead of adding a second one."""
+    header = "order_id,customer_id,order_ts,gross_amount\n"
+    first = tmp_path / "jan.csv"
+    first.write_text(header + "A1,C1,2024-01-31 10:00:00,100\nA2,C2,2024-01-15 11:00:00,200\n"
+                              "A3,C3,2024-02-10 09:00:00,300\n")
+    run = lambda path, run_id: run_ingest(spark, storage, source(), ValidationConf(), "Asia/Tokyo",  # noqa: E731
+                                          date(2024, 12, 31), path=str(path), run_id=run_id)
+    run(first, "r1")
+    correction = tmp_path / "fix.csv"
+    correction.write_text(header + "A1,C1,2024-02-01 10:00:00,120\n")   # re-dated and re-priced
+    summary = run(correction, "r2")
+    assert (summary.input_rows, summary.orders_written) == (1, 1)
+    got = sorted((r.order_id, r.order_month, r.gross_amount) for r in storage.read("orders").collect())
+    assert got == [("A1", "2024-02", 120.0), ("A2", "2024-01", 200.0), ("A3", "2024-02", 300.0)]
+    # the month it left was rewritten without it, not merely shadowed
+    january = storage.read("orders", partitions={"order_month": ["2024-01"]}).collect()
+    assert [r.order_id for r in january] == ["A2"]
+
+
 def test_cp932_japanese_export_with_status_cancellation(spark, storage):
     path = str(DATA / "orders_cp932.csv")
     conf = source(
