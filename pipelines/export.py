@@ -57,12 +57,22 @@ def hmac_pads(key: bytes) -> tuple[bytes, bytes]:
     return bytes(b ^ 0x36 for b in key), bytes(b ^ 0x5C for b in key)
 
 
-def hmac_sha256_hex(value: Column, key: bytes) -> Column:
-    """HMAC-SHA256(key, UTF-8 bytes of value) as lower-case hex, with native Spark functions
-    (sha2 over binary concatenations), so no Python UDF runs per row."""
+def hmac_sha256_hex(value: Column, inner_pad: Column, outer_pad: Column) -> Column:
+    """HMAC-SHA256 of the UTF-8 bytes of value as lower-case hex, from the key's padded forms
+    (:func:`hmac_pads`), with native Spark functions (sha2 over binary concatenations), so no
+    Python UDF runs per row."""
+    inner_hash = F.unhex(F.sha2(F.concat(inner_pad, F.encode(value, "UTF-8")), 256))
+    return F.sha2(F.concat(outer_pad, inner_hash), 256)
+
+
+def with_hmac_pads(df: DataFrame, key: bytes) -> DataFrame:
+    """Add the key's padded forms as columns ``_hmac_inner`` / ``_hmac_outer``. They come from a
+    one-row frame joined in, not from literals: a literal is printed in every query plan (the
+    Spark UI, event logs, errors), and the pads are as good as the key."""
     inner, outer = hmac_pads(key)
-    inner_hash = F.unhex(F.sha2(F.concat(F.lit(bytearray(inner)), F.encode(value, "UTF-8")), 256))
-    return F.sha2(F.concat(F.lit(bytearray(outer)), inner_hash), 256)
+    pads_df = df.sparkSession.createDataFrame([(bytearray(inner), bytearray(outer))],
+                                              "_hmac_inner binary, _hmac_outer binary")
+    return df.crossJoin(F.broadcast(pads_df))
 
 
 def export_rows(scores_df: DataFrame, segments_df: DataFrame, as_of_date: dt.date,
@@ -77,8 +87,12 @@ def export_rows(scores_df: DataFrame, segments_df: DataFrame, as_of_date: dt.dat
         "customer_id", "predicted_net_value", "p_alive")
     segments = segments_df.where(F.col("valid_from") <= F.lit(as_of_date)).select(
         "customer_id", "segment", "generation_id")
-    exported_id = hmac_sha256_hex(F.col("customer_id"), hmac_key) if hmac_key is not None else F.col("customer_id")
-    return (scores.join(segments, on="customer_id", how="left")
+    joined_df = scores.join(segments, on="customer_id", how="left")
+    exported_id = F.col("customer_id")
+    if hmac_key is not None:
+        joined_df = with_hmac_pads(joined_df, hmac_key)
+        exported_id = hmac_sha256_hex(exported_id, F.col("_hmac_inner"), F.col("_hmac_outer"))
+    return (joined_df
             .select(exported_id.alias("customer_id"), F.col("segment"), F.col("generation_id"),
                     F.format_string("%.2f", F.col("predicted_net_value")).alias("predicted_value_6m"),
                     F.format_string("%.6f", F.col("p_alive")).alias("p_alive"))

@@ -147,7 +147,14 @@ def test_local_export_is_atomic_and_replaces(spark, tmp_path, monkeypatch):
 def test_pseudonymised_ids_are_keyed_hmac_sha256(spark, monkeypatch):
     scores, segments = _frames(spark, 40)
     key = "k3y-ÄÖ-" + "x" * 80   # longer than the SHA-256 block: hashed first, as RFC 2104 says
-    rows = export_rows(scores, segments, D, key.encode("utf-8")).collect()   # 40 rows: a test, not the pipeline
+    hashed_df = export_rows(scores, segments, D, key.encode("utf-8"))
+    # the key, or its padded forms, never appear in a query plan (UI, event logs, error messages)
+    plans = hashed_df._jdf.queryExecution().toString() + hashed_df._jdf.queryExecution().executedPlan().toString()
+    inner, outer = export_mod.hmac_pads(key.encode("utf-8"))
+    assert "k3y" not in plans
+    assert not any(pad[:8].hex().upper() in plans.upper() for pad in (inner, outer))   # binary literals print as hex
+    assert "SHA2" in plans.upper()   # the plan was rendered
+    rows = hashed_df.collect()   # 40 rows: a test, not the pipeline
     plain = {r["customer_id"]: r for r in export_rows(scores, segments, D).collect()}
     assert len(rows) == 40
     for raw_id, row in plain.items():
