@@ -66,7 +66,7 @@ ORDERS_QUARANTINE = TableSpec(
         _f("detail", S),
         _f("order_id", S),
         _f("customer_id", S),
-        _f("raw", T.MapType(S, S)),          # the row as read, column -> text
+        _f("raw", T.MapType(S, S)),          # the row as read, column -> text (+ "_line" when malformed_row)
         _f("ingest_run_id", S, False),
         _f("run_date", DT, False),
     ]),

@@ -8,7 +8,10 @@ How a run goes
 1. Read the export with every column as text (CSV) or as stored (parquet/Delta); each row keeps its
    file and position, so ``source_row`` (1 = first data row after the header) is exact without
    collecting rows: ``_metadata.row_index`` for parquet, and for CSV ``monotonically_increasing_id``
-   turned into per-file ordinals with one small count per file split.
+   turned into per-file ordinals with one small count per file split. A CSV row with more or fewer
+   fields than the header is flagged ``_is_malformed`` as it is read (Spark's corrupt-record column,
+   which also gives its line; for whitespace exports, the word count): its values may sit in the
+   wrong columns, so it is quarantined as ``malformed_row`` and takes no part in duplicate checks.
 2. Map client columns onto canonical names (``source.columns``), parse amounts, timestamps (local
    text in ``source_timezone`` -> UTC instant; ``order_date`` is the day in the business zone) and
    the cancellation style.
@@ -23,7 +26,8 @@ How a run goes
    ingest only.
 5. Rules from :mod:`pipelines.validation` give every row a kind (order, cancellation line applied,
    quarantined, exact duplicate). Pass 2 keeps only the rows that are not plain orders (few) and
-   counts them in ONE aggregation; accepted = input - the rest, so
+   counts them in ONE aggregation (their messages are made from the kept rows, not in the scan);
+   accepted = input - the rest, so
    ``input rows = accepted + cancellation lines applied + quarantined + exact duplicates`` holds by
    construction and is printed.
 6. Above ``validation.max_rejected_share`` the quarantine and the ``ingest_runs`` row are written but
@@ -66,7 +70,7 @@ from pyspark.sql import types as T
 from core.config import SourceConf, ValidationConf
 from core.storage import Storage
 from core.tables import INGEST_RUNS, INGESTED_FILES, ORDERS, ORDERS_QUARANTINE
-from pipelines.validation import REASON_CODES, order_rules, with_rule_results
+from pipelines.validation import REASON_CODES, order_rules, with_rule_details, with_rule_results
 
 log = logging.getLogger(__name__)
 
@@ -358,10 +362,17 @@ def _null_safe_hash(*names: str) -> Column:
 def with_row_keys(df: DataFrame, *, grain: str, order_id_mapped: bool) -> DataFrame:
     """``_order_key`` (the order id, or the row's position when the export has none),
     ``_header_hash`` (what must agree between rows of one order id: everything at grain order,
-    customer and timestamp at grain line) and, at grain line, ``_content_hash`` (every mapped field)."""
+    customer and timestamp at grain line) and, at grain line, ``_content_hash`` (every mapped field).
+
+    A malformed row (``_is_malformed``) gets no order key: its values may sit in the wrong
+    columns, so it is no duplicate of, and no conflict with, a well-formed row of the same id
+    (it is quarantined as ``malformed_row`` whatever it holds)."""
     if not order_id_mapped:
         return df.withColumn("_order_key", F.col("_src_key").cast("string"))
-    out_df = df.withColumn("_order_key", F.col("order_id"))
+    order_key = F.col("order_id")
+    if "_is_malformed" in df.columns:
+        order_key = F.when(~F.col("_is_malformed"), order_key)
+    out_df = df.withColumn("_order_key", order_key)
     if grain == "line":
         return (out_df.withColumn("_header_hash", _null_safe_hash("customer_id", "order_ts_in"))
                 .withColumn("_content_hash", _null_safe_hash(*CONTENT)))
@@ -557,6 +568,20 @@ def build_orders(lines_df: DataFrame, cancels_df: DataFrame | None, *, grain: st
             .select(*ORDERS.columns))
 
 
+def with_quarantine_text(df: DataFrame, rules: list, *, field_count: Column | None, line_key: str | None) -> DataFrame:
+    """``detail`` (the message of the row's reason, see :func:`pipelines.validation.with_rule_details`)
+    and, for a malformed row, its line as read in ``raw`` under ``line_key`` (its fields are shifted
+    or cut). For the few rows kept after pass 2, not in the scan. ``field_count``: the fields of
+    ``_line`` (an expression of it), for the ``malformed_row`` message."""
+    out_df = (df.withColumn("_field_count", (field_count if field_count is not None else F.lit(None)).cast("int"))
+              .transform(with_rule_details, rules).drop("_field_count"))
+    if line_key is None:
+        return out_df
+    with_line = F.map_concat(F.col("raw"), F.create_map(F.lit(line_key), F.col("_line")))
+    return out_df.withColumn("raw", F.when(F.col("_is_malformed") & F.col("raw").isNotNull(), with_line)
+                             .otherwise(F.col("raw")))
+
+
 def build_quarantine(rows_df: DataFrame, *, order_id_mapped: bool, ingest_run_id: str, run_date: date) -> DataFrame:
     """Quarantined rows (with ``source_row`` and ``raw``) -> ORDERS_QUARANTINE rows."""
     order_id = (F.col("order_id") if order_id_mapped
@@ -597,10 +622,14 @@ _LINE_SEP_FREE = "\u0001"   # a delimiter that never occurs: one column holding 
 @dataclass
 class _Source:
     df: DataFrame                # _s0.._sN, _src_file, _src_block, _src_pos, _src_key, _is_malformed,
-                                 # _field_count, _line (see _with_positions)
+                                 # _line (see _with_positions)
     names: list[str]             # the source column names, in order
     exact_positions: bool        # True: _src_pos is the row index in the file (parquet)
-    names_from: str | None = None   # CSV: where the expected field count comes from, for messages
+    # CSV only, for the malformed_row message: where the expected field count comes from ("the
+    # header", "source.csv.column_names") and the fields of a line (an expression of ``_line``,
+    # evaluated on the few malformed rows only).
+    names_from: str | None = None
+    field_count: Column | None = None
 
 
 _SPARK_CHARSETS = {"iso-8859-1", "us-ascii", "utf-16", "utf-16be", "utf-16le", "utf-32", "utf-8"}
@@ -635,16 +664,16 @@ def _check_exists(path: str | list[str]) -> None:
 
 
 def _with_positions(df: DataFrame, names: list[str], exact: bool, *, columns: Sequence[str] | None = None,
-                    malformed: Column | None = None, field_count: Column | None = None,
-                    line: Column | None = None, names_from: str | None = None) -> _Source:
+                    malformed: Column | None = None, line: Column | None = None,
+                    names_from: str | None = None, field_count: Column | None = None) -> _Source:
     """Rename source columns to _s0.._sN and add the row's file and position.
 
     ``columns``: the columns of ``df`` holding the source columns (default: ``names``). CSV
-    readers also pass the row's shape: ``malformed`` (its field count is not the expected one),
-    ``field_count`` (null when not known) and ``line`` (the row as read); they become
-    ``_is_malformed`` (never null; False for parquet/Delta), ``_field_count`` and ``_line``
-    (both null unless the row is malformed). On a raw CSV scan these come from Spark's
+    readers also pass ``malformed`` (the row's field count is not the expected one) and ``line``
+    (the row as read); they become ``_is_malformed`` (never null; False for parquet/Delta) and
+    ``_line`` (null unless the row is malformed). On a raw CSV scan both come from Spark's
     corrupt-record column: a query reading only them (no source column) is refused by Spark.
+    ``names_from`` and ``field_count`` are kept on the :class:`_Source` for messages.
     """
     pos = F.col("_metadata.row_index") if exact else F.monotonically_increasing_id()
     block = F.lit(0).cast("bigint") if exact else F.col("_metadata.file_block_start")
@@ -654,11 +683,9 @@ def _with_positions(df: DataFrame, names: list[str], exact: bool, *, columns: Se
     out = df.select(*[F.col(q).alias(source_col(i)) for i, q in enumerate(quoted)],
                     file_path.alias("_src_file"), block.alias("_src_block"), pos.alias("_src_pos"),
                     is_malformed.alias("_is_malformed"),
-                    (F.when(is_malformed, field_count) if field_count is not None
-                     else F.lit(None)).cast("int").alias("_field_count"),
                     (F.when(is_malformed, line) if line is not None else F.lit(None)).cast("string").alias("_line"))
     key = F.monotonically_increasing_id() if exact else F.col("_src_pos")   # CSV: the position is the id
-    return _Source(out.withColumn("_src_key", key), list(names), exact, names_from)
+    return _Source(out.withColumn("_src_key", key), list(names), exact, names_from, field_count)
 
 
 def _regex_literal(text: str) -> str:
@@ -668,7 +695,7 @@ def _regex_literal(text: str) -> str:
 
 def _delimited_field_count(line: Column, delimiter: str, quote: str) -> Column:
     """Fields of a delimited line: delimiters outside quoted parts + 1 (Spark's default escape, a
-    backslash, is honoured inside quotes). Evaluated on malformed rows only, for the message."""
+    backslash, is honoured inside quotes). For the message on malformed rows, not for detection."""
     if quote:
         q = _regex_literal(quote)
         line = F.regexp_replace(line, f"{q}(?:[^{q}\\\\]|\\\\.)*{q}", "")
@@ -703,17 +730,22 @@ def _read_csv(spark: SparkSession, path: str, source: SourceConf) -> _Source:
             names = first[0]["line"].split() if first and first[0]["line"] else []
             if not names:
                 raise IngestError(f"{path}: the file is empty (no header, no data rows)")
-        fields = F.split(F.regexp_replace(F.col("line"), r"^\s+|\s+$", ""), r"\s+")
+        def words(line: Column) -> Column:
+            return F.split(F.regexp_replace(line, r"^\s+|\s+$", ""), r"\s+")
+
+        def word_count(line: Column) -> Column:
+            return F.when(line.rlike(r"^\s*$"), F.lit(0)).otherwise(F.size(words(line)))
+
+        fields = words(F.col("line"))
         # a line with more or fewer words than columns is malformed (a blank in a value, a cut
         # line): the words cannot be matched to columns. Same split as the values, no extra parse.
-        words = F.when(F.col("line").rlike(r"^\s*$"), F.lit(0)).otherwise(F.size(fields))
-        split_df = line_df.select("*", words.alias("_words"),
+        split_df = line_df.select("*", word_count(F.col("line")).alias("_words"),
                                   *[F.try_element_at(fields, F.lit(i + 1)).alias(f"_w{i}")
                                     for i in range(len(names))])
         return _with_positions(split_df, names, exact=False, columns=[f"_w{i}" for i in range(len(names))],
-                               malformed=F.col("_words") != len(names), field_count=F.col("_words"),
-                               line=F.col("line"),
-                               names_from="source.csv.column_names" if csv.column_names else "the header")
+                               malformed=F.col("_words") != len(names), line=F.col("line"),
+                               names_from="source.csv.column_names" if csv.column_names else "the header",
+                               field_count=word_count(F.col("_line")))
     delimiter = {"tab": "\t", "\\t": "\t"}.get(csv.delimiter, csv.delimiter)
     reader = reader.option("sep", delimiter)
     if csv.column_names:
@@ -737,10 +769,9 @@ def _read_csv(spark: SparkSession, path: str, source: SourceConf) -> _Source:
                           + [T.StructField(corrupt, T.StringType())])
     df = (reader.options(**header_options).option("columnNameOfCorruptRecord", corrupt)
           .schema(schema).csv(path))
-    line = F.col(corrupt)
-    return _with_positions(df, names, exact=False, malformed=line.isNotNull(),
-                           field_count=_delimited_field_count(line, delimiter, csv.quote), line=line,
-                           names_from=names_from)
+    return _with_positions(df, names, exact=False, malformed=F.col(corrupt).isNotNull(), line=F.col(corrupt),
+                           names_from=names_from,
+                           field_count=_delimited_field_count(F.col("_line"), delimiter, csv.quote))
 
 
 def _read_parquet_like(spark: SparkSession, path: str | list[str], fmt: str) -> _Source:
@@ -906,10 +937,13 @@ def check_conf(source: SourceConf) -> None:
 # The stage runner
 # --------------------------------------------------------------------------------------------
 LOCAL_STATS_MAX_ROWS = 50_000   # split + duplicate statistics up to this size go through the driver
-# What is kept of the rows that are not plain orders (quarantined, copies, cancellation lines).
+# What is kept of the rows that are not plain orders (quarantined, copies, cancellation lines),
+# with what the rules' details read (``detail`` is made from them once these few rows are cached).
+DETAIL_INPUTS = ("order_ts_text", "order_date", "amount_text", "currency", "conflict_detail", "_is_malformed",
+                 "_line")
 OTHER_COLUMNS = ("_order_key", "_target_key", "_match", "_is_encoding_suspect", "kind", "reason", "reasons",
-                 "detail", "raw", "order_id", "customer_id", "order_ts", "gross_amount", "is_cancellation_line",
-                 "_src_key", *POSITION)
+                 "raw", "order_id", "customer_id", "order_ts", "gross_amount", "is_cancellation_line",
+                 "_src_key", *POSITION, *DETAIL_INPUTS)
 
 
 def run_ingest(spark: SparkSession, storage: Storage, source: SourceConf, validation: ValidationConf,
@@ -981,7 +1015,8 @@ def _run_ingest(spark: SparkSession, storage: Storage, source: SourceConf, valid
                            order_id_prefix=source.cancellation.order_id_prefix)
                 .transform(with_row_keys, grain=source.grain, order_id_mapped=order_id_mapped))
     rules = order_rules(run_date=run_date, future_tolerance_days=validation.future_tolerance_days,
-                        allowed_currencies=source.allowed_currencies, order_id_mapped=order_id_mapped)
+                        allowed_currencies=source.allowed_currencies, order_id_mapped=order_id_mapped,
+                        expected_fields=len(src.names), expected_from=src.names_from or "the header")
     row_rules = [r for r in rules if r.code != "cancellation_without_order"]
     raw_map = F.create_map(*[x for i, n in enumerate(src.names)
                              for x in (F.lit(n), _text(F.col(source_col(i)), src.df.schema[source_col(i)].dataType))])
@@ -1016,8 +1051,10 @@ def _run_ingest(spark: SparkSession, storage: Storage, source: SourceConf, valid
 
         # Pass 2: classify every row by the row rules; keep the few that are not plain orders
         # (cancellation lines included, with their raw text in case they end up quarantined).
+        # No ``detail`` here: its message code, evaluated in the scan, made the generated method
+        # too big for the JIT (measured 2x slower); it is added on the cached rows below.
         kinds_df = (flagged_df.withColumn("has_target_order", F.lit(True))
-                    .transform(with_rule_results, row_rules).transform(with_row_kind))
+                    .transform(with_rule_results, row_rules, details=False).transform(with_row_kind))
         others_df = (kinds_df.withColumn("_is_encoding_suspect", is_suspect)
                      .filter((F.col("kind") != KIND_ORDER) | F.col("_is_encoding_suspect"))
                      .withColumn("raw", F.when(F.col("kind").isin(KIND_QUARANTINED, KIND_CANCELLATION), raw_map))
@@ -1039,8 +1076,8 @@ def _run_ingest(spark: SparkSession, storage: Storage, source: SourceConf, valid
                 orders_key_df, order_id_prefix=source.cancellation.order_id_prefix,
                 strip_prefix_to_match=source.cancellation.strip_prefix_to_match)
                 .withColumn("is_cancellation_line", F.lit(True)).withColumn("is_exact_duplicate", F.lit(False))
-                .drop("reasons", "reason", "detail", "kind")
-                .transform(with_rule_results, without_order).transform(with_row_kind)
+                .drop("reasons", "reason", "kind")
+                .transform(with_rule_results, without_order, details=False).transform(with_row_kind)
                 .withColumn("raw", F.when(F.col("kind") == KIND_QUARANTINED, F.col("raw")))
                 .select(*OTHER_COLUMNS))
             others_df = (others_df.filter(F.col("kind") != KIND_CANCELLATION).unionByName(matched_df)
@@ -1081,8 +1118,11 @@ def _run_ingest(spark: SparkSession, storage: Storage, source: SourceConf, valid
                 storage, orders_df, accepted if source.grain == "order" else None, cached)
             clock.lap("pass 3: write orders")
         if quarantined:
-            quarantine_df = build_quarantine(others_df.transform(with_source_rows, offsets_df),
-                                             order_id_mapped=order_id_mapped, ingest_run_id=run_id, run_date=run_date)
+            quarantine_df = build_quarantine(
+                others_df.transform(with_quarantine_text, rules, field_count=src.field_count,
+                                    line_key=_unused_name("_line", src.names) if src.names_from else None)
+                .transform(with_source_rows, offsets_df),
+                order_id_mapped=order_id_mapped, ingest_run_id=run_id, run_date=run_date)
             read_files = sorted({_local_path(r["_src_file"]) for r in splits})
             if storage.exists(ORDERS_QUARANTINE.name) and storage.read(ORDERS_QUARANTINE.name).where(
                     F.col("source_file").isin(read_files)).limit(1).count():

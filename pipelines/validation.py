@@ -15,6 +15,7 @@ from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
 
 # Stable reason codes: they are stored in orders_quarantine and counted in ingest_runs.
+MALFORMED_ROW = "malformed_row"            # not the header's number of fields: no column can be trusted
 MISSING_ORDER_ID = "missing_order_id"
 MISSING_CUSTOMER_ID = "missing_customer_id"
 UNPARSABLE_TIMESTAMP = "unparsable_timestamp"
@@ -27,7 +28,7 @@ DUPLICATE_ORDER_CONFLICT = "duplicate_order_conflict"
 CANCELLATION_WITHOUT_ORDER = "cancellation_without_order"
 
 REASON_CODES: tuple[str, ...] = (
-    MISSING_ORDER_ID, MISSING_CUSTOMER_ID, UNPARSABLE_TIMESTAMP, FUTURE_TIMESTAMP, MISSING_AMOUNT,
+    MALFORMED_ROW, MISSING_ORDER_ID, MISSING_CUSTOMER_ID, UNPARSABLE_TIMESTAMP, FUTURE_TIMESTAMP, MISSING_AMOUNT,
     NON_NUMERIC_AMOUNT, NEGATIVE_AMOUNT, UNKNOWN_CURRENCY, DUPLICATE_ORDER_CONFLICT,
     CANCELLATION_WITHOUT_ORDER,
 )
@@ -43,13 +44,17 @@ class Rule:
     detail: str | Column
 
 
-def with_rule_results(df: DataFrame, rules: list[Rule]) -> DataFrame:
+def with_rule_results(df: DataFrame, rules: list[Rule], *, details: bool = True) -> DataFrame:
     """Add ``reasons`` (every failing code, in rule order), ``reason`` (the first) and ``detail``
-    (the first failing rule's detail); ``reason`` is null and ``reasons`` empty on good rows."""
+    (the first failing rule's detail); ``reason`` is null and ``reasons`` empty on good rows.
+
+    ``details=False`` leaves ``detail`` out: add it later with :func:`with_rule_details`, e.g. on
+    the few rows that failed, once they are cached (on a large scan the per-row message code made
+    Spark's generated method too big for the JIT compiler, which then runs it interpreted)."""
     if not rules:
-        return (df.withColumn("reasons", F.array().cast("array<string>"))
-                .withColumn("reason", F.lit(None).cast("string"))
-                .withColumn("detail", F.lit(None).cast("string")))
+        out_df = (df.withColumn("reasons", F.array().cast("array<string>"))
+                  .withColumn("reason", F.lit(None).cast("string")))
+        return out_df.withColumn("detail", F.lit(None).cast("string")) if details else out_df
     # Each condition is evaluated once into a flag column; reason, detail and the array read the
     # flags (conditions repeated in three expressions were evaluated three times, parsing included).
     flags = [f"_rule_{i}" for i in range(len(rules))]
@@ -57,16 +62,30 @@ def with_rule_results(df: DataFrame, rules: list[Rule]) -> DataFrame:
     reason = F.lit(None).cast("string")
     detail = F.lit(None).cast("string")
     for rule, flag in reversed(list(zip(rules, flags))):  # built inside out: the first failing rule wins
-        text = rule.detail if isinstance(rule.detail, Column) else F.lit(rule.detail)
         reason = F.when(F.col(flag), F.lit(rule.code)).otherwise(reason)
-        detail = F.when(F.col(flag), text).otherwise(detail)
+        detail = F.when(F.col(flag), _detail_text(rule)).otherwise(detail)
     # "" marks a passing rule; array_remove (unlike a filter lambda) keeps code generation
     failing = [F.when(F.col(flag), F.lit(rule.code)).otherwise(F.lit("")) for rule, flag in zip(rules, flags)]
-    return (flagged_df.withColumn("reason", reason)
-            .withColumn("reasons", F.when(F.col("reason").isNull(), F.array().cast("array<string>"))
-                        .otherwise(F.array_remove(F.array(*failing), "")))
-            .withColumn("detail", detail)
-            .drop(*flags))
+    out_df = (flagged_df.withColumn("reason", reason)
+              .withColumn("reasons", F.when(F.col("reason").isNull(), F.array().cast("array<string>"))
+                          .otherwise(F.array_remove(F.array(*failing), ""))))
+    if details:
+        out_df = out_df.withColumn("detail", detail)
+    return out_df.drop(*flags)
+
+
+def _detail_text(rule: Rule) -> Column:
+    return rule.detail if isinstance(rule.detail, Column) else F.lit(rule.detail)
+
+
+def with_rule_details(df: DataFrame, rules: list[Rule]) -> DataFrame:
+    """Add ``detail`` from ``reason`` (the detail of the first rule with that code): the same text
+    :func:`with_rule_results` gives when every rule has its own code. ``df`` needs the columns
+    the details read."""
+    detail = F.lit(None).cast("string")
+    for rule in reversed(rules):
+        detail = F.when(F.col("reason") == rule.code, _detail_text(rule)).otherwise(detail)
+    return df.withColumn("detail", detail)
 
 
 def split_by_rules(df: DataFrame, rules: list[Rule]) -> tuple[DataFrame, DataFrame]:
@@ -84,17 +103,36 @@ def _blank(col: Column) -> Column:
 
 
 def order_rules(*, run_date: date, future_tolerance_days: int = 0,
-                allowed_currencies: tuple[str, ...] = (), order_id_mapped: bool = True) -> list[Rule]:
+                allowed_currencies: tuple[str, ...] = (), order_id_mapped: bool = True,
+                expected_fields: int | None = None, expected_from: str = "the header") -> list[Rule]:
     """Row rules for canonical order rows, in priority order (the first failing one is the reason).
 
-    Expected columns (prepared by ``pipelines.ingest``): ``order_id``, ``customer_id``,
+    ``malformed_row`` comes first: a row with more or fewer fields than the header (an unquoted
+    delimiter in a product name, a cut line) has its values in the wrong columns, so what the
+    other rules would say about it means nothing. ``expected_fields`` (the header's field count)
+    and ``expected_from`` (what gives it: "the header", "source.csv.column_names") are for its
+    message only.
+
+    Expected columns (prepared by ``pipelines.ingest``): ``_is_malformed`` (the row's field count
+    is not the expected one), ``_field_count`` (the row's fields, null if not known),
+    ``order_id``, ``customer_id``,
     ``order_ts_text`` (as read), ``order_ts`` (parsed instant), ``order_date``,
     ``amount_text`` (gross as read, for the message), ``gross_amount`` (parsed, null if not a
     number), ``is_amount_missing``, ``is_amount_non_numeric``, ``is_cancellation_line``,
     ``currency``, ``is_order_conflict``, ``conflict_detail``, ``has_target_order``.
     """
     last_day = run_date + timedelta(days=future_tolerance_days)
-    rules: list[Rule] = []
+    hint = " (an unquoted delimiter or a cut line?); fix the export or quote the field"
+    if expected_fields is None:
+        malformed_detail: str | Column = f"row does not have as many fields as {expected_from}{hint}"
+    else:
+        # the count is the reader's estimate: one equal to the header's would contradict the flag
+        counted = F.col("_field_count").isNotNull() & (F.col("_field_count") != expected_fields)
+        malformed_detail = F.when(counted, F.concat(
+            F.lit("row has "), F.col("_field_count").cast("string"),
+            F.lit(f" fields, {expected_from} has {expected_fields}{hint}"))).otherwise(
+            F.lit(f"row does not have the {expected_fields} fields {expected_from} has{hint}"))
+    rules: list[Rule] = [Rule(MALFORMED_ROW, F.col("_is_malformed"), malformed_detail)]
     if order_id_mapped:
         rules.append(Rule(MISSING_ORDER_ID, _blank(F.col("order_id")), "order id is empty"))
     rules += [

@@ -310,3 +310,101 @@ def test_bad_input_gives_clear_errors_and_writes_nothing(spark, storage, tmp_pat
     assert "source.columns.gross_amount" in error(tmp_path / "wrong.csv", source(columns={
         "customer_id": "customer", "order_ts": "order_ts", "gross_amount": None}))
     assert not storage.exists("ingest_runs") and not storage.exists("orders")
+
+
+MALFORMED_DETAIL = " (an unquoted delimiter or a cut line?); fix the export or quote the field"
+
+
+def test_rows_with_more_or_fewer_fields_than_the_header_are_quarantined_with_their_line(spark, storage, tmp_path):
+    """A shifted row (a delimiter inside a value, a cut line) is `malformed_row`, whatever its
+    other fields say, and keeps its line; it is no duplicate of a good row of the same id."""
+    path = tmp_path / "orders.csv"
+    path.write_text(
+        "order_id,customer_id,order_ts,gross_amount,category\n"
+        "A1,C1,2024-01-05 10:00:00,100,home\n"
+        "A2,C1,2024-01-06 10:00:00,200,home,garden\n"             # 6 fields: an unquoted comma
+        "A3,C2,2024-01-07 10:00:00\n"                             # 3 fields: a cut line
+        'A4,C2,2024-01-08 10:00:00,400,"home,garden"\n'          # quoted: well-formed
+        "A5,C3,2024-01-09 10:00:00,500,\n"                        # empty last field: well-formed
+        "A1,C1,2024-01-05 10:00:00,100,home,\n"                   # a copy of A1 with a trailing comma
+        "A6,,,,,,,\n")                                            # 8 fields, and no customer either
+    summary = run_ingest(spark, storage, source(extra_columns="keep"), ValidationConf(max_rejected_share=1.0),
+                         "Asia/Tokyo", date(2024, 12, 31), path=str(path), run_id="m1")
+
+    assert (summary.input_rows, summary.accepted_rows, summary.quarantined_rows,
+            summary.exact_duplicate_rows) == (7, 3, 4, 0)
+    assert summary.is_reconciled
+    assert ("input rows 7 from 1 file(s) = accepted order rows 3 + cancellation lines applied 0 "
+            "+ quarantined 4 + exact duplicates dropped 0") in str(summary)
+    assert summary.reason_counts == {"malformed_row": 4}
+    assert quarantine_rows(storage) == [(2, "malformed_row"), (3, "malformed_row"), (6, "malformed_row"),
+                                        (7, "malformed_row")]
+    q = {r.source_row: r for r in storage.read("orders_quarantine").collect()}
+    assert q[2].detail == "row has 6 fields, the header has 5" + MALFORMED_DETAIL
+    assert q[3].detail == "row has 3 fields, the header has 5" + MALFORMED_DETAIL
+    assert q[7].detail == "row has 8 fields, the header has 5" + MALFORMED_DETAIL
+    # the fields as Spark split them, and the whole line
+    assert q[2].raw == {"order_id": "A2", "customer_id": "C1", "order_ts": "2024-01-06 10:00:00",
+                        "gross_amount": "200", "category": "home",
+                        "_line": "A2,C1,2024-01-06 10:00:00,200,home,garden"}
+    assert q[3].raw == {"order_id": "A3", "customer_id": "C2", "order_ts": "2024-01-07 10:00:00",
+                        "gross_amount": None, "category": None, "_line": "A3,C2,2024-01-07 10:00:00"}
+    assert q[3].reasons == ["malformed_row", "missing_amount"] and q[3].order_id == "A3"
+    assert q[7].reasons == ["malformed_row", "missing_customer_id", "unparsable_timestamp", "missing_amount"]
+    got = {r.order_id: (r.source_row, r.gross_amount, r.extra) for r in storage.read("orders").collect()}
+    assert got == {"A1": (1, 100.0, {"category": "home"}), "A4": (4, 400.0, {"category": "home,garden"}),
+                   "A5": (5, 500.0, {"category": None})}
+
+
+def test_malformed_rows_without_header_or_order_id_and_in_whitespace_exports(spark, storage, tmp_path):
+    """column_names instead of a header, derived order ids, and the whitespace (CDNOW) reader,
+    where a line with more or fewer words than column_names is malformed."""
+    columns = {"customer_id": "customer_id", "order_ts": "order_ts", "gross_amount": "gross_amount"}
+    names = ["customer_id", "order_ts", "gross_amount"]
+    (tmp_path / "plain.csv").write_text("C1,2024-01-05,100\nC2,2024-01-06,200,7\nC3,2024-01-07\nC4,2024-01-08,400\n")
+    conf = source(csv={"header": False, "column_names": names}, columns=columns, timestamp_format="yyyy-MM-dd")
+    summary = run_ingest(spark, storage, conf, ValidationConf(max_rejected_share=1.0), "UTC",
+                         date(2024, 12, 31), path=str(tmp_path / "plain.csv"))
+    assert (summary.input_rows, summary.accepted_rows, summary.quarantined_rows) == (4, 2, 2)
+    q = {r.source_row: r for r in storage.read("orders_quarantine").collect()}
+    assert {n: (r.reason, r.order_id, r.raw["_line"]) for n, r in q.items()} == {
+        2: ("malformed_row", "plain.csv#2", "C2,2024-01-06,200,7"),
+        3: ("malformed_row", "plain.csv#3", "C3,2024-01-07")}
+    assert q[2].detail == "row has 4 fields, source.csv.column_names has 3" + MALFORMED_DETAIL
+
+    (tmp_path / "blanks.txt").write_text("  C1 20240105   100\n  C2 20240106 Blue Ray 200\n  C3 20240107\n"
+                                         "  C4 20240108 400\n")
+    conf = source(csv={"header": False, "delimiter": "whitespace", "column_names": names}, columns=columns,
+                  timestamp_format="yyyyMMdd")
+    summary = run_ingest(spark, storage, conf, ValidationConf(max_rejected_share=1.0), "UTC",
+                         date(2024, 12, 31), path=str(tmp_path / "blanks.txt"))
+    assert (summary.input_rows, summary.accepted_rows, summary.quarantined_rows) == (4, 2, 2)
+    assert summary.is_reconciled
+    q = {r.source_row: r for r in storage.read("orders_quarantine").collect() if r.source_file.endswith(".txt")}
+    assert {n: (r.reason, r.detail, r.raw["_line"]) for n, r in q.items()} == {
+        2: ("malformed_row", "row has 5 fields, source.csv.column_names has 3" + MALFORMED_DETAIL,
+            "  C2 20240106 Blue Ray 200"),
+        3: ("malformed_row", "row has 2 fields, source.csv.column_names has 3" + MALFORMED_DETAIL, "  C3 20240107")}
+
+
+def test_well_formed_files_have_no_malformed_rows(spark, storage, tmp_path):
+    """Quoted delimiters, empty fields and a folder of files with the same header: nothing is
+    malformed, everything is accepted, and a different header is still refused."""
+    folder = tmp_path / "drop"
+    folder.mkdir()
+    header = "order_id,customer_id,order_ts,gross_amount,note\n"
+    (folder / "a.csv").write_text(header + 'A1,C1,2024-01-05 10:00:00,"1,200","a, b"\n'
+                                           "A2,C2,2024-01-06 10:00:00,200,\n"
+                                           ',,,,\n'                                        # all empty
+                                           'A3,C3,2024-01-07 10:00:00,300,"x\\"y,z"\n')   # escaped quote
+    (folder / "b.csv").write_text(header + "A4,C4,2024-01-08 10:00:00,400,ok\n")
+    summary = run_ingest(spark, storage, source(), ValidationConf(max_rejected_share=1.0), "Asia/Tokyo",
+                         date(2024, 12, 31), path=str(folder))
+    assert (summary.input_rows, summary.accepted_rows, summary.quarantined_rows) == (5, 4, 1)
+    assert summary.is_reconciled and summary.reason_counts == {"missing_order_id": 1}
+    assert sorted(r.order_id for r in storage.read("orders").collect()) == ["A1", "A2", "A3", "A4"]
+
+    (folder / "c.csv").write_text("order_id,gross_amount,customer_id,order_ts,note\nA5,1,C5,2024-01-09 10:00:00,x\n")
+    with pytest.raises(IngestError, match="different header"):   # all three files read together
+        run_ingest(spark, storage, source(new_files_only=False), ValidationConf(), "Asia/Tokyo",
+                   date(2024, 12, 31), path=str(folder))
