@@ -49,6 +49,7 @@ class CsvConf(_Frozen):
     delimiter: str = ","                 # "whitespace": runs of spaces/tabs (fixed-width exports)
     encoding: str = "utf-8"
     quote: str = '"'
+    escape: str = '"'                    # inside quotes: '"' = RFC 4180 doubled quotes ("a""b"); "\\" = backslash
     column_names: tuple[str, ...] = ()   # names for files without a header row
 
 

@@ -694,8 +694,9 @@ def _regex_literal(text: str) -> str:
 
 
 def _delimited_field_count(line: Column, delimiter: str, quote: str) -> Column:
-    """Fields of a delimited line: delimiters outside quoted parts + 1 (Spark's default escape, a
-    backslash, is honoured inside quotes). For the message on malformed rows, not for detection."""
+    """Fields of a delimited line: delimiters outside quoted parts + 1 (a backslash escape is
+    honoured inside quotes; RFC 4180 doubled quotes split into two adjacent quoted parts, which
+    count the same). For the message on malformed rows, not for detection."""
     if quote:
         q = _regex_literal(quote)
         line = F.regexp_replace(line, f"{q}(?:[^{q}\\\\]|\\\\.)*{q}", "")
@@ -715,7 +716,7 @@ def _read_csv(spark: SparkSession, path: str, source: SourceConf) -> _Source:
     csv = source.csv
     encoding = _java_charset(spark, csv.encoding)
     reader = (spark.read.option("encoding", encoding).option("mode", "PERMISSIVE")
-              .option("quote", csv.quote).option("multiLine", "false"))
+              .option("quote", csv.quote).option("escape", csv.escape).option("multiLine", "false"))
     if csv.delimiter == "whitespace":
         # Fixed-width style exports (CDNOW): read each line whole, split on runs of blanks.
         line_df = (reader.option("sep", _LINE_SEP_FREE).option("quote", "").option("header", csv.header)

@@ -396,13 +396,27 @@ def test_well_formed_files_have_no_malformed_rows(spark, storage, tmp_path):
     (folder / "a.csv").write_text(header + 'A1,C1,2024-01-05 10:00:00,"1,200","a, b"\n'
                                            "A2,C2,2024-01-06 10:00:00,200,\n"
                                            ',,,,\n'                                        # all empty
-                                           'A3,C3,2024-01-07 10:00:00,300,"x\\"y,z"\n')   # escaped quote
+                                           'A3,C3,2024-01-07 10:00:00,300,"12"" LP, mint"\n')   # RFC 4180 quote
     (folder / "b.csv").write_text(header + "A4,C4,2024-01-08 10:00:00,400,ok\n")
     summary = run_ingest(spark, storage, source(), ValidationConf(max_rejected_share=1.0), "Asia/Tokyo",
                          date(2024, 12, 31), path=str(folder))
     assert (summary.input_rows, summary.accepted_rows, summary.quarantined_rows) == (5, 4, 1)
     assert summary.is_reconciled and summary.reason_counts == {"missing_order_id": 1}
     assert sorted(r.order_id for r in storage.read("orders").collect()) == ["A1", "A2", "A3", "A4"]
+
+    # backslash-escaped quotes are read with source.csv.escape set to a backslash
+    backslashed = tmp_path / "backslashed.csv"
+    backslashed.write_text(header + 'B1,C1,2024-01-05 10:00:00,100,"12\\" LP, mint"\n')
+    conf = source(extra_columns="keep", new_files_only=False)
+    as_rfc = run_ingest(spark, storage, conf, ValidationConf(max_rejected_share=1.0), "Asia/Tokyo",
+                        date(2024, 12, 31), path=str(backslashed))
+    assert as_rfc.reason_counts == {"malformed_row": 1}   # with the default escape the quote ends the value
+    conf = conf.model_copy(update={"csv": conf.csv.model_copy(update={"escape": "\\"})})
+    as_backslash = run_ingest(spark, storage, conf, ValidationConf(), "Asia/Tokyo", date(2024, 12, 31),
+                              path=str(backslashed))
+    assert (as_backslash.accepted_rows, as_backslash.quarantined_rows) == (1, 0)
+    notes = {r.order_id: r.extra["note"] for r in storage.read("orders").collect() if r.extra}
+    assert notes == {"B1": '12" LP, mint'}
 
     (folder / "c.csv").write_text("order_id,gross_amount,customer_id,order_ts,note\nA5,1,C5,2024-01-09 10:00:00,x\n")
     with pytest.raises(IngestError, match="different header"):   # all three files read together
