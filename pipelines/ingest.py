@@ -1213,8 +1213,9 @@ def _merge_orders(storage: Storage, orders_df: DataFrame, accepted: int | None,
     # Where are the stored copies of the incoming ids? Usually nowhere (new orders) or in the same
     # month, but a corrected order can be re-dated into another month: look in every month, on
     # the id column only (a column-pruned scan), then read whole rows only from those months.
+    incoming_count = incoming_df.count()
     incoming_ids_df = incoming_df.select("order_id")
-    if incoming_df.count() <= BROADCAST_MAX_INCOMING:
+    if incoming_count <= BROADCAST_MAX_INCOMING:
         incoming_ids_df = F.broadcast(incoming_ids_df)
     stored_months = [r[0] for r in storage.read(ORDERS.name).select("order_id", "order_month")
                      .join(incoming_ids_df, on="order_id", how="left_semi")
@@ -1242,7 +1243,7 @@ def _merge_orders(storage: Storage, orders_df: DataFrame, accepted: int | None,
         # table cost ~10 us per stored row to rewrite, the new orders ~nothing
         storage.append(ORDERS.name, changed_df)
     clock.lap("merge: write")
-    return (accepted if accepted is not None else incoming_df.count()), written
+    return (accepted if accepted is not None else incoming_count), written
 
 
 def _record_files(spark: SparkSession, storage: Storage, files: list[SourceFile], splits: list,

@@ -60,31 +60,24 @@ def with_rule_results(df: DataFrame, rules: list[Rule], *, details: bool = True)
     flags = [f"_rule_{i}" for i in range(len(rules))]
     flagged_df = df.select("*", *[F.coalesce(r.condition, F.lit(False)).alias(f) for r, f in zip(rules, flags)])
     reason = F.lit(None).cast("string")
-    detail = F.lit(None).cast("string")
     for rule, flag in reversed(list(zip(rules, flags))):  # built inside out: the first failing rule wins
         reason = F.when(F.col(flag), F.lit(rule.code)).otherwise(reason)
-        detail = F.when(F.col(flag), _detail_text(rule)).otherwise(detail)
     # "" marks a passing rule; array_remove (unlike a filter lambda) keeps code generation
     failing = [F.when(F.col(flag), F.lit(rule.code)).otherwise(F.lit("")) for rule, flag in zip(rules, flags)]
     out_df = (flagged_df.withColumn("reason", reason)
               .withColumn("reasons", F.when(F.col("reason").isNull(), F.array().cast("array<string>"))
                           .otherwise(F.array_remove(F.array(*failing), ""))))
-    if details:
-        out_df = out_df.withColumn("detail", detail)
-    return out_df.drop(*flags)
-
-
-def _detail_text(rule: Rule) -> Column:
-    return rule.detail if isinstance(rule.detail, Column) else F.lit(rule.detail)
+    out_df = out_df.drop(*flags)
+    return with_rule_details(out_df, rules) if details else out_df
 
 
 def with_rule_details(df: DataFrame, rules: list[Rule]) -> DataFrame:
-    """Add ``detail`` from ``reason`` (the detail of the first rule with that code): the same text
-    :func:`with_rule_results` gives when every rule has its own code. ``df`` needs the columns
-    the details read."""
+    """Add ``detail`` from ``reason``: the detail of the first rule with that code (each rule has
+    its own code), null on good rows. ``df`` needs the columns the details read."""
     detail = F.lit(None).cast("string")
     for rule in reversed(rules):
-        detail = F.when(F.col("reason") == rule.code, _detail_text(rule)).otherwise(detail)
+        text = rule.detail if isinstance(rule.detail, Column) else F.lit(rule.detail)
+        detail = F.when(F.col("reason") == rule.code, text).otherwise(detail)
     return df.withColumn("detail", detail)
 
 
