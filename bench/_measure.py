@@ -2,12 +2,23 @@
 from __future__ import annotations
 
 import os
+import sys
 import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import psutil
+
+
+def use_engine_imports() -> None:
+    """Take bench/ off the import path and put the repository root first: bench/ holds scripts
+    named like engine packages (bench/models.py), and ``import models`` must find the engine's
+    package. Call it after importing the bench helpers, before importing the engine."""
+    bench = Path(__file__).resolve().parent
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != bench]
+    sys.path.insert(0, str(bench.parent))
 
 
 @dataclass

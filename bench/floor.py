@@ -18,8 +18,9 @@ can skip, with nothing of the engine's own but its fits and its scoring function
   4. the BTYD summary lifetimes computes (purchase days per customer: frequency, recency, T, mean
      repeat-day spend) plus the order and cancellation counts and the trailing 6-month net value
      the scores use, written as one row per customer;
-  5. its sufficient statistics to the driver, the engine's BG/NBD, Gamma-Gamma and cancellation
-     fits, and the engine's vectorised scoring of every customer, written as parquet.
+  5. its sufficient statistics to the driver with the engine's BG/NBD, Gamma-Gamma and
+     cancellation fits (``pipelines.ltv.fit_btyd_bundles``), and the engine's vectorised scoring
+     of every customer (``score_customers``), written as parquet.
 
 Each step is printed in seconds and as a multiple of a bare scan + count of the export measured
 in the same run (this machine is shared and absolute seconds drift). If a skeleton alone is above
@@ -36,13 +37,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-_BENCH_DIR = Path(__file__).resolve().parent
-sys.path.insert(0, str(_BENCH_DIR))
-from _measure import PeakMemory, Timer  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _measure import PeakMemory, Timer, use_engine_imports  # noqa: E402
 
-# bench/ leaves the path before `import models` (bench/models.py would shadow the package)
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _BENCH_DIR]
-sys.path.insert(0, str(_BENCH_DIR.parent))
+use_engine_imports()   # bench/models.py must not shadow the engine's models package
 
 from core.config import load_config  # noqa: E402
 from core.spark import build_spark  # noqa: E402
@@ -71,13 +69,10 @@ def main() -> None:
 
     from pyspark.sql import functions as F
 
-    from models import CancellationRateModel, GammaGammaModel, make_model
-    from models.bundle import ScoringBundle
     from pipelines.features import add_months
     from pipelines.generate import generate
     from pipelines.ingest import local_date, parse_timestamp
-    from pipelines.ltv import (cancellation_sufficient_stats, rfm_sufficient_stats, score_customers,
-                               spend_sufficient_stats)
+    from pipelines.ltv import fit_btyd_bundles, score_customers
 
     source = config.source
     tz = config.business.timezone
@@ -153,26 +148,16 @@ def main() -> None:
                 F.sum("day_net_6m").alias("net_6m"), F.lit(None).cast("string").alias("acquisition_channel"))
              .write.parquet(summary_path))
         summary_df = spark.read.parquet(summary_path)
-        with timer.step("#3 sufficient statistics", memory):
-            rfm = rfm_sufficient_stats(summary_df)
-            spend = spend_sufficient_stats(summary_df)
-            cancels = cancellation_sufficient_stats(summary_df)
-        print(f"  rows to the driver: rfm {len(rfm):,}, spend {len(spend):,}, cancellation {len(cancels):,}")
-        with timer.step("#3 fits (BG/NBD, Gamma-Gamma, cancellation)", memory):
-            bundle = ScoringBundle(
-                purchase=make_model("bgnbd", time_unit="days").fit(rfm["frequency"], rfm["recency"], rfm["T"],
-                                                                   weights=rfm["weight"]),
-                spend=GammaGammaModel().fit(spend["frequency"], spend["monetary_value"], weights=spend["weight"]),
-                cancellation=CancellationRateModel().fit(cancels["n_orders"], cancels["n_cancelled"],
-                                                         weights=cancels["weight"]),
-                horizon_months=6, time_unit="days")
+        with timer.step("#3 sufficient statistics + fits", memory):
+            fitted = fit_btyd_bundles(summary_df, ("bgnbd",), "days")   # the engine's own fitting
+        print(f"  {fitted.sizes}; seconds {({k: round(v, 2) for k, v in fitted.seconds.items()})}")
+        bundle = fitted.bundles["bgnbd"]
         with timer.step("#3 score + write", memory):
             score_customers(summary_df, bundle).write.parquet(str(scratch / "scores"))
 
     base = timer.total("baseline: scan+count export")
     floor2 = timer.total("#2 parse + write by month", "#2 duplicate order ids", "#2 per-customer aggregate")
-    floor3 = timer.total("#3 BTYD summary", "#3 sufficient statistics", "#3 fits (BG/NBD, Gamma-Gamma, cancellation)",
-                         "#3 score + write")
+    floor3 = timer.total("#3 BTYD summary", "#3 sufficient statistics + fits", "#3 score + write")
     print()
     print(f"{'step':<46} {'s':>8} {'x scan':>8}")
     for name, seconds, _ in timer.rows:

@@ -21,15 +21,11 @@ import shutil
 import sys
 from pathlib import Path
 
-_BENCH_DIR = Path(__file__).resolve().parent
-sys.path.insert(0, str(_BENCH_DIR))
-from _measure import PeakMemory, Timer  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _measure import PeakMemory, Timer, use_engine_imports  # noqa: E402
 from _orders_direct import write_orders_direct  # noqa: E402
 
-# This file is bench/models.py: with bench/ on sys.path, `import models` would find this script
-# instead of the engine's models package, so bench/ leaves the path once _measure is imported.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _BENCH_DIR]
-sys.path.insert(0, str(_BENCH_DIR.parent))
+use_engine_imports()   # this file is bench/models.py: `import models` must find the engine's package
 
 from core.config import load_config  # noqa: E402
 from core.spark import build_spark  # noqa: E402

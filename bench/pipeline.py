@@ -28,13 +28,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-BENCH = Path(__file__).resolve().parent
-sys.path.insert(0, str(BENCH))
-from _measure import PeakMemory, Timer  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _measure import PeakMemory, Timer, use_engine_imports  # noqa: E402
 
-# bench/ holds scripts named like engine packages (bench/models.py): keep it off the import path
-# so `models` is the engine's package, not a benchmark script.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != BENCH]
+use_engine_imports()   # bench/models.py must not shadow the engine's models package
 
 from core.config import load_config  # noqa: E402
 from core.spark import build_spark  # noqa: E402
