@@ -259,6 +259,42 @@ def test_paretonbd_stable_likelihood_where_lifetimes_returns_nan():
     assert np.isfinite(ours[1])
 
 
+@pytest.mark.parametrize("params", [(0.553, 10.578, 0.606, 11.669), (2.0, 20.0, 0.5, 2000.0),
+                                    (0.5, 1000.0, 2.0, 1.0), (5.0, 1e-3, 5.0, 1e-3), (1.0, 1e12, 1.0, 1e12)])
+def test_pareto_distinct_value_likelihood_equals_the_row_by_row_one(params):
+    # The fit evaluates hyp2f1 once per distinct (x, recency) and (x, T) pair; per row the result
+    # must be exactly the row-by-row likelihood, NaN rows (scipy gives up, no quadrature) included.
+    rng = np.random.default_rng(11)
+    x = rng.choice([0.0, 1.0, 2.0, 5.0, 40.0, 300.0, 2000.0], 5000)
+    T = rng.choice(np.arange(1.0, 400.0) / 7.0, 5000)               # weeks: non-integer values
+    recency = np.where(x == 0, 0.0, np.minimum(T, rng.choice(np.arange(0.0, 400.0) / 7.0, 5000)))
+    recency[:300] = T[:300]                                          # last purchase on the as-of date
+    # rows where scipy's hyp2f1 gives up when alpha and beta are far apart (z near 1)
+    # and a row whose A_0 underflows to 0 (recency a hair before T, a flat G): NaN, not -inf
+    hard = np.array([(1000, 1.0, 30000.0), (5000, 100.0, 3000.0), (300, 100.0, 3000.0), (3, 1000.0, 1000.000001)] * 3)
+    x, recency, T = (np.concatenate([a, hard[:, i]]) for i, a in enumerate((x, recency, T)))
+    expected = btyd._pareto_conditional_log_likelihood(params, x, recency, T, quadrature=False)
+    ours = btyd._ParetoDistinctLikelihood(x, recency, T).rows(params)
+    np.testing.assert_array_equal(ours, expected)                    # bit for bit, NaN where NaN
+    assert np.isfinite(ours).sum() > 1000
+    if params[1] < params[3] / 10 or params[3] < params[1] / 10 or params[1] > 1e6:
+        assert np.isnan(ours).any()                                  # the NaN branch was exercised
+
+
+def test_pareto_fit_objective_is_the_distinct_value_likelihood(monkeypatch, cdnow_rows):
+    built = []
+    original = btyd._ParetoDistinctLikelihood.__init__
+
+    def spy(self, *args):
+        built.append(len(args[0]))
+        original(self, *args)
+
+    monkeypatch.setattr(btyd._ParetoDistinctLikelihood, "__init__", spy)
+    ParetoNBDModel().fit(cdnow_rows.frequency, cdnow_rows.recency, cdnow_rows["T"], cdnow_rows.n)
+    assert built[0] == len(cdnow_rows)      # built once for the fit, not per evaluation
+    assert len(built) <= 2                  # (+ the final likelihood lifetimes may ask for)
+
+
 def test_paretonbd_fits_frequent_buyers_in_days():
     # Daily data with customers making hundreds of purchases: lifetimes' own likelihood is NaN
     # at its starting point for these rows, ours fits.
