@@ -1,7 +1,7 @@
 """LTV models on small pandas/numpy inputs: no Spark, no tables, usable in a notebook.
 
 * purchase models (``PurchaseModel``): ``BGNBDModel`` ("bgnbd"), ``ParetoNBDModel`` ("paretonbd"),
-  ``MBGNBDModel`` ("mbgnbd"), through lifetimes (BG/NBD fitted by default by ``models.fast_bgnbd``,
+  ``MBGNBDModel`` ("mbgnbd"), through lifetimes (BG/NBD and MBG/NBD fitted by default by ``models.fast_bgnbd``,
   an exact numpy likelihood on distinct values: seconds for millions of customers);
 * spend model (``SpendModel``): ``GammaGammaModel`` ("gamma_gamma"), through lifetimes;
 * ``CancellationRateModel`` ("cancellation"): beta-binomial empirical Bayes;

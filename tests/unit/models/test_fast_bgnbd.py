@@ -22,14 +22,15 @@ def rel_diff(actual: float, expected: float) -> float:
     return abs(actual - expected) / abs(expected)
 
 
-def lifetimes_objective(log_params, frequency, recency, T, weights, penalizer_coef):
-    """lifetimes' own BG/NBD objective (autograd-numpy code, evaluated as plain numpy)."""
-    from lifetimes import BetaGeoFitter
+def lifetimes_objective(log_params, frequency, recency, T, weights, penalizer_coef, modified=False):
+    """lifetimes' own BG/NBD (or MBG/NBD) objective (autograd-numpy code, evaluated as plain numpy)."""
+    from lifetimes import BetaGeoFitter, ModifiedBetaGeoFitter
 
+    fitter = ModifiedBetaGeoFitter if modified else BetaGeoFitter
     with warnings.catch_warnings(), np.errstate(all="ignore"):
         warnings.simplefilter("ignore")
-        return float(BetaGeoFitter._negative_log_likelihood(np.asarray(log_params, float), frequency, recency, T,
-                                                            weights, penalizer_coef))
+        return float(fitter._negative_log_likelihood(np.asarray(log_params, float), frequency, recency, T,
+                                                     weights, penalizer_coef))
 
 
 @pytest.fixture(scope="module")
@@ -85,17 +86,22 @@ POINTS = [np.log([0.243, 4.414 / 78.86, 0.793, 2.426]),           # the CDNOW op
           np.zeros(4), np.array([-1.5, 2.0, 0.7, -0.4]), np.array([1.0, -3.0, -2.0, 3.0])]
 
 
+@pytest.mark.parametrize("modified", [False, True], ids=["bgnbd", "mbgnbd"])
 @pytest.mark.parametrize("penalizer", [0.0, 0.05])
 @pytest.mark.parametrize("point", range(len(POINTS)))
-def test_objective_equals_lifetimes_and_gradient_equals_finite_differences(cdnow_rows, point, penalizer):
+def test_objective_equals_lifetimes_and_gradient_equals_finite_differences(cdnow_rows, point, penalizer, modified):
     frequency, recency, T = (cdnow_rows[c].to_numpy(float) for c in RFM)
     weights = cdnow_rows.n.to_numpy(float)
     scale = T.max()
-    rows = fast_bgnbd.compress(frequency, recency / scale, T / scale, weights)
+    rows = fast_bgnbd.compress(frequency, recency / scale, T / scale, weights, modified=modified)
+    # MBG/NBD: every row has the log-sum-exp term; BG/NBD: the rows with repeat purchases
+    assert len(rows.pos_x) == (len(frequency) if modified else int((frequency > 0).sum()))
     x0 = POINTS[point]
     value, gradient = fast_bgnbd.negative_log_likelihood(x0, rows, penalizer)
-    expected = lifetimes_objective(x0, frequency, recency / scale, T / scale, weights, penalizer)
+    expected = lifetimes_objective(x0, frequency, recency / scale, T / scale, weights, penalizer, modified)
     assert value == pytest.approx(expected, rel=1e-12)
+    other = lifetimes_objective(x0, frequency, recency / scale, T / scale, weights, penalizer, not modified)
+    assert value != pytest.approx(other, rel=1e-6)               # the two likelihoods really differ
 
     def f(z):
         return fast_bgnbd.negative_log_likelihood(z, rows, penalizer)[0]
@@ -273,3 +279,20 @@ def test_conditional_expected_purchases_equals_lifetimes_formula():
     model = BGNBDModel.from_dict({"format_version": 1, "model": "bgnbd", "hyperparameters": {}, "params": params})
     values = model.expected_purchases(t, frequency, recency, T)
     assert np.all(np.isfinite(values)) and np.all(values >= 0)
+
+
+# ---- (f) MBG/NBD: the same machinery with the modified likelihood -------------------------------------
+@pytest.mark.parametrize("penalizer", [0.0, 0.01])
+def test_fast_mbg_equals_the_lifetimes_backend(cdnow_rows, simulated_days, penalizer):
+    from models import MBGNBDModel
+
+    assert MBGNBDModel().backend == "fast"
+    for data, unit in ((cdnow_rows, "weeks"), (unique_rows(simulated_days, RFM), "days")):
+        args = (data.frequency, data.recency, data["T"], data.n)
+        fast = MBGNBDModel(penalizer_coef=penalizer, time_unit=unit).fit(*args)
+        slow = MBGNBDModel(penalizer_coef=penalizer, time_unit=unit, backend="lifetimes").fit(*args)
+        assert fast.fit_info_["backend"] == "fast" and slow.fit_info_["backend"].startswith("lifetimes ")
+        assert fast.fit_info_["penalizer"] == slow.fit_info_["penalizer"] == penalizer
+        for name in MBGNBDModel.param_names:
+            assert rel_diff(fast.params_[name], slow.params_[name]) < 1e-4, (name, fast.params_, slow.params_)
+        assert fast.fit_info_["log_likelihood"] == pytest.approx(slow.fit_info_["log_likelihood"], rel=1e-7)
