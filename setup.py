@@ -24,7 +24,9 @@ setup(
         "delta-spark>=4.0,<4.1",   # native Delta when the session has Delta's jars
         "deltalake>=1.1,<2",       # same Delta format through delta-rs when it has not
         "pyarrow>=15",
-        "pandas>=2.2",
+        # pandas 3's default Arrow-backed `str` columns make Spark 4.0's createDataFrame fall back
+        # to row-by-row conversion, and MLflow 3 warns on them; Databricks 17.3 ships pandas 2.x.
+        "pandas>=2.2,<3",
         "numpy>=1.26",
         "scipy>=1.11",
         "lifetimes==0.11.3",

@@ -59,6 +59,10 @@ def build_spark(conf: SparkConf, warehouse: str | None = None) -> SparkSession:
             _apply_runtime_settings(active, conf)
             return active
     ensure_java()
+    if conf.master and conf.master.startswith("local"):
+        # A local JVM binds to loopback, not to the first external interface it finds (and does
+        # not warn that the hostname resolves to 127.0.0.1). Read when the JVM starts.
+        os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
     # Python workers must run the interpreter that runs the driver (venvs, CI).
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
@@ -78,6 +82,9 @@ def build_spark(conf: SparkConf, warehouse: str | None = None) -> SparkSession:
         "spark.driver.extraJavaOptions": f"-Duser.timezone=UTC {JIT_OPTIONS}",
         "spark.executor.extraJavaOptions": f"-Duser.timezone=UTC {JIT_OPTIONS}",
         "spark.sql.parquet.outputTimestampType": "TIMESTAMP_MICROS",
+        # Exports written by pandas 2 hold TIMESTAMP(NANOS) columns, which Spark 4.0 cannot read as
+        # timestamps; read as long nanoseconds, ingest converts them (pipelines.ingest).
+        "spark.sql.legacy.parquet.nanosAsLong": "true",
         "spark.sql.execution.arrow.pyspark.enabled": "true",
         "spark.sql.adaptive.enabled": "true",
         "spark.sql.sources.partitionOverwriteMode": "dynamic",
@@ -103,6 +110,7 @@ def build_spark(conf: SparkConf, warehouse: str | None = None) -> SparkSession:
 def _apply_runtime_settings(spark: SparkSession, conf: SparkConf) -> None:
     spark.conf.set("spark.sql.session.timeZone", "UTC")
     spark.conf.set("spark.sql.parquet.outputTimestampType", "TIMESTAMP_MICROS")
+    spark.conf.set("spark.sql.legacy.parquet.nanosAsLong", "true")
     if conf.shuffle_partitions:
         spark.conf.set("spark.sql.shuffle.partitions", str(conf.shuffle_partitions))
     for key, value in conf.extra.items():

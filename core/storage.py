@@ -15,6 +15,7 @@ files named by the Delta log, and the log is written last, atomically.
 """
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import os
@@ -104,6 +105,16 @@ def conform(df: DataFrame, spec: TableSpec) -> DataFrame:
 # --------------------------------------------------------------------------------------------
 # Backends
 # --------------------------------------------------------------------------------------------
+def _file_uris(table, filters: list | None) -> list[str]:
+    """The table's file URIs pruned by partition filters: ``file_pruning_predicate`` where this
+    deltalake has it (``partition_filters`` is deprecated there), ``partition_filters`` before."""
+    if filters is None:
+        return table.file_uris()
+    if "file_pruning_predicate" in inspect.signature(table.file_uris).parameters:
+        return table.file_uris(file_pruning_predicate=filters)
+    return table.file_uris(partition_filters=filters)
+
+
 @dataclass
 class _StagedFile:
     relative_path: str
@@ -133,7 +144,7 @@ class _DeltaRsBackend:
         table = DeltaTable(path, version=version) if version is not None else DeltaTable(path)
         # pruned from the log: Spark never lists or opens the other partitions' files
         filters = [(column, "in", values) for column, values in (partitions or {}).items()]
-        uris = table.file_uris(partition_filters=filters or None)
+        uris = _file_uris(table, filters or None)
         if not uris:
             return self.spark.createDataFrame([], spec.schema)
         df = (self.spark.read.schema(spec.schema).option("basePath", path)

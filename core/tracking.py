@@ -74,23 +74,8 @@ def start(target: TrackingTarget) -> str:
     return experiment_id
 
 
-class BundlePyfunc:
-    """MLflow pyfunc wrapper around a saved :class:`ScoringBundle` (artifact ``bundle``)."""
-
-    @staticmethod
-    def make():
-        import mlflow.pyfunc
-
-        class _Pyfunc(mlflow.pyfunc.PythonModel):
-            def load_context(self, context):
-                from models.bundle import ScoringBundle
-
-                self.bundle = ScoringBundle.load(context.artifacts["bundle"])
-
-            def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
-                return self.bundle.predict(model_input)
-
-        return _Pyfunc()
+#: The pyfunc's code, logged as a model from code (no pickled Python object in the registry).
+PYFUNC_CODE = Path(__file__).with_name("mlflow_model.py")
 
 
 def _signature(bundle) -> Any:
@@ -98,8 +83,9 @@ def _signature(bundle) -> Any:
 
     from models.bundle import FEATURE_COLUMNS
 
+    # counts as float64: a served batch may carry missing values, which integer columns cannot hold
     example = pd.DataFrame([{"customer_id": "C1", "frequency": 2.0, "recency": 30.0, "T": 60.0,
-                             "monetary_value": 5000.0, "n_orders": 3, "n_cancelled": 0, "net_6m": 12000.0,
+                             "monetary_value": 5000.0, "n_orders": 3.0, "n_cancelled": 0.0, "net_6m": 12000.0,
                              "acquisition_channel": "web"}])[list(FEATURE_COLUMNS)]
     return infer_signature(example, bundle.predict(example)), example
 
@@ -154,7 +140,7 @@ def log_bundle(bundle, run_name: str, params: dict[str, Any], metrics: dict[str,
         _log_contents(params, metrics, artifacts, tags, Path(tmp))
         folder = bundle.save(Path(tmp) / "bundle")
         signature, example = _signature(bundle)
-        info = mlflow.pyfunc.log_model(name="model", python_model=BundlePyfunc.make(),
+        info = mlflow.pyfunc.log_model(name="model", python_model=str(PYFUNC_CODE),
                                        artifacts={"bundle": str(folder)}, signature=signature,
                                        input_example=example,
                                        registered_model_name=register_as,

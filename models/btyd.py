@@ -190,7 +190,9 @@ def _pareto_conditional_log_likelihood(params, freq, rec, T, quadrature: bool):
     x = np.asarray(freq, float)
     A_1 = special.gammaln(r + x) - special.gammaln(r) + r * np.log(alpha) + s * np.log(beta)
     log_A_0 = _pareto_log_A_0(params, x, rec, T, quadrature)
-    A_2 = np.logaddexp(-(r + x) * np.log(alpha + T) - s * np.log(beta + T), np.log(s) + log_A_0 - np.log(r + s + x))
+    with np.errstate(invalid="ignore"):    # NaN log_A_0 (scipy gave up, no quadrature) stays NaN by design
+        A_2 = np.logaddexp(-(r + x) * np.log(alpha + T) - s * np.log(beta + T),
+                           np.log(s) + log_A_0 - np.log(r + s + x))
     return A_1 + A_2
 
 

@@ -796,10 +796,57 @@ def _read_parquet_like(spark: SparkSession, path: str | list[str], fmt: str) -> 
                               "or source.format") from None
         if not uris:
             raise IngestError(f"{path}: the Delta table has no data files (no data rows)")
-        df = spark.read.parquet(*uris)
+        df = _with_nanosecond_timestamps(spark.read.parquet(*uris))
     else:
-        df = spark.read.parquet(*([path] if isinstance(path, str) else path))
+        df = _with_nanosecond_timestamps(spark.read.parquet(*([path] if isinstance(path, str) else path)))
     return _with_positions(df, list(df.columns), exact=True)
+
+
+def _with_nanosecond_timestamps(df: DataFrame) -> DataFrame:
+    """Nanosecond parquet timestamps (what pandas 2 writes) as Spark timestamps (microseconds).
+
+    Spark 4.0 cannot read TIMESTAMP(NANOS); the session reads them as long nanoseconds
+    (``spark.sql.legacy.parquet.nanosAsLong``, set by :func:`core.spark.build_spark`), and the
+    columns the first file's footer declares as such are converted here: naive ones to
+    TIMESTAMP_NTZ (wall time, as microsecond naive timestamps are read), zoned ones to TIMESTAMP.
+    Only one footer is read, on the driver.
+    """
+    nanos = _nanosecond_timestamp_columns(df)
+    if not nanos:
+        return df
+    columns = []
+    for name in df.columns:
+        if name not in nanos or not isinstance(df.schema[name].dataType, T.LongType):
+            columns.append(F.col(name))
+            continue
+        quoted = f"`{name.replace('`', '``')}`"
+        # floor division: nanoseconds -> microseconds, also before 1970
+        micros = F.expr(f"timestamp_micros({quoted} div 1000 - IF({quoted} % 1000 < 0, 1, 0))")
+        columns.append((micros.cast(T.TimestampNTZType()) if nanos[name] is None else micros).alias(name))
+    return df.select(*columns)
+
+
+def _nanosecond_timestamp_columns(df: DataFrame) -> dict[str, str | None]:
+    """{column: time zone or None} of the nanosecond timestamps in the first input file's footer."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from pyarrow import fs
+
+    if not any(isinstance(f.dataType, T.LongType) for f in df.schema.fields):
+        return {}
+    files = df.inputFiles()
+    if not files:
+        return {}
+    uri = files[0].replace("s3a://", "s3://", 1)
+    try:
+        filesystem, file_path = fs.FileSystem.from_uri(uri)
+        schema = pq.read_schema(unquote(file_path), filesystem=filesystem)
+    except (OSError, ValueError, pa.ArrowException) as exc:
+        log.warning("could not read the parquet footer of %s to find nanosecond timestamps (%s); "
+                    "such columns stay long integers", uri, exc)
+        return {}
+    return {field.name: field.type.tz for field in schema
+            if pa.types.is_timestamp(field.type) and field.type.unit == "ns"}
 
 
 def read_source(spark: SparkSession, path: str | list[str], source: SourceConf) -> _Source:

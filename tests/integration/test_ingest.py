@@ -264,6 +264,30 @@ def test_parquet_folder_and_delta_table_sources(spark, storage, tmp_path):
     assert (again.input_rows, again.accepted_rows, again.orders_written) == (2, 2, 0)
 
 
+def test_nanosecond_parquet_timestamps_as_pandas_2_writes_them(spark, storage, tmp_path):
+    """pandas 2 writes TIMESTAMP(NANOS), which Spark 4.0 cannot read as a timestamp: naive ones are
+    wall time in source_timezone, zoned ones instants; sub-microsecond digits are floored."""
+    import pandas as pd
+    import pyarrow.parquet as pq
+
+    folder = tmp_path / "ns"
+    folder.mkdir()
+    naive = pd.DataFrame({"order_id": ["N1", "N2"], "customer_id": ["1", "2"],
+                          "order_ts": pd.to_datetime(["2024-01-05 08:00:00.000001999", "2024-02-01 09:00:00.000000000"]),
+                          "gross_amount": [100.0, 200.0]})
+    naive.to_parquet(folder / "naive.parquet", index=False)
+    assert str(pq.read_schema(folder / "naive.parquet").field("order_ts").type) == "timestamp[ns]"
+    run_ingest(spark, storage, source(format="parquet"), ValidationConf(), "Asia/Tokyo", date(2024, 12, 31),
+               path=str(folder / "naive.parquet"))
+    zoned = naive.assign(order_id=["Z1", "Z2"], order_ts=naive.order_ts.dt.tz_localize("UTC"))
+    zoned.to_parquet(folder / "zoned.parquet", index=False)
+    run_ingest(spark, storage, source(format="parquet"), ValidationConf(), "Asia/Tokyo", date(2024, 12, 31),
+               path=str(folder / "zoned.parquet"))
+    got = {r.order_id: r.order_ts for r in storage.read("orders").collect()}
+    assert got == {"N1": datetime(2024, 1, 4, 23, 0, 0, 1), "N2": datetime(2024, 2, 1, 0),     # Tokyo wall time
+                   "Z1": datetime(2024, 1, 5, 8, 0, 0, 1), "Z2": datetime(2024, 2, 1, 9)}      # UTC instants
+
+
 @pytest.mark.skipif(CDNOW is None, reason="lifetimes' CDNOW sample is not installed")
 def test_cdnow_sample_with_the_example_mapping(spark, storage):
     conf = load_config(ROOT / "conf" / "examples" / "cdnow.yaml")

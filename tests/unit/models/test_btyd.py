@@ -364,7 +364,11 @@ def test_real_non_convergence_falls_back_to_penalizer():
         warnings.simplefilter("ignore")
         BetaGeoFitter().fit(frequency, recency, T)
     model = BGNBDModel().fit(frequency, recency, T)
-    assert model.fit_info_["penalizer"] == 0.001 and model.fit_info_["fallback_used"]
+    info = model.fit_info_
+    # which penalised rung is taken is the optimiser's business; that one was needed is not
+    assert info["fallback_used"] and info["penalizer"] > 0
+    unpenalised = [f for f in info["failed_attempts"] if f["penalizer"] == 0]
+    assert unpenalised and all("likelihood has no unique maximum" in f["error"] for f in unpenalised)
     # no dropout seen: (almost) everyone is alive and keeps buying at ~5 / T
     assert np.all(model.p_alive(frequency, recency, T) > 0.97)
 

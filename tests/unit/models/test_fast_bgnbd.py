@@ -189,7 +189,7 @@ def test_no_observed_dropout_is_not_converged_without_a_penalizer():
     # a -> 0 (nobody drops out), so there is no interior maximum.
     T = np.linspace(10, 300, 200)
     frequency, recency = np.full(200, 5.0), 0.99 * T
-    with pytest.raises(fast_bgnbd.ConvergenceFailure, match="likelihood"):
+    with pytest.raises(fast_bgnbd.ConvergenceFailure, match="likelihood has no unique maximum"):
         fast_bgnbd.fit_bgnbd(frequency, recency, T)
     penalised = fast_bgnbd.fit_bgnbd(frequency, recency, T, penalizer_coef=0.001)    # accepted, as lifetimes does
     assert penalised.params["a"] < 1e-8
@@ -223,7 +223,7 @@ def test_restart_start_reaches_the_same_optimum(cdnow_rows, cdnow_fits):
         params = np.exp(optimum.log_params) * [1, scale, 1, 1]
         for value, name in zip(params, BGNBDModel.param_names):
             assert rel_diff(value, cdnow_fits["fast"].params_[name]) < 1e-7
-        assert np.max(np.abs(optimum.gradient)) < fast_bgnbd.GRADIENT_TOLERANCE
+        assert np.max(np.abs(optimum.gradient)) < fast_bgnbd.STATIONARY_RTOL * max(1.0, abs(optimum.objective))
 
 
 # ---- persistence ------------------------------------------------------------------------------------------
