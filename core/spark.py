@@ -1,6 +1,7 @@
 """The one SparkSession factory. Every stage receives ``spark`` as an argument."""
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import sys
@@ -13,6 +14,8 @@ from core.config import SparkConf
 # Compile Spark's large generated methods too (see build_spark); clusters should set the same
 # option (infra/ does) since their JVMs are not started from here.
 JIT_OPTIONS = "-XX:-DontCompileHugeMethods"
+
+log = logging.getLogger(__name__)
 
 
 class JavaMissingError(RuntimeError):
@@ -99,12 +102,32 @@ def build_spark(conf: SparkConf, warehouse: str | None = None) -> SparkSession:
     }
     if warehouse and "://" not in warehouse:
         settings["spark.sql.warehouse.dir"] = os.path.abspath(os.path.join(warehouse, "_spark_sql"))
+    settings.update(local_jar_settings(conf.extra))
     settings.update(conf.extra)
     for key, value in settings.items():
         builder = builder.config(key, value)
     spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel("ERROR")
     return spark
+
+
+def local_jar_settings(extra: dict[str, str]) -> dict[str, str]:
+    """``spark.jars`` and Delta's session settings for the pinned jars in the local cache
+    (:mod:`core.jars`); nothing when the caller brings its own jars or the cache lacks them (the
+    storage backend ``auto`` then picks deltalake, see :class:`core.storage.Storage`)."""
+    from core import jars
+
+    if any(key in extra for key in ("spark.jars", "spark.jars.packages")):
+        found = None
+    else:
+        found = jars.present("delta")
+    settings: dict[str, str] = {}
+    if found:
+        settings["spark.jars"] = ",".join(str(p) for p in found + (jars.present("s3") or []))
+    if found or "delta" in extra.get("spark.jars.packages", "") + extra.get("spark.jars", ""):
+        settings["spark.sql.extensions"] = "io.delta.sql.DeltaSparkSessionExtension"
+        settings["spark.sql.catalog.spark_catalog"] = "org.apache.spark.sql.delta.catalog.DeltaCatalog"
+    return settings
 
 
 def _apply_runtime_settings(spark: SparkSession, conf: SparkConf) -> None:

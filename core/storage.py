@@ -24,7 +24,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Protocol
 from urllib.parse import unquote
 
 import pyarrow as pa
@@ -34,7 +34,7 @@ from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 from core.spark import has_delta_classes
-from core.tables import TableSpec, table_spec
+from core.tables import TableSpec, conform, table_spec
 
 log = logging.getLogger(__name__)
 
@@ -43,10 +43,6 @@ STAGING_DIR = "_staging"
 
 class StorageError(RuntimeError):
     """A table cannot be read or written; the message says which and why."""
-
-
-class SchemaContractError(StorageError):
-    """A DataFrame does not match the declared schema of the table it is written to."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -79,32 +75,37 @@ def spark_to_arrow_schema(schema: T.StructType) -> pa.Schema:
     return pa.schema([pa.field(f.name, spark_to_arrow_type(f.dataType), f.nullable) for f in schema.fields])
 
 
-def conform(df: DataFrame, spec: TableSpec) -> DataFrame:
-    """Select the table's columns in order with the declared types; fail on missing/extra columns."""
-    have = set(df.columns)
-    want = spec.columns
-    missing = [c for c in want if c not in have]
-    extra = sorted(have - set(want))
-    if missing or extra:
-        parts = []
-        if missing:
-            parts.append(f"missing columns {missing}")
-        if extra:
-            parts.append(f"unexpected columns {extra}")
-        raise SchemaContractError(f"cannot write table {spec.name!r}: {'; '.join(parts)}")
-    current = dict(df.dtypes)
-    cols = []
-    for field in spec.schema.fields:
-        if current[field.name] == field.dataType.simpleString():
-            cols.append(F.col(field.name))
-        else:
-            cols.append(F.col(field.name).cast(field.dataType).alias(field.name))
-    return df.select(*cols)
-
-
 # --------------------------------------------------------------------------------------------
 # Backends
 # --------------------------------------------------------------------------------------------
+class StorageBackend(Protocol):
+    """What a backend does with one Delta table at ``path``: the contract both backends keep and
+    the storage tests check on each. ``spec`` is the table's declaration; DataFrames arrive
+    conformed to it."""
+
+    name: str
+
+    def exists(self, path: str) -> bool: ...
+
+    def read(self, path: str, spec: TableSpec, version: int | None,
+             partitions: dict[str, list[str]] | None = None) -> DataFrame: ...
+
+    def version(self, path: str) -> int: ...
+
+    def files_appended_since(self, path: str, version: int) -> list[str] | None:
+        """Data files added after ``version`` if every later commit was a plain append, else None."""
+
+    def history(self, path: str) -> list[dict[str, Any]]: ...
+
+    def write(self, df: DataFrame, path: str, spec: TableSpec, mode: str,
+              partitions: dict[str, list[str]] | None) -> None:
+        """mode: append | overwrite (whole table) | replace_partitions (those in df and ``partitions``)."""
+
+    def merge(self, df: DataFrame, path: str, spec: TableSpec, keys: tuple[str, ...],
+              previous_partitions: dict[str, list[str]]) -> None:
+        """Upsert by ``keys`` into an existing table (see :meth:`Storage.merge`)."""
+
+
 def _file_uris(table, filters: list | None) -> list[str]:
     """The table's file URIs pruned by partition filters: ``file_pruning_predicate`` where this
     deltalake has it (``partition_filters`` is deprecated there), ``partition_filters`` before."""
@@ -275,6 +276,31 @@ class _DeltaRsBackend:
         self._commit(path, spec, adds + removes, "append", None, "replace_partitions")
 
 
+    def merge(self, df: DataFrame, path: str, spec: TableSpec, keys: tuple[str, ...],
+              previous_partitions: dict[str, list[str]]) -> None:
+        """delta-rs' commit API has no MERGE here: the partitions the new rows touch (plus where
+        moved keys were before) are read, the new rows replace their keys, and those partitions
+        are replaced in one commit; an unpartitioned table is rewritten."""
+        previous = None
+        if spec.partition_by:
+            (column,) = spec.partition_by
+            previous = {column: list(previous_partitions.get(column, []))}
+            touched = [r[0] for r in df.select(column).distinct().collect()]   # a few partition values
+            if not touched:
+                return
+            if None in touched:   # every partition column here is non-null: a caller's bug
+                raise StorageError(f"cannot merge into {spec.name!r}: rows with a null {column} (the partition column)")
+            wanted = sorted({str(v) for v in touched} | set(previous[column]))
+            existing = self.read(path, spec, None, {column: wanted})
+        else:
+            existing = self.read(path, spec, None)
+        kept = existing.join(df.select(*keys), on=list(keys), how="left_anti")
+        merged = kept.unionByName(df)
+        mode = "replace_partitions" if spec.partition_by else "overwrite"
+        # naming the previous partitions replaces them even when the last row moved out
+        self.write(merged.select(*spec.columns), path, spec, mode, previous)
+
+
 class _DeltaSparkBackend:
     """Native Delta Lake through delta-spark (the session has Delta's classes)."""
 
@@ -299,7 +325,9 @@ class _DeltaSparkBackend:
         return df
 
     def version(self, path: str) -> int:
-        return int(self.history(path)[0]["version"])
+        from delta.tables import DeltaTable
+
+        return int(DeltaTable.forPath(self.spark, path).history(1).collect()[0]["version"])
 
     def files_appended_since(self, path: str, version: int) -> list[str] | None:
         history = self.history(path)
@@ -336,6 +364,23 @@ class _DeltaSparkBackend:
             writer.mode("overwrite").option("partitionOverwriteMode", "dynamic").save(path)
 
 
+    def merge(self, df: DataFrame, path: str, spec: TableSpec, keys: tuple[str, ...],
+              previous_partitions: dict[str, list[str]]) -> None:
+        """Delta's MERGE finds a key's stored copy wherever it is (also in another partition), so
+        ``previous_partitions`` is not needed here."""
+        from delta.tables import DeltaTable
+
+        condition = " AND ".join(f"t.`{k}` <=> s.`{k}`" for k in keys)
+        (DeltaTable.forPath(self.spark, path).alias("t").merge(df.alias("s"), condition)
+         .whenMatchedUpdateAll().whenNotMatchedInsertAll().execute())
+
+
+def _jar_dir() -> str:
+    from core.jars import jar_dir
+
+    return str(jar_dir())
+
+
 # --------------------------------------------------------------------------------------------
 # Public facade
 # --------------------------------------------------------------------------------------------
@@ -347,8 +392,15 @@ class Storage:
         self.warehouse = warehouse if "://" in warehouse else os.path.abspath(warehouse)
         if backend == "auto":
             backend = "delta-spark" if has_delta_classes(spark) else "deltalake"
+            if backend == "deltalake":
+                log.warning("storage backend: deltalake (delta-rs), because this Spark session has no Delta Lake "
+                            "jars; `./dev` or `python -m core.jars fetch` puts them in %s", _jar_dir())
+        elif backend == "delta-spark" and not has_delta_classes(spark):
+            raise StorageError("storage.backend: delta-spark needs Delta Lake's jars in the Spark session; fetch "
+                               f"them with `python -m core.jars fetch` (into {_jar_dir()}), or set "
+                               "storage.backend: auto to use deltalake without them")
         if backend == "delta-spark":
-            self._backend: _DeltaRsBackend | _DeltaSparkBackend = _DeltaSparkBackend(spark)
+            self._backend: StorageBackend = _DeltaSparkBackend(spark)
         elif backend == "deltalake":
             self._backend = _DeltaRsBackend(spark)
         else:
@@ -441,34 +493,8 @@ class Storage:
             raise StorageError(f"table {name!r} has no merge keys")
         new_df = conform(df, spec)
         path = self.path(name)
-        if isinstance(self._backend, _DeltaSparkBackend) and self._backend.exists(path):
-            from delta.tables import DeltaTable
-
-            condition = " AND ".join(f"t.`{k}` <=> s.`{k}`" for k in keys)
-            (DeltaTable.forPath(self.spark, path).alias("t").merge(new_df.alias("s"), condition)
-             .whenMatchedUpdateAll().whenNotMatchedInsertAll().execute())
-            return
         if not self._backend.exists(path):
-            mode = "replace_partitions" if spec.partition_by else "overwrite"
-            self._backend.write(new_df, path, spec, mode, None)
+            self._backend.write(new_df, path, spec, "replace_partitions" if spec.partition_by else "overwrite", None)
             return
-        previous: dict[str, list[str]] | None = None
-        if spec.partition_by:
-            # Rewrite only the partitions the new rows touch (plus where moved keys were before):
-            # their values are a few rows.
-            (column,) = spec.partition_by
-            previous = {column: [str(v) for v in (previous_partitions or {}).get(column, [])]}
-            touched = [r[0] for r in new_df.select(column).distinct().collect()]
-            if not touched:
-                return
-            if None in touched:   # every partition column here is non-null: a caller's bug
-                raise StorageError(f"cannot merge into {name!r}: rows with a null {column} (the partition column)")
-            wanted = sorted({str(v) for v in touched} | set(previous[column]))
-            existing = self._backend.read(path, spec, None, {column: wanted})
-        else:
-            existing = self._backend.read(path, spec, None)
-        kept = existing.join(new_df.select(*keys), on=list(keys), how="left_anti")
-        merged = kept.unionByName(new_df)
-        mode = "replace_partitions" if spec.partition_by else "overwrite"
-        # naming the previous partitions replaces them even when the last row moved out
-        self._backend.write(merged.select(*spec.columns), path, spec, mode, previous)
+        previous = {k: [str(v) for v in vs] for k, vs in (previous_partitions or {}).items()}
+        self._backend.merge(new_df, path, spec, keys, previous)

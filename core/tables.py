@@ -7,7 +7,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from pyspark.sql import DataFrame
+from pyspark.sql import functions as F
 from pyspark.sql import types as T
+
+
+class SchemaContractError(ValueError):
+    """A DataFrame does not match the declared schema of the table it is written to."""
 
 
 @dataclass(frozen=True)
@@ -21,6 +27,29 @@ class TableSpec:
     @property
     def columns(self) -> list[str]:
         return [f.name for f in self.schema.fields]
+
+
+def conform(df: DataFrame, spec: TableSpec) -> DataFrame:
+    """Select the table's columns in order with the declared types; fail on missing/extra columns."""
+    have = set(df.columns)
+    want = spec.columns
+    missing = [c for c in want if c not in have]
+    extra = sorted(have - set(want))
+    if missing or extra:
+        parts = []
+        if missing:
+            parts.append(f"missing columns {missing}")
+        if extra:
+            parts.append(f"unexpected columns {extra}")
+        raise SchemaContractError(f"cannot write table {spec.name!r}: {'; '.join(parts)}")
+    current = dict(df.dtypes)
+    cols = []
+    for field in spec.schema.fields:
+        if current[field.name] == field.dataType.simpleString():
+            cols.append(F.col(field.name))
+        else:
+            cols.append(F.col(field.name).cast(field.dataType).alias(field.name))
+    return df.select(*cols)
 
 
 def _f(name: str, dtype: T.DataType, nullable: bool = True) -> T.StructField:

@@ -26,8 +26,8 @@ from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
 from core.config import FeaturesConf
-from core.storage import Storage, conform
-from core.tables import CALIBRATION_HOLDOUT, ORDERS
+from core.storage import Storage
+from core.tables import CALIBRATION_HOLDOUT, ORDERS, conform
 from pipelines.features import add_months, build_customer_features, to_date, validate_orders
 
 HOLDOUT_COLUMNS = ("holdout_orders", "holdout_purchase_days", "holdout_gross", "holdout_net")

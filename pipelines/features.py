@@ -76,8 +76,8 @@ from pyspark.sql import Column, DataFrame, Window
 from pyspark.sql import functions as F
 
 from core.config import FeaturesConf
-from core.storage import Storage, conform
-from core.tables import CUSTOMER_FEATURES, FEATURES_RUNS, ORDERS
+from core.storage import Storage
+from core.tables import CUSTOMER_FEATURES, FEATURES_RUNS, ORDERS, conform
 
 log = logging.getLogger(__name__)
 

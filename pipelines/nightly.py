@@ -339,7 +339,8 @@ def run_nightly(spark: SparkSession, storage: Any, config: Config, as_of_date: d
     done = completed_steps(storage, as_of_date)
     outcomes: list[StepOutcome] = []
     total_started = time.perf_counter()
-    progress(f"[run {as_of_date}] {run_id}: steps {' -> '.join(selected)}")
+    progress(f"[run {as_of_date}] {run_id}: steps {' -> '.join(selected)} "
+             f"(storage backend {storage.backend}, warehouse {storage.warehouse})")
     for position, name in enumerate(selected, start=1):
         label = f"[run {as_of_date}] {position}/{len(selected)} {name:<8}"
         if not force and is_up_to_date(name, done):

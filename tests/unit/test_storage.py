@@ -8,7 +8,8 @@ from chispa import assert_df_equality
 from deltalake import DeltaTable
 
 from core import storage as storage_module
-from core.storage import SchemaContractError, StorageError
+from core.storage import StorageError
+from core.tables import SchemaContractError
 from core.tables import ORDERS_QUARANTINE
 
 D1, D2 = dt.date(2024, 1, 31), dt.date(2024, 2, 29)
