@@ -337,9 +337,9 @@ class _DeltaSparkBackend:
         if len(later) >= 100 or any(h["operation"] != "WRITE" or (h.get("operationParameters") or {}).get("mode") != "Append"
                                     for h in later):
             return None   # history(100) may not reach back far enough, or something was rewritten
-        reader = self.spark.read.format("delta")
-        before = set(reader.option("versionAsOf", version).load(path).inputFiles())
-        return [uri for uri in reader.load(path).inputFiles() if uri not in before]
+        # a DataFrameReader keeps its options: one reader per version
+        before = set(self.spark.read.format("delta").option("versionAsOf", version).load(path).inputFiles())
+        return [uri for uri in self.spark.read.format("delta").load(path).inputFiles() if uri not in before]
 
     def history(self, path: str) -> list[dict[str, Any]]:
         from delta.tables import DeltaTable

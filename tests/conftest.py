@@ -33,11 +33,25 @@ def warehouse(tmp_path):
     return path
 
 
+#: The suite's storage backend: delta-spark, what Databricks and EMR run (./dev fetches Delta's jars
+#: into the local session); CVSEG_TEST_BACKEND=deltalake runs it on delta-rs (e.g. offline).
+SUITE_BACKEND = os.environ.get("CVSEG_TEST_BACKEND", "delta-spark")
+BACKENDS = ("delta-spark", "deltalake")
+
+
 @pytest.fixture()
 def storage(spark, warehouse):
     from core.storage import Storage
 
-    return Storage(spark, str(warehouse), backend="deltalake")
+    return Storage(spark, str(warehouse), backend=SUITE_BACKEND)
+
+
+@pytest.fixture(params=BACKENDS)
+def any_storage(request, spark, warehouse):
+    """A Storage on each backend in turn: for the tests of the storage contract itself."""
+    from core.storage import Storage
+
+    return Storage(spark, str(warehouse), backend=request.param)
 
 
 @pytest.fixture()

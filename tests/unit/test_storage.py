@@ -1,4 +1,6 @@
-"""Storage: Delta tables through delta-rs commits; partitions, versions, merge, crash safety."""
+"""Storage: the contract both backends keep (partitions, versions, merge, appends since a
+version, crash safety, schema contract), each test on delta-spark and on deltalake; and tables
+written by one backend read by the other."""
 from __future__ import annotations
 
 import datetime as dt
@@ -8,7 +10,7 @@ from chispa import assert_df_equality
 from deltalake import DeltaTable
 
 from core import storage as storage_module
-from core.storage import StorageError
+from core.storage import Storage, StorageError
 from core.tables import SchemaContractError
 from core.tables import ORDERS_QUARANTINE
 
@@ -40,46 +42,47 @@ def _orders_df(spark, rows):
     ).select(*ORDERS.columns)
 
 
-def test_replace_partition_leaves_other_partitions_intact_and_old_versions_readable(spark, storage):
-    storage.append("orders", _orders_df(spark, [("o1", "c1", "2024-01-05", 10.0), ("o2", "c1", "2024-02-05", 20.0),
+def test_replace_partition_leaves_other_partitions_intact_and_old_versions_readable(spark, any_storage):
+    any_storage.append("orders", _orders_df(spark, [("o1", "c1", "2024-01-05", 10.0), ("o2", "c1", "2024-02-05", 20.0),
                                                 ("o3", "c2", "2024-03-05", 30.0)]))
-    storage.replace_partitions("orders", _orders_df(spark, [("o4", "c3", "2024-02-10", 40.0),
+    any_storage.replace_partitions("orders", _orders_df(spark, [("o4", "c3", "2024-02-10", 40.0),
                                                             ("o5", "c3", "2024-02-11", 50.0)]))
-    now = {r.order_id: r.order_month for r in storage.read("orders").collect()}
+    now = {r.order_id: r.order_month for r in any_storage.read("orders").collect()}
     assert now == {"o1": "2024-01", "o4": "2024-02", "o5": "2024-02", "o3": "2024-03"}
     # version 0 is the table as first written
-    assert sorted(r.order_id for r in storage.read("orders", version=0).collect()) == ["o1", "o2", "o3"]
-    assert storage.version("orders") == 1
+    assert sorted(r.order_id for r in any_storage.read("orders", version=0).collect()) == ["o1", "o2", "o3"]
+    assert any_storage.version("orders") == 1
     # a partition named explicitly with no rows is emptied
-    storage.replace_partitions("orders", spark.createDataFrame([], storage.read("orders").schema),
+    any_storage.replace_partitions("orders", spark.createDataFrame([], any_storage.read("orders").schema),
                                partitions={"order_month": ["2024-03"]})
-    assert sorted(r.order_id for r in storage.read("orders").collect()) == ["o1", "o4", "o5"]
-    history = storage.history("orders")
+    assert sorted(r.order_id for r in any_storage.read("orders").collect()) == ["o1", "o4", "o5"]
+    history = any_storage.history("orders")
     assert [h["version"] for h in history][:3] == [2, 1, 0]
 
 
-def test_merge_upserts_by_key_and_is_idempotent(spark, storage):
-    storage.merge("orders_quarantine", _quarantine_df(spark, [("a.csv", 1, "x"), ("a.csv", 2, "y")]))
-    storage.merge("orders_quarantine", _quarantine_df(spark, [("a.csv", 2, "z"), ("b.csv", 1, "x")]))
-    storage.merge("orders_quarantine", _quarantine_df(spark, [("a.csv", 2, "z"), ("b.csv", 1, "x")]))
-    got = storage.read("orders_quarantine").select("source_file", "source_row", "reason")
+def test_merge_upserts_by_key_and_is_idempotent(spark, any_storage):
+    any_storage.merge("orders_quarantine", _quarantine_df(spark, [("a.csv", 1, "x"), ("a.csv", 2, "y")]))
+    any_storage.merge("orders_quarantine", _quarantine_df(spark, [("a.csv", 2, "z"), ("b.csv", 1, "x")]))
+    any_storage.merge("orders_quarantine", _quarantine_df(spark, [("a.csv", 2, "z"), ("b.csv", 1, "x")]))
+    got = any_storage.read("orders_quarantine").select("source_file", "source_row", "reason")
     expected = spark.createDataFrame([("a.csv", 1, "x"), ("a.csv", 2, "z"), ("b.csv", 1, "x")],
                                      "source_file string, source_row long, reason string")
     assert_df_equality(got, expected, ignore_row_order=True, ignore_nullable=True)
 
 
-def test_partitioned_merge_rewrites_only_touched_partitions(spark, storage):
-    storage.merge("orders", _orders_df(spark, [("o1", "c1", "2024-01-05", 10.0), ("o2", "c1", "2024-02-05", 20.0)]))
-    files_before = set(DeltaTable(storage.path("orders")).file_uris())
-    storage.merge("orders", _orders_df(spark, [("o2", "c1", "2024-02-05", 25.0), ("o3", "c9", "2024-02-07", 5.0)]))
-    files_after = set(DeltaTable(storage.path("orders")).file_uris())
+def test_partitioned_merge_rewrites_only_touched_partitions(spark, any_storage):
+    any_storage.merge("orders", _orders_df(spark, [("o1", "c1", "2024-01-05", 10.0), ("o2", "c1", "2024-02-05", 20.0)]))
+    files_before = set(DeltaTable(any_storage.path("orders")).file_uris())
+    any_storage.merge("orders", _orders_df(spark, [("o2", "c1", "2024-02-05", 25.0), ("o3", "c9", "2024-02-07", 5.0)]))
+    files_after = set(DeltaTable(any_storage.path("orders")).file_uris())
     january = {f for f in files_before if "2024-01" in f}
     assert january and january <= files_after, "the untouched January partition must keep its files"
-    got = {r.order_id: r.gross_amount for r in storage.read("orders").collect()}
+    got = {r.order_id: r.gross_amount for r in any_storage.read("orders").collect()}
     assert got == {"o1": 10.0, "o2": 25.0, "o3": 5.0}
 
 
-def test_write_killed_before_commit_leaves_previous_version(spark, storage, monkeypatch):
+def test_write_killed_before_commit_leaves_previous_version(spark, warehouse, monkeypatch):
+    storage = Storage(spark, str(warehouse), backend="deltalake")   # its commit is a separate step
     storage.merge("orders_quarantine", _quarantine_df(spark, [("a.csv", 1, "x")]))
 
     def crash(*args, **kwargs):
@@ -96,39 +99,85 @@ def test_write_killed_before_commit_leaves_previous_version(spark, storage, monk
     assert storage.read("orders_quarantine").count() == 2
 
 
-def test_schema_contract_names_missing_and_extra_columns(spark, storage):
+def test_schema_contract_names_missing_and_extra_columns(spark, any_storage):
     df = _quarantine_df(spark, [("a.csv", 1, "x")]).drop("reason").withColumnRenamed("detail", "details")
     with pytest.raises(SchemaContractError, match=r"missing columns \['reason', 'detail'\].*unexpected columns \['details'\]"):
-        storage.append("orders_quarantine", df)
+        any_storage.append("orders_quarantine", df)
 
 
-def test_reading_a_table_that_does_not_exist_says_what_to_run(storage):
+def test_reading_a_table_that_does_not_exist_says_what_to_run(any_storage):
     with pytest.raises(StorageError, match="does not exist yet"):
-        storage.read("customer_features")
+        any_storage.read("customer_features")
     with pytest.raises(KeyError, match="unknown table"):
-        storage.path("no_such_table")
+        any_storage.path("no_such_table")
 
 
-def test_tables_are_plain_delta_readable_without_spark(spark, storage):
-    storage.append("orders", _orders_df(spark, [("o1", "c1", "2024-01-05", 10.0)]))
-    table = DeltaTable(storage.path("orders")).to_pyarrow_table()
+def test_tables_are_plain_delta_readable_without_spark(spark, any_storage):
+    any_storage.append("orders", _orders_df(spark, [("o1", "c1", "2024-01-05", 10.0)]))
+    table = DeltaTable(any_storage.path("orders")).to_pyarrow_table()
     assert table.num_rows == 1
     assert table.column("order_id").to_pylist() == ["o1"]
     assert str(table.schema.field("order_ts").type) == "timestamp[us, tz=UTC]"
 
 
-def test_partition_pruned_read_and_rows_appended_since_a_version(spark, storage):
-    storage.append("orders", _orders_df(spark, [("O1", "C1", "2024-01-05", 10.0), ("O2", "C2", "2024-02-05", 20.0)]))
-    first = storage.version("orders")
-    january = storage.read("orders", partitions={"order_month": ["2024-01"]})
+def test_partition_pruned_read_and_rows_appended_since_a_version(spark, any_storage):
+    any_storage.append("orders", _orders_df(spark, [("O1", "C1", "2024-01-05", 10.0), ("O2", "C2", "2024-02-05", 20.0)]))
+    first = any_storage.version("orders")
+    january = any_storage.read("orders", partitions={"order_month": ["2024-01"]})
     assert [r.order_id for r in january.collect()] == ["O1"]
     with pytest.raises(StorageError, match="not partitioned by \\['order_date'\\]"):
-        storage.read("orders", partitions={"order_date": ["2024-01-05"]})
+        any_storage.read("orders", partitions={"order_date": ["2024-01-05"]})
 
-    assert storage.appended_since("orders", first).count() == 0
-    storage.append("orders", _orders_df(spark, [("O3", "C3", "2024-02-07", 30.0)]))
-    assert [r.order_id for r in storage.appended_since("orders", first).collect()] == ["O3"]
+    assert any_storage.appended_since("orders", first).count() == 0
+    any_storage.append("orders", _orders_df(spark, [("O3", "C3", "2024-02-07", 30.0)]))
+    assert [r.order_id for r in any_storage.appended_since("orders", first).collect()] == ["O3"]
     # a merge rewrites a month: the rows "appended since" are no longer all that changed
-    storage.merge("orders", _orders_df(spark, [("O2", "C2", "2024-02-05", 25.0)]))
-    assert storage.appended_since("orders", first) is None
-    assert storage.appended_since("orders", storage.version("orders") + 1) is None
+    any_storage.merge("orders", _orders_df(spark, [("O2", "C2", "2024-02-05", 25.0)]))
+    assert any_storage.appended_since("orders", first) is None
+    assert any_storage.appended_since("orders", any_storage.version("orders") + 1) is None
+
+
+def test_a_write_whose_job_fails_leaves_the_previous_version(spark, any_storage):
+    """A task dies while the data files are written (a lost executor, a bad row): nothing commits."""
+    from pyspark.sql import functions as F
+
+    any_storage.append("orders", _orders_df(spark, [("o1", "c1", "2024-01-05", 10.0)]))
+    failing = _orders_df(spark, [("o2", "c2", "2024-01-06", 20.0), ("o3", "c3", "2024-02-06", 30.0)]).withColumn(
+        "gross_amount", F.when(F.col("order_id") == "o3", F.raise_error(F.lit("task killed"))).otherwise(F.col("gross_amount")))
+    with pytest.raises(Exception, match="task killed"):
+        any_storage.append("orders", failing)
+    assert any_storage.version("orders") == 0
+    assert [r.order_id for r in any_storage.read("orders").collect()] == ["o1"]
+    assert DeltaTable(any_storage.path("orders")).to_pyarrow_table().num_rows == 1
+
+
+def _vacuum_everything(backend: str, spark, path: str) -> None:
+    """VACUUM with zero retention (only in tests: concurrent readers of old versions would break)."""
+    if backend == "deltalake":
+        DeltaTable(path).vacuum(retention_hours=0, enforce_retention_duration=False, dry_run=False)
+        return
+    from delta.tables import DeltaTable as SparkDeltaTable
+
+    spark.conf.set("spark.databricks.delta.retentionDurationCheck.enabled", "false")
+    try:
+        SparkDeltaTable.forPath(spark, path).vacuum(0.0)
+    finally:
+        spark.conf.unset("spark.databricks.delta.retentionDurationCheck.enabled")
+
+
+@pytest.mark.parametrize("writer,reader", [("delta-spark", "deltalake"), ("deltalake", "delta-spark")])
+def test_a_table_written_by_one_backend_is_read_by_the_other(spark, warehouse, writer, reader):
+    """Clients inspect warehouses with delta-rs, DuckDB or Polars; a warehouse may change backend."""
+    written, read = Storage(spark, str(warehouse), writer), Storage(spark, str(warehouse), reader)
+    written.append("orders", _orders_df(spark, [("o1", "c1", "2024-01-05", 10.0), ("o2", "c2", "2024-02-05", 20.0)]))
+    written.merge("orders", _orders_df(spark, [("o2", "c2", "2024-02-05", 25.0), ("o3", "c3", "2024-03-01", 5.0)]))
+    written.replace_partitions("orders", _orders_df(spark, [("o4", "c4", "2024-01-20", 40.0)]))
+    _vacuum_everything(writer, spark, written.path("orders"))
+    expected = {"o2": 25.0, "o3": 5.0, "o4": 40.0}
+    assert {r.order_id: r.gross_amount for r in read.read("orders").collect()} == expected
+    assert {r.order_id: r.gross_amount for r in read.read("orders", partitions={"order_month": ["2024-01"]}).collect()} \
+        == {"o4": 40.0}
+    assert read.version("orders") == written.version("orders")          # VACUUM commits too
+    # and the reader can write on: the other backend's log is its own
+    read.merge("orders", _orders_df(spark, [("o3", "c3", "2024-03-01", 6.0)]))
+    assert {r.order_id: r.gross_amount for r in written.read("orders").collect()} == {**expected, "o3": 6.0}
