@@ -20,6 +20,10 @@ except ImportError:   # Airflow 2
 
 CONF = "/opt/cvseg/conf/client.yaml"   # the client's conf file on the workers
 
+# Before the first step: the Delta Lake and s3a jars pinned in the installed wheel's core/jars.lock,
+# into the worker's cache (a no-op when present), so the local Spark runs delta-spark.
+FETCH_JARS = ["python", "-m", "core.jars", "fetch"]
+
 # One command per step, in pipeline order (`cvseg` arguments; {{ ds }} is rendered by Airflow).
 COMMANDS = {
     "ingest": ["run", "--as-of", "{{ ds }}", "--steps", "ingest", "--conf", CONF],
@@ -41,7 +45,7 @@ with DAG(
                   "append_env": True},
     tags=["cvseg"],
 ) as dag:
-    previous = None
+    previous = BashOperator(task_id="fetch_jars", bash_command=" ".join(shlex.quote(a) for a in FETCH_JARS))
     for step, arguments in COMMANDS.items():
         task = BashOperator(task_id=step, bash_command="cvseg " + " ".join(
             a if a.startswith("{{") else shlex.quote(a) for a in arguments))

@@ -165,3 +165,36 @@ def test_every_spark_jvm_compiles_large_generated_methods(spark):
     params = json.dumps(submit)
     for side in ("driver", "executor"):
         assert f"spark.{side}.extraJavaOptions={JIT_OPTIONS}" in params
+
+
+def test_the_jvm_jars_are_pinned_once_and_infra_names_the_same_versions():
+    """core/jars.lock is the one source: the delta-spark Python package, Spark's own Hadoop and every
+    deployment definition agree with it."""
+    import re
+    from importlib.metadata import version
+
+    import pyspark
+
+    from core import jars
+
+    delta = jars.version_of("delta-spark_2.13")
+    assert jars.version_of("delta-storage") == delta == version("delta-spark")
+    hadoop = {m.group(1) for p in (Path(pyspark.__file__).parent / "jars").glob("hadoop-client-api-*.jar")
+              if (m := re.match(r"hadoop-client-api-(.+)\.jar", p.name))}
+    assert hadoop == {jars.version_of("hadoop-aws")}, "hadoop-aws must match the Hadoop that Spark ships"
+
+    emr = json.loads((INFRA / "emr" / "job_run.json").read_text(encoding="utf-8"))["sparkSubmitParameters"]
+    (spark_jars,) = re.findall(r"--conf spark\.jars=(\S+)", emr)
+    assert sorted(u.rsplit("/", 1)[1] for u in spark_jars.split(",")) == sorted(
+        j.file_name for j in jars.pinned() if j.group == "delta")
+
+    bundle = yaml.safe_load((INFRA / "databricks" / "databricks.yml").read_text(encoding="utf-8"))
+    assert str(bundle["variables"]["delta_lake_version"]["default"]) == delta
+    cluster = bundle["resources"]["jobs"]["cvseg_nightly"]["job_clusters"][0]["new_cluster"]
+    assert cluster["custom_tags"]["cvseg_delta_lake"] == "${var.delta_lake_version}"
+
+    tree = ast.parse((INFRA / "airflow" / "cvseg_nightly.py").read_text(encoding="utf-8"))
+    fetch = next(ast.literal_eval(n.value) for n in tree.body if isinstance(n, ast.Assign)
+                 and getattr(n.targets[0], "id", None) == "FETCH_JARS")
+    assert fetch[-3:] == ["-m", "core.jars", "fetch"]
+    assert jars.main(["coordinates"]) == 0
