@@ -8,6 +8,7 @@ unknown keys and wrong types are rejected with the dotted key path in the messag
 from __future__ import annotations
 
 import copy
+import re
 from importlib.resources import files
 from pathlib import Path
 from typing import Any, Literal
@@ -37,6 +38,16 @@ class SparkConf(_Frozen):
 class StorageConf(_Frozen):
     warehouse: str = "./warehouse"
     backend: Literal["auto", "delta-spark", "deltalake"] = "auto"
+    # "<catalog>.<schema>" (Unity Catalog) or "<schema>" (Hive metastore / Glue): every table is
+    # also registered there as an external Delta table at its warehouse path
+    catalog: str | None = None
+
+    @field_validator("catalog")
+    @classmethod
+    def _catalog_name(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)?", value):
+            raise ValueError(f"{value!r} is not <catalog>.<schema> or <schema> (letters, digits, underscores)")
+        return value
 
 
 class BusinessConf(_Frozen):

@@ -387,9 +387,11 @@ def _jar_dir() -> str:
 class Storage:
     """Reads and writes the engine's tables under one warehouse path."""
 
-    def __init__(self, spark: SparkSession, warehouse: str, backend: str = "auto"):
+    def __init__(self, spark: SparkSession, warehouse: str, backend: str = "auto", catalog: str | None = None):
         self.spark = spark
         self.warehouse = warehouse if "://" in warehouse else os.path.abspath(warehouse)
+        self.catalog = catalog
+        self._registered: set[str] = set()
         if backend == "auto":
             backend = "delta-spark" if has_delta_classes(spark) else "deltalake"
             if backend == "deltalake":
@@ -405,6 +407,9 @@ class Storage:
             self._backend = _DeltaRsBackend(spark)
         else:
             raise StorageError(f"storage.backend: unknown backend {backend!r}")
+        if catalog and self._backend.name != "delta-spark":
+            raise StorageError(f"storage.catalog: registering tables in {catalog!r} needs the delta-spark backend "
+                               "(a Spark catalog with Delta's classes); this session has the deltalake backend")
 
     @property
     def backend(self) -> str:
@@ -463,10 +468,12 @@ class Storage:
     def append(self, name: str, df: DataFrame) -> None:
         spec = table_spec(name)
         self._backend.write(conform(df, spec), self.path(name), spec, "append", None)
+        self._register(name)
 
     def overwrite(self, name: str, df: DataFrame) -> None:
         spec = table_spec(name)
         self._backend.write(conform(df, spec), self.path(name), spec, "overwrite", None)
+        self._register(name)
 
     def replace_partitions(self, name: str, df: DataFrame,
                            partitions: dict[str, Iterable[Any]] | None = None) -> None:
@@ -477,6 +484,7 @@ class Storage:
             raise StorageError(f"table {name!r} is not partitioned; use overwrite or merge")
         named = {k: [str(v) for v in vs] for k, vs in (partitions or {}).items()}
         self._backend.write(conform(df, spec), self.path(name), spec, "replace_partitions", named)
+        self._register(name)
 
     def merge(self, name: str, df: DataFrame, keys: tuple[str, ...] | None = None,
               previous_partitions: dict[str, Iterable[Any]] | None = None) -> None:
@@ -495,6 +503,31 @@ class Storage:
         path = self.path(name)
         if not self._backend.exists(path):
             self._backend.write(new_df, path, spec, "replace_partitions" if spec.partition_by else "overwrite", None)
+        else:
+            previous = {k: [str(v) for v in vs] for k, vs in (previous_partitions or {}).items()}
+            self._backend.merge(new_df, path, spec, keys, previous)
+        self._register(name)
+
+    def catalog_name(self, name: str) -> str | None:
+        """The table's name in ``storage.catalog`` (``cat.schema.table``), or None without a catalog."""
+        return f"{self.catalog}.{name}" if self.catalog else None
+
+    def _register(self, name: str) -> None:
+        """Register the table in ``storage.catalog`` as an external Delta table at its path (once per
+        process); a name already registered at another location is an error, never silently reused."""
+        if not self.catalog or name in self._registered or not self._backend.exists(self.path(name)):
             return
-        previous = {k: [str(v) for v in vs] for k, vs in (previous_partitions or {}).items()}
-        self._backend.merge(new_df, path, spec, keys, previous)
+        schema = ".".join(f"`{part}`" for part in self.catalog.split("."))
+        table = f"{schema}.`{name}`"
+        location = self.path(name)
+        self.spark.sql(f"CREATE SCHEMA IF NOT EXISTS {schema}")
+        self.spark.sql(f"CREATE TABLE IF NOT EXISTS {table} USING DELTA LOCATION '{location.replace(chr(39), chr(92) + chr(39))}'")
+        registered = self.spark.sql(f"DESCRIBE DETAIL {table}").select("location").first()[0]
+
+        def normal(uri: str) -> str:
+            return uri.removeprefix("file://").removeprefix("file:").rstrip("/")
+
+        if normal(registered) != normal(location):
+            raise StorageError(f"storage.catalog: {self.catalog}.{name} is registered at {registered}, not at this "
+                               f"warehouse's {location}; use another schema for this warehouse or drop that table")
+        self._registered.add(name)

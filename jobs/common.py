@@ -43,7 +43,7 @@ def build_session(config: Config):
 def build_storage(config: Config, spark):
     from core.storage import Storage
 
-    return Storage(spark, config.storage.warehouse, config.storage.backend)
+    return Storage(spark, config.storage.warehouse, config.storage.backend, config.storage.catalog)
 
 
 def today_in(timezone: str) -> dt.date:
