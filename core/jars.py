@@ -9,8 +9,8 @@ without jars runs the deltalake (delta-rs) backend.
 
 The other way Spark can get them, resolution at session start through ``spark.jars.packages``
 (what ``delta.configure_spark_with_delta_pip`` does; cached by Ivy in ``~/.ivy2``), works too:
-``--set spark.extra.spark.jars.packages=`` plus the coordinates from :func:`coordinates`; the
-engine then adds no jars of its own.
+``--set 'spark.extra={"spark.jars.packages": "<coordinates>"}'`` with the coordinates from
+:func:`coordinates`; the engine then adds no jars of its own.
 """
 from __future__ import annotations
 
