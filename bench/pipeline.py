@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -67,15 +68,28 @@ def split_export(spark, export_orders: Path, fmt: str, staging: Path) -> dict[st
 
 
 def drop_files(staging_part: Path, source_dir: Path, prefix: str) -> int:
-    """Move a staged part folder's data files into the source folder, as a client's upload would."""
+    """Put a staged part folder's data files into the source folder, as a client's upload would
+    (hard links: each backend's run gets the same files)."""
     source_dir.mkdir(parents=True, exist_ok=True)
     moved = 0
     for f in sorted(staging_part.iterdir()):
         if f.name.startswith(("_", ".")):
             continue
-        f.rename(source_dir / f"{prefix}-{f.name}")
+        os.link(f, source_dir / f"{prefix}-{f.name}")
         moved += 1
     return moved
+
+
+def print_side_by_side(by_backend: dict[str, dict[str, float]], labels: list[str]) -> None:
+    """Per-step seconds of each night, one column per backend (same export, same session)."""
+    names = list(by_backend)
+    print("\n| night: step | " + " | ".join(names) + " |")
+    print("| --- |" + " --- |" * len(names))
+    for label in labels:
+        steps = [k for k in next(iter(by_backend.values())) if k.startswith(f"{label}: ")]
+        for step in steps + [f"night {label}"]:
+            cells = " | ".join(f"{by_backend[n].get(step, float('nan')):.1f}" for n in names)
+            print(f"| {step} | {cells} |")
 
 
 def main() -> None:
@@ -87,17 +101,29 @@ def main() -> None:
     parser.add_argument("--reuse-export", action="store_true", help="skip generate if the export exists")
     parser.add_argument("--driver-memory", default="12g")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
+    parser.add_argument("--backends", default=None,
+                        help="comma-separated storage backends run one after another on the same export in one "
+                             "session (e.g. delta-spark,deltalake); default: storage.backend of the config")
     args = parser.parse_args()
 
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="cvseg-bench-pipeline-"))
     export_dir = workdir / f"export-{args.customers}-{args.format}"
-    warehouse, exports = workdir / "warehouse", workdir / "exports"
-    staging, source_dir = workdir / "staging", workdir / "source" / "orders"
-    for folder in (warehouse, exports, staging, source_dir.parent):
-        shutil.rmtree(folder, ignore_errors=True)
-    config = load_config(Path(__file__).resolve().parents[1] / "conf" / "examples" / "synthetic.yaml", [
-        f"storage.warehouse={warehouse}", f"source.format={args.format}", f"source.path={source_dir}",
-        f"export.dest={exports}", f"spark.driver_memory={args.driver_memory}", *args.overrides])
+    staging = workdir / "staging"
+    shutil.rmtree(staging, ignore_errors=True)
+
+    def config_for(backend: str | None):
+        """Each backend gets its own warehouse, source folder and export folder."""
+        base = workdir / (backend or "run")
+        shutil.rmtree(base, ignore_errors=True)
+        extra = [f"storage.backend={backend}"] if backend else []
+        return base / "source" / "orders", load_config(
+            Path(__file__).resolve().parents[1] / "conf" / "examples" / "synthetic.yaml", [
+                f"storage.warehouse={base / 'warehouse'}", f"source.format={args.format}",
+                f"source.path={base / 'source' / 'orders'}", f"export.dest={base / 'exports'}",
+                f"spark.driver_memory={args.driver_memory}", *args.overrides, *extra])
+
+    backends = args.backends.split(",") if args.backends else [None]
+    config = config_for(backends[0])[1]
 
     from pipelines.generate import generate
     from pipelines.nightly import run_nightly
@@ -106,8 +132,7 @@ def main() -> None:
     print(f"customers={args.customers:,} format={args.format} workdir={workdir}")
     with PeakMemory() as memory:
         with timer.step("spark session start", memory):
-            spark = build_spark(config.spark, str(warehouse))
-        storage = Storage(spark, str(warehouse), config.storage.backend)
+            spark = build_spark(config.spark, config.storage.warehouse)
         if not (args.reuse_export and (export_dir / "true_params.json").exists()):
             with timer.step("generate", memory):
                 summary = generate(spark, n_customers=args.customers, seed=args.seed, end_date=END_DATE,
@@ -123,14 +148,27 @@ def main() -> None:
         nights = [("setup", SETUP_NIGHT, "auto", "history")] + [
             (label, day, refit, day.isoformat()) for label, day, refit in NIGHTS]
         runs = {}
-        for label, day, refit, part in nights:
-            drop_files(staging / part, source_dir, part)
-            print(f"\n-- nightly run {day} ({label}; refit {refit}) --")
-            with timer.step(f"night {label}"):   # memory peaks are taken per step inside
-                runs[label] = run_nightly(
-                    spark, storage, config, day, refit=refit,
-                    step_hook=lambda name, label=label: timer.step(f"  {label}: {name}", memory),
-                    progress=lambda line: print(line, flush=True))
+        by_backend = {}
+        for backend in backends:
+            source_dir, config = config_for(backend)
+            storage = Storage(spark, config.storage.warehouse, config.storage.backend)
+            tag = f"[{storage.backend}] " if len(backends) > 1 else ""
+            for label, day, refit, part in nights:
+                drop_files(staging / part, source_dir, part)
+                print(f"\n-- {tag}nightly run {day} ({label}; refit {refit}) --")
+                with timer.step(f"{tag}night {label}"):   # memory peaks are taken per step inside
+                    runs[label] = run_nightly(
+                        spark, storage, config, day, refit=refit,
+                        step_hook=lambda name, label=label: timer.step(f"  {tag}{label}: {name}", memory),
+                        progress=lambda line: print(line, flush=True))
+            by_backend[storage.backend] = {name.strip().removeprefix(tag): round(s, 1)
+                                           for name, s, _ in timer.rows if name.strip().startswith(tag)}
+    if len(backends) > 1:
+        print_side_by_side(by_backend, [label for label, *_ in nights])
+        print(json.dumps({"customers": args.customers, "seconds_by_backend": by_backend}))
+        if not args.workdir:
+            shutil.rmtree(workdir, ignore_errors=True)
+        return
     baseline = timer.total("baseline: scan+count export")
     steps = {name.strip(): round(s, 1) for name, s, _ in timer.rows}
     peaks = {name.strip(): {"driver_gib": round(d / 1024**3, 2), "jvm_gib": round(j / 1024**3, 2)}

@@ -49,7 +49,7 @@ def has_delta_classes(spark: SparkSession) -> bool:
         return False
 
 
-def build_spark(conf: SparkConf, warehouse: str | None = None) -> SparkSession:
+def build_spark(conf: SparkConf, warehouse: str | None = None, s3: bool = False) -> SparkSession:
     """Build (local) or reuse (cluster) the session.
 
     Local sessions run in UTC with microsecond parquet timestamps, the settings the Delta tables
@@ -102,7 +102,7 @@ def build_spark(conf: SparkConf, warehouse: str | None = None) -> SparkSession:
     }
     if warehouse and "://" not in warehouse:
         settings["spark.sql.warehouse.dir"] = os.path.abspath(os.path.join(warehouse, "_spark_sql"))
-    settings.update(local_jar_settings(conf.extra))
+    settings.update(local_jar_settings(conf.extra, s3=s3 or bool(warehouse and warehouse.startswith("s3"))))
     settings.update(conf.extra)
     for key, value in settings.items():
         builder = builder.config(key, value)
@@ -111,10 +111,11 @@ def build_spark(conf: SparkConf, warehouse: str | None = None) -> SparkSession:
     return spark
 
 
-def local_jar_settings(extra: dict[str, str]) -> dict[str, str]:
+def local_jar_settings(extra: dict[str, str], s3: bool = False) -> dict[str, str]:
     """``spark.jars`` and Delta's session settings for the pinned jars in the local cache
     (:mod:`core.jars`); nothing when the caller brings its own jars or the cache lacks them (the
-    storage backend ``auto`` then picks deltalake, see :class:`core.storage.Storage`)."""
+    storage backend ``auto`` then picks deltalake, see :class:`core.storage.Storage`). The s3a
+    jars only when ``s3``: the 560 MB AWS SDK bundle adds ~20 s to a local session's start."""
     from core import jars
 
     if any(key in extra for key in ("spark.jars", "spark.jars.packages")):
@@ -123,7 +124,7 @@ def local_jar_settings(extra: dict[str, str]) -> dict[str, str]:
         found = jars.present("delta")
     settings: dict[str, str] = {}
     if found:
-        settings["spark.jars"] = ",".join(str(p) for p in found + (jars.present("s3") or []))
+        settings["spark.jars"] = ",".join(str(p) for p in found + ((jars.present("s3") or []) if s3 else []))
     if found or "delta" in extra.get("spark.jars.packages", "") + extra.get("spark.jars", ""):
         settings["spark.sql.extensions"] = "io.delta.sql.DeltaSparkSessionExtension"
         settings["spark.sql.catalog.spark_catalog"] = "org.apache.spark.sql.delta.catalog.DeltaCatalog"

@@ -37,7 +37,8 @@ def config_from(args: argparse.Namespace) -> Config:
 def build_session(config: Config):
     from core.spark import build_spark
 
-    return build_spark(config.spark, config.storage.warehouse)
+    paths = (config.storage.warehouse, config.source.path or "")
+    return build_spark(config.spark, config.storage.warehouse, s3=any(p.startswith("s3") for p in paths))
 
 
 def build_storage(config: Config, spark):
