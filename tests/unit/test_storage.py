@@ -181,3 +181,20 @@ def test_a_table_written_by_one_backend_is_read_by_the_other(spark, warehouse, w
     # and the reader can write on: the other backend's log is its own
     read.merge("orders", _orders_df(spark, [("o3", "c3", "2024-03-01", 6.0)]))
     assert {r.order_id: r.gross_amount for r in written.read("orders").collect()} == {**expected, "o3": 6.0}
+
+
+def test_delta_spark_reads_versions_and_appends_from_its_log_without_spark_jobs(spark, warehouse):
+    """The driver-side log reads give what the public history (a Spark job each) gives."""
+    storage = Storage(spark, str(warehouse), "delta-spark")
+    backend, path = storage._backend, storage.path("orders")   # noqa: SLF001 - the backend under test
+    storage.append("orders", _orders_df(spark, [("O1", "C1", "2024-01-05", 10.0)]))
+    storage.append("orders", _orders_df(spark, [("O2", "C2", "2024-02-05", 20.0), ("O3", "C3", "2024-03-05", 1.0)]))
+    tracker = spark.sparkContext.statusTracker()
+    jobs_before = len(tracker.getJobIdsForGroup())
+    from_log = backend._files_appended_from_log(path, 0)                          # noqa: SLF001
+    assert backend.version(path) == 1 and len(tracker.getJobIdsForGroup()) == jobs_before
+    from_history = backend._files_appended_from_history(path, 0)                  # noqa: SLF001
+    assert sorted(f.removeprefix("file:") for f in from_log) == sorted(f.removeprefix("file:") for f in from_history)
+    assert len(from_log) == 2
+    storage.merge("orders", _orders_df(spark, [("O2", "C2", "2024-02-05", 25.0)]))
+    assert backend._files_appended_from_log(path, 0) is None                      # noqa: SLF001
