@@ -17,6 +17,7 @@ from pyspark.sql import types as T
 
 from core.config import dump_config, load_config
 from core.storage import Storage
+from tests.conftest import BACKENDS
 from core.tables import PIPELINE_RUNS, TABLES
 from pipelines.nightly import STEPS, ChampionInfo, is_up_to_date, refit_reason, run_nightly, table_versions
 
@@ -64,11 +65,11 @@ def export_path(spark, tmp_path_factory):
     return summary["orders_path"]
 
 
-def _setup(spark, root: Path, export_path: str):
+def _setup(spark, root: Path, export_path: str, backend: str):
     config = load_config(CONF, [f"storage.warehouse={root / 'warehouse'}", f"source.path={export_path}",
                                 "source.format=parquet", f"export.dest={root / 'exports'}", "spark.master=null",
-                                "models.purchase_models=[bgnbd]"])
-    return config, Storage(spark, config.storage.warehouse, backend="deltalake")
+                                "models.purchase_models=[bgnbd]", f"storage.backend={backend}"])
+    return config, Storage(spark, config.storage.warehouse, backend=config.storage.backend)
 
 
 def _comparable(df):
@@ -106,10 +107,11 @@ def _manifest(root: Path) -> dict:
     return manifest
 
 
-@pytest.fixture(scope="module")
-def clean_run(spark, export_path, tmp_path_factory):
+@pytest.fixture(scope="module", params=BACKENDS)
+def clean_run(request, spark, export_path, tmp_path_factory):
+    """The whole nightly run on each storage backend (the other tests compare with it)."""
     root = tmp_path_factory.mktemp("clean")
-    config, storage = _setup(spark, root, export_path)
+    config, storage = _setup(spark, root, export_path, request.param)
     result = run_nightly(spark, storage, config, D)
     return root, config, storage, result
 
@@ -143,7 +145,7 @@ def test_run_killed_after_score_resumes_to_the_clean_result(spark, clean_run, ex
     from jobs.cli import main
 
     clean_root, _, clean_storage, _ = clean_run
-    config, storage = _setup(spark, tmp_path, export_path)
+    config, storage = _setup(spark, tmp_path, export_path, clean_storage.backend)
     conf_file = dump_config(config, tmp_path / "conf.yaml")
     argv = ["run", "--as-of", D.isoformat(), "--conf", str(conf_file)]
 
