@@ -116,6 +116,19 @@ def _file_uris(table, filters: list | None) -> list[str]:
     return table.file_uris(partition_filters=filters)
 
 
+def _merge_partitions(df: DataFrame, spec: TableSpec,
+                      previous_partitions: dict[str, list[str]]) -> tuple[str, list[str]] | None:
+    """(partition column, values) a merge into a partitioned table may touch: the partitions of the
+    new rows (a small distinct collect) plus ``previous_partitions``; None when there are no rows."""
+    (column,) = spec.partition_by
+    touched = {r[0] for r in df.select(column).distinct().collect()}   # a few partition values
+    if not touched:
+        return None
+    if None in touched:   # every partition column here is non-null: a caller's bug
+        raise StorageError(f"cannot merge into {spec.name!r}: rows with a null {column} (the partition column)")
+    return column, sorted({str(v) for v in touched} | set(previous_partitions.get(column, [])))
+
+
 @dataclass
 class _StagedFile:
     relative_path: str
@@ -275,7 +288,6 @@ class _DeltaRsBackend:
                                             partition_values={column: str(action[f"partition.{column}"])}))
         self._commit(path, spec, adds + removes, "append", None, "replace_partitions")
 
-
     def merge(self, df: DataFrame, path: str, spec: TableSpec, keys: tuple[str, ...],
               previous_partitions: dict[str, list[str]]) -> None:
         """delta-rs' commit API has no MERGE here: the partitions the new rows touch (plus where
@@ -283,14 +295,11 @@ class _DeltaRsBackend:
         are replaced in one commit; an unpartitioned table is rewritten."""
         previous = None
         if spec.partition_by:
-            (column,) = spec.partition_by
-            previous = {column: list(previous_partitions.get(column, []))}
-            touched = [r[0] for r in df.select(column).distinct().collect()]   # a few partition values
-            if not touched:
+            partitions = _merge_partitions(df, spec, previous_partitions)
+            if partitions is None:
                 return
-            if None in touched:   # every partition column here is non-null: a caller's bug
-                raise StorageError(f"cannot merge into {spec.name!r}: rows with a null {column} (the partition column)")
-            wanted = sorted({str(v) for v in touched} | set(previous[column]))
+            column, wanted = partitions
+            previous = {column: list(previous_partitions.get(column, []))}
             existing = self.read(path, spec, None, {column: wanted})
         else:
             existing = self.read(path, spec, None)
@@ -407,7 +416,6 @@ class _DeltaSparkBackend:
         else:
             writer.mode("overwrite").option("partitionOverwriteMode", "dynamic").save(path)
 
-
     def merge(self, df: DataFrame, path: str, spec: TableSpec, keys: tuple[str, ...],
               previous_partitions: dict[str, list[str]]) -> None:
         """Delta's MERGE, limited (like the deltalake backend) to the partitions the new rows touch
@@ -417,13 +425,10 @@ class _DeltaSparkBackend:
 
         condition = " AND ".join(f"t.`{k}` <=> s.`{k}`" for k in keys)
         if spec.partition_by:
-            (column,) = spec.partition_by
-            touched = {r[0] for r in df.select(column).distinct().collect()}   # a few partition values
-            if not touched:
+            partitions = _merge_partitions(df, spec, previous_partitions)
+            if partitions is None:
                 return
-            if None in touched:
-                raise StorageError(f"cannot merge into {spec.name!r}: rows with a null {column} (the partition column)")
-            values = sorted({str(v) for v in touched} | set(previous_partitions.get(column, [])))
+            column, values = partitions
             quoted = ", ".join("'" + v.replace("'", "''") + "'" for v in values)
             condition = f"t.`{column}` IN ({quoted}) AND {condition}"
         (DeltaTable.forPath(self.spark, path).alias("t").merge(df.alias("s"), condition)
