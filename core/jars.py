@@ -49,10 +49,10 @@ class Jar:
                 f"{self.file_name}")
 
 
-def pinned(lock: Path = LOCK) -> list[Jar]:
-    """The jars of ``core/jars.lock``, in order."""
+def pinned(lock: Path | None = None) -> list[Jar]:
+    """The jars of ``core/jars.lock`` (or ``lock``), in order."""
     jars = []
-    for line in lock.read_text().splitlines():
+    for line in (lock or LOCK).read_text().splitlines():
         line = line.split("#", 1)[0].strip()
         if not line:
             continue
