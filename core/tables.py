@@ -243,7 +243,7 @@ PIPELINE_RUNS = TableSpec(
     schema=T.StructType([
         _f("run_id", S, False),
         _f("run_date", DT, False),           # the as-of date D the run is for
-        _f("step", S, False),                # ingest | features | score | segments | trends | export
+        _f("step", S, False),                # ingest | features | score | segments | trends | export | maintain
         _f("status", S, False),              # ok | failed
         _f("started_at", TS, False),
         _f("finished_at", TS, False),
