@@ -27,7 +27,7 @@ def main(args: argparse.Namespace):
     storage = build_storage(config, spark)
     print(f"[maintain {as_of}] warehouse {storage.warehouse} (backend {storage.backend})"
           + (" - dry run" if args.dry_run else ""), flush=True)
-    summary = run_maintenance(storage, config, as_of, dry_run=args.dry_run)
+    summary = run_maintenance(storage, config, as_of, dry_run=args.dry_run, progress=lambda line: print(line, flush=True))
     for line in format_summary(summary):
         print(line)
     return summary

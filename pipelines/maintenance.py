@@ -162,7 +162,7 @@ def run_maintenance(storage: Any, config: Config, as_of: dt.date, dry_run: bool 
             result = _maintain_table(storage, config, name, as_of, hours, dry_run)
             done.append(result)
             if progress:
-                progress(_table_line(result, dry_run))
+                progress(f"  {name}: {result.seconds:.1f}s")
     finally:
         # recorded even when a later table failed: maintenance_runs is what tells a reader that
         # its date was pruned
@@ -203,13 +203,6 @@ def _maintain_table(storage: Any, config: Config, name: str, as_of: dt.date, hou
         bytes_before=bytes_before, bytes_after=bytes_after, files_compacted=compacted,
         partitions_pruned=tuple(pruned), retention_setting=setting, retention_days=days,
         files_vacuumed=len(vacuumed), checkpoint=checkpoint, seconds=round(time.perf_counter() - clock, 3))
-
-
-def _table_line(t: TableMaintenance, dry_run: bool) -> str:
-    pruned = f", {'would prune' if dry_run else 'pruned'} {len(t.partitions_pruned)} partition(s)" \
-        if t.partitions_pruned else ""
-    return (f"  {t.table}: files {t.files_before} -> {t.files_after}, {_mb(t.bytes_before)} -> {_mb(t.bytes_after)}"
-            f"{pruned}, {'would vacuum' if dry_run else 'vacuumed'} {t.files_vacuumed} ({t.seconds:.1f}s)")
 
 
 def _record(storage: Any, run_id: str, as_of: dt.date, done: list[TableMaintenance], hours: int) -> None:
