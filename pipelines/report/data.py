@@ -115,6 +115,7 @@ def customer_base(storage, as_of: dt.date) -> DataFrame | Missing:
                      .select("customer_id", "p_alive", "predicted_gross_value", "predicted_net_value",
                              "value_model", "model_version"))
         if scores_df.limit(1).count() == 0:   # one partition, pruned: cheap
+            ensure_not_pruned(storage, "customer_features", as_of)   # the first to recompute, if pruned too
             ensure_not_pruned(storage, "customer_scores", as_of)
         return features_df.join(scores_df, on="customer_id", how="left")
     return features_df.select("*", *(F.lit(None).cast(t).alias(c) for c, t in (
