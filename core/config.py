@@ -38,6 +38,7 @@ class SparkConf(_Frozen):
 class StorageConf(_Frozen):
     warehouse: str = "./warehouse"
     backend: Literal["auto", "delta-spark", "deltalake"] = "auto"
+    retention_hours: int = Field(default=168, ge=0)   # VACUUM: time travel reaches back this far
     # "<catalog>.<schema>" (Unity Catalog) or "<schema>" (Hive metastore / Glue): every table is
     # also registered there as an external Delta table at its warehouse path
     catalog: str | None = None
@@ -221,6 +222,20 @@ class ReportConf(_Frozen):
     formats: tuple[Literal["html", "pdf"], ...] = ("html", "pdf")
 
 
+class RetentionConf(_Frozen):
+    """How long `cvseg maintain` keeps dated partitions (days before its as-of date; None: forever).
+    The latest partition is never pruned."""
+
+    customer_features_days: int | None = Field(default=400, ge=1)
+    customer_scores_days: int | None = Field(default=400, ge=1)
+
+
+class MaintenanceConf(_Frozen):
+    """Table maintenance in the nightly run (`cvseg run`, step `maintain`)."""
+
+    every_days: int = Field(default=7, ge=0)   # 0: never in the nightly run (`cvseg maintain` still works)
+
+
 class Config(_Frozen):
     env: Literal["local", "databricks", "emr"] = "local"
     client: str = "demo"
@@ -236,6 +251,8 @@ class Config(_Frozen):
     trends: TrendsConf = TrendsConf()
     export: ExportConf = ExportConf()
     report: ReportConf = ReportConf()
+    retention: RetentionConf = RetentionConf()
+    maintenance: MaintenanceConf = MaintenanceConf()
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

@@ -105,6 +105,26 @@ class StorageBackend(Protocol):
               previous_partitions: dict[str, list[str]]) -> None:
         """Upsert by ``keys`` into an existing table (see :meth:`Storage.merge`)."""
 
+    # -- maintenance (pipelines/maintenance.py) -------------------------------------------------
+    def file_stats(self, path: str) -> tuple[int, int]:
+        """(data files, their bytes) that the latest version references: what a full read opens."""
+
+    def compact(self, path: str, spec: TableSpec) -> dict[str, int]:
+        """Rewrite small files into larger ones, same rows (a dataChange=false commit when
+        something was rewritten); returns {"files_removed": n, "files_added": m}."""
+
+    def vacuum(self, path: str, retention_hours: int, dry_run: bool) -> list[str]:
+        """Delete (``dry_run``: only list) files no version newer than ``retention_hours`` needs:
+        removed from the table more than that long ago. Returns those files."""
+
+    def checkpoint(self, path: str) -> bool:
+        """Write a checkpoint of the latest version and drop log files past the table's log
+        retention; False when this backend cannot do so explicitly (it checkpoints by itself)."""
+
+    def delete_partitions(self, path: str, spec: TableSpec, column: str, values: list[str]) -> int:
+        """Remove every file of the partitions ``column`` in ``values`` in one commit (no data file
+        is read or rewritten); returns the number of files removed."""
+
 
 def _file_uris(table, filters: list | None) -> list[str]:
     """The table's file URIs pruned by partition filters: ``file_pruning_predicate`` where this
@@ -309,6 +329,56 @@ class _DeltaRsBackend:
         # naming the previous partitions replaces them even when the last row moved out
         self.write(merged.select(*spec.columns), path, spec, mode, previous)
 
+    # -- maintenance ----------------------------------------------------------------------
+    def file_stats(self, path: str) -> tuple[int, int]:
+        import pyarrow.compute as pc
+        from deltalake import DeltaTable
+
+        actions = pa.table(DeltaTable(path).get_add_actions(flatten=True))
+        size = int(pc.sum(actions["size_bytes"]).as_py() or 0) if actions.num_rows else 0
+        return actions.num_rows, size
+
+    def compact(self, path: str, spec: TableSpec) -> dict[str, int]:
+        from deltalake import CommitProperties, DeltaTable
+
+        metrics = DeltaTable(path).optimize.compact(
+            commit_properties=CommitProperties(custom_metadata={"engine_operation": "compact"}))
+        return {"files_removed": int(metrics.get("numFilesRemoved", 0)),
+                "files_added": int(metrics.get("numFilesAdded", 0))}
+
+    def vacuum(self, path: str, retention_hours: int, dry_run: bool) -> list[str]:
+        """delta-rs' default ("lite") vacuum: files whose remove action is older than the
+        retention. Its "full" mode is not used: it also deletes files removed within the
+        retention (time travel) and files a running write has not committed yet."""
+        from deltalake import CommitProperties, DeltaTable
+
+        return list(DeltaTable(path).vacuum(
+            retention_hours=int(retention_hours), dry_run=dry_run, enforce_retention_duration=False,
+            commit_properties=CommitProperties(custom_metadata={"engine_operation": "vacuum"})))
+
+    def checkpoint(self, path: str) -> bool:
+        from deltalake import DeltaTable
+
+        table = DeltaTable(path)
+        table.create_checkpoint()
+        table.cleanup_metadata()   # log files older than delta.logRetentionDuration (30 days)
+        return True
+
+    def delete_partitions(self, path: str, spec: TableSpec, column: str, values: list[str]) -> int:
+        """One commit of remove actions, as ``write``'s replace_partitions path without adds."""
+        from deltalake import DeltaTable
+        from deltalake.transaction import RemoveAction
+
+        wanted = {str(v) for v in values}
+        now = int(time.time() * 1000)
+        removes = [RemoveAction(path=a["path"], data_change=True, deletion_timestamp=now, size=a["size_bytes"],
+                                partition_values={column: str(a[f"partition.{column}"])})
+                   for a in pa.table(DeltaTable(path).get_add_actions(flatten=True)).to_pylist()
+                   if str(a.get(f"partition.{column}")) in wanted]
+        if removes:
+            self._commit(path, spec, removes, "append", None, "delete_partitions")
+        return len(removes)
+
 
 class _DeltaSparkBackend:
     """Native Delta Lake through delta-spark (the session has Delta's classes)."""
@@ -433,6 +503,104 @@ class _DeltaSparkBackend:
             condition = f"t.`{column}` IN ({quoted}) AND {condition}"
         (DeltaTable.forPath(self.spark, path).alias("t").merge(df.alias("s"), condition)
          .whenMatchedUpdateAll().whenNotMatchedInsertAll().execute())
+
+    # -- maintenance ----------------------------------------------------------------------
+    def file_stats(self, path: str) -> tuple[int, int]:
+        """From the log's latest snapshot on the driver (~0.01 s; DESCRIBE DETAIL runs a Spark job, ~2-4 s)."""
+        try:
+            jvm, delta_log = self._delta_log(path)
+            none = jvm.scala.Option.empty()
+            snapshot = delta_log.update(False, none, none)
+            return int(snapshot.numOfFiles()), int(snapshot.sizeInBytes())
+        except Exception:  # noqa: BLE001 - an internal API: another Delta release may differ
+            from delta.tables import DeltaTable
+
+            row = DeltaTable.forPath(self.spark, path).detail().select("numFiles", "sizeInBytes").first()
+            return int(row["numFiles"] or 0), int(row["sizeInBytes"] or 0)
+
+    def compact(self, path: str, spec: TableSpec) -> dict[str, int]:
+        from delta.tables import DeltaTable
+
+        metrics = DeltaTable.forPath(self.spark, path).optimize().executeCompaction().first()["metrics"]
+        return {"files_removed": int(metrics["numFilesRemoved"]), "files_added": int(metrics["numFilesAdded"])}
+
+    def vacuum(self, path: str, retention_hours: int, dry_run: bool) -> list[str]:
+        """A dry run lists the files with ``VACUUM ... DRY RUN``; a real one deletes them with
+        DeltaTable.vacuum (which returns nothing) and returns what left the table's folder.
+
+        Delta refuses a retention below the table's deletedFileRetentionDuration (168 h) unless
+        its safety check is off, and lists the folder with
+        spark.sql.sources.parallelPartitionDiscovery.parallelism tasks (10,000 unless set: ~100 s
+        per table on a 2-core machine); both are set for this call only, the listing to the
+        session's default parallelism when nobody set it."""
+        from delta.tables import DeltaTable
+
+        settings = {}
+        if retention_hours < 168:
+            settings["spark.databricks.delta.retentionDurationCheck.enabled"] = "false"
+        listing = "spark.sql.sources.parallelPartitionDiscovery.parallelism"
+        if self.spark.conf.get(listing, None) is None:
+            settings[listing] = str(max(1, self.spark.sparkContext.defaultParallelism))
+        previous = {key: self.spark.conf.get(key, None) for key in settings}
+        for key, value in settings.items():
+            self.spark.conf.set(key, value)
+        try:
+            if dry_run:
+                quoted = path.replace("`", "``")
+                return [r["path"] for r in self.spark.sql(
+                    f"VACUUM delta.`{quoted}` RETAIN {int(retention_hours)} HOURS DRY RUN").collect()]
+            before = self._data_files(path)
+            DeltaTable.forPath(self.spark, path).vacuum(float(retention_hours))
+            return sorted(before - self._data_files(path))
+        finally:
+            for key, value in previous.items():
+                if value is None:
+                    self.spark.conf.unset(key)
+                else:
+                    self.spark.conf.set(key, value)
+
+    def checkpoint(self, path: str) -> bool:
+        """delta-spark has no public checkpoint call: it writes one every delta.checkpointInterval
+        (10) commits and then drops log files past delta.logRetentionDuration. Delta 4.0's JVM
+        DeltaLog can do both now (checkpointAndCleanUpDeltaLog); where that internal API is not
+        there (another Delta build, e.g. Databricks'), False: the automatic checkpoints remain."""
+        try:
+            jvm = self.spark.sparkContext._jvm  # noqa: SLF001 - internal API, guarded
+            none = jvm.scala.Option.empty()
+            delta_log = jvm.org.apache.spark.sql.delta.DeltaLog.forTable(self.spark._jsparkSession, path)  # noqa: SLF001
+            snapshot = delta_log.update(False, none, none)
+            delta_log.checkpointAndCleanUpDeltaLog(snapshot, none)
+            return True
+        except Exception as exc:  # noqa: BLE001 - py4j raises several types for a missing method
+            log.info("no explicit Delta checkpoint for %s (%s); delta-spark checkpoints every "
+                     "delta.checkpointInterval commits by itself", path, exc)
+            return False
+
+    def delete_partitions(self, path: str, spec: TableSpec, column: str, values: list[str]) -> int:
+        """DELETE on the partition column only: Delta removes whole files from its log."""
+        from delta.tables import DeltaTable
+
+        dtype = spec.schema[column].dataType
+        table = DeltaTable.forPath(self.spark, path)
+        table.delete(F.col(column).isin([F.lit(v).cast(dtype) for v in values]))
+        last = table.history(1).first()
+        if last["operation"] != "DELETE":
+            return 0
+        return int((last["operationMetrics"] or {}).get("numRemovedFiles", 0))
+
+    def _data_files(self, path: str) -> set[str]:
+        """Every file under the table's folder but the log and hidden ones (a driver-side listing)."""
+        jvm = self.spark.sparkContext._jvm  # noqa: SLF001 - Hadoop's FileSystem has no Python API
+        root = jvm.org.apache.hadoop.fs.Path(path)
+        fs = root.getFileSystem(self.spark.sparkContext._jsc.hadoopConfiguration())  # noqa: SLF001
+        prefix = fs.makeQualified(root).toString().rstrip("/") + "/"
+        files, listing = set(), fs.listFiles(root, True)
+        while listing.hasNext():
+            name = listing.next().getPath().toString()
+            relative = name[len(prefix):] if name.startswith(prefix) else name
+            if not any(part.startswith(("_", ".")) for part in relative.split("/")):
+                files.add(name)
+        return files
 
 
 def _jar_dir() -> str:
@@ -591,3 +759,75 @@ class Storage:
             raise StorageError(f"storage.catalog: {self.catalog}.{name} is registered at {registered}, not at this "
                                f"warehouse's {location}; use another schema for this warehouse or drop that table")
         self._registered.add(name)
+
+    # -- maintenance (pipelines/maintenance.py; `cvseg maintain`) --------------------------------
+    def file_stats(self, name: str) -> tuple[int, int]:
+        """(data files, bytes) the table's latest version references: what a full read opens."""
+        return self._backend.file_stats(self.path(name))
+
+    def disk_usage(self, name: str) -> tuple[int, int]:
+        """(files, bytes) under the table's folder, Delta log and files of older versions included:
+        what the table costs in storage. Listed through Hadoop's file system (local, s3a, dbfs)."""
+        jvm = self.spark.sparkContext._jvm  # noqa: SLF001 - Hadoop's FileSystem has no Python API
+        hadoop_path = jvm.org.apache.hadoop.fs.Path(self.path(name))
+        fs = hadoop_path.getFileSystem(self.spark.sparkContext._jsc.hadoopConfiguration())  # noqa: SLF001
+        if not fs.exists(hadoop_path):
+            return 0, 0
+        summary = fs.getContentSummary(hadoop_path)
+        return int(summary.getFileCount()), int(summary.getLength())
+
+    def partition_values(self, name: str) -> list[str]:
+        """The distinct values of the table's partition column in its latest version, as text."""
+        spec = table_spec(name)
+        if len(spec.partition_by) != 1:
+            raise StorageError(f"table {name!r} is not partitioned by one column")
+        (column,) = spec.partition_by
+        return sorted(str(r[0]) for r in self.read(name).select(column).distinct().collect())
+
+    def compact(self, name: str) -> dict[str, int]:
+        """Rewrite the table's small files into larger ones; the rows read the same."""
+        spec = table_spec(name)
+        return self._backend.compact(self.path(name), spec)
+
+    def vacuum(self, name: str, retention_hours: int, dry_run: bool = False) -> list[str]:
+        """Delete the files no version of the last ``retention_hours`` needs (``dry_run``: list
+        them only); time travel to older versions stops working. Returns those files."""
+        if retention_hours < 0:
+            raise StorageError(f"vacuum of {name!r}: retention_hours must be 0 or more (got {retention_hours})")
+        path = self.path(name)
+        files = self._backend.vacuum(path, retention_hours, dry_run)
+        if files and not dry_run:
+            self._remove_empty_partition_folders(name)
+        return files
+
+    def checkpoint(self, name: str) -> bool:
+        """Checkpoint the latest version and drop expired log files; False when the backend cannot
+        do it explicitly (delta-spark outside Delta 4.0's JVM API: it checkpoints every 10 commits)."""
+        return self._backend.checkpoint(self.path(name))
+
+    def delete_partitions(self, name: str, partitions: dict[str, Iterable[Any]]) -> int:
+        """Remove whole partitions ({partition column: values}) in one commit, reading no data;
+        older versions still have them until VACUUM. Returns the number of files removed."""
+        spec = table_spec(name)
+        ((column, values),) = partitions.items()
+        if column not in spec.partition_by:
+            raise StorageError(f"table {name!r} is not partitioned by {column!r}")
+        values = [str(v) for v in values]
+        if not values:
+            return 0
+        return self._backend.delete_partitions(self.path(name), spec, column, values)
+
+    def _remove_empty_partition_folders(self, name: str) -> None:
+        """VACUUM deletes files, not the partition folders they were in (either backend): on a
+        local warehouse the emptied ``column=value`` folders go too. Object stores have none."""
+        root = self.path(name)
+        if "://" in root and not root.startswith("file://"):
+            return
+        root_path = Path(root.removeprefix("file://"))
+        for folder, subfolders, files in os.walk(root_path, topdown=False):
+            relative = Path(folder).relative_to(root_path)
+            if relative.parts and all("=" in part and not part.startswith(("_", ".")) for part in relative.parts):
+                try:
+                    os.rmdir(folder)   # only succeeds when empty
+                except OSError:
+                    pass

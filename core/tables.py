@@ -243,7 +243,7 @@ PIPELINE_RUNS = TableSpec(
     schema=T.StructType([
         _f("run_id", S, False),
         _f("run_date", DT, False),           # the as-of date D the run is for
-        _f("step", S, False),                # ingest | features | score | segments | trends | export
+        _f("step", S, False),                # ingest | features | score | segments | trends | export | maintain
         _f("status", S, False),              # ok | failed
         _f("started_at", TS, False),
         _f("finished_at", TS, False),
@@ -531,6 +531,38 @@ MODEL_BACKTEST_DECILES = TableSpec(
 
 TABLES.update({t.name: t for t in (MODEL_BACKTEST, MODEL_BACKTEST_DECILES)})
 # -- end of backtest tables --
+
+# -- Table maintenance (pipelines/maintenance.py, `cvseg maintain`); a few rows per run --
+MAINTENANCE_RUNS = TableSpec(
+    name="maintenance_runs",
+    description="One row per table and maintenance run: files and bytes before/after, partitions "
+                "pruned by retention (what tells a reader its date was pruned), files vacuumed.",
+    schema=T.StructType([
+        _f("run_id", S, False),
+        _f("as_of_date", DT, False),          # retention is counted back from this date
+        _f("table_name", S, False),
+        _f("backend", S, False),              # delta-spark | deltalake
+        _f("files_before", L, False),         # data files the latest version references
+        _f("files_after", L, False),
+        _f("disk_files_before", L, False),    # every file under the table's folder (log, old versions)
+        _f("disk_files_after", L, False),
+        _f("bytes_before", L, False),         # bytes under the table's folder
+        _f("bytes_after", L, False),
+        _f("files_compacted", L, False),      # small files rewritten into larger ones
+        _f("partitions_pruned", T.ArrayType(S), False),  # partition values removed by retention
+        _f("retention_setting", S),           # e.g. retention.customer_features_days; null: none applies
+        _f("retention_days", I),
+        _f("files_vacuumed", L, False),
+        _f("retention_hours", L, False),      # VACUUM retention (storage.retention_hours)
+        _f("checkpoint", B, False),           # an explicit checkpoint was written
+        _f("seconds", D, False),
+        _f("finished_at", TS, False),
+    ]),
+    keys=("run_id", "table_name"),
+)
+
+TABLES[MAINTENANCE_RUNS.name] = MAINTENANCE_RUNS
+# -- end of maintenance tables --
 
 
 

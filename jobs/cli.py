@@ -7,6 +7,7 @@ import sys
 from core import __version__
 from jobs import calibrate, demo, features, fit, generate, ingest, models_cmd, score, show
 from jobs import export as export_cmd, run as run_cmd
+from jobs import maintain as maintain_cmd
 from jobs import segments as segments_cmd, trends as trends_cmd
 from jobs import report as report_cmd
 from jobs import backtest as backtest_cmd
@@ -24,6 +25,7 @@ VERBS = {
     "trends": trends_cmd,
     "export": export_cmd,
     "run": run_cmd,
+    "maintain": maintain_cmd,
     "report": report_cmd,
     "models": models_cmd,
     "show": show,

@@ -63,13 +63,14 @@ def main(args: argparse.Namespace) -> dict:
         print(f"  {summary['n_rows']:,} export rows in {summary['orders_path']}")
 
     from core import tracking
-    from pipelines.nightly import PipelineStepError, run_nightly
+    from pipelines.nightly import STEPS, PipelineStepError, run_nightly
 
     # The same orchestrator as `cvseg run`; force: the demo re-runs every step even if a previous
-    # demo in this folder committed them (the export may have been regenerated).
+    # demo in this folder committed them (the export may have been regenerated). One night has
+    # nothing to maintain: the table maintenance step is left out (`cvseg maintain` runs it).
     try:
         result = run_nightly(spark, storage, config, as_of, source_path=str(source_path), force=True, refit="always",
-                             dest=str(export_dir))
+                             dest=str(export_dir), steps=[s for s in STEPS if s != "maintain"])
     except PipelineStepError as exc:
         from jobs.common import UsageError
 

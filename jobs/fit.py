@@ -22,15 +22,20 @@ def main(args: argparse.Namespace) -> dict:
     from pyspark.sql import functions as F
 
     from core import tracking
-    from pipelines.ltv import describe_params, fit_btyd_bundles
+    from pipelines.ltv import LtvInputError, describe_params, fit_btyd_bundles
+    from pipelines.maintenance import ensure_not_pruned
 
     config = config_from(args)
     spark = build_session(config)
     storage = build_storage(config, spark)
     features_df = storage.read("customer_features").where(F.col("as_of_date") == F.lit(args.as_of))
     with step("fit") if not args.json else _quiet():
-        fitted = fit_btyd_bundles(features_df, config.models.purchase_models, config.features.time_unit,
-                                  config.features.horizon_months, config.models.penalizer_coef)
+        try:
+            fitted = fit_btyd_bundles(features_df, config.models.purchase_models, config.features.time_unit,
+                                      config.features.horizon_months, config.models.penalizer_coef)
+        except LtvInputError:
+            ensure_not_pruned(storage, "customer_features", args.as_of)
+            raise
     result = describe_params(fitted.bundles)
     result["fit_seconds"] = {k: round(v, 3) for k, v in fitted.seconds.items()}
     result["sufficient_statistics_rows"] = fitted.sizes

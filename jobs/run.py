@@ -1,4 +1,5 @@
-"""`cvseg run --as-of D`: the nightly pipeline (ingest -> features -> score -> segments -> trends -> export).
+"""`cvseg run --as-of D`: the nightly pipeline (ingest -> features -> score -> segments -> trends -> export
+-> maintain, the last on a cadence).
 
 Committed steps are skipped on a re-run, so a crashed run resumes where it stopped; each executed step
 is recorded in `pipeline_runs`. On failure: a one-line reason on stderr and a non-zero exit code.
@@ -11,9 +12,10 @@ import sys
 
 from jobs.common import build_session, build_storage, config_from, known_errors, parse_date, today_in
 
-HELP = "nightly pipeline for a date: ingest -> features -> score (refit on cadence) -> segments -> trends -> export"
+HELP = ("nightly pipeline for a date: ingest -> features -> score (refit on cadence) -> segments -> trends -> export "
+        "-> maintain (every maintenance.every_days)")
 
-STEP_NAMES = ("ingest", "features", "score", "segments", "trends", "export")   # = pipelines.nightly.STEPS
+STEP_NAMES = ("ingest", "features", "score", "segments", "trends", "export", "maintain")   # = pipelines.nightly.STEPS
 
 
 def as_of_arg(text: str) -> str | dt.date:
@@ -42,7 +44,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "champion (default); always; never")
     parser.add_argument("--new-generation", action="store_true", help="cut a new segment generation at D")
     parser.add_argument("--rebuild-trends", action="store_true", help="rebuild the trend tables from scratch")
-    parser.add_argument("--force", action="store_true", help="re-run the selected steps even if committed for D")
+    parser.add_argument("--force", action="store_true",
+                        help="re-run the selected steps even if committed for D (maintain: also when not due)")
     parser.add_argument("--dest", metavar="PATH_OR_S3_URI", help="export destination (default: export.dest)")
     parser.add_argument("--fail-after", choices=STEP_NAMES, help=argparse.SUPPRESS)   # fault injection (tests)
 

@@ -288,8 +288,14 @@ def run_export(storage: Any, as_of_date: dt.date, export_conf: ExportConf, dest:
         if not present:
             raise ExportError(f"table {table} does not exist yet; run `{verb} --as-of {as_of_date}` first")
     rows_df = export_rows(storage.read("customer_scores"), storage.read("segments_current"), as_of_date, hmac_key)
-    return publish_export(rows_df, as_of_date, export_conf, destination, pseudonymised=hmac_key is not None,
-                          engine_version=engine_version)
+    try:
+        return publish_export(rows_df, as_of_date, export_conf, destination, pseudonymised=hmac_key is not None,
+                              engine_version=engine_version)
+    except ExportError:
+        from pipelines.maintenance import ensure_not_pruned
+
+        ensure_not_pruned(storage, "customer_scores", as_of_date)   # no rows because retention pruned D?
+        raise
 
 
 def publish_export(rows_df: DataFrame, as_of_date: dt.date, export_conf: ExportConf,

@@ -140,10 +140,17 @@ def run_score(storage: Any, as_of_date: dt.date, bundle: ScoringBundle, model_ve
     """Read ``customer_features`` at D, write the D partition of ``customer_scores``."""
     from core.tables import CUSTOMER_FEATURES
 
+    from pipelines.maintenance import ensure_not_pruned
+
     features_df = storage.read(CUSTOMER_FEATURES.name).where(F.col("as_of_date") == F.lit(as_of_date))
-    if bundle.time_unit != _time_unit_of(features_df):
+    try:
+        time_unit = _time_unit_of(features_df)
+    except LtvInputError:
+        ensure_not_pruned(storage, CUSTOMER_FEATURES.name, as_of_date)
+        raise
+    if bundle.time_unit != time_unit:
         raise LtvInputError(f"the model was fitted in {bundle.time_unit} but customer_features as of {as_of_date} "
-                            f"is in {_time_unit_of(features_df)}; rebuild features with features.time_unit="
+                            f"is in {time_unit}; rebuild features with features.time_unit="
                             f"{bundle.time_unit} or refit")
     rows_df = scores_table_rows(score_customers(features_df, bundle), as_of_date, bundle.value_model,
                                 model_version, bundle.horizon_months)

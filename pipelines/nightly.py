@@ -1,4 +1,5 @@
-"""The nightly pipeline for one as-of date D: ingest -> features -> score -> segments -> trends -> export.
+"""The nightly pipeline for one as-of date D: ingest -> features -> score -> segments -> trends -> export
+-> maintain (on a cadence).
 
 Each step that runs records one row in ``pipeline_runs`` (status, start/finish, seconds, the Delta
 versions of the tables it committed, a message) after its output is committed. A step is skipped
@@ -14,6 +15,11 @@ Score refits on a cadence (:func:`refit_reason`): no champion, champion fitted o
 ``models.refit_every_days`` or more before D, or registered more than ``models.champion_max_age_days``
 ago. A refit fits the first configured purchase model (+ Gamma-Gamma + cancellation) on
 sufficient statistics and registers it as the champion.
+
+The last step, ``maintain`` (:mod:`pipelines.maintenance`: compaction, retention, VACUUM,
+checkpoints), runs when the last successful ``maintain`` step in ``pipeline_runs`` is for an as-of
+date ``maintenance.every_days`` or more before D, or there is none; otherwise it is skipped with
+the reason printed (and, like every skipped step, not recorded). ``force`` runs it regardless.
 
 Fault injection for tests: ``CVSEG_FAIL_AFTER_STEP=<step>`` (or ``fail_after``) stops the run
 right after that step is committed and recorded, as a crash would.
@@ -37,7 +43,7 @@ from core.tables import PIPELINE_RUNS, TABLES
 
 log = logging.getLogger(__name__)
 
-STEPS = ("ingest", "features", "score", "segments", "trends", "export")
+STEPS = ("ingest", "features", "score", "segments", "trends", "export", "maintain")
 FAIL_AFTER_ENV = "CVSEG_FAIL_AFTER_STEP"
 REFIT_CHOICES = ("auto", "always", "never")
 
@@ -162,6 +168,7 @@ STEP_OUTPUTS: dict[str, tuple[str, ...]] = {
                  "segment_migration"),
     "trends": ("trend_",),
     "export": (),
+    "maintain": tuple(name for name in TABLES if name != PIPELINE_RUNS.name),
 }
 
 
@@ -302,6 +309,30 @@ def _export(ctx: _Context) -> tuple[str, dict]:
     return f"{result['rows']:,} rows -> {result['file']} (sha256 {result['sha256'][:12]}...)", result
 
 
+def last_maintained(storage: Any) -> dt.date | None:
+    """As-of date of the latest successful ``maintain`` step in ``pipeline_runs`` (any date)."""
+    if not storage.exists(PIPELINE_RUNS.name):
+        return None
+    return (storage.read(PIPELINE_RUNS.name)
+            .where((F.col("step") == F.lit("maintain")) & (F.col("status") == F.lit("ok")))
+            .agg(F.max("run_date").alias("last")).first()["last"])
+
+
+def _maintain_skip_reason(ctx: _Context) -> str | None:
+    from pipelines.maintenance import maintenance_skip_reason
+
+    every_days = ctx.config.maintenance.every_days
+    last = last_maintained(ctx.storage) if every_days else None
+    return maintenance_skip_reason(last, ctx.as_of_date, every_days)
+
+
+def _maintain(ctx: _Context) -> tuple[str, dict]:
+    from pipelines.maintenance import run_maintenance
+
+    summary = run_maintenance(ctx.storage, ctx.config, ctx.as_of_date)
+    return summary.headline(), summary.as_dict()
+
+
 def _short(stats: Any) -> str:
     if isinstance(stats, dict):
         return ", ".join(f"{k}={v}" for k, v in stats.items() if isinstance(v, (int, float, str)))[:300]
@@ -310,8 +341,11 @@ def _short(stats: Any) -> str:
 
 RUNNERS: dict[str, Callable[[_Context], tuple[str, dict]]] = {
     "ingest": _ingest, "features": _features, "score": _score,
-    "segments": _segments, "trends": _trends, "export": _export,
+    "segments": _segments, "trends": _trends, "export": _export, "maintain": _maintain,
 }
+
+# Steps that run on a cadence: a function giving the reason to skip the step for D (None: due).
+CADENCE: dict[str, Callable[[_Context], str | None]] = {"maintain": _maintain_skip_reason}
 
 
 def _first_line(exc: BaseException) -> str:
@@ -346,6 +380,11 @@ def run_nightly(spark: SparkSession, storage: Any, config: Config, as_of_date: d
         if not force and is_up_to_date(name, done):
             progress(f"{label} skipped (committed at {done[name]:%Y-%m-%d %H:%M:%S})")
             outcomes.append(StepOutcome(name, "skipped", message="already committed for this date"))
+            continue
+        not_due = CADENCE[name](ctx) if name in CADENCE and not force else None
+        if not_due:
+            progress(f"{label} skipped ({not_due})")
+            outcomes.append(StepOutcome(name, "skipped", message=not_due))
             continue
         progress(f"{label} ...")
         outputs = step_tables(name)

@@ -77,6 +77,7 @@ from core.config import SegmentsConf
 from core.tables import (CUSTOMER_FEATURES, CUSTOMER_SCORES, GENERATION_REVIEW, ORDERS, SEGMENT_GENERATIONS,
                          SEGMENT_MIGRATION, SEGMENTS_CURRENT, SEGMENTS_HISTORY)
 from pipelines.features import add_months, to_date
+from pipelines.maintenance import ensure_not_pruned
 
 log = logging.getLogger(__name__)
 
@@ -287,6 +288,7 @@ def _scores_at(storage: Any, as_of_date: dt.date) -> tuple[DataFrame, int]:
     scores_df = storage.read(CUSTOMER_SCORES.name).where(F.col("as_of_date") == F.lit(as_of_date))
     first = scores_df.select("horizon_months").limit(1).first()
     if first is None:
+        ensure_not_pruned(storage, CUSTOMER_SCORES.name, as_of_date)
         raise SegmentsError(f"no customer_scores for {as_of_date}: {hint}")
     return scores_df, int(first["horizon_months"])
 
@@ -297,6 +299,7 @@ def _features_at(storage: Any, as_of_date: dt.date) -> DataFrame:
         raise SegmentsError(f"no customer_features table yet: {hint}")
     features_df = storage.read(CUSTOMER_FEATURES.name).where(F.col("as_of_date") == F.lit(as_of_date))
     if features_df.select("customer_id").limit(1).first() is None:
+        ensure_not_pruned(storage, CUSTOMER_FEATURES.name, as_of_date)
         raise SegmentsError(f"no customer_features for {as_of_date}: {hint}")
     return features_df
 

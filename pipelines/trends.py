@@ -93,6 +93,7 @@ from core.tables import (CUSTOMER_FEATURES, ORDERS, SEGMENT_GENERATIONS, SEGMENT
                          TREND_F2_CONVERSION, TREND_NEW_CUSTOMERS_WEEKLY, TREND_RUNS, TREND_WEEKLY_SEGMENT,
                          TREND_YEARLY, TREND_YEARLY_CATEGORY, table_spec)
 from pipelines.features import to_date
+from pipelines.maintenance import ensure_not_pruned
 
 log = logging.getLogger(__name__)
 
@@ -339,6 +340,7 @@ def run_trends(storage: Any, as_of_date: dt.date | str, config: Any, rebuild: bo
         raise TrendsError(f"no customer_features table yet: run `cvseg features --as-of {as_of_date}` first")
     features_df = storage.read(CUSTOMER_FEATURES.name).where(F.col("as_of_date") == F.lit(as_of_date))
     if features_df.select("customer_id").limit(1).first() is None:
+        ensure_not_pruned(storage, CUSTOMER_FEATURES.name, as_of_date)
         raise TrendsError(f"no customer_features for {as_of_date}: run `cvseg features --as-of {as_of_date}` first")
     orders_df = storage.read(ORDERS.name).where(F.col("order_date") <= F.lit(as_of_date))
     segments_df, segments_version, generation_id = _segments_state(storage)

@@ -32,6 +32,8 @@ COMMANDS = {
     "segments": ["run", "--as-of", "{{ ds }}", "--steps", "segments", "--conf", CONF],
     "trends": ["run", "--as-of", "{{ ds }}", "--steps", "trends", "--conf", CONF],
     "export": ["run", "--as-of", "{{ ds }}", "--steps", "export", "--conf", CONF],
+    # table maintenance: runs every maintenance.every_days, otherwise skips itself (exit 0)
+    "maintain": ["run", "--as-of", "{{ ds }}", "--steps", "maintain", "--conf", CONF],
 }
 
 with DAG(

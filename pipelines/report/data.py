@@ -21,6 +21,8 @@ import pandas as pd
 from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
 
+from pipelines.maintenance import ensure_not_pruned
+
 HISTOGRAM_BINS = 30
 F2_WINDOW_DAYS = 90
 UNKNOWN = "__unknown__"          # null channel / category; the renderer shows it translated
@@ -112,6 +114,9 @@ def customer_base(storage, as_of: dt.date) -> DataFrame | Missing:
         scores_df = (storage.read("customer_scores").where(F.col("as_of_date") == F.lit(as_of))
                      .select("customer_id", "p_alive", "predicted_gross_value", "predicted_net_value",
                              "value_model", "model_version"))
+        if scores_df.limit(1).count() == 0:   # one partition, pruned: cheap
+            ensure_not_pruned(storage, "customer_features", as_of)   # the first to recompute, if pruned too
+            ensure_not_pruned(storage, "customer_scores", as_of)
         return features_df.join(scores_df, on="customer_id", how="left")
     return features_df.select("*", *(F.lit(None).cast(t).alias(c) for c, t in (
         ("p_alive", "double"), ("predicted_gross_value", "double"), ("predicted_net_value", "double"),
@@ -285,6 +290,7 @@ def collect_diagnostic(storage, as_of: dt.date) -> DiagnosticData:
         try:
             kpis = base_scalars(base_df, as_of)
             if kpis["customers"] == 0:
+                ensure_not_pruned(storage, "customer_features", as_of)
                 raise LookupError(f"customer_features has no rows as of {as_of}; run `cvseg features --as-of "
                                   f"{as_of}` or pick an as-of date that has features (`cvseg show customer_features`)")
             caps = {name: _nice_cap((kpis[f"q_{name}"] or [None, None])[1]) for name in HIST_COLUMNS}
@@ -437,6 +443,7 @@ def _new_and_f2_from_features(storage, as_of: dt.date, windows) -> pd.DataFrame 
         return absent
     features_df = storage.read("customer_features").where(F.col("as_of_date") == F.lit(as_of))
     if features_df.limit(1).count() == 0:    # one partition, pruned: cheap
+        ensure_not_pruned(storage, "customer_features", as_of)
         raise LookupError(f"customer_features has no rows as of {as_of}; run `cvseg features --as-of {as_of}` "
                           "or pick an as-of date that has features (`cvseg show customer_features`)")
     channel = F.coalesce(F.col("acquisition_channel"), F.lit(UNKNOWN)).alias("channel")

@@ -1,0 +1,33 @@
+"""`cvseg maintain [--as-of D] [--dry-run]`: compact small files, prune dated partitions past retention,
+VACUUM and checkpoint every table (see pipelines/maintenance.py); prints a per-table summary."""
+from __future__ import annotations
+
+import argparse
+
+from jobs.common import build_session, build_storage, config_from
+from jobs.run import as_of_arg, resolve_as_of
+
+HELP = ("table maintenance: compact small files, prune customer_features/customer_scores partitions past "
+        "retention, VACUUM (storage.retention_hours), checkpoint")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--as-of", type=as_of_arg, default="today",
+                        help="YYYY-MM-DD, yesterday or today (default) in business.timezone: retention counts back from it")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="change nothing: list the partitions retention would prune and the files VACUUM would delete")
+
+
+def main(args: argparse.Namespace):
+    from pipelines.maintenance import format_summary, run_maintenance
+
+    config = config_from(args)
+    as_of = resolve_as_of(args.as_of, config.business.timezone)
+    spark = build_session(config)
+    storage = build_storage(config, spark)
+    print(f"[maintain {as_of}] warehouse {storage.warehouse} (backend {storage.backend})"
+          + (" - dry run" if args.dry_run else ""), flush=True)
+    summary = run_maintenance(storage, config, as_of, dry_run=args.dry_run, progress=lambda line: print(line, flush=True))
+    for line in format_summary(summary):
+        print(line)
+    return summary
