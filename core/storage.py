@@ -97,6 +97,12 @@ class StorageBackend(Protocol):
 
     def history(self, path: str) -> list[dict[str, Any]]: ...
 
+    def columns(self, path: str) -> list[str]:
+        """The column names of the table's latest version."""
+
+    def add_columns(self, path: str, fields: list[T.StructField]) -> None:
+        """Add nullable columns to the table's schema (a metadata-only commit; older rows read null)."""
+
     def write(self, df: DataFrame, path: str, spec: TableSpec, mode: str,
               partitions: dict[str, list[str]] | None) -> None:
         """mode: append | overwrite (whole table) | replace_partitions (those in df and ``partitions``)."""
@@ -207,6 +213,17 @@ class _DeltaRsBackend:
         from deltalake import DeltaTable
 
         return DeltaTable(path).history()
+
+    def columns(self, path: str) -> list[str]:
+        from deltalake import DeltaTable
+
+        return [field.name for field in DeltaTable(path).schema().fields]
+
+    def add_columns(self, path: str, fields: list[T.StructField]) -> None:
+        from deltalake import DeltaTable, Schema
+
+        added = Schema.from_arrow(spark_to_arrow_schema(T.StructType(fields)))
+        DeltaTable(path).alter.add_columns(list(added.fields))
 
     # -- writing --------------------------------------------------------------------------
     def _stage(self, df: DataFrame, path: str, spec: TableSpec) -> list[_StagedFile]:
@@ -398,7 +415,10 @@ class _DeltaSparkBackend:
         reader = self.spark.read.format("delta")
         if version is not None:
             reader = reader.option("versionAsOf", version)
-        df = reader.load(path).select(*spec.columns)
+        df = reader.load(path)
+        # a version older than a column the engine added later (see Storage._evolve) reads it as null
+        df = df.select(*[F.col(f.name) if f.name in df.columns else F.lit(None).cast(f.dataType).alias(f.name)
+                         for f in spec.schema.fields])
         for column, values in (partitions or {}).items():
             df = df.where(F.col(column).isin(values))   # Delta prunes the files from its log
         return df
@@ -469,6 +489,14 @@ class _DeltaSparkBackend:
 
         rows = DeltaTable.forPath(self.spark, path).history(100).collect()  # log entries, small
         return [r.asDict(recursive=True) for r in rows]
+
+    def columns(self, path: str) -> list[str]:
+        return list(self.spark.read.format("delta").load(path).columns)   # from the log: no Spark job
+
+    def add_columns(self, path: str, fields: list[T.StructField]) -> None:
+        quoted = path.replace("`", "``")
+        columns = ", ".join(f"`{f.name}` {f.dataType.simpleString()}" for f in fields)
+        self.spark.sql(f"ALTER TABLE delta.`{quoted}` ADD COLUMNS ({columns})")
 
     def write(self, df: DataFrame, path: str, spec: TableSpec, mode: str,
               partitions: dict[str, list[str]] | None) -> None:
@@ -620,6 +648,7 @@ class Storage:
         self.warehouse = warehouse if "://" in warehouse else os.path.abspath(warehouse)
         self.catalog = catalog
         self._registered: set[str] = set()
+        self._schema_checked: set[str] = set()
         if backend == "auto":
             backend = "delta-spark" if has_delta_classes(spark) else "deltalake"
             if backend == "deltalake":
@@ -695,11 +724,13 @@ class Storage:
 
     def append(self, name: str, df: DataFrame) -> None:
         spec = table_spec(name)
+        self._evolve(name)
         self._backend.write(conform(df, spec), self.path(name), spec, "append", None)
         self._register(name)
 
     def overwrite(self, name: str, df: DataFrame) -> None:
         spec = table_spec(name)
+        self._evolve(name)
         self._backend.write(conform(df, spec), self.path(name), spec, "overwrite", None)
         self._register(name)
 
@@ -711,6 +742,7 @@ class Storage:
         if not spec.partition_by:
             raise StorageError(f"table {name!r} is not partitioned; use overwrite or merge")
         named = {k: [str(v) for v in vs] for k, vs in (partitions or {}).items()}
+        self._evolve(name)
         self._backend.write(conform(df, spec), self.path(name), spec, "replace_partitions", named)
         self._register(name)
 
@@ -732,9 +764,32 @@ class Storage:
         if not self._backend.exists(path):
             self._backend.write(new_df, path, spec, "replace_partitions" if spec.partition_by else "overwrite", None)
         else:
+            self._evolve(name)
             previous = {k: [str(v) for v in vs] for k, vs in (previous_partitions or {}).items()}
             self._backend.merge(new_df, path, spec, keys, previous)
         self._register(name)
+
+    def _evolve(self, name: str) -> None:
+        """Before the first write of a process to a table: add the nullable columns its declaration
+        in core/tables.py gained since the table was created (a warehouse written by an earlier
+        release), so the write keeps the one declared schema. A missing required column is an
+        error: its old rows would have no value for it."""
+        if name in self._schema_checked:
+            return
+        path = self.path(name)
+        if self._backend.exists(path):
+            stored = set(self._backend.columns(path))
+            missing = [f for f in table_spec(name).schema.fields if f.name not in stored]
+            required = [f.name for f in missing if not f.nullable]
+            if required:
+                raise StorageError(f"table {name!r} at {path} has no column(s) {required}, which this release "
+                                   "requires and cannot fill in for its existing rows; rebuild the table with the "
+                                   "stage that writes it (see `cvseg --help`)")
+            if missing:
+                self._backend.add_columns(path, missing)
+                log.info("table %s: added column(s) %s (declared in core/tables.py since it was created; "
+                         "existing rows read null)", name, ", ".join(f.name for f in missing))
+        self._schema_checked.add(name)
 
     def catalog_name(self, name: str) -> str | None:
         """The table's name in ``storage.catalog`` (``cat.schema.table``), or None without a catalog."""

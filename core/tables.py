@@ -97,7 +97,8 @@ ORDERS_QUARANTINE = TableSpec(
         _f("customer_id", S),
         _f("raw", T.MapType(S, S)),          # the row as read, column -> text (+ "_line" when malformed_row)
         _f("ingest_run_id", S, False),
-        _f("run_date", DT, False),
+        _f("run_date", DT, False),           # the day the file was read (what "future" is judged against)
+        _f("order_date", DT),                # the row's order day when it parsed: a future row is retried from it
     ]),
     keys=("source_file", "source_row"),
 )

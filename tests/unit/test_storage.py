@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime as dt
 
 import pytest
+from pyspark.sql import functions as F
 from chispa import assert_df_equality
 from deltalake import DeltaTable
 
@@ -19,7 +20,7 @@ D1, D2 = dt.date(2024, 1, 31), dt.date(2024, 2, 29)
 
 def _quarantine_df(spark, rows):
     return spark.createDataFrame(
-        [(f, r, reason, [reason], None, None, None, {"col": "v"}, "run-1", D1) for f, r, reason in rows],
+        [(f, r, reason, [reason], None, None, None, {"col": "v"}, "run-1", D1, None) for f, r, reason in rows],
         ORDERS_QUARANTINE.schema)
 
 
@@ -103,6 +104,39 @@ def test_schema_contract_names_missing_and_extra_columns(spark, any_storage):
     df = _quarantine_df(spark, [("a.csv", 1, "x")]).drop("reason").withColumnRenamed("detail", "details")
     with pytest.raises(SchemaContractError, match=r"missing columns \['reason', 'detail'\].*unexpected columns \['details'\]"):
         any_storage.append("orders_quarantine", df)
+
+
+def test_a_table_from_an_earlier_release_gains_the_nullable_columns_declared_since(spark, any_storage, monkeypatch):
+    """A warehouse created before orders_quarantine had order_date: the first write adds the column
+    (old rows read null, also at their old version); a missing required column is refused."""
+    from dataclasses import replace
+
+    from pyspark.sql import types as T
+
+    old_spec = replace(ORDERS_QUARANTINE, schema=T.StructType(
+        [f for f in ORDERS_QUARANTINE.schema.fields if f.name != "order_date"]))
+    path = any_storage.path("orders_quarantine")
+    old_rows = _quarantine_df(spark, [("a.csv", 1, "missing_amount")]).drop("order_date")
+    any_storage._backend.write(old_rows, path, old_spec, "append", None)
+    assert "order_date" not in any_storage._backend.columns(path)
+
+    new_rows = spark.createDataFrame([("b.csv", 7, "future_timestamp", ["future_timestamp"], None, None, None,
+                                       {"col": "v"}, "run-2", D2, D2)], ORDERS_QUARANTINE.schema)
+    any_storage.append("orders_quarantine", new_rows)
+    assert any_storage._backend.columns(path)[-1] == "order_date"
+    assert sorted((r.source_file, r.order_date) for r in any_storage.read("orders_quarantine").collect()) == [
+        ("a.csv", None), ("b.csv", D2)]
+    assert [(r.source_file, r.order_date) for r in any_storage.read("orders_quarantine", version=0).collect()] == [
+        ("a.csv", None)]
+
+    fresh = Storage(spark, any_storage.warehouse, backend=any_storage.backend)   # another process, same table
+    required = replace(ORDERS_QUARANTINE, schema=T.StructType(
+        [*ORDERS_QUARANTINE.schema.fields, T.StructField("must_have", T.StringType(), False)]))
+    original = storage_module.table_spec
+    monkeypatch.setattr(storage_module, "table_spec",
+                        lambda name: required if name == "orders_quarantine" else original(name))
+    with pytest.raises(StorageError, match=r"has no column\(s\) \['must_have'\]"):
+        fresh.append("orders_quarantine", new_rows.withColumn("must_have", F.lit("x")))
 
 
 def test_reading_a_table_that_does_not_exist_says_what_to_run(any_storage):
