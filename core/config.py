@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import re
+from datetime import date
 from importlib.resources import files
 from pathlib import Path
 from typing import Any, Literal
@@ -106,6 +107,9 @@ class SourceConf(_Frozen):
 class ValidationConf(_Frozen):
     max_rejected_share: float = Field(default=0.05, ge=0.0, le=1.0)
     future_tolerance_days: int = Field(default=0, ge=0)
+    # "future" is judged against the day a file is read (in business.timezone), never against the
+    # as-of date of an analysis; a fixed day here instead (an export made on a known day, tests)
+    future_cutoff: date | None = None
 
 
 class FeaturesConf(_Frozen):

@@ -120,6 +120,7 @@ INGEST_RUNS = TableSpec(
         _f("finished_at", TS, False),
         _f("status", S, False),              # ok | rejected (above validation.max_rejected_share)
         _f("cancellation_lines_applied", L, False),  # negative lines folded into their orders
+        _f("future_rows_retried", L),        # rows quarantined as future earlier, read again as their day came
     ]),
     keys=("ingest_run_id",),
 )

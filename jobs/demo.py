@@ -14,7 +14,9 @@ HELP = ("generate sample data, then the nightly pipeline (ingest -> features -> 
         "-> export) and the calibration table, end to end")
 
 SYNTHETIC_END = dt.date(2026, 9, 30)
-CDNOW_AS_OF = dt.date(1997, 9, 30)
+# the last day of the CDNOW sample (1997-01-01 .. 1998-06-30): one horizon back (1997-12-31) the
+# backtest still has a whole year of history for the cohort method
+CDNOW_AS_OF = dt.date(1998, 6, 30)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -47,7 +49,11 @@ def main(args: argparse.Namespace) -> dict:
         as_of = CDNOW_AS_OF
     export_dir = demo_dir / "exports"
     overrides = [f"storage.warehouse={demo_dir / 'warehouse'}", f"source.path={source_path}",
-                 f"export.dest={export_dir}", *args.overrides]
+                 f"export.dest={export_dir}"]
+    if args.dataset == "synthetic":
+        # the generated export is "made" on its end date: the rows it dates later are the future ones
+        overrides.append(f"validation.future_cutoff={as_of}")
+    overrides += args.overrides
     config = load_config(args.conf or example_conf(args.dataset), overrides)
     conf_path = dump_config(config, demo_dir / "conf.yaml")
 

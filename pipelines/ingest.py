@@ -58,7 +58,7 @@ import re
 import time
 import uuid
 from dataclasses import dataclass, field
-from datetime import date, datetime, timezone
+from datetime import date, datetime, timedelta, timezone
 from typing import Sequence
 from urllib.parse import unquote
 
@@ -70,7 +70,7 @@ from pyspark.sql import types as T
 from core.config import SourceConf, ValidationConf
 from core.storage import Storage
 from core.tables import INGEST_RUNS, INGESTED_FILES, ORDERS, ORDERS_QUARANTINE
-from pipelines.validation import REASON_CODES, order_rules, with_rule_details, with_rule_results
+from pipelines.validation import FUTURE_TIMESTAMP, REASON_CODES, order_rules, with_rule_details, with_rule_results
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +114,7 @@ class IngestSummary:
     cancellation_lines_by_heuristic: int = 0
     encoding_suspect_rows: int = 0
     skipped_files: int = 0           # already ingested with the same size and modification time
+    future_rows_retried: int = 0     # rows quarantined as future by an earlier read, read again now that their day came
     started_at: datetime | None = None
     finished_at: datetime | None = None
 
@@ -146,6 +147,9 @@ class IngestSummary:
         ]
         if self.skipped_files:
             lines.append(f"  {self.skipped_files} file(s) ingested before unchanged were skipped (source.new_files_only)")
+        if self.future_rows_retried:
+            lines.append(f"  {n(self.future_rows_retried)} row(s) quarantined as future_timestamp by an earlier ingest "
+                         f"were read again (their order day has come): their file(s) are among those read")
         if self.cancellation_lines_by_heuristic:
             lines.append(f"  {n(self.cancellation_lines_by_heuristic)} cancellation line(s) matched no order id and "
                          "were applied to the customer's latest earlier order")
@@ -994,6 +998,14 @@ OTHER_COLUMNS = ("_order_key", "_target_key", "_match", "_is_encoding_suspect", 
                  "_src_key", *POSITION, *DETAIL_INPUTS)
 
 
+def read_day(validation: ValidationConf, business_tz: str) -> date:
+    """The day "future" is judged against: ``validation.future_cutoff`` or today in the business
+    time zone (when the file is read), never an analysis's as-of date."""
+    from zoneinfo import ZoneInfo
+
+    return validation.future_cutoff or datetime.now(ZoneInfo(business_tz)).date()
+
+
 def run_ingest(spark: SparkSession, storage: Storage, source: SourceConf, validation: ValidationConf,
                business_tz: str, run_date: date, path: str | None = None, *,
                run_id: str | None = None) -> IngestSummary:
@@ -1033,10 +1045,13 @@ def _run_ingest(spark: SparkSession, storage: Storage, source: SourceConf, valid
     negative_lines = source.cancellation.style == "negative_lines"
     src = read_source(spark, path, source)
     listed = list_source_files(spark, src)
-    new_files, skipped = listed, 0
+    new_files, skipped, known = listed, 0, set()
+    # rows quarantined as future by an earlier read whose day has come: their files are read again
+    quarantined_before = _quarantined_files(storage, run_date + timedelta(days=validation.future_tolerance_days))
+    due = {file: count for file, count in quarantined_before.items() if count}
     if listed is not None and source.new_files_only:
         known = ingested_file_keys(storage)
-        new_files = [f for f in listed if f.key not in known]
+        new_files = [f for f in listed if f.key not in known or f.path in due]
         skipped = len(listed) - len(new_files)
         if listed and not new_files:
             summary = IngestSummary(
@@ -1050,6 +1065,8 @@ def _run_ingest(spark: SparkSession, storage: Storage, source: SourceConf, valid
         # A Delta source is read whole (its log, not its files, says which rows are live).
         if skipped and source.format != "delta":
             src = read_source(spark, [f.uri for f in new_files], source)
+    # every file read holds its rows; without a listing (Spark Connect) every due row is read again
+    retried = sum(due.get(f.path, 0) for f in new_files) if new_files is not None else sum(due.values())
     check_mapping(src.names, source, path)
     clock.lap("open source")
 
@@ -1165,19 +1182,16 @@ def _run_ingest(spark: SparkSession, storage: Storage, source: SourceConf, valid
             orders_accepted, orders_written = _merge_orders(
                 storage, orders_df, accepted if source.grain == "order" else None, cached)
             clock.lap("pass 3: write orders")
+        quarantine_df = None
         if quarantined:
             quarantine_df = build_quarantine(
                 others_df.transform(with_quarantine_text, rules, field_count=src.field_count,
                                     line_key=_unused_name("_line", src.names) if src.names_from else None)
                 .transform(with_source_rows, offsets_df),
                 order_id_mapped=order_id_mapped, ingest_run_id=run_id, run_date=run_date)
-            read_files = sorted({_local_path(r["_src_file"]) for r in splits})
-            if storage.exists(ORDERS_QUARANTINE.name) and storage.read(ORDERS_QUARANTINE.name).where(
-                    F.col("source_file").isin(read_files)).limit(1).count():
-                storage.merge(ORDERS_QUARANTINE.name, quarantine_df)   # a file read again: replace its rows
-            else:
-                storage.append(ORDERS_QUARANTINE.name, quarantine_df)
-            clock.lap("write quarantine")
+        _write_quarantine(storage, quarantine_df, sorted({_local_path(r["_src_file"]) for r in splits}),
+                          set(quarantined_before), replace=not rejected)
+        clock.lap("write quarantine")
 
         summary = IngestSummary(
             ingest_run_id=run_id, run_date=run_date, source_path=path,
@@ -1188,11 +1202,11 @@ def _run_ingest(spark: SparkSession, storage: Storage, source: SourceConf, valid
             max_rejected_share=validation.max_rejected_share,
             source_files=len({r["_src_file"] for r in splits}),
             cancellation_lines_by_heuristic=heuristic, encoding_suspect_rows=suspects,
-            skipped_files=skipped, started_at=started, finished_at=datetime.now(timezone.utc))
+            skipped_files=skipped, future_rows_retried=retried, started_at=started, finished_at=datetime.now(timezone.utc))
         if not rejected and new_files:
             # after the orders commit: a crash before this line only means the files are read again
             _record_files(spark, storage, new_files, splits, run_id, summary.finished_at,
-                          all_new=source.new_files_only)
+                          all_new=source.new_files_only and not any(f.key in known for f in new_files))
         _append_run(spark, storage, summary)
         clock.lap("write ingest_runs")
     finally:
@@ -1293,6 +1307,34 @@ def _merge_orders(storage: Storage, orders_df: DataFrame, accepted: int | None,
     return (accepted if accepted is not None else incoming_count), written
 
 
+def _quarantined_files(storage: Storage, last_day: date) -> dict[str, int]:
+    """Source file -> how many of its quarantined rows are future_timestamp rows whose order day is
+    now on or before ``last_day`` (0 for a file with other quarantined rows only): one small row
+    per file with quarantined rows reaches the driver."""
+    if not storage.exists(ORDERS_QUARANTINE.name):
+        return {}
+    is_due = (F.col("reason") == FUTURE_TIMESTAMP) & (F.col("order_date") <= F.lit(last_day))
+    rows = (storage.read(ORDERS_QUARANTINE.name).groupBy("source_file")
+            .agg(F.count(F.when(is_due, True)).alias("due")).collect())
+    return {r["source_file"]: int(r["due"]) for r in rows}
+
+
+def _write_quarantine(storage: Storage, quarantine_df: DataFrame | None, read_files: list[str],
+                      stored_files: set[str], replace: bool) -> None:
+    """The run's quarantined rows. A file read again (changed, ``--all-files``, rejected before, or
+    its future rows retried) replaces every row it had in the table, so rows it no longer rejects
+    leave it; ``replace`` is off for a rejected run (nothing of it was accepted): its rows are upserted."""
+    if stored_files & set(read_files):
+        if replace:
+            kept_df = storage.read(ORDERS_QUARANTINE.name).where(~F.col("source_file").isin(read_files))
+            storage.overwrite(ORDERS_QUARANTINE.name,
+                              kept_df if quarantine_df is None else kept_df.unionByName(quarantine_df))
+        elif quarantine_df is not None:
+            storage.merge(ORDERS_QUARANTINE.name, quarantine_df)
+    elif quarantine_df is not None:
+        storage.append(ORDERS_QUARANTINE.name, quarantine_df)
+
+
 def _record_files(spark: SparkSession, storage: Storage, files: list[SourceFile], splits: list,
                   run_id: str, at: datetime, all_new: bool) -> None:
     """Remember the files this run committed (one row per file) so the next run can skip them."""
@@ -1310,5 +1352,5 @@ def _record_files(spark: SparkSession, storage: Storage, files: list[SourceFile]
 def _append_run(spark: SparkSession, storage: Storage, s: IngestSummary) -> None:
     row = (s.ingest_run_id, s.run_date, s.source_path, s.input_rows, s.accepted_rows, s.quarantined_rows,
            s.exact_duplicate_rows, s.orders_written, s.reason_counts, s.started_at, s.finished_at,
-           s.status, s.cancellation_lines_applied)
+           s.status, s.cancellation_lines_applied, s.future_rows_retried)
     storage.append(INGEST_RUNS.name, spark.createDataFrame([row], INGEST_RUNS.schema))

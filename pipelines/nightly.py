@@ -222,13 +222,16 @@ class _Context:
 
 
 def _ingest(ctx: _Context) -> tuple[str, dict]:
-    from pipelines.ingest import run_ingest
+    from pipelines.ingest import read_day, run_ingest
 
     path = ctx.source_path or ctx.config.source.path
     if not path:
         raise ValueError("no source to ingest: set source.path in the conf or pass --path")
+    # "future" is judged against the day the file is read, not D: a run for a past D (a backfill,
+    # a first run over a whole history) keeps the later orders; features stop at D anyway
     s = run_ingest(ctx.spark, ctx.storage, ctx.config.source, ctx.config.validation,
-                   ctx.config.business.timezone, ctx.as_of_date, path=path)
+                   ctx.config.business.timezone, read_day(ctx.config.validation, ctx.config.business.timezone),
+                   path=path)
     return (f"{s.input_rows:,} rows read, {s.orders_written:,} orders new or changed, "
             f"{s.quarantined_rows:,} quarantined"), {"input_rows": s.input_rows, "orders_written": s.orders_written,
                                                      "quarantined_rows": s.quarantined_rows}

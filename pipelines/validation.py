@@ -136,8 +136,10 @@ def order_rules(*, run_date: date, future_tolerance_days: int = 0,
                       F.lit(" does not match source.timestamp_format"))),
         Rule(FUTURE_TIMESTAMP, F.col("order_date") > F.lit(last_day),
              F.concat(F.lit("order date "), F.col("order_date").cast("string"),
-                      F.lit(f" is after the run date {run_date.isoformat()}"
-                            + (f" + {future_tolerance_days} days" if future_tolerance_days else "")))),
+                      F.lit(f" is after {run_date.isoformat()}"
+                            + (f" + {future_tolerance_days} days" if future_tolerance_days else "")
+                            + ", the day the file was read (or validation.future_cutoff); "
+                              "it is read again on that order day"))),
         Rule(MISSING_AMOUNT, F.col("is_amount_missing"), "amount is empty"),
         Rule(NON_NUMERIC_AMOUNT, F.col("is_amount_non_numeric"),
              F.concat(F.lit("amount '"), F.coalesce(F.col("amount_text"), F.lit("")), F.lit("' is not a number"))),

@@ -130,6 +130,37 @@ def test_new_files_only_reads_new_and_changed_files(spark, storage, tmp_path):
     assert files == [("day1.csv", 2, "n1"), ("day1.csv", 2, "n4"), ("day2.csv", 1, "n2")]
 
 
+def test_rows_quarantined_as_future_are_read_again_once_their_day_has_come(spark, storage, tmp_path):
+    """"Future" is judged against the day the file is read. A row dated after it is quarantined,
+    its file recorded; the first ingest on or after the row's day reads that file again (without
+    --all-files), accepts the row, drops it from the quarantine and counts it in the summary."""
+    folder = tmp_path / "drop"
+    folder.mkdir()
+    header = "order_id,customer_id,order_ts,gross_amount\n"
+    (folder / "day1.csv").write_text(header + "A1,C1,2024-01-31 10:00:00,100\nA2,C2,2024-02-10 09:00:00,200\n")
+    run = lambda day, run_id: run_ingest(spark, storage, source(), ValidationConf(max_rejected_share=0.5), "UTC",  # noqa: E731
+                                         day, path=str(folder), run_id=run_id)
+    first = run(date(2024, 1, 31), "f1")
+    assert (first.orders_written, first.quarantined_rows, first.future_rows_retried) == (1, 1, 0)
+    (q,) = storage.read("orders_quarantine").collect()
+    assert (q.order_id, q.reason, q.order_date) == ("A2", "future_timestamp", date(2024, 2, 10))
+    assert "is after 2024-01-31, the day the file was read" in q.detail
+
+    # not due yet: nothing read
+    assert run(date(2024, 2, 9), "f2").status == "unchanged"
+
+    (folder / "day2.csv").write_text(header + "A3,C1,2024-02-11 12:00:00,300\n")
+    third = run(date(2024, 2, 11), "f3")
+    assert (third.source_files, third.input_rows, third.future_rows_retried) == (2, 3, 1)
+    assert (third.orders_written, third.quarantined_rows) == (2, 0)   # A2 and A3; A1 unchanged
+    assert "1 row(s) quarantined as future_timestamp by an earlier ingest were read again" in str(third)
+    assert sorted(r.order_id for r in storage.read("orders").collect()) == ["A1", "A2", "A3"]
+    assert storage.read("orders_quarantine").count() == 0
+    assert {r.ingest_run_id: r.future_rows_retried for r in storage.read("ingest_runs").collect()} == {
+        "f1": 0, "f2": 0, "f3": 1}
+    assert run(date(2024, 2, 12), "f4").status == "unchanged"
+
+
 def test_corrected_order_re_dated_into_another_month_is_stored_once(spark, storage, tmp_path):
     """`orders` is partitioned by month: a correction that moves an order to another month
     replaces the stored copy in the old month instead of adding a second one."""

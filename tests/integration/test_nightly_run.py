@@ -69,7 +69,8 @@ def export_path(spark, tmp_path_factory):
 def _setup(spark, root: Path, export_path: str, backend: str):
     config = load_config(CONF, [f"storage.warehouse={root / 'warehouse'}", f"source.path={export_path}",
                                 "source.format=parquet", f"export.dest={root / 'exports'}", "spark.master=null",
-                                "models.purchase_models=[bgnbd]", f"storage.backend={backend}"])
+                                "models.purchase_models=[bgnbd]", f"storage.backend={backend}",
+                                f"validation.future_cutoff={D}"])   # the export was made on D
     return config, Storage(spark, config.storage.warehouse, backend=config.storage.backend)
 
 
