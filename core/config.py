@@ -163,6 +163,33 @@ class ExportConf(_Frozen):
     hmac_key_env: str = "CVSEG_EXPORT_HMAC_KEY"   # environment variable holding the HMAC key
     s3_endpoint_url: str | None = None    # S3-compatible endpoint (MinIO, tests); None: AWS
     multipart_chunk_mb: int = Field(default=64, ge=5)
+    # what the client's tools open: utf-8-sig (a BOM: Excel) or cp932 (Japanese Windows, Excel)
+    encoding: Literal["utf-8", "utf-8-sig", "cp932"] = "utf-8"
+    # header text per column (customer_id, segment, generation_id, predicted_value, p_alive);
+    # unset columns keep their names (predicted_value_<horizon>m)
+    header: dict[str, str] = Field(default_factory=dict)
+    date_format: str = "%Y-%m-%d"         # the as-of date in the file names (strftime), e.g. %Y%m%d
+
+    @field_validator("header")
+    @classmethod
+    def _header_columns(cls, value: dict[str, str]) -> dict[str, str]:
+        known = ("customer_id", "segment", "generation_id", "predicted_value", "p_alive")
+        unknown = sorted(set(value) - set(known))
+        if unknown:
+            raise ValueError(f"unknown column(s) {unknown}; the export's columns are {list(known)}")
+        if any(not text.strip() for text in value.values()):
+            raise ValueError("header names must not be empty")
+        return value
+
+    @field_validator("date_format")
+    @classmethod
+    def _file_date(cls, value: str) -> str:
+        import datetime as _dt
+
+        text = _dt.date(2026, 9, 30).strftime(value)
+        if "%" not in value or text == value or any(c in text for c in '/\\:*?"<>|'):
+            raise ValueError(f"{value!r} is not a strftime format giving a file-name-safe date (e.g. %Y%m%d)")
+        return value
 
 
 class SegmentBand(_Frozen):
@@ -187,6 +214,8 @@ class SegmentsConf(_Frozen):
     quantile_relative_error: float = Field(default=0.001, ge=0.0, le=0.1)
     new_customer_days: int = Field(default=90, ge=0)       # 0: no `new` segment
     dormant_p_alive: float = Field(default=0.2, ge=0.0, le=1.0)  # 0: no `dormant` segment
+    # the text the export (and the client's tools) show per segment, e.g. {top: 優良, new: 新規}
+    labels: dict[str, str] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _check_bands(self) -> "SegmentsConf":
@@ -208,6 +237,11 @@ class SegmentsConf(_Frozen):
         if self.band_method == "quantile" and any(not 0.0 < v < 1.0 for v in bounded):
             raise ValueError(f"bands: with band_method quantile every `lower` is a quantile in (0, 1) "
                              f"(got {bounded}); use band_method: value for amounts")
+        unknown = sorted(set(self.labels) - set(names) - {"new", "dormant"})
+        if unknown:
+            raise ValueError(f"labels: {unknown} are not segments; label the bands {names}, new or dormant")
+        if len(set(self.labels.values())) != len(self.labels) or any(not t.strip() for t in self.labels.values()):
+            raise ValueError("labels: every label must be non-empty and different from the others")
         return self
 
 

@@ -107,11 +107,12 @@ def main(args: argparse.Namespace) -> dict:
     print(f"MLflow: {target.uri} (experiment {target.experiment}, model {target.registered_model}, "
           f"champion v{score.details['model_version']})")
     print(f"\nResolved config: {conf_path}\nGo on with, e.g.:")
-    print(f"  cvseg run --conf {conf_path} --as-of {as_of}            # again: every step is skipped")
+    print(f"  cvseg run --conf {conf_path} --as-of {as_of}            # again: done steps are skipped, "
+          "the weekly maintain runs")
     print(f"  cvseg show segments_current --conf {conf_path}")
     print(f"  cvseg show pipeline_runs --conf {conf_path}")
     print(f"  cvseg show customer_scores --conf {conf_path}")
-    print(f"  cvseg export --conf {conf_path} --as-of {as_of} --dest s3://your-bucket/crm/")
+    print(f"  cvseg export --conf {conf_path} --as-of {as_of} --dest {demo_dir / 'crm'}   # or s3://bucket/prefix/")
     print(f"  cvseg models --conf {conf_path}")
     print(f"  cvseg report --conf {conf_path} --as-of {as_of} --language ja --language en   # HTML + PDF")
     print(f"  cvseg backtest --conf {conf_path} --as-of {as_of}       # all models vs the cohort method")

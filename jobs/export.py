@@ -23,7 +23,8 @@ def main(args: argparse.Namespace) -> dict:
     storage = build_storage(config, spark)
     try:
         with step(f"export as of {args.as_of}"):
-            result = run_export(storage, args.as_of, config.export, dest=args.dest)
+            result = run_export(storage, args.as_of, config.export, dest=args.dest,
+                                horizon_months=config.features.horizon_months, labels=config.segments.labels)
     except ExportError as exc:
         if args.debug:
             raise

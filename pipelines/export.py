@@ -37,7 +37,8 @@ from core.config import ExportConf
 
 log = logging.getLogger(__name__)
 
-EXPORT_COLUMNS = ("customer_id", "segment", "generation_id", "predicted_value_6m", "p_alive")
+#: The export's columns, in order; ``predicted_value`` is the value over features.horizon_months.
+EXPORT_COLUMNS = ("customer_id", "segment", "generation_id", "predicted_value", "p_alive")
 HMAC_BLOCK_SIZE = 64   # SHA-256 block size in bytes (RFC 2104)
 _CHUNK = 8 * 1024 * 1024
 
@@ -75,13 +76,21 @@ def with_hmac_pads(df: DataFrame, key: bytes) -> DataFrame:
     return df.crossJoin(F.broadcast(pads_df))
 
 
+def export_header(export_conf: ExportConf, horizon_months: int = 6) -> list[str]:
+    """The header line's names: ``export.header`` where set, else the column's own name (the value
+    column named after the horizon: predicted_value_6m)."""
+    default = {"predicted_value": f"predicted_value_{horizon_months}m"}
+    return [export_conf.header.get(key, default.get(key, key)) for key in EXPORT_COLUMNS]
+
+
 def export_rows(scores_df: DataFrame, segments_df: DataFrame, as_of_date: dt.date,
-                hmac_key: bytes | None = None) -> DataFrame:
-    """One row per customer scored as of D: id, segment, generation, 6-month value, p_alive.
+                hmac_key: bytes | None = None, labels: dict[str, str] | None = None) -> DataFrame:
+    """One row per customer scored as of D: id, segment, generation, value over the horizon, p_alive.
 
     Segments are those currently assigned and valid from D or earlier; a customer scored but not
-    (yet) segmented keeps an empty segment rather than being dropped. Numbers are fixed-point text
-    so the file does not depend on Spark's float formatting (no 1.0E-5).
+    (yet) segmented keeps an empty segment rather than being dropped; ``labels`` (segments.labels)
+    replace segment names by the client's words. Numbers are fixed-point text so the file does not
+    depend on Spark's float formatting (no 1.0E-5).
     """
     scores = scores_df.where(F.col("as_of_date") == F.lit(as_of_date)).select(
         "customer_id", "predicted_net_value", "p_alive")
@@ -92,9 +101,13 @@ def export_rows(scores_df: DataFrame, segments_df: DataFrame, as_of_date: dt.dat
     if hmac_key is not None:
         joined_df = with_hmac_pads(joined_df, hmac_key)
         exported_id = hmac_sha256_hex(exported_id, F.col("_hmac_inner"), F.col("_hmac_outer"))
+    segment = F.col("segment")
+    if labels:
+        label_map = F.create_map(*[F.lit(x) for pair in sorted(labels.items()) for x in pair])
+        segment = F.coalesce(F.element_at(label_map, segment), segment)
     return (joined_df
-            .select(exported_id.alias("customer_id"), F.col("segment"), F.col("generation_id"),
-                    F.format_string("%.2f", F.col("predicted_net_value")).alias("predicted_value_6m"),
+            .select(exported_id.alias("customer_id"), segment.alias("segment"), F.col("generation_id"),
+                    F.format_string("%.2f", F.col("predicted_net_value")).alias("predicted_value"),
                     F.format_string("%.6f", F.col("p_alive")).alias("p_alive"))
             .orderBy("customer_id"))
 
@@ -131,9 +144,49 @@ def parse_destination(uri: str) -> Destination:
     return Destination(uri=uri, folder=Path(uri.removeprefix("file://")).resolve())
 
 
-def file_names(prefix: str, as_of_date: dt.date) -> tuple[str, str]:
-    stem = f"{prefix}_{as_of_date.isoformat()}"
+def file_names(prefix: str, as_of_date: dt.date, date_format: str = "%Y-%m-%d") -> tuple[str, str]:
+    stem = f"{prefix}_{as_of_date.strftime(date_format)}"
     return f"{stem}.csv", f"{stem}.manifest.json"
+
+
+def csv_header(names: list[str]) -> str:
+    """One CSV line of names, quoted as the rows are (RFC 4180) where a name needs it."""
+    quoted = ['"' + n.replace('"', '""') + '"' if any(c in n for c in ',"\r\n') else n for n in names]
+    return ",".join(quoted) + "\n"
+
+
+class _Transcoder:
+    """UTF-8 (what Spark writes) to the export's encoding, block by block. A character the target
+    cannot encode stops the export naming the customer, the column and the character: a file
+    with '?' in place of a name would be worse than none."""
+
+    def __init__(self, encoding: str, names: list[str]):
+        import codecs
+
+        self.encoding, self.names = encoding, names
+        self.decoder = codecs.getincrementaldecoder("utf-8")()
+
+    def __call__(self, block: bytes, final: bool = False) -> bytes:
+        text = self.decoder.decode(block, final)
+        try:
+            return text.encode(self.encoding)
+        except UnicodeEncodeError as exc:
+            raise self._error(text, exc) from None
+
+    def _error(self, text: str, exc: UnicodeEncodeError) -> ExportError:
+        import csv
+
+        start = text.rfind("\n", 0, exc.start) + 1
+        end = text.find("\n", exc.start)
+        line = text[start:end if end >= 0 else len(text)]
+        char = text[exc.start]
+        fields = next(csv.reader([line]), [])
+        column = next((name for name, value in zip(self.names, fields) if char in value), "?")
+        where = ("the header" if fields == self.names
+                 else f"the row of customer {fields[0] if fields else '?'!r}")
+        return ExportError(
+            f"{where} holds {char!r} (U+{ord(char):04X}) in column {column!r}, which {self.encoding} cannot "
+            f"encode; change that text (segments.labels, export.header) or set export.encoding: utf-8-sig")
 
 
 def hmac_key_from_env(variable: str) -> bytes:
@@ -185,18 +238,25 @@ class Assembled:
     lines: int
 
 
-def assemble(parts: Iterator[BinaryIO] | list[Path], header: str, out: BinaryIO) -> Assembled:
-    """Concatenate part files after a header, streaming; sha256, size and line count on the way."""
+def assemble(parts: Iterator[BinaryIO] | list[Path], header: str, out: BinaryIO, encoding: str = "utf-8",
+             names: list[str] | None = None) -> Assembled:
+    """Concatenate UTF-8 part files after a header into ``encoding`` (utf-8-sig: a BOM first;
+    cp932: transcoded), streaming; sha256, size and line count of what was written on the way."""
     digest = hashlib.sha256()
     size = lines = 0
+    convert = _Transcoder(encoding, names or []) if encoding == "cp932" else None
 
-    def emit(block: bytes) -> None:
+    def emit(block: bytes, final: bool = False) -> None:
         nonlocal size, lines
+        if convert is not None:
+            block = convert(block, final)
         out.write(block)
         digest.update(block)
         size += len(block)
         lines += block.count(b"\n")
 
+    if encoding == "utf-8-sig":
+        emit(b"\xef\xbb\xbf")
     emit(header.encode("utf-8"))
     for part in parts:
         stream = part.open("rb") if isinstance(part, Path) else part
@@ -209,6 +269,7 @@ def assemble(parts: Iterator[BinaryIO] | list[Path], header: str, out: BinaryIO)
                 emit(b"\n")
         finally:
             stream.close()
+    emit(b"", final=True)
     return Assembled(sha256=digest.hexdigest(), bytes=size, lines=lines)
 
 
@@ -276,8 +337,10 @@ def _put_s3(client, dest: Destination, name: str, body: bytes) -> None:
 # Stage runner
 # --------------------------------------------------------------------------------------------
 def run_export(storage: Any, as_of_date: dt.date, export_conf: ExportConf, dest: str | None = None,
-               engine_version: str | None = None) -> dict[str, Any]:
-    """Write ``<prefix>_<D>.csv`` and its manifest to ``dest`` (default ``export.dest``)."""
+               engine_version: str | None = None, horizon_months: int = 6,
+               labels: dict[str, str] | None = None) -> dict[str, Any]:
+    """Write ``<prefix>_<D>.csv`` and its manifest to ``dest`` (default ``export.dest``);
+    ``horizon_months`` names the value column, ``labels`` (segments.labels) name the segments."""
     destination = parse_destination(dest or export_conf.dest)
     hmac_key = hmac_key_from_env(export_conf.hmac_key_env) if export_conf.pseudonymise_ids else None
     for table, verb in (("customer_scores", "cvseg score"), ("segments_current", "cvseg run (segments step)")):
@@ -287,10 +350,12 @@ def run_export(storage: Any, as_of_date: dt.date, export_conf: ExportConf, dest:
             present = False
         if not present:
             raise ExportError(f"table {table} does not exist yet; run `{verb} --as-of {as_of_date}` first")
-    rows_df = export_rows(storage.read("customer_scores"), storage.read("segments_current"), as_of_date, hmac_key)
+    rows_df = export_rows(storage.read("customer_scores"), storage.read("segments_current"), as_of_date, hmac_key,
+                          labels)
     try:
         return publish_export(rows_df, as_of_date, export_conf, destination, pseudonymised=hmac_key is not None,
-                              engine_version=engine_version)
+                              engine_version=engine_version, names=export_header(export_conf, horizon_months),
+                              labels=labels)
     except ExportError:
         from pipelines.maintenance import ensure_not_pruned
 
@@ -300,11 +365,14 @@ def run_export(storage: Any, as_of_date: dt.date, export_conf: ExportConf, dest:
 
 def publish_export(rows_df: DataFrame, as_of_date: dt.date, export_conf: ExportConf,
                    destination: Destination, pseudonymised: bool = False,
-                   engine_version: str | None = None) -> dict[str, Any]:
-    """Write ``rows_df`` (the columns of :data:`EXPORT_COLUMNS`, sorted) as one CSV + manifest."""
+                   engine_version: str | None = None, names: list[str] | None = None,
+                   labels: dict[str, str] | None = None) -> dict[str, Any]:
+    """Write ``rows_df`` (the columns of :data:`EXPORT_COLUMNS`, sorted) as one CSV + manifest,
+    with ``names`` in the header (default :func:`export_header`)."""
     from core import __version__
 
-    csv_name, manifest_name = file_names(export_conf.file_prefix, as_of_date)
+    names = names or export_header(export_conf)
+    csv_name, manifest_name = file_names(export_conf.file_prefix, as_of_date, export_conf.date_format)
     observation = Observation("export")
     observed_df = rows_df.observe(
         observation, F.count(F.lit(1)).alias("rows"),
@@ -325,7 +393,7 @@ def publish_export(rows_df: DataFrame, as_of_date: dt.date, export_conf: ExportC
         rows = int(metrics["rows"])
         if rows == 0:
             raise ExportError(f"customer_scores has no rows for {as_of_date}; run `cvseg score --as-of {as_of_date}` first")
-        header = ",".join(EXPORT_COLUMNS) + "\n"
+        header = csv_header(names)
         if staging.startswith("s3://"):
             bucket, _, key_prefix = staging[5:].partition("/")
             staging_client = s3 or s3_client(export_conf.s3_endpoint_url)
@@ -336,7 +404,7 @@ def publish_export(rows_df: DataFrame, as_of_date: dt.date, export_conf: ExportC
 
 
         def fill(handle: BinaryIO) -> Assembled:
-            joined = assemble(parts(), header, handle)
+            joined = assemble(parts(), header, handle, export_conf.encoding, names)
             if joined.lines - 1 < rows:   # quoted line breaks can only add lines, never remove them
                 raise ExportError(f"the joined export holds {joined.lines - 1} lines but Spark wrote {rows} rows; "
                                   "the part files in the staging folder were changed while exporting")
@@ -354,7 +422,8 @@ def publish_export(rows_df: DataFrame, as_of_date: dt.date, export_conf: ExportC
             "as_of_date": as_of_date.isoformat(), "generation_id": generation,
             "generation_ids_span": [metrics["generation_min"], generation],
             "customers_without_segment": int(metrics["without_segment"]),
-            "columns": list(EXPORT_COLUMNS), "encoding": "utf-8", "header": True,
+            "columns": names, "column_keys": list(EXPORT_COLUMNS), "encoding": export_conf.encoding,
+            "header": True, "segment_labels": dict(labels or {}),
             "customer_id": "hmac-sha256-hex" if pseudonymised else "raw",
             "engine_version": engine_version or __version__,
             "exported_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),

@@ -308,7 +308,8 @@ def _trends(ctx: _Context) -> tuple[str, dict]:
 def _export(ctx: _Context) -> tuple[str, dict]:
     from pipelines.export import run_export
 
-    result = run_export(ctx.storage, ctx.as_of_date, ctx.config.export, dest=ctx.dest)
+    result = run_export(ctx.storage, ctx.as_of_date, ctx.config.export, dest=ctx.dest,
+                        horizon_months=ctx.config.features.horizon_months, labels=ctx.config.segments.labels)
     return f"{result['rows']:,} rows -> {result['file']} (sha256 {result['sha256'][:12]}...)", result
 
 

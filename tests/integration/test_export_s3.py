@@ -126,7 +126,7 @@ def test_local_export_is_atomic_and_replaces(spark, tmp_path, monkeypatch):
     # A failure half-way through joining the parts leaves the previous export as it was.
     real_assemble = export_mod.assemble
 
-    def dying_assemble(parts, header, out):
+    def dying_assemble(parts, header, out, *encoding_and_names):
         out.write(header.encode("utf-8") + b"C999,partial")
         raise OSError("disk full (simulated)")
 
@@ -160,7 +160,7 @@ def test_pseudonymised_ids_are_keyed_hmac_sha256(spark, monkeypatch):
     for raw_id, row in plain.items():
         expected = hmac.new(key.encode("utf-8"), raw_id.encode("utf-8"), hashlib.sha256).hexdigest()
         hashed = next(r for r in rows if r["customer_id"] == expected)
-        assert (hashed["segment"], hashed["predicted_value_6m"]) == (row["segment"], row["predicted_value_6m"])
+        assert (hashed["segment"], hashed["predicted_value"]) == (row["segment"], row["predicted_value"])
     assert not set(plain) & {r["customer_id"] for r in rows}
 
     monkeypatch.delenv("CVSEG_TEST_HMAC", raising=False)
@@ -178,3 +178,46 @@ def test_destination_parsing():
         parse_destination("s3:///x")
     with pytest.raises(ExportError, match="local folder or s3://"):
         parse_destination("gs://bucket/x")
+
+
+def test_cp932_export_with_japanese_header_and_labels_opens_in_pandas(spark, tmp_path):
+    """A Japanese client's file: cp932, their own header, every segment (new and dormant too) in
+    their words, the date in the file name as they write it, the value column named after the horizon."""
+    import pandas as pd
+
+    scores, segments = _frames(spark, 50)
+    labels = {"top 10%": "優良", "dormant": "休眠"}
+    conf = ExportConf(encoding="cp932", date_format="%Y%m%d",
+                      header={"customer_id": "顧客番号", "segment": "セグメント", "predicted_value": "予測3か月価値"})
+    names = export_mod.export_header(conf, horizon_months=3)
+    assert names == ["顧客番号", "セグメント", "generation_id", "予測3か月価値", "p_alive"]
+    result = publish_export(export_rows(scores, segments, D, labels=labels), D, conf,
+                            parse_destination(str(tmp_path)), names=names, labels=labels)
+    path = tmp_path / "customer_segments_20260930.csv"
+    assert result["file"] == str(path)
+    raw = path.read_bytes()
+    raw.decode("cp932")                       # the whole file is cp932...
+    assert "優良".encode("cp932") in raw and "優良".encode("utf-8") not in raw   # ...not UTF-8
+    table = pd.read_csv(path, encoding="cp932", dtype=str, keep_default_na=False)
+    assert list(table.columns) == names and len(table) == 50
+    assert set(table["セグメント"]) == {"優良", "休眠", ""}     # "" = not segmented yet
+    assert table.loc[table["顧客番号"] == 'C,"quoted"', "セグメント"].item() == "休眠"
+    manifest = json.loads((tmp_path / "customer_segments_20260930.manifest.json").read_text())
+    assert (manifest["encoding"], manifest["columns"], manifest["segment_labels"]) == ("cp932", names, labels)
+    assert manifest["sha256"] == hashlib.sha256(raw).hexdigest()
+
+
+def test_an_export_text_cp932_cannot_encode_fails_naming_customer_and_character(spark, tmp_path):
+    scores, segments = _frames(spark, 20)
+    conf = ExportConf(encoding="cp932")
+    with pytest.raises(ExportError, match=r"the row of customer 'C00000002' holds '😀' \(U\+1F600\) in column "
+                                          r"'segment', which cp932 cannot encode"):
+        publish_export(export_rows(scores, segments, D, labels={"top 10%": "優良😀"}), D, conf,
+                       parse_destination(str(tmp_path)))
+    assert not list(tmp_path.glob("*.csv"))   # nothing half-written, no '?' in place of the character
+
+    bom = ExportConf(encoding="utf-8-sig")
+    publish_export(export_rows(scores, segments, D, labels={"top 10%": "優良😀"}), D, bom,
+                   parse_destination(str(tmp_path)))
+    raw = (tmp_path / "customer_segments_2026-09-30.csv").read_bytes()
+    assert raw.startswith(b"\xef\xbb\xbf" + HEADER.encode())   # Excel reads UTF-8 with its BOM

@@ -1,0 +1,41 @@
+"""Both demos of the README (`cvseg demo`, `cvseg demo --dataset cdnow`) and every "Go on with"
+command each prints, run as a user would run them (in this test's Spark session)."""
+from __future__ import annotations
+
+import shlex
+
+import pytest
+
+from jobs.cli import main
+
+
+def _printed_commands(out: str) -> list[list[str]]:
+    """The `cvseg ...` lines after "Go on with", without their trailing comments."""
+    tail = out.split("Go on with, e.g.:", 1)[1]
+    return [shlex.split(line.split("#", 1)[0])[1:] for line in tail.splitlines() if line.strip().startswith("cvseg ")]
+
+
+@pytest.mark.parametrize("dataset, options", [
+    ("synthetic", ["--customers", "1500"]),
+    ("cdnow", []),   # the README's demo: 2,357 customers, 1997-01-01..1998-06-30
+])
+def test_demo_then_every_command_it_prints(spark, tmp_path, capsys, dataset, options):
+    demo_dir = tmp_path / "demo"
+    # the test's session (spark.master null); one purchase model keeps the backtest short
+    settings = ["--set", "spark.master=null", "--set", "models.purchase_models=[bgnbd]",
+                "--set", "storage.backend=deltalake"]   # the nightly run on delta-spark: test_nightly_run
+    assert main(["demo", "--dataset", dataset, "--dir", str(demo_dir), *options, *settings]) == 0
+    out = capsys.readouterr().out
+    assert "6 step(s) ran, 0 skipped" in out and "rows -> " in out
+    commands = _printed_commands(out)
+    assert [c[0] for c in commands] == ["run", "show", "show", "show", "export", "models", "report", "backtest"]
+
+    printed = {}
+    for argv in commands:
+        assert main(argv) == 0, f"`cvseg {shlex.join(argv)}` failed"
+        printed[argv[0] + (f" {argv[1]}" if argv[0] == "show" else "")] = capsys.readouterr().out
+    assert "1 step(s) ran, 6 skipped" in printed["run"]   # the weekly maintain had never run
+    assert "segments_current" in printed["show segments_current"]
+    assert (demo_dir / "crm").is_dir() and any((demo_dir / "crm").glob("customer_segments_*.csv"))
+    assert "champion" in printed["models"] and "champion by" in printed["backtest"]
+    assert list((demo_dir / "warehouse").parent.rglob("*.html"))
