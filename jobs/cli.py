@@ -5,7 +5,7 @@ import argparse
 import sys
 
 from core import __version__
-from jobs import calibrate, demo, features, fit, generate, ingest, models_cmd, score, show
+from jobs import calibrate, demo, dump, features, fit, generate, ingest, models_cmd, score, show
 from jobs import export as export_cmd, run as run_cmd
 from jobs import maintain as maintain_cmd
 from jobs import segments as segments_cmd, trends as trends_cmd
@@ -29,6 +29,7 @@ VERBS = {
     "report": report_cmd,
     "models": models_cmd,
     "show": show,
+    "dump": dump,
     "demo": demo,
 }
 

@@ -91,7 +91,7 @@ def main(args: argparse.Namespace) -> dict:
 
     from jobs.show import select_rows
 
-    rows, _ = select_rows(storage, "customer_features", as_of=as_of, limit=5,
+    rows, _, _ = select_rows(storage, "customer_features", as_of=as_of, limit=5,
                           columns="customer_id,n_orders,frequency,recency,T,net_amount,cancel_rate_count,"
                                   "acquisition_channel,rfm_score")
     print(f"\ncustomer_features as of {as_of} (first 5 rows):")

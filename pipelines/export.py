@@ -444,6 +444,29 @@ def publish_export(rows_df: DataFrame, as_of_date: dt.date, export_conf: ExportC
             "file": destination.location(csv_name), "manifest": destination.location(manifest_name)}
 
 
+def write_csv_file(df: DataFrame, path: Path, encoding: str = "utf-8") -> Assembled:
+    """Any DataFrame as ONE local CSV file with a header: Spark writes the part files in parallel,
+    they are joined in partition order by streaming bytes (no row reaches the driver's memory), and
+    the file gets its name only when whole. Maps, arrays and structs are written as JSON text."""
+    from pyspark.sql import types as T
+
+    columns = [F.to_json(F.col(f.name)).alias(f.name)
+               if isinstance(f.dataType, (T.MapType, T.ArrayType, T.StructType)) else F.col(f.name)
+               for f in df.schema.fields]
+    scratch = Path(tempfile.mkdtemp(prefix="cvseg-csv-"))
+    try:
+        (df.select(*columns).write.mode("errorifexists")
+         .option("header", False).option("encoding", "UTF-8").option("lineSep", "\n")
+         .option("quote", '"').option("escape", '"')
+         .option("ignoreLeadingWhiteSpace", False).option("ignoreTrailingWhiteSpace", False)
+         .csv(str(scratch / "parts")))
+        parts = _local_parts(scratch / "parts")
+        return _write_local_atomic(path.parent, path.name,
+                                   lambda handle: assemble(parts, csv_header(df.columns), handle, encoding, df.columns))
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
 def _remove_staging(staging: str, client, endpoint_url: str | None) -> None:
     if staging.startswith("s3://"):
         bucket, _, prefix = staging[5:].partition("/")
