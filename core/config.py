@@ -85,6 +85,9 @@ class ColumnMapping(_Frozen):
 class CancellationConf(_Frozen):
     style: Literal["none", "status", "negative_lines"] = "none"
     cancelled_values: tuple[str, ...] = ()
+    # status values known to be live orders: any other value not in cancelled_values and never
+    # seen by an earlier ingest is reported (validation.unknown_status)
+    live_values: tuple[str, ...] = ()
     order_id_prefix: str | None = None
     strip_prefix_to_match: bool = True
 
@@ -110,6 +113,8 @@ class ValidationConf(_Frozen):
     # "future" is judged against the day a file is read (in business.timezone), never against the
     # as-of date of an analysis; a fixed day here instead (an export made on a known day, tests)
     future_cutoff: date | None = None
+    # a status value in neither cancelled_values nor live_values, never seen before: warn | error
+    unknown_status: Literal["warn", "error"] = "warn"
 
 
 class FeaturesConf(_Frozen):

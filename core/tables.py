@@ -121,6 +121,9 @@ INGEST_RUNS = TableSpec(
         _f("status", S, False),              # ok | rejected (above validation.max_rejected_share)
         _f("cancellation_lines_applied", L, False),  # negative lines folded into their orders
         _f("future_rows_retried", L),        # rows quarantined as future earlier, read again as their day came
+        _f("status_counts", T.MapType(S, L)),    # rows per status value read ("(empty)" for none)
+        _f("channel_counts", T.MapType(S, L)),   # rows per channel value read
+        _f("category_counts", T.MapType(S, L)),  # rows per category value read
     ]),
     keys=("ingest_run_id",),
 )

@@ -59,7 +59,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta, timezone
-from typing import Sequence
+from typing import Iterable, Sequence
 from urllib.parse import unquote
 
 from pyspark import StorageLevel
@@ -115,6 +115,8 @@ class IngestSummary:
     encoding_suspect_rows: int = 0
     skipped_files: int = 0           # already ingested with the same size and modification time
     future_rows_retried: int = 0     # rows quarantined as future by an earlier read, read again now that their day came
+    value_counts: dict[str, dict[str, int]] = field(default_factory=dict)   # status/channel/category -> value -> rows
+    unknown_statuses: tuple[str, ...] = ()   # never seen before, in neither cancelled_values nor live_values
     started_at: datetime | None = None
     finished_at: datetime | None = None
 
@@ -147,6 +149,14 @@ class IngestSummary:
         ]
         if self.skipped_files:
             lines.append(f"  {self.skipped_files} file(s) ingested before unchanged were skipped (source.new_files_only)")
+        for column, counts in self.value_counts.items():
+            shown = ", ".join(f"{value} {n(count)}" for value, count in list(counts.items())[:8])
+            more = f" (+{len(counts) - 8} more)" if len(counts) > 8 else ""
+            lines.append(f"  {column} values: {shown}{more}")
+        if self.unknown_statuses:
+            lines.append(f"  warning: status value(s) {', '.join(repr(v) for v in self.unknown_statuses)} never seen "
+                         "before are counted as live orders (not in source.cancellation.cancelled_values); list "
+                         "them in cancelled_values or live_values")
         if self.future_rows_retried:
             lines.append(f"  {n(self.future_rows_retried)} row(s) quarantined as future_timestamp by an earlier ingest "
                          f"were read again (their order day has come): their file(s) are among those read")
@@ -383,41 +393,65 @@ def with_row_keys(df: DataFrame, *, grain: str, order_id_mapped: bool) -> DataFr
     return out_df.withColumn("_header_hash", _null_safe_hash(*CONTENT))
 
 
-SET_SPLIT, SET_ORDER, SET_LINE = "split", "order", "line"
+SET_SPLIT, SET_ORDER, SET_LINE, SET_PROFILE = "split", "order", "line", "profile"
+#: Columns whose values ingest counts (summary, ingest_runs): what a client's codes look like.
+PROFILED = ("status", "channel", "category")
 
 
-def source_stats(df: DataFrame, *, grain: str, order_id_mapped: bool) -> DataFrame:
+def source_stats(df: DataFrame, *, grain: str, order_id_mapped: bool, profile: Sequence[str] = ()) -> DataFrame:
     """One aggregation (grouping sets) over the keyed rows giving
     * per file split (``_set`` = split): its rows and first position, for exact row numbers;
     * per order id seen more than once (``order``): rows, min/max header hash, first position;
-    * at grain line, per (order id, content) seen more than once (``line``): the exact copies.
+    * at grain line, per (order id, content) seen more than once (``line``): the exact copies;
+    * per combination of the ``profile`` columns' values (``profile``: status, channel, category):
+      its rows, so ingest can say which values it saw (a few hundred combinations at most).
     Only those rows are kept, so the result is small unless the export is mostly duplicates."""
     # plain longs, not structs: min over a struct would turn the hash aggregation into a sort
     first = [F.min("_src_key").alias("_first"), F.min("_src_pos").alias("_first_pos")]
-    if not order_id_mapped:
+    profile = list(profile)
+    if not order_id_mapped and not profile:
         return (df.groupBy("_src_file", "_src_block")
                 .agg(F.count(F.lit(1)).alias("_n"), *first)
                 .withColumn("_set", F.lit(SET_SPLIT)))
-    sets = [["_src_file", "_src_block"], ["_order_key"]]
-    cols = ["_src_file", "_src_block", "_order_key"]
-    if grain == "line":
-        sets.append(["_order_key", "_content_hash"])
-        cols.append("_content_hash")
-    stats_df = (df.groupingSets(sets, *cols)
-                .agg(F.count(F.lit(1)).alias("_n"), F.min("_header_hash").alias("_hmin"),
-                     F.max("_header_hash").alias("_hmax"), *first, F.grouping_id().alias("_gid")))
+    sets: dict[str, list[str]] = {SET_SPLIT: ["_src_file", "_src_block"]}
+    cols = ["_src_file", "_src_block"]
+    if order_id_mapped:
+        sets[SET_ORDER] = ["_order_key"]
+        cols.append("_order_key")
+        if grain == "line":
+            sets[SET_LINE] = ["_order_key", "_content_hash"]
+            cols.append("_content_hash")
+    if profile:
+        sets[SET_PROFILE] = profile
+        cols += profile
+    hashes = ([F.min("_header_hash").alias("_hmin"), F.max("_header_hash").alias("_hmax")]
+              if order_id_mapped else [])
+    stats_df = (df.groupingSets(list(sets.values()), *cols)
+                .agg(F.count(F.lit(1)).alias("_n"), *hashes, *first, F.grouping_id().alias("_gid")))
     # grouping_id sets a bit for every grouping column NOT in the set (first column = highest bit)
     width = len(cols)
-    gid = {SET_SPLIT: sum(1 << (width - 1 - cols.index(c)) for c in cols if c not in sets[0]),
-           SET_ORDER: sum(1 << (width - 1 - cols.index(c)) for c in cols if c not in sets[1])}
-    kind = F.when(F.col("_gid") == gid[SET_SPLIT], F.lit(SET_SPLIT)).when(
-        F.col("_gid") == gid[SET_ORDER], F.lit(SET_ORDER)).otherwise(F.lit(SET_LINE))
-    keep = ((F.col("_set") == SET_SPLIT)
-            | ((F.col("_set") == SET_ORDER) & (F.col("_n") > 1)
-               & ((F.col("_hmin") != F.col("_hmax")) | F.lit(grain == "order")))
-            | ((F.col("_set") == SET_LINE) & (F.col("_n") > 1)))
-    return stats_df.withColumn("_set", kind).filter(keep & (F.col("_order_key").isNotNull()
-                                                            | (F.col("_set") == SET_SPLIT))).drop("_gid")
+    gid = {name: sum(1 << (width - 1 - cols.index(c)) for c in cols if c not in members)
+           for name, members in sets.items()}
+    kind = F.lit(None).cast("string")
+    for name in sets:
+        kind = F.when(F.col("_gid") == gid[name], F.lit(name)).otherwise(kind)
+    keep = (F.col("_set") == SET_SPLIT) | (F.col("_set") == SET_PROFILE)
+    if order_id_mapped:
+        keep = keep | (((F.col("_set") == SET_ORDER) & (F.col("_n") > 1)
+                        & ((F.col("_hmin") != F.col("_hmax")) | F.lit(grain == "order")))
+                       | ((F.col("_set") == SET_LINE) & (F.col("_n") > 1))) & F.col("_order_key").isNotNull()
+    return stats_df.withColumn("_set", kind).filter(keep).drop("_gid")
+
+
+def value_profile(rows: Iterable, columns: Sequence[str]) -> dict[str, dict[str, int]]:
+    """Profile rows of :func:`source_stats` -> {column: {value: rows}}, biggest first; a missing
+    value counts as "(empty)"."""
+    profile: dict[str, dict[str, int]] = {c: {} for c in columns}
+    for r in rows:
+        for c in columns:
+            value = "(empty)" if r[c] is None else str(r[c])
+            profile[c][value] = profile[c].get(value, 0) + int(r["_n"])
+    return {c: dict(sorted(v.items(), key=lambda kv: (-kv[1], kv[0]))) for c, v in profile.items()}
 
 
 def with_duplicate_flags(df: DataFrame, stats_df: DataFrame | None, *, grain: str, broadcast: bool = True) -> DataFrame:
@@ -1091,7 +1125,8 @@ def _run_ingest(spark: SparkSession, storage: Storage, source: SourceConf, valid
     try:
         # Pass 1: keys only. The statistics are small on any sane export: bring them to the
         # driver, so later passes join a local table (no broadcast job per pass) or nothing at all.
-        stats_df = source_stats(keyed_df, grain=source.grain, order_id_mapped=order_id_mapped) \
+        profiled = [c for c in PROFILED if mapping.get(c)]
+        stats_df = source_stats(keyed_df, grain=source.grain, order_id_mapped=order_id_mapped, profile=profiled) \
             .persist(StorageLevel.MEMORY_AND_DISK)
         cached.append(stats_df)
         try:
@@ -1102,14 +1137,27 @@ def _run_ingest(spark: SparkSession, storage: Storage, source: SourceConf, valid
             raise _action_error(exc, path, source) from exc
         if len(stats) <= LOCAL_STATS_MAX_ROWS:
             splits = [r for r in stats if r["_set"] == SET_SPLIT]
-            problems = [r for r in stats if r["_set"] != SET_SPLIT]
+            profile_rows = [r for r in stats if r["_set"] == SET_PROFILE]
+            problems = [r for r in stats if r["_set"] not in (SET_SPLIT, SET_PROFILE)]
             problems_df = spark.createDataFrame(problems, stats_df.schema) if problems else None
             broadcast = True
         else:
+            profile_rows = stats_df.filter(F.col("_set") == SET_PROFILE).limit(LOCAL_STATS_MAX_ROWS).collect()
             problems_df, broadcast = stats_df, False
         total = sum(r["_n"] for r in splits)
         if total == 0:
             raise IngestError(f"{path}: no data rows (the file is empty or holds only a header)")
+        value_counts = value_profile(profile_rows, profiled)
+        unknown_statuses = _unknown_statuses(storage, source, value_counts.get("status", {}))
+        if unknown_statuses and validation.unknown_status == "error":
+            listed_values = ", ".join(f"{v!r} ({value_counts['status'][v]:,} rows)" for v in unknown_statuses)
+            raise IngestError(
+                f"{path}: status value(s) {listed_values} are in neither source.cancellation.cancelled_values "
+                f"{list(source.cancellation.cancelled_values)} nor live_values {list(source.cancellation.live_values)}"
+                " and were never seen before; add each to one of them (validation.unknown_status: error)")
+        if unknown_statuses:
+            log.warning("%s: status value(s) %s never seen before are counted as live orders; list them in "
+                        "source.cancellation.cancelled_values or live_values", path, list(unknown_statuses))
         offsets_df = _offsets_frame(spark, splits)
         flagged_df = keyed_df.transform(with_duplicate_flags, problems_df, grain=source.grain, broadcast=broadcast)
         clock.lap("pass 1: splits+dups")
@@ -1202,7 +1250,8 @@ def _run_ingest(spark: SparkSession, storage: Storage, source: SourceConf, valid
             max_rejected_share=validation.max_rejected_share,
             source_files=len({r["_src_file"] for r in splits}),
             cancellation_lines_by_heuristic=heuristic, encoding_suspect_rows=suspects,
-            skipped_files=skipped, future_rows_retried=retried, started_at=started, finished_at=datetime.now(timezone.utc))
+            skipped_files=skipped, future_rows_retried=retried, value_counts=value_counts,
+            unknown_statuses=unknown_statuses, started_at=started, finished_at=datetime.now(timezone.utc))
         if not rejected and new_files:
             # after the orders commit: a crash before this line only means the files are read again
             _record_files(spark, storage, new_files, splits, run_id, summary.finished_at,
@@ -1307,6 +1356,23 @@ def _merge_orders(storage: Storage, orders_df: DataFrame, accepted: int | None,
     return (accepted if accepted is not None else incoming_count), written
 
 
+def _unknown_statuses(storage: Storage, source: SourceConf, counts: dict[str, int]) -> tuple[str, ...]:
+    """Status values of this read that the conf does not name (cancelled_values, live_values) and
+    no earlier successful ingest saw: a new value in a client's export (取消, 返品, half-width ｷｬﾝｾﾙ)
+    would otherwise count as a live order without anyone noticing."""
+    if source.cancellation.style != "status" or not counts:
+        return ()
+    named = set(source.cancellation.cancelled_values) | set(source.cancellation.live_values)
+    candidates = [v for v in counts if v not in named and v != "(empty)"]
+    if not candidates:
+        return ()
+    seen: set[str] = set()
+    if storage.exists(INGEST_RUNS.name):
+        seen = {r[0] for r in storage.read(INGEST_RUNS.name).where(F.col("status") == "ok")
+                .select(F.explode(F.map_keys("status_counts"))).distinct().collect()}   # a few values
+    return tuple(v for v in candidates if v not in seen)
+
+
 def _quarantined_files(storage: Storage, last_day: date) -> dict[str, int]:
     """Source file -> how many of its quarantined rows are future_timestamp rows whose order day is
     now on or before ``last_day`` (0 for a file with other quarantined rows only): one small row
@@ -1352,5 +1418,6 @@ def _record_files(spark: SparkSession, storage: Storage, files: list[SourceFile]
 def _append_run(spark: SparkSession, storage: Storage, s: IngestSummary) -> None:
     row = (s.ingest_run_id, s.run_date, s.source_path, s.input_rows, s.accepted_rows, s.quarantined_rows,
            s.exact_duplicate_rows, s.orders_written, s.reason_counts, s.started_at, s.finished_at,
-           s.status, s.cancellation_lines_applied, s.future_rows_retried)
+           s.status, s.cancellation_lines_applied, s.future_rows_retried,
+           *(s.value_counts.get(c) for c in PROFILED))
     storage.append(INGEST_RUNS.name, spark.createDataFrame([row], INGEST_RUNS.schema))

@@ -232,8 +232,10 @@ def _ingest(ctx: _Context) -> tuple[str, dict]:
     s = run_ingest(ctx.spark, ctx.storage, ctx.config.source, ctx.config.validation,
                    ctx.config.business.timezone, read_day(ctx.config.validation, ctx.config.business.timezone),
                    path=path)
+    unknown = (f"; status value(s) never seen before counted as live: {', '.join(s.unknown_statuses)}"
+               if s.unknown_statuses else "")
     return (f"{s.input_rows:,} rows read, {s.orders_written:,} orders new or changed, "
-            f"{s.quarantined_rows:,} quarantined"), {"input_rows": s.input_rows, "orders_written": s.orders_written,
+            f"{s.quarantined_rows:,} quarantined{unknown}"), {"input_rows": s.input_rows, "orders_written": s.orders_written,
                                                      "quarantined_rows": s.quarantined_rows}
 
 

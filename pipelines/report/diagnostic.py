@@ -28,6 +28,11 @@ class Context:
             return self.m("unknown")
         return str(value)
 
+    def coded(self, prefix: str, code: str) -> str:
+        """A code (quarantine reason, value model) in the report's language, the code kept after it."""
+        key = f"{prefix}.{code}"
+        return f"{self.m(key)} ({code})" if key in CATALOGUE else str(code)
+
     def segment(self, name: str) -> str:
         """Standard segment names translated; client-defined names shown as configured."""
         key = f"seg.{name}"
@@ -115,7 +120,8 @@ def finding_cancel_effect(data: DiagnosticData, c: Context) -> str | None:
     low_mean = float(by_band.loc[0, "mean_net"])
     if low_mean <= 0:
         return None
-    return c.m("find.cancel_effect", share=c.f.pct(high["customers"].sum() / bands["customers"].sum()),
+    direction = "lower" if high_mean < low_mean else "higher"
+    return c.m(f"find.cancel_effect.{direction}", share=c.f.pct(high["customers"].sum() / bands["customers"].sum()),
                high=c.f.money(high_mean), low=c.f.money(low_mean), ratio=c.f.ratio(high_mean / low_mean))
 
 
@@ -370,7 +376,8 @@ def models_section(data: DiagnosticData, c: Context) -> list:
         blocks.append(c.missing(champ))
     elif not champ.empty:
         row = champ.iloc[0]
-        blocks.append(Paragraph(c.m("mod.champion", model=row["value_model"], version=row["model_version"])))
+        blocks.append(Paragraph(c.m("mod.champion", model=c.coded("vm", row["value_model"]),
+                                    version=row["model_version"])))
     bt = data.backtest
     if isinstance(bt, Missing):
         blocks.append(c.missing(bt))
@@ -408,9 +415,12 @@ def models_section(data: DiagnosticData, c: Context) -> list:
 def generations_section(data: DiagnosticData, c: Context) -> list:
     blocks: list = [PageBreak(), Heading(c.m("sec.generations"))]
     mig = data.migration
-    if isinstance(mig, Missing):
-        blocks.append(c.missing(mig))
-    elif not mig.empty:
+    if isinstance(mig, Missing) or isinstance(data.generation_review, Missing):
+        # both tables are written at the cut of a second generation, not by the first `cvseg segments`
+        blocks.append(Paragraph(c.m("gen.second", tables=", ".join(
+            t for t, v in (("segment_migration", mig), ("generation_review", data.generation_review))
+            if isinstance(v, Missing))), style="note"))
+    if not isinstance(mig, Missing) and not mig.empty:
         matrix_df = mig.pivot_table(index="from_segment", columns="to_segment", values="customers",
                                     aggfunc="sum").fillna(0)
         title = c.m("gen.matrix.title")
@@ -419,9 +429,7 @@ def generations_section(data: DiagnosticData, c: Context) -> list:
                              ylabel=c.m("gen.matrix.y"), cell_fmt=lambda v: f"{v:,.0f}")
         blocks.append(Chart(png, title, c.m("gen.matrix.aid")))
     review = data.generation_review
-    if isinstance(review, Missing):
-        blocks.append(c.missing(review))
-    elif not review.empty:
+    if not isinstance(review, Missing) and not review.empty:
         title = c.m("gen.review.title")
         png = charts.bars([c.segment(s) for s in review["segment"]],
                           {c.m("gen.review.pred"): review["predicted_net_value"].tolist(),
@@ -455,7 +463,8 @@ def method_section(data: DiagnosticData, c: Context) -> list:
             blocks.append(Paragraph(c.m("met.none")))
         else:
             blocks.append(Table((c.m("met.reason"), c.m("met.rows")),
-                                tuple((str(r["reason"]), c.f.number(r["rows"])) for _, r in q["reasons"].iterrows()),
+                                tuple((c.coded("reason", str(r["reason"])), c.f.number(r["rows"]))
+                                      for _, r in q["reasons"].iterrows()),
                                 title=c.m("met.quarantine"), numeric=(False, True)))
     blocks += [Heading(c.m("met.defs"), 2),
                Bullets(tuple(c.m(k) for k in ("def.ltv", "def.p_alive", "def.repeat", "def.f2", "def.active",

@@ -70,8 +70,13 @@ CATALOGUE: dict[str, dict[str, str]] = {
     "find.concentration": {
         "ja": "予測価値の上位20%の顧客が、今後6か月の予測純売上の{share}を占めます。",
         "en": "The top 20% of customers by predicted value hold {share} of the predicted net revenue of the next six months."},
-    "find.cancel_effect": {
+    # the verb follows the ratio: "only" when customers who cancel are worth less, "reaches" when more
+    "find.cancel_effect.lower": {
         "ja": "キャンセル率（金額）20%以上の顧客は{share}で、1人あたり予測6か月価値は{high}と、キャンセル率5%未満の顧客（{low}）の{ratio}倍にとどまります。",
+        "en": "{share} of customers cancel 20% or more of their order value; their predicted 6-month value is {high} "
+              "per customer, only {ratio} times that of customers cancelling under 5% ({low})."},
+    "find.cancel_effect.higher": {
+        "ja": "キャンセル率（金額）20%以上の顧客は{share}で、1人あたり予測6か月価値は{high}と、キャンセル率5%未満の顧客（{low}）の{ratio}倍に達します。",
         "en": "{share} of customers cancel 20% or more of their order value; their predicted 6-month value is {high} "
               "per customer, {ratio} times that of customers cancelling under 5% ({low})."},
     # -- retention --------------------------------------------------------------------------
@@ -154,6 +159,22 @@ CATALOGUE: dict[str, dict[str, str]] = {
     "tr.week.aid": {"ja": "線が下がり続けるセグメントは、次の世代で顧客が下位に移るおそれがあります。",
                     "en": "A segment whose line keeps falling is likely to lose customers to lower segments at the next generation."},
     # -- models -----------------------------------------------------------------------------
+    # quarantine reason codes (pipelines/validation.py) and value models (models/bundle.py), by name
+    "reason.malformed_row": {"ja": "列数がヘッダーと不一致", "en": "not the header's number of fields"},
+    "reason.missing_order_id": {"ja": "受注番号が空", "en": "order id empty"},
+    "reason.missing_customer_id": {"ja": "顧客IDが空", "en": "customer id empty"},
+    "reason.unparsable_timestamp": {"ja": "日時を解釈できない", "en": "timestamp not understood"},
+    "reason.future_timestamp": {"ja": "読込日より先の日付（当日に再読込）", "en": "dated after the day read (read again then)"},
+    "reason.missing_amount": {"ja": "金額が空", "en": "amount empty"},
+    "reason.non_numeric_amount": {"ja": "金額が数値でない", "en": "amount not a number"},
+    "reason.negative_amount": {"ja": "キャンセル行以外の負の金額", "en": "negative amount on an order row"},
+    "reason.unknown_currency": {"ja": "対象外の通貨", "en": "currency not allowed"},
+    "reason.duplicate_order_conflict": {"ja": "同じ受注番号で内容が異なる行", "en": "one order id, differing rows"},
+    "reason.cancellation_without_order": {"ja": "対応する受注のないキャンセル行", "en": "cancellation line without its order"},
+    "vm.btyd": {"ja": "BTYDモデル（購入回数×注文単価×(1−キャンセル率)）",
+                "en": "BTYD (expected purchases × order value × (1 − cancellation rate))"},
+    "vm.cohort": {"ja": "コホート実績法", "en": "empirical cohort method"},
+    "vm.naive": {"ja": "前期実績の繰り越し", "en": "last period carried forward"},
     "mod.champion": {"ja": "現在のスコアは「{model}」（モデルバージョン {version}）で計算されています。",
                      "en": "Current scores come from {model} (model version {version})."},
     "mod.why": {"ja": "チャンピオンは選定指標「{metric}」が最も良い「{model}」（{value}）です。",
@@ -175,6 +196,11 @@ CATALOGUE: dict[str, dict[str, str]] = {
     "mod.cal.aid": {"ja": "棒は★チャンピオンの十分位ごとの実績（各モデルの点は自分の十分位の予測）。点が棒に近いほど予測は正確です。",
                     "en": "Bars: actual revenue per decile of the champion (★); markers: each model's prediction for its own deciles. Closer to the bars is better."},
     # -- generations ------------------------------------------------------------------------
+    "gen.second": {"ja": "{tables} は2つ目のセグメント世代の切替時（最初の世代から segments.generation_months か月後の "
+                         "`cvseg segments` / `cvseg run`）に作られます。まだ1世代目です（セグメントが未作成なら `cvseg segments` を先に実行）。",
+                   "en": "{tables} are written when the second segment generation is cut (segments.generation_months "
+                         "after the first, by `cvseg segments` / `cvseg run`); this warehouse is still in its first "
+                         "generation (or has no segments yet: run `cvseg segments` first)."},
     "gen.matrix.title": {"ja": "セグメント移動マトリクス（前世代→今世代）", "en": "Segment migration (previous → current generation)"},
     "gen.matrix.x": {"ja": "今世代のセグメント", "en": "Current segment"},
     "gen.matrix.y": {"ja": "前世代のセグメント", "en": "Previous segment"},

@@ -38,7 +38,11 @@ def segments_value(storage, base_df: DataFrame | None, as_of: dt.date) -> pd.Dat
     out = _pdf(seg_df.groupBy("segment").agg(F.count(F.lit(1)).alias("customers"), F.sum(value).alias("value"),
                                              F.max("generation_id").alias("generation_id")))
     out["mean_value"] = out["value"] / out["customers"]
-    return out.sort_values("mean_value", ascending=False).rename(columns={"segment": "group"}).reset_index(drop=True)
+    # value bands by value (their own order), then the lifecycle segments, whatever their value
+    lifecycle = {"new": 1, "dormant": 2}
+    out["_rank"] = out["segment"].map(lambda s: lifecycle.get(s, 0))
+    return (out.sort_values(["_rank", "mean_value"], ascending=[True, False]).drop(columns="_rank")
+            .rename(columns={"segment": "group"}).reset_index(drop=True))
 
 
 def f2_cohorts(storage, as_of: dt.date, months: int = 24) -> pd.DataFrame | Missing:

@@ -161,6 +161,43 @@ def test_rows_quarantined_as_future_are_read_again_once_their_day_has_come(spark
     assert run(date(2024, 2, 12), "f4").status == "unchanged"
 
 
+def test_status_channel_and_category_values_are_counted_and_new_statuses_reported(spark, storage, tmp_path):
+    """Every ingest counts the values of status, channel and category; a status value the conf does
+    not name and no earlier ingest saw is a warning (its rows are live orders), or an error."""
+    folder = tmp_path / "drop"
+    folder.mkdir()
+    header = "order_id,customer_id,order_ts,gross_amount,status,channel\n"
+    (folder / "day1.csv").write_text(header + "".join(
+        f"A{i},C{i % 3},2024-01-0{1 + i % 5} 10:00:00,100,{status},{channel}\n"
+        for i, (status, channel) in enumerate([("完了", "web")] * 5 + [("キャンセル", "web"), ("ｷｬﾝｾﾙ", "tel"),
+                                               ("取消", None), ("完了", "tel")])).replace(",None", ","))
+    conf = source(columns={**ORDER_COLUMNS, "status": "status", "channel": "channel"},
+                  cancellation={"style": "status", "cancelled_values": ["キャンセル"]})
+    first = run_ingest(spark, storage, conf, ValidationConf(), "UTC", date(2024, 12, 31), path=str(folder), run_id="s1")
+    assert first.value_counts == {"status": {"完了": 6, "キャンセル": 1, "ｷｬﾝｾﾙ": 1, "取消": 1},
+                                  "channel": {"web": 6, "tel": 2, "(empty)": 1}}
+    assert first.unknown_statuses == ("完了", "取消", "ｷｬﾝｾﾙ")   # by rows, then code point
+    text = str(first)
+    assert "  status values: 完了 6, キャンセル 1, 取消 1, ｷｬﾝｾﾙ 1" in text
+    assert "warning: status value(s) '完了', '取消', 'ｷｬﾝｾﾙ' never seen before are counted as live orders" in text
+    run = storage.read("ingest_runs").first()
+    assert run.status_counts == first.value_counts["status"] and run.category_counts is None
+
+    # seen by an earlier ingest: no longer new; a value never seen stops an ingest set to error
+    (folder / "day2.csv").write_text(header + "B1,C1,2024-01-07 10:00:00,100,取消,web\n")
+    assert run_ingest(spark, storage, conf, ValidationConf(), "UTC", date(2024, 12, 31), path=str(folder),
+                      run_id="s2").unknown_statuses == ()
+    (folder / "day3.csv").write_text(header + "B2,C1,2024-01-08 10:00:00,100,返品,web\n")
+    strict = ValidationConf(unknown_status="error")
+    with pytest.raises(IngestError, match=r"status value\(s\) '返品' \(1 rows\) are in neither "
+                                          r"source.cancellation.cancelled_values \['キャンセル'\] nor live_values \[\]"):
+        run_ingest(spark, storage, conf, strict, "UTC", date(2024, 12, 31), path=str(folder), run_id="s3")
+    assert "B2" not in {r.order_id for r in storage.read("orders").collect()}   # nothing written
+    live = conf.model_copy(update={"cancellation": conf.cancellation.model_copy(update={"live_values": ("返品",)})})
+    assert run_ingest(spark, storage, live, strict, "UTC", date(2024, 12, 31), path=str(folder),
+                      run_id="s4").orders_written == 1
+
+
 def test_corrected_order_re_dated_into_another_month_is_stored_once(spark, storage, tmp_path):
     """`orders` is partitioned by month: a correction that moves an order to another month
     replaces the stored copy in the old month instead of adding a second one."""

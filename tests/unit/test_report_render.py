@@ -164,9 +164,11 @@ def test_missing_tables_become_one_line_each(full_data):
     html = render_html(build(data, "en", "JPY", "acme", GENERATED))
     for table, command in (("segments_current", "cvseg segments --as-of 2026-09-30"),
                            ("trend_yearly", "cvseg trends --as-of 2026-09-30"),
-                           ("model_backtest", "cvseg backtest --as-of 2026-09-30"),
-                           ("segment_migration", "cvseg segments --as-of 2026-09-30")):
+                           ("model_backtest", "cvseg backtest --as-of 2026-09-30")):
         assert f"No data yet: table {table} does not exist. `{command}` produces it." in html
+    # migration and review come with the second generation: not "run cvseg segments" (it ran)
+    assert "segment_migration, generation_review are written when the second segment generation is cut" in html
+    assert "table segment_migration does not exist" not in html
     # the models section says it once (the decile chart needs the same run)
     assert html.count("table model_backtest does not exist") == 1
     assert html.count("table customer_scores does not exist") == 6
@@ -196,3 +198,38 @@ def test_weekly_report_compares_three_weeks():
     assert "Net revenue: ¥660,000, +10.0% vs last week" in html
     assert "web grew most from last week (+4)" in html
     assert re.search(r'\(came back\)</td><td class="num">6</td><td class="num">2</td><td class="num">—', html)
+
+
+@pytest.mark.parametrize("language", ["ja", "en"])
+def test_cancel_headline_wording_follows_the_ratio(full_data, language):
+    """Customers who cancel a lot worth less: "only" / にとどまります; worth more: no "only" / に達します."""
+    lower = render_html(build(full_data, language, "JPY", "acme", GENERATED))
+    bands = full_data.cancel_bands.assign(mean_net=[5000.0, 6000.0, 9000.0, 12000.0])
+    higher = render_html(build(DiagnosticData(**{**full_data.__dict__, "cancel_bands": bands}),
+                               language, "JPY", "acme", GENERATED))
+    if language == "ja":
+        assert "倍にとどまります" in lower and "倍に達します" not in lower
+        assert "倍に達します" in higher and "倍にとどまります" not in higher
+    else:
+        assert "per customer, only " in lower and "per customer, only " not in higher
+
+
+def test_japanese_report_names_reasons_and_models_in_japanese(full_data):
+    from models.bundle import VALUE_MODELS
+    from pipelines.validation import REASON_CODES
+
+    assert all(f"reason.{code}" in CATALOGUE for code in REASON_CODES)
+    assert all(f"vm.{name}" in CATALOGUE for name in VALUE_MODELS)
+    html = render_html(build(full_data, "ja", "JPY", "acme", GENERATED))
+    assert "同じ受注番号で内容が異なる行 (duplicate_order_conflict)" in html
+    assert "BTYDモデル" in html and "「btyd」" not in html
+
+
+def test_lifecycle_segments_come_after_the_value_bands_whatever_their_value(spark, storage):
+    from core.tables import SEGMENTS_CURRENT
+    from pipelines.report.sources import segments_value
+
+    values = {"top": 900.0, "middle": 100.0, "dormant": 400.0, "new": 50.0, "low": 10.0}
+    rows = [(f"C{i}", segment, 1, AS_OF, value, 0.5, AS_OF) for i, (segment, value) in enumerate(values.items())]
+    storage.append("segments_current", spark.createDataFrame(rows, SEGMENTS_CURRENT.schema))
+    assert segments_value(storage, None, AS_OF)["group"].tolist() == ["top", "middle", "low", "new", "dormant"]
