@@ -107,8 +107,7 @@ def main(args: argparse.Namespace) -> dict:
     print(f"MLflow: {target.uri} (experiment {target.experiment}, model {target.registered_model}, "
           f"champion v{score.details['model_version']})")
     print(f"\nResolved config: {conf_path}\nGo on with, e.g.:")
-    print(f"  cvseg run --conf {conf_path} --as-of {as_of}            # again: done steps are skipped, "
-          "the weekly maintain runs")
+    print(f"  cvseg run --conf {conf_path} --as-of {as_of}            # again: every step is skipped")
     print(f"  cvseg show segments_current --conf {conf_path}")
     print(f"  cvseg show pipeline_runs --conf {conf_path}")
     print(f"  cvseg show customer_scores --conf {conf_path}")

@@ -1143,6 +1143,9 @@ def _run_ingest(spark: SparkSession, storage: Storage, source: SourceConf, valid
             broadcast = True
         else:
             profile_rows = stats_df.filter(F.col("_set") == SET_PROFILE).limit(LOCAL_STATS_MAX_ROWS).collect()
+            if len(profile_rows) == LOCAL_STATS_MAX_ROWS:
+                log.warning("%s: more than %d combinations of %s values; their counts are partial",
+                            path, LOCAL_STATS_MAX_ROWS, "/".join(profiled))
             problems_df, broadcast = stats_df, False
         total = sum(r["_n"] for r in splits)
         if total == 0:

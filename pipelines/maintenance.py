@@ -128,13 +128,19 @@ def partitions_to_prune(values: list[str], as_of: dt.date, days: int | None) -> 
     return [d.isoformat() for d in dates if d < cutoff and d != latest]
 
 
-def maintenance_skip_reason(last_maintained: dt.date | None, as_of: dt.date, every_days: int) -> str | None:
-    """Why the nightly ``maintain`` step is skipped for ``as_of``, or None when it is due:
-    never maintained, or the last maintain step was for a date ``every_days`` or more before."""
+def maintenance_skip_reason(last_maintained: dt.date | None, as_of: dt.date, every_days: int,
+                            first_run: dt.date | None = None) -> str | None:
+    """Why the nightly ``maintain`` step is skipped for ``as_of``, or None when it is due: the last
+    maintain step was for a date ``every_days`` or more before; never maintained, the warehouse's
+    first nightly run (``first_run``) was that long before. A first load has nothing to compact
+    yet, and compacting `orders` then would cost the next night its incremental features."""
     if every_days == 0:
         return "maintenance.every_days=0: no maintenance in the nightly run (run `cvseg maintain`)"
     if last_maintained is None:
-        return None
+        if first_run is None or (as_of - first_run).days >= every_days:
+            return None
+        return (f"never maintained; the first maintenance comes {every_days} day(s) after the first night "
+                f"({first_run}; maintenance.every_days={every_days}); `cvseg maintain` runs it now")
     age = (as_of - last_maintained).days
     if age >= every_days:
         return None

@@ -315,21 +315,23 @@ def _export(ctx: _Context) -> tuple[str, dict]:
     return f"{result['rows']:,} rows -> {result['file']} (sha256 {result['sha256'][:12]}...)", result
 
 
-def last_maintained(storage: Any) -> dt.date | None:
-    """As-of date of the latest successful ``maintain`` step in ``pipeline_runs`` (any date)."""
+def last_maintained(storage: Any) -> tuple[dt.date | None, dt.date | None]:
+    """As-of dates of the latest successful ``maintain`` step and of the first successful step of
+    any kind in ``pipeline_runs`` (one row to the driver)."""
     if not storage.exists(PIPELINE_RUNS.name):
-        return None
-    return (storage.read(PIPELINE_RUNS.name)
-            .where((F.col("step") == F.lit("maintain")) & (F.col("status") == F.lit("ok")))
-            .agg(F.max("run_date").alias("last")).first()["last"])
+        return None, None
+    ok = storage.read(PIPELINE_RUNS.name).where(F.col("status") == F.lit("ok"))
+    row = ok.agg(F.max(F.when(F.col("step") == F.lit("maintain"), F.col("run_date"))).alias("last"),
+                 F.min("run_date").alias("first")).first()
+    return row["last"], row["first"]
 
 
 def _maintain_skip_reason(ctx: _Context) -> str | None:
     from pipelines.maintenance import maintenance_skip_reason
 
     every_days = ctx.config.maintenance.every_days
-    last = last_maintained(ctx.storage) if every_days else None
-    return maintenance_skip_reason(last, ctx.as_of_date, every_days)
+    last, first = last_maintained(ctx.storage) if every_days else (None, None)
+    return maintenance_skip_reason(last, ctx.as_of_date, every_days, first_run=first)
 
 
 def _maintain(ctx: _Context) -> tuple[str, dict]:

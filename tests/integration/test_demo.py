@@ -34,8 +34,30 @@ def test_demo_then_every_command_it_prints(spark, tmp_path, capsys, dataset, opt
     for argv in commands:
         assert main(argv) == 0, f"`cvseg {shlex.join(argv)}` failed"
         printed[argv[0] + (f" {argv[1]}" if argv[0] == "show" else "")] = capsys.readouterr().out
-    assert "1 step(s) ran, 6 skipped" in printed["run"]   # the weekly maintain had never run
+    assert "0 step(s) ran, 7 skipped" in printed["run"]   # maintain too: the first comes a week in
     assert "segments_current" in printed["show segments_current"]
     assert (demo_dir / "crm").is_dir() and any((demo_dir / "crm").glob("customer_segments_*.csv"))
     assert "champion" in printed["models"] and "champion by" in printed["backtest"]
     assert list((demo_dir / "warehouse").parent.rglob("*.html"))
+
+
+def test_a_past_as_of_date_on_a_fresh_warehouse_keeps_the_later_orders(spark, tmp_path, capsys):
+    """`cvseg run --as-of 1997-09-30` over the whole CDNOW file (to 1998-06-30): nothing is
+    quarantined as future (the file is read today), features stop at the as-of date."""
+    from pyspark.sql import functions as F
+
+    from core.storage import Storage
+    from jobs.demo import cdnow_sample_path, example_conf
+
+    warehouse = tmp_path / "warehouse"
+    argv = ["run", "--conf", str(example_conf("cdnow")), "--as-of", "1997-09-30", "--steps", "ingest,features",
+            "--set", f"storage.warehouse={warehouse}", "--set", f"source.path={cdnow_sample_path()}",
+            "--set", "spark.master=null", "--set", "storage.backend=deltalake"]
+    assert main(argv) == 0
+    assert "6,919 rows read, 6,919 orders new or changed, 0 quarantined" in capsys.readouterr().out
+    storage = Storage(spark, str(warehouse), backend="deltalake")
+    orders = storage.read("orders").agg(F.count(F.lit(1)), F.max("order_date")).first()
+    assert (orders[0], str(orders[1])) == (6919, "1998-06-30")
+    features = storage.read("customer_features").agg(F.count(F.lit(1)), F.max("as_of_date"), F.max("n_orders"))
+    customers, as_of, _ = features.first()
+    assert (customers, str(as_of)) == (2357, "1997-09-30")

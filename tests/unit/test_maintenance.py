@@ -96,6 +96,10 @@ def test_retention_prunes_strictly_older_partitions_and_never_the_latest():
 
 def test_nightly_maintenance_is_due_every_n_days_of_as_of_dates():
     assert maintenance_skip_reason(None, D, 7) is None                            # never maintained
+    # never maintained: not on a first load, but once the first night is every_days old
+    first_night = maintenance_skip_reason(None, D, 7, first_run=D)
+    assert first_night and "the first maintenance comes 7 day(s) after the first night (2026-10-15" in first_night
+    assert maintenance_skip_reason(None, D, 7, first_run=D - dt.timedelta(days=7)) is None
     assert maintenance_skip_reason(D - dt.timedelta(days=7), D, 7) is None
     reason = maintenance_skip_reason(D - dt.timedelta(days=6), D, 7)
     assert reason and "last maintained as of 2026-10-09, 6 day(s) before 2026-10-15" in reason
