@@ -203,15 +203,16 @@ def test_weekly_report_compares_three_weeks():
 @pytest.mark.parametrize("language", ["ja", "en"])
 def test_cancel_headline_wording_follows_the_ratio(full_data, language):
     """Customers who cancel a lot worth less: "only" / にとどまります; worth more: no "only" / に達します."""
-    lower = render_html(build(full_data, language, "JPY", "acme", GENERATED))
+    from pipelines.report.diagnostic import Context, finding_cancel_effect
+
+    c = Context(language, "JPY")
+    lower = finding_cancel_effect(full_data, c)
     bands = full_data.cancel_bands.assign(mean_net=[5000.0, 6000.0, 9000.0, 12000.0])
-    higher = render_html(build(DiagnosticData(**{**full_data.__dict__, "cancel_bands": bands}),
-                               language, "JPY", "acme", GENERATED))
+    higher = finding_cancel_effect(DiagnosticData(**{**full_data.__dict__, "cancel_bands": bands}), c)
     if language == "ja":
-        assert "倍にとどまります" in lower and "倍に達します" not in lower
-        assert "倍に達します" in higher and "倍にとどまります" not in higher
+        assert lower.endswith("倍にとどまります。") and higher.endswith("倍に達します。")
     else:
-        assert "per customer, only " in lower and "per customer, only " not in higher
+        assert "per customer, only 0." in lower and "per customer, 1." in higher and "only" not in higher
 
 
 def test_japanese_report_names_reasons_and_models_in_japanese(full_data):
