@@ -16,7 +16,7 @@ def _printed_commands(out: str) -> list[list[str]]:
 
 
 @pytest.mark.parametrize("dataset, options", [
-    ("synthetic", ["--customers", "1500"]),
+    ("synthetic", ["--customers", "600"]),
     ("cdnow", []),   # the README's demo: 2,357 customers, 1997-01-01..1998-06-30
 ])
 def test_demo_then_every_command_it_prints(spark, tmp_path, capsys, dataset, options):
