@@ -430,8 +430,12 @@ class _DeltaSparkBackend:
         jvm = self.spark._jvm  # noqa: SLF001 - py4j is the only way to Delta's log
         return jvm, jvm.org.apache.spark.sql.delta.DeltaLog.forTable(self.spark._jsparkSession, path)  # noqa: SLF001
 
+    def _snapshot(self, jvm, log):
+        """The log's latest snapshot (read on the driver)."""
+        return log.update(False, jvm.scala.Option.empty(), jvm.scala.Option.empty())
+
     def _latest_version(self, jvm, log) -> int:
-        return int(log.update(False, jvm.scala.Option.empty(), jvm.scala.Option.empty()).version())
+        return int(self._snapshot(jvm, log).version())
 
     def version(self, path: str) -> int:
         try:
@@ -536,9 +540,7 @@ class _DeltaSparkBackend:
     def file_stats(self, path: str) -> tuple[int, int]:
         """From the log's latest snapshot on the driver (~0.01 s; DESCRIBE DETAIL runs a Spark job, ~2-4 s)."""
         try:
-            jvm, delta_log = self._delta_log(path)
-            none = jvm.scala.Option.empty()
-            snapshot = delta_log.update(False, none, none)
+            snapshot = self._snapshot(*self._delta_log(path))
             return int(snapshot.numOfFiles()), int(snapshot.sizeInBytes())
         except Exception:  # noqa: BLE001 - an internal API: another Delta release may differ
             from delta.tables import DeltaTable
@@ -593,11 +595,8 @@ class _DeltaSparkBackend:
         DeltaLog can do both now (checkpointAndCleanUpDeltaLog); where that internal API is not
         there (another Delta build, e.g. Databricks'), False: the automatic checkpoints remain."""
         try:
-            jvm = self.spark.sparkContext._jvm  # noqa: SLF001 - internal API, guarded
-            none = jvm.scala.Option.empty()
-            delta_log = jvm.org.apache.spark.sql.delta.DeltaLog.forTable(self.spark._jsparkSession, path)  # noqa: SLF001
-            snapshot = delta_log.update(False, none, none)
-            delta_log.checkpointAndCleanUpDeltaLog(snapshot, none)
+            jvm, delta_log = self._delta_log(path)
+            delta_log.checkpointAndCleanUpDeltaLog(self._snapshot(jvm, delta_log), jvm.scala.Option.empty())
             return True
         except Exception as exc:  # noqa: BLE001 - py4j raises several types for a missing method
             log.info("no explicit Delta checkpoint for %s (%s); delta-spark checkpoints every "

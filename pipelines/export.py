@@ -238,6 +238,15 @@ class Assembled:
     lines: int
 
 
+def _write_parts(df: DataFrame, folder: str) -> None:
+    """Header-less UTF-8 CSV part files, joined later by :func:`assemble` after one header line."""
+    (df.write.mode("errorifexists")
+     .option("header", False).option("encoding", "UTF-8").option("lineSep", "\n")
+     .option("quote", '"').option("escape", '"')   # RFC 4180: a quote inside a field is doubled
+     .option("ignoreLeadingWhiteSpace", False).option("ignoreTrailingWhiteSpace", False)
+     .csv(folder))
+
+
 def assemble(parts: Iterator[BinaryIO] | list[Path], header: str, out: BinaryIO, encoding: str = "utf-8",
              names: list[str] | None = None) -> Assembled:
     """Concatenate UTF-8 part files after a header into ``encoding`` (utf-8-sig: a BOM first;
@@ -384,11 +393,7 @@ def publish_export(rows_df: DataFrame, as_of_date: dt.date, export_conf: ExportC
     staging = (f"{export_conf.staging_dir.rstrip('/')}/{run_token}" if export_conf.staging_dir
                else str(scratch / "parts"))
     try:
-        (observed_df.write.mode("errorifexists")
-         .option("header", False).option("encoding", "UTF-8").option("lineSep", "\n")
-         .option("quote", '"').option("escape", '"')   # RFC 4180: a quote inside a field is doubled
-         .option("ignoreLeadingWhiteSpace", False).option("ignoreTrailingWhiteSpace", False)
-         .csv(staging))
+        _write_parts(observed_df, staging)
         metrics = observation.get
         rows = int(metrics["rows"])
         if rows == 0:
@@ -455,11 +460,7 @@ def write_csv_file(df: DataFrame, path: Path, encoding: str = "utf-8") -> Assemb
                for f in df.schema.fields]
     scratch = Path(tempfile.mkdtemp(prefix="cvseg-csv-"))
     try:
-        (df.select(*columns).write.mode("errorifexists")
-         .option("header", False).option("encoding", "UTF-8").option("lineSep", "\n")
-         .option("quote", '"').option("escape", '"')
-         .option("ignoreLeadingWhiteSpace", False).option("ignoreTrailingWhiteSpace", False)
-         .csv(str(scratch / "parts")))
+        _write_parts(df.select(*columns), str(scratch / "parts"))
         parts = _local_parts(scratch / "parts")
         return _write_local_atomic(path.parent, path.name,
                                    lambda handle: assemble(parts, csv_header(df.columns), handle, encoding, df.columns))
