@@ -56,6 +56,9 @@ def test_dump_writes_the_whole_table_as_one_csv_or_a_parquet_folder(spark, conf,
 
     assert main(["dump", "orders_quarantine", "--conf", conf, "--out", str(out)]) == 2   # exists
     assert "pass --overwrite" in capsys.readouterr().err
+    assert main(["dump", "orders_quarantine", "--conf", conf, "--out", str(out), "--overwrite",
+                 "--columns", "source_row"]) == 0
+    assert pd.read_csv(out).columns.tolist() == ["source_row"]   # replaced, now utf-8 and one column
 
     folder = tmp_path / "quarantine_parquet"
     assert main(["dump", "orders_quarantine", "--conf", conf, "--out", str(folder), "--format", "parquet",

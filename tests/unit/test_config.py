@@ -88,3 +88,19 @@ def test_every_key_is_documented_in_conf_readme():
 
     missing = [k for k in keys(Config) if f"`{k}`" not in readme]
     assert not missing, f"keys not documented in conf/README.md: {missing}"
+
+
+def test_export_and_label_settings_are_checked():
+    from core.config import ExportConf, SegmentsConf
+
+    assert ExportConf(date_format="%Y%m%d").date_format == "%Y%m%d"
+    for bad in ("yyyyMMdd", "%Y/%m/%d"):   # no strftime field; a slash in a file name
+        with pytest.raises(ValueError, match="file-name-safe date"):
+            ExportConf(date_format=bad)
+    with pytest.raises(ValueError, match=r"unknown column\(s\) \['predicted_value_6m'\]"):
+        ExportConf(header={"predicted_value_6m": "予測"})
+    assert SegmentsConf(labels={"top": "優良", "new": "新規", "dormant": "休眠"}).labels["new"] == "新規"
+    with pytest.raises(ValueError, match=r"labels: \['vip'\] are not segments"):
+        SegmentsConf(labels={"vip": "優良"})
+    with pytest.raises(ValueError, match="different from the others"):
+        SegmentsConf(labels={"top": "優良", "high": "優良"})
