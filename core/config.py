@@ -43,6 +43,8 @@ class StorageConf(_Frozen):
     # "<catalog>.<schema>" (Unity Catalog) or "<schema>" (Hive metastore / Glue): every table is
     # also registered there as an external Delta table at its warehouse path
     catalog: str | None = None
+    # the run lock (core/run_lock.py): a holder whose heartbeat is older than this is taken over
+    lock_stale_minutes: int = Field(default=30, ge=1)
 
     @field_validator("catalog")
     @classmethod

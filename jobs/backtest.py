@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from jobs.common import UsageError, build_session, build_storage, config_from, parse_date, step
+from jobs.common import UsageError, config_from, open_warehouse, parse_date, step
 
 HELP = ("backtest every configured model (BG/NBD family + Gamma-Gamma, cohort method, naive) on the horizon "
         "before a date; register the best as champion")
@@ -39,8 +39,7 @@ def _backtest(args: argparse.Namespace) -> dict:
     from pipelines.backtest import run_backtest
 
     config = config_from(args)
-    spark = build_session(config)
-    storage = build_storage(config, spark)
+    spark, storage = open_warehouse(args, config)
     if args.json:
         result = run_backtest(storage, args.as_of, config, n_origins=args.origins, spacing_months=args.spacing_months,
                               backtest_run_id=args.run_id, rebuild=args.rebuild, track=not args.no_tracking)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from jobs.common import build_session, build_storage, config_from, parse_date, step
+from jobs.common import config_from, open_warehouse, parse_date, step
 
 HELP = "build the calibration/holdout table for a cutoff date (backtests)"
 
@@ -18,8 +18,7 @@ def main(args: argparse.Namespace) -> dict:
     from pipelines.calibration import run_calibration
 
     config = config_from(args)
-    spark = build_session(config)
-    storage = build_storage(config, spark)
+    spark, storage = open_warehouse(args, config)
     with step("calibrate"):
         stats = run_calibration(storage, args.cutoff, config.features, allow_incomplete=args.allow_incomplete)
     print(f"calibration_holdout at cutoff {args.cutoff}: {stats}")

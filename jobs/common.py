@@ -6,7 +6,7 @@ import datetime as dt
 import logging
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import Iterator
 
 from core.config import Config, ConfigError, load_config
@@ -45,6 +45,40 @@ def build_storage(config: Config, spark):
     from core.storage import Storage
 
     return Storage(spark, config.storage.warehouse, config.storage.backend, config.storage.catalog)
+
+
+def open_warehouse(args: argparse.Namespace, config: Config):
+    """Session and storage for a verb that writes tables, holding the warehouse's run lock
+    (core/run_lock.py) until the verb returns: a second writer stops at once, before its JVM
+    starts when the lock needs no Hadoop file system."""
+    from core.run_lock import RunLock, needs_spark
+
+    command = " ".join([args.verb, *_command_words(args)])
+    lock_kwargs = dict(s3_endpoint_url=config.export.s3_endpoint_url,
+                       stale_after=dt.timedelta(minutes=config.storage.lock_stale_minutes))
+    spark = None
+    if needs_spark(config.storage.warehouse):
+        spark = build_session(config)
+        lock_kwargs["spark"] = spark
+    lock = RunLock(config.storage.warehouse, command, **lock_kwargs)
+    _exit_stack(args).enter_context(lock)
+    spark = spark or build_session(config)
+    return spark, build_storage(config, spark)
+
+
+def _command_words(args: argparse.Namespace) -> list[str]:
+    """The verb's date argument, to name the holder in a concurrent run's message."""
+    for name in ("as_of", "run_date", "cutoff"):
+        value = getattr(args, name, None)
+        if value is not None:
+            return [f"--{name.replace('_', '-')} {value}"]
+    return []
+
+
+def _exit_stack(args: argparse.Namespace) -> ExitStack:
+    if getattr(args, "exit_stack", None) is None:
+        args.exit_stack = ExitStack()
+    return args.exit_stack
 
 
 def today_in(timezone: str) -> dt.date:
@@ -92,9 +126,17 @@ def run_main(func, args: argparse.Namespace) -> int:
     """Run a verb; known errors become one clear line and exit code 2, anything else exit code 1."""
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    from core.run_lock import RunLockHeld
+
     try:
-        func(args)
+        with _exit_stack(args):        # releases the run lock (open_warehouse) however the verb ends
+            func(args)
         return 0
+    except RunLockHeld as exc:
+        if args.debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 3                       # another command holds the warehouse: nothing was done
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

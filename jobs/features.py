@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from jobs.common import build_session, build_storage, config_from, parse_date, step
+from jobs.common import config_from, open_warehouse, parse_date, step
 
 HELP = "build customer features as of a date"
 
@@ -18,8 +18,7 @@ def main(args: argparse.Namespace) -> dict:
     from pipelines.features import run_features
 
     config = config_from(args)
-    spark = build_session(config)
-    storage = build_storage(config, spark)
+    spark, storage = open_warehouse(args, config)
     with step("features"):
         stats = run_features(storage, args.as_of, config.features, full=args.full)
     print(f"customer_features as of {args.as_of}: {stats}")

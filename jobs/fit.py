@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from jobs.common import UsageError, build_session, build_storage, config_from, parse_date, step
+from jobs.common import UsageError, config_from, open_warehouse, parse_date, step
 
 HELP = "fit the BTYD models (BG/NBD family + Gamma-Gamma + cancellation) on features as of a date"
 
@@ -26,8 +26,7 @@ def main(args: argparse.Namespace) -> dict:
     from pipelines.maintenance import ensure_not_pruned
 
     config = config_from(args)
-    spark = build_session(config)
-    storage = build_storage(config, spark)
+    spark, storage = open_warehouse(args, config)
     features_df = storage.read("customer_features").where(F.col("as_of_date") == F.lit(args.as_of))
     with step("fit") if not args.json else _quiet():
         try:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from jobs.common import UsageError, build_session, build_storage, config_from, parse_date, step
+from jobs.common import UsageError, config_from, open_warehouse, parse_date, step
 
 HELP = "ingest the client's order export (columns mapped by conf) with validation and quarantine"
 
@@ -25,8 +25,7 @@ def main(args: argparse.Namespace):
     path = args.path or config.source.path
     if not path:
         raise UsageError("no source given: pass --path or set source.path in your --conf file")
-    spark = build_session(config)
-    storage = build_storage(config, spark)
+    spark, storage = open_warehouse(args, config)
     run_date = args.run_date or read_day(config.validation, config.business.timezone)
     source = config.source.model_copy(update={"new_files_only": False}) if args.all_files else config.source
     with step("ingest"):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from jobs.common import build_session, build_storage, config_from
+from jobs.common import config_from, open_warehouse
 from jobs.run import as_of_arg, resolve_as_of
 
 HELP = ("table maintenance: compact small files, prune customer_features/customer_scores partitions past "
@@ -23,8 +23,7 @@ def main(args: argparse.Namespace):
 
     config = config_from(args)
     as_of = resolve_as_of(args.as_of, config.business.timezone)
-    spark = build_session(config)
-    storage = build_storage(config, spark)
+    spark, storage = open_warehouse(args, config)
     print(f"[maintain {as_of}] warehouse {storage.warehouse} (backend {storage.backend})"
           + (" - dry run" if args.dry_run else ""), flush=True)
     summary = run_maintenance(storage, config, as_of, dry_run=args.dry_run, progress=lambda line: print(line, flush=True))

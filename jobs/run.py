@@ -10,7 +10,7 @@ import argparse
 import datetime as dt
 import sys
 
-from jobs.common import build_session, build_storage, config_from, known_errors, parse_date, today_in
+from jobs.common import config_from, known_errors, open_warehouse, parse_date, today_in
 
 HELP = ("nightly pipeline for a date: ingest -> features -> score (refit on cadence) -> segments -> trends -> export "
         "-> maintain (every maintenance.every_days)")
@@ -62,8 +62,7 @@ def main(args: argparse.Namespace):
 
     config = config_from(args)
     as_of = resolve_as_of(args.as_of, config.business.timezone)
-    spark = build_session(config)
-    storage = build_storage(config, spark)
+    spark, storage = open_warehouse(args, config)
     try:
         return run_nightly(spark, storage, config, as_of, source_path=args.path, steps=args.steps,
                            refit=args.refit, new_generation=args.new_generation,

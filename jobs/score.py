@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from jobs.common import build_session, build_storage, config_from, parse_date, step
+from jobs.common import config_from, open_warehouse, parse_date, step
 
 HELP = "score every customer (p_alive, expected purchases and 6-month net value) with the champion"
 
@@ -24,8 +24,7 @@ def main(args: argparse.Namespace) -> dict:
         bundle, version = tracking.load_champion(target.registered_model)
     except LookupError as exc:
         raise UsageError(str(exc)) from None
-    spark = build_session(config)
-    storage = build_storage(config, spark)
+    spark, storage = open_warehouse(args, config)
     with step(f"score with {target.registered_model} v{version} ({bundle.value_model})"):
         stats = run_score(storage, args.as_of, bundle, version)
     print(f"  customer_scores as of {args.as_of}: {stats}")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from jobs.common import build_session, build_storage, config_from, parse_date, step
+from jobs.common import config_from, open_warehouse, parse_date, step
 
 HELP = ("segments from customer_scores: cut a generation when due (or --new-generation), "
         "otherwise place customers without a segment")
@@ -21,8 +21,7 @@ def main(args: argparse.Namespace) -> dict:
     from pipelines.segments import SegmentsError, run_segments
 
     config = config_from(args)
-    spark = build_session(config)
-    storage = build_storage(config, spark)
+    spark, storage = open_warehouse(args, config)
     with step("segments"):
         try:
             summary = run_segments(storage, args.as_of, config, new_generation=args.new_generation)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from jobs.common import build_session, build_storage, config_from, parse_date, step
+from jobs.common import config_from, open_warehouse, parse_date, step
 
 HELP = "trend tables (weekly by segment, new customers, F2, cohorts, yearly): incremental or --rebuild"
 
@@ -20,8 +20,7 @@ def main(args: argparse.Namespace) -> dict:
     from pipelines.trends import TrendsError, run_trends
 
     config = config_from(args)
-    spark = build_session(config)
-    storage = build_storage(config, spark)
+    spark, storage = open_warehouse(args, config)
     with step("trends"):
         try:
             summary = run_trends(storage, args.as_of, config, rebuild=args.rebuild)
