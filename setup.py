@@ -44,6 +44,7 @@ setup(
     extras_require={
         "dev": [
             "pytest>=8",
+            "pytest-xdist>=3.6",     # the suite on both cores (./dev test: -n 2), CI's 30-minute budget
             "chispa>=0.10",
             "moto[s3,server]>=5",
             "pypdf>=4",
