@@ -3,12 +3,20 @@
 * a clean run, then the same date again: nothing runs, no table gets a new version, the export is untouched;
 * a run killed after a middle step (injected failure) and re-run: every table and the export equal the
   clean run's;
-* a failing step exits non-zero with a one-line reason and is recorded as failed.
+* a failing step exits non-zero with a one-line reason and is recorded as failed;
+* the driver SIGKILLed in the middle of the Delta commits of `orders` and of `customer_scores`, with a
+  second `cvseg run` started at the same moment as the first: the second stops at once naming the
+  first, each re-run takes over the dead run's lock, and the last one ends equal to the clean run.
 """
 from __future__ import annotations
 
 import datetime as dt
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -149,6 +157,8 @@ def test_run_killed_after_score_resumes_to_the_clean_result(spark, clean_run, ex
     from jobs.cli import main
 
     clean_root, _, clean_storage, _ = clean_run
+    if clean_storage.backend == "delta-spark":
+        pytest.skip("on delta-spark the driver is killed in the middle of commits instead (test below)")
     config, storage = _setup(spark, tmp_path, export_path, clean_storage.backend)
     conf_file = dump_config(config, tmp_path / "conf.yaml")
     argv = ["run", "--as-of", D.isoformat(), "--conf", str(conf_file)]
@@ -198,3 +208,117 @@ def test_failing_step_exits_non_zero_with_one_line_and_is_recorded(spark, clean_
     assert (root / "exports" / CSV).read_bytes() == before
     with pytest.raises(ValueError, match="unknown step"):
         run_nightly(spark, storage, config, D, steps=["exports"])
+
+
+# --------------------------------------------------------------------------------------------
+# The driver killed during Delta commits; two runs started at the same moment
+# --------------------------------------------------------------------------------------------
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _start_run(conf_file: Path, cwd: Path, name: str) -> tuple[subprocess.Popen, Path]:
+    """`cvseg run` as its own process group (the Python driver and its JVM), output to files."""
+    log = cwd / f"{name}.log"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYSPARK_PYTHON": sys.executable, "SPARK_LOCAL_IP": "127.0.0.1"}
+    env.pop("CVSEG_FAIL_AFTER_STEP", None)
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "jobs.cli", "run", "--as-of", D.isoformat(), "--conf",
+                                 str(conf_file)], cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    return proc, log
+
+
+def _data_files(table_dir: Path) -> set[str]:
+    if not table_dir.exists():
+        return set()
+    return {str(p.relative_to(table_dir)) for p in table_dir.rglob("*.parquet") if "_delta_log" not in p.parts}
+
+
+def _committed_files(spark, table_dir: Path) -> set[str]:
+    """The data files the table's latest Delta version references (relative paths)."""
+    from urllib.parse import unquote, urlparse
+
+    if not any((table_dir / "_delta_log").glob("*.json")):
+        return set()
+    files = spark.read.format("delta").load(str(table_dir)).inputFiles()
+    return {str(Path(unquote(urlparse(f).path)).relative_to(table_dir.resolve())) for f in files}
+
+
+def _kill_when_data_files_appear(proc: subprocess.Popen, table_dir: Path, timeout: float = 900) -> set[str]:
+    """SIGKILL the run's process group as soon as a new data file of the table is on disk: the write's
+    tasks are running and its Delta commit has not happened yet."""
+    before = _data_files(table_dir)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        new = _data_files(table_dir) - before
+        if new:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+            return new
+        assert proc.poll() is None, f"the run ended (exit {proc.returncode}) before writing {table_dir.name}"
+        time.sleep(0.003)
+    os.killpg(proc.pid, signal.SIGKILL)
+    raise AssertionError(f"no data file of {table_dir.name} appeared within {timeout} s")
+
+
+@pytest.fixture()
+def run_processes():
+    """Started `cvseg run` processes, killed (with their JVMs) if the test stops early."""
+    started: list[subprocess.Popen] = []
+    yield started
+    for proc in started:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+
+
+def test_driver_killed_during_delta_commits_and_a_concurrent_run(spark, clean_run, export_path, tmp_path,
+                                                                 run_processes):
+    clean_root, _, clean_storage, _ = clean_run
+    if clean_storage.backend != "delta-spark":
+        pytest.skip("the driver's JVM commits Delta tables on delta-spark only")
+    config, storage = _setup(spark, tmp_path, export_path, "delta-spark")
+    conf_file = dump_config(config, tmp_path / "conf.yaml")
+    warehouse = Path(config.storage.warehouse)
+
+    # Two schedulers fire at the same moment: one run proceeds, the other stops at once naming it.
+    first, first_log = _start_run(conf_file, tmp_path, "first")
+    second, second_log = _start_run(conf_file, tmp_path, "second")
+    run_processes += [first, second]
+    exits = {}
+    while len(exits) < 1:
+        exits.update({name: p.poll() for name, p in (("first", first), ("second", second)) if p.poll() is not None})
+        time.sleep(0.05)
+    (loser_name, loser_code), = exits.items()
+    winner, loser_log = (second, first_log) if loser_name == "first" else (first, second_log)
+    loser_out = loser_log.read_text()
+    assert loser_code == 3, loser_out
+    assert (f"error: another cvseg command is writing this warehouse: `cvseg run --as-of {D}` (pid {winner.pid} "
+            in loser_out), loser_out
+    assert "[run " not in loser_out            # it ran no step
+
+    # The winner's driver is killed while the tasks of the orders write run: no commit names them.
+    written = _kill_when_data_files_appear(winner, warehouse / "orders")
+    assert written and not written & _committed_files(spark, warehouse / "orders")
+
+    # A re-run takes over the dead run's lock, ingests again and is killed inside customer_scores' commit.
+    third, third_log = _start_run(conf_file, tmp_path, "third")
+    run_processes.append(third)
+    written = _kill_when_data_files_appear(third, warehouse / "customer_scores")
+    assert written and not written & _committed_files(spark, warehouse / "customer_scores")
+    third_out = third_log.read_text()
+    assert f"taking over the warehouse lock of `cvseg run --as-of {D}` (pid {winner.pid}" in third_out, third_out
+    done = {r["step"] for r in storage.read(PIPELINE_RUNS.name).where(F.col("status") == "ok").collect()}
+    assert done == {"ingest", "features"}
+
+    # The last run resumes after features and ends with every table equal to the clean run's.
+    last, last_log = _start_run(conf_file, tmp_path, "last")
+    run_processes.append(last)
+    assert last.wait(timeout=600) == 0, last_log.read_text()
+    out = last_log.read_text()
+    assert f"{'ingest':<8} skipped" in out and f"{'score':<8} done in" in out
+    assert fingerprints(storage) == fingerprints(clean_storage)
+    assert storage.read("orders").count() == storage.read("orders").select("order_id").distinct().count()
+    assert (tmp_path / "exports" / CSV).read_bytes() == (clean_root / "exports" / CSV).read_bytes()
+    assert _manifest(tmp_path) == _manifest(clean_root)
+    assert not (warehouse / "_cvseg_run_lock.json").exists()
