@@ -35,16 +35,19 @@ def config_from(args: argparse.Namespace) -> Config:
 
 
 def build_session(config: Config):
+    from core.s3 import is_s3
     from core.spark import build_spark
 
-    paths = (config.storage.warehouse, config.source.path or "")
-    return build_spark(config.spark, config.storage.warehouse, s3=any(p.startswith("s3") for p in paths))
+    paths = (config.storage.warehouse, config.source.path, config.export.staging_dir)
+    return build_spark(config.spark, config.storage.warehouse, s3=any(is_s3(p) for p in paths),
+                       s3_conf=config.storage.s3)
 
 
 def build_storage(config: Config, spark):
     from core.storage import Storage
 
-    return Storage(spark, config.storage.warehouse, config.storage.backend, config.storage.catalog)
+    return Storage(spark, config.storage.warehouse, config.storage.backend, config.storage.catalog,
+                   s3=config.storage.s3)
 
 
 def today_in(timezone: str) -> dt.date:
