@@ -9,6 +9,7 @@ chains (AWS_* environment variables, ~/.aws, the instance profile / container ro
 from __future__ import annotations
 
 import os
+import re
 from urllib.parse import urlparse
 
 from core.config import S3Conf
@@ -96,3 +97,36 @@ def set_mlflow_environment(conf: S3Conf) -> None:
 def bucket_and_key(uri: str) -> tuple[str, str]:
     parsed = urlparse(as_boto_uri(uri))
     return parsed.netloc, parsed.path.lstrip("/")
+
+
+# An s3a failure, as Hadoop words it: "<operation> on s3a://b/k: ...S3Exception: <message>
+# (Service: S3, Status Code: 503, Request ID: ...):SlowDown"; boto3's: "An error occurred
+# (SlowDown) when calling the PutObject operation ...".
+_S3A_ERROR = re.compile(r"(?P<op>\b\w+ on s3a?://[^\s:]+)[^\n]*?Status Code: (?P<status>\d{3})[^)\n]*\)(?::(?P<code>\w+))?")
+_S3A_CLASS = re.compile(r"org\.apache\.hadoop\.fs\.s3a\.(?P<cls>AWS\w+Exception|\w*Throttl\w*Exception)")
+_BOTO_ERROR = re.compile(r"An error occurred \((?P<code>[\w.]+)\) when calling the (?P<op>\w+) operation")
+
+
+def s3_error_summary(exc: BaseException | None) -> str | None:
+    """One line naming the S3 error behind ``exc`` (its code, HTTP status and operation), or None
+    when the failure was not an S3 error. Looks through the exception chain, Java's included."""
+    texts, seen = [], set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        texts.append(str(exc))
+        exc = exc.__cause__ or exc.__context__
+    text = "\n".join(texts)
+    found = _S3A_ERROR.search(text)
+    if found:
+        code = found["code"] if found["code"] not in (None, "null") else None
+        what = f"{code} (HTTP {found['status']})" if code else f"HTTP {found['status']}"
+        return f"S3 error {what} on {found['op']}"
+    found = _BOTO_ERROR.search(text)
+    if found:
+        return f"S3 error {found['code']} on {found['op']}"
+    found = _S3A_CLASS.search(text)
+    if found:
+        line = next((ln for ln in text.splitlines() if found["cls"] in ln), found["cls"]).strip()
+        return f"S3 error {line[:300]}"
+    return None
+

@@ -18,6 +18,7 @@ _ERRORS = (
     (503, "SlowDown", "Please reduce your request rate."),
     (500, "InternalError", "We encountered an internal error. Please try again."),
 )
+CONTROL = "/__fault__/rate/"
 _HOP_BY_HOP = {"connection", "keep-alive", "proxy-connection", "transfer-encoding", "te", "trailer", "upgrade"}
 
 
@@ -83,6 +84,12 @@ class FaultProxy:
 
             def _relay(self) -> None:
                 body = self._body()
+                if self.path.startswith(CONTROL):
+                    proxy.failure_rate = float(self.path[len(CONTROL):])
+                    self.send_response(204)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
                 fault = proxy._fault()
                 if fault is not None:
                     status, code, message = fault
