@@ -44,7 +44,8 @@ class S3Conf(_Frozen):
     endpoint_url: str | None = None       # S3-compatible endpoint (MinIO, moto in tests); None: AWS
     path_style_access: bool = False       # http://host/bucket/key instead of http://bucket.host/key
     region: str | None = None             # None: the SDK's own (AWS_REGION, profile, instance metadata)
-    # every request: the SDK's attempts (s3a fs.s3a.attempts.maximum, boto3 retries.max_attempts)
+    # every request: the SDK's attempts, the first included (s3a fs.s3a.attempts.maximum = this - 1,
+    # boto3 retries.total_max_attempts)
     max_attempts: int = Field(default=10, ge=1)
     # s3a on top of the SDK: an operation that still failed is retried this often with
     # exponential backoff from retry_interval_ms (throttling: throttle_retry_limit times)

@@ -37,14 +37,15 @@ def hadoop_settings(conf: S3Conf, map_s3_scheme: bool) -> dict[str, str]:
     s3:// is EMRFS and the platform's session is reused as it is.
 
     Retries (Hadoop 3.4 S3ARetryPolicy): the AWS SDK first retries a request up to
-    ``fs.s3a.attempts.maximum`` times (500 InternalError, 503 SlowDown, connection resets);
+    ``fs.s3a.attempts.maximum`` times (max_attempts - 1) (500 InternalError, 503 SlowDown, connection resets);
     what still fails is retried by s3a with exponential backoff from ``fs.s3a.retry.interval``:
     throttling (503) up to ``fs.s3a.retry.throttle.limit`` times, other 5xx errors
     (``fs.s3a.retry.http.5xx.errors``) and network errors up to ``fs.s3a.retry.limit`` times.
     """
     interval = f"{conf.retry_interval_ms}ms"
     settings = {
-        "fs.s3a.attempts.maximum": str(conf.max_attempts),
+        # the SDK's retries after the first attempt (Hadoop's AWSClientConfig: numRetries)
+        "fs.s3a.attempts.maximum": str(conf.max_attempts - 1),
         "fs.s3a.retry.limit": str(conf.retry_limit),
         "fs.s3a.retry.interval": interval,
         "fs.s3a.retry.throttle.limit": str(conf.throttle_retry_limit),
@@ -77,7 +78,7 @@ def boto3_client(conf: S3Conf, endpoint_url: str | None = None):
 
     config = BotoConfig(
         region_name=conf.region,
-        retries={"max_attempts": conf.max_attempts, "mode": "standard"},
+        retries={"total_max_attempts": conf.max_attempts, "mode": "standard"},   # the first one included
         s3={"addressing_style": "path" if conf.path_style_access else "auto"})
     return boto3.session.Session().client("s3", endpoint_url=endpoint_url or conf.endpoint_url, config=config)
 
