@@ -10,6 +10,7 @@ from pathlib import Path
 from pyspark.sql import SparkSession
 
 from core.config import S3Conf, SparkConf
+from core.s3 import hadoop_settings, is_s3
 
 
 # Compile Spark's large generated methods too (see build_spark); clusters should set the same
@@ -65,8 +66,6 @@ def build_spark(conf: SparkConf, warehouse: str | None = None, s3: bool = False,
     ``s3`` (or a warehouse on S3): the s3a jars and ``storage.s3``'s settings (endpoint, path
     style, region, retries; s3:// read by S3AFileSystem too).
     """
-    from core.s3 import hadoop_settings, is_s3
-
     s3 = s3 or is_s3(warehouse)
     if conf.master is None:
         active = SparkSession.getActiveSession()
