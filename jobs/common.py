@@ -112,7 +112,8 @@ def run_main(func, args: argparse.Namespace) -> int:
         s3_error = s3_error_summary(exc)
         if s3_error:   # S3 down or throttling beyond the retries: nothing to fix here but to wait
             print(f"error: {s3_error} (the S3 retries of storage.s3 were used up); nothing after the last "
-                  "committed write was kept: run the same command again once S3 answers", file=sys.stderr)
+                  "committed write was kept: once S3 answers again, re-run the same command (`cvseg run` "
+                  "resumes after its last committed step)", file=sys.stderr)
             return 2
         print(f"error: unexpected {type(exc).__name__}: {exc}\n(run again with --debug for the traceback)",
               file=sys.stderr)
