@@ -43,7 +43,8 @@ D1, D2 = dt.date(2026, 9, 30), dt.date(2026, 10, 1)
 BUCKET = "cvseg-s3-test"
 KEY_ID = "AKIACVSEGTEST"
 SECRET = "cvseg-secret-" + uuid.uuid4().hex        # must never be printed, logged or stored
-COMMON = ["models.purchase_models=[bgnbd]", f"validation.future_cutoff={D1}", "storage.backend=delta-spark"]
+COMMON = ["models.purchase_models=[bgnbd]", f"validation.future_cutoff={D1}", "storage.backend=delta-spark",
+          "trends.years=2"]
 # small retry limits so that "S3 down" ends in seconds; 5% errors still pass (3 SDK attempts, then s3a's)
 RETRIES = ["storage.s3.max_attempts=3", "storage.s3.retry_limit=3", "storage.s3.throttle_retry_limit=3",
            "storage.s3.retry_interval_ms=100"]
@@ -97,12 +98,19 @@ def _client(endpoint: str):
 
 @pytest.fixture(scope="module")
 def export_files(spark, tmp_path_factory):
-    """A generated export in two files: night 1 sees the first, night 2 both."""
+    """A generated export split in two files (rows in order): night 1 sees the first, night 2 both."""
     from pipelines.generate import generate
 
     out = tmp_path_factory.mktemp("s3-export")
-    generate(spark, n_customers=400, seed=11, end_date=D1, out_dir=str(out), fmt="csv", num_partitions=2)
-    first, second = sorted((out / "orders").glob("part-*.csv"))
+    generate(spark, n_customers=400, seed=11, end_date=D1, out_dir=str(out / "generated"), fmt="csv",
+             num_partitions=1)
+    lines = [line for part in sorted((out / "generated" / "orders").glob("part-*.csv"))
+             for line in part.read_text(encoding="utf-8").splitlines(keepends=True)]
+    header, rows = lines[0], [line for line in lines[1:] if line != lines[0]]
+    cut = 2 * len(rows) // 3
+    first, second = out / "orders-1.csv", out / "orders-2.csv"
+    first.write_text(header + "".join(rows[:cut]), encoding="utf-8")
+    second.write_text(header + "".join(rows[cut:]), encoding="utf-8")
     return first, second
 
 
@@ -185,12 +193,13 @@ def test_nightly_run_on_s3_with_faults_equals_local_run(spark, s3_nights, export
     night1 = _section(output, "night1")
     assert "warehouse s3a://cvseg-s3-test/warehouse" in night1 and "-> champion v1" in night1
     assert f"s3://{BUCKET}/exports/customer_segments_2026-09-30.csv" in night1
-    # new-file detection on S3: night 2 reads the new file only
+    # new-file detection on S3 (size + Last-Modified in ingested_files): night 2 reads the new file only
+    new_rows = len(export_files[1].read_text(encoding="utf-8").splitlines()) - 1
     night2 = _section(output, "night2-ingest-features")
-    assert "1/2 ingest" in night2 and "new or changed" in night2, night2
-    down = _section(output, "night2-s3-down")
-    assert "S3" in down and ("SlowDown" in down or "InternalError" in down), down[-2000:]
-    assert "re-run" in down, down[-2000:]
+    assert "ingest   done" in night2 and f" {new_rows:,} rows read" in night2, night2
+    # S3 down: one line naming the S3 error, exit code 2, and what to do
+    s3_errors = [line for line in output.splitlines() if line.startswith("error: S3 error ")]
+    assert len(s3_errors) == 1 and "re-run" in s3_errors[0], output[-3000:]
     resumed = _section(output, "night2-resumed")
     assert "ingest   skipped" in resumed and "features skipped" in resumed, resumed
     assert "with champion v1" in resumed, resumed   # loaded back from the MLflow artifacts on S3
