@@ -81,3 +81,11 @@ def test_s3_errors_are_named_in_one_line():
                                      "(reached max retries: 9): We encountered an internal error.")
     assert s3_error_summary(wrapped) == "S3 error InternalError on PutObject"
     assert s3_error_summary(ValueError("no such column: amount")) is None
+
+
+def test_deltalake_backend_is_refused_on_an_s3_warehouse():
+    from core.storage import Storage, StorageError
+
+    # refused before the session is touched: the deltalake backend commits files on a local disk
+    with pytest.raises(StorageError, match="storage.backend: deltalake writes local folders only.*delta-spark"):
+        Storage(None, "s3a://b/wh", "deltalake")
