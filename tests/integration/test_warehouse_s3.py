@@ -37,6 +37,8 @@ from pipelines.nightly import run_nightly
 from tests.integration.test_nightly_run import _comparable
 from tests.s3_fault_proxy import FaultProxy
 
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[2]
 CONF = ROOT / "conf" / "examples" / "synthetic.yaml"
 D1, D2 = dt.date(2026, 9, 30), dt.date(2026, 10, 1)
