@@ -36,6 +36,35 @@ class SparkConf(_Frozen):
     extra: dict[str, str] = Field(default_factory=dict)
 
 
+class S3Conf(_Frozen):
+    """How every S3 client of the engine (Spark's s3a, boto3 for the export, MLflow's artifact
+    store) reaches the bucket. Credentials are never here: they come from the standard chains
+    (AWS_* environment variables, the instance profile / default provider chain)."""
+
+    endpoint_url: str | None = None       # S3-compatible endpoint (MinIO, moto in tests); None: AWS
+    path_style_access: bool = False       # http://host/bucket/key instead of http://bucket.host/key
+    region: str | None = None             # None: the SDK's own (AWS_REGION, profile, instance metadata)
+    # every request: the SDK's attempts, the first included (s3a fs.s3a.attempts.maximum = this - 1,
+    # boto3 retries.total_max_attempts)
+    max_attempts: int = Field(default=10, ge=1)
+    # s3a on top of the SDK: an operation that still failed is retried this often with
+    # exponential backoff from retry_interval_ms (throttling: throttle_retry_limit times)
+    retry_limit: int = Field(default=10, ge=0)
+    retry_interval_ms: int = Field(default=500, ge=1)
+    throttle_retry_limit: int = Field(default=20, ge=0)
+
+    @field_validator("endpoint_url")
+    @classmethod
+    def _endpoint(cls, value: str | None) -> str | None:
+        if value is not None and not re.match(r"https?://[^/\s]+/?$", value):
+            raise ValueError(f"{value!r} is not an endpoint URL such as http://127.0.0.1:9000 or "
+                             "https://s3.eu-west-1.amazonaws.com (scheme and host only)")
+        if value is not None and "@" in value:
+            raise ValueError("the endpoint URL must not hold credentials; they come from the environment "
+                             "or the instance profile")
+        return value
+
+
 class StorageConf(_Frozen):
     warehouse: str = "./warehouse"
     backend: Literal["auto", "delta-spark", "deltalake"] = "auto"
@@ -45,6 +74,7 @@ class StorageConf(_Frozen):
     catalog: str | None = None
     # the run lock (core/run_lock.py): a holder whose heartbeat is older than this is taken over
     lock_stale_minutes: int = Field(default=30, ge=1)
+    s3: S3Conf = S3Conf()
 
     @field_validator("catalog")
     @classmethod
@@ -155,7 +185,12 @@ class ModelsConf(_Frozen):
 
 
 class TrackingConf(_Frozen):
-    uri: str | None = None            # None: sqlite:///<warehouse>/mlflow.db locally, "databricks" there
+    # None: sqlite:///<warehouse>/mlflow.db for a local warehouse, "databricks" there; required
+    # for an S3 warehouse (a sqlite file cannot live on S3)
+    uri: str | None = None
+    # where new experiments keep their artifacts (models); None: <warehouse>/mlflow-artifacts
+    # (s3:// for an S3 warehouse), MLflow's own default on Databricks
+    artifact_location: str | None = None
     experiment: str | None = None     # None: /Shared/cvseg/<client> on Databricks, cvseg-<client> elsewhere
     registered_model: str | None = None  # None: cvseg_<client>_ltv
 

@@ -116,12 +116,13 @@ class _LocalStore:
 
 
 class _S3Store:
-    def __init__(self, uri: str, endpoint_url: str | None):
-        import boto3
+    def __init__(self, uri: str, s3_conf: Any):
+        from core.config import S3Conf
+        from core.s3 import boto3_client, bucket_and_key
 
-        bucket, _, key = uri.split("://", 1)[1].partition("/")
-        self.bucket, self.key = bucket, key
-        self.client = boto3.session.Session().client("s3", endpoint_url=endpoint_url)
+        self.bucket, self.key = bucket_and_key(uri)
+        # storage.s3's endpoint and retries; credentials from the standard chain
+        self.client = boto3_client(s3_conf or S3Conf())
 
     def create(self, body: bytes) -> bool:
         from botocore.exceptions import ClientError
@@ -205,10 +206,10 @@ def needs_spark(warehouse: str) -> bool:
     return ":" in warehouse.split("/", 1)[0]     # dbfs:/, abfss://, hdfs://, gs://
 
 
-def _store(warehouse: str, spark: Any = None, s3_endpoint_url: str | None = None):
+def _store(warehouse: str, spark: Any = None, s3_conf: Any = None):
     uri = lock_uri(warehouse)
     if uri.startswith(("s3://", "s3a://")):
-        return _S3Store(uri, s3_endpoint_url)
+        return _S3Store(uri, s3_conf)
     if needs_spark(warehouse):
         if spark is None:
             raise ValueError(f"the run lock on {warehouse} needs the Spark session (Hadoop file system)")
@@ -222,11 +223,11 @@ def _store(warehouse: str, spark: Any = None, s3_endpoint_url: str | None = None
 class RunLock:
     """Hold with ``with RunLock(...):``; raises :class:`RunLockHeld` when another live command holds it."""
 
-    def __init__(self, warehouse: str, command: str, *, spark: Any = None, s3_endpoint_url: str | None = None,
+    def __init__(self, warehouse: str, command: str, *, spark: Any = None, s3_conf: Any = None,
                  stale_after: dt.timedelta = dt.timedelta(minutes=30), heartbeat_seconds: float | None = None):
         self.warehouse = warehouse
         self.uri = lock_uri(warehouse)
-        self.store = _store(warehouse, spark, s3_endpoint_url)
+        self.store = _store(warehouse, spark, s3_conf)
         self.holder = LockHolder.this_process(command)
         self.stale_after = stale_after
         # several heartbeats within the stale window, at most one a minute
@@ -269,6 +270,12 @@ class RunLock:
                     raise RunLockHeld(
                         f"the warehouse lock {self.uri} exists but is unreadable; if no cvseg command is "
                         "running on this warehouse, delete that object and run again")
+            if other.run_id == self.holder.run_id:
+                # our own put went through but its answer was lost (an S3 5xx or timeout, then
+                # the SDK's retry found the object): we hold it
+                self.held = True
+                self._start_heartbeat()
+                return
             reason = self.stale_reason(other)
             if reason is None:
                 raise RunLockHeld(
@@ -303,9 +310,14 @@ class RunLock:
         if not self.held:
             return
         self.held = False
-        current = _parse_holder(self.store.read())
-        if current is not None and current.run_id == self.holder.run_id:   # never delete another's lock
-            self.store.delete()
+        try:
+            current = _parse_holder(self.store.read())
+            if current is not None and current.run_id == self.holder.run_id:   # never delete another's lock
+                self.store.delete()
+        except Exception:  # noqa: BLE001 - the command's own outcome (or error) is what to report
+            # left behind, the lock is taken over by the next command: this process is gone then
+            log.warning("could not remove the warehouse lock %s; the next command takes it over",
+                        self.uri, exc_info=True)
 
     def __enter__(self) -> "RunLock":
         self.acquire()

@@ -9,7 +9,8 @@ from pathlib import Path
 
 from pyspark.sql import SparkSession
 
-from core.config import SparkConf
+from core.config import S3Conf, SparkConf
+from core.s3 import hadoop_settings, is_s3
 
 
 # Compile Spark's large generated methods too (see build_spark); clusters should set the same
@@ -53,17 +54,27 @@ def has_delta_classes(spark: SparkSession) -> bool:
         return False
 
 
-def build_spark(conf: SparkConf, warehouse: str | None = None, s3: bool = False) -> SparkSession:
+def build_spark(conf: SparkConf, warehouse: str | None = None, s3: bool = False,
+                s3_conf: S3Conf | None = None) -> SparkSession:
     """Build (local) or reuse (cluster) the session.
 
     Local sessions run in UTC with microsecond parquet timestamps, the settings the Delta tables
     written through delta-rs rely on. On a cluster (``master`` null) the active session is reused
-    as configured by the platform; only the time settings are applied.
+    as configured by the platform; only the time settings (and, when ``s3``, the s3a settings of
+    ``s3_conf``: never the s3:// scheme, which is EMRFS on EMR) are applied.
+
+    ``s3`` (or a warehouse on S3): the s3a jars and ``storage.s3``'s settings (endpoint, path
+    style, region, retries; s3:// read by S3AFileSystem too).
     """
+    s3 = s3 or is_s3(warehouse)
     if conf.master is None:
         active = SparkSession.getActiveSession()
         if active is not None:
             _apply_runtime_settings(active, conf)
+            if s3:
+                hadoop_conf = active.sparkContext._jsc.hadoopConfiguration()  # noqa: SLF001
+                for key, value in hadoop_settings(s3_conf or S3Conf(), map_s3_scheme=False).items():
+                    hadoop_conf.set(key.removeprefix("spark.hadoop."), value)
             return active
     ensure_java()
     if conf.master and conf.master.startswith("local"):
@@ -106,7 +117,12 @@ def build_spark(conf: SparkConf, warehouse: str | None = None, s3: bool = False)
     }
     if warehouse and "://" not in warehouse:
         settings["spark.sql.warehouse.dir"] = os.path.abspath(os.path.join(warehouse, "_spark_sql"))
-    settings.update(local_jar_settings(conf.extra, s3=s3 or bool(warehouse and warehouse.startswith("s3"))))
+    elif warehouse and is_s3(warehouse):
+        # catalog schemas (storage.catalog) next to the tables, not in ./spark-warehouse of the cwd
+        settings["spark.sql.warehouse.dir"] = "s3a://" + warehouse.split("://", 1)[1].rstrip("/") + "/_spark_sql"
+    settings.update(local_jar_settings(conf.extra, s3=s3))
+    if s3:
+        settings.update(hadoop_settings(s3_conf or S3Conf(), map_s3_scheme=True))
     settings.update(conf.extra)
     for key, value in settings.items():
         builder = builder.config(key, value)

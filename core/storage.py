@@ -33,6 +33,8 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
+from core.config import S3Conf
+from core.s3 import is_s3
 from core.spark import has_delta_classes
 from core.tables import TableSpec, conform, table_spec
 
@@ -642,14 +644,26 @@ def _jar_dir() -> str:
 class Storage:
     """Reads and writes the engine's tables under one warehouse path."""
 
-    def __init__(self, spark: SparkSession, warehouse: str, backend: str = "auto", catalog: str | None = None):
+    def __init__(self, spark: SparkSession, warehouse: str, backend: str = "auto", catalog: str | None = None,
+                 s3: S3Conf | None = None):
         self.spark = spark
         self.warehouse = warehouse if "://" in warehouse else os.path.abspath(warehouse)
         self.catalog = catalog
+        self.s3 = s3 or S3Conf()   # the export's boto3 client uses the same endpoint and retries
         self._registered: set[str] = set()
         self._schema_checked: set[str] = set()
+        remote = "://" in self.warehouse and not self.warehouse.startswith("file:")
+        if remote and backend == "deltalake":
+            # the deltalake backend moves Spark's files into place and commits on local paths
+            raise StorageError(f"storage.backend: deltalake writes local folders only, not {self.warehouse}; "
+                               "set storage.backend: delta-spark (or auto) for a warehouse on "
+                               + ("S3" if is_s3(self.warehouse) else "a remote file system"))
         if backend == "auto":
             backend = "delta-spark" if has_delta_classes(spark) else "deltalake"
+            if backend == "deltalake" and remote:
+                raise StorageError(f"the warehouse {self.warehouse} needs the delta-spark backend, and this Spark "
+                                   f"session has no Delta Lake jars; fetch them with `python -m core.jars fetch` "
+                                   f"(into {_jar_dir()}) or use a session with Delta (EMR, Databricks)")
             if backend == "deltalake":
                 log.warning("storage backend: deltalake (delta-rs), because this Spark session has no Delta Lake "
                             "jars; `./dev` or `python -m core.jars fetch` puts them in %s", _jar_dir())

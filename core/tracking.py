@@ -18,7 +18,8 @@ from typing import Any, Iterator
 
 import pandas as pd
 
-from core.config import Config
+from core.config import Config, ConfigError, S3Conf
+from core.s3 import as_boto_uri, is_s3, set_mlflow_environment
 
 log = logging.getLogger(__name__)
 
@@ -34,34 +35,51 @@ class TrackingTarget:
     experiment: str
     registered_model: str
     artifact_root: str | None
+    s3: S3Conf | None = None      # set when artifacts go to S3: MLflow's boto3 client needs the endpoint
 
 
 def tracking_target(config: Config) -> TrackingTarget:
+    """Where runs, models and the registry go. A warehouse on S3 needs ``tracking.uri`` (a sqlite
+    file cannot live on S3, and one on a cluster driver's disk would take the registry, with
+    its champion, down with the cluster); its artifacts default to ``<warehouse>/mlflow-artifacts``."""
     client = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in config.client)
     on_databricks = config.env == "databricks"
     uri = config.tracking.uri or ("databricks" if on_databricks else None)
-    artifact_root = None
+    warehouse = config.storage.warehouse
+    remote = "://" in warehouse and not warehouse.startswith("file:")
+    artifact_root = config.tracking.artifact_location
     if uri is None:
-        warehouse = config.storage.warehouse
-        if "://" in warehouse:
-            raise ValueError("tracking.uri: set an MLflow tracking server for a remote warehouse "
-                             f"({warehouse}); the local sqlite default needs a local folder")
-        folder = Path(warehouse).resolve()
+        if remote:
+            raise ConfigError(
+                f"tracking.uri: the warehouse {warehouse} is not a local folder, so the MLflow tracking store "
+                "cannot default to sqlite:///<warehouse>/mlflow.db; set tracking.uri to an MLflow server "
+                "(http://...), databricks, or a sqlite file on a disk that outlives the cluster "
+                "(sqlite:////mnt/shared/mlflow.db): the registry holds the champion the next night scores with")
+        folder = Path(warehouse.removeprefix("file://")).resolve()
         folder.mkdir(parents=True, exist_ok=True)
         uri = f"sqlite:///{folder / 'mlflow.db'}"
-        artifact_root = (folder / "mlflow-artifacts").as_uri()
+        artifact_root = artifact_root or (folder / "mlflow-artifacts").as_uri()
+    elif artifact_root is None and is_s3(warehouse) and not on_databricks:
+        artifact_root = f"{warehouse.rstrip('/')}/mlflow-artifacts"
+    if artifact_root is not None:
+        artifact_root = as_boto_uri(artifact_root)   # MLflow's S3 store knows s3:// only
     experiment = config.tracking.experiment or (f"/Shared/cvseg/{client}" if on_databricks else f"cvseg-{client}")
     return TrackingTarget(uri=uri, experiment=experiment,
                           registered_model=config.tracking.registered_model or f"cvseg_{client}_ltv",
-                          artifact_root=artifact_root)
+                          artifact_root=artifact_root,
+                          s3=config.storage.s3 if is_s3(artifact_root) else None)
 
 
 def start(target: TrackingTarget) -> str:
-    """Point MLflow at the target and make sure the experiment exists; returns its id."""
+    """Point MLflow at the target and make sure the experiment exists; returns its id. An
+    experiment keeps the artifact location it was created with: a changed
+    tracking.artifact_location applies to new experiments only (a warning says so)."""
     import mlflow
 
     logging.getLogger("mlflow").setLevel(logging.WARNING)
     logging.getLogger("alembic").setLevel(logging.WARNING)
+    if target.s3 is not None:
+        set_mlflow_environment(target.s3)
     mlflow.set_tracking_uri(target.uri)
     mlflow.set_registry_uri(target.uri)
     client = mlflow.MlflowClient()
@@ -70,6 +88,11 @@ def start(target: TrackingTarget) -> str:
         experiment_id = client.create_experiment(target.experiment, artifact_location=target.artifact_root)
     else:
         experiment_id = experiment.experiment_id
+        if target.artifact_root and experiment.artifact_location.rstrip("/") != target.artifact_root.rstrip("/") \
+                and not experiment.artifact_location.startswith(target.artifact_root.rstrip("/") + "/"):
+            log.warning("MLflow experiment %s keeps its artifacts at %s (set when it was created), not at %s; "
+                        "use a new tracking.experiment to move them", target.experiment,
+                        experiment.artifact_location, target.artifact_root)
     mlflow.set_experiment(experiment_id=experiment_id)
     return experiment_id
 

@@ -35,16 +35,19 @@ def config_from(args: argparse.Namespace) -> Config:
 
 
 def build_session(config: Config):
+    from core.s3 import is_s3
     from core.spark import build_spark
 
-    paths = (config.storage.warehouse, config.source.path or "")
-    return build_spark(config.spark, config.storage.warehouse, s3=any(p.startswith("s3") for p in paths))
+    paths = (config.storage.warehouse, config.source.path, config.export.staging_dir)
+    return build_spark(config.spark, config.storage.warehouse, s3=any(is_s3(p) for p in paths),
+                       s3_conf=config.storage.s3)
 
 
 def build_storage(config: Config, spark):
     from core.storage import Storage
 
-    return Storage(spark, config.storage.warehouse, config.storage.backend, config.storage.catalog)
+    return Storage(spark, config.storage.warehouse, config.storage.backend, config.storage.catalog,
+                   s3=config.storage.s3)
 
 
 def open_warehouse(args: argparse.Namespace, config: Config):
@@ -54,7 +57,7 @@ def open_warehouse(args: argparse.Namespace, config: Config):
     from core.run_lock import RunLock, needs_spark
 
     command = " ".join([args.verb, *_command_words(args)])
-    lock_kwargs = dict(s3_endpoint_url=config.export.s3_endpoint_url,
+    lock_kwargs = dict(s3_conf=config.storage.s3,
                        stale_after=dt.timedelta(minutes=config.storage.lock_stale_minutes))
     spark = None
     if needs_spark(config.storage.warehouse):
@@ -145,6 +148,14 @@ def run_main(func, args: argparse.Namespace) -> int:
             raise
         if isinstance(exc, known_errors()):
             print(f"error: {exc}", file=sys.stderr)
+            return 2
+        from core.s3 import s3_error_summary
+
+        s3_error = s3_error_summary(exc)
+        if s3_error:   # S3 down or throttling beyond the retries: nothing to fix here but to wait
+            print(f"error: {s3_error} (the S3 retries of storage.s3 were used up); nothing after the last "
+                  "committed write was kept: once S3 answers again, re-run the same command (`cvseg run` "
+                  "resumes after its last committed step)", file=sys.stderr)
             return 2
         print(f"error: unexpected {type(exc).__name__}: {exc}\n(run again with --debug for the traceback)",
               file=sys.stderr)

@@ -72,8 +72,11 @@ def main(args: argparse.Namespace):
         if args.debug:
             raise
         print(f"error: {exc}", file=sys.stderr)
-        # 2: the cause says what to fix (bad input, missing table, config); 1: unexpected
-        raise SystemExit(2 if isinstance(exc.cause, stage_errors()) else 1) from None
+        # 2: the cause says what to fix (bad input, missing table, config, S3 down); 1: unexpected
+        from core.s3 import s3_error_summary
+
+        known = isinstance(exc.cause, stage_errors()) or s3_error_summary(exc.cause) is not None
+        raise SystemExit(2 if known else 1) from None
 
 
 def stage_errors() -> tuple[type[BaseException], ...]:

@@ -33,7 +33,7 @@ from typing import Any, BinaryIO, Iterator
 from pyspark.sql import Column, DataFrame, Observation
 from pyspark.sql import functions as F
 
-from core.config import ExportConf
+from core.config import ExportConf, S3Conf
 
 log = logging.getLogger(__name__)
 
@@ -198,11 +198,12 @@ def hmac_key_from_env(variable: str) -> bytes:
     return value.encode("utf-8")
 
 
-def s3_client(endpoint_url: str | None):
-    """boto3 S3 client; credentials from boto3's standard chain only."""
-    import boto3
+def s3_client(endpoint_url: str | None, s3: S3Conf | None = None):
+    """boto3 S3 client with storage.s3's endpoint, addressing and retries (``endpoint_url``,
+    export.s3_endpoint_url, overrides the endpoint); credentials from boto3's standard chain only."""
+    from core.s3 import boto3_client
 
-    return boto3.session.Session().client("s3", endpoint_url=endpoint_url)
+    return boto3_client(s3 or S3Conf(), endpoint_url)
 
 
 def _transfer_config(chunk_mb: int):
@@ -364,7 +365,7 @@ def run_export(storage: Any, as_of_date: dt.date, export_conf: ExportConf, dest:
     try:
         return publish_export(rows_df, as_of_date, export_conf, destination, pseudonymised=hmac_key is not None,
                               engine_version=engine_version, names=export_header(export_conf, horizon_months),
-                              labels=labels)
+                              labels=labels, s3_conf=getattr(storage, "s3", None))
     except ExportError:
         from pipelines.maintenance import ensure_not_pruned
 
@@ -375,7 +376,7 @@ def run_export(storage: Any, as_of_date: dt.date, export_conf: ExportConf, dest:
 def publish_export(rows_df: DataFrame, as_of_date: dt.date, export_conf: ExportConf,
                    destination: Destination, pseudonymised: bool = False,
                    engine_version: str | None = None, names: list[str] | None = None,
-                   labels: dict[str, str] | None = None) -> dict[str, Any]:
+                   labels: dict[str, str] | None = None, s3_conf: S3Conf | None = None) -> dict[str, Any]:
     """Write ``rows_df`` (the columns of :data:`EXPORT_COLUMNS`, sorted) as one CSV + manifest,
     with ``names`` in the header (default :func:`export_header`)."""
     from core import __version__
@@ -388,7 +389,7 @@ def publish_export(rows_df: DataFrame, as_of_date: dt.date, export_conf: ExportC
         F.count_if(F.col("segment").isNull()).alias("without_segment"),
         F.min("generation_id").alias("generation_min"), F.max("generation_id").alias("generation_max"))
     run_token = uuid.uuid4().hex
-    s3 = s3_client(export_conf.s3_endpoint_url) if destination.is_s3 else None
+    s3 = s3_client(export_conf.s3_endpoint_url, s3_conf) if destination.is_s3 else None
     scratch = Path(tempfile.mkdtemp(prefix="cvseg-export-"))
     staging = (f"{export_conf.staging_dir.rstrip('/')}/{run_token}" if export_conf.staging_dir
                else str(scratch / "parts"))
@@ -401,7 +402,7 @@ def publish_export(rows_df: DataFrame, as_of_date: dt.date, export_conf: ExportC
         header = csv_header(names)
         if staging.startswith("s3://"):
             bucket, _, key_prefix = staging[5:].partition("/")
-            staging_client = s3 or s3_client(export_conf.s3_endpoint_url)
+            staging_client = s3 or s3_client(export_conf.s3_endpoint_url, s3_conf)
             parts: Any = lambda: _s3_parts(staging_client, bucket, key_prefix.rstrip("/") + "/")  # noqa: E731
         else:
             part_paths = _local_parts(Path(staging.removeprefix("file://")))
@@ -442,7 +443,7 @@ def publish_export(rows_df: DataFrame, as_of_date: dt.date, export_conf: ExportC
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
         if export_conf.staging_dir:
-            _remove_staging(staging, s3, export_conf.s3_endpoint_url)
+            _remove_staging(staging, s3, export_conf.s3_endpoint_url, s3_conf)
     return {"as_of_date": as_of_date.isoformat(), "rows": rows, "sha256": assembled.sha256,
             "bytes": assembled.bytes, "generation_id": generation,
             "customers_without_segment": manifest["customers_without_segment"],
@@ -468,10 +469,10 @@ def write_csv_file(df: DataFrame, path: Path, encoding: str = "utf-8") -> Assemb
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def _remove_staging(staging: str, client, endpoint_url: str | None) -> None:
+def _remove_staging(staging: str, client, endpoint_url: str | None, s3_conf: S3Conf | None = None) -> None:
     if staging.startswith("s3://"):
         bucket, _, prefix = staging[5:].partition("/")
-        client = client or s3_client(endpoint_url)
+        client = client or s3_client(endpoint_url, s3_conf)
         for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix.rstrip("/") + "/"):
             for obj in page.get("Contents", []):
                 client.delete_object(Bucket=bucket, Key=obj["Key"])

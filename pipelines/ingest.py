@@ -875,7 +875,16 @@ def _nanosecond_timestamp_columns(df: DataFrame) -> dict[str, str | None]:
     files = df.inputFiles()
     if not files:
         return {}
-    uri = files[0].replace("s3a://", "s3://", 1)
+    uri = files[0]
+    if _SCHEME.match(uri) and not uri.startswith("file:"):
+        # s3a://, s3:// (EMRFS), dbfs:/ ...: the footer read through Spark's own file system, with
+        # the session's endpoint and credentials (pyarrow would know neither)
+        try:
+            return _nanosecond_columns_from_jvm(df.sparkSession, uri)
+        except Exception as exc:  # noqa: BLE001 - py4j raises several types
+            log.warning("could not read the parquet footer of %s to find nanosecond timestamps (%s); "
+                        "such columns stay long integers", uri, _first_line(exc))
+            return {}
     try:
         filesystem, file_path = fs.FileSystem.from_uri(uri)
         schema = pq.read_schema(unquote(file_path), filesystem=filesystem)
@@ -885,6 +894,27 @@ def _nanosecond_timestamp_columns(df: DataFrame) -> dict[str, str | None]:
         return {}
     return {field.name: field.type.tz for field in schema
             if pa.types.is_timestamp(field.type) and field.type.unit == "ns"}
+
+
+def _nanosecond_columns_from_jvm(spark: SparkSession, uri: str) -> dict[str, str | None]:
+    """As :func:`_nanosecond_timestamp_columns` for a remote file: parquet-hadoop's footer reader
+    on Hadoop's file system. UTC-adjusted nanosecond timestamps map to "UTC", local ones to None."""
+    jvm = spark.sparkContext._jvm  # noqa: SLF001 - the footer through the session's file systems
+    hadoop_conf = spark.sparkContext._jsc.hadoopConfiguration()  # noqa: SLF001
+    path = jvm.org.apache.hadoop.fs.Path(jvm.java.net.URI(uri))
+    reader = jvm.org.apache.parquet.hadoop.ParquetFileReader.open(
+        jvm.org.apache.parquet.hadoop.util.HadoopInputFile.fromPath(path, hadoop_conf))
+    try:
+        fields = reader.getFooter().getFileMetaData().getSchema().getFields()
+    finally:
+        reader.close()
+    found: dict[str, str | None] = {}
+    for field in fields:
+        annotation = field.getLogicalTypeAnnotation()
+        if (annotation is not None and annotation.getClass().getSimpleName() == "TimestampLogicalTypeAnnotation"
+                and annotation.getUnit().toString() == "NANOS"):
+            found[field.getName()] = "UTC" if annotation.isAdjustedToUTC() else None
+    return found
 
 
 def read_source(spark: SparkSession, path: str | list[str], source: SourceConf) -> _Source:

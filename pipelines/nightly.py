@@ -39,6 +39,7 @@ from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
 
 from core.config import Config
+from core.s3 import s3_error_summary
 from core.tables import PIPELINE_RUNS, TABLES
 
 log = logging.getLogger(__name__)
@@ -403,15 +404,18 @@ def run_nightly(spark: SparkSession, storage: Any, config: Config, as_of_date: d
             with (step_hook(name) if step_hook else nullcontext()):
                 message, details = RUNNERS[name](ctx)
         except Exception as exc:  # noqa: BLE001 - every failure becomes one recorded line
-            reason = _first_line(exc)
+            s3_error = s3_error_summary(exc)
+            reason = (f"{s3_error} (the S3 retries of storage.s3 were used up)" if s3_error
+                      else _first_line(exc))
             try:
                 _record(spark, storage, run_id, as_of_date, name, "failed", started_at,
                         dt.datetime.now(dt.timezone.utc), {}, reason)
             except Exception:  # noqa: BLE001 - the step's own error is the one to report
                 log.warning("could not record the failure of step %s in pipeline_runs", name, exc_info=True)
             progress(f"{label} FAILED after {time.perf_counter() - clock:.1f}s")
+            fix = "once S3 answers again," if s3_error else "fix it and"
             raise PipelineStepError(
-                f"step {name} failed for {as_of_date}: {reason}; fix it and re-run `cvseg run --as-of "
+                f"step {name} failed for {as_of_date}: {reason}; {fix} re-run `cvseg run --as-of "
                 f"{as_of_date}` (committed steps are skipped)", name, exc) from exc
         seconds = time.perf_counter() - clock
         after = table_versions(storage, outputs)

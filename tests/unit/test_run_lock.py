@@ -12,6 +12,7 @@ import threading
 
 import pytest
 
+from core.config import S3Conf
 from core.run_lock import LOCK_NAME, RunLock, RunLockHeld, needs_spark
 
 
@@ -70,6 +71,7 @@ def _race(folder: str, barrier, results) -> None:
         results.put("won")
     except RunLockHeld:
         results.put("refused")
+    barrier.wait()        # the winner stays alive until every process has tried (a dead holder is stale)
 
 
 def test_processes_starting_at_the_same_moment_get_one_winner(tmp_path):
@@ -113,7 +115,8 @@ def test_on_s3_the_conditional_put_gives_one_winner_and_release_deletes(s3_endpo
     barrier, outcomes, locks = threading.Barrier(4), [], []
 
     def contend() -> None:
-        lock = RunLock(warehouse, "run", s3_endpoint_url=s3_endpoint, heartbeat_seconds=0.05)
+        lock = RunLock(warehouse, "run", s3_conf=S3Conf(endpoint_url=s3_endpoint, path_style_access=True),
+                       heartbeat_seconds=0.05)
         barrier.wait()
         try:
             lock.acquire()
