@@ -77,9 +77,10 @@ def build_spark(conf: SparkConf, warehouse: str | None = None, s3: bool = False,
                     hadoop_conf.set(key.removeprefix("spark.hadoop."), value)
             return active
     ensure_java()
-    if conf.master and conf.master.startswith("local"):
-        # A local JVM binds to loopback, not to the first external interface it finds (and does
-        # not warn that the hostname resolves to 127.0.0.1). Read when the JVM starts.
+    if conf.master and is_loopback_master(conf.master):
+        # A local JVM (and a driver talking to a cluster on this machine) binds to loopback, not to
+        # the first external interface it finds (and does not warn that the hostname resolves to
+        # 127.0.0.1). Read when the JVM starts.
         os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
     # Python workers must run the interpreter that runs the driver (venvs, CI).
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
@@ -123,12 +124,64 @@ def build_spark(conf: SparkConf, warehouse: str | None = None, s3: bool = False,
     settings.update(local_jar_settings(conf.extra, s3=s3))
     if s3:
         settings.update(hadoop_settings(s3_conf or S3Conf(), map_s3_scheme=True))
+    if conf.master and is_loopback_master(conf.master) and not conf.master.startswith("local["):
+        # executors in other JVMs connect back to the driver: on loopback, like the cluster
+        settings.update({"spark.driver.host": "127.0.0.1", "spark.driver.bindAddress": "127.0.0.1"})
     settings.update(conf.extra)
     for key, value in settings.items():
         builder = builder.config(key, value)
     spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel("ERROR")
+    if conf.master and not conf.master.startswith("local[") and "spark.submit.pyFiles" not in conf.extra:
+        ship_engine_code(spark)
     return spark
+
+
+def is_loopback_master(master: str) -> bool:
+    """``local[...]``, ``local-cluster[...]`` or a cluster master on this machine (127.0.0.1 / localhost)."""
+    if master == "local" or master.startswith(("local[", "local-cluster[")):
+        return True
+    host = master.split("://", 1)[-1].split(":", 1)[0]
+    return master.startswith("spark://") and host in ("127.0.0.1", "localhost")
+
+
+#: The engine's packages: what a pandas UDF or ``mapInPandas`` function on an executor imports.
+ENGINE_PACKAGES = ("core", "pipelines", "models", "jobs")
+
+
+def engine_source_root() -> Path | None:
+    """The checkout the engine runs from, or None when it is installed (a wheel in site-packages)."""
+    root = Path(__file__).resolve().parents[1]
+    return None if root.name in ("site-packages", "dist-packages") else root
+
+
+def ship_engine_code(spark: SparkSession) -> Path | None:
+    """Give the executors' Python workers this checkout's engine code (cluster masters only).
+
+    On Databricks and EMR the engine is installed on every node (the wheel, or the packed venv of
+    infra/emr), and nothing is shipped. A driver running from a source checkout against a cluster
+    (``spark://``, ``local-cluster[...]``, YARN) zips the engine's packages once and adds the zip with
+    ``addPyFile``: each task puts it first on the worker's ``sys.path``, so executors run exactly the
+    driver's code, even on a node whose environment has another version of the engine installed.
+    """
+    import tempfile
+    import zipfile
+
+    root = engine_source_root()
+    if root is None:
+        return None
+    archive = Path(tempfile.mkdtemp(prefix="cvseg-engine-")) / "cvseg_engine.zip"
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as zf:
+        for package in ENGINE_PACKAGES:
+            for path in sorted((root / package).rglob("*")):
+                if path.is_file() and "__pycache__" not in path.parts and path.suffix != ".pyc":
+                    zf.write(path, path.relative_to(root).as_posix())
+    spark.sparkContext.addPyFile(str(archive))
+    # addPyFile also puts the zip first on the driver's own sys.path: the driver keeps importing
+    # from the checkout (modules that read files next to their source need a real folder)
+    sys.path[:] = [p for p in sys.path if Path(p).name != archive.name]
+    log.info("shipped the engine's code from %s to the executors (%s)", root, archive)
+    return archive
 
 
 def local_jar_settings(extra: dict[str, str], s3: bool = False) -> dict[str, str]:

@@ -31,9 +31,9 @@ import logging
 import os
 import time
 import uuid
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
-from typing import Any, Callable, ContextManager
+from typing import Any, Callable, ContextManager, Iterator
 
 from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
@@ -357,6 +357,23 @@ RUNNERS: dict[str, Callable[[_Context], tuple[str, dict]]] = {
 CADENCE: dict[str, Callable[[_Context], str | None]] = {"maintain": _maintain_skip_reason}
 
 
+#: Spark job group of a step's jobs: ``cvseg:<step>`` (the Spark UI, event logs, bench/cluster.py).
+JOB_GROUP_PREFIX = "cvseg:"
+
+
+@contextmanager
+def step_job_group(spark: SparkSession, step: str, as_of_date: dt.date) -> Iterator[None]:
+    """Tag every Spark job the step starts (from this thread) with the job group ``cvseg:<step>``,
+    so a cluster's UI and event log attribute task time and shuffle bytes to the nightly steps."""
+    sc = spark.sparkContext
+    sc.setJobGroup(f"{JOB_GROUP_PREFIX}{step}", f"cvseg run --as-of {as_of_date}: {step}")
+    try:
+        yield
+    finally:
+        for key in ("spark.jobGroup.id", "spark.job.description", "spark.job.interruptOnCancel"):
+            sc.setLocalProperty(key, None)
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
@@ -401,7 +418,7 @@ def run_nightly(spark: SparkSession, storage: Any, config: Config, as_of_date: d
         started_at = dt.datetime.now(dt.timezone.utc)
         clock = time.perf_counter()
         try:
-            with (step_hook(name) if step_hook else nullcontext()):
+            with step_job_group(spark, name, as_of_date), (step_hook(name) if step_hook else nullcontext()):
                 message, details = RUNNERS[name](ctx)
         except Exception as exc:  # noqa: BLE001 - every failure becomes one recorded line
             s3_error = s3_error_summary(exc)

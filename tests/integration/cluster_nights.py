@@ -1,0 +1,205 @@
+"""Two nightly runs on a small export, shared by the local reference (in the test process) and the
+cluster run (``python -m tests.integration.cluster_nights``, its own driver: one SparkContext per
+process), plus what the cluster run checks on the way: executor JVMs killed inside a step, and
+which Python (and which engine code) the executors' workers ran.
+
+Night 1 (D-1) is a first load of everything up to D-1; night 2 (D) adds the orders of day D as a
+new file, like a client's nightly upload.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import signal
+import sys
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+D = dt.date(2026, 9, 30)
+NIGHTS = ((D - dt.timedelta(days=1), "history"), (D, "day"))
+CONF = Path(__file__).resolve().parents[2] / "conf" / "examples" / "synthetic.yaml"
+SHUFFLE_PARTITIONS = 2
+
+
+def split_export(spark, export_orders: str, out: Path) -> dict[str, str]:
+    """The export's orders of day D in ``out/day``, every other row in ``out/history``."""
+    from pyspark.sql import functions as F
+
+    df = spark.read.parquet(export_orders)
+    is_day = F.coalesce(F.substring("order_datetime", 1, 10) == F.lit(D.strftime("%Y/%m/%d")), F.lit(False))
+    df.where(~is_day).write.parquet(str(out / "history"))
+    df.where(is_day).coalesce(1).write.parquet(str(out / "day"))
+    return {"history": str(out / "history"), "day": str(out / "day")}
+
+
+def nights_config(root: Path):
+    from core.config import load_config
+
+    return load_config(CONF, [f"storage.warehouse={root / 'warehouse'}", f"source.path={root / 'source'}",
+                              "source.format=parquet", f"export.dest={root / 'exports'}", "spark.master=null",
+                              "models.purchase_models=[bgnbd]", "storage.backend=delta-spark",
+                              f"validation.future_cutoff={D}"])
+
+
+def order_key_duplicates(storage) -> int:
+    from pyspark.sql import functions as F
+
+    return (storage.read("orders").groupBy("order_id").count().where(F.col("count") > 1).count())
+
+
+def run_nights(spark, root: Path, parts: dict[str, str], hooks: dict | None = None, progress=print) -> list[dict]:
+    """Both nights into ``root`` (``hooks``: as-of date -> step hook of that night); per night:
+    fingerprints, Delta versions, duplicate order ids and, when a step failed and the night had to
+    be re-run, the failure's message."""
+    from core.storage import Storage
+    from pipelines.nightly import PipelineStepError, run_nightly, table_versions
+    from tests.integration.test_nightly_run import fingerprints
+
+    config = nights_config(root)
+    storage = Storage(spark, config.storage.warehouse, backend=config.storage.backend)
+    source = root / "source"
+    source.mkdir(parents=True, exist_ok=True)
+    results = []
+    for day, part in NIGHTS:
+        for f in sorted(Path(parts[part]).glob("*.parquet")):
+            os.link(f, source / f"{part}-{f.name}")
+        stopped, night_started = None, time.time()
+        try:
+            run_nightly(spark, storage, config, day, step_hook=(hooks or {}).get(day), progress=progress)
+        except PipelineStepError as exc:     # allowed: a clear stop, and the re-run finishes
+            stopped = str(exc)
+            progress(f"stopped: {stopped}; re-running {day}")
+            run_nightly(spark, storage, config, day, progress=progress)
+        results.append({"as_of": day.isoformat(), "fingerprints": fingerprints(storage),
+                        "versions": table_versions(storage), "duplicate_order_ids": order_key_duplicates(storage),
+                        "stopped": stopped, "window": (night_started, time.time())})
+    return results
+
+
+# --------------------------------------------------------------------------------------------
+# Faults: SIGKILL an executor JVM while a step's tasks run
+# --------------------------------------------------------------------------------------------
+def executor_pids(app_id: str) -> list[int]:
+    """PIDs of this application's executor JVMs (CoarseGrainedExecutorBackend ... --app-id APP)."""
+    import psutil
+
+    pids = []
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        cmd = proc.info["cmdline"] or []
+        if "org.apache.spark.executor.CoarseGrainedExecutorBackend" in cmd and app_id in cmd:
+            pids.append(proc.info["pid"])
+    return sorted(pids)
+
+
+class ExecutorKiller:
+    """A step hook: when a chosen step runs, a watcher thread waits until every core of the
+    cluster runs a task of it (so the executor killed surely had one running), then SIGKILLs one
+    executor JVM; what happened is recorded in ``events``."""
+
+    def __init__(self, spark, steps: tuple[str, ...], busy_tasks: int = 2):
+        self.sc = spark.sparkContext
+        self.steps = steps
+        self.busy_tasks = busy_tasks
+        self.events: list[dict] = []
+
+    @contextmanager
+    def __call__(self, step: str):
+        if step not in self.steps:
+            yield
+            return
+        record = {"step": step, "step_started": time.time()}
+        stop = threading.Event()
+        watcher = threading.Thread(target=self._watch, args=(record, stop), daemon=True)
+        watcher.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            watcher.join()
+            record["step_finished"] = time.time()
+            self.events.append(record)
+
+    def _watch(self, record: dict, stop: threading.Event) -> None:
+        tracker = self.sc.statusTracker()
+        while not stop.is_set():
+            for stage_id in tracker.getActiveStageIds():
+                info = tracker.getStageInfo(stage_id)
+                if info is not None and info.numActiveTasks >= self.busy_tasks:
+                    pids = executor_pids(self.sc.applicationId)
+                    if not pids:
+                        continue
+                    os.kill(pids[0], signal.SIGKILL)
+                    record.update(killed_pid=pids[0], executors_before=len(pids), stage_id=stage_id,
+                                  stage_name=info.name, active_tasks=info.numActiveTasks, killed_at=time.time())
+                    return
+            stop.wait(0.02)
+
+
+# --------------------------------------------------------------------------------------------
+# Which Python the executors run
+# --------------------------------------------------------------------------------------------
+def probe_python_workers(spark) -> list[dict]:
+    """One row per task of a 4-partition ``mapInPandas`` (a pandas UDF, like scoring): the worker's
+    interpreter, where it imported the engine from, and the JVM it runs under."""
+    import pandas as pd
+
+    def describe(batches):
+        import psutil
+
+        import core.spark
+
+        proc = psutil.Process()
+        jvm = next((p for p in proc.parents() if "java" in p.name()), None)
+        jvm_cmd = jvm.cmdline() if jvm else []
+        for batch in batches:
+            yield pd.DataFrame({"id": batch["id"], "python": sys.executable, "engine_file": core.spark.__file__,
+                                "pid": os.getpid(), "jvm_pid": jvm.pid if jvm else -1,
+                                "jvm_is_executor": "org.apache.spark.executor.CoarseGrainedExecutorBackend" in jvm_cmd})
+
+    schema = "id long, python string, engine_file string, pid long, jvm_pid long, jvm_is_executor boolean"
+    return [row.asDict() for row in spark.range(0, 4, numPartitions=4).mapInPandas(describe, schema).collect()]
+
+
+def main(argv: list[str] | None = None) -> int:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+    from _eventlog import app_log, event_log_settings, figures_by_group
+
+    from core.config import SparkConf
+    from core.spark import build_spark
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--master", required=True)
+    parser.add_argument("--root", required=True, type=Path)
+    parser.add_argument("--history", required=True)
+    parser.add_argument("--day", required=True)
+    parser.add_argument("--kill-during", default="", help="steps of night 2 to kill an executor in")
+    parser.add_argument("--executor-memory", default="768m")
+    args = parser.parse_args(argv)
+    events_dir = args.root / "eventlog"
+    started = time.perf_counter()
+    spark = build_spark(SparkConf(master=args.master, app_name="cvseg-cluster-test",
+                                  shuffle_partitions=SHUFFLE_PARTITIONS, driver_memory="1g",
+                                  extra={"spark.executor.memory": args.executor_memory, **event_log_settings(events_dir)}),
+                        str(args.root / "warehouse"))
+    session_seconds = time.perf_counter() - started
+    probe = probe_python_workers(spark)
+    killer = ExecutorKiller(spark, tuple(s for s in args.kill_during.split(",") if s))
+    # night 1 clean (equality with local mode), night 2 with the kills
+    results = run_nights(spark, args.root, {"history": args.history, "day": args.day}, hooks={NIGHTS[1][0]: killer})
+    app_id = spark.sparkContext.applicationId
+    spark.stop()
+    by_step = figures_by_group(app_log(events_dir, app_id),
+                               windows=[(night["as_of"], *night["window"]) for night in results])
+    out = {"app_id": app_id, "session_seconds": round(session_seconds, 1), "probe": probe, "nights": results,
+           "kills": killer.events, "failed_tasks_by_step": {k: dict(v.failure_reasons) for k, v in by_step.items()
+                                                            if v.failed_tasks}}
+    (args.root / "result.json").write_text(json.dumps(out, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
