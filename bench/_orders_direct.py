@@ -16,7 +16,7 @@ from pyspark.sql import functions as F
 
 from core.storage import Storage
 from core.tables import ORDERS
-from pipelines.generate import generate_orders
+from pipelines.generate import GeneratorParams, generate_orders
 from pipelines.ingest import local_date, parse_timestamp
 
 SOURCE_TZ = "Asia/Tokyo"          # the generator's wall-clock zone (conf/examples/synthetic.yaml)
@@ -24,9 +24,9 @@ TIMESTAMP_FORMAT = "yyyy/MM/dd HH:mm:ss"
 
 
 def direct_orders(spark: SparkSession, n_customers: int, seed: int, end_date: dt.date,
-                  business_tz: str = SOURCE_TZ) -> DataFrame:
+                  business_tz: str = SOURCE_TZ, params: GeneratorParams = GeneratorParams()) -> DataFrame:
     """Canonical ``orders`` rows of a clean generated export (lazy)."""
-    raw_df = generate_orders(spark, n_customers, seed, end_date, dirty_share=0.0)
+    raw_df = generate_orders(spark, n_customers, seed, end_date, params=params, dirty_share=0.0)
     order_ts = parse_timestamp(F.col("order_datetime"), (TIMESTAMP_FORMAT,), SOURCE_TZ)
     gross = F.col("amount").cast("double")
     is_cancelled = F.col("status") == "cancelled"
@@ -48,8 +48,9 @@ def direct_orders(spark: SparkSession, n_customers: int, seed: int, end_date: dt
 
 
 def write_orders_direct(spark: SparkSession, storage: Storage, n_customers: int, seed: int,
-                        end_date: dt.date, business_tz: str = SOURCE_TZ) -> None:
-    storage.append(ORDERS.name, direct_orders(spark, n_customers, seed, end_date, business_tz))
+                        end_date: dt.date, business_tz: str = SOURCE_TZ,
+                        params: GeneratorParams = GeneratorParams()) -> None:
+    storage.append(ORDERS.name, direct_orders(spark, n_customers, seed, end_date, business_tz, params))
 
 
 def _check(n_customers: int = 3000, seed: int = 11) -> None:

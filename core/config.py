@@ -175,6 +175,9 @@ class ModelsConf(_Frozen):
                              "top_decile_capture", "top20_capture"] = "mae"
     refit_every_days: int = Field(default=7, ge=1)
     champion_max_age_days: int | None = Field(default=None, ge=1)
+    # Which orders the purchase and spend models see: gross (cancelled ones too), net (completed
+    # only), auto (the backtest fits both and the champion metric picks, per client).
+    purchase_basis: Literal["gross", "net", "auto"] = "auto"
 
     @field_validator("purchase_models")
     @classmethod

@@ -167,6 +167,12 @@ CUSTOMER_FEATURES = TableSpec(
         _f("rfm_f", I, False),
         _f("rfm_m", I, False),
         _f("rfm_score", S, False),
+        # Net basis (models.purchase_basis): completed orders only; null for a customer who only cancelled.
+        _f("net_first_order_date", DT),
+        _f("net_frequency", D),
+        _f("net_recency", D),
+        _f("net_T", D),
+        _f("net_monetary_value", D),          # mean net amount per repeat completed purchase day
     ]),
     partition_by=("as_of_date",),
     keys=("as_of_date", "customer_id"),
@@ -203,6 +209,9 @@ CUSTOMER_SCORES = TableSpec(
         _f("value_model", S, False),             # btyd | cohort | naive
         _f("model_version", S, False),           # registered MLflow version (or "unregistered")
         _f("horizon_months", I, False),
+        # gross | net: which orders the purchase and spend models saw; "net_rule" for a customer
+        # with no completed order under the net basis (no BTYD score: value 0, p_alive 0, placed by rule)
+        _f("purchase_basis", S),
     ]),
     partition_by=("as_of_date",),
     keys=("as_of_date", "customer_id"),
@@ -490,7 +499,7 @@ MODEL_BACKTEST = TableSpec(
         _f("horizon_end", DT, False),
         _f("horizon_months", I, False),
         _f("time_unit", S, False),
-        _f("model", S, False),                # bgnbd | paretonbd | mbgnbd | cohort | naive
+        _f("model", S, False),                # bgnbd | paretonbd | mbgnbd (+ _net on the net basis) | cohort | naive
         _f("value_model", S, False),          # btyd | cohort | naive
         _f("purchase_model", S, False),       # BTYD purchase model in the bundle (cohort/naive: for p_alive)
         _f("penalizer_coef", D, False),
@@ -512,6 +521,7 @@ MODEL_BACKTEST = TableSpec(
         _f("is_champion", B, False),          # best mean champion_metric over the run's origins
         _f("champion_metric", S, False),
         _f("created_at", TS, False),
+        _f("purchase_basis", S),              # gross | net: the orders the BTYD models saw
     ]),
     keys=("backtest_run_id", "origin_date", "model"),
 )

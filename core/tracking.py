@@ -104,12 +104,11 @@ PYFUNC_CODE = Path(__file__).with_name("mlflow_model.py")
 def _signature(bundle) -> Any:
     from mlflow.models import infer_signature
 
-    from models.bundle import FEATURE_COLUMNS
-
     # counts as float64: a served batch may carry missing values, which integer columns cannot hold
     example = pd.DataFrame([{"customer_id": "C1", "frequency": 2.0, "recency": 30.0, "T": 60.0,
                              "monetary_value": 5000.0, "n_orders": 3.0, "n_cancelled": 0.0, "net_6m": 12000.0,
-                             "acquisition_channel": "web"}])[list(FEATURE_COLUMNS)]
+                             "acquisition_channel": "web", "net_frequency": 2.0, "net_recency": 30.0,
+                             "net_T": 60.0, "net_monetary_value": 5000.0}])[list(bundle.feature_columns)]
     return infer_signature(example, bundle.predict(example)), example
 
 

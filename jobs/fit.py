@@ -30,8 +30,11 @@ def main(args: argparse.Namespace) -> dict:
     features_df = storage.read("customer_features").where(F.col("as_of_date") == F.lit(args.as_of))
     with step("fit") if not args.json else _quiet():
         try:
+            # auto: `cvseg backtest` chooses the basis; a plain fit without one uses gross (today's default)
+            basis = "gross" if config.models.purchase_basis == "auto" else config.models.purchase_basis
             fitted = fit_btyd_bundles(features_df, config.models.purchase_models, config.features.time_unit,
-                                      config.features.horizon_months, config.models.penalizer_coef)
+                                      config.features.horizon_months, config.models.penalizer_coef,
+                                      purchase_basis=basis)
         except LtvInputError:
             ensure_not_pruned(storage, "customer_features", args.as_of)
             raise
@@ -47,6 +50,7 @@ def main(args: argparse.Namespace) -> dict:
             run_id, version = tracking.log_bundle(
                 bundle, run_name=f"fit-{name}-{args.as_of}",
                 params={"purchase_model": name, "value_model": "btyd", "as_of": args.as_of.isoformat(),
+                        "purchase_basis": bundle.purchase_basis,
                         "time_unit": config.features.time_unit, "penalizer_coef": config.models.penalizer_coef,
                         "horizon_months": config.features.horizon_months,
                         "customer_features_version": storage.version("customer_features")},

@@ -10,6 +10,15 @@ model and the beta-binomial cancellation model), because every customer score re
   (the empirical six-month cohort method, :class:`models.cohort.CohortModel`);
 * ``"naive"``: the customer's own net revenue of the last six months.
 
+``purchase_basis`` says which orders the purchase and spend models were fitted on and so which
+feature columns they read: ``"gross"`` (every order, cancelled ones too: ``frequency``,
+``recency``, ``T``, ``monetary_value`` of gross amounts; the value is then net of the predicted
+cancellation rate) or ``"net"`` (completed orders only: ``net_frequency``, ``net_recency``,
+``net_T``, ``net_monetary_value`` of net amounts; the value needs no cancellation factor). Under
+the net basis a customer without a completed order has no BTYD score: value, purchases and
+p_alive are 0 and the row's ``purchase_basis`` is ``"net_rule"`` (the segment rules place them:
+``new`` when recent, else ``dormant``).
+
 :meth:`ScoringBundle.predict` takes a pandas frame of customer features (the columns named in
 :data:`FEATURE_COLUMNS`) and returns :data:`SCORE_COLUMNS`; it is what Spark's ``mapInPandas``
 runs per batch and what the MLflow pyfunc serves. Everything is pure numpy/pandas.
@@ -36,9 +45,12 @@ DAYS_PER_UNIT = {"days": 1.0, "weeks": 7.0}
 #: Feature columns a bundle reads (a subset of the customer_features table).
 FEATURE_COLUMNS = ("customer_id", "frequency", "recency", "T", "monetary_value", "n_orders", "n_cancelled",
                    "net_6m", "acquisition_channel")
-#: Columns :meth:`ScoringBundle.predict` returns, in order.
+#: Net-basis statistics (completed orders only) a ``purchase_basis="net"`` bundle reads as well.
+NET_FEATURE_COLUMNS = ("net_frequency", "net_recency", "net_T", "net_monetary_value")
+PURCHASE_BASES = ("gross", "net")
+#: Columns :meth:`ScoringBundle.predict` returns, in order (all doubles but the id and the basis).
 SCORE_COLUMNS = ("customer_id", "p_alive", "expected_purchases", "expected_order_value", "predicted_gross_value",
-                 "predicted_cancel_rate", "predicted_net_value")
+                 "predicted_cancel_rate", "predicted_net_value", "purchase_basis")
 
 
 def horizon_in_units(horizon_months: int, time_unit: str) -> float:
@@ -70,8 +82,11 @@ class ScoringBundle:
     bands: dict[str, list[float]] = field(default_factory=lambda: {k: list(v) for k, v in DEFAULT_BANDS.items()})
     cohort_with_channel: bool = False
     metadata: dict[str, Any] = field(default_factory=dict)
+    purchase_basis: str = "gross"
 
     def __post_init__(self) -> None:
+        if self.purchase_basis not in PURCHASE_BASES:
+            raise ValueError(f"purchase_basis must be one of {PURCHASE_BASES}, got {self.purchase_basis!r}")
         if self.value_model not in VALUE_MODELS:
             raise ValueError(f"value_model must be one of {VALUE_MODELS}, got {self.value_model!r}")
         if self.value_model == "cohort" and self.cohort is None:
@@ -83,23 +98,47 @@ class ScoringBundle:
     def horizon(self) -> float:
         return horizon_in_units(self.horizon_months, self.time_unit)
 
+    @property
+    def feature_columns(self) -> tuple[str, ...]:
+        """The customer_features columns :meth:`predict` reads."""
+        return FEATURE_COLUMNS + (NET_FEATURE_COLUMNS if self.purchase_basis == "net" else ())
+
+    def _btyd_inputs(self, features: pd.DataFrame) -> tuple[np.ndarray, ...]:
+        """(scored, frequency, recency, T, monetary) on this bundle's basis; rows not scored hold zeros."""
+        if self.purchase_basis == "gross":
+            columns = ("frequency", "recency", "T", "monetary_value")
+        else:
+            columns = NET_FEATURE_COLUMNS
+        values = [features[c].to_numpy(float) for c in columns]
+        scored = np.isfinite(values[0])          # net basis: null for a customer who only cancelled
+        if self.purchase_basis == "gross" and not scored.all():
+            raise ValueError("features hold missing frequency values; rebuild customer_features")
+        # a placeholder customer (1 purchase day, T 1) keeps the closed forms finite; overwritten below
+        placeholder = (0.0, 0.0, 1.0, 0.0)
+        return (scored, *[np.where(scored, v, fill) for v, fill in zip(values, placeholder)])
+
     def predict(self, features: pd.DataFrame) -> pd.DataFrame:
         """Scores for each customer row; never NaN or infinite (checked)."""
-        missing = [c for c in FEATURE_COLUMNS if c not in features.columns]
+        missing = [c for c in self.feature_columns if c not in features.columns]
         if missing:
-            raise ValueError(f"features lack columns {missing}")
-        frequency = features["frequency"].to_numpy(float)
-        recency = features["recency"].to_numpy(float)
-        age = features["T"].to_numpy(float)
-        monetary = features["monetary_value"].to_numpy(float)
-        purchases = self.purchase.expected_purchases(self.horizon, frequency, recency, age)
-        p_alive = self.purchase.p_alive(frequency, recency, age)
-        order_value = self.spend.expected_order_value(frequency, monetary)
+            raise ValueError(f"features lack columns {missing}" + (
+                " (the net purchase basis needs customer_features from this release: "
+                "`cvseg features --as-of D --full`)" if set(missing) & set(NET_FEATURE_COLUMNS) else ""))
+        scored, frequency, recency, age, monetary = self._btyd_inputs(features)
+        purchases = np.where(scored, self.purchase.expected_purchases(self.horizon, frequency, recency, age), 0.0)
+        p_alive = np.where(scored, self.purchase.p_alive(frequency, recency, age), 0.0)
+        order_value = np.where(scored, self.spend.expected_order_value(frequency, monetary), 0.0)
         cancel_rate = self.cancellation.predict(features["n_orders"].to_numpy(float),
                                                 features["n_cancelled"].to_numpy(float))
-        gross = purchases * order_value
+        if self.purchase_basis == "gross":
+            gross = purchases * order_value
+            btyd_net = gross * (1.0 - cancel_rate)
+        else:
+            # net basis: purchases of completed orders x their net value; gross implied by the rate
+            btyd_net = purchases * order_value
+            gross = btyd_net / np.maximum(1.0 - cancel_rate, 1e-9)
         if self.value_model == "btyd":
-            net = gross * (1.0 - cancel_rate)
+            net = btyd_net
         elif self.value_model == "cohort":
             cells = cells_from_features(features, self.time_unit, self.bands, self.cohort_with_channel)
             net = self.cohort.predict(cells)["expected_revenue"].to_numpy(float)
@@ -109,13 +148,14 @@ class ScoringBundle:
             "customer_id": features["customer_id"].to_numpy(),
             "p_alive": p_alive, "expected_purchases": purchases, "expected_order_value": order_value,
             "predicted_gross_value": gross, "predicted_cancel_rate": cancel_rate, "predicted_net_value": net,
+            "purchase_basis": np.where(scored, self.purchase_basis, "net_rule").astype(object),
         })
-        numeric = out.drop(columns="customer_id").to_numpy(float)
+        numeric = out.drop(columns=["customer_id", "purchase_basis"]).to_numpy(float)
         if not np.isfinite(numeric).all():
             bad = ~np.isfinite(numeric).all(axis=1)
             raise FloatingPointError(
                 f"{int(bad.sum())} customers got non-finite scores, e.g. "
-                f"{features.loc[bad, list(FEATURE_COLUMNS)].head(3).to_dict('records')}")
+                f"{features.loc[bad, list(self.feature_columns)].head(3).to_dict('records')}")
         return out
 
     # -- persistence ---------------------------------------------------------------------
@@ -126,7 +166,8 @@ class ScoringBundle:
         return {"components": {role: m.to_dict() for role, m in components.items() if m is not None},
                 "value_model": self.value_model, "horizon_months": self.horizon_months,
                 "time_unit": self.time_unit, "bands": self.bands,
-                "cohort_with_channel": self.cohort_with_channel, "metadata": self.metadata}
+                "cohort_with_channel": self.cohort_with_channel, "metadata": self.metadata,
+                "purchase_basis": self.purchase_basis}
 
     @classmethod
     def from_payload(cls, payload: dict[str, Any]) -> "ScoringBundle":
@@ -138,7 +179,7 @@ class ScoringBundle:
                    value_model=payload["value_model"], cohort=parts.get("cohort"), naive=parts.get("naive"),
                    horizon_months=payload["horizon_months"], time_unit=payload["time_unit"],
                    bands=payload["bands"], cohort_with_channel=payload["cohort_with_channel"],
-                   metadata=payload.get("metadata", {}))
+                   metadata=payload.get("metadata", {}), purchase_basis=payload.get("purchase_basis", "gross"))
 
     # one folder, one JSON per component
     def save(self, folder: str | Path) -> Path:
@@ -154,7 +195,7 @@ class ScoringBundle:
         manifest = {"format_version": BUNDLE_FORMAT_VERSION, "value_model": self.value_model,
                     "components": saved, "horizon_months": self.horizon_months, "time_unit": self.time_unit,
                     "bands": self.bands, "cohort_with_channel": self.cohort_with_channel,
-                    "metadata": self.metadata}
+                    "metadata": self.metadata, "purchase_basis": self.purchase_basis}
         (folder / "bundle.json").write_text(json.dumps(manifest, indent=2, default=str), encoding="utf-8")
         return folder
 
@@ -174,7 +215,9 @@ class ScoringBundle:
                    value_model=manifest["value_model"], cohort=parts.get("cohort"), naive=parts.get("naive"),
                    horizon_months=manifest["horizon_months"], time_unit=manifest["time_unit"],
                    bands=manifest["bands"], cohort_with_channel=manifest["cohort_with_channel"],
-                   metadata=manifest.get("metadata", {}))
+                   metadata=manifest.get("metadata", {}),
+                   # bundles saved before the basis existed were fitted on gross orders
+                   purchase_basis=manifest.get("purchase_basis", "gross"))
 
     def describe(self) -> dict[str, Any]:
         """Small, JSON-ready summary: model names and fitted parameters."""
@@ -186,4 +229,4 @@ class ScoringBundle:
         return {"value_model": self.value_model, "purchase_model": self.purchase.name,
                 "purchase_params": params(self.purchase), "spend_params": params(self.spend),
                 "cancellation_params": params(self.cancellation), "horizon_months": self.horizon_months,
-                "time_unit": self.time_unit}
+                "time_unit": self.time_unit, "purchase_basis": self.purchase_basis}

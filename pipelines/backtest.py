@@ -13,6 +13,10 @@ origins) the cutoff is ``C = O - horizon_months``:
   actual net revenue in ``(C - H, C]`` come to the driver as one small aggregate (one row per cell);
   :class:`models.cohort.CohortModel` backs sparse cells off to coarser ones. A customer's prediction
   is the mean of their cell at ``C``;
+* **purchase basis** (``models.purchase_basis``): with ``auto`` (default) every purchase model is
+  fitted twice, on gross orders (``bgnbd``: cancelled orders count as purchases) and on completed
+  orders only (``bgnbd_net``); the champion metric then picks model and basis together, so the
+  basis is chosen by this client's data. ``gross`` / ``net`` fit one basis only;
 * the **naive** baseline: the customer's own net revenue in the trailing six months;
 * every model predicts every customer in one ``mapInPandas`` pass with the bundles broadcast
   (:func:`predict_all`), giving long rows (model, customer_id, predicted, actual).
@@ -67,7 +71,7 @@ from core.tracking import METRIC_DIRECTION
 from core.storage import Storage
 from core.tables import CALIBRATION_HOLDOUT, MODEL_BACKTEST, MODEL_BACKTEST_DECILES, ORDERS
 from models import CELL_COLUMNS, DEFAULT_BANDS, CohortModel, NaiveRepeatModel
-from models.bundle import DAYS_PER_UNIT, FEATURE_COLUMNS, ScoringBundle
+from models.bundle import DAYS_PER_UNIT, ScoringBundle
 from pipelines.calibration import holdout_end, run_calibration
 from pipelines.features import add_months, to_date
 from pipelines.ltv import fit_btyd_bundles
@@ -180,8 +184,9 @@ def predict_all(holdout_df: DataFrame, bundles: Mapping[str, ScoringBundle]) -> 
                                     "predicted": scores["predicted_net_value"].to_numpy(float),
                                     "actual": actual})
 
+    columns = list(dict.fromkeys(c for b in bundles.values() for c in b.feature_columns))
     inputs = holdout_df.select(*[F.col(c).cast("double") if c in ("n_orders", "n_cancelled") else F.col(c)
-                                 for c in FEATURE_COLUMNS], "holdout_net")
+                                 for c in columns], "holdout_net")
     return inputs.mapInPandas(predict_batches, PREDICTION_SCHEMA)
 
 
@@ -350,18 +355,35 @@ class OriginModels:
     sizes: dict[str, int]
 
 
-def fit_origin_models(holdout_df: DataFrame, cohort_train_df: DataFrame | None, config: Config) -> OriginModels:
-    """Every configured model fitted at one cutoff, each as a scoring bundle keyed by model name.
+def purchase_bases(configured: str) -> tuple[str, ...]:
+    """The bases a backtest compares: both under ``auto``, else the configured one."""
+    return ("gross", "net") if configured == "auto" else (configured,)
 
-    The cohort and naive bundles carry the first purchase model's BTYD components, so their scores
-    still report p_alive and expected purchases; only the net value comes from the method.
+
+def basis_model_name(purchase_model: str, purchase_basis: str) -> str:
+    """Backtest / registry name of a purchase model on a basis: ``bgnbd`` (gross), ``bgnbd_net``."""
+    return purchase_model if purchase_basis == "gross" else f"{purchase_model}_{purchase_basis}"
+
+
+def fit_origin_models(holdout_df: DataFrame, cohort_train_df: DataFrame | None, config: Config) -> OriginModels:
+    """Every configured model fitted at one cutoff, each as a scoring bundle keyed by model name
+    (:func:`basis_model_name`: one per purchase model and basis).
+
+    The cohort and naive bundles carry the first purchase model's BTYD components (first basis), so
+    their scores still report p_alive and expected purchases; only the net value comes from the method.
     """
     models_conf, features_conf = config.models, config.features
-    fitted = fit_btyd_bundles(holdout_df, models_conf.purchase_models, features_conf.time_unit,
-                              features_conf.horizon_months, models_conf.penalizer_coef)
-    bundles = dict(fitted.bundles)
-    seconds = dict(fitted.seconds)
-    base = bundles[models_conf.purchase_models[0]]
+    bundles: dict[str, ScoringBundle] = {}
+    seconds: dict[str, float] = {}
+    sizes: dict[str, int] = {}
+    for basis in purchase_bases(models_conf.purchase_basis):
+        fitted = fit_btyd_bundles(holdout_df, models_conf.purchase_models, features_conf.time_unit,
+                                  features_conf.horizon_months, models_conf.penalizer_coef, purchase_basis=basis)
+        suffix = "" if basis == "gross" else f"_{basis}"
+        bundles.update({basis_model_name(name, basis): b for name, b in fitted.bundles.items()})
+        seconds.update({f"{k}{suffix}": v for k, v in fitted.seconds.items()})
+        sizes.update({f"{k}{suffix}": v for k, v in fitted.sizes.items()})
+    base = next(iter(bundles.values()))
     shared = dict(purchase=base.purchase, spend=base.spend, cancellation=base.cancellation,
                   horizon_months=features_conf.horizon_months, time_unit=features_conf.time_unit)
     if cohort_train_df is not None:
@@ -378,7 +400,7 @@ def fit_origin_models(holdout_df: DataFrame, cohort_train_df: DataFrame | None, 
                         features_conf.horizon_months)
         else:
             bundles["naive"] = ScoringBundle(value_model="naive", naive=NaiveRepeatModel().fit(), **shared)
-    return OriginModels(bundles=bundles, seconds=seconds, sizes=fitted.sizes)
+    return OriginModels(bundles=bundles, seconds=seconds, sizes=sizes)
 
 
 # --------------------------------------------------------------------------------------------
@@ -394,7 +416,8 @@ def ensure_calibration(storage: Storage, cutoff: dt.date, config: Config, rebuil
         existing = (storage.read(CALIBRATION_HOLDOUT.name).where(F.col("cutoff_date") == F.lit(cutoff))
                     .select("horizon_end", "time_unit").limit(1).collect())
         if existing and existing[0]["horizon_end"] == expected_end \
-                and existing[0]["time_unit"] == features_conf.time_unit:
+                and existing[0]["time_unit"] == features_conf.time_unit \
+                and not _lacks_net_basis(_calibration_rows(storage, cutoff)):
             return _calibration_rows(storage, cutoff), True
         if existing:
             log.warning("calibration_holdout at %s was built with horizon end %s / %s; rebuilding it for %s / %s",
@@ -402,6 +425,12 @@ def ensure_calibration(storage: Storage, cutoff: dt.date, config: Config, rebuil
                         features_conf.time_unit)
     run_calibration(storage, cutoff, features_conf)
     return _calibration_rows(storage, cutoff), False
+
+
+def _lacks_net_basis(rows_df: DataFrame) -> bool:
+    """A partition written before the net-basis columns existed (they read as null there)."""
+    lacks = F.col("net_first_order_date").isNull() & (F.col("n_orders") > F.col("n_cancelled"))
+    return bool(rows_df.where(lacks).limit(1).count())
 
 
 def _calibration_rows(storage: Storage, cutoff: dt.date) -> DataFrame:
@@ -462,6 +491,20 @@ def choose_champion(metrics: pd.DataFrame, metric: str) -> tuple[str, pd.Series]
                             "models.champion_metric or a period with sales")
     best = means.idxmax() if METRIC_DIRECTION[metric] else means.idxmin()
     return str(best), means
+
+
+def compare_bases(means: pd.Series, bundles: Mapping[str, ScoringBundle], metric: str) -> dict[str, Any]:
+    """Per basis: its best BTYD model and that model's mean ``metric`` (what decided the basis)."""
+    better_high = METRIC_DIRECTION[metric]
+    out: dict[str, Any] = {}
+    for name, value in means.items():
+        bundle = bundles.get(name)
+        if bundle is None or bundle.value_model != "btyd" or not math.isfinite(float(value)):
+            continue
+        best = out.get(bundle.purchase_basis)
+        if best is None or (value > best["value"] if better_high else value < best["value"]):
+            out[bundle.purchase_basis] = {"model": name, "value": float(value)}
+    return out
 
 
 def calibration_figure(deciles: pd.DataFrame, title: str):
@@ -526,6 +569,8 @@ def run_backtest(storage: Storage, as_of: dt.date | str, config: Config, n_origi
     all_metrics = pd.concat([r.metrics.assign(origin_date=r.origin) for r in results], ignore_index=True)
     champion_metric = config.models.champion_metric
     champion, means = choose_champion(all_metrics, champion_metric)
+    champion_basis = results[0].models.bundles[champion].purchase_basis
+    basis_comparison = compare_bases(means, results[0].models.bundles, champion_metric)
     created_at = dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
 
     mlflow_runs: dict[tuple[dt.date, str], str] = {}
@@ -541,7 +586,8 @@ def run_backtest(storage: Storage, as_of: dt.date | str, config: Config, n_origi
                          "time_unit": config.features.time_unit, "penalizer_coef": config.models.penalizer_coef,
                          "purchase_models": list(config.models.purchase_models),
                          "compare_cohort": config.models.compare_cohort, "compare_naive": config.models.compare_naive,
-                         "champion_metric": champion_metric, "orders_version": storage.version(ORDERS.name)}
+                         "champion_metric": champion_metric, "orders_version": storage.version(ORDERS.name),
+                         "purchase_basis": config.models.purchase_basis}
         with tracking.parent_run(f"backtest-{as_of.isoformat()}", parent_params,
                                  tags={"kind": "backtest", "backtest_run_id": run_id}) as parent_run_id:
             for position, result in enumerate(results):
@@ -550,7 +596,7 @@ def run_backtest(storage: Storage, as_of: dt.date | str, config: Config, n_origi
                     row = result.metrics.set_index("model").loc[name]
                     deciles = result.deciles[result.deciles["model"] == name].drop(columns="model")
                     params = {"model": name, "value_model": bundle.value_model,
-                              "purchase_model": bundle.purchase.name,
+                              "purchase_model": bundle.purchase.name, "purchase_basis": bundle.purchase_basis,
                               "as_of": result.cutoff.isoformat(), "origin": result.origin.isoformat(),
                               "cutoff_date": result.cutoff.isoformat(), "horizon_end": result.horizon_end.isoformat(),
                               "horizon_months": horizon, "time_unit": config.features.time_unit,
@@ -561,9 +607,11 @@ def run_backtest(storage: Storage, as_of: dt.date | str, config: Config, n_origi
                         params.update(cohort_min_cell_size=config.models.cohort_min_cell_size,
                                       cohort_by_channel=config.models.cohort_by_channel)
                     metrics = {m: row[m] for m in (*METRIC_COLUMNS, "n_customers", "predicted_total", "actual_total")}
+                    suffix = "" if bundle.purchase_basis == "gross" else f"_{bundle.purchase_basis}"
                     metrics.update({f"fit_seconds_{k.removeprefix('fit_')}": v
                                     for k, v in result.models.seconds.items()
-                                    if k == f"fit_{name}" or k in ("fit_gamma_gamma", "sufficient_statistics")})
+                                    if k == f"fit_{name}" or k in (f"fit_gamma_gamma{suffix}",
+                                                                   f"sufficient_statistics{suffix}")})
                     artifacts = {"decile_table": deciles, "parameters": parameter_table(bundle),
                                  "calibration_plot": calibration_figure(
                                      deciles, f"{name}: origin {result.origin}, cutoff {result.cutoff}")}
@@ -584,7 +632,9 @@ def run_backtest(storage: Storage, as_of: dt.date | str, config: Config, n_origi
             summary_metrics = {f"mean_{champion_metric}_{m}": v for m, v in means.items()}
             tracking.log_parent_metrics(summary_metrics, artifacts={
                 "backtest_metrics": all_metrics, "champion": {"model": champion, "version": champion_version,
-                                                               "metric": champion_metric}})
+                                                               "metric": champion_metric,
+                                                               "purchase_basis": champion_basis,
+                                                               "basis_comparison": basis_comparison}})
 
     tracking_seconds = time.perf_counter() - started
     started = time.perf_counter()
@@ -599,6 +649,7 @@ def run_backtest(storage: Storage, as_of: dt.date | str, config: Config, n_origi
                 "backtest_run_id": run_id, "origin_date": result.origin, "cutoff_date": result.cutoff,
                 "horizon_end": result.horizon_end, "horizon_months": horizon, "time_unit": config.features.time_unit,
                 "model": name, "value_model": bundle.value_model, "purchase_model": bundle.purchase.name,
+                "purchase_basis": bundle.purchase_basis,
                 "penalizer_coef": float(config.models.penalizer_coef),
                 "n_customers": int(record["n_customers"]), "actual_total": float(record["actual_total"]),
                 "predicted_total": float(record["predicted_total"]),
@@ -624,6 +675,8 @@ def run_backtest(storage: Storage, as_of: dt.date | str, config: Config, n_origi
     return {
         "backtest_run_id": run_id, "as_of": as_of.isoformat(), "origins": [o.isoformat() for o in origins],
         "horizon_months": horizon, "champion": champion, "champion_metric": champion_metric,
+        "champion_purchase_basis": champion_basis, "purchase_basis": config.models.purchase_basis,
+        "basis_comparison": basis_comparison,
         "champion_version": champion_version, "mean_metric": {k: float(v) for k, v in means.items()},
         "model_versions": versions, "mlflow_parent_run_id": parent_run_id,
         "metrics": [{**{k: _json_value(v) for k, v in r.items()}, "origin_date": r["origin_date"].isoformat()}

@@ -365,7 +365,8 @@ def run_export(storage: Any, as_of_date: dt.date, export_conf: ExportConf, dest:
     try:
         return publish_export(rows_df, as_of_date, export_conf, destination, pseudonymised=hmac_key is not None,
                               engine_version=engine_version, names=export_header(export_conf, horizon_months),
-                              labels=labels, s3_conf=getattr(storage, "s3", None))
+                              labels=labels, s3_conf=getattr(storage, "s3", None),
+                              purchase_basis=scores_by_basis(storage, as_of_date))
     except ExportError:
         from pipelines.maintenance import ensure_not_pruned
 
@@ -373,10 +374,20 @@ def run_export(storage: Any, as_of_date: dt.date, export_conf: ExportConf, dest:
         raise
 
 
+def scores_by_basis(storage: Any, as_of_date: dt.date) -> dict[str, int]:
+    """Customers scored as of D per purchase basis (gross | net | net_rule): a few rows to the driver.
+    Scores written before the basis existed were on gross orders."""
+    scores_df = storage.read("customer_scores").where(F.col("as_of_date") == F.lit(as_of_date))
+    counts = (scores_df.groupBy(F.coalesce(F.col("purchase_basis"), F.lit("gross")).alias("basis"))
+              .count().collect())
+    return {row["basis"]: int(row["count"]) for row in counts}
+
+
 def publish_export(rows_df: DataFrame, as_of_date: dt.date, export_conf: ExportConf,
                    destination: Destination, pseudonymised: bool = False,
                    engine_version: str | None = None, names: list[str] | None = None,
-                   labels: dict[str, str] | None = None, s3_conf: S3Conf | None = None) -> dict[str, Any]:
+                   labels: dict[str, str] | None = None, s3_conf: S3Conf | None = None,
+                   purchase_basis: dict[str, int] | None = None) -> dict[str, Any]:
     """Write ``rows_df`` (the columns of :data:`EXPORT_COLUMNS`, sorted) as one CSV + manifest,
     with ``names`` in the header (default :func:`export_header`)."""
     from core import __version__
@@ -431,6 +442,9 @@ def publish_export(rows_df: DataFrame, as_of_date: dt.date, export_conf: ExportC
             "columns": names, "column_keys": list(EXPORT_COLUMNS), "encoding": export_conf.encoding,
             "header": True, "segment_labels": dict(labels or {}),
             "customer_id": "hmac-sha256-hex" if pseudonymised else "raw",
+            # which orders the value model saw: gross | net (net_rule: only cancelled, placed by rule)
+            "purchase_basis": (("net" if "gross" not in purchase_basis else "gross") if purchase_basis else None),
+            "customers_by_purchase_basis": dict(sorted((purchase_basis or {}).items())),
             "engine_version": engine_version or __version__,
             "exported_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         }

@@ -17,6 +17,10 @@ Definitions (the contract the tests check against an independent pandas computat
   day's total gross amount, 0 when ``frequency`` is 0.
   This equals ``lifetimes.utils.summary_data_from_transaction_data(freq="D",
   freq_multiplier=1 or 7, observation_period_end=D, monetary_value_col=gross)``.
+* **Net basis** (``models.purchase_basis``): the same statistics on completed orders only (not
+  cancelled in full), with the day's *net* amount: ``net_first_order_date``, ``net_frequency``,
+  ``net_recency``, ``net_T``, ``net_monetary_value`` (all null for a customer who only cancelled).
+  This equals the lifetimes summary of the completed orders with ``monetary_value_col=net``.
 * **Orders and amounts.** ``n_orders`` counts every order, ``n_cancelled`` the fully cancelled
   ones (``is_cancelled``); ``gross_amount`` / ``cancelled_amount`` / ``net_amount`` are sums of
   the table's columns. ``avg_order_value`` = mean gross of orders not cancelled (null if none).
@@ -238,8 +242,17 @@ def with_purchase_sequence(orders_df: DataFrame) -> DataFrame:
     w_orders = Window.partitionBy(*CUSTOMER_KEY).orderBy("order_date", "order_ts", "order_id")
     w_previous = w_orders.rowsBetween(-1, -1)          # lag's own frame: the previous order
     w_so_far = w_orders.rowsBetween(Window.unboundedPreceding, Window.currentRow)
+    w_before = w_orders.rowsBetween(Window.unboundedPreceding, -1)
     previous_date = F.col("previous_order_date")
+    completed_date = F.when(~F.col("is_cancelled"), F.col("order_date"))
+    # Net basis on the same window (no second sort): sorted by date, the running max of completed
+    # dates before a row is the previous completed order's day.
+    previous_completed = F.col("previous_completed_date")
     return (orders_df
+            .withColumn("previous_completed_date", F.max(completed_date).over(w_before))
+            .withColumn("net_first_purchase_day", F.min(completed_date).over(w_so_far))
+            .withColumn("is_new_completed_day", ~F.col("is_cancelled") & (
+                previous_completed.isNull() | (F.col("order_date") > previous_completed)))
             .withColumn("previous_order_date", F.lag("order_date").over(w_previous))
             # sorted by date, so the running minimum is the first purchase day
             .withColumn("first_purchase_day", F.min("order_date").over(w_so_far))
@@ -256,6 +269,7 @@ def aggregate_customers(sequenced_df: DataFrame, as_of_date: dt.date,
     so this aggregate streams without another shuffle or sort. Aggregates are kept to cheap
     sums and counts (they run once per order); ratios are taken per customer afterwards."""
     is_repeat_day_order = F.col("order_date") > F.col("first_purchase_day")
+    is_net_repeat_day_order = ~F.col("is_cancelled") & (F.col("order_date") > F.col("net_first_purchase_day"))
     gap = F.col("purchase_gap_days")
     trailing = []
     for months in trailing_months:
@@ -277,6 +291,10 @@ def aggregate_customers(sequenced_df: DataFrame, as_of_date: dt.date,
         F.sum(F.when(~F.col("is_cancelled"), F.col("gross_amount"))).alias("completed_gross"),
         F.sum(F.when(is_repeat_day_order, F.col("gross_amount"))).alias("repeat_gross"),
         F.min(F.when(is_repeat_day_order, F.col("order_date"))).alias("second_purchase_day"),
+        F.min(F.when(~F.col("is_cancelled"), F.col("order_date"))).alias("net_first_order_date"),
+        F.max(F.when(~F.col("is_cancelled"), F.col("order_date"))).alias("net_last_order_date"),
+        F.count_if("is_new_completed_day").alias("net_purchase_days"),
+        F.sum(F.when(is_net_repeat_day_order, F.col("net_amount"))).alias("net_repeat_amount"),
         # integer day gaps: a long sum of squares is exact (and cheaper than stddev_samp)
         F.sum(gap.cast("long") * gap.cast("long")).alias("gap_square_sum"),
         *trailing,
@@ -308,6 +326,7 @@ def with_customer_statistics(customers_df: DataFrame, as_of_date: dt.date, time_
             .withColumn("T", days_in_unit(F.datediff(F.lit(as_of_date), F.col("first_order_date")), time_unit))
             .withColumn("monetary_value", F.when(frequency > 0, F.col("repeat_gross") / frequency)
                         .otherwise(F.lit(0.0)))
+            .transform(with_net_basis_statistics, as_of_date, time_unit)
             .withColumn("avg_order_value", F.when(n_completed > 0, F.col("completed_gross") / n_completed))
             .withColumn("cancel_rate_count", cancellation_rate("n_cancelled", "n_orders"))
             .withColumn("cancel_rate_amount", cancellation_rate("cancelled_amount", "gross_amount"))
@@ -316,7 +335,27 @@ def with_customer_statistics(customers_df: DataFrame, as_of_date: dt.date, time_
             .withColumn("gap_std_days", gap_std(frequency, span_days.cast("long"), F.col("gap_square_sum")))
             .withColumn("is_repeat", F.col("n_purchase_days") >= 2)
             .withColumn("days_to_second_purchase", F.datediff("second_purchase_day", "first_order_date"))
-            .drop("customer_hash", "repeat_gross", "second_purchase_day", "completed_gross", "gap_square_sum"))
+            .drop("customer_hash", "repeat_gross", "second_purchase_day", "completed_gross", "gap_square_sum",
+                  "net_last_order_date", "net_purchase_days", "net_repeat_amount"))
+
+
+def with_net_basis_statistics(customers_df: DataFrame, as_of_date: dt.date, time_unit: str) -> DataFrame:
+    """frequency / recency / T / monetary value of completed orders (null without one)."""
+    has_completed = F.col("net_first_order_date").isNotNull()
+    frequency = F.col("net_purchase_days") - 1
+    return (customers_df
+            .withColumn("net_frequency", F.when(has_completed, frequency.cast("double")))
+            .withColumn("net_recency", F.when(has_completed, days_in_unit(
+                F.datediff("net_last_order_date", "net_first_order_date"), time_unit)))
+            .withColumn("net_T", net_age(as_of_date, time_unit))
+            .withColumn("net_monetary_value", F.when(has_completed, F.when(
+                frequency > 0, F.coalesce(F.col("net_repeat_amount"), F.lit(0.0)) / frequency)
+                .otherwise(F.lit(0.0)))))
+
+
+def net_age(as_of_date: dt.date, time_unit: str) -> Column:
+    """net_T: first completed purchase day -> as_of_date (null without a completed order)."""
+    return days_in_unit(F.datediff(F.lit(as_of_date), F.col("net_first_order_date")), time_unit)
 
 
 def rfm_inputs(customers_df: DataFrame) -> DataFrame:
@@ -464,6 +503,7 @@ def update_customer_features(previous_df: DataFrame, orders_df: DataFrame, touch
                   .drop(*RFM_COLUMNS)
                   .withColumn("as_of_date", F.lit(as_of_date))
                   .withColumn("T", days_in_unit(F.datediff(F.lit(as_of_date), F.col("first_order_date")), time_unit))
+                  .withColumn("net_T", net_age(as_of_date, time_unit))
                   .join(leaving_df, on="customer_id", how="left"))
     for m in months:
         orders_left = F.col(f"orders_{m}m") - F.coalesce(f"leaving_orders_{m}m", F.lit(0))
@@ -520,6 +560,9 @@ def _update_from(storage: Storage, base: Any, orders_df: DataFrame, appended_df:
     previous_df = storage.read(CUSTOMER_FEATURES.name).where(F.col("as_of_date") == F.lit(previous_as_of))
     if previous_df.count() != base["customers"]:
         return None, None, f"the customer_features partition {previous_as_of} does not match its features_runs row"
+    lacks_net_basis = (F.col("net_first_order_date").isNull() & (F.col("n_orders") > F.col("n_cancelled")))
+    if previous_df.where(lacks_net_basis).limit(1).count():
+        return None, None, f"the customer_features partition {previous_as_of} predates the net-basis columns"
     touched_df = touched_customers(orders_df, appended_df, previous_as_of, as_of_date).localCheckpoint(eager=True)
     recomputed = touched_df.count()
     if recomputed > INCREMENTAL_MAX_TOUCHED_SHARE * base["customers"]:

@@ -83,6 +83,16 @@ _BLOCK_SCHEMA = ("cust long, cust_blank int, order_no long, day int, sec int, am
                  "channel int, category int, defect int")
 
 
+#: How cancelled orders arise. ``independent`` (the default, generator version 1's output): every
+#: order is a BG/NBD transaction and some are marked cancelled, so a cancellation is a purchase
+#: occasion (gross basis is the true process). The other three keep every BG/NBD order completed
+#: and add cancelled orders on top (~6.5% of all orders with the default propensity):
+#: ``retry`` a cancelled order one or two days before a completed one (a payment or stock retry);
+#: ``stray`` cancelled orders at uniform times between the first order and the window's end, also
+#: after the customer has dropped out (noise: net basis is the true process); ``mixed`` half each.
+CANCELLATION_PATTERNS = ("independent", "retry", "stray", "mixed")
+
+
 class GeneratorError(ValueError):
     """The generator cannot run with these arguments; the message says what to change."""
 
@@ -120,6 +130,8 @@ class GeneratorParams:
         ("apparel", 0.30), ("cosmetics", 0.20), ("health_food", 0.20), ("home", 0.15), ("food_gift", 0.15))
     category_stickiness: float = 0.6
     hour_weights: tuple[float, ...] = field(default=_HOUR_WEIGHTS)
+    # How cancelled orders relate to the purchase process (CANCELLATION_PATTERNS).
+    cancellations: str = "independent"
 
     def __post_init__(self) -> None:
         positive = {k: getattr(self, k) for k in ("r", "alpha", "a", "b", "spend_p", "spend_q", "spend_v",
@@ -141,6 +153,9 @@ class GeneratorParams:
             shares = [s for _, s in getattr(self, name)]
             if not shares or any(s < 0 for s in shares) or abs(sum(shares) - 1.0) > 1e-9:
                 raise GeneratorError(f"GeneratorParams.{name}: shares must be >= 0 and sum to 1 (got {shares})")
+        if self.cancellations not in CANCELLATION_PATTERNS:
+            raise GeneratorError(f"GeneratorParams.cancellations must be one of {list(CANCELLATION_PATTERNS)} "
+                                 f"(got {self.cancellations!r})")
         if len(self.hour_weights) != 24 or any(not w > 0 for w in self.hour_weights):
             raise GeneratorError("GeneratorParams.hour_weights must be 24 positive weights (hours 0..23)")
 
@@ -161,7 +176,9 @@ class GeneratorParams:
                 "lambda": "Gamma(shape=r, rate=alpha), purchases per day",
                 "dropout": "p ~ Beta(a, b); after each repeat purchase the customer drops out with "
                            "probability p (alive at the first purchase)",
-                "applies_to": "every clean order, cancelled ones included; continuous time, the "
+                "applies_to": ("every clean order, cancelled ones included" if self.cancellations == "independent"
+                               else "every completed clean order (the added cancelled orders are not "
+                               "BG/NBD transactions)") + "; continuous time, the "
                               "export shows the local day and a warped time of day",
                 "lifetimes": "BetaGeoFitter params_ r, alpha, a, b (fit with freq='D')",
             },
@@ -170,12 +187,22 @@ class GeneratorParams:
                 "nu": "Gamma(shape=q, rate=v) per customer",
                 "order_value": "Gamma(shape=p, rate=nu), gross yen rounded to whole yen (min 1)",
                 "mean_order_value": self.mean_order_value,
-                "applies_to": "gross amount of every clean order, cancelled ones included",
+                "applies_to": ("gross amount of every clean order, cancelled ones included"
+                               if self.cancellations == "independent" else
+                               "gross amount of every completed clean order and of stray cancelled orders "
+                               "(a retry repeats its completed order's amount)"),
                 "lifetimes": "GammaGammaFitter params_ p, q, v",
             },
             "cancellation": {
-                "propensity": f"Beta({self.cancel_a}, {self.cancel_b}) per customer; each order is "
-                              "cancelled in full (status cancelled, cancelled_amount = amount) with it",
+                "pattern": self.cancellations,
+                "propensity": (f"Beta({self.cancel_a}, {self.cancel_b}) per customer; each order is "
+                               "cancelled in full (status cancelled, cancelled_amount = amount) with it"
+                               if self.cancellations == "independent" else
+                               f"Beta({self.cancel_a}, {self.cancel_b}) per customer c; every BG/NBD order "
+                               "is completed and c/(1-c) cancelled orders per completed order are added "
+                               "(retry: one or two days before a completed order, same amount; stray: at "
+                               "uniform times from the first order to the window's end, also after dropout, "
+                               "Gamma-Gamma amount; mixed: half each)"),
                 "mean_propensity": self.mean_cancel_propensity,
                 "partial_cancel_prob": self.partial_cancel_prob,
                 "partial": "status completed, 0 < cancelled_amount < amount, share of the amount "
@@ -270,6 +297,10 @@ def simulate_block(block_id: int, n_customers: int, seed: int, params: Generator
     other_category = order_rng.choice(len(cat_names), n_orders, p=np.asarray(cat_shares))
     category = np.where(keep_category, pref_category[cust], other_category)
 
+    if params.cancellations != "independent":
+        # The draws above stay (same streams as the default); only the marks are replaced.
+        is_cancelled = np.zeros(n_orders, dtype=bool)
+        cancelled_amount = np.where(is_partial, partial_amount, 0)
     rows = {
         "cust": (first + cust).astype(np.int64),
         "cust_blank": np.zeros(n_orders, dtype=np.int32),
@@ -285,6 +316,10 @@ def simulate_block(block_id: int, n_customers: int, seed: int, params: Generator
         "category": category.astype(np.int32),
         "defect": np.zeros(n_orders, dtype=np.int32),
     }
+    if params.cancellations != "independent":
+        pattern_rng = np.random.SeedSequence([seed, block_id]).spawn(4)[3]
+        rows = _with_added_cancellations(rows, np.random.default_rng(pattern_rng), params, t0,
+                                         cancel_prop, nu, acq_channel, pref_category, first, window, block_id)
     extra = _defect_rows(rows, defect_rng, dirty_share, block_id, window)
     if extra is not None:
         rows = {k: np.concatenate([v, extra[k]]) for k, v in rows.items()}
@@ -292,6 +327,58 @@ def simulate_block(block_id: int, n_customers: int, seed: int, params: Generator
         order = np.lexsort((rows["defect"], rows["order_no"], rows["sec"], rows["day"], rows["cust"]))
         rows = {k: v[order] for k, v in rows.items()}
     return pd.DataFrame(rows)
+
+
+def _with_added_cancellations(rows: dict[str, np.ndarray], rng: np.random.Generator, params: GeneratorParams,
+                              t0: np.ndarray, cancel_prop: np.ndarray, nu: np.ndarray, acq_channel: np.ndarray,
+                              pref_category: np.ndarray, first: int, window: float,
+                              block_id: int) -> dict[str, np.ndarray]:
+    """The completed BG/NBD orders plus cancelled orders added by ``params.cancellations``.
+
+    A customer with propensity c gets c / (1 - mean c) cancelled orders per completed order in
+    expectation, so the mean propensity (6.5%) is the expected share of cancelled orders overall
+    (at most one retry per completed order).
+    """
+    local = rows["cust"] - first
+    n_orders = len(local)
+    per_completed = cancel_prop / (1.0 - params.mean_cancel_propensity)
+    retry_share, stray_share = {"retry": (1.0, 0.0), "stray": (0.0, 1.0), "mixed": (0.5, 0.5)}[params.cancellations]
+
+    # Retry: a cancelled copy of a completed order one or two days earlier (dropped before the window).
+    has_retry = rng.random(n_orders) < np.minimum(retry_share * per_completed[local], 1.0)
+    retry_day = rows["day"][has_retry] - rng.integers(1, 3, int(has_retry.sum()))
+    retry_sec = _hour_warp(rng.random(len(retry_day)), params.hour_weights)
+    inside = retry_day >= 0
+    retry = {"cust": rows["cust"][has_retry][inside], "day": retry_day[inside], "sec": retry_sec[inside],
+             "amount": rows["amount"][has_retry][inside], "channel": rows["channel"][has_retry][inside],
+             "category": rows["category"][has_retry][inside]}
+
+    # Stray: uniform times between the first order and the window's end, dropout or not.
+    completed_per_customer = np.bincount(local, minlength=len(t0))
+    n_stray = rng.poisson(stray_share * per_completed * completed_per_customer)
+    stray_cust = np.repeat(np.arange(len(t0)), n_stray)
+    t_stray = t0[stray_cust] + rng.random(len(stray_cust)) * (window - t0[stray_cust])
+    stray = {"cust": (first + stray_cust).astype(np.int64),
+             "day": np.minimum(np.floor(t_stray), window - 1).astype(np.int64),
+             "sec": _hour_warp(t_stray - np.floor(t_stray), params.hour_weights),
+             "amount": np.maximum(np.rint(rng.gamma(params.spend_p, 1.0 / nu[stray_cust])), 1).astype(np.int64),
+             "channel": acq_channel[stray_cust], "category": pref_category[stray_cust]}
+
+    added = {k: np.concatenate([retry[k], stray[k]]) for k in retry}
+    n_added = len(added["cust"])
+    zeros = np.zeros(n_added, dtype=np.int32)
+    added_rows = {
+        "cust": added["cust"].astype(np.int64), "cust_blank": zeros,
+        "order_no": block_id * ORDER_NO_STRIDE + n_orders + np.arange(n_added, dtype=np.int64),
+        "day": added["day"].astype(np.int32), "sec": added["sec"].astype(np.int32),
+        "amount": added["amount"].astype(np.int64), "bad_amount": zeros, "bad_ts": zeros,
+        "is_cancelled": np.ones(n_added, dtype=bool), "cancelled_amount": added["amount"].astype(np.int64),
+        "channel": added["channel"].astype(np.int32), "category": added["category"].astype(np.int32),
+        "defect": zeros,
+    }
+    rows = {k: np.concatenate([v, added_rows[k]]) for k, v in rows.items()}
+    order = np.lexsort((rows["order_no"], rows["sec"], rows["day"], rows["cust"]))   # customer, then time
+    return {k: v[order] for k, v in rows.items()}
 
 
 def _defect_rows(rows: dict[str, np.ndarray], rng: np.random.Generator, dirty_share: float, block_id: int,

@@ -6,6 +6,10 @@ Only small sufficient statistics reach the driver:
 * Gamma-Gamma: unique (frequency, monetary_value) rows of repeat customers with counts;
 * cancellation: unique (n_orders, n_cancelled) rows with counts.
 
+The purchase and spend statistics come from the basis's columns (:func:`on_basis`): gross
+(``frequency``, ``recency``, ``T``, ``monetary_value``) or net (``net_*``: completed orders only,
+customers without a completed order left out of the fit and counted).
+
 Fits use the counts as ``weights``, which is exact (a weighted fit equals the fit on all rows).
 Scoring runs :meth:`models.bundle.ScoringBundle.predict` per Arrow batch through ``mapInPandas``
 with the fitted bundle broadcast once, and writes ``customer_scores``.
@@ -26,7 +30,7 @@ from pyspark.sql import types as T
 
 from core.tables import CUSTOMER_SCORES
 from models import CancellationRateModel, GammaGammaModel, make_model
-from models.bundle import FEATURE_COLUMNS, SCORE_COLUMNS, ScoringBundle
+from models.bundle import NET_FEATURE_COLUMNS, SCORE_COLUMNS, ScoringBundle
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +42,22 @@ class LtvInputError(ValueError):
 # --------------------------------------------------------------------------------------------
 # Sufficient statistics (Spark -> small pandas frames)
 # --------------------------------------------------------------------------------------------
+def on_basis(features_df: DataFrame, purchase_basis: str) -> DataFrame:
+    """The BTYD statistics of ``purchase_basis`` under the gross names (frequency, recency, T,
+    monetary_value); under the net basis only customers with a completed order."""
+    if purchase_basis == "gross":
+        return features_df
+    if purchase_basis != "net":
+        raise LtvInputError(f"purchase_basis must be gross or net here (got {purchase_basis!r})")
+    missing = [c for c in NET_FEATURE_COLUMNS if c not in features_df.columns]
+    if missing:
+        raise LtvInputError(f"customer_features lacks {missing}: rebuild it with this release "
+                            "(`cvseg features --as-of D --full`) to fit on the net basis")
+    gross_names = ("frequency", "recency", "T", "monetary_value")
+    return (features_df.where(F.col("net_frequency").isNotNull())
+            .select(*[F.col(net).alias(gross) for net, gross in zip(NET_FEATURE_COLUMNS, gross_names)]))
+
+
 def rfm_sufficient_stats(features_df: DataFrame) -> pd.DataFrame:
     """Unique (frequency, recency, T) rows with the number of customers in each.
 
@@ -69,12 +89,14 @@ class FittedModels:
 
 
 def fit_btyd_bundles(features_df: DataFrame, purchase_models: tuple[str, ...], time_unit: str,
-                     horizon_months: int = 6, penalizer_coef: float = 0.0) -> FittedModels:
-    """Fit each purchase model plus the shared Gamma-Gamma and cancellation models."""
+                     horizon_months: int = 6, penalizer_coef: float = 0.0,
+                     purchase_basis: str = "gross") -> FittedModels:
+    """Fit each purchase model plus the shared Gamma-Gamma and cancellation models on one basis."""
     seconds: dict[str, float] = {}
     started = time.perf_counter()
-    rfm = rfm_sufficient_stats(features_df)
-    spend = spend_sufficient_stats(features_df)
+    basis_df = on_basis(features_df, purchase_basis)
+    rfm = rfm_sufficient_stats(basis_df)
+    spend = spend_sufficient_stats(basis_df)
     cancels = cancellation_sufficient_stats(features_df)
     seconds["sufficient_statistics"] = time.perf_counter() - started
     if rfm.empty:
@@ -98,10 +120,20 @@ def fit_btyd_bundles(features_df: DataFrame, purchase_models: tuple[str, ...], t
             rfm["frequency"], rfm["recency"], rfm["T"], weights=rfm["weight"])
         seconds[f"fit_{name}"] = time.perf_counter() - started
         bundles[name] = ScoringBundle(purchase=purchase, spend=spend_model, cancellation=cancel_model,
-                                      value_model="btyd", horizon_months=horizon_months, time_unit=time_unit)
+                                      value_model="btyd", horizon_months=horizon_months, time_unit=time_unit,
+                                      purchase_basis=purchase_basis)
+    customers = int(cancels["weight"].sum())
     return FittedModels(bundles=bundles, seconds=seconds,
                         sizes={"rfm_rows": len(rfm), "spend_rows": len(spend), "cancel_rows": len(cancels),
-                               "customers": int(rfm["weight"].sum())})
+                               "customers": int(rfm["weight"].sum()),
+                               # net basis: customers who only cancelled (not in the purchase fit)
+                               "customers_without_completed_orders": _only_cancelled(cancels),
+                               "all_customers": customers})
+
+
+def _only_cancelled(cancels: pd.DataFrame) -> int:
+    only = cancels[cancels["n_orders"] == cancels["n_cancelled"]]
+    return int(only["weight"].sum())
 
 
 # --------------------------------------------------------------------------------------------
@@ -109,7 +141,8 @@ def fit_btyd_bundles(features_df: DataFrame, purchase_models: tuple[str, ...], t
 # --------------------------------------------------------------------------------------------
 SCORE_SCHEMA = T.StructType([
     T.StructField("customer_id", T.StringType(), False),
-    *[T.StructField(c, T.DoubleType(), False) for c in SCORE_COLUMNS[1:]],
+    *[T.StructField(c, T.DoubleType(), False) for c in SCORE_COLUMNS[1:-1]],
+    T.StructField("purchase_basis", T.StringType(), False),
 ])
 
 
@@ -124,7 +157,7 @@ def score_customers(features_df: DataFrame, bundle: ScoringBundle) -> DataFrame:
             yield model.predict(batch)
 
     inputs = features_df.select(*[F.col(c).cast("double") if c in ("n_orders", "n_cancelled") else F.col(c)
-                                  for c in FEATURE_COLUMNS])
+                                  for c in bundle.feature_columns])
     return inputs.mapInPandas(predict_batches, SCORE_SCHEMA)
 
 
@@ -157,10 +190,14 @@ def run_score(storage: Any, as_of_date: dt.date, bundle: ScoringBundle, model_ve
     storage.replace_partitions(CUSTOMER_SCORES.name, rows_df, partitions={"as_of_date": [as_of_date]})
     written = storage.read(CUSTOMER_SCORES.name).where(F.col("as_of_date") == F.lit(as_of_date))
     stats = written.agg(F.count(F.lit(1)).alias("customers"), F.sum("predicted_net_value").alias("total"),
-                        F.avg("p_alive").alias("mean_p_alive")).first()
+                        F.avg("p_alive").alias("mean_p_alive"),
+                        F.count_if(F.col("purchase_basis") == "net_rule").alias("placed_by_rule")).first()
     return {"as_of_date": as_of_date.isoformat(), "customers": int(stats["customers"]),
             "predicted_net_value_total": float(stats["total"] or 0.0),
-            "mean_p_alive": float(stats["mean_p_alive"] or 0.0), "model_version": str(model_version)}
+            "mean_p_alive": float(stats["mean_p_alive"] or 0.0), "model_version": str(model_version),
+            "purchase_basis": bundle.purchase_basis,
+            # net basis: customers with no completed order, not scored by the model (value 0, by rule)
+            "customers_placed_by_rule": int(stats["placed_by_rule"])}
 
 
 def _time_unit_of(features_df: DataFrame) -> str | None:

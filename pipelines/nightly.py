@@ -112,6 +112,7 @@ class ChampionInfo:
     version: str
     fitted_as_of: dt.date | None      # as-of date of the features it was fitted on
     registered_at: dt.datetime        # UTC
+    purchase_basis: str = "gross"     # the basis it was fitted on (runs before the basis existed: gross)
 
 
 def refit_reason(champion: ChampionInfo | None, as_of_date: dt.date, refit_every_days: int,
@@ -199,11 +200,23 @@ def champion_info(registered_model: str) -> ChampionInfo | None:
     except MlflowException:
         return None
     fitted = None
+    basis = "gross"
     if version.run_id:
-        as_of = client.get_run(version.run_id).data.params.get("as_of")
+        params = client.get_run(version.run_id).data.params
+        as_of = params.get("as_of")
         fitted = dt.date.fromisoformat(as_of) if as_of else None
+        basis = params.get("purchase_basis", "gross")
     registered = dt.datetime.fromtimestamp(version.creation_timestamp / 1000, tz=dt.timezone.utc)
-    return ChampionInfo(version=str(version.version), fitted_as_of=fitted, registered_at=registered)
+    return ChampionInfo(version=str(version.version), fitted_as_of=fitted, registered_at=registered,
+                        purchase_basis=basis)
+
+
+def refit_basis(configured: str, champion: ChampionInfo | None) -> str:
+    """The basis of a nightly refit: the configured one, or under ``auto`` the champion's (which the
+    last backtest chose); gross before any backtest."""
+    if configured != "auto":
+        return configured
+    return champion.purchase_basis if champion is not None else "gross"
 
 
 # --------------------------------------------------------------------------------------------
@@ -271,12 +284,14 @@ def _score(ctx: _Context) -> tuple[str, dict]:
     if reason is not None:
         started = time.perf_counter()
         features_df = ctx.storage.read("customer_features").where(F.col("as_of_date") == F.lit(ctx.as_of_date))
+        basis = refit_basis(models.purchase_basis, champion)
         fitted = fit_btyd_bundles(features_df, models.purchase_models[:1], ctx.config.features.time_unit,
-                                  ctx.config.features.horizon_months, models.penalizer_coef)
+                                  ctx.config.features.horizon_months, models.penalizer_coef, purchase_basis=basis)
         name, bundle = next(iter(fitted.bundles.items()))
         _, version = tracking.log_bundle(
             bundle, run_name=f"nightly-fit-{name}-{ctx.as_of_date}",
             params={"purchase_model": name, "value_model": "btyd", "as_of": ctx.as_of_date.isoformat(),
+                    "purchase_basis": basis,
                     "time_unit": ctx.config.features.time_unit, "penalizer_coef": models.penalizer_coef,
                     "horizon_months": ctx.config.features.horizon_months,
                     "customer_features_version": ctx.storage.version("customer_features")},

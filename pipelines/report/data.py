@@ -113,14 +113,16 @@ def customer_base(storage, as_of: dt.date) -> DataFrame | Missing:
     if table_available(storage, "customer_scores"):
         scores_df = (storage.read("customer_scores").where(F.col("as_of_date") == F.lit(as_of))
                      .select("customer_id", "p_alive", "predicted_gross_value", "predicted_net_value",
-                             "value_model", "model_version"))
+                             "value_model", "model_version",
+                             # scores written before the basis existed were on gross orders
+                             F.coalesce(F.col("purchase_basis"), F.lit("gross")).alias("purchase_basis")))
         if scores_df.limit(1).count() == 0:   # one partition, pruned: cheap
             ensure_not_pruned(storage, "customer_features", as_of)   # the first to recompute, if pruned too
             ensure_not_pruned(storage, "customer_scores", as_of)
         return features_df.join(scores_df, on="customer_id", how="left")
     return features_df.select("*", *(F.lit(None).cast(t).alias(c) for c, t in (
         ("p_alive", "double"), ("predicted_gross_value", "double"), ("predicted_net_value", "double"),
-        ("value_model", "string"), ("model_version", "string"))))
+        ("value_model", "string"), ("model_version", "string"), ("purchase_basis", "string"))))
 
 
 HIST_COLUMNS = {"gap": "gap_mean_days", "aov": "avg_order_value", "value": "predicted_net_value"}
@@ -193,7 +195,8 @@ def base_groups(base_df: DataFrame, as_of: dt.date, caps: dict[str, float], deci
         emit("channel", is_new, F.coalesce(F.col("acquisition_channel"), F.lit(UNKNOWN)), F.col("predicted_net_value")),
         emit("category", is_new, F.coalesce(F.col("first_category"), F.lit(UNKNOWN)), F.col("predicted_net_value")),
         emit("f2", cohort_complete, F.date_format(F.trunc("first_order_date", "month"), "yyyy-MM-dd"), converted),
-        emit("model", F.col("value_model").isNotNull(), F.concat_ws("|", "value_model", "model_version"),
+        emit("model", F.col("value_model").isNotNull(),
+             F.concat_ws("|", "value_model", "model_version", "purchase_basis"),
              F.col("predicted_net_value")),
     ]
     if decile_cuts:
@@ -330,9 +333,11 @@ def collect_diagnostic(storage, as_of: dt.date) -> DiagnosticData:
 
     def models():
         part = _dim(groups, "model").rename(columns={"n": "customers"})
-        split = part["key"].str.split("|", n=1, expand=True)
+        split = part["key"].str.split("|", n=2, expand=True)
         part["value_model"], part["model_version"] = split[0], split[1]
-        return part.sort_values("customers", ascending=False)[["value_model", "model_version", "customers"]]
+        part["purchase_basis"] = split[2] if 2 in split.columns else "gross"
+        return part.sort_values("customers", ascending=False)[["value_model", "model_version", "purchase_basis",
+                                                               "customers"]]
 
     decile_df = from_groups(deciles, needs_scores=True)
     if isinstance(kpis, Missing):

@@ -466,6 +466,13 @@ def method_section(data: DiagnosticData, c: Context) -> list:
                                 tuple((c.coded("reason", str(r["reason"])), c.f.number(r["rows"]))
                                       for _, r in q["reasons"].iterrows()),
                                 title=c.m("met.quarantine"), numeric=(False, True)))
+    champ = data.champion
+    if not isinstance(champ, Missing) and not champ.empty and "purchase_basis" in champ.columns:
+        by_basis = champ.groupby("purchase_basis")["customers"].sum()
+        scored_basis = "net" if by_basis.get("net", 0) + by_basis.get("net_rule", 0) > by_basis.get("gross", 0) \
+            else "gross"
+        blocks.append(Paragraph(c.m(f"met.basis.{scored_basis}",
+                                    by_rule=c.f.number(int(by_basis.get("net_rule", 0))))))
     blocks += [Heading(c.m("met.defs"), 2),
                Bullets(tuple(c.m(k) for k in ("def.ltv", "def.p_alive", "def.repeat", "def.f2", "def.active",
                                               "def.revenue", "def.cancel", "def.segment", "def.channel")))]

@@ -31,8 +31,10 @@ def synthetic(spark, tmp_path_factory):
     warehouse = root / "warehouse"
     summary = generate(spark, n_customers=N_CUSTOMERS, seed=20261123, end_date=END, out_dir=str(root / "export"),
                        fmt="parquet", params=GeneratorParams(history_days=1096))
+    # gross basis: five models per run (the auto basis doubles the BTYD fits; it is exercised below
+    # on one model, untracked, and in test_purchase_basis.py)
     overrides = [f"storage.warehouse={warehouse}", "source.format=parquet", "spark.shuffle_partitions=2",
-                 "storage.backend=deltalake"]
+                 "storage.backend=deltalake", "models.purchase_basis=gross"]
     config = load_config(CONF, overrides)
     storage = Storage(spark, str(warehouse), backend="deltalake")
     run_ingest(spark, storage, config.source, config.validation, config.business.timezone, END,
@@ -148,16 +150,22 @@ def test_backtest_registers_a_champion_and_a_second_run_adds_rows_and_versions(s
     pd.testing.assert_series_equal(by_run[first["backtest_run_id"]], by_run[second["backtest_run_id"]],
                                    check_names=False, rtol=1e-9)
 
+    assert set(rows["purchase_basis"]) == {"gross"} and second["champion_purchase_basis"] == "gross"
+
     # re-running the SAME run id replaces its rows instead of adding them
-    # (one model, untracked, to keep the test short: the merge keys are what is tested)
+    # (one model, untracked, to keep the test short: the merge keys are what is tested), here on
+    # both purchase bases (auto): bgnbd replaces its row, bgnbd_net adds one
     one_model = load_config(CONF, [*overrides, "models.purchase_models=[bgnbd]", "models.compare_cohort=false",
-                                   "models.compare_naive=false"])
+                                   "models.compare_naive=false", "models.purchase_basis=auto"])
     again = run_backtest(storage, END, one_model, n_origins=1, backtest_run_id=second["backtest_run_id"],
                          track=False)
     assert again["backtest_run_id"] == second["backtest_run_id"]
+    assert set(again["basis_comparison"]) == {"gross", "net"}
+    assert again["champion_purchase_basis"] == ("net" if again["champion"] == "bgnbd_net" else "gross")
     rows = storage.read("model_backtest").toPandas()
-    assert len(rows) == 10 and not rows.duplicated(["backtest_run_id", "origin_date", "model"]).any()
-    assert len(storage.read("model_backtest_deciles").toPandas()) == 100
+    assert len(rows) == 11 and not rows.duplicated(["backtest_run_id", "origin_date", "model"]).any()
+    assert len(storage.read("model_backtest_deciles").toPandas()) == 110
     replaced = rows[(rows["backtest_run_id"] == second["backtest_run_id"]) & (rows["model"] == "bgnbd")]
     assert replaced["mlflow_run_id"].isna().all()       # the untracked re-run's row replaced the tracked one
+    assert rows.set_index("model").loc["bgnbd_net", "purchase_basis"] == "net"
     assert math.isfinite(rows["mae"].sum())

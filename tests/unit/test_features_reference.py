@@ -146,6 +146,17 @@ def reference_features(orders: pd.DataFrame, as_of: dt.date, time_unit: str = "d
             "is_repeat": len(days) >= 2,
             "days_to_second_purchase": (days[1] - days[0]).days if len(days) >= 2 else None,
         }
+        # net basis: the same statistics on completed orders with their net amounts
+        net_days = sorted(set(completed["order_date"]))
+        net_by_day = {day: completed.loc[completed["order_date"] == day, "net_amount"].sum() for day in net_days}
+        row.update({
+            "net_first_order_date": net_days[0] if net_days else None,
+            "net_frequency": float(len(net_days) - 1) if net_days else None,
+            "net_recency": (net_days[-1] - net_days[0]).days / unit if net_days else None,
+            "net_T": (as_of - net_days[0]).days / unit if net_days else None,
+            "net_monetary_value": (float(np.mean([net_by_day[d] for d in net_days[1:]])) if len(net_days) > 1
+                                   else 0.0) if net_days else None,
+        })
         for m, bound in bounds.items():
             window = g[g["order_date"] > bound]
             row[f"orders_{m}m"] = len(window)
@@ -220,6 +231,8 @@ def test_every_feature_matches_the_pandas_reference(sample, sample_orders_df):
     assert by_id.loc["e_ts_tie", "acquisition_channel"] == min(
         sample[sample.customer_id == "e_ts_tie"].itertuples(), key=lambda r: r.order_id).channel
     assert pd.isna(by_id.loc["e_zero_gross", "cancel_rate_amount"])
+    assert pd.isna(by_id.loc["e_all_cancelled", "net_frequency"])
+    assert (expected["net_frequency"] < expected["frequency"]).sum() > 10     # cancelled purchase days
 
 
 def test_weeks_divide_the_day_counts_by_seven(sample, sample_orders_df):

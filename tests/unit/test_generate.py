@@ -288,3 +288,60 @@ def test_example_conf_maps_every_export_column():
     assert source.source_timezone == "Asia/Tokyo"
     assert source.cancellation.style == "status" and source.cancellation.cancelled_values == ("cancelled",)
     assert source.allowed_currencies == ("JPY",)
+
+
+# ---- cancellation patterns (numpy only: one block, no Spark) --------------------------------
+
+@pytest.fixture(scope="module")
+def patterns():
+    from pipelines.generate import simulate_block
+
+    return {name: simulate_block(0, 4000, 21, GeneratorParams(cancellations=name), dirty_share=0.0)
+            for name in ("independent", "retry", "stray", "mixed")}
+
+
+def test_added_cancellations_leave_the_completed_bg_nbd_orders_unchanged(patterns):
+    completed = {name: rows.loc[~rows["is_cancelled"], ["cust", "day", "sec", "amount"]].reset_index(drop=True)
+                 for name, rows in patterns.items() if name != "independent"}
+    pd.testing.assert_frame_equal(completed["retry"], completed["stray"])
+    pd.testing.assert_frame_equal(completed["retry"], completed["mixed"])
+    # Same process as the default, whose orders are all BG/NBD transactions (cancelled ones too).
+    assert len(completed["retry"]) == len(patterns["independent"])
+
+
+@pytest.mark.parametrize("name", ["retry", "stray", "mixed"])
+def test_about_the_mean_propensity_of_orders_is_cancelled(patterns, name):
+    rows = patterns[name]
+    share = rows["is_cancelled"].mean()
+    per_customer = rows.groupby("cust")["is_cancelled"].agg(["sum", "size"])
+    _, se = _clustered_ratio_se(per_customer["sum"], per_customer["size"])
+    assert abs(share - PARAMS.mean_cancel_propensity) < 4 * se + 0.005, share
+
+
+def _next_completed(rows):
+    """For each cancelled order: days to the same customer's next completed order of the same amount."""
+    cancelled = rows[rows["is_cancelled"]]
+    completed = rows[~rows["is_cancelled"]]
+    pairs = cancelled.merge(completed, on=["cust", "amount"], suffixes=("", "_completed"))
+    gap = pairs["day_completed"] - pairs["day"]
+    return pairs.assign(gap=gap)[gap.between(1, 2)].drop_duplicates("order_no")
+
+
+def test_a_retry_precedes_a_completed_order_by_one_or_two_days_and_strays_come_after_dropout(patterns):
+    retry, stray, mixed = patterns["retry"], patterns["stray"], patterns["mixed"]
+    assert len(_next_completed(retry)) == int(retry["is_cancelled"].sum())
+    # Strays are spread up to the window's end: many come after the customer's last completed order.
+    last_completed = stray[~stray["is_cancelled"]].groupby("cust")["day"].max()
+    strays = stray[stray["is_cancelled"]]
+    after_last = (strays["day"].to_numpy() > last_completed.reindex(strays["cust"]).to_numpy()).mean()
+    assert after_last > 0.2, after_last
+    last_retry_completed = retry[~retry["is_cancelled"]].groupby("cust")["day"].max()
+    retries = retry[retry["is_cancelled"]]
+    assert (retries["day"].to_numpy() < last_retry_completed.reindex(retries["cust"]).to_numpy()).all()
+    retry_share = len(_next_completed(mixed)) / mixed["is_cancelled"].sum()
+    assert 0.4 < retry_share < 0.65, retry_share     # half retries (+ strays that happen to look like one: rare)
+
+
+def test_an_unknown_cancellation_pattern_is_rejected():
+    with pytest.raises(GeneratorError, match="cancellations"):
+        GeneratorParams(cancellations="sometimes")

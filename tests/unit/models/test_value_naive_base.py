@@ -121,3 +121,53 @@ def test_only_the_implementation_modules_import_lifetimes():
     importers = {p.name for p in root.glob("*.py") if "lifetimes" in imported(p)}
     assert importers == {"_lifetimes_compat.py"}
     assert not any("pyspark" in imported(p) for p in root.glob("*.py"))
+
+
+# ---- purchase basis --------------------------------------------------------------------------------
+def _bundles():
+    from models.bundle import ScoringBundle
+
+    purchase = from_params("bgnbd", {"r": 0.243, "alpha": 4.414, "a": 0.793, "b": 2.426}, time_unit="weeks")
+    spend = from_params("gamma_gamma", {"p": 6.0, "q": 4.0, "v": 15.0})
+    cancel = from_params("cancellation", {"alpha": 1.0, "beta": 9.0})
+    return {basis: ScoringBundle(purchase=purchase, spend=spend, cancellation=cancel, time_unit="weeks",
+                                 purchase_basis=basis) for basis in ("gross", "net")}
+
+
+def test_the_net_basis_reads_completed_orders_and_places_only_cancelled_customers_by_rule(tmp_path):
+    import pandas as pd
+
+    from models.bundle import ScoringBundle
+
+    features = pd.DataFrame({
+        "customer_id": ["A", "B"], "frequency": [3.0, 1.0], "recency": [20.0, 5.0], "T": [30.0, 30.0],
+        "monetary_value": [12.0, 10.0], "n_orders": [5.0, 2.0], "n_cancelled": [1.0, 2.0], "net_6m": [0.0, 0.0],
+        "acquisition_channel": ["web", None],
+        # A: one cancelled purchase day fewer on the net basis; B only cancelled
+        "net_frequency": [2.0, np.nan], "net_recency": [20.0, np.nan], "net_T": [30.0, np.nan],
+        "net_monetary_value": [11.0, np.nan]})
+    bundles = _bundles()
+    gross, net = (bundles[b].predict(features) for b in ("gross", "net"))
+    purchase, spend = bundles["net"].purchase, bundles["net"].spend
+    want = purchase.expected_purchases(26.09, [2.0], [20.0], [30.0]) * spend.expected_order_value([2.0], [11.0])
+    assert net.loc[0, "predicted_net_value"] == pytest.approx(want[0], rel=1e-3)   # no cancellation factor
+    assert net.loc[0, "predicted_net_value"] != pytest.approx(gross.loc[0, "predicted_net_value"], rel=1e-3)
+    assert net["purchase_basis"].tolist() == ["net", "net_rule"] and set(gross["purchase_basis"]) == {"gross"}
+    assert net.loc[1, ["p_alive", "expected_purchases", "predicted_net_value"]].tolist() == [0.0, 0.0, 0.0]
+    assert gross.loc[1, "predicted_net_value"] > 0
+    with pytest.raises(ValueError, match="features --as-of D --full"):
+        bundles["net"].predict(features.drop(columns=["net_T"]))
+    loaded = ScoringBundle.load(bundles["net"].save(tmp_path / "b"))
+    assert loaded.purchase_basis == "net"
+    pd.testing.assert_frame_equal(loaded.predict(features), net)
+
+
+def test_the_basis_comparison_names_each_basis_best_btyd_model():
+    import pandas as pd
+
+    from pipelines.backtest import compare_bases
+
+    bundles = {"bgnbd": _bundles()["gross"], "bgnbd_net": _bundles()["net"]}
+    means = pd.Series({"bgnbd": 0.61, "bgnbd_net": 0.58, "naive": 0.9})
+    assert compare_bases(means, bundles, "spearman") == {"gross": {"model": "bgnbd", "value": 0.61},
+                                                          "net": {"model": "bgnbd_net", "value": 0.58}}

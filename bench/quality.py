@@ -1,0 +1,213 @@
+"""Quality benchmark: the engine's champion vs a plain lifetimes fit, same data, same holdout.
+
+    python bench/quality.py [--customers 200000] [--patterns retry,stray,mixed] [--no-cdnow] [--json OUT]
+
+For each data set, in one run:
+
+* **generated data**, one per cancellation pattern (``cvseg generate --cancellations``): orders of
+  ``--customers`` customers over five years ending 2026-09-30 written straight into ``orders``
+  (``bench/_orders_direct.py``: the rows ingest accepts from a clean export);
+* **CDNOW** (lifetimes' sample, 2,357 customers, ingested through ``conf/examples/cdnow.yaml``),
+  ending 1998-06-30, in weeks.
+
+The holdout is the last six months (cutoff = end - 6 months). Both sides see orders up to the cutoff
+only and are scored on every customer with an order on or before it, against their realised net
+revenue in the holdout (``calibration_holdout.holdout_net``):
+
+* **engine champion**: chosen as the nightly run would, by a backtest (``models.champion_metric``,
+  ``models.purchase_basis=auto``: every purchase model on both bases, the cohort method, the naive
+  baseline) one horizon *earlier* (origin = cutoff), so the choice never sees the evaluation window;
+  then that model and basis is fitted at the cutoff and predicts the holdout. (CDNOW is too short for
+  the cohort cells one horizon before that earlier cutoff: ``compare_cohort`` is off there.)
+* **plain lifetimes**: ``summary_data_from_transaction_data`` of the completed orders (net amounts,
+  ``freq="D"``), ``BetaGeoFitter`` + ``GammaGammaFitter``, ``customer_lifetime_value(time=6,
+  discount_rate=0)`` (undiscounted, like the engine's value); customers without a completed order
+  before the cutoff get 0.
+
+Both are measured by the same reference code (:mod:`models.metrics`): Spearman, top-10% / top-20%
+capture, MAE and total error. For context the engine's BG/NBD on each basis is shown too. The
+per-customer predictions come to the driver: this is a benchmark, not pipeline code.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _measure import use_engine_imports  # noqa: E402
+from _orders_direct import write_orders_direct  # noqa: E402
+
+use_engine_imports()
+
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+from pyspark.sql import functions as F  # noqa: E402
+
+from core.config import load_config  # noqa: E402
+from core.spark import build_spark  # noqa: E402
+from core.storage import Storage  # noqa: E402
+from models import metrics as M  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+GENERATED_END = dt.date(2026, 9, 30)
+CDNOW_END = dt.date(1998, 6, 30)
+HORIZON_MONTHS = 6
+
+
+def quality(predicted: np.ndarray, actual: np.ndarray) -> dict[str, float]:
+    return {"spearman": M.spearman(predicted, actual), "top10_capture": M.top_share_capture(predicted, actual, 0.1),
+            "top20_capture": M.top_share_capture(predicted, actual, 0.2), "mae": M.mae(predicted, actual),
+            "total_error_pct": M.total_error_pct(predicted, actual)}
+
+
+def engine_predictions(storage: Storage, config, end: dt.date) -> tuple[str, dict[str, pd.Series], pd.Series, dict]:
+    """(champion, predictions by model name, actual holdout net, backtest summary of the choice)."""
+    from pipelines.backtest import ensure_calibration, fit_origin_models, predict_all, run_backtest
+    from pipelines.features import add_months
+
+    cutoff = add_months(end, -HORIZON_MONTHS)
+    choice = run_backtest(storage, cutoff, config, n_origins=1, track=False)   # one horizon earlier
+    champion = choice["champion"]
+    holdout_df, _ = ensure_calibration(storage, cutoff, config)
+    cohort_df = None
+    if champion == "cohort":
+        cohort_df, _ = ensure_calibration(storage, add_months(cutoff, -HORIZON_MONTHS), config)
+    only_btyd = config.model_copy(update={"models": config.models.model_copy(update={
+        "compare_cohort": champion == "cohort", "compare_naive": champion == "naive"})})
+    bundles = fit_origin_models(holdout_df, cohort_df, only_btyd).bundles
+    shown = {name: bundles[name] for name in dict.fromkeys([champion, "bgnbd", "bgnbd_net"]) if name in bundles}
+    rows = predict_all(holdout_df, shown).toPandas()
+    wide = rows.pivot(index="customer_id", columns="model", values="predicted")
+    actual = rows.drop_duplicates("customer_id").set_index("customer_id")["actual"].reindex(wide.index)
+    return champion, {name: wide[name] for name in shown}, actual, choice
+
+
+def lifetimes_predictions(storage: Storage, cutoff: dt.date, customers: pd.Index) -> pd.Series:
+    """The plain lifetimes path on completed orders up to the cutoff (customers without one: 0)."""
+    from lifetimes import BetaGeoFitter, GammaGammaFitter
+    from lifetimes.utils import summary_data_from_transaction_data
+
+    completed = (storage.read("orders").where(~F.col("is_cancelled") & (F.col("order_date") <= F.lit(cutoff)))
+                 .select("customer_id", "order_date", "net_amount").toPandas())
+    completed["order_date"] = pd.to_datetime(completed["order_date"])
+    summary = summary_data_from_transaction_data(completed, "customer_id", "order_date", monetary_value_col="net_amount",
+                                                 observation_period_end=pd.Timestamp(cutoff), freq="D")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        bgf = BetaGeoFitter(penalizer_coef=0.0).fit(summary["frequency"], summary["recency"], summary["T"])
+        repeat = summary[(summary["frequency"] > 0) & (summary["monetary_value"] > 0)]
+        ggf = GammaGammaFitter(penalizer_coef=0.0).fit(repeat["frequency"], repeat["monetary_value"])
+        clv = ggf.customer_lifetime_value(bgf, summary["frequency"], summary["recency"], summary["T"],
+                                          summary["monetary_value"], time=HORIZON_MONTHS, discount_rate=0.0,
+                                          freq="D")
+    return clv.reindex(customers).fillna(0.0)
+
+
+def compare(name: str, storage: Storage, config, end: dt.date) -> list[dict]:
+    from pipelines.features import add_months
+
+    started = time.perf_counter()
+    champion, engine, actual, choice = engine_predictions(storage, config, end)
+    plain = lifetimes_predictions(storage, add_months(end, -HORIZON_MONTHS), actual.index)
+    y = actual.to_numpy(float)
+    rows = []
+    for model, predicted in engine.items():
+        role = "engine champion" if model == champion else "engine (context)"
+        rows.append({"data": name, "method": f"{role}: {model}", **quality(predicted.to_numpy(float), y)})
+    rows.append({"data": name, "method": "plain lifetimes (completed orders)", **quality(plain.to_numpy(float), y)})
+    for row in rows:
+        row.update(customers=len(y), champion_basis=choice["champion_purchase_basis"],
+                   basis_comparison=json.dumps(choice["basis_comparison"]), seconds=round(time.perf_counter() - started))
+    return rows
+
+
+def generated_storage(spark, root: Path, pattern: str, customers: int, seed: int):
+    from pipelines.generate import GeneratorParams
+
+    warehouse = root / f"wh-{pattern}"
+    config = load_config(ROOT / "conf" / "examples" / "synthetic.yaml",
+                         [f"storage.warehouse={warehouse}", "storage.backend=deltalake"])
+    storage = Storage(spark, str(warehouse), "deltalake")
+    write_orders_direct(spark, storage, customers, seed, GENERATED_END, config.business.timezone,
+                        params=GeneratorParams(cancellations=pattern))
+    return storage, config
+
+
+def cdnow_storage(spark, root: Path):
+    import lifetimes
+
+    from pipelines.ingest import run_ingest
+
+    path = Path(lifetimes.__file__).parent / "datasets" / "CDNOW_sample.txt"
+    warehouse = root / "wh-cdnow"
+    config = load_config(ROOT / "conf" / "examples" / "cdnow.yaml",
+                         [f"storage.warehouse={warehouse}", f"source.path={path}", "storage.backend=deltalake",
+                          "models.compare_cohort=false"])
+    storage = Storage(spark, str(warehouse), "deltalake")
+    run_ingest(spark, storage, config.source, config.validation, config.business.timezone, CDNOW_END, path=str(path))
+    return storage, config
+
+
+def print_table(rows: list[dict]) -> None:
+    header = ("data", "method", "spearman", "top10", "top20", "MAE", "total err %")
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for r in rows:
+        print(f"| {r['data']} | {r['method']} | {r['spearman']:.3f} | {r['top10_capture']:.1%} | "
+              f"{r['top20_capture']:.1%} | {r['mae']:,.1f} | {r['total_error_pct']:+.1f} |")
+
+
+def acceptance(rows: list[dict]) -> list[str]:
+    """Data sets where the champion's Spearman or top-20% capture is below the plain fit's."""
+    failures = []
+    for data in dict.fromkeys(r["data"] for r in rows):
+        champ = next(r for r in rows if r["data"] == data and r["method"].startswith("engine champion"))
+        plain = next(r for r in rows if r["data"] == data and r["method"].startswith("plain lifetimes"))
+        for metric in ("spearman", "top20_capture"):
+            if champ[metric] < plain[metric]:
+                failures.append(f"{data}: {metric} {champ[metric]:.4f} < plain {plain[metric]:.4f}")
+    return failures
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--customers", type=int, default=200_000)
+    parser.add_argument("--seed", type=int, default=20261203)
+    parser.add_argument("--patterns", default="retry,stray,mixed",
+                        help="comma-separated cancellation patterns (independent, retry, stray, mixed)")
+    parser.add_argument("--no-cdnow", action="store_true")
+    parser.add_argument("--json", help="write the rows as JSON here")
+    args = parser.parse_args()
+
+    rows: list[dict] = []
+    with tempfile.TemporaryDirectory(prefix="cvseg-quality-") as tmp:
+        root = Path(tmp)
+        config = load_config(None, [f"storage.warehouse={root}/wh"])
+        spark = build_spark(config.spark, f"{root}/wh")
+        for pattern in [p for p in args.patterns.split(",") if p]:
+            storage, pattern_config = generated_storage(spark, root, pattern, args.customers, args.seed)
+            rows += compare(f"generated {pattern} ({args.customers:,})", storage, pattern_config, GENERATED_END)
+            print(f"... {pattern} done ({rows[-1]['seconds']} s)", flush=True)
+        if not args.no_cdnow:
+            storage, cdnow_config = cdnow_storage(spark, root)
+            rows += compare("CDNOW (2,357)", storage, cdnow_config, CDNOW_END)
+    print_table(rows)
+    for data in dict.fromkeys(r["data"] for r in rows):
+        first = next(r for r in rows if r["data"] == data)
+        print(f"{data}: champion basis {first['champion_basis']}; best BTYD per basis at the earlier origin "
+              f"{first['basis_comparison']}")
+    failures = acceptance(rows)
+    print("acceptance (champion >= plain lifetimes on spearman and top-20% capture): "
+          + ("met on every data set" if not failures else "NOT met: " + "; ".join(failures)))
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2, default=str), encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main()
