@@ -59,3 +59,15 @@ def rng():
     import numpy as np
 
     return np.random.default_rng(20261123)
+
+
+@pytest.fixture(scope="session")
+def moto_endpoint():
+    """An S3 API (moto's server) on 127.0.0.1 and a free port, for the S3 tests (one per worker)."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()

@@ -17,19 +17,8 @@ D = dt.date(2026, 9, 30)
 HEADER = "customer_id,segment,generation_id,predicted_value_6m,p_alive"
 
 
-@pytest.fixture(scope="module")
-def s3_endpoint():
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
-
-
 @pytest.fixture()
-def s3(s3_endpoint, monkeypatch):
+def s3(moto_endpoint, monkeypatch):
     """A fresh bucket; credentials only through boto3's standard chain (here: the environment)."""
     import uuid
 
@@ -38,7 +27,7 @@ def s3(s3_endpoint, monkeypatch):
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    client = boto3.client("s3", endpoint_url=s3_endpoint)
+    client = boto3.client("s3", endpoint_url=moto_endpoint)
     bucket = f"crm-{uuid.uuid4().hex[:10]}"
     client.create_bucket(Bucket=bucket)
     return client, bucket
@@ -64,11 +53,11 @@ def _expected_without_segment(n: int) -> int:
     return len(range(0, n, 7))
 
 
-def test_s3_export_uploads_manifest_matches_and_reexport_replaces(spark, s3, s3_endpoint):
+def test_s3_export_uploads_manifest_matches_and_reexport_replaces(spark, s3, moto_endpoint):
     client, bucket = s3
     n = 2_002
     long = " " + "x" * 3300   # long segment names: ~6.6 MB, above the 5 MiB chunk, so upload and copy are multipart
-    conf = ExportConf(s3_endpoint_url=s3_endpoint, multipart_chunk_mb=5)
+    conf = ExportConf(moto_endpoint_url=moto_endpoint, multipart_chunk_mb=5)
     dest = parse_destination(f"s3://{bucket}/crm/daily/")
     scores, segments = _frames(spark, n, segment_suffix=long)
     first = publish_export(export_rows(scores, segments, D), D, conf, dest)
@@ -105,9 +94,9 @@ def test_s3_export_uploads_manifest_matches_and_reexport_replaces(spark, s3, s3_
     assert body2.split(b"\n")[2] == b"C00000000,,,1.00,0.000000"
 
 
-def test_s3_upload_error_names_bucket_and_credentials(spark, s3, s3_endpoint):
+def test_s3_upload_error_names_bucket_and_credentials(spark, s3, moto_endpoint):
     scores, segments = _frames(spark, 10)
-    conf = ExportConf(s3_endpoint_url=s3_endpoint)
+    conf = ExportConf(moto_endpoint_url=moto_endpoint)
     with pytest.raises(ExportError, match="no-such-bucket.*credentials"):
         publish_export(export_rows(scores, segments, D), D, conf, parse_destination("s3://no-such-bucket/x/"))
 

@@ -92,30 +92,19 @@ def test_scheme_decides_the_store():
     assert needs_spark("dbfs:/cvseg/warehouse") and needs_spark("abfss://c@acct.dfs.core.windows.net/w")
 
 
-@pytest.fixture(scope="module")
-def s3_endpoint():
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
-
-
-def test_on_s3_the_conditional_put_gives_one_winner_and_release_deletes(s3_endpoint, monkeypatch):
+def test_on_s3_the_conditional_put_gives_one_winner_and_release_deletes(moto_endpoint, monkeypatch):
     import boto3
 
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    client = boto3.client("s3", endpoint_url=s3_endpoint)
+    client = boto3.client("s3", endpoint_url=moto_endpoint)
     client.create_bucket(Bucket="crm-lock")
     warehouse = "s3a://crm-lock/cvseg/warehouse"
     barrier, outcomes, locks = threading.Barrier(4), [], []
 
     def contend() -> None:
-        lock = RunLock(warehouse, "run", s3_conf=S3Conf(endpoint_url=s3_endpoint, path_style_access=True),
+        lock = RunLock(warehouse, "run", s3_conf=S3Conf(endpoint_url=moto_endpoint, path_style_access=True),
                        heartbeat_seconds=0.05)
         barrier.wait()
         try:
