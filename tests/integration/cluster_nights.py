@@ -165,8 +165,10 @@ def probe_python_workers(spark) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+    bench = str(Path(__file__).resolve().parents[2] / "bench")
+    sys.path.insert(0, bench)
     from _eventlog import app_log, event_log_settings, figures_by_group
+    sys.path.remove(bench)   # bench/models.py must not shadow the engine's models package
 
     from core.config import SparkConf
     from core.spark import build_spark
