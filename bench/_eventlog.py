@@ -61,10 +61,18 @@ class StepFigures:
 
 
 def read_events(path: Path):
+    """The events of a log; a running application's log (``.inprogress``) may end in a line being
+    written, which is left out."""
     with open(path, encoding="utf-8") as f:
         for line in f:
-            if line.strip():
+            if not line.strip():
+                continue
+            try:
                 yield json.loads(line)
+            except json.JSONDecodeError:
+                if path.name.endswith(".inprogress"):
+                    return
+                raise
 
 
 def figures_by_group(path: Path, prefix: str = "cvseg:",

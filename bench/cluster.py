@@ -104,7 +104,7 @@ def run_one(args: argparse.Namespace) -> None:
 
 
 def totals(steps: dict[str, dict]) -> dict[str, float]:
-    keys = ("task_s", "shuffle_read_bytes", "shuffle_write_bytes", "memory_spill_bytes", "disk_spill_bytes", "tasks")
+    keys = ("task_s", "cpu_s", "shuffle_read_bytes", "shuffle_write_bytes", "memory_spill_bytes", "disk_spill_bytes", "tasks")
     return {k: sum(v.get(k, 0) or 0 for v in steps.values()) for k in keys}
 
 
@@ -112,7 +112,7 @@ def print_tables(results: dict[str, dict], customers: int) -> None:
     names = list(results)
     order = ["ingest", "features", "score", "segments", "trends", "export", "maintain", "other"]
     for label, *_ in NIGHTS:
-        print(f"\n{label}: wall s / task s / shuffle read MiB / shuffle write MiB / spill mem+disk MiB")
+        print(f"\n{label}: wall s / task s / CPU s / shuffle read MiB / shuffle write MiB / spill mem+disk MiB")
         print("| step | " + " | ".join(names) + " |")
         print("| --- |" + " --- |" * len(names))
         for step in order + ["night"]:
@@ -126,7 +126,7 @@ def print_tables(results: dict[str, dict], customers: int) -> None:
                     cells.append("-")
                     continue
                 fig = fig or {}
-                cells.append(f"{wall if wall is not None else '-'} / {fig.get('task_s', 0):.1f} / "
+                cells.append(f"{wall if wall is not None else '-'} / {fig.get('task_s', 0):.1f} / {fig.get('cpu_s', 0):.1f} / "
                              f"{fig.get('shuffle_read_bytes', 0) / MIB:.0f} / {fig.get('shuffle_write_bytes', 0) / MIB:.0f} / "
                              f"{(fig.get('memory_spill_bytes', 0) + fig.get('disk_spill_bytes', 0)) / MIB:.0f}")
             if any(c != "-" for c in cells):

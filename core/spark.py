@@ -20,7 +20,7 @@ JIT_OPTIONS = "-XX:-DontCompileHugeMethods"
 log = logging.getLogger(__name__)
 
 #: Spark's JVM log configuration for local sessions: errors only (a URI: the path may hold spaces).
-LOG4J2 = Path(__file__).with_name("log4j2.properties").as_uri()
+LOG4J2 = Path(__file__).resolve().with_name("log4j2.properties").as_uri()
 
 
 class JavaMissingError(RuntimeError):

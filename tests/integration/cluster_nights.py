@@ -12,6 +12,7 @@ import argparse
 import datetime as dt
 import json
 import os
+import shutil
 import signal
 import sys
 import threading
@@ -36,10 +37,10 @@ def split_export(spark, export_orders: str, out: Path) -> dict[str, str]:
     return {"history": str(out / "history"), "day": str(out / "day")}
 
 
-def nights_config(root: Path):
+def nights_config(root: Path, source: Path):
     from core.config import load_config
 
-    return load_config(CONF, [f"storage.warehouse={root / 'warehouse'}", f"source.path={root / 'source'}",
+    return load_config(CONF, [f"storage.warehouse={root / 'warehouse'}", f"source.path={source}",
                               "source.format=parquet", f"export.dest={root / 'exports'}", "spark.master=null",
                               "models.purchase_models=[bgnbd]", "storage.backend=delta-spark",
                               f"validation.future_cutoff={D}"])
@@ -51,7 +52,8 @@ def order_key_duplicates(storage) -> int:
     return (storage.read("orders").groupBy("order_id").count().where(F.col("count") > 1).count())
 
 
-def run_nights(spark, root: Path, parts: dict[str, str], hooks: dict | None = None, progress=print) -> list[dict]:
+def run_nights(spark, root: Path, parts: dict[str, str], hooks: dict | None = None, progress=print,
+               source: Path | None = None) -> list[dict]:
     """Both nights into ``root`` (``hooks``: as-of date -> step hook of that night); per night:
     fingerprints, Delta versions, duplicate order ids and, when a step failed and the night had to
     be re-run, the failure's message."""
@@ -59,10 +61,13 @@ def run_nights(spark, root: Path, parts: dict[str, str], hooks: dict | None = No
     from pipelines.nightly import PipelineStepError, run_nightly, table_versions
     from tests.integration.test_nightly_run import fingerprints
 
-    config = nights_config(root)
+    # The same source folder for every run compared (orders.source_file etc. hold the path): it is
+    # emptied and filled again with hard links, so paths, sizes and mtimes are the same each time.
+    source = source or root / "source"
+    shutil.rmtree(source, ignore_errors=True)
+    source.mkdir(parents=True)
+    config = nights_config(root, source)
     storage = Storage(spark, config.storage.warehouse, backend=config.storage.backend)
-    source = root / "source"
-    source.mkdir(parents=True, exist_ok=True)
     results = []
     for day, part in NIGHTS:
         for f in sorted(Path(parts[part]).glob("*.parquet")):
@@ -165,8 +170,10 @@ def probe_python_workers(spark) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+    bench = str(Path(__file__).resolve().parents[2] / "bench")
+    sys.path.insert(0, bench)
     from _eventlog import app_log, event_log_settings, figures_by_group
+    sys.path.remove(bench)   # bench/models.py must not shadow the engine's models package
 
     from core.config import SparkConf
     from core.spark import build_spark
@@ -176,6 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--root", required=True, type=Path)
     parser.add_argument("--history", required=True)
     parser.add_argument("--day", required=True)
+    parser.add_argument("--source", required=True, type=Path, help="the source folder shared with the local run")
     parser.add_argument("--kill-during", default="", help="steps of night 2 to kill an executor in")
     parser.add_argument("--executor-memory", default="768m")
     args = parser.parse_args(argv)
@@ -189,7 +197,8 @@ def main(argv: list[str] | None = None) -> int:
     probe = probe_python_workers(spark)
     killer = ExecutorKiller(spark, tuple(s for s in args.kill_during.split(",") if s))
     # night 1 clean (equality with local mode), night 2 with the kills
-    results = run_nights(spark, args.root, {"history": args.history, "day": args.day}, hooks={NIGHTS[1][0]: killer})
+    results = run_nights(spark, args.root, {"history": args.history, "day": args.day}, hooks={NIGHTS[1][0]: killer},
+                         source=args.source)
     app_id = spark.sparkContext.applicationId
     spark.stop()
     by_step = figures_by_group(app_log(events_dir, app_id),
