@@ -136,12 +136,14 @@ def s3_nights(spark, moto_endpoint, export_files, tmp_path_factory):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "MLFLOW_"))}
     env.update(PYTHONPATH=str(ROOT), SPARK_LOCAL_IP="127.0.0.1", PYSPARK_PYTHON=sys.executable, TZ="UTC",
                AWS_ACCESS_KEY_ID=KEY_ID, AWS_SECRET_ACCESS_KEY=SECRET, AWS_DEFAULT_REGION="us-east-1")
+    log_path = root / "run.log"     # stdout and stderr as they come (look at it while the test runs)
     try:
-        done = subprocess.run([sys.executable, "-c", DRIVER, proxy.endpoint, str(second), BUCKET, json.dumps(args)],
-                              cwd=root, env=env, capture_output=True, text=True, timeout=1200)
+        with open(log_path, "w", encoding="utf-8") as log_file:
+            subprocess.run([sys.executable, "-c", DRIVER, proxy.endpoint, str(second), BUCKET, json.dumps(args)],
+                           cwd=root, env=env, stdout=log_file, stderr=subprocess.STDOUT, timeout=2400)
     finally:
         proxy.stop()
-    output = done.stdout + done.stderr
+    output = log_path.read_text(encoding="utf-8")
     copy = root / "bucket"
     for page in client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET):
         for obj in page.get("Contents", []):
