@@ -25,7 +25,7 @@ import pytest
 
 from tests.integration.cluster_nights import NIGHTS, run_nights, split_export
 
-pytestmark = [pytest.mark.cluster, pytest.mark.slow]
+pytestmark = [pytest.mark.cloud, pytest.mark.cluster, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "infra" / "local-cluster"

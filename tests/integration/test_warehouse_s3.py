@@ -37,7 +37,7 @@ from pipelines.nightly import run_nightly
 from tests.integration.test_nightly_run import _comparable
 from tests.s3_fault_proxy import FaultProxy
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.cloud, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[2]
 CONF = ROOT / "conf" / "examples" / "synthetic.yaml"
