@@ -57,7 +57,7 @@ def test_s3_export_uploads_manifest_matches_and_reexport_replaces(spark, s3, mot
     client, bucket = s3
     n = 2_002
     long = " " + "x" * 3300   # long segment names: ~6.6 MB, above the 5 MiB chunk, so upload and copy are multipart
-    conf = ExportConf(moto_endpoint_url=moto_endpoint, multipart_chunk_mb=5)
+    conf = ExportConf(s3_endpoint_url=moto_endpoint, multipart_chunk_mb=5)
     dest = parse_destination(f"s3://{bucket}/crm/daily/")
     scores, segments = _frames(spark, n, segment_suffix=long)
     first = publish_export(export_rows(scores, segments, D), D, conf, dest)
@@ -96,7 +96,7 @@ def test_s3_export_uploads_manifest_matches_and_reexport_replaces(spark, s3, mot
 
 def test_s3_upload_error_names_bucket_and_credentials(spark, s3, moto_endpoint):
     scores, segments = _frames(spark, 10)
-    conf = ExportConf(moto_endpoint_url=moto_endpoint)
+    conf = ExportConf(s3_endpoint_url=moto_endpoint)
     with pytest.raises(ExportError, match="no-such-bucket.*credentials"):
         publish_export(export_rows(scores, segments, D), D, conf, parse_destination("s3://no-such-bucket/x/"))
 
