@@ -148,7 +148,7 @@ def test_backtest_registers_a_champion_and_a_second_run_adds_rows_and_versions(s
     # same data, same fits: the metrics of the two runs agree
     by_run = rows.set_index(["backtest_run_id", "model"])["mae"].unstack(0)
     pd.testing.assert_series_equal(by_run[first["backtest_run_id"]], by_run[second["backtest_run_id"]],
-                                   check_names=False, rtol=1e-9)
+                                   check_names=False, rtol=1e-5)   # iterative fits: agree to 5 digits, not the last bits
 
     assert set(rows["purchase_basis"]) == {"gross"} and second["champion_purchase_basis"] == "gross"
 
