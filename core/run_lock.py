@@ -256,9 +256,7 @@ class RunLock:
     def acquire(self) -> None:
         for attempt in range(3):
             if self.store.create(self._body()):
-                self.held = True
-                self._start_heartbeat()
-                return
+                return self._hold()
             raw = self.store.read()
             other = _parse_holder(raw)
             if other is None:
@@ -273,9 +271,7 @@ class RunLock:
             if other.run_id == self.holder.run_id:
                 # our own put went through but its answer was lost (an S3 5xx or timeout, then
                 # the SDK's retry found the object): we hold it
-                self.held = True
-                self._start_heartbeat()
-                return
+                return self._hold()
             reason = self.stale_reason(other)
             if reason is None:
                 raise RunLockHeld(
@@ -286,6 +282,10 @@ class RunLock:
             print(f"warning: taking over the warehouse lock of {other.describe()}: {reason}", flush=True)
             self.store.delete()
         raise RunLockHeld(f"could not take the warehouse lock {self.uri}: other commands keep taking it")
+
+    def _hold(self) -> None:
+        self.held = True
+        self._start_heartbeat()
 
     def _start_heartbeat(self) -> None:
         def beat() -> None:
