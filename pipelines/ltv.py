@@ -64,19 +64,27 @@ def rfm_sufficient_stats(features_df: DataFrame) -> pd.DataFrame:
     Customers first seen on the as-of day (T = 0) carry no information about purchase rates and
     the likelihood is undefined for them, so they are left out of the fit (they are scored).
     """
-    return (features_df.where(F.col("T") > 0).groupBy("frequency", "recency", "T").agg(F.count(F.lit(1)).alias("weight"))
-            .toPandas())
+    return _in_key_order(features_df.where(F.col("T") > 0).groupBy("frequency", "recency", "T")
+                         .agg(F.count(F.lit(1)).alias("weight")).toPandas())
 
 
 def spend_sufficient_stats(features_df: DataFrame) -> pd.DataFrame:
     """Unique (frequency, monetary_value) rows of repeat customers with positive spend."""
-    return (features_df.where((F.col("frequency") > 0) & (F.col("monetary_value") > 0))
-            .groupBy("frequency", "monetary_value").agg(F.count(F.lit(1)).alias("weight")).toPandas())
+    return _in_key_order(features_df.where((F.col("frequency") > 0) & (F.col("monetary_value") > 0))
+                         .groupBy("frequency", "monetary_value").agg(F.count(F.lit(1)).alias("weight")).toPandas())
 
 
 def cancellation_sufficient_stats(features_df: DataFrame) -> pd.DataFrame:
-    return (features_df.groupBy("n_orders", "n_cancelled").agg(F.count(F.lit(1)).alias("weight"))
-            .toPandas())
+    return _in_key_order(features_df.groupBy("n_orders", "n_cancelled").agg(F.count(F.lit(1)).alias("weight"))
+                         .toPandas())
+
+
+def _in_key_order(stats: pd.DataFrame) -> pd.DataFrame:
+    """The rows sorted by their keys. A groupBy's rows reach the driver in whatever order its tasks
+    finished; the fits sum over rows, so another order moves the parameters in the last bits and,
+    through them, every score: a re-run of a date must give the same numbers."""
+    keys = [c for c in stats.columns if c != "weight"]
+    return stats.sort_values(keys, kind="mergesort").reset_index(drop=True)
 
 
 @dataclass

@@ -272,10 +272,6 @@ def run_processes():
             proc.wait(timeout=30)
 
 
-@pytest.mark.xfail(reason="open (issue #14): after the kill during customer_scores' write the resumed run's "
-                          "customer_scores and segments differ from the clean run's (rows equal, content not); "
-                          "the concurrent-run refusal, the kill during orders and the lock take-over hold",
-                   strict=False)
 def test_driver_killed_during_delta_commits_and_a_concurrent_run(spark, clean_run, export_path, tmp_path,
                                                                  run_processes):
     clean_root, _, clean_storage, _ = clean_run
