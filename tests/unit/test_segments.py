@@ -39,8 +39,10 @@ def write_features(storage, as_of: dt.date, rows: list[tuple[str, dt.date, int]]
 
 def write_scores(storage, as_of: dt.date, rows: list[tuple[str, float, float]], horizon_months: int = 6) -> None:
     """customer_scores rows (customer_id, p_alive, predicted_net_value)."""
-    data = [(as_of, cid, float(p), 1.0, 1.0, float(v), 0.0, float(v), "btyd", "test", horizon_months, "gross")
-            for cid, p, v in rows]
+    given = [(as_of, cid, float(p), 1.0, 1.0, float(v), 0.0, float(v), "btyd", "test", horizon_months, "gross")
+             for cid, p, v in rows]
+    # the later, nullable columns (value intervals, ...) stay null
+    data = [row + (None,) * (len(CUSTOMER_SCORES.schema) - len(row)) for row in given]
     df = storage.spark.createDataFrame(data, CUSTOMER_SCORES.schema)
     storage.replace_partitions(CUSTOMER_SCORES.name, df, partitions={"as_of_date": [as_of]})
 
