@@ -31,6 +31,7 @@ from pyspark.sql import types as T
 from core.tables import CUSTOMER_SCORES
 from models import CancellationRateModel, GammaGammaModel, make_model
 from models.bundle import NET_FEATURE_COLUMNS, SCORE_COLUMNS, ScoringBundle
+from models.hybrid import bundle_from_payload
 
 log = logging.getLogger(__name__)
 
@@ -160,7 +161,7 @@ def score_customers(features_df: DataFrame, bundle: ScoringBundle) -> DataFrame:
     shared = spark.sparkContext.broadcast(bundle.to_payload())
 
     def predict_batches(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
-        model = ScoringBundle.from_payload(shared.value)
+        model = bundle_from_payload(shared.value)      # a ScoringBundle or a HybridBundle
         for batch in batches:
             yield model.predict(batch)
 
