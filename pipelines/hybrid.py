@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 import pandas as pd
+from pyspark import StorageLevel
 from pyspark.sql import Column, DataFrame, Window
 from pyspark.sql import functions as F
 
@@ -236,20 +237,43 @@ def holdout_importance(bundle: HybridBundle, holdout_df: DataFrame, conf: Hybrid
     return table
 
 
+def training_frame(storage: Any, train_cutoff: dt.date, config: Any) -> tuple[DataFrame, str]:
+    """The training rows at ``train_cutoff``: the stored ``customer_features`` partition of that date (the
+    nightly run of that day wrote it) with each customer's net value in the next horizon from ``orders``,
+    when it exists in this release's columns and time unit; else ``calibration_holdout`` (reused or built
+    from every order). Returns (rows, where they came from)."""
+    from core.tables import CUSTOMER_FEATURES, ORDERS
+    from pipelines.backtest import _lacks_net_basis, ensure_calibration
+    from pipelines.calibration import holdout_actuals, holdout_end
+
+    horizon = config.features.horizon_months
+    if storage.exists(CUSTOMER_FEATURES.name):
+        features_df = storage.read(CUSTOMER_FEATURES.name, partitions={"as_of_date": [train_cutoff]})
+        stored = features_df.select("time_unit").limit(1).collect()
+        if stored and stored[0]["time_unit"] == config.features.time_unit and not _lacks_net_basis(features_df):
+            actuals_df = holdout_actuals(storage.read(ORDERS.name), train_cutoff, holdout_end(train_cutoff, horizon))
+            return (features_df.join(actuals_df, on="customer_id", how="left")
+                    .fillna(0.0, subset=["holdout_net"]), "customer_features")
+    train_df, _ = ensure_calibration(storage, train_cutoff, config)
+    return train_df, "calibration_holdout"
+
+
 def refit_hybrid(storage: Any, as_of_date: dt.date, scoring_btyd: ScoringBundle, config: Any
                  ) -> tuple[HybridBundle | None, str | None, dict[str, float]]:
-    """The nightly refit of a hybrid champion at D: trees on ``calibration_holdout`` at D - H on top of
-    ``scoring_btyd`` (fitted at D). Returns (bundle or None, the skip line, seconds)."""
-    from pipelines.backtest import ensure_calibration
-
+    """The nightly refit of a hybrid champion at D: trees on the customers as of D - H (:func:`training_frame`)
+    on top of ``scoring_btyd`` (fitted at D). Returns (bundle or None, the skip line, seconds)."""
     cutoff = training_cutoff(as_of_date, config.features.horizon_months)
-    train_df, _ = ensure_calibration(storage, cutoff, config)
+    started = time.perf_counter()
+    train_df, _ = training_frame(storage, cutoff, config)
+    train_df = train_df.persist(StorageLevel.MEMORY_AND_DISK)     # read by several small aggregates
     try:
         fit = fit_hybrid(train_df, scoring_btyd, config.models.hybrid, config.models.penalizer_coef, cutoff,
                          as_of_date)
     except HybridSkipped as skipped:
         return None, str(skipped), {}
-    return fit.bundle, None, fit.seconds
+    finally:
+        train_df.unpersist()
+    return fit.bundle, None, {"training_frame_and_fit": time.perf_counter() - started, **fit.seconds}
 
 
 def origin_hybrids(storage: Any, cutoff: dt.date, config: Any, bundles: Mapping[str, ScoringBundle],

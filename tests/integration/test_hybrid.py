@@ -158,6 +158,20 @@ def test_a_hybrid_champion_is_backtested_registered_scores_and_exports(spark, or
     assert scores["predicted_net_value"].notna().all() and (scores["predicted_net_value"] >= 0).all()
     exported = pd.read_csv(next((tmp_path / "exports").glob("*.csv")))
     assert len(exported) == len(scores)
+    # the refit's training rows come from the stored features of the night six months earlier,
+    # joined with what each customer spent since: the same rows as calibration_holdout at that date
+    from pipelines.backtest import ensure_calibration
+    from pipelines.hybrid import training_frame
+
+    run_features(storage, CUTOFF, config.features)
+    stored_df, source = training_frame(storage, CUTOFF, config)
+    assert source == "customer_features"
+    columns = ["customer_id", "frequency", "recency", "T", "net_frequency", "monetary_value", "net_6m",
+               "acquisition_channel", "holdout_net"]
+    stored = stored_df.select(*columns).toPandas().sort_values("customer_id").reset_index(drop=True)
+    built = ensure_calibration(storage, CUTOFF, config)[0].select(*columns).toPandas() \
+        .sort_values("customer_id").reset_index(drop=True)
+    pd.testing.assert_frame_equal(stored, built)
     # a refit night of a hybrid champion refits the hybrid (trained as of END - 6 months)
     run_nightly(spark, storage, config, END, steps=["score"], refit="always", force=True,
                 progress=lambda line: None)
