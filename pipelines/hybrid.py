@@ -130,9 +130,8 @@ class HybridFit:
     sample: dict[str, Any]
 
 
-def check_history(train_df: DataFrame, train_cutoff: dt.date, scored_at: dt.date, min_customers: int) -> int:
-    """Customers in the training frame; raises :class:`HybridSkipped` (the line to print) when too few."""
-    customers = int(train_df.count())
+def check_history(customers: int, train_cutoff: dt.date, scored_at: dt.date, min_customers: int) -> int:
+    """Raises :class:`HybridSkipped` (the line to print) when the training frame has too few customers."""
     if customers < min_customers:
         raise HybridSkipped(
             f"hybrid skipped at {scored_at}: it trains on customers as of {train_cutoff} (two horizons before "
@@ -146,7 +145,10 @@ def fit_hybrid(train_df: DataFrame, scoring_btyd: ScoringBundle, conf: HybridCon
     """Trees trained on ``train_df`` (``calibration_holdout`` at ``train_cutoff``), on top of
     ``scoring_btyd`` (the BTYD bundle fitted at ``scored_at``)."""
     seconds: dict[str, float] = {}
-    check_history(train_df, train_cutoff, scored_at, conf.min_train_customers)
+    started = time.perf_counter()
+    sample_df, sample = training_sample(train_df, conf.sample_rows, conf.seed)   # counts the strata
+    check_history(sample["population"], train_cutoff, scored_at, conf.min_train_customers)
+    seconds["strata_counts"] = time.perf_counter() - started
     started = time.perf_counter()
     purchase_model = scoring_btyd.purchase.name
     fitted = fit_btyd_bundles(train_df, (purchase_model,), scoring_btyd.time_unit, scoring_btyd.horizon_months,
@@ -154,7 +156,6 @@ def fit_hybrid(train_df: DataFrame, scoring_btyd: ScoringBundle, conf: HybridCon
     train_btyd = fitted.bundles[purchase_model]
     seconds["fit_btyd_at_training_cutoff"] = time.perf_counter() - started
     started = time.perf_counter()
-    sample_df, sample = training_sample(train_df, conf.sample_rows, conf.seed)
     columns = list(dict.fromkeys((*train_btyd.feature_columns, *BEHAVIOUR_COLUMNS, "holdout_net")))
     rows = sample_df.select(*[F.col(c).cast("double") if c in ("n_orders", "n_cancelled", "n_purchase_days",
                                                                "orders_3m", "orders_6m") else F.col(c)
@@ -264,6 +265,14 @@ def refit_hybrid(storage: Any, as_of_date: dt.date, scoring_btyd: ScoringBundle,
     on top of ``scoring_btyd`` (fitted at D). Returns (bundle or None, the skip line, seconds)."""
     cutoff = training_cutoff(as_of_date, config.features.horizon_months)
     started = time.perf_counter()
+    base_model = config.models.hybrid.base_model
+    if base_model and base_model != scoring_btyd.purchase.name:     # the base the backtest's hybrid had
+        from core.tables import CUSTOMER_FEATURES
+
+        features_df = storage.read(CUSTOMER_FEATURES.name, partitions={"as_of_date": [as_of_date]})
+        scoring_btyd = fit_btyd_bundles(features_df, (base_model,), scoring_btyd.time_unit,
+                                        scoring_btyd.horizon_months, config.models.penalizer_coef,
+                                        purchase_basis=scoring_btyd.purchase_basis).bundles[base_model]
     train_df, _ = training_frame(storage, cutoff, config)
     train_df = train_df.persist(StorageLevel.MEMORY_AND_DISK)     # read by several small aggregates
     try:

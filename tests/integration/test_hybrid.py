@@ -110,36 +110,35 @@ def test_fit_collects_at_most_the_configured_rows(spark, orders):
 
 
 def _warehouse(spark, root: Path, orders: pd.DataFrame, overrides: list[str]):
-    config = load_config(CONF, [f"storage.warehouse={root}", "storage.backend=deltalake",
-                                "spark.shuffle_partitions=2", "models.purchase_models=[bgnbd]",
-                                "models.purchase_basis=net", "models.compare_cohort=false",
-                                "models.compare_naive=false", "models.hybrid.sample_rows=1000",
-                                "models.hybrid.max_iter=40", "models.hybrid.min_samples_leaf=20",
-                                "models.hybrid.importance_rows=500", "models.hybrid.min_train_customers=100",
-                                *overrides])
+    overrides = [f"storage.warehouse={root}", "storage.backend=deltalake",
+                 "spark.shuffle_partitions=2", "models.purchase_models=[bgnbd]",
+                 "models.purchase_basis=net", "models.compare_cohort=false",
+                 "models.compare_naive=false", "models.hybrid.sample_rows=1000",
+                 "models.hybrid.max_iter=40", "models.hybrid.min_samples_leaf=20",
+                 "models.hybrid.importance_rows=500", "models.hybrid.min_train_customers=100", *overrides]
     storage = Storage(spark, str(root), backend="deltalake")
     storage.append(ORDERS.name, spark.createDataFrame(orders, ORDERS.schema))
-    return config, storage
+    return load_config(CONF, overrides), storage, overrides
 
 
 def test_backtest_skips_the_hybrid_with_a_line_without_two_horizons_of_history(spark, orders, tmp_path):
     from pipelines.backtest import run_backtest
 
     recent = orders[orders["order_date"] > add_months(END, -10)]       # ten months of history
-    config, storage = _warehouse(spark, tmp_path / "wh", recent, [])
+    config, storage, _ = _warehouse(spark, tmp_path / "wh", recent, [])
     result = run_backtest(storage, END, config, track=False)
     assert {m["model"] for m in result["metrics"]} == {"bgnbd_net"}
     assert len(result["notes"]) == 1 and "hybrid skipped" in result["notes"][0]
     assert "two horizons of history" in result["notes"][0] and TRAIN_CUTOFF.isoformat() in result["notes"][0]
 
 
-def test_a_hybrid_champion_is_backtested_registered_scores_and_exports(spark, orders, tmp_path):
+def test_a_hybrid_champion_is_backtested_registered_scores_and_exports(spark, orders, tmp_path, capsys):
     from core import tracking
     from pipelines.backtest import run_backtest
     from pipelines.features import run_features
     from pipelines.nightly import run_nightly
 
-    config, storage = _warehouse(spark, tmp_path / "wh", orders, [f"export.dest={tmp_path / 'exports'}"])
+    config, storage, overrides = _warehouse(spark, tmp_path / "wh", orders, [f"export.dest={tmp_path / 'exports'}"])
     result = run_backtest(storage, END, config)
     assert {m["model"] for m in result["metrics"]} == {"bgnbd_net", "hybrid_net"} and not result["notes"]
     importances = storage.read("model_importances").toPandas()
@@ -158,6 +157,13 @@ def test_a_hybrid_champion_is_backtested_registered_scores_and_exports(spark, or
     assert scores["predicted_net_value"].notna().all() and (scores["predicted_net_value"] >= 0).all()
     exported = pd.read_csv(next((tmp_path / "exports").glob("*.csv")))
     assert len(exported) == len(scores)
+    # `cvseg score` with the hybrid champion (the same runner as the nightly step)
+    from jobs.cli import main as cli
+
+    capsys.readouterr()
+    assert cli(["score", "--as-of", END.isoformat(), "--conf", str(CONF),
+                *sum((["--set", o] for o in overrides), [])]) == 0
+    assert "(hybrid)" in capsys.readouterr().out
     # the refit's training rows come from the stored features of the night six months earlier,
     # joined with what each customer spent since: the same rows as calibration_holdout at that date
     from pipelines.backtest import ensure_calibration
