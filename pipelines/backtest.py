@@ -584,9 +584,9 @@ def run_backtest(storage: Storage, as_of: dt.date | str, config: Config, n_origi
     if any(b.value_model == "hybrid" for b in results[0].models.bundles.values()):
         from pipelines.hybrid import importance_rows as hybrid_importance_rows
 
-        importance_rows = hybrid_importance_rows(results[0].models.bundles, _calibration_rows(storage, results[0].cutoff),
-                                                 config.models.hybrid, run_id, results[0].origin, results[0].cutoff,
-                                                 created_at)
+        newest = results[0]
+        importance_rows = hybrid_importance_rows(newest.models.bundles, _calibration_rows(storage, newest.cutoff),
+                                                 config.models.hybrid, run_id, newest.origin, newest.cutoff, created_at)
 
     mlflow_runs: dict[tuple[dt.date, str], str] = {}
     versions: dict[str, str | None] = {}
