@@ -199,6 +199,9 @@ class ModelsConf(_Frozen):
     # only), auto (the backtest fits both and the champion metric picks, per client).
     purchase_basis: Literal["gross", "net", "auto"] = "auto"
     hybrid: HybridConf = HybridConf()
+    # P10 / P50 / P90 of each customer's 6-month net value in customer_scores (BG/NBD, MBG/NBD),
+    # with the parameters' uncertainty from the fit's Fisher information; and their coverage in backtests
+    intervals: bool = True
 
     @field_validator("purchase_models")
     @classmethod

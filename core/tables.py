@@ -212,6 +212,13 @@ CUSTOMER_SCORES = TableSpec(
         # gross | net: which orders the purchase and spend models saw; "net_rule" for a customer
         # with no completed order under the net basis (no BTYD score: value 0, p_alive 0, placed by rule)
         _f("purchase_basis", S),
+        # the 80% interval of the same 6-month net value and its median (models/intervals.py), and
+        # P(value = 0); null for the cohort / naive values, Pareto/NBD, customers placed by rule,
+        # models.intervals: false, and partitions written before they existed
+        _f("predicted_net_value_p10", D),
+        _f("predicted_net_value_p50", D),
+        _f("predicted_net_value_p90", D),
+        _f("p_zero_value", D),
     ]),
     partition_by=("as_of_date",),
     keys=("as_of_date", "customer_id"),
@@ -522,6 +529,10 @@ MODEL_BACKTEST = TableSpec(
         _f("champion_metric", S, False),
         _f("created_at", TS, False),
         _f("purchase_basis", S),              # gross | net: the orders the BTYD models saw
+        # share of customers inside their 80% value interval (a realised 0 counted by the randomised
+        # PIT, models/intervals.py); the plain closed-interval share; null without intervals
+        _f("interval_coverage", D),
+        _f("interval_closed_coverage", D),
     ]),
     keys=("backtest_run_id", "origin_date", "model"),
 )

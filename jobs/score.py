@@ -26,6 +26,6 @@ def main(args: argparse.Namespace) -> dict:
         raise UsageError(str(exc)) from None
     spark, storage = open_warehouse(args, config)
     with step(f"score with {target.registered_model} v{version} ({bundle.value_model})"):
-        stats = run_score(storage, args.as_of, bundle, version)
+        stats = run_score(storage, args.as_of, bundle, version, intervals=config.models.intervals)
     print(f"  customer_scores as of {args.as_of}: {stats}")
     return stats

@@ -61,6 +61,7 @@ import pandas as pd
 from scipy import integrate, optimize, special, stats
 
 from models import fast_bgnbd
+from models.intervals import log_param_covariance
 from models._lifetimes_compat import (LIFETIMES_VERSION, BetaGeoFitter, ConvergenceError,
                                       ModifiedBetaGeoFitter, ParetoNBDFitter, quiet)
 from models.base import (Attempt, PurchaseModel, as_float_array, check_rfm, fallback_attempts,
@@ -348,7 +349,10 @@ class _LifetimesPurchaseModel(PurchaseModel):
         self._fitter = fitter
         self.params_ = params
         info.update(log_likelihood=log_likelihood, n_customers=float(weights.sum()), n_rows=int(len(weights)),
-                    standard_errors=self._standard_errors(fitter), backend=self._backend_label())
+                    standard_errors=self._standard_errors(fitter), backend=self._backend_label(),
+                    # for the value intervals (models.intervals): Fisher information -> covariance
+                    log_param_covariance=log_param_covariance(getattr(fitter, "_hessian_", None),
+                                                              float(weights.sum()), self.param_names))
         self.fit_info_ = info
         return self
 

@@ -20,7 +20,9 @@ p_alive are 0 and the row's ``purchase_basis`` is ``"net_rule"`` (the segment ru
 ``new`` when recent, else ``dormant``).
 
 :meth:`ScoringBundle.predict` takes a pandas frame of customer features (the columns named in
-:data:`FEATURE_COLUMNS`) and returns :data:`SCORE_COLUMNS`; it is what Spark's ``mapInPandas``
+:data:`FEATURE_COLUMNS`) and returns :data:`SCORE_COLUMNS` and :data:`INTERVAL_COLUMNS` (P10 / P50 /
+P90 of the 6-month net value and P(value = 0), :mod:`models.intervals`; NaN for the cohort and
+naive values, Pareto/NBD and customers placed by rule); it is what Spark's ``mapInPandas``
 runs per batch and what the MLflow pyfunc serves. Everything is pure numpy/pandas.
 """
 from __future__ import annotations
@@ -33,6 +35,7 @@ from typing import Any, Mapping
 import numpy as np
 import pandas as pd
 
+from models import intervals as intervals_lib
 from models.base import BaseModel, PurchaseModel, SpendModel, load_model
 from models.cancellation import CancellationRateModel
 from models.cohort import DEFAULT_BANDS, CohortModel, assign_cells
@@ -51,6 +54,10 @@ PURCHASE_BASES = ("gross", "net")
 #: Columns :meth:`ScoringBundle.predict` returns, in order (all doubles but the id and the basis).
 SCORE_COLUMNS = ("customer_id", "p_alive", "expected_purchases", "expected_order_value", "predicted_gross_value",
                  "predicted_cancel_rate", "predicted_net_value", "purchase_basis")
+#: The value interval columns :meth:`ScoringBundle.predict` adds after them (doubles, NaN = no interval):
+#: P10 / P50 / P90 of the same 6-month net value and the probability that it is 0 (models.intervals).
+INTERVAL_COLUMNS = ("predicted_net_value_p10", "predicted_net_value_p50", "predicted_net_value_p90",
+                    "p_zero_value")
 
 
 def horizon_in_units(horizon_months: int, time_unit: str) -> float:
@@ -83,6 +90,9 @@ class ScoringBundle:
     cohort_with_channel: bool = False
     metadata: dict[str, Any] = field(default_factory=dict)
     purchase_basis: str = "gross"
+    #: add the value interval columns (``models.intervals: false`` leaves them null); not persisted:
+    #: a scoring-time choice
+    intervals: bool = True
 
     def __post_init__(self) -> None:
         if self.purchase_basis not in PURCHASE_BASES:
@@ -150,12 +160,44 @@ class ScoringBundle:
             "predicted_gross_value": gross, "predicted_cancel_rate": cancel_rate, "predicted_net_value": net,
             "purchase_basis": np.where(scored, self.purchase_basis, "net_rule").astype(object),
         })
-        numeric = out.drop(columns=["customer_id", "purchase_basis"]).to_numpy(float)
+        intervals = self._intervals(scored, frequency, recency, age, monetary, cancel_rate)
+        for j, column in enumerate(INTERVAL_COLUMNS):
+            out[column] = intervals[:, j]
+        numeric = out[list(SCORE_COLUMNS[1:-1])].to_numpy(float)
         if not np.isfinite(numeric).all():
             bad = ~np.isfinite(numeric).all(axis=1)
             raise FloatingPointError(
                 f"{int(bad.sum())} customers got non-finite scores, e.g. "
                 f"{features.loc[bad, list(self.feature_columns)].head(3).to_dict('records')}")
+        return out
+
+    @property
+    def has_intervals(self) -> bool:
+        """Whether :meth:`predict` fills the interval columns: switched on, the BTYD value, and a purchase
+        model whose count distribution :mod:`models.intervals` has in closed form (BG/NBD, MBG/NBD).
+        The cohort and naive values (no distribution) and Pareto/NBD (not yet) get nulls."""
+        return (self.intervals and self.value_model == "btyd"
+                and self.purchase.name in intervals_lib.SUPPORTED_PURCHASE_MODELS)
+
+    def _intervals(self, scored, frequency, recency, age, monetary, cancel_rate) -> np.ndarray:
+        """(customers x INTERVAL_COLUMNS): P10, P50, P90, P(value = 0); NaN where there is no interval,
+        also for customers placed by rule (net basis, no completed order: value 0 by rule, not a model)."""
+        out = np.full((len(scored), len(INTERVAL_COLUMNS)), np.nan)
+        if not self.has_intervals or not scored.any():
+            return out
+        rows = scored
+        purchase_points = intervals_lib.sigma_points(
+            self.purchase.params_, self.purchase.fit_info_.get("log_param_covariance"), self.purchase.param_names)
+        spend_points = intervals_lib.sigma_points(
+            self.spend.params_, self.spend.fit_info_.get("log_param_covariance"), self.spend.param_names)
+        counts = intervals_lib.count_moments(purchase_points, self.horizon, frequency[rows], recency[rows], age[rows],
+                                             modified=self.purchase.name == "mbgnbd")
+        spend = intervals_lib.spend_moments(spend_points, frequency[rows], monetary[rows])
+        # the same value as predicted_net_value: gross basis net of the predicted cancellation rate
+        factor = 1.0 - cancel_rate[rows] if self.purchase_basis == "gross" else 1.0
+        distribution = intervals_lib.value_distribution(counts, spend, factor)
+        out[rows, :3] = distribution.quantiles(intervals_lib.LEVELS)
+        out[rows, 3] = np.clip(distribution.p_zero, 0.0, 1.0)
         return out
 
     # -- persistence ---------------------------------------------------------------------

@@ -32,6 +32,7 @@ import pandas as pd
 from models._lifetimes_compat import LIFETIMES_VERSION, GammaGammaFitter, quiet
 from models.base import (Attempt, SpendModel, as_float_array, check_same_length, fallback_attempts,
                          fit_with_fallback, register_model)
+from models.intervals import log_param_covariance
 
 
 class _GammaGammaFitter(GammaGammaFitter):
@@ -111,13 +112,18 @@ class GammaGammaModel(SpendModel):
             if errors is not None:
                 errors = {k: (float(errors[k]) * (scale if k == "v" else 1.0) if np.isfinite(errors[k]) else None)
                           for k in ("p", "q", "v")}
-            return params, log_likelihood, errors
+            # log v differs from the fitted log(v / scale) by a constant: the same covariance
+            covariance = log_param_covariance(getattr(fitter, "_hessian_", None), float(weights.sum()),
+                                              self.param_names)
+            return params, log_likelihood, errors, covariance
 
-        (params, log_likelihood, errors), info = fit_with_fallback(self.label, attempts, fit_once, self.advice)
+        (params, log_likelihood, errors, covariance), info = fit_with_fallback(self.label, attempts, fit_once,
+                                                                               self.advice)
         self.params_ = params
         info.update(log_likelihood=log_likelihood, n_customers=float(weights.sum()), n_rows=int(len(weights)),
                     n_excluded=n_excluded, monetary_scale=float(scale), standard_errors=errors,
-                    backend=f"lifetimes {LIFETIMES_VERSION}")
+                    backend=f"lifetimes {LIFETIMES_VERSION}",
+                    log_param_covariance=covariance)   # for the value intervals (models.intervals)
         self.fit_info_ = info
         return self
 

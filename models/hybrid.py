@@ -27,6 +27,7 @@ components, with the scikit-learn version: loading under another version is refu
 from __future__ import annotations
 
 import base64
+import dataclasses
 import io
 import json
 import pickle
@@ -37,7 +38,7 @@ from typing import Any, Mapping
 import numpy as np
 import pandas as pd
 
-from models.bundle import DAYS_PER_UNIT, FEATURE_COLUMNS, SCORE_COLUMNS, ScoringBundle
+from models.bundle import DAYS_PER_UNIT, FEATURE_COLUMNS, INTERVAL_COLUMNS, SCORE_COLUMNS, ScoringBundle
 
 HYBRID_FORMAT_VERSION = 1
 VALUE_MODEL = "hybrid"
@@ -248,6 +249,9 @@ class HybridBundle:
     trees: HybridValueModel
     metadata: dict[str, Any] = field(default_factory=dict)
     value_model: str = VALUE_MODEL
+    #: read like ScoringBundle.intervals, but the trees' value has no interval yet: the interval
+    #: columns stay null (the BTYD base's P10..P90 are around another value, so they are not passed on)
+    intervals: bool = True
 
     # the attributes the pipelines read from any bundle
     @property
@@ -287,14 +291,18 @@ class HybridBundle:
         return tuple(dict.fromkeys(self.btyd.feature_columns + BEHAVIOUR_COLUMNS))
 
     def predict(self, features: pd.DataFrame) -> pd.DataFrame:
-        """:data:`SCORE_COLUMNS` per customer row; the net value from the trees (never NaN, checked)."""
-        scores = self.btyd.predict(features)
+        """:data:`SCORE_COLUMNS` per customer row, the net value from the trees (never NaN, checked),
+        then :data:`INTERVAL_COLUMNS`, all NaN (no interval for the trees' value)."""
+        scores = dataclasses.replace(self.btyd, intervals=False).predict(features)
         if len(features):
             net = self.trees.predict(design_matrix(features, self.btyd, scores))
             if not np.isfinite(net).all():
                 raise FloatingPointError(f"{int((~np.isfinite(net)).sum())} customers got non-finite hybrid values")
             scores["predicted_net_value"] = net
-        return scores[list(SCORE_COLUMNS)]
+        out = scores[list(SCORE_COLUMNS)].copy()
+        for column in INTERVAL_COLUMNS:
+            out[column] = np.nan
+        return out
 
     def input_example(self) -> pd.DataFrame:
         """One customer row with every column :meth:`predict` reads (the MLflow signature's example)."""

@@ -37,7 +37,12 @@ reach the driver. The definitions are those of :mod:`models.metrics` (tested aga
   customers are ordered by their actual value;
 * ``top_decile_capture`` / ``top20_capture``: share of the actual total brought by the predicted
   top 10% / 20% of customers;
-* decile table: customers in ten groups by prediction (decile 1 = highest), mean predicted vs actual.
+* decile table: customers in ten groups by prediction (decile 1 = highest), mean predicted vs actual;
+* ``interval_coverage``: share of customers whose actual value lies in their 80% interval predicted at
+  the cutoff (P10..P90, :mod:`models.intervals`), a realised 0 counted by the randomised probability
+  integral transform (the share of the predicted atom at 0 within the levels 0.1..0.9: under a
+  calibrated model 80% whatever the atom); ``interval_closed_coverage``: the plain share with
+  P10 <= actual <= P90 (over-covers where P(value = 0) > 10%). Null for cohort and naive values.
 
 **Ties and ranks in Spark.** Customers with the same predicted value form a tie group that is never
 split. Rows are first grouped by (model, value) -- one row per tie group, with its customer count and
@@ -82,11 +87,17 @@ log = logging.getLogger(__name__)
 METRIC_COLUMNS = ("mae", "rmse", "total_error_pct", "abs_total_error_pct", "spearman", "normalized_gini",
                   "top_decile_capture", "top20_capture")
 DECILE_COLUMNS = ("decile", "n", "mean_predicted", "mean_actual", "sum_predicted", "sum_actual")
+#: Coverage of the value intervals (models/intervals.py): null for a model without intervals.
+INTERVAL_METRIC_COLUMNS = ("interval_coverage", "interval_closed_coverage")
 PREDICTION_SCHEMA = T.StructType([
     T.StructField("model", T.StringType(), False),
     T.StructField("customer_id", T.StringType(), False),
     T.StructField("predicted", T.DoubleType(), False),
     T.StructField("actual", T.DoubleType(), False),
+    # the 80% interval and P(value = 0) predicted at the cutoff; null where the model has none
+    T.StructField("p10", T.DoubleType(), True),
+    T.StructField("p90", T.DoubleType(), True),
+    T.StructField("p_zero", T.DoubleType(), True),
 ])
 _FRAME_TO_CURRENT = (Window.unboundedPreceding, Window.currentRow)
 _FRAME_WHOLE = (Window.unboundedPreceding, Window.unboundedFollowing)
@@ -167,9 +178,10 @@ def cohort_cell_stats(holdout_df: DataFrame, time_unit: str, bands: Mapping[str,
 # --------------------------------------------------------------------------------------------
 # Predictions: every model, every customer, one mapInPandas pass
 # --------------------------------------------------------------------------------------------
-def predict_all(holdout_df: DataFrame, bundles: Mapping[str, ScoringBundle]) -> DataFrame:
-    """Long rows (model, customer_id, predicted, actual): each bundle's predicted net value over the
-    horizon and the customer's actual ``holdout_net``. The bundles are broadcast once."""
+def predict_all(holdout_df: DataFrame, bundles: Mapping[str, ScoringBundle], intervals: bool = True) -> DataFrame:
+    """Long rows (model, customer_id, predicted, actual, p10, p90, p_zero): each bundle's predicted net
+    value over the horizon, its 80% interval (``intervals``: where the model has one, else null) and
+    the customer's actual ``holdout_net``. The bundles are broadcast once."""
     if not bundles:
         raise BacktestError("no models to backtest: list models.purchase_models or enable compare_cohort/naive")
     spark = holdout_df.sparkSession
@@ -177,25 +189,46 @@ def predict_all(holdout_df: DataFrame, bundles: Mapping[str, ScoringBundle]) -> 
 
     def predict_batches(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
         models = {name: bundle_from_payload(payload) for name, payload in shared.value.items()}
+        for model in models.values():
+            model.intervals = intervals
         for batch in batches:
             actual = batch["holdout_net"].to_numpy(float)
             for name, model in models.items():
                 scores = model.predict(batch)
                 yield pd.DataFrame({"model": name, "customer_id": scores["customer_id"].to_numpy(),
                                     "predicted": scores["predicted_net_value"].to_numpy(float),
-                                    "actual": actual})
+                                    "actual": actual,
+                                    "p10": scores["predicted_net_value_p10"].to_numpy(float),
+                                    "p90": scores["predicted_net_value_p90"].to_numpy(float),
+                                    "p_zero": scores["p_zero_value"].to_numpy(float)})
 
     columns = list(dict.fromkeys(c for b in bundles.values() for c in b.feature_columns))
     inputs = holdout_df.select(*[F.col(c).cast("double") if c in ("n_orders", "n_cancelled") else F.col(c)
                                  for c in columns], "holdout_net")
-    return inputs.mapInPandas(predict_batches, PREDICTION_SCHEMA)
+    # pandas' NaN ("no interval") arrives as a NaN double: null, so that averages skip it
+    return inputs.mapInPandas(predict_batches, PREDICTION_SCHEMA).select(
+        "model", "customer_id", "predicted", "actual",
+        *[F.nanvl(F.col(c), F.lit(None).cast("double")).alias(c) for c in ("p10", "p90", "p_zero")])
 
 
 # --------------------------------------------------------------------------------------------
 # Metrics in Spark (reference: models/metrics.py)
 # --------------------------------------------------------------------------------------------
+def interval_covered(actual: Column, p10: Column, p90: Column, p_zero: Column) -> Column:
+    """Per customer, how much of the customer counts as inside the 80% interval, in [0, 1] (null without
+    an interval): :func:`models.intervals.pit_covered` as a Column. A realised value above 0 is inside
+    when ``P10 <= actual <= P90``; a realised 0 counts as the share of the predicted atom
+    ``[0, P(value = 0)]`` (in probability) that lies within the levels [0.1, 0.9] (randomised PIT)."""
+    atom = F.least(F.greatest(p_zero, F.lit(0.0)), F.lit(1.0))
+    zero_share = F.when(atom > 0, F.greatest(F.least(atom, F.lit(0.9)) - F.lit(0.1), F.lit(0.0)) / atom) \
+        .otherwise(F.when(p10 <= 0, F.lit(1.0)).otherwise(F.lit(0.0)))
+    inside = F.when((actual >= p10) & (actual <= p90), F.lit(1.0)).otherwise(F.lit(0.0))
+    return F.when(p10.isNull(), F.lit(None).cast("double")).when(actual <= 0, zero_share).otherwise(inside)
+
+
 def error_metrics(predictions_df: DataFrame) -> DataFrame:
-    """Per model: customers, totals, MAE, RMSE, total error %, and whether any ranking is degenerate."""
+    """Per model: customers, totals, MAE, RMSE, total error %, and whether any ranking is degenerate;
+    the intervals' coverage (:func:`interval_covered`) and the plain share inside the closed interval."""
     error = F.col("predicted") - F.col("actual")
     total_actual = F.sum("actual")
     total_error = F.try_divide(F.sum("predicted") - total_actual, total_actual) * 100.0
@@ -206,6 +239,11 @@ def error_metrics(predictions_df: DataFrame) -> DataFrame:
                  F.avg(F.abs(error)).alias("mae"),
                  F.sqrt(F.avg(error * error)).alias("rmse"),
                  F.when(total_actual > 0, total_error).otherwise(F.lit(float("nan"))).alias("total_error_pct"),
+                 F.avg(interval_covered(F.col("actual"), F.col("p10"), F.col("p90"), F.col("p_zero")))
+                 .alias("interval_coverage"),
+                 F.avg(F.when(F.col("p10").isNull(), F.lit(None).cast("double"))
+                       .when((F.col("actual") >= F.col("p10")) & (F.col("actual") <= F.col("p90")), F.lit(1.0))
+                       .otherwise(F.lit(0.0))).alias("interval_closed_coverage"),
                  (F.min("predicted") == F.max("predicted")).alias("all_predicted_equal"),
                  (F.min("actual") == F.max("actual")).alias("all_actual_equal"))
             .withColumn("abs_total_error_pct", F.abs("total_error_pct")))
@@ -474,7 +512,8 @@ def run_origin(storage: Storage, origin: dt.date, config: Config, rebuild: bool 
         models.bundles.update(hybrids)
         models.seconds.update(hybrid_seconds)
     started = time.perf_counter()
-    predictions_df = predict_all(holdout_df, models.bundles).persist(StorageLevel.MEMORY_AND_DISK)
+    predictions_df = predict_all(holdout_df, models.bundles, config.models.intervals).persist(
+        StorageLevel.MEMORY_AND_DISK)
     try:
         metrics, deciles = compute_metrics(predictions_df)
     finally:
@@ -621,7 +660,8 @@ def run_backtest(storage: Storage, as_of: dt.date | str, config: Config, n_origi
                     if name == "cohort":
                         params.update(cohort_min_cell_size=config.models.cohort_min_cell_size,
                                       cohort_by_channel=config.models.cohort_by_channel)
-                    metrics = {m: row[m] for m in (*METRIC_COLUMNS, "n_customers", "predicted_total", "actual_total")}
+                    metrics = {m: row[m] for m in (*METRIC_COLUMNS, *INTERVAL_METRIC_COLUMNS, "n_customers",
+                                                   "predicted_total", "actual_total")}
                     suffix = "" if bundle.purchase_basis == "gross" else f"_{bundle.purchase_basis}"
                     metrics.update({f"fit_seconds_{k.removeprefix('fit_')}": v
                                     for k, v in result.models.seconds.items()
@@ -674,7 +714,7 @@ def run_backtest(storage: Storage, as_of: dt.date | str, config: Config, n_origi
                 "penalizer_coef": float(config.models.penalizer_coef),
                 "n_customers": int(record["n_customers"]), "actual_total": float(record["actual_total"]),
                 "predicted_total": float(record["predicted_total"]),
-                **{m: _finite_or_none(record[m]) for m in METRIC_COLUMNS},
+                **{m: _finite_or_none(record[m]) for m in (*METRIC_COLUMNS, *INTERVAL_METRIC_COLUMNS)},
                 "calibration_holdout_version": int(result.calibration_version),
                 "mlflow_run_id": mlflow_runs.get((result.origin, name)),
                 "mlflow_parent_run_id": parent_run_id,

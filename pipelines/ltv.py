@@ -12,10 +12,13 @@ customers without a completed order left out of the fit and counted).
 
 Fits use the counts as ``weights``, which is exact (a weighted fit equals the fit on all rows).
 Scoring runs :meth:`models.bundle.ScoringBundle.predict` per Arrow batch through ``mapInPandas``
-with the fitted bundle broadcast once, and writes ``customer_scores``.
+with the fitted bundle broadcast once, and writes ``customer_scores``, with the value intervals
+(P10 / P50 / P90, :mod:`models.intervals`: closed forms, no random draws, so the numbers do not
+depend on how customers fall into batches).
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import logging
 import time
@@ -30,7 +33,7 @@ from pyspark.sql import types as T
 
 from core.tables import CUSTOMER_SCORES
 from models import CancellationRateModel, GammaGammaModel, make_model
-from models.bundle import NET_FEATURE_COLUMNS, SCORE_COLUMNS, ScoringBundle
+from models.bundle import INTERVAL_COLUMNS, NET_FEATURE_COLUMNS, SCORE_COLUMNS, ScoringBundle
 from models.hybrid import bundle_from_payload
 
 log = logging.getLogger(__name__)
@@ -152,6 +155,7 @@ SCORE_SCHEMA = T.StructType([
     T.StructField("customer_id", T.StringType(), False),
     *[T.StructField(c, T.DoubleType(), False) for c in SCORE_COLUMNS[1:-1]],
     T.StructField("purchase_basis", T.StringType(), False),
+    *[T.StructField(c, T.DoubleType(), True) for c in INTERVAL_COLUMNS],      # NaN from pandas -> null below
 ])
 
 
@@ -159,9 +163,11 @@ def score_customers(features_df: DataFrame, bundle: ScoringBundle) -> DataFrame:
     """Scores for every customer row of ``features_df`` (a vectorised pandas function per batch)."""
     spark = features_df.sparkSession
     shared = spark.sparkContext.broadcast(bundle.to_payload())
+    intervals = bundle.intervals        # a scoring-time switch, not part of the payload
 
     def predict_batches(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
         model = bundle_from_payload(shared.value)      # a ScoringBundle or a HybridBundle
+        model.intervals = intervals
         for batch in batches:
             yield model.predict(batch)
 
@@ -175,11 +181,15 @@ def scores_table_rows(scores_df: DataFrame, as_of_date: dt.date, value_model: st
     return scores_df.select(
         F.lit(as_of_date).alias("as_of_date"), *SCORE_COLUMNS,
         F.lit(value_model).alias("value_model"), F.lit(str(model_version)).alias("model_version"),
-        F.lit(horizon_months).alias("horizon_months"))
+        F.lit(horizon_months).alias("horizon_months"),
+        # Arrow carries pandas' NaN as a NaN double, not null: "no interval" is stored as null
+        *[F.nanvl(F.col(c), F.lit(None).cast("double")).alias(c) for c in INTERVAL_COLUMNS])
 
 
-def run_score(storage: Any, as_of_date: dt.date, bundle: ScoringBundle, model_version: str) -> dict[str, Any]:
-    """Read ``customer_features`` at D, write the D partition of ``customer_scores``."""
+def run_score(storage: Any, as_of_date: dt.date, bundle: ScoringBundle, model_version: str,
+              intervals: bool = True) -> dict[str, Any]:
+    """Read ``customer_features`` at D, write the D partition of ``customer_scores``; ``intervals``
+    (``models.intervals``): fill the value interval columns where the model has them."""
     from core.tables import CUSTOMER_FEATURES
 
     from pipelines.maintenance import ensure_not_pruned
@@ -194,19 +204,22 @@ def run_score(storage: Any, as_of_date: dt.date, bundle: ScoringBundle, model_ve
         raise LtvInputError(f"the model was fitted in {bundle.time_unit} but customer_features as of {as_of_date} "
                             f"is in {time_unit}; rebuild features with features.time_unit="
                             f"{bundle.time_unit} or refit")
+    bundle = dataclasses.replace(bundle, intervals=intervals)
     rows_df = scores_table_rows(score_customers(features_df, bundle), as_of_date, bundle.value_model,
                                 model_version, bundle.horizon_months)
     storage.replace_partitions(CUSTOMER_SCORES.name, rows_df, partitions={"as_of_date": [as_of_date]})
     written = storage.read(CUSTOMER_SCORES.name).where(F.col("as_of_date") == F.lit(as_of_date))
     stats = written.agg(F.count(F.lit(1)).alias("customers"), F.sum("predicted_net_value").alias("total"),
                         F.avg("p_alive").alias("mean_p_alive"),
-                        F.count_if(F.col("purchase_basis") == "net_rule").alias("placed_by_rule")).first()
+                        F.count_if(F.col("purchase_basis") == "net_rule").alias("placed_by_rule"),
+                        F.count("predicted_net_value_p10").alias("with_interval")).first()
     return {"as_of_date": as_of_date.isoformat(), "customers": int(stats["customers"]),
             "predicted_net_value_total": float(stats["total"] or 0.0),
             "mean_p_alive": float(stats["mean_p_alive"] or 0.0), "model_version": str(model_version),
             "purchase_basis": bundle.purchase_basis,
             # net basis: customers with no completed order, not scored by the model (value 0, by rule)
-            "customers_placed_by_rule": int(stats["placed_by_rule"])}
+            "customers_placed_by_rule": int(stats["placed_by_rule"]),
+            "customers_with_interval": int(stats["with_interval"])}
 
 
 def _time_unit_of(features_df: DataFrame) -> str | None:

@@ -317,7 +317,7 @@ def _score(ctx: _Context) -> tuple[str, dict]:
         details["refit_seconds"] = round(time.perf_counter() - started, 2)
     else:
         bundle, version = tracking.load_champion(target.registered_model)
-    stats = run_score(ctx.storage, ctx.as_of_date, bundle, version)
+    stats = run_score(ctx.storage, ctx.as_of_date, bundle, version, intervals=models.intervals)
     details.update(stats)
     how = f"refit ({reason}) -> champion v{version}" if reason else f"champion v{version}"
     return f"{stats['customers']:,} customers scored with {how}", details

@@ -355,7 +355,9 @@ def trends_section(data: DiagnosticData, c: Context) -> list:
 
 
 METRICS = (("mae", "money"), ("rmse", "money"), ("abs_total_error_pct", "num"), ("spearman", "r"),
-           ("normalized_gini", "r"), ("top_decile_capture", "pct"), ("top20_capture", "pct"))
+           ("normalized_gini", "r"), ("top_decile_capture", "pct"), ("top20_capture", "pct"),
+           # share of customers inside their 80% value interval (target ~80%; none for cohort / naive)
+           ("interval_coverage", "pct"))
 
 
 def _metric(value, kind: str, c: Context) -> str:
@@ -395,7 +397,7 @@ def models_section(data: DiagnosticData, c: Context) -> list:
                                     value=_metric(champion_rows.iloc[0][metric], kind, c))))
     header = (c.m("mod.table.model"),) + tuple(c.m(f"mod.m.{key}") for key, _ in METRICS)
     rows = tuple((row["model"] + (" ★" if row["model"] == champion_model else ""),)
-                 + tuple(_metric(row[key], kind, c) for key, kind in METRICS) for _, row in bt.iterrows())
+                 + tuple(_metric(row.get(key), kind, c) for key, kind in METRICS) for _, row in bt.iterrows())
     blocks += [Table(header, rows, numeric=(False,) + (True,) * len(METRICS), emphasis_first=True),
                Paragraph(c.m("mod.metrics.aid"), style="small")]
     dec = data.backtest_deciles

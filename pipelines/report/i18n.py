@@ -226,8 +226,14 @@ CATALOGUE: dict[str, dict[str, str]] = {
     "mod.m.normalized_gini": {"ja": "Gini係数", "en": "Gini"},
     "mod.m.top_decile_capture": {"ja": "上位10%捕捉率", "en": "Top 10% capture"},
     "mod.m.top20_capture": {"ja": "上位20%捕捉率", "en": "Top 20% capture"},
-    "mod.metrics.aid": {"ja": "誤差（MAE・RMSE・合計の誤差率）は小さいほど、順位相関・Gini・捕捉率は大きいほど良いモデルです。★がチャンピオン。",
-                        "en": "Errors (MAE, RMSE, total error) are better when smaller; rank correlation, Gini and capture when larger. ★ marks the champion."},
+    "mod.m.interval_coverage": {"ja": "80%区間の的中率", "en": "80% interval coverage"},
+    "mod.metrics.aid": {"ja": "誤差（MAE・RMSE・合計の誤差率）は小さいほど、順位相関・Gini・捕捉率は大きいほど良いモデルです。★がチャンピオン。"
+                              "80%区間の的中率は、顧客ごとの6か月価値の予測区間（P10〜P90）に実績が入った顧客の割合で、80%前後なら区間の幅は適切です"
+                              "（実績0円は予測された「0円の確率」のうち区間に入る割合で数えます。コホート実績法・前期実績の繰り越しには区間がありません）。",
+                        "en": "Errors (MAE, RMSE, total error) are better when smaller; rank correlation, Gini and capture when larger. ★ marks the champion. "
+                              "80% interval coverage: the share of customers whose actual 6-month value fell inside their predicted P10-P90 range; "
+                              "near 80% means the ranges are as wide as they should be (an actual 0 counts as the part of the predicted chance of 0 "
+                              "that lies inside the range). The cohort method and the naive baseline have no ranges."},
     "mod.cal.title": {"ja": "十分位別 予測と実績（バックテスト）", "en": "Predicted vs actual by decile (backtest)"},
     "mod.cal.x": {"ja": "予測価値の十分位（1＝最上位）", "en": "Predicted-value decile (1 = top)"},
     "mod.cal.y": {"ja": "1人あたり6か月純売上（{unit}）", "en": "6-month net revenue per customer ({unit})"},

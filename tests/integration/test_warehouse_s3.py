@@ -107,8 +107,8 @@ def export_files(spark, tmp_path_factory):
 
 def _local_nights(spark, root: Path, export_files) -> tuple[Storage, Path]:
     first, second = export_files
-    source = root / "source"
-    source.mkdir()
+    source = root / "source" / "orders"      # the same folder name as on S3: source paths compare by name
+    source.mkdir(parents=True)
     shutil.copy(first, source / first.name)
     config = load_config(CONF, [f"storage.warehouse={root / 'warehouse'}", f"source.path={source}",
                                 f"export.dest={root / 'exports'}", "spark.master=null", *COMMON])

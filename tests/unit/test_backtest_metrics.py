@@ -49,10 +49,33 @@ def computed(spark):
     per_model = _model_rows(rng)
     long_rows = pd.concat([frame.assign(model=name, customer_id=[f"{name}-{i}" for i in range(len(frame))])
                            for name, frame in per_model.items()], ignore_index=True)
-    predictions_df = spark.createDataFrame(long_rows[["model", "customer_id", "predicted", "actual"]],
-                                           PREDICTION_SCHEMA)
+    # value intervals for one model (a made-up 80% interval and atom at 0); none (null) for the others
+    continuous = long_rows["model"] == "continuous"
+    long_rows["p10"] = np.where(continuous, np.where(long_rows["predicted"] > 3000, 0.5 * long_rows["predicted"], 0.0),
+                                np.nan)
+    long_rows["p90"] = np.where(continuous, 2.0 * long_rows["predicted"], np.nan)
+    long_rows["p_zero"] = np.where(continuous, np.clip(1.0 - long_rows["predicted"] / 8000.0, 0.0, 0.95), np.nan)
+    for column in ("p10", "p90", "p_zero"):
+        long_rows[column] = long_rows[column].astype(object).where(long_rows[column].notna(), None)
+    predictions_df = spark.createDataFrame(
+        long_rows[["model", "customer_id", "predicted", "actual", "p10", "p90", "p_zero"]], PREDICTION_SCHEMA)
     metrics, deciles = compute_metrics(predictions_df)
-    return per_model, metrics.set_index("model"), deciles
+    return per_model, metrics.set_index("model"), deciles, long_rows
+
+
+def test_interval_coverage_in_spark_equals_the_reference(computed):
+    from models.intervals import interval_coverage
+
+    _, metrics, _, long_rows = computed
+    rows = long_rows[long_rows["model"] == "continuous"]
+    expected = interval_coverage(rows["actual"], rows["p10"].astype(float), rows["p10"].astype(float),
+                                 rows["p90"].astype(float), rows["p_zero"].astype(float))
+    assert metrics.loc["continuous", "interval_coverage"] == pytest.approx(expected["coverage"], rel=1e-12)
+    assert metrics.loc["continuous", "interval_closed_coverage"] == pytest.approx(expected["closed_coverage"],
+                                                                                 rel=1e-12)
+    assert 0 < expected["coverage"] < 1 and expected["coverage"] != expected["closed_coverage"]
+    # models without intervals: no coverage (null -> NaN), not 0
+    assert metrics.loc[["tied", "constant", "top_tie", "no_revenue"], "interval_coverage"].isna().all()
 
 
 def _close(value: float, expected: float) -> bool:
@@ -63,7 +86,7 @@ def _close(value: float, expected: float) -> bool:
 
 @pytest.mark.parametrize("model", ["tied", "continuous", "constant", "top_tie", "no_revenue"])
 def test_every_spark_metric_equals_the_reference(computed, model):
-    per_model, metrics, _ = computed
+    per_model, metrics, _, _ = computed
     frame = per_model[model]
     p, a = frame["predicted"].to_numpy(), frame["actual"].to_numpy()
     expected = {
@@ -83,7 +106,7 @@ def test_every_spark_metric_equals_the_reference(computed, model):
 
 def test_expected_special_values_so_the_comparison_is_not_vacuous(computed):
     """Pin a few values that do not depend on the reference: NaN where undefined, exact shares."""
-    _, metrics, _ = computed
+    _, metrics, _, _ = computed
     assert math.isnan(metrics.loc["constant", "spearman"])
     assert metrics.loc["constant", "normalized_gini"] == pytest.approx(0.0, abs=1e-12)
     assert metrics.loc["constant", "top_decile_capture"] == pytest.approx(0.1, rel=1e-12)
@@ -96,7 +119,7 @@ def test_expected_special_values_so_the_comparison_is_not_vacuous(computed):
 
 @pytest.mark.parametrize("model", ["tied", "continuous", "constant", "top_tie"])
 def test_decile_table_equals_the_reference(computed, model):
-    per_model, _, deciles = computed
+    per_model, _, deciles, _ = computed
     frame = per_model[model]
     expected = reference.decile_table(frame["predicted"], frame["actual"])
     got = deciles[deciles["model"] == model].drop(columns="model").reset_index(drop=True)

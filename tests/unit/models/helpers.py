@@ -28,3 +28,48 @@ def simulate_bgnbd(n: int, r: float, alpha: float, a: float, b: float, T, seed: 
     x = np.minimum(k, m)
     recency = np.where(x > 0, T * rng.beta(np.maximum(x, 1), np.maximum(m - x + 1, 1)), 0.0)
     return pd.DataFrame({"frequency": x.astype(float), "recency": recency, "T": T})
+
+
+def simulate_bgnbd_gamma_gamma(n: int, purchase: dict, spend: dict, T, horizon: float, seed: int,
+                               modified: bool = False) -> pd.DataFrame:
+    """Customers of a BG/NBD (``modified``: MBG/NBD) + Gamma-Gamma world, with a holdout.
+
+    Simulated forward in time, purchase by purchase (independent of the code under test):
+    lambda ~ Gamma(r, rate alpha), p ~ Beta(a, b), nu ~ Gamma(q, rate v); the first purchase at
+    age 0; gaps Exp(lambda); after each repeat purchase (MBG/NBD: also after the first) the
+    customer drops out with probability p; every repeat order's value ~ Gamma(p_spend, rate nu).
+    Returns the calibration statistics at age T (frequency, recency, T, monetary = mean value of
+    the repeat orders, 0 without) and what happened in (T, T + horizon]: ``holdout_purchases``,
+    ``holdout_value`` (sum of the order values).
+    """
+    rng = np.random.default_rng(seed)
+    T = np.broadcast_to(np.asarray(T, dtype=float), (n,)).copy()
+    lam = rng.gamma(purchase["r"], 1.0 / purchase["alpha"], n)
+    drop = rng.beta(purchase["a"], purchase["b"], n)
+    nu = rng.gamma(spend["q"], 1.0 / spend["v"], n)
+    alive = rng.random(n) >= drop if modified else np.ones(n, dtype=bool)
+    time = np.zeros(n)
+    x = np.zeros(n)
+    recency = np.zeros(n)
+    cal_spend = np.zeros(n)
+    hold_n = np.zeros(n)
+    hold_value = np.zeros(n)
+    end = T + horizon
+    while alive.any():
+        idx = np.flatnonzero(alive)
+        time[idx] += rng.exponential(1.0 / lam[idx])
+        gone = time[idx] > end[idx]
+        alive[idx[gone]] = False
+        idx = idx[~gone]
+        value = rng.gamma(spend["p"], 1.0 / nu[idx])
+        in_cal = time[idx] <= T[idx]
+        cal, hold = idx[in_cal], idx[~in_cal]
+        x[cal] += 1
+        recency[cal] = time[cal]
+        cal_spend[cal] += value[in_cal]
+        hold_n[hold] += 1
+        hold_value[hold] += value[~in_cal]
+        alive[idx[rng.random(idx.size) < drop[idx]]] = False
+    monetary = np.where(x > 0, cal_spend / np.maximum(x, 1), 0.0)
+    return pd.DataFrame({"frequency": x, "recency": recency, "T": T, "monetary": monetary,
+                         "holdout_purchases": hold_n, "holdout_value": hold_value})

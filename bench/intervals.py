@@ -1,0 +1,133 @@
+"""What the value intervals cost: scoring N customers with and without them, in the same run.
+
+    python bench/intervals.py --customers 2000000 [--workdir DIR] [--repeats 2]
+
+The customers' features (frequency, recency, T, monetary value, orders and cancellations, in days)
+are simulated in numpy from the generator's default BG/NBD + Gamma-Gamma parameters
+(``pipelines.generate.GeneratorParams``: first orders uniform over 5 years, ~6.5% cancelled orders)
+and written once as parquet (kept in ``--workdir`` and reused); ingest and features are not what is
+measured. A BG/NBD + Gamma-Gamma + cancellation bundle is fitted on them with the engine's
+``fit_btyd_bundles``, then the engine's ``score_customers`` runs over every customer and the scores
+are written as parquet (what ``cvseg score`` does before its Delta commit), alternately without
+(``models.intervals: false``) and with intervals, ``--repeats`` times each. Reported: seconds per run,
+the median of each and their ratio (the issue's target: at most 1.5x), plus the pure numpy cost per
+customer of ``ScoringBundle.predict`` on a 200k sample (no Spark). The machine is shared: read the
+ratio, measured in the same session minutes apart, rather than the absolute seconds.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _measure import use_engine_imports  # noqa: E402
+
+use_engine_imports()
+
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from core.config import load_config  # noqa: E402
+from core.spark import build_spark  # noqa: E402
+
+
+def simulate_features(n: int, seed: int, chunk: int = 500_000) -> pd.DataFrame:
+    """BG/NBD + Gamma-Gamma customer statistics (days, yen), as customer_features holds them."""
+    from pipelines.generate import GeneratorParams
+
+    params = GeneratorParams()
+    rng = np.random.default_rng(seed)
+    parts = []
+    for start in range(0, n, chunk):
+        m = min(chunk, n - start)
+        T = rng.integers(1, params.history_days, m).astype(float)
+        lam = rng.gamma(params.r, 1.0 / params.alpha, m)
+        drop = rng.beta(params.a, params.b, m)
+        repeats = np.minimum(rng.geometric(drop), rng.poisson(lam * T))
+        arrivals = rng.poisson(lam * T)
+        x = np.minimum(repeats, arrivals).astype(float)
+        recency = np.where(x > 0, np.round(T * rng.beta(np.maximum(x, 1), np.maximum(arrivals - x + 1, 1))), 0.0)
+        nu = rng.gamma(params.spend_q, 1.0 / params.spend_v, m)
+        monetary = np.where(x > 0, rng.gamma(params.spend_p * np.maximum(x, 1), 1.0) / nu / np.maximum(x, 1), 0.0)
+        n_orders = x + 1
+        n_cancelled = rng.binomial(n_orders.astype(int), 0.065).astype(float)
+        parts.append(pd.DataFrame({
+            "customer_id": [f"C{start + i}" for i in range(m)], "frequency": x, "recency": recency, "T": T,
+            "monetary_value": monetary, "n_orders": n_orders, "n_cancelled": n_cancelled,
+            "net_6m": 0.0, "acquisition_channel": "web"}))
+    return pd.concat(parts, ignore_index=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--customers", type=int, default=2_000_000)
+    parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--workdir", default="/tmp/cvseg-bench-intervals")
+    parser.add_argument("--driver-memory", default="6g")
+    args = parser.parse_args()
+
+    workdir = Path(args.workdir)
+    features_path = workdir / f"features-{args.customers}-seed{args.seed}"
+    scratch = workdir / "scores"
+    if not features_path.exists():
+        started = time.perf_counter()
+        features_path.mkdir(parents=True)
+        simulate_features(args.customers, args.seed).to_parquet(features_path / "part-0.parquet", index=False)
+        print(f"simulated {args.customers:,} customers' features in {time.perf_counter() - started:.1f} s")
+    config = load_config(Path(__file__).resolve().parents[1] / "conf" / "examples" / "synthetic.yaml", [
+        f"storage.warehouse={workdir / 'warehouse'}", f"spark.driver_memory={args.driver_memory}"])
+
+    from pipelines.ltv import fit_btyd_bundles, score_customers
+
+    spark = build_spark(config.spark, str(workdir / "warehouse"))
+    features_df = spark.read.parquet(str(features_path)).cache()
+    print(f"customers: {features_df.count():,}")
+    started = time.perf_counter()
+    bundle = fit_btyd_bundles(features_df, ("bgnbd",), "days").bundles["bgnbd"]
+    print(f"fit {time.perf_counter() - started:.1f} s; params {bundle.describe()['purchase_params']}; "
+          f"covariance stored: {bundle.purchase.fit_info_.get('log_param_covariance') is not None}")
+
+    seconds: dict[str, list[float]] = {"without": [], "with": []}
+    for repeat in range(args.repeats):
+        for variant in ("without", "with"):
+            scored = dataclasses.replace(bundle, intervals=variant == "with")
+            shutil.rmtree(scratch, ignore_errors=True)
+            started = time.perf_counter()
+            score_customers(features_df, scored).write.parquet(str(scratch))
+            seconds[variant].append(time.perf_counter() - started)
+            print(f"  run {repeat + 1} {variant:>7} intervals: {seconds[variant][-1]:.1f} s")
+    median = {k: statistics.median(v) for k, v in seconds.items()}
+    written = spark.read.parquet(str(scratch))
+    with_interval = written.where("predicted_net_value_p10 is not null").count()
+
+    sample = features_df.limit(200_000).toPandas()
+    per_customer = {}
+    for variant in ("without", "with"):
+        scored = dataclasses.replace(bundle, intervals=variant == "with")
+        scored.predict(sample.head(1000))                      # warm-up
+        started = time.perf_counter()
+        for start in range(0, len(sample), 10_000):            # Arrow batches of 10,000 rows, as in Spark
+            scored.predict(sample.iloc[start:start + 10_000])
+        per_customer[variant] = (time.perf_counter() - started) / len(sample) * 1e6
+    spark.stop()
+
+    ratio = median["with"] / median["without"]
+    print()
+    print(f"score + write {args.customers:,} customers: without intervals {median['without']:.1f} s, with "
+          f"{median['with']:.1f} s (medians of {args.repeats}): ratio {ratio:.2f} (target <= 1.5)")
+    print(f"ScoringBundle.predict in numpy: {per_customer['without']:.2f} us per customer without, "
+          f"{per_customer['with']:.2f} us with intervals")
+    print(json.dumps({"customers": args.customers, "seconds": seconds, "median": median, "ratio": round(ratio, 3),
+                      "customers_with_interval": with_interval,
+                      "numpy_predict_us_per_customer": {k: round(v, 3) for k, v in per_customer.items()}}))
+
+
+if __name__ == "__main__":
+    main()

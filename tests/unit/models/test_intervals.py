@@ -1,0 +1,183 @@
+"""Per-customer value intervals (models/intervals.py): the closed forms, the fits' covariance, coverage.
+
+The coverage tests simulate BG/NBD (MBG/NBD) + Gamma-Gamma customers forward in time (helpers.py,
+independent of the code under test), fit the engine's models on the calibration period and check
+that the realised holdout value falls inside the 80% interval predicted at the cutoff for 80% of
+customers (randomised-PIT counting for the atom at 0; the closed-interval share over-covers).
+"""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from models import BGNBDModel, GammaGammaModel, MBGNBDModel
+from models import intervals as iv
+
+from .helpers import simulate_bgnbd_gamma_gamma
+
+PURCHASE = {"r": 0.6, "alpha": 40.0, "a": 0.8, "b": 3.0}
+SPEND = {"p": 4.0, "q": 5.0, "v": 300.0}
+HORIZON = 182.625          # 6 months in days, as the engine's horizon
+
+
+def _world(n: int, seed: int, modified: bool = False):
+    ages = np.random.default_rng(seed).uniform(30, 700, n).round()
+    customers = simulate_bgnbd_gamma_gamma(n, PURCHASE, SPEND, ages, HORIZON, seed=seed + 1, modified=modified)
+    purchase = (MBGNBDModel if modified else BGNBDModel)().fit(customers["frequency"], customers["recency"],
+                                                               customers["T"])
+    repeat = customers[customers["frequency"] > 0]
+    spend = GammaGammaModel().fit(repeat["frequency"], repeat["monetary"])
+    return customers, purchase, spend
+
+
+def _distribution(customers, purchase, spend, modified=False, parameter_uncertainty=True):
+    purchase_cov = purchase.fit_info_["log_param_covariance"] if parameter_uncertainty else None
+    spend_cov = spend.fit_info_["log_param_covariance"] if parameter_uncertainty else None
+    counts = iv.count_moments(iv.sigma_points(purchase.params_, purchase_cov, purchase.param_names), HORIZON,
+                              customers["frequency"], customers["recency"], customers["T"], modified=modified)
+    spend_m = iv.spend_moments(iv.sigma_points(spend.params_, spend_cov, spend.param_names),
+                               customers["frequency"], customers["monetary"])
+    return iv.value_distribution(counts, spend_m, 1.0)
+
+
+@pytest.mark.parametrize("modified", [False, True], ids=["bgnbd", "mbgnbd"])
+def test_80_percent_intervals_cover_80_percent_of_simulated_customers(modified):
+    customers, purchase, spend = _world(4000, seed=11, modified=modified)
+    distribution = _distribution(customers, purchase, spend, modified)
+    p10, p50, p90 = distribution.quantiles().T
+    result = iv.interval_coverage(customers["holdout_value"], p10, p50, p90, distribution.p_zero)
+    # 4,000 customers: the coverage's sampling sd is ~0.6 points
+    assert result["coverage"] == pytest.approx(0.80, abs=0.025)
+    # the closed interval over-covers where P(value = 0) > 10% (why coverage is counted by the PIT)
+    assert result["closed_coverage"] > result["coverage"] + 0.05
+    # the predicted atom at 0 matches the share of customers who bought nothing
+    assert distribution.p_zero.mean() == pytest.approx((customers["holdout_value"] == 0).mean(), abs=0.02)
+    assert np.all((p10 <= p50) & (p50 <= p90))
+
+
+@pytest.mark.parametrize("model", [BGNBDModel, MBGNBDModel], ids=["bgnbd", "mbgnbd"])
+def test_the_count_series_is_the_models_expected_purchases_and_p_alive(model, cdnow):
+    fitted = model().fit(cdnow["frequency"], cdnow["recency"], cdnow["T"])
+    point = iv.sigma_points(fitted.params_, None, fitted.param_names)
+    t = 26.0
+    counts = iv.count_moments(point, t, cdnow["frequency"], cdnow["recency"], cdnow["T"],
+                              modified=model is MBGNBDModel)
+    expected = fitted.expected_purchases(t, cdnow["frequency"], cdnow["recency"], cdnow["T"])
+    np.testing.assert_allclose(counts.mean, expected, rtol=1e-7, atol=1e-9)
+    # P(N = 0) = 1 - P(alive) P(M >= 1): at least the dead share, at most 1
+    alive = fitted.p_alive(cdnow["frequency"], cdnow["recency"], cdnow["T"])
+    assert np.all(counts.p_zero >= 1 - alive - 1e-12) and np.all(counts.p_zero <= 1)
+    # Var(N) >= 0
+    assert np.all(counts.factorial2 + counts.mean - counts.mean ** 2 >= -1e-9)
+
+
+def test_the_count_distribution_matches_a_monte_carlo_of_the_process():
+    # one customer, BG/NBD: draw alive, lambda, p from their posteriors and N = min(Poisson, Geometric)
+    r, alpha, a, b = 0.5, 30.0, 0.7, 2.5
+    x, t_x, T, t = 4.0, 200.0, 300.0, 180.0
+    rng = np.random.default_rng(5)
+    draws = 400_000
+    alive_p = iv._p_alive(r, alpha, a, b, np.array([x]), np.array([t_x]), np.array([T]), False)[0]
+    lam = rng.gamma(r + x, 1.0 / (alpha + T), draws)
+    p = rng.beta(a, b + x, draws)
+    n = np.minimum(rng.poisson(lam * t), rng.geometric(p)) * (rng.random(draws) < alive_p)
+    counts = iv.count_moments(np.array([[r, alpha, a, b]]), t, [x], [t_x], [T])
+    assert counts.p_zero[0] == pytest.approx(np.mean(n == 0), abs=3e-3)
+    assert counts.mean[0] == pytest.approx(n.mean(), rel=0.01)
+    assert counts.factorial2[0] == pytest.approx(np.mean(n * (n - 1.0)), rel=0.02)
+
+
+def test_fits_store_the_log_parameter_covariance_consistent_with_their_standard_errors(cdnow):
+    purchase = BGNBDModel().fit(cdnow["frequency"], cdnow["recency"], cdnow["T"])
+    repeat = cdnow[cdnow["frequency"] > 0]
+    spend = GammaGammaModel().fit(repeat["frequency"], repeat["monetary_value"])
+    for model in (purchase, spend):
+        covariance = model.fit_info_["log_param_covariance"]
+        assert covariance["names"] == list(model.param_names)
+        matrix = np.asarray(covariance["matrix"])
+        np.testing.assert_allclose(matrix, matrix.T)
+        assert np.all(np.linalg.eigvalsh(matrix) > 0)
+        # delta method: se(theta) = theta * se(log theta), lifetimes' standard errors
+        for i, name in enumerate(model.param_names):
+            se = model.fit_info_["standard_errors"][name]
+            assert model.params_[name] * np.sqrt(matrix[i, i]) == pytest.approx(se, rel=1e-3)
+    # the covariance survives save/load, so a registered bundle carries it to the executors
+    again = BGNBDModel.from_dict(purchase.to_dict())
+    assert again.fit_info_["log_param_covariance"] == purchase.fit_info_["log_param_covariance"]
+
+
+def test_sigma_points_have_the_normals_mean_and_covariance():
+    covariance = {"names": ["p", "q", "v"], "matrix": [[0.04, 0.01, 0.0], [0.01, 0.09, -0.02], [0.0, -0.02, 0.25]]}
+    points = iv.sigma_points({"q": 2.0, "p": 1.5, "v": 10.0}, covariance, ("p", "q", "v"))
+    logs = np.log(points)
+    assert len(points) == 4
+    np.testing.assert_allclose(logs.mean(axis=0), np.log([1.5, 2.0, 10.0]), atol=1e-12)
+    np.testing.assert_allclose(np.cov(logs.T, bias=True), np.asarray(covariance["matrix"]), atol=1e-12)
+    assert iv.sigma_points({"p": 1.5, "q": 2.0, "v": 10.0}, None, ("p", "q", "v")).shape == (1, 3)
+
+
+def test_parameter_uncertainty_widens_intervals_of_a_small_fit_only_a_little():
+    customers, purchase, spend = _world(600, seed=3)
+    with_params = _distribution(customers, purchase, spend)
+    process_only = _distribution(customers, purchase, spend, parameter_uncertainty=False)
+    var = (with_params.second - with_params.mean ** 2).sum()
+    var0 = (process_only.second - process_only.mean ** 2).sum()
+    assert var > var0 and var < 1.1 * var0
+    # the mixture mean stays the point prediction's to second order
+    assert with_params.mean.sum() == pytest.approx(process_only.mean.sum(), rel=0.01)
+
+
+def test_coverage_counts_a_realised_zero_by_the_share_of_the_atom_inside_the_levels():
+    actual = np.array([0.0, 0.0, 0.0, 5.0, 50.0])
+    p10 = np.array([0.0, 0.0, 1.0, 0.0, 0.0])
+    p90 = np.array([10.0, 0.0, 9.0, 10.0, 10.0])
+    p_zero = np.array([0.5, 0.95, 0.0, 0.5, 0.5])
+    covered = iv.pit_covered(actual, p10, p90, p_zero)
+    # atom 0.5: levels (0.1, 0.5] of [0, 0.5] inside -> 0.8; atom 0.95: (0.1, 0.9] -> 0.8/0.95;
+    # no atom and P10 > 0: outside; 5 inside; 50 above
+    np.testing.assert_allclose(covered, [0.8, 0.8 / 0.95, 0.0, 1.0, 0.0])
+    result = iv.interval_coverage(actual, p10, p10, p90, p_zero)
+    assert result["closed_coverage"] == pytest.approx(3 / 5)
+    assert result["above"] == pytest.approx(1 / 5) and result["below"] == pytest.approx(1 / 5)
+
+
+def _features(customers: pd.DataFrame) -> pd.DataFrame:
+    n = len(customers)
+    return pd.DataFrame({
+        "customer_id": [f"c{i}" for i in range(n)], "frequency": customers["frequency"],
+        "recency": customers["recency"], "T": customers["T"], "monetary_value": customers["monetary"],
+        "n_orders": customers["frequency"] + 1, "n_cancelled": 0.0, "net_6m": 0.0,
+        "acquisition_channel": "web"}).reset_index(drop=True)
+
+
+def test_the_bundle_adds_interval_columns_the_same_whatever_the_batches():
+    from models.bundle import INTERVAL_COLUMNS, ScoringBundle
+    from models.cancellation import CancellationRateModel
+
+    customers, purchase, spend = _world(1500, seed=21)
+    cancel = CancellationRateModel().fit([1, 2], [0, 1])
+    bundle = ScoringBundle(purchase=purchase, spend=spend, cancellation=cancel, value_model="btyd")
+    features = _features(customers)
+    whole = bundle.predict(features)
+    assert list(whole.columns[-4:]) == list(INTERVAL_COLUMNS)
+    # no randomness: any split into batches gives the same numbers
+    parts = pd.concat([bundle.predict(features.iloc[i:i + 97]) for i in range(0, len(features), 97)],
+                      ignore_index=True)
+    pd.testing.assert_frame_equal(parts, whole)
+    assert whole[list(INTERVAL_COLUMNS)].notna().all().all()
+    assert (whole["predicted_net_value_p10"] <= whole["predicted_net_value_p50"]).all()
+    assert (whole["predicted_net_value_p50"] <= whole["predicted_net_value_p90"]).all()
+    # the interval is around the same value: its mean (without parameter uncertainty) is predicted_net_value
+    process_only = _distribution(customers, purchase, spend, parameter_uncertainty=False)
+    np.testing.assert_allclose(process_only.mean * (1 - whole["predicted_cancel_rate"]),
+                               whole["predicted_net_value"], rtol=1e-6, atol=1e-8)
+    # switched off, or a value model without a distribution: null intervals
+    off = ScoringBundle(purchase=purchase, spend=spend, cancellation=cancel, intervals=False).predict(features)
+    assert off[list(INTERVAL_COLUMNS)].isna().all().all()
+    pd.testing.assert_frame_equal(off.drop(columns=list(INTERVAL_COLUMNS)),
+                                  whole.drop(columns=list(INTERVAL_COLUMNS)))
+    from models.naive import NaiveRepeatModel
+    naive = ScoringBundle(purchase=purchase, spend=spend, cancellation=cancel, value_model="naive",
+                          naive=NaiveRepeatModel().fit()).predict(features)
+    assert naive[list(INTERVAL_COLUMNS)].isna().all().all()
