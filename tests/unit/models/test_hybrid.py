@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 
 from models import BGNBDModel, CancellationRateModel, GammaGammaModel
-from models.bundle import SCORE_COLUMNS, ScoringBundle
+from models.bundle import INTERVAL_COLUMNS, SCORE_COLUMNS, ScoringBundle
 from models.hybrid import (CATEGORICAL_INPUTS, INPUTS, HybridBundle, HybridValueModel, bundle_from_payload,
                            design_matrix, load_bundle, training_target)
 from tests.unit.models.helpers import simulate_bgnbd
@@ -103,7 +103,8 @@ def test_a_more_recent_purchase_never_lowers_the_prediction(fitted):
 def test_bundle_scores_like_a_scoring_bundle_and_round_trips(fitted, tmp_path):
     test = customers(300, seed=5)
     scores = fitted.predict(test)
-    assert list(scores.columns) == list(SCORE_COLUMNS)
+    assert list(scores.columns) == list(SCORE_COLUMNS) + list(INTERVAL_COLUMNS)
+    assert scores[list(INTERVAL_COLUMNS)].isna().all().all()     # the trees' value has no interval yet
     btyd = fitted.btyd.predict(test)
     pd.testing.assert_series_equal(scores["p_alive"], btyd["p_alive"])
     np.testing.assert_allclose(scores["predicted_net_value"], fitted.trees.predict(design_matrix(test, fitted.btyd)))
