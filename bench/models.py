@@ -1,6 +1,6 @@
 """Benchmark of stage 2: features -> sufficient statistics -> each fit -> scoring -> backtest.
 
-    python bench/models.py --customers 2000000 [--workdir DIR] [--skip-baseline] [--origins K]
+    python bench/models.py --customers 2000000 [--workdir DIR] [--skip-baseline] [--origins K] [--hybrid]
 
 Prints wall seconds per step with peak RSS of the driver and the JVM, and compares the engine with a
 single-node baseline measured IN THE SAME RUN on the same orders: lifetimes' own path
@@ -11,6 +11,13 @@ machine is shared, so read the ratios rather than the absolute seconds.
 The export and the ingested warehouse are kept in ``--workdir`` (default ``/tmp/cvseg-bench-models``)
 and reused by the next run with the same ``--customers`` and ``--seed`` (``--fresh`` rebuilds them).
 For large N the pandas baseline needs a lot of memory and time: ``--skip-baseline``.
+
+``--hybrid`` also measures what a hybrid champion adds to a refit night (``models.hybrid``,
+:mod:`pipelines.hybrid`): the training frame at D - 6 months (the stored customer_features of that
+night joined with each customer's net value since, as ``refit_hybrid`` builds it; the features of
+that night are computed first, as setup), the fit (BTYD at D - 6 months, the bounded training
+sample to the driver, the trees) and scoring every customer with the hybrid bundle, beside the
+BG/NBD bundle's scoring.
 """
 from __future__ import annotations
 
@@ -48,6 +55,7 @@ def main() -> None:
     parser.add_argument("--orders-direct", action="store_true",
                         help="write the clean generated orders straight into `orders` (bench/_orders_direct.py) "
                              "instead of export + ingest: for 1M+ customers, where ingest is measured by bench/features.py")
+    parser.add_argument("--hybrid", action="store_true", help="also time the hybrid's training and scoring")
     parser.add_argument("--driver-memory", default="12g")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     args = parser.parse_args()
@@ -119,6 +127,25 @@ def main() -> None:
             score_stats = run_score(storage, END_DATE, bundle, "bench")
         print(f"  scored {score_stats['customers']:,} customers, predicted net total "
               f"{score_stats['predicted_net_value_total']:,.0f}")
+        if args.hybrid:
+            from pipelines.hybrid import fit_hybrid, training_cutoff, training_frame
+
+            train_cutoff = training_cutoff(END_DATE, HORIZON_MONTHS)
+            with timer.step("setup: features at D - 6 months (the night six months earlier)", memory):
+                run_features(storage, train_cutoff, config.features, full=True)
+            with timer.step("hybrid: training frame at D - 6 months", memory):
+                train_df, source = training_frame(storage, train_cutoff, config)
+                train_df = train_df.persist()
+                print(f"  hybrid training frame from {source}: {train_df.count():,} customers")
+            with timer.step("hybrid: fit (BTYD at D - 6 months, sample to the driver, trees)", memory):
+                fitted = fit_hybrid(train_df, bundle, config.models.hybrid, config.models.penalizer_coef,
+                                    train_cutoff, END_DATE)
+            print(f"  hybrid: {fitted.sample['rows']:,} training rows of {fitted.sample['population']:,}; "
+                  f"{ {k: round(v, 2) for k, v in fitted.seconds.items()} }")
+            with timer.step("score (hybrid bundle)", memory):
+                hybrid_stats = run_score(storage, END_DATE, fitted.bundle, "bench-hybrid")
+            print(f"  hybrid scored {hybrid_stats['customers']:,} customers, predicted net total "
+                  f"{hybrid_stats['predicted_net_value_total']:,.0f}")
         backtest_seconds = None
         if not args.skip_backtest:
             with timer.step(f"backtest ({args.origins} origin)", memory):
@@ -144,7 +171,15 @@ def main() -> None:
         "peak_rss_gib": {name: {"driver": round(d / 1024**3, 2), "jvm": round(j / 1024**3, 2)}
                          for name, _, _, d, j in timer.peaks},
     }
+    if args.hybrid:
+        fit_s = timer.total("hybrid: fit (BTYD at D - 6 months, sample to the driver, trees)")
+        extra_score_s = timer.total("score (hybrid bundle)") - timer.total("score (bgnbd bundle)")
+        frame_s = timer.total("hybrid: training frame at D - 6 months")
+        result["hybrid_refit_night_extra_s"] = round(frame_s + fit_s + extra_score_s, 2)
     print()
+    if args.hybrid:
+        print(f"hybrid on a refit night: training frame {frame_s:.1f} s + fit {fit_s:.1f} s + scoring "
+              f"{extra_score_s:+.1f} s vs the BG/NBD bundle = {frame_s + fit_s + extra_score_s:.1f} s")
     print(f"engine features -> sufficient statistics -> BG/NBD + Gamma-Gamma + cancellation -> scores: "
           f"{engine_bgnbd_path:.1f} s")
     if baseline is not None:

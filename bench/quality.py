@@ -19,6 +19,11 @@ revenue in the holdout (``calibration_holdout.holdout_net``):
   baseline) one horizon *earlier* (origin = cutoff), so the choice never sees the evaluation window;
   then that model and basis is fitted at the cutoff and predicts the holdout. (CDNOW is too short for
   the cohort cells one horizon before that earlier cutoff: ``compare_cohort`` is off there.)
+* **hybrid** (``models.hybrid``, :mod:`pipelines.hybrid`): gradient-boosted trees on the BTYD outputs
+  and behavioural features of customers as of cutoff - 6 months, trained on what they spent up to
+  the cutoff, then predicting the holdout from the same inputs as of the cutoff; one per basis
+  (``hybrid``, ``hybrid_net``). It also competes in the backtest that picks the champion where that
+  backtest has two horizons of history (not on CDNOW);
 * **plain lifetimes**: ``summary_data_from_transaction_data`` of the completed orders (net amounts,
   ``freq="D"``), ``BetaGeoFitter`` + ``GammaGammaFitter``, ``customer_lifetime_value(time=6,
   discount_rate=0)`` (undiscounted, like the engine's value); customers without a completed order
@@ -73,6 +78,7 @@ def engine_predictions(storage: Storage, config, end: dt.date) -> tuple[str, dic
     """(champion, predictions by model name, actual holdout net, backtest summary of the choice)."""
     from pipelines.backtest import ensure_calibration, fit_origin_models, predict_all, run_backtest
     from pipelines.features import add_months
+    from pipelines.hybrid import origin_hybrids
 
     cutoff = add_months(end, -HORIZON_MONTHS)
     choice = run_backtest(storage, cutoff, config, n_origins=1, track=False)   # one horizon earlier
@@ -84,7 +90,12 @@ def engine_predictions(storage: Storage, config, end: dt.date) -> tuple[str, dic
     only_btyd = config.model_copy(update={"models": config.models.model_copy(update={
         "compare_cohort": champion == "cohort", "compare_naive": champion == "naive"})})
     bundles = fit_origin_models(holdout_df, cohort_df, only_btyd).bundles
-    shown = {name: bundles[name] for name in dict.fromkeys([champion, "bgnbd", "bgnbd_net"]) if name in bundles}
+    hybrids, _, notes = origin_hybrids(storage, cutoff, config, bundles)
+    for note in notes + choice.get("notes", []):
+        print(f"... {note}", flush=True)
+    bundles.update(hybrids)
+    shown = {name: bundles[name] for name in dict.fromkeys([champion, "bgnbd", "bgnbd_net", *hybrids])
+             if name in bundles}
     rows = predict_all(holdout_df, shown).toPandas()
     wide = rows.pivot(index="customer_id", columns="model", values="predicted")
     actual = rows.drop_duplicates("customer_id").set_index("customer_id")["actual"].reindex(wide.index)
@@ -194,15 +205,31 @@ def share_text(value: float) -> str:
     return "n/a" if not np.isfinite(value) else f"{value:.1%}"
 
 
-def acceptance(rows: list[dict]) -> list[str]:
-    """Data sets where the champion's Spearman or top-20% capture is below the plain fit's."""
+def acceptance(rows: list[dict], method: str = "engine champion") -> list[str]:
+    """Data sets where the champion's (or ``method``'s) Spearman or top-20% capture is below the plain fit's."""
     failures = []
     for data in dict.fromkeys(r["data"] for r in rows):
-        champ = next(r for r in rows if r["data"] == data and r["method"].startswith("engine champion"))
+        champ = next((r for r in rows if r["data"] == data and (r["method"].startswith(method)
+                                                                 or r["method"].endswith(f": {method}"))), None)
+        if champ is None:
+            failures.append(f"{data}: no {method} row")
+            continue
         plain = next(r for r in rows if r["data"] == data and r["method"].startswith("plain lifetimes"))
         for metric in ("spearman", "top20_capture"):
             if champ[metric] < plain[metric]:
                 failures.append(f"{data}: {metric} {champ[metric]:.4f} < plain {plain[metric]:.4f}")
+    return failures
+
+
+def hybrid_acceptance(rows: list[dict]) -> list[str]:
+    """As :func:`acceptance`, for the hybrid on the basis the backtest chose (``hybrid`` / ``hybrid_net``)."""
+    failures = []
+    for data in dict.fromkeys(r["data"] for r in rows):
+        first = next(r for r in rows if r["data"] == data)
+        name = "hybrid" if first["champion_basis"] == "gross" else "hybrid_net"
+        failures += acceptance([r for r in rows if r["data"] == data and (not r["method"].startswith("engine")
+                                                                          or r["method"].endswith(f": {name}"))],
+                               name)
     return failures
 
 
@@ -235,6 +262,9 @@ def main() -> None:
               f"{first['basis_comparison']}")
     failures = acceptance(rows)
     print("acceptance (champion >= plain lifetimes on spearman and top-20% capture): "
+          + ("met on every data set" if not failures else "NOT met: " + "; ".join(failures)))
+    failures = hybrid_acceptance(rows)
+    print("acceptance (hybrid on the champion's basis >= plain lifetimes on spearman and top-20% capture): "
           + ("met on every data set" if not failures else "NOT met: " + "; ".join(failures)))
     misses = [f"{r['data']}: {share_text(r['coverage'])}" for r in rows if r["method"].startswith("engine champion")
               and r["data"].startswith("generated") and not abs(r["coverage"] - 0.8) <= 0.05]

@@ -164,6 +164,26 @@ class FeaturesConf(_Frozen):
         return tuple(sorted(set(v)))
 
 
+class HybridConf(_Frozen):
+    """The hybrid value model (gradient-boosted trees on BTYD outputs and behavioural features,
+    :mod:`models.hybrid`): a value model beside the cohort method and the naive baseline, so a
+    switch of its own rather than an entry of ``purchase_models`` (which are BTYD purchase
+    processes, each fitted with Gamma-Gamma)."""
+
+    enabled: bool = True                  # compete in the backtest (two horizons of history needed)
+    base_model: Literal["bgnbd", "paretonbd", "mbgnbd"] | None = None   # None: the first purchase model
+    sample_rows: int = Field(default=200_000, ge=100)      # training rows collected to the driver, at most
+    importance_rows: int = Field(default=50_000, ge=100)   # holdout rows for permutation importance, at most
+    min_train_customers: int = Field(default=500, ge=1)    # fewer customers two horizons back: skipped
+    loss: Literal["poisson", "squared_error", "gamma"] = "poisson"
+    max_iter: int = Field(default=100, ge=1)
+    learning_rate: float = Field(default=0.05, gt=0.0, le=1.0)
+    max_leaf_nodes: int = Field(default=15, ge=2)
+    min_samples_leaf: int = Field(default=100, ge=1)
+    monotonic: bool = True                # known directions (recency, BTYD forecast, recent spend)
+    seed: int = 0
+
+
 class ModelsConf(_Frozen):
     purchase_models: tuple[Literal["bgnbd", "paretonbd", "mbgnbd"], ...] = ("bgnbd", "paretonbd", "mbgnbd")
     compare_cohort: bool = True
@@ -178,6 +198,7 @@ class ModelsConf(_Frozen):
     # Which orders the purchase and spend models see: gross (cancelled ones too), net (completed
     # only), auto (the backtest fits both and the champion metric picks, per client).
     purchase_basis: Literal["gross", "net", "auto"] = "auto"
+    hybrid: HybridConf = HybridConf()
     # P10 / P50 / P90 of each customer's 6-month net value in customer_scores (BG/NBD, MBG/NBD),
     # with the parameters' uncertainty from the fit's Fisher information; and their coverage in backtests
     intervals: bool = True

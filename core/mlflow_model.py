@@ -17,9 +17,9 @@ class BundlePyfunc(mlflow.pyfunc.PythonModel):
     """Scores customers with the :class:`models.bundle.ScoringBundle` saved as artifact ``bundle``."""
 
     def load_context(self, context):
-        from models.bundle import ScoringBundle
+        from models.hybrid import load_bundle
 
-        self.bundle = ScoringBundle.load(context.artifacts["bundle"])
+        self.bundle = load_bundle(context.artifacts["bundle"])     # a ScoringBundle or a HybridBundle
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
         return self.bundle.predict(model_input)

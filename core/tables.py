@@ -558,6 +558,32 @@ MODEL_BACKTEST_DECILES = TableSpec(
 TABLES.update({t.name: t for t in (MODEL_BACKTEST, MODEL_BACKTEST_DECILES)})
 # -- end of backtest tables --
 
+# -- The hybrid's explanation (pipelines/hybrid.py, written by `cvseg backtest`); a few rows per hybrid --
+MODEL_IMPORTANCES = TableSpec(
+    name="model_importances",
+    description="Per backtest run and hybrid model: each input's permutation importance on the newest "
+                "origin's holdout (how much the MAE per customer grows when the input is shuffled).",
+    schema=T.StructType([
+        _f("backtest_run_id", S, False),
+        _f("origin_date", DT, False),
+        _f("cutoff_date", DT, False),         # the hybrid scored customers as of this date
+        _f("model", S, False),                # hybrid | hybrid_net
+        _f("feature", S, False),
+        _f("rank", I, False),                 # 1 = most important
+        _f("importance", D, False),           # MAE increase per customer, in currency
+        _f("importance_std", D, False),       # spread over the shuffles
+        _f("split_gain_share", D),            # share of the trees' split gain (what the fit used)
+        _f("training_cutoff", DT, False),     # training inputs as of this date, target in (it, cutoff]
+        _f("training_rows", L, False),        # the training sample's size
+        _f("holdout_rows", L, False),         # the rows the importance was measured on
+        _f("base_model", S, False),           # the BTYD model whose outputs the trees read, e.g. bgnbd
+        _f("base_params", S, False),          # its parameters and Gamma-Gamma's (JSON), shown beside
+        _f("created_at", TS, False),
+    ]),
+    keys=("backtest_run_id", "model", "feature"),
+)
+TABLES[MODEL_IMPORTANCES.name] = MODEL_IMPORTANCES
+
 # -- Table maintenance (pipelines/maintenance.py, `cvseg maintain`); a few rows per run --
 MAINTENANCE_RUNS = TableSpec(
     name="maintenance_runs",

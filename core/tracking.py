@@ -104,6 +104,9 @@ PYFUNC_CODE = Path(__file__).with_name("mlflow_model.py")
 def _signature(bundle) -> Any:
     from mlflow.models import infer_signature
 
+    if hasattr(bundle, "input_example"):       # the hybrid reads more feature columns (models/hybrid.py)
+        example = bundle.input_example()
+        return infer_signature(example, bundle.predict(example)), example
     # counts as float64: a served batch may carry missing values, which integer columns cannot hold
     example = pd.DataFrame([{"customer_id": "C1", "frequency": 2.0, "recency": 30.0, "T": 60.0,
                              "monetary_value": 5000.0, "n_orders": 3.0, "n_cancelled": 0.0, "net_6m": 12000.0,
@@ -119,7 +122,7 @@ def _pip_requirements() -> list[str]:
     from importlib.metadata import PackageNotFoundError, version
 
     pins = []
-    for package in ("numpy", "pandas", "scipy", "lifetimes", "mlflow"):
+    for package in ("numpy", "pandas", "scipy", "lifetimes", "mlflow", "scikit-learn"):
         try:
             pins.append(f"{package}=={version(package)}")
         except PackageNotFoundError:
@@ -236,11 +239,12 @@ def load_champion(registered_model: str):
     if version is None:
         raise LookupError(f"no champion model registered as {registered_model!r} yet; run `cvseg backtest` "
                           "(or `cvseg fit --register`) first")
-    from models.bundle import ScoringBundle
+    from models.hybrid import load_bundle
 
     local = mlflow.artifacts.download_artifacts(f"models:/{registered_model}@{CHAMPION}")
-    bundle_dir = next(Path(local).rglob("bundle.json")).parent
-    return ScoringBundle.load(bundle_dir), version
+    # the top bundle.json (a hybrid's folder holds its BTYD bundle's in btyd/)
+    bundle_dir = min(Path(local).rglob("bundle.json"), key=lambda p: len(p.parts)).parent
+    return load_bundle(bundle_dir), version
 
 
 def list_versions(registered_model: str) -> pd.DataFrame:

@@ -57,6 +57,8 @@ def _backtest(args: argparse.Namespace) -> dict:
               f"{_fmt(row['total_error_pct'], 11, 1)} {_fmt(row['spearman'], 9, 3)} "
               f"{_fmt(row['normalized_gini'], 6, 3)} {_fmt(row['top_decile_capture'], 7, 3)} "
               f"{_fmt(row['top20_capture'], 7, 3)}")
+    for note in result.get("notes", []):
+        print(f"  {note}")
     version = result["champion_version"]
     print(f"  champion by mean {metric}: {result['champion']}"
           + (f" -> registered version {version} has alias 'champion'" if version else " (not registered)"))

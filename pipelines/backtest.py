@@ -77,6 +77,7 @@ from core.storage import Storage
 from core.tables import CALIBRATION_HOLDOUT, MODEL_BACKTEST, MODEL_BACKTEST_DECILES, ORDERS
 from models import CELL_COLUMNS, DEFAULT_BANDS, CohortModel, NaiveRepeatModel
 from models.bundle import DAYS_PER_UNIT, ScoringBundle
+from models.hybrid import bundle_from_payload
 from pipelines.calibration import holdout_end, run_calibration
 from pipelines.features import add_months, to_date
 from pipelines.ltv import fit_btyd_bundles
@@ -187,7 +188,7 @@ def predict_all(holdout_df: DataFrame, bundles: Mapping[str, ScoringBundle], int
     shared = spark.sparkContext.broadcast({name: b.to_payload() for name, b in bundles.items()})
 
     def predict_batches(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
-        models = {name: ScoringBundle.from_payload(payload) for name, payload in shared.value.items()}
+        models = {name: bundle_from_payload(payload) for name, payload in shared.value.items()}
         for model in models.values():
             model.intervals = intervals
         for batch in batches:
@@ -391,6 +392,7 @@ class OriginModels:
     bundles: dict[str, ScoringBundle]
     seconds: dict[str, float]
     sizes: dict[str, int]
+    notes: list[str] = field(default_factory=list)     # lines for the output, e.g. why the hybrid was skipped
 
 
 def purchase_bases(configured: str) -> tuple[str, ...]:
@@ -503,6 +505,12 @@ def run_origin(storage: Storage, origin: dt.date, config: Config, rebuild: bool 
     seconds["calibration"] = time.perf_counter() - started
     version = storage.version(CALIBRATION_HOLDOUT.name)
     models = fit_origin_models(holdout_df, cohort_train_df, config)
+    if config.models.hybrid.enabled:    # the hybrid, trained one horizon back: pipelines/hybrid.py
+        from pipelines.hybrid import origin_hybrids
+
+        hybrids, hybrid_seconds, models.notes = origin_hybrids(storage, cutoff, config, models.bundles, rebuild)
+        models.bundles.update(hybrids)
+        models.seconds.update(hybrid_seconds)
     started = time.perf_counter()
     predictions_df = predict_all(holdout_df, models.bundles, config.models.intervals).persist(
         StorageLevel.MEMORY_AND_DISK)
@@ -611,6 +619,13 @@ def run_backtest(storage: Storage, as_of: dt.date | str, config: Config, n_origi
     champion_basis = results[0].models.bundles[champion].purchase_basis
     basis_comparison = compare_bases(means, results[0].models.bundles, champion_metric)
     created_at = dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
+    importance_rows = []
+    if any(b.value_model == "hybrid" for b in results[0].models.bundles.values()):
+        from pipelines.hybrid import importance_rows as hybrid_importance_rows
+
+        newest = results[0]
+        importance_rows = hybrid_importance_rows(newest.models.bundles, _calibration_rows(storage, newest.cutoff),
+                                                 config.models.hybrid, run_id, newest.origin, newest.cutoff, created_at)
 
     mlflow_runs: dict[tuple[dt.date, str], str] = {}
     versions: dict[str, str | None] = {}
@@ -657,6 +672,12 @@ def run_backtest(storage: Storage, as_of: dt.date | str, config: Config, n_origi
                                      deciles, f"{name}: origin {result.origin}, cutoff {result.cutoff}")}
                     bundle.metadata.update({"backtest_run_id": run_id, "cutoff_date": result.cutoff.isoformat(),
                                             "origin": result.origin.isoformat(), "model": name})
+                    if bundle.value_model == "hybrid":     # training cutoff, sample size, importances
+                        from pipelines.hybrid import tracking_extras
+
+                        extra_params, extra_artifacts = tracking_extras(bundle)
+                        params.update(extra_params)
+                        artifacts.update(extra_artifacts)
                     run_name = f"{name}-{result.origin.isoformat()}"
                     tags = {"kind": "backtest_fit", "backtest_run_id": run_id}
                     if latest:
@@ -711,6 +732,10 @@ def run_backtest(storage: Storage, as_of: dt.date | str, config: Config, n_origi
     # Results are a few rows per model: built on the driver, merged by key (a re-run replaces its rows).
     storage.merge(MODEL_BACKTEST.name, spark.createDataFrame(rows, MODEL_BACKTEST.schema))
     storage.merge(MODEL_BACKTEST_DECILES.name, spark.createDataFrame(decile_rows, MODEL_BACKTEST_DECILES.schema))
+    if importance_rows:
+        from core.tables import MODEL_IMPORTANCES
+
+        storage.merge(MODEL_IMPORTANCES.name, spark.createDataFrame(importance_rows, MODEL_IMPORTANCES.schema))
     write_seconds = time.perf_counter() - started
     return {
         "backtest_run_id": run_id, "as_of": as_of.isoformat(), "origins": [o.isoformat() for o in origins],
@@ -722,6 +747,7 @@ def run_backtest(storage: Storage, as_of: dt.date | str, config: Config, n_origi
         "metrics": [{**{k: _json_value(v) for k, v in r.items()}, "origin_date": r["origin_date"].isoformat()}
                     for r in all_metrics.to_dict("records")],
         "calibration_reused": {r.origin.isoformat(): r.reused for r in results},
+        "notes": [note for r in results for note in r.models.notes],
         "seconds": {"total": round(time.perf_counter() - started_all, 2), "mlflow": round(tracking_seconds, 2),
                     "write_tables": round(write_seconds, 2),
                     **{f"{r.origin.isoformat()}_{k}": round(v, 2) for r in results

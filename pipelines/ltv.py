@@ -34,6 +34,7 @@ from pyspark.sql import types as T
 from core.tables import CUSTOMER_SCORES
 from models import CancellationRateModel, GammaGammaModel, make_model
 from models.bundle import INTERVAL_COLUMNS, NET_FEATURE_COLUMNS, SCORE_COLUMNS, ScoringBundle
+from models.hybrid import bundle_from_payload
 
 log = logging.getLogger(__name__)
 
@@ -165,7 +166,7 @@ def score_customers(features_df: DataFrame, bundle: ScoringBundle) -> DataFrame:
     intervals = bundle.intervals        # a scoring-time switch, not part of the payload
 
     def predict_batches(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
-        model = ScoringBundle.from_payload(shared.value)
+        model = bundle_from_payload(shared.value)      # a ScoringBundle or a HybridBundle
         model.intervals = intervals
         for batch in batches:
             yield model.predict(batch)

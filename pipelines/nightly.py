@@ -113,6 +113,7 @@ class ChampionInfo:
     fitted_as_of: dt.date | None      # as-of date of the features it was fitted on
     registered_at: dt.datetime        # UTC
     purchase_basis: str = "gross"     # the basis it was fitted on (runs before the basis existed: gross)
+    value_model: str = "btyd"         # a "hybrid" champion is refitted as a hybrid (pipelines/hybrid.py)
 
 
 def refit_reason(champion: ChampionInfo | None, as_of_date: dt.date, refit_every_days: int,
@@ -201,14 +202,16 @@ def champion_info(registered_model: str) -> ChampionInfo | None:
         return None
     fitted = None
     basis = "gross"
+    value_model = "btyd"
     if version.run_id:
         params = client.get_run(version.run_id).data.params
         as_of = params.get("as_of")
         fitted = dt.date.fromisoformat(as_of) if as_of else None
         basis = params.get("purchase_basis", "gross")
+        value_model = params.get("value_model", "btyd")
     registered = dt.datetime.fromtimestamp(version.creation_timestamp / 1000, tz=dt.timezone.utc)
     return ChampionInfo(version=str(version.version), fitted_as_of=fitted, registered_at=registered,
-                        purchase_basis=basis)
+                        purchase_basis=basis, value_model=value_model)
 
 
 def refit_basis(configured: str, champion: ChampionInfo | None) -> str:
@@ -288,9 +291,20 @@ def _score(ctx: _Context) -> tuple[str, dict]:
         fitted = fit_btyd_bundles(features_df, models.purchase_models[:1], ctx.config.features.time_unit,
                                   ctx.config.features.horizon_months, models.penalizer_coef, purchase_basis=basis)
         name, bundle = next(iter(fitted.bundles.items()))
+        hybrid_params: dict[str, Any] = {}
+        if champion is not None and champion.value_model == "hybrid":   # refit the trees too (pipelines/hybrid.py)
+            from pipelines.hybrid import refit_hybrid, tracking_extras
+
+            hybrid, skipped, hybrid_seconds = refit_hybrid(ctx.storage, ctx.as_of_date, bundle, ctx.config)
+            details["hybrid_skipped"] = skipped
+            if hybrid is not None:
+                bundle, name = hybrid, "hybrid"
+                hybrid_params = tracking_extras(hybrid)[0]
+                fitted.seconds.update(hybrid_seconds)
         _, version = tracking.log_bundle(
             bundle, run_name=f"nightly-fit-{name}-{ctx.as_of_date}",
-            params={"purchase_model": name, "value_model": "btyd", "as_of": ctx.as_of_date.isoformat(),
+            params={"purchase_model": bundle.purchase.name, "value_model": bundle.value_model,
+                    "as_of": ctx.as_of_date.isoformat(), **hybrid_params,
                     "purchase_basis": basis,
                     "time_unit": ctx.config.features.time_unit, "penalizer_coef": models.penalizer_coef,
                     "horizon_months": ctx.config.features.horizon_months,

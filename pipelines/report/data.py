@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import datetime as dt
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -38,6 +38,7 @@ PRODUCERS = {
         "trend_weekly_segment", "trend_new_customers_weekly", "trend_f2_conversion", "trend_cohort_retention",
         "trend_yearly", "trend_yearly_category")},
     "model_backtest": "cvseg backtest --as-of {as_of}", "model_backtest_deciles": "cvseg backtest --as-of {as_of}",
+    "model_importances": "cvseg backtest --as-of {as_of}",
 }
 
 
@@ -276,6 +277,8 @@ class DiagnosticData:
     migration: pd.DataFrame | Missing
     generation_review: pd.DataFrame | Missing
     quarantine: dict[str, Any] | Missing
+    # the hybrid's permutation importances of the latest backtest (empty when it has no hybrid)
+    hybrid_importances: pd.DataFrame | Missing = field(default_factory=pd.DataFrame)
 
 
 def collect_diagnostic(storage, as_of: dt.date) -> DiagnosticData:
@@ -378,6 +381,7 @@ def collect_diagnostic(storage, as_of: dt.date) -> DiagnosticData:
         migration=sources.migration(storage, as_of),
         generation_review=sources.generation_review(storage, as_of),
         quarantine=quarantine(storage, as_of),
+        hybrid_importances=sources.hybrid_importances(storage, as_of),
     )
 
 # --------------------------------------------------------------------------------------------

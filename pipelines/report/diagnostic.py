@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 
 import numpy as np
 import pandas as pd
@@ -411,6 +412,33 @@ def models_section(data: DiagnosticData, c: Context) -> list:
                                  xlabel=c.m("mod.cal.x"), ylabel=c.m("mod.cal.y", unit=c.f.unit),
                                  y_fmt=c.f.money_axis, actual_label=c.m("mod.cal.actual"), champion=champion_model)
         blocks.append(Chart(png, title, c.m("mod.cal.aid")))
+    if champion_model is not None and champion_rows.iloc[0]["value_model"] == "hybrid":
+        blocks += hybrid_block(data.hybrid_importances, champion_model, c)
+    return blocks
+
+
+def hybrid_block(importances: pd.DataFrame | Missing, champion_model: str, c: Context) -> list:
+    """The hybrid champion's inputs by permutation importance on the holdout, beside its BTYD base."""
+    if isinstance(importances, Missing):
+        return [c.missing(importances)]
+    rows_df = importances[importances["model"] == champion_model].sort_values("rank") \
+        if not importances.empty else importances
+    if rows_df.empty:
+        return []
+    first = rows_df.iloc[0]
+    blocks: list = [Heading(c.m("hyb.title"), level=2),
+                    Paragraph(c.m("hyb.lead", rows=c.f.number(first["training_rows"]),
+                                  train=c.f.date(first["training_cutoff"])))]
+    header = (c.m("hyb.col.rank"), c.m("hyb.col.feature"), c.m("hyb.col.importance"), c.m("hyb.col.gain"))
+    rows = tuple((str(int(r["rank"])), c.m(f"hyb.f.{r['feature']}") if f"hyb.f.{r['feature']}" in CATALOGUE
+                  else r["feature"], c.f.money(r["importance"]),
+                  c.m("na") if pd.isna(r["split_gain_share"]) else c.f.pct(r["split_gain_share"]))
+                 for _, r in rows_df.iterrows())
+    blocks.append(Table(header, rows, numeric=(True, False, True, True)))
+    params = json.loads(first["base_params"]) if isinstance(first["base_params"], str) else {}
+    shown = ", ".join(f"{k.removeprefix('gamma_gamma_')}={v:.3g}" for k, v in params.items())
+    blocks += [Paragraph(c.m("hyb.base", model=first["base_model"], params=shown or c.m("na"))),
+               Paragraph(c.m("hyb.aid"), style="small")]
     return blocks
 
 

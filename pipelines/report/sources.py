@@ -13,7 +13,7 @@ from dateutil.relativedelta import relativedelta
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
-from pipelines.report.data import Missing, _pdf, require
+from pipelines.report.data import Missing, _pdf, require, table_available
 
 
 def _month(as_of: dt.date, months_back: int) -> str:
@@ -133,6 +133,21 @@ def backtest_deciles(storage, as_of: dt.date) -> pd.DataFrame | Missing:
     return _pdf(storage.read("model_backtest_deciles")
                 .where((F.col("backtest_run_id") == run_id) & (F.col("origin_date") == F.lit(origin)))
                 .select("model", "decile", "n", "mean_predicted", "mean_actual").orderBy("model", "decile"))
+
+
+def hybrid_importances(storage, as_of: dt.date, top: int = 10) -> pd.DataFrame | Missing:
+    """The hybrid's inputs by permutation importance (top ``top``) in the latest backtest run up to the
+    as-of date; empty when that run had no hybrid (the model page shows them when one is champion)."""
+    if not table_available(storage, "model_backtest") or not table_available(storage, "model_importances"):
+        return pd.DataFrame()
+    latest = _latest_backtest_run(storage, as_of)
+    if latest is None:
+        return pd.DataFrame()
+    return _pdf(storage.read("model_importances").where((F.col("backtest_run_id") == latest[0])
+                                                        & (F.col("rank") <= top))
+                .select("model", "feature", "rank", "importance", "importance_std", "split_gain_share",
+                        "training_cutoff", "training_rows", "holdout_rows", "base_model", "base_params")
+                .orderBy("model", "rank"))
 
 
 def migration(storage, as_of: dt.date) -> pd.DataFrame | Missing:

@@ -87,10 +87,10 @@ def test_backtest_registers_a_champion_and_a_second_run_adds_rows_and_versions(s
 
     config, storage, _, overrides = synthetic
     first = run_backtest(storage, END, config, n_origins=1)
-    models = {"bgnbd", "paretonbd", "mbgnbd", "cohort", "naive"}
+    models = {"bgnbd", "paretonbd", "mbgnbd", "cohort", "naive", "hybrid"}   # hybrid: 3 years of history
     assert set(first["model_versions"]) == models and all(first["model_versions"].values())
     rows = storage.read("model_backtest").toPandas()
-    assert len(rows) == 5 and set(rows["model"]) == models
+    assert len(rows) == 6 and set(rows["model"]) == models
     assert (rows["cutoff_date"] == dt.date(2026, 3, 30)).all() and (rows["horizon_months"] == 6).all()
     assert rows["n_customers"].nunique() == 1 and rows["n_customers"].iloc[0] > 0.5 * N_CUSTOMERS
     assert rows["actual_total"].nunique() == 1 and rows["actual_total"].iloc[0] > 0
@@ -104,7 +104,7 @@ def test_backtest_registers_a_champion_and_a_second_run_adds_rows_and_versions(s
     assert champion_row["mae"].iloc[0] == rows["mae"].min()          # champion_metric: mae, lower is better
     assert champion_row["model"].iloc[0] == first["champion"]
     deciles = storage.read("model_backtest_deciles").toPandas()
-    assert len(deciles) == 50
+    assert len(deciles) == 60
     assert deciles.groupby("model")["n"].sum().eq(rows["n_customers"].iloc[0]).all()
 
     target = tracking.tracking_target(config)
@@ -142,9 +142,9 @@ def test_backtest_registers_a_champion_and_a_second_run_adds_rows_and_versions(s
     assert second["calibration_reused"][END.isoformat()] == {"calibration": True, "cohort_cells": True}
     assert min(map(int, second["model_versions"].values())) > max(map(int, first["model_versions"].values()))
     assert tracking.champion_version(target.registered_model) == second["champion_version"]
-    assert len(tracking.list_versions(target.registered_model)) == 10
+    assert len(tracking.list_versions(target.registered_model)) == 12
     rows = storage.read("model_backtest").toPandas()
-    assert len(rows) == 10 and rows.groupby("backtest_run_id").size().eq(5).all()
+    assert len(rows) == 12 and rows.groupby("backtest_run_id").size().eq(6).all()
     # same data, same fits: the metrics of the two runs agree
     by_run = rows.set_index(["backtest_run_id", "model"])["mae"].unstack(0)
     pd.testing.assert_series_equal(by_run[first["backtest_run_id"]], by_run[second["backtest_run_id"]],
@@ -156,15 +156,16 @@ def test_backtest_registers_a_champion_and_a_second_run_adds_rows_and_versions(s
     # (one model, untracked, to keep the test short: the merge keys are what is tested), here on
     # both purchase bases (auto): bgnbd replaces its row, bgnbd_net adds one
     one_model = load_config(CONF, [*overrides, "models.purchase_models=[bgnbd]", "models.compare_cohort=false",
-                                   "models.compare_naive=false", "models.purchase_basis=auto"])
+                                   "models.compare_naive=false", "models.purchase_basis=auto",
+                                   "models.hybrid.enabled=false"])
     again = run_backtest(storage, END, one_model, n_origins=1, backtest_run_id=second["backtest_run_id"],
                          track=False)
     assert again["backtest_run_id"] == second["backtest_run_id"]
     assert set(again["basis_comparison"]) == {"gross", "net"}
     assert again["champion_purchase_basis"] == ("net" if again["champion"] == "bgnbd_net" else "gross")
     rows = storage.read("model_backtest").toPandas()
-    assert len(rows) == 11 and not rows.duplicated(["backtest_run_id", "origin_date", "model"]).any()
-    assert len(storage.read("model_backtest_deciles").toPandas()) == 110
+    assert len(rows) == 13 and not rows.duplicated(["backtest_run_id", "origin_date", "model"]).any()
+    assert len(storage.read("model_backtest_deciles").toPandas()) == 130
     replaced = rows[(rows["backtest_run_id"] == second["backtest_run_id"]) & (rows["model"] == "bgnbd")]
     assert replaced["mlflow_run_id"].isna().all()       # the untracked re-run's row replaced the tracked one
     assert rows.set_index("model").loc["bgnbd_net", "purchase_basis"] == "net"

@@ -226,6 +226,33 @@ def test_japanese_report_names_reasons_and_models_in_japanese(full_data):
     assert "BTYDモデル" in html and "「btyd」" not in html
 
 
+@pytest.mark.parametrize("language", LANGUAGES)
+def test_a_hybrid_champion_shows_what_drives_it(full_data, language):
+    m = Messages(language)
+    backtest = pd.concat([full_data.backtest.assign(is_champion=False),
+                          full_data.backtest.iloc[[0]].assign(model="hybrid_net", value_model="hybrid", mae=5100.0,
+                                                              is_champion=True)], ignore_index=True)
+    importances = pd.DataFrame({
+        "model": "hybrid_net", "feature": ["btyd_net_value", "days_since_last", "acquisition_channel"],
+        "rank": [1, 2, 3], "importance": [812.0, 240.5, 3.2], "importance_std": [10.0, 5.0, 1.0],
+        "split_gain_share": [0.55, 0.30, 0.02], "training_cutoff": dt.date(2025, 9, 30), "training_rows": 200000,
+        "holdout_rows": 50000, "base_model": "bgnbd",
+        "base_params": '{"r": 0.81, "alpha": 21.4, "a": 0.9, "b": 2.4, "gamma_gamma_p": 6.1}'})
+    hybrid = DiagnosticData(**{**full_data.__dict__, "backtest": backtest, "hybrid_importances": importances})
+    html = render_html(build(hybrid, language, "JPY", "acme", GENERATED))
+    assert m("hyb.title") in html
+    for feature in ("btyd_net_value", "days_since_last", "acquisition_channel"):
+        assert m(f"hyb.f.{feature}") in html
+    assert Formats(language, "JPY").money(812.0) in html and "200,000" in html and "alpha=21.4" in html
+    # another champion: no hybrid block, even with importances in the data
+    assert m("hyb.title") not in render_html(build(DiagnosticData(**{**full_data.__dict__,
+                                                                     "hybrid_importances": importances}),
+                                                   language, "JPY", "acme", GENERATED))
+    missing_table = DiagnosticData(**{**hybrid.__dict__, "hybrid_importances": Missing(("model_importances",),
+                                                                                        "cvseg backtest")})
+    assert "model_importances" in render_html(build(missing_table, language, "JPY", "acme", GENERATED))
+
+
 def test_lifecycle_segments_come_after_the_value_bands_whatever_their_value(spark, storage):
     from core.tables import SEGMENTS_CURRENT
     from pipelines.report.sources import segments_value
