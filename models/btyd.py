@@ -61,7 +61,7 @@ import pandas as pd
 from scipy import integrate, optimize, special, stats
 
 from models import fast_bgnbd
-from models.intervals import log_param_covariance
+from models.intervals import bg_family_p_alive, log_param_covariance
 from models._lifetimes_compat import (LIFETIMES_VERSION, BetaGeoFitter, ConvergenceError,
                                       ModifiedBetaGeoFitter, ParetoNBDFitter, quiet)
 from models.base import (Attempt, PurchaseModel, as_float_array, check_rfm, fallback_attempts,
@@ -488,15 +488,7 @@ def _bg_family_expected_by_quadrature(t, x, recency, T, r, alpha, a, b, modified
 
 
 def _bg_family_p_alive(x, recency, T, r, alpha, a, b, modified: bool) -> np.ndarray:
-    """P(alive) in log-odds form (no overflow); BG/NBD: 1 when x = 0."""
-    x = np.asarray(x, float)
-    with np.errstate(all="ignore"):
-        log_ratio = (r + x) * (np.log(alpha + T) - np.log(alpha + recency))
-        if modified:
-            log_odds_dead = np.log(a) - np.log(b + x) + log_ratio
-        else:
-            log_odds_dead = np.where(x > 0, np.log(a) - np.log(b + np.maximum(x, 1) - 1) + log_ratio, -np.inf)
-    return special.expit(-log_odds_dead)
+    return bg_family_p_alive(r, alpha, a, b, x, recency, T, modified)
 
 
 # ---- the three models ---------------------------------------------------------------------------

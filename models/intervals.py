@@ -145,7 +145,10 @@ def count_moments(param_rows: np.ndarray, t: float, x, t_x, T, modified: bool = 
     return CountMoments(*(v.reshape(k_rows, n).mean(axis=0) for v in (z, m, f)))
 
 
-def _p_alive(r, alpha, a, b, x, t_x, T, modified: bool) -> np.ndarray:
+def bg_family_p_alive(r, alpha, a, b, x, t_x, T, modified: bool) -> np.ndarray:
+    """P(alive) of BG/NBD (MBG/NBD: ``modified``) in log-odds form (no overflow); BG/NBD: 1 when x = 0.
+    Also the purchase models' own P(alive) (models/btyd.py)."""
+    x = np.asarray(x, float)
     with np.errstate(all="ignore"):
         log_ratio = (r + x) * (np.log(alpha + T) - np.log(alpha + t_x))
         if modified:
@@ -157,7 +160,7 @@ def _p_alive(r, alpha, a, b, x, t_x, T, modified: bool) -> np.ndarray:
 
 def _count_moments_flat(r, alpha, a, b, t, x, t_x, T, modified):
     """(P(N = 0), E[N], E[N(N-1)]) per element; every argument but ``t`` an array of one length."""
-    alive = _p_alive(r, alpha, a, b, x, t_x, T, modified)
+    alive = bg_family_p_alive(r, alpha, a, b, x, t_x, T, modified)
     shape = r + x
     q = t / (alpha + T + t)                                    # NB(shape, 1 - q): P(M = k+1) / P(M = k)
     b_post = b + x + (1.0 if modified else 0.0)                # p | alive ~ Beta(a, b_post)

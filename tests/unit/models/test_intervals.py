@@ -78,7 +78,7 @@ def test_the_count_distribution_matches_a_monte_carlo_of_the_process():
     x, t_x, T, t = 4.0, 200.0, 300.0, 180.0
     rng = np.random.default_rng(5)
     draws = 400_000
-    alive_p = iv._p_alive(r, alpha, a, b, np.array([x]), np.array([t_x]), np.array([T]), False)[0]
+    alive_p = iv.bg_family_p_alive(r, alpha, a, b, np.array([x]), np.array([t_x]), np.array([T]), False)[0]
     lam = rng.gamma(r + x, 1.0 / (alpha + T), draws)
     p = rng.beta(a, b + x, draws)
     n = np.minimum(rng.poisson(lam * t), rng.geometric(p)) * (rng.random(draws) < alive_p)
