@@ -78,6 +78,9 @@ def _setup(spark, root: Path, export_path: str, backend: str):
     config = load_config(CONF, [f"storage.warehouse={root / 'warehouse'}", f"source.path={export_path}",
                                 "source.format=parquet", f"export.dest={root / 'exports'}", "spark.master=null",
                                 "models.purchase_models=[bgnbd]", f"storage.backend={backend}",
+                                # the resumability under test does not depend on the models compared:
+                                # one basis, no hybrid (test_purchase_basis / test_hybrid cover those)
+                                "models.purchase_basis=gross", "models.hybrid.enabled=false",
                                 f"validation.future_cutoff={D}"])   # the export was made on D
     return config, Storage(spark, config.storage.warehouse, backend=config.storage.backend)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import importlib.util
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -165,6 +166,16 @@ def test_every_spark_jvm_compiles_large_generated_methods(spark):
     params = json.dumps(submit)
     for side in ("driver", "executor"):
         assert f"spark.{side}.extraJavaOptions={JIT_OPTIONS}" in params
+
+
+def test_a_local_session_rebuilds_delta_snapshots_in_a_few_partitions_and_clusters_keep_deltas_default(spark):
+    """Local sessions set Delta's snapshot partitions to one per core (see core.spark); the cluster
+    definitions leave Delta's default (sized for clusters) alone."""
+    from core.spark import SNAPSHOT_PARTITIONS
+
+    assert spark.conf.get(SNAPSHOT_PARTITIONS) == str(max(2, os.cpu_count() or 2))
+    assert SNAPSHOT_PARTITIONS not in (INFRA / "databricks" / "databricks.yml").read_text(encoding="utf-8")
+    assert SNAPSHOT_PARTITIONS not in (INFRA / "emr" / "job_run.json").read_text(encoding="utf-8")
 
 
 def test_the_jvm_jars_are_pinned_once_and_infra_names_the_same_versions():
