@@ -42,7 +42,9 @@ def nights_config(root: Path, source: Path):
 
     return load_config(CONF, [f"storage.warehouse={root / 'warehouse'}", f"source.path={source}",
                               "source.format=parquet", f"export.dest={root / 'exports'}", "spark.master=null",
-                              "models.purchase_models=[bgnbd]", "storage.backend=delta-spark",
+                              # one model on one basis, no hybrid: the cluster, not the model comparison
+                              "models.purchase_models=[bgnbd]", "models.purchase_basis=gross",
+                              "models.hybrid.enabled=false", "storage.backend=delta-spark",
                               f"validation.future_cutoff={D}"])
 
 
