@@ -582,6 +582,7 @@ TREND_RUNS = TableSpec(
         _f("ingest_run_ids", T.ArrayType(S), False),  # ingest runs present in orders
         _f("recomputed_from", T.MapType(S, I), False),  # table -> first year recomputed (null: all)
         _f("finished_at", TS, False),
+        _f("identity_version", L),            # Delta version of identity_map read (null: no identity step)
     ]),
     keys=("run_seq",),
 )

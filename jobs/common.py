@@ -107,6 +107,7 @@ def known_errors() -> tuple[type[BaseException], ...]:
     errors: list[type[BaseException]] = [ConfigError, UsageError, JavaMissingError, StorageError,
                                          FileNotFoundError]
     for module, names in (("pipelines.ingest", ("IngestError",)),
+                          ("pipelines.identity", ("IdentityError",)),
                           ("pipelines.features", ("FeaturesError",)),
                           ("pipelines.calibration", ("CalibrationError",)),
                           ("pipelines.generate", ("GeneratorError",)),
