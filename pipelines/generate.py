@@ -720,7 +720,7 @@ def _sources_conf(out_dir: str, names: list[str], paths: dict[str, str], fmt: st
              "            status: status, cancelled_amount: cancelled_amount, category: category, currency: currency,",
              "            email: email, phone: phone}",
              '  timestamp_format: "yyyy/MM/dd HH:mm:ss"', "  source_timezone: Asia/Tokyo",
-             "  cancellation: {style: status, cancelled_values: [cancelled]}", "  allowed_currencies: [JPY]",
+             "  cancellation: {style: status, cancelled_values: [cancelled], live_values: [completed]}", "  allowed_currencies: [JPY]",
              "sources:"]
     for index, name in enumerate(names):
         channel = "columns: {channel: channel}" if index == 0 else f"channel: {name}"
