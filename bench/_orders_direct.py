@@ -44,7 +44,6 @@ def direct_orders(spark: SparkSession, n_customers: int, seed: int, end_date: dt
             .withColumn("source_row", F.monotonically_increasing_id() + 1)
             .withColumn("ingest_run_id", F.lit("bench-direct"))
             .withColumn("order_month", F.date_format("order_date", "yyyy-MM"))
-            .withColumn("source_name", F.lit("default"))
             .select(*ORDERS.columns))
 
 

@@ -23,17 +23,33 @@ class TableSpec:
     partition_by: tuple[str, ...] = ()
     keys: tuple[str, ...] = ()          # merge keys (unique per row)
     description: str = ""
+    # nullable columns a later release added to a published contract: stored (and read) like the
+    # others, but a writer that predates them may leave them out (conform writes null), so code and
+    # notebooks building rows of `schema` keep working
+    later_fields: tuple[T.StructField, ...] = ()
 
     @property
     def columns(self) -> list[str]:
         return [f.name for f in self.schema.fields]
 
+    @property
+    def stored_schema(self) -> T.StructType:
+        """What the table holds: ``schema`` plus ``later_fields``."""
+        return T.StructType(self.schema.fields + list(self.later_fields)) if self.later_fields else self.schema
+
+    @property
+    def stored_columns(self) -> list[str]:
+        return [f.name for f in self.stored_schema.fields]
+
 
 def conform(df: DataFrame, spec: TableSpec) -> DataFrame:
     """Select the table's columns in order with the declared types; fail on missing/extra columns."""
+    later = {f.name for f in spec.later_fields}
+    df = df.select("*", *[F.lit(None).cast(f.dataType).alias(f.name) for f in spec.later_fields
+                          if f.name not in df.columns])
     have = set(df.columns)
-    want = spec.columns
-    missing = [c for c in want if c not in have]
+    want = spec.stored_columns
+    missing = [c for c in want if c not in have and c not in later]
     extra = sorted(have - set(want))
     if missing or extra:
         parts = []
@@ -44,7 +60,7 @@ def conform(df: DataFrame, spec: TableSpec) -> DataFrame:
         raise SchemaContractError(f"cannot write table {spec.name!r}: {'; '.join(parts)}")
     current = dict(df.dtypes)
     cols = []
-    for field in spec.schema.fields:
+    for field in spec.stored_schema.fields:
         if current[field.name] == field.dataType.simpleString():
             cols.append(F.col(field.name))
         else:
@@ -79,12 +95,14 @@ ORDERS = TableSpec(
         _f("source_row", L, False),          # 1 = first data row after the header
         _f("ingest_run_id", S, False),
         _f("order_month", S, False),         # yyyy-MM of order_date (partition)
-        # the source's name (sources[].name; "default" for a lone source; null in rows written before
-        # sources existed). customer_id is that source's own id: `identity_map` gives the unified one
-        _f("source_name", S),
     ]),
     partition_by=("order_month",),
     keys=("order_id",),
+    later_fields=(
+        # the source's name (sources[].name; "default" for a lone source; null in rows written before
+        # sources existed). customer_id is that source's own id: `identity_map` gives the unified one
+        _f("source_name", S),
+    ),
 )
 
 ORDERS_QUARANTINE = TableSpec(

@@ -619,7 +619,7 @@ def build_orders(lines_df: DataFrame, cancels_df: DataFrame | None, *, grain: st
             .withColumn("net_amount", F.col("gross_amount") - F.col("cancelled_amount"))
             .withColumn("ingest_run_id", F.lit(ingest_run_id))
             .withColumn("order_month", F.date_format("order_date", "yyyy-MM"))
-            .select(*ORDERS.columns))
+            .select(*ORDERS.stored_columns))
 
 
 def with_quarantine_text(df: DataFrame, rules: list, *, field_count: Column | None, line_key: str | None) -> DataFrame:
@@ -651,8 +651,7 @@ def build_quarantine(rows_df: DataFrame, *, order_id_mapped: bool, ingest_run_id
 
 def order_content_hash(df: DataFrame) -> Column:
     """Hash of what an order says (not where or when it was read): equal hash = nothing to rewrite."""
-    # source_name: where, not what (and rows stored before it existed hash as they did)
-    lineage = {"source_file", "source_row", "ingest_run_id", "source_name"}
+    lineage = {"source_file", "source_row", "ingest_run_id"}
     cols = []
     for name in ORDERS.columns:
         if name in lineage:
