@@ -179,9 +179,12 @@ class IdentityConf(_Frozen):
     max_ids_per_key: int = Field(default=5, ge=2)
     max_iterations: int = Field(default=30, ge=1)   # label propagation rounds before giving up
 
-    @field_validator("phone_country_code")
+    @field_validator("phone_country_code", mode="before")
     @classmethod
-    def _country(cls, value: str) -> str:
+    def _country(cls, value: Any) -> str:
+        value = str(value) if isinstance(value, int) else value   # YAML reads 81 as a number
+        if not isinstance(value, str):
+            raise ValueError(f"{value!r} is not a country calling code (e.g. \"81\")")
         if not re.fullmatch(r"[1-9][0-9]{0,2}", value):
             raise ValueError(f"{value!r} is not a country calling code (digits without +, e.g. 81, 1, 44)")
         return value

@@ -127,10 +127,11 @@ def hashed_keys(df: DataFrame, key_columns: dict[str, str], *, source_name: str,
         pairs_df = part_df if pairs_df is None else pairs_df.unionByName(part_df)
     if pairs_df is None:
         raise ValueError("key_columns is empty")
-    text = nfkc(F.col("_raw"))
+    text = F.col("_nfkc")   # the UDF once per distinct pair, then native functions
     normalised = (F.when(F.col("key_type") == "email", normalised_email(text))
                   .otherwise(normalised_phone(text, country_code)))
-    keyed_df = (pairs_df.distinct().withColumn("_key", normalised).where(F.col("_key").isNotNull())
+    keyed_df = (pairs_df.distinct().withColumn("_nfkc", nfkc(F.col("_raw")))
+                .withColumn("_key", normalised).where(F.col("_key").isNotNull())
                 .transform(with_hmac_pads, hmac_key))
     key_hash = hmac_sha256_hex(F.concat(F.col("key_type"), F.lit(":"), F.col("_key")),
                                F.col("_hmac_inner"), F.col("_hmac_outer"))
