@@ -120,7 +120,6 @@ ORDERS_QUARANTINE = TableSpec(
         _f("ingest_run_id", S, False),
         _f("run_date", DT, False),           # the day the file was read (what "future" is judged against)
         _f("order_date", DT),                # the row's order day when it parsed: a future row is retried from it
-        _f("source_name", S),                # sources[].name (null: written before sources existed)
     ]),
     keys=("source_file", "source_row"),
 )

@@ -636,16 +636,15 @@ def with_quarantine_text(df: DataFrame, rules: list, *, field_count: Column | No
                              .otherwise(F.col("raw")))
 
 
-def build_quarantine(rows_df: DataFrame, *, order_id_mapped: bool, ingest_run_id: str, run_date: date,
-                     source_name: str = DEFAULT_SOURCE) -> DataFrame:
-    """Quarantined rows (with ``source_row`` and ``raw``) -> ORDERS_QUARANTINE rows."""
+def build_quarantine(rows_df: DataFrame, *, order_id_mapped: bool, ingest_run_id: str, run_date: date) -> DataFrame:
+    """Quarantined rows (with ``source_row`` and ``raw``) -> ORDERS_QUARANTINE rows (their source:
+    ``ingest_run_id`` -> ``ingest_runs.source_name``, and the file)."""
     order_id = (F.col("order_id") if order_id_mapped
                 else derived_order_id(F.col("source_file"), F.col("source_row")))
     return (rows_df.filter(F.col("kind") == KIND_QUARANTINED)
             .withColumn("order_id", order_id)
             .withColumn("ingest_run_id", F.lit(ingest_run_id))
             .withColumn("run_date", F.lit(run_date))
-            .withColumn("source_name", F.lit(source_name))
             .select(*ORDERS_QUARANTINE.columns))
 
 
@@ -1320,7 +1319,7 @@ def _run_ingest(spark: SparkSession, storage: Storage, source: SourceConf, valid
                                     line_key=(_unused_name("_line", src.names)
                                               if src.names_from and not private_columns else None))
                 .transform(with_source_rows, offsets_df),
-                order_id_mapped=order_id_mapped, ingest_run_id=run_id, run_date=run_date, source_name=source.name)
+                order_id_mapped=order_id_mapped, ingest_run_id=run_id, run_date=run_date)
         _write_quarantine(storage, quarantine_df, sorted({_local_path(r["_src_file"]) for r in splits}),
                           set(quarantined_before), replace=not rejected)
         clock.lap("write quarantine")
