@@ -61,7 +61,8 @@ def run_sources(spark: SparkSession, storage: Storage, config: Config, run_date:
     if only is not None and only not in names:
         raise IngestError(f"--source {only!r} is not a configured source; the sources are {names}")
     if path is not None and only is None and len(sources) > 1:
-        raise IngestError(f"--path with several sources ({names}): name the source it replaces with --source")
+        raise IngestError(f"one path given for several sources ({names}): set each source's path "
+                          "(sources[].path), or run `cvseg ingest --source NAME --path P` for one of them")
     hmac_key = identity_hmac_key(config)
     keys = (KeyReading(config.identity.match_on, hmac_key, config.identity.phone_country_code)
             if hmac_key is not None else None)
