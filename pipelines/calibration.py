@@ -27,7 +27,7 @@ from pyspark.sql import functions as F
 
 from core.config import FeaturesConf
 from core.storage import Storage
-from core.tables import CALIBRATION_HOLDOUT, ORDERS, conform
+from core.tables import CALIBRATION_HOLDOUT, conform
 from pipelines.features import add_months, build_customer_features, to_date, validate_orders
 from pipelines.identity import read_orders
 

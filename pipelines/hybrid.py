@@ -244,7 +244,7 @@ def training_frame(storage: Any, train_cutoff: dt.date, config: Any) -> tuple[Da
     nightly run of that day wrote it) with each customer's net value in the next horizon from ``orders``,
     when it exists in this release's columns and time unit; else ``calibration_holdout`` (reused or built
     from every order). Returns (rows, where they came from)."""
-    from core.tables import CUSTOMER_FEATURES, ORDERS
+    from core.tables import CUSTOMER_FEATURES
     from pipelines.backtest import _lacks_net_basis, ensure_calibration
     from pipelines.calibration import holdout_actuals, holdout_end
 

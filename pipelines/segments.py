@@ -74,7 +74,7 @@ from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
 
 from core.config import SegmentsConf
-from core.tables import (CUSTOMER_FEATURES, CUSTOMER_SCORES, GENERATION_REVIEW, ORDERS, SEGMENT_GENERATIONS,
+from core.tables import (CUSTOMER_FEATURES, CUSTOMER_SCORES, GENERATION_REVIEW, SEGMENT_GENERATIONS,
                          SEGMENT_MIGRATION, SEGMENTS_CURRENT, SEGMENTS_HISTORY)
 from pipelines.features import add_months, to_date
 from pipelines.identity import read_orders
