@@ -112,6 +112,10 @@ class ColumnMapping(_Frozen):
     currency: str | None = None
     quantity: str | None = None
     unit_price: str | None = None
+    # matching keys for identity.match_on: read at ingest, normalised and HMAC-hashed at once;
+    # never stored, logged or quarantined in clear
+    email: str | None = None
+    phone: str | None = None
 
 
 class CancellationConf(_Frozen):
@@ -124,7 +128,13 @@ class CancellationConf(_Frozen):
     strip_prefix_to_match: bool = True
 
 
+SOURCE_NAME = r"[a-z][a-z0-9_]{0,31}"
+
+
 class SourceConf(_Frozen):
+    # a short name (ec, store): kept on every order (`orders.source_name`); with several sources
+    # it also namespaces order ids and customer ids (`<name>:<id>`), which collide across systems
+    name: str = "default"
     path: str | None = None
     format: Literal["csv", "parquet", "delta"] = "csv"
     csv: CsvConf = CsvConf()
@@ -137,6 +147,51 @@ class SourceConf(_Frozen):
     extra_columns: Literal["drop", "keep"] = "drop"
     allowed_currencies: tuple[str, ...] = ()
     new_files_only: bool = True
+    # the channel of every order of this source when it has no channel column (a store POS export)
+    channel: str | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _source_name(cls, value: str) -> str:
+        if not re.fullmatch(SOURCE_NAME, value):
+            raise ValueError(f"{value!r} is not a source name: lower-case letters, digits and underscores, "
+                             "starting with a letter, at most 32 characters (e.g. ec, store)")
+        return value
+
+    @model_validator(mode="after")
+    def _channel_once(self) -> "SourceConf":
+        if self.channel is not None and self.columns.channel is not None:
+            raise ValueError("set either channel (one channel for the whole source) or columns.channel, not both")
+        return self
+
+
+class IdentityConf(_Frozen):
+    """One customer across several sources (pipelines/identity.py): an explicit map and/or
+    deterministic matching on normalised, HMAC-hashed keys."""
+
+    # CSV file (UTF-8, header source_name,source_customer_id,customer_id): the client's own joins
+    map: str | None = None
+    match_on: tuple[Literal["email", "phone"], ...] = ()
+    # a phone number written without its country prefix (090-1234-5678) is read in this country
+    phone_country_code: str = "81"
+    # a key shared by more source ids than this (a shop's phone, a placeholder e-mail) links nobody
+    # and is reported in identity_conflicts
+    max_ids_per_key: int = Field(default=5, ge=2)
+    max_iterations: int = Field(default=30, ge=1)   # label propagation rounds before giving up
+
+    @field_validator("phone_country_code", mode="before")
+    @classmethod
+    def _country(cls, value: Any) -> str:
+        value = str(value) if isinstance(value, int) else value   # YAML reads 81 as a number
+        if not isinstance(value, str):
+            raise ValueError(f"{value!r} is not a country calling code (e.g. \"81\")")
+        if not re.fullmatch(r"[1-9][0-9]{0,2}", value):
+            raise ValueError(f"{value!r} is not a country calling code (digits without +, e.g. 81, 1, 44)")
+        return value
+
+    @property
+    def is_configured(self) -> bool:
+        return bool(self.map or self.match_on)
 
 
 class ValidationConf(_Frozen):
@@ -350,6 +405,10 @@ class Config(_Frozen):
     storage: StorageConf = StorageConf()
     business: BusinessConf = BusinessConf()
     source: SourceConf
+    # several order sources (ec, store): each entry is layered over `source` (which then holds
+    # the defaults they share); empty: `source` alone, a list of one
+    sources: tuple[SourceConf, ...] = ()
+    identity: IdentityConf = IdentityConf()
     validation: ValidationConf = ValidationConf()
     features: FeaturesConf = FeaturesConf()
     models: ModelsConf = ModelsConf()
@@ -360,6 +419,42 @@ class Config(_Frozen):
     report: ReportConf = ReportConf()
     retention: RetentionConf = RetentionConf()
     maintenance: MaintenanceConf = MaintenanceConf()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _layer_sources(cls, data: Any) -> Any:
+        """Each `sources` entry inherits every key of `source` it does not set."""
+        if not isinstance(data, dict) or not data.get("sources"):
+            return data
+        base = data.get("source") or {}
+        if not isinstance(data["sources"], (list, tuple)):
+            return data   # the type error names `sources`
+        layered = [deep_merge(base, entry) if isinstance(entry, dict) else entry for entry in data["sources"]]
+        return {**data, "sources": layered}
+
+    @model_validator(mode="after")
+    def _check_sources(self) -> "Config":
+        names = [s.name for s in self.sources]
+        if len(set(names)) != len(names):
+            raise ValueError(f"sources: every source needs a name of its own (got {names}); "
+                             "e.g. sources: [{name: ec, ...}, {name: store, ...}]")
+        if len(self.sources) > 1 and "default" in names:
+            raise ValueError("sources: name each source (e.g. ec, store); `default` is the name of a lone `source`")
+        keys = self.identity.match_on
+        if keys and not any(getattr(s.columns, key) for s in self.order_sources for key in keys):
+            raise ValueError(f"identity.match_on {list(keys)}: no source maps such a column; set "
+                             f"source.columns.{keys[0]} (or sources[].columns.{keys[0]}) to the export's column")
+        return self
+
+    @property
+    def order_sources(self) -> tuple[SourceConf, ...]:
+        """The sources to ingest: `sources`, or the lone `source` as a list of one."""
+        return self.sources or (self.source,)
+
+    @property
+    def has_identity_step(self) -> bool:
+        """Several sources or an identity config: orders are read through `identity_map`."""
+        return len(self.order_sources) > 1 or self.identity.is_configured
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
@@ -427,7 +522,9 @@ def _format_errors(exc: ValidationError) -> str:
     lines = []
     for err in exc.errors():
         path = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        if err["type"] == "extra_forbidden":
+        if not err["loc"]:   # a check across sections: its message names the keys (the input is everything)
+            lines.append(f"  {err['msg'].removeprefix('Value error, ')}")
+        elif err["type"] == "extra_forbidden":
             lines.append(f"  {path}: unknown key (see conf/README.md for the keys that exist)")
         elif err["type"] == "missing":
             lines.append(f"  {path}: required key is missing")

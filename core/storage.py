@@ -188,10 +188,10 @@ class _DeltaRsBackend:
         filters = [(column, "in", values) for column, values in (partitions or {}).items()]
         uris = _file_uris(table, filters or None)
         if not uris:
-            return self.spark.createDataFrame([], spec.schema)
-        df = (self.spark.read.schema(spec.schema).option("basePath", path)
+            return self.spark.createDataFrame([], spec.stored_schema)
+        df = (self.spark.read.schema(spec.stored_schema).option("basePath", path)
               .option("mergeSchema", "false").parquet(*uris))
-        return df.select(*spec.columns)
+        return df.select(*spec.stored_columns)
 
     def version(self, path: str) -> int:
         from deltalake import DeltaTable
@@ -277,7 +277,7 @@ class _DeltaRsBackend:
         from deltalake import CommitProperties, DeltaTable, Schema
         from deltalake.transaction import create_table_with_add_actions
 
-        schema = Schema.from_arrow(spark_to_arrow_schema(spec.schema))
+        schema = Schema.from_arrow(spark_to_arrow_schema(spec.stored_schema))
         props = CommitProperties(custom_metadata={"engine_operation": operation})
         if not self.exists(path):
             Path(path).mkdir(parents=True, exist_ok=True)
@@ -346,7 +346,7 @@ class _DeltaRsBackend:
         merged = kept.unionByName(df)
         mode = "replace_partitions" if spec.partition_by else "overwrite"
         # naming the previous partitions replaces them even when the last row moved out
-        self.write(merged.select(*spec.columns), path, spec, mode, previous)
+        self.write(merged.select(*spec.stored_columns), path, spec, mode, previous)
 
     # -- maintenance ----------------------------------------------------------------------
     def file_stats(self, path: str) -> tuple[int, int]:
@@ -420,7 +420,7 @@ class _DeltaSparkBackend:
         df = reader.load(path)
         # a version older than a column the engine added later (see Storage._evolve) reads it as null
         df = df.select(*[F.col(f.name) if f.name in df.columns else F.lit(None).cast(f.dataType).alias(f.name)
-                         for f in spec.schema.fields])
+                         for f in spec.stored_schema.fields])
         for column, values in (partitions or {}).items():
             df = df.where(F.col(column).isin(values))   # Delta prunes the files from its log
         return df
@@ -609,7 +609,7 @@ class _DeltaSparkBackend:
         """DELETE on the partition column only: Delta removes whole files from its log."""
         from delta.tables import DeltaTable
 
-        dtype = spec.schema[column].dataType
+        dtype = spec.stored_schema[column].dataType
         table = DeltaTable.forPath(self.spark, path)
         table.delete(F.col(column).isin([F.lit(v).cast(dtype) for v in values]))
         last = table.history(1).first()
@@ -712,7 +712,7 @@ class Storage:
     def read_or_empty(self, name: str) -> DataFrame:
         spec = table_spec(name)
         if not self.exists(name):
-            return self.spark.createDataFrame([], spec.schema)
+            return self.spark.createDataFrame([], spec.stored_schema)
         return self.read(name)
 
     def version(self, name: str) -> int:
@@ -731,9 +731,9 @@ class Storage:
         if files is None:
             return None
         if not files:
-            return self.spark.createDataFrame([], spec.schema)
-        return (self.spark.read.schema(spec.schema).option("basePath", path)
-                .option("mergeSchema", "false").parquet(*files).select(*spec.columns))
+            return self.spark.createDataFrame([], spec.stored_schema)
+        return (self.spark.read.schema(spec.stored_schema).option("basePath", path)
+                .option("mergeSchema", "false").parquet(*files).select(*spec.stored_columns))
 
     def append(self, name: str, df: DataFrame) -> None:
         spec = table_spec(name)
@@ -792,7 +792,7 @@ class Storage:
         path = self.path(name)
         if self._backend.exists(path):
             stored = set(self._backend.columns(path))
-            missing = [f for f in table_spec(name).schema.fields if f.name not in stored]
+            missing = [f for f in table_spec(name).stored_schema.fields if f.name not in stored]
             required = [f.name for f in missing if not f.nullable]
             if required:
                 raise StorageError(f"table {name!r} at {path} has no column(s) {required}, which this release "

@@ -23,17 +23,33 @@ class TableSpec:
     partition_by: tuple[str, ...] = ()
     keys: tuple[str, ...] = ()          # merge keys (unique per row)
     description: str = ""
+    # nullable columns a later release added to a published contract: stored (and read) like the
+    # others, but a writer that predates them may leave them out (conform writes null), so code and
+    # notebooks building rows of `schema` keep working
+    later_fields: tuple[T.StructField, ...] = ()
 
     @property
     def columns(self) -> list[str]:
         return [f.name for f in self.schema.fields]
 
+    @property
+    def stored_schema(self) -> T.StructType:
+        """What the table holds: ``schema`` plus ``later_fields``."""
+        return T.StructType(self.schema.fields + list(self.later_fields)) if self.later_fields else self.schema
+
+    @property
+    def stored_columns(self) -> list[str]:
+        return [f.name for f in self.stored_schema.fields]
+
 
 def conform(df: DataFrame, spec: TableSpec) -> DataFrame:
     """Select the table's columns in order with the declared types; fail on missing/extra columns."""
+    later = {f.name for f in spec.later_fields}
+    df = df.select("*", *[F.lit(None).cast(f.dataType).alias(f.name) for f in spec.later_fields
+                          if f.name not in df.columns])
     have = set(df.columns)
-    want = spec.columns
-    missing = [c for c in want if c not in have]
+    want = spec.stored_columns
+    missing = [c for c in want if c not in have and c not in later]
     extra = sorted(have - set(want))
     if missing or extra:
         parts = []
@@ -44,7 +60,7 @@ def conform(df: DataFrame, spec: TableSpec) -> DataFrame:
         raise SchemaContractError(f"cannot write table {spec.name!r}: {'; '.join(parts)}")
     current = dict(df.dtypes)
     cols = []
-    for field in spec.schema.fields:
+    for field in spec.stored_schema.fields:
         if current[field.name] == field.dataType.simpleString():
             cols.append(F.col(field.name))
         else:
@@ -82,6 +98,11 @@ ORDERS = TableSpec(
     ]),
     partition_by=("order_month",),
     keys=("order_id",),
+    later_fields=(
+        # the source's name (sources[].name; "default" for a lone source; null in rows written before
+        # sources existed). customer_id is that source's own id: `identity_map` gives the unified one
+        _f("source_name", S),
+    ),
 )
 
 ORDERS_QUARANTINE = TableSpec(
@@ -124,6 +145,7 @@ INGEST_RUNS = TableSpec(
         _f("status_counts", T.MapType(S, L)),    # rows per status value read ("(empty)" for none)
         _f("channel_counts", T.MapType(S, L)),   # rows per channel value read
         _f("category_counts", T.MapType(S, L)),  # rows per category value read
+        _f("source_name", S),                # sources[].name (null: written before sources existed)
     ]),
     keys=("ingest_run_id",),
 )
@@ -239,6 +261,7 @@ FEATURES_RUNS = TableSpec(
         _f("customers", L, False),
         _f("recomputed_customers", L, False),   # customers whose orders were read (all, when full)
         _f("computed_at", TS, False),
+        _f("identity_version", L),           # Delta version of `identity_map` read (null: no identity step)
     ]),
     keys=("as_of_date",),
 )
@@ -254,6 +277,7 @@ INGESTED_FILES = TableSpec(
         _f("data_rows", L, False),           # rows read from it (header excluded)
         _f("ingest_run_id", S, False),
         _f("ingested_at", TS, False),
+        _f("source_name", S),                # sources[].name (null: written before sources existed)
     ]),
     keys=("source_file", "file_size", "modified_at"),
 )
@@ -275,9 +299,77 @@ PIPELINE_RUNS = TableSpec(
     keys=("run_id", "step"),
 )
 
+# -- One customer across sources (pipelines/identity.py, run by `cvseg ingest` after the sources) --
+IDENTITY_KEYS = TableSpec(
+    name="identity_keys",
+    description="Matching keys of each source customer id: normalised e-mail / phone, HMAC-SHA256 with "
+                "export.hmac_key_env's key (never the clear text).",
+    schema=T.StructType([
+        _f("source_name", S, False),
+        _f("source_customer_id", S, False),
+        _f("key_type", S, False),            # email | phone
+        _f("key_hash", S, False),            # hex HMAC-SHA256 of the normalised key
+        _f("first_seen", DT, False),         # run date of the ingest that first read it
+    ]),
+    keys=("source_name", "source_customer_id", "key_type", "key_hash"),
+)
+
+IDENTITY_MAP = TableSpec(
+    name="identity_map",
+    description="Every source customer id -> the unified customer_id that features, scores, segments, trends "
+                "and the export use; how it was linked and since when.",
+    schema=T.StructType([
+        _f("source_name", S, False),
+        _f("source_customer_id", S, False),
+        _f("customer_id", S, False),         # unified id
+        _f("method", S, False),              # own (linked to nobody) | map (identity.map) | match (shared keys)
+        _f("first_seen", DT, False),         # run date the source id was first resolved
+        _f("assigned_on", DT, False),        # run date its current customer_id was assigned
+        _f("identity_run_id", S, False),
+    ]),
+    keys=("source_name", "source_customer_id"),
+)
+
+IDENTITY_CONFLICTS = TableSpec(
+    name="identity_conflicts",
+    description="Links the identity step did not make, with the reason and the rule that decided.",
+    schema=T.StructType([
+        _f("identity_run_id", S, False),
+        _f("run_date", DT, False),
+        _f("reason", S, False),              # map_conflict | match_conflict | key_too_common
+        _f("source_name", S),
+        _f("source_customer_id", S),
+        _f("key_type", S),                   # key_too_common: email | phone
+        _f("key_hash", S),                   # key_too_common: the hashed key
+        _f("candidates", T.ArrayType(S), False),   # the customer ids (or source ids) that claimed it
+        _f("resolution", S, False),          # what was done (the stated rule)
+    ]),
+    keys=("identity_run_id", "reason", "source_name", "source_customer_id", "key_hash"),
+)
+
+IDENTITY_RUNS = TableSpec(
+    name="identity_runs",
+    description="One row per identity resolution: source ids, unified customers, links, merges, conflicts.",
+    schema=T.StructType([
+        _f("identity_run_id", S, False),
+        _f("run_date", DT, False),
+        _f("source_ids", L, False),          # source customer ids resolved
+        _f("customers", L, False),           # unified customer ids
+        _f("linked_source_ids", L, False),   # source ids sharing their unified id with another
+        _f("new_source_ids", L, False),      # first seen in this run
+        _f("reassigned_source_ids", L, False),   # whose unified id changed (merged into an older one)
+        _f("conflicts", L, False),           # rows written to identity_conflicts
+        _f("iterations", I, False),          # label propagation rounds
+        _f("write_mode", S, False),          # unchanged | append | overwrite
+        _f("identity_map_version", L),       # Delta version of identity_map after the run
+        _f("finished_at", TS, False),
+    ]),
+    keys=("identity_run_id",),
+)
+
 TABLES: dict[str, TableSpec] = {t.name: t for t in (
     ORDERS, ORDERS_QUARANTINE, INGEST_RUNS, INGESTED_FILES, CUSTOMER_FEATURES, FEATURES_RUNS, CALIBRATION_HOLDOUT, CUSTOMER_SCORES,
-    PIPELINE_RUNS,
+    PIPELINE_RUNS, IDENTITY_KEYS, IDENTITY_MAP, IDENTITY_CONFLICTS, IDENTITY_RUNS,
 )}
 
 # -- Stage 3: segment generations and trend tables (pipelines/segments.py, pipelines/trends.py) --
@@ -472,6 +564,29 @@ TREND_YEARLY_CATEGORY = TableSpec(
     keys=("year", "category"),
 )
 
+TREND_CHANNEL_SETS = TableSpec(
+    name="trend_channel_sets",
+    description="Customers by acquisition week / year, the source of their first order and the set of sources "
+                "they bought from by the as-of date (ec, store, ec+store): F2 and 6-month value.",
+    schema=T.StructType([
+        _f("year", I, False),                 # partition: calendar year of period_start
+        _f("period", S, False),               # week | year
+        _f("period_start", DT, False),        # Monday of the first order's week, or 1 January
+        _f("first_source", S, False),         # source of the first order across all sources
+        _f("source_set", S, False),           # sources bought from by the as-of date, sorted, joined by "+"
+        _f("customers", L, False),
+        _f("converted_90d", L, False),        # second purchase day within 90 days of the first (any source)
+        _f("f2_rate_90d", D, False),
+        _f("net_6m", D, False),               # net revenue in the 6 months from the first order
+        _f("net_6m_per_customer", D, False),
+        _f("crossed_customers", L, False),    # bought later from another source than the first order's
+        _f("is_complete_90d", B, False),      # every customer of the row has had 90 days by the as-of date
+        _f("is_complete_6m", B, False),
+    ]),
+    partition_by=("year",),
+    keys=("period", "period_start", "first_source", "source_set"),
+)
+
 TREND_RUNS = TableSpec(
     name="trend_runs",
     description="One row per trend run that wrote something: what it read and which periods it recomputed.",
@@ -484,6 +599,7 @@ TREND_RUNS = TableSpec(
         _f("ingest_run_ids", T.ArrayType(S), False),  # ingest runs present in orders
         _f("recomputed_from", T.MapType(S, I), False),  # table -> first year recomputed (null: all)
         _f("finished_at", TS, False),
+        _f("identity_version", L),            # Delta version of identity_map read (null: no identity step)
     ]),
     keys=("run_seq",),
 )
@@ -491,7 +607,7 @@ TREND_RUNS = TableSpec(
 TABLES.update({t.name: t for t in (
     SEGMENTS_CURRENT, SEGMENTS_HISTORY, SEGMENT_GENERATIONS, GENERATION_REVIEW, SEGMENT_MIGRATION,
     TREND_WEEKLY_SEGMENT, TREND_NEW_CUSTOMERS_WEEKLY, TREND_F2_CONVERSION, TREND_COHORT_RETENTION,
-    TREND_YEARLY, TREND_YEARLY_CATEGORY, TREND_RUNS,
+    TREND_YEARLY, TREND_YEARLY_CATEGORY, TREND_CHANNEL_SETS, TREND_RUNS,
 )})
 # -- end of stage 3 tables --
 

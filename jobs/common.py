@@ -38,7 +38,8 @@ def build_session(config: Config):
     from core.s3 import is_s3
     from core.spark import build_spark
 
-    paths = (config.storage.warehouse, config.source.path, config.export.staging_dir)
+    paths = (config.storage.warehouse, *(s.path for s in config.order_sources), config.identity.map,
+             config.export.staging_dir)
     return build_spark(config.spark, config.storage.warehouse, s3=any(is_s3(p) for p in paths),
                        s3_conf=config.storage.s3)
 
@@ -107,6 +108,7 @@ def known_errors() -> tuple[type[BaseException], ...]:
     errors: list[type[BaseException]] = [ConfigError, UsageError, JavaMissingError, StorageError,
                                          FileNotFoundError]
     for module, names in (("pipelines.ingest", ("IngestError",)),
+                          ("pipelines.identity", ("IdentityError",)),
                           ("pipelines.features", ("FeaturesError",)),
                           ("pipelines.calibration", ("CalibrationError",)),
                           ("pipelines.generate", ("GeneratorError",)),

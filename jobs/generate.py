@@ -23,13 +23,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="how cancelled orders arise: independent (default: random orders of the purchase "
                              "process are cancelled), retry (a cancelled order a day or two before a completed "
                              "one), stray (cancelled orders at random times, also after dropout), mixed (half each)")
+    parser.add_argument("--sources", type=lambda text: [n.strip() for n in text.split(",") if n.strip()],
+                        help="split the customers over several order sources, e.g. ec,store: one export per "
+                             "source (its own customer ids, e-mail and phone written its own way), an identity "
+                             "map of the overlapping customers and a conf (sources.yaml)")
+    parser.add_argument("--overlap", type=float, default=0.2,
+                        help="with --sources: share of customers with an account in every source (default 0.2)")
 
 
 def main(args: argparse.Namespace) -> dict:
-    from pipelines.generate import GeneratorParams, generate
+    from pipelines.generate import GeneratorParams, generate, generate_sources
 
     config = config_from(args)
     spark = build_session(config)
+    if args.sources:
+        with step("generate"):
+            summary = generate_sources(spark, n_customers=args.customers, seed=args.seed, end_date=args.end_date,
+                                       out_dir=args.out, sources=args.sources, overlap=args.overlap, fmt=args.format,
+                                       params=GeneratorParams(cancellations=args.cancellations),
+                                       dirty_share=args.dirty_share)
+        for name in summary["sources"]:
+            counts = summary["per_source"].get(name, {"rows": 0, "customers": 0})
+            print(f"source {name}: {counts['rows']:,} rows, {counts['customers']:,} customers -> {summary['paths'][name]}")
+        print(f"{summary['shared_customers']:,} customers in every source; identity map: {summary['identity_map_path']}")
+        print(f"conf: {summary['conf_path']} (matching on email and phone; CVSEG_EXPORT_HMAC_KEY must hold a key)")
+        return summary
     with step("generate"):
         summary = generate(spark, n_customers=args.customers, seed=args.seed, end_date=args.end_date,
                            out_dir=args.out, fmt=args.format, dirty_share=args.dirty_share,

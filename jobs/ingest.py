@@ -5,11 +5,14 @@ import argparse
 
 from jobs.common import UsageError, config_from, open_warehouse, parse_date, step
 
-HELP = "ingest the client's order export (columns mapped by conf) with validation and quarantine"
+HELP = ("ingest the client's order exports (columns mapped by conf) with validation and quarantine, then "
+        "resolve one customer across sources (identity)")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--path", help="file, folder or glob; default source.path from the config")
+    parser.add_argument("--path", help="file, folder or glob; default source.path from the config "
+                                       "(with several sources, the path of the one named by --source)")
+    parser.add_argument("--source", help="ingest only this source (a name of `sources`); identity still runs")
     parser.add_argument("--run-date", type=parse_date,
                         help="orders after this day are quarantined as future (default: validation.future_cutoff, "
                              "else today in business.timezone)")
@@ -19,17 +22,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace):
-    from pipelines.ingest import read_day, run_ingest
+    from pipelines.ingest import read_day
+    from pipelines.sources import run_sources
 
     config = config_from(args)
-    path = args.path or config.source.path
-    if not path:
-        raise UsageError("no source given: pass --path or set source.path in your --conf file")
+    sources = config.order_sources
+    if not args.path and any(not s.path for s in sources if args.source in (None, s.name)):
+        raise UsageError("no source given: pass --path or set source.path (sources[].path) in your --conf file")
     spark, storage = open_warehouse(args, config)
     run_date = args.run_date or read_day(config.validation, config.business.timezone)
-    source = config.source.model_copy(update={"new_files_only": False}) if args.all_files else config.source
     with step("ingest"):
-        summary = run_ingest(spark, storage, source, config.validation,
-                             config.business.timezone, run_date, path=path)
-    print(summary)
-    return summary
+        result = run_sources(spark, storage, config, run_date, path=args.path, only=args.source,
+                             all_files=args.all_files)
+    print(result)
+    return result

@@ -27,8 +27,9 @@ from pyspark.sql import functions as F
 
 from core.config import FeaturesConf
 from core.storage import Storage
-from core.tables import CALIBRATION_HOLDOUT, ORDERS, conform
+from core.tables import CALIBRATION_HOLDOUT, conform
 from pipelines.features import add_months, build_customer_features, to_date, validate_orders
+from pipelines.identity import read_orders
 
 HOLDOUT_COLUMNS = ("holdout_orders", "holdout_purchase_days", "holdout_gross", "holdout_net")
 
@@ -105,7 +106,7 @@ def run_calibration(storage: Storage, cutoff_date: dt.date | str, features_conf:
     """Read ``orders``, write the ``cutoff_date`` partition of ``calibration_holdout``."""
     cutoff_date = to_date(cutoff_date)
     holdout_df = build_calibration_holdout(
-        storage.read(ORDERS.name), cutoff_date, horizon_months=features_conf.horizon_months,
+        read_orders(storage), cutoff_date, horizon_months=features_conf.horizon_months,
         time_unit=features_conf.time_unit, trailing_months=features_conf.trailing_months,
         allow_incomplete=allow_incomplete)
     storage.replace_partitions(CALIBRATION_HOLDOUT.name, holdout_df, partitions={"cutoff_date": [cutoff_date]})

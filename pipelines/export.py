@@ -189,12 +189,14 @@ class _Transcoder:
             f"encode; change that text (segments.labels, export.header) or set export.encoding: utf-8-sig")
 
 
-def hmac_key_from_env(variable: str) -> bytes:
+def hmac_key_from_env(variable: str, needed_by: str = "export.pseudonymise_ids is on",
+                      alternative: str = "set export.pseudonymise_ids=false",
+                      error: type[Exception] = ExportError) -> bytes:
+    """The export's HMAC key (also the identity step's, for its matching keys) from the environment."""
     value = os.environ.get(variable)
     if not value:
-        raise ExportError(f"export.pseudonymise_ids is on but the environment variable {variable} "
-                          "(export.hmac_key_env) is not set or empty; export the key in that variable, "
-                          "or set export.pseudonymise_ids=false")
+        raise error(f"{needed_by} but the environment variable {variable} (export.hmac_key_env) is not set "
+                    f"or empty; export the key in that variable, or {alternative}")
     return value.encode("utf-8")
 
 

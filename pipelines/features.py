@@ -81,7 +81,8 @@ from pyspark.sql import functions as F
 
 from core.config import FeaturesConf
 from core.storage import Storage
-from core.tables import CUSTOMER_FEATURES, FEATURES_RUNS, ORDERS, conform
+from core.tables import CUSTOMER_FEATURES, FEATURES_RUNS, IDENTITY_MAP, ORDERS, conform
+from pipelines.identity import identity_version, read_orders, with_unified_ids
 
 log = logging.getLogger(__name__)
 
@@ -525,7 +526,7 @@ BROADCAST_MAX_TOUCHED = 2_000_000
 
 
 def incremental_base(storage: Storage, as_of_date: dt.date, features_conf: FeaturesConf,
-                     orders_version: int) -> tuple[Any, DataFrame | None, str]:
+                     orders_version: int, identity_at: int | None = None) -> tuple[Any, DataFrame | None, str]:
     """The ``features_runs`` row to update from and the orders added since it, or (None, None,
     why a full computation is needed)."""
     if not features_conf.incremental:
@@ -549,6 +550,14 @@ def incremental_base(storage: Storage, as_of_date: dt.date, features_conf: Featu
     appended_df = storage.appended_since(ORDERS.name, int(base["orders_version"]))
     if appended_df is None:
         return None, None, f"orders were rewritten since version {base['orders_version']} (not only appended)"
+    if identity_at is not None:
+        # only new source ids (appended to identity_map) leave the earlier customers as they were;
+        # a source id merged into another customer (identity_map rewritten) moves orders between them
+        base_identity = base["identity_version"] if "identity_version" in base.asDict() else None
+        if base_identity is None or (base_identity != identity_at
+                                     and storage.appended_since(IDENTITY_MAP.name, int(base_identity)) is None):
+            return None, None, "identity_map moved source ids to other customers since the earlier features"
+        appended_df = with_unified_ids(storage, appended_df, identity_at)
     return base, appended_df, ""
 
 
@@ -582,9 +591,10 @@ def run_features(storage: Storage, as_of_date: dt.date | str, features_conf: Fea
     months = check_trailing_months(features_conf.trailing_months)
     started = time.perf_counter()
     orders_version = storage.version(ORDERS.name)
-    orders_df = storage.read(ORDERS.name, version=orders_version)
+    identity_at = identity_version(storage)
+    orders_df = read_orders(storage, orders_version, identity_at=identity_at)   # on the unified customer id
     base, appended_df, reason = (None, None, "requested") if full else \
-        incremental_base(storage, as_of_date, features_conf, orders_version)
+        incremental_base(storage, as_of_date, features_conf, orders_version, identity_at)
     features_df = recomputed = None
     if base is not None:
         features_df, recomputed, reason = _update_from(storage, base, orders_df, appended_df, as_of_date,
@@ -602,7 +612,7 @@ def run_features(storage: Storage, as_of_date: dt.date | str, features_conf: Fea
     customers = int(stats["customers"])
     run = (as_of_date, orders_version, time_unit, list(months), "incremental" if incremental else "full",
            base["as_of_date"] if incremental else None, base["full_as_of_date"] if incremental else as_of_date,
-           customers, recomputed if incremental else customers, dt.datetime.now(dt.timezone.utc))
+           customers, recomputed if incremental else customers, dt.datetime.now(dt.timezone.utc), identity_at)
     storage.merge(FEATURES_RUNS.name, storage.spark.createDataFrame([run], FEATURES_RUNS.schema))
     return {"as_of_date": as_of_date.isoformat(), "time_unit": time_unit,
             "mode": "incremental" if incremental else "full",

@@ -43,8 +43,9 @@ import datetime as dt
 import json
 import math
 import os
+import re
 from dataclasses import asdict, dataclass, field
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import numpy as np
 import pandas as pd
@@ -615,3 +616,116 @@ def generate(spark: SparkSession, n_customers: int, seed: int, end_date: dt.date
         "n_rows": counts["n_rows"], "n_clean_orders": counts["n_clean_orders"],
         "injected_defects": defects, "params": asdict(params),
     }
+
+
+# --------------------------------------------------------------------------------------------
+# Several sources (an EC shop and store POS): `cvseg generate --sources ec,store --overlap 0.2`
+# --------------------------------------------------------------------------------------------
+def source_customer_id(name: str, index: int, customer: Column) -> Column:
+    """Source ``index``'s own id of generated customer ``customer`` (0-based): each source numbers
+    its customers in its own scheme (prefix, multiplier), so the ids never agree across sources."""
+    prefix = re.sub(r"[^A-Z0-9]", "", name.upper())[:3] or f"S{index}"
+    return F.concat(F.lit(f"{prefix}-"), F.lpad(((customer + 1) * (2 * index + 3)).cast("string"), 10, "0"))
+
+
+def _written_keys(index: int, customer: Column) -> tuple[Column, Column]:
+    """(email, phone) of a customer as source ``index`` writes them: the first source lower-case and
+    a national phone with hyphens, the others upper-case, full-width digits and +81: the same
+    person once normalised (NFKC, case, digits with the country code)."""
+    number = F.lpad((customer + 1).cast("string"), 8, "0")
+    email = F.concat(F.lit("customer"), (customer + 1).cast("string"), F.lit("@example.jp"))
+    if index == 0:
+        return email, F.concat(F.lit("090-"), F.substring(number, 1, 4), F.lit("-"), F.substring(number, 5, 4))
+    full_width = F.translate(number, "0123456789", "０１２３４５６７８９")
+    return F.upper(email), F.concat(F.lit("+81 ９０ "), full_width)
+
+
+def generate_sources(spark: SparkSession, n_customers: int, seed: int, end_date: dt.date, out_dir: str,
+                     sources: Sequence[str] = ("ec", "store"), overlap: float = 0.2, fmt: str = "csv",
+                     params: GeneratorParams = GeneratorParams(), dirty_share: float = 0.0, *,
+                     block_size: int = DEFAULT_BLOCK_SIZE) -> dict:
+    """The generated customers split over several sources: ``out_dir/<source>/orders/`` per source.
+
+    A share ``overlap`` of the customers has an account in every source and orders spread over
+    them (by a hash of the order id); every other customer buys in one source only. Each source
+    has its own customer ids (:func:`source_customer_id`) and writes e-mail and phone its own
+    way (:func:`_written_keys`); the first source keeps a channel column, the others have none
+    (their channel is the source's, e.g. ``sources[].channel: store``). Also written:
+    ``identity_map/`` (the overlapping customers' ids in every source -> the generator's customer
+    id: a file for ``identity.map``), ``identity_truth/`` (every source id -> the generator's id,
+    for tests) and ``sources.yaml`` (a conf for ``cvseg ingest``).
+    """
+    names = list(sources)
+    if len(names) < 2 or len(set(names)) != len(names) or not all(re.fullmatch(r"[a-z][a-z0-9_]{0,31}", n) for n in names):
+        raise GeneratorError(f"--sources needs two or more distinct names such as ec,store (got {names})")
+    if not 0.0 <= overlap <= 1.0:
+        raise GeneratorError(f"--overlap is a share of customers in [0, 1] (got {overlap})")
+    out_dir = str(out_dir).removeprefix("file://")
+    internal_df = _internal_orders(spark, n_customers, seed, end_date, params, dirty_share, block_size, None)
+    customer = F.regexp_extract(F.col("customer_id"), r"^C0*(\d+)$", 1).try_cast("bigint") - 1
+    spread = F.pmod(F.xxhash64(F.lit(seed), F.lit("overlap"), customer), F.lit(1_000_000))
+    is_shared = spread < F.lit(int(round(overlap * 1_000_000)))
+    home = F.pmod(F.xxhash64(F.lit(seed), F.lit("home"), customer), F.lit(len(names)))
+    by_order = F.pmod(F.xxhash64(F.lit(seed), F.col("order_id")), F.lit(len(names)))
+    placed_df = (internal_df.drop("defect")
+                 .withColumn("_customer", customer)
+                 .withColumn("_shared", F.coalesce(is_shared, F.lit(False)))
+                 .withColumn("_source", F.when(F.col("_shared"), by_order).otherwise(F.coalesce(home, F.lit(0))))
+                 .cache())
+    try:
+        paths = {}
+        for index, name in enumerate(names):
+            email, phone = _written_keys(index, F.col("_customer"))
+            own_id = F.when(F.col("_customer").isNotNull(), source_customer_id(name, index, F.col("_customer"))) \
+                .otherwise(F.col("customer_id"))   # a defect row's blank id stays blank
+            columns = [c if c != "customer_id" else own_id.alias("customer_id") for c in EXPORT_COLUMNS
+                       if index == 0 or c != "channel"]
+            part_df = (placed_df.where(F.col("_source") == index)
+                       .select(*[F.col(c) if isinstance(c, str) else c for c in columns],
+                               email.alias("email"), phone.alias("phone")))
+            paths[name] = write_export(part_df, os.path.join(out_dir, name), fmt)
+        customers_df = placed_df.where(F.col("_customer").isNotNull()).select("_customer", "_shared").distinct()
+        truth_df = customers_df.select(
+            "_shared", F.explode(F.array(*[F.struct(F.lit(n).alias("source_name"),
+                                                    source_customer_id(n, i, F.col("_customer")).alias("source_customer_id"))
+                                           for i, n in enumerate(names)])).alias("_s"),
+            F.concat(F.lit("C"), F.lpad((F.col("_customer") + 1).cast("string"), max(8, len(str(n_customers))), "0"))
+            .alias("customer_id")).select("_s.source_name", "_s.source_customer_id", "customer_id", "_shared")
+        truth_df = truth_df.cache()
+        truth_df.drop("_shared").coalesce(1).write.mode("overwrite").option("header", True).csv(
+            os.path.join(out_dir, "identity_truth"))
+        (truth_df.where(F.col("_shared")).drop("_shared").coalesce(1).write.mode("overwrite")
+         .option("header", True).csv(os.path.join(out_dir, "identity_map")))
+        counts = placed_df.groupBy("_source").agg(F.count(F.lit(1)).alias("rows"),
+                                                  F.count_distinct("_customer").alias("customers")).collect()
+        shared = customers_df.where(F.col("_shared")).count()
+        truth_df.unpersist()
+    finally:
+        placed_df.unpersist()
+    conf_path = os.path.join(out_dir, "sources.yaml")
+    with open(conf_path, "w", encoding="utf-8") as fh:
+        fh.write(_sources_conf(out_dir, names, paths, fmt))
+    per_source = {names[int(r["_source"])]: {"rows": int(r["rows"]), "customers": int(r["customers"])} for r in counts}
+    return {"out_dir": out_dir, "sources": names, "paths": paths, "overlap": overlap,
+            "shared_customers": shared, "per_source": per_source, "conf_path": conf_path,
+            "identity_map_path": os.path.join(out_dir, "identity_map"),
+            "identity_truth_path": os.path.join(out_dir, "identity_truth")}
+
+
+def _sources_conf(out_dir: str, names: list[str], paths: dict[str, str], fmt: str) -> str:
+    """A conf layering conf/examples/synthetic.yaml's mapping over each generated source."""
+    lines = ["# written by `cvseg generate --sources`: cvseg ingest --conf <this file> (complete on its own)",
+             "client: synthetic_sources", "source:", f"  format: {fmt}",
+             "  columns: {order_id: order_id, customer_id: customer_id, order_ts: order_datetime, gross_amount: amount,",
+             "            status: status, cancelled_amount: cancelled_amount, category: category, currency: currency,",
+             "            email: email, phone: phone}",
+             '  timestamp_format: "yyyy/MM/dd HH:mm:ss"', "  source_timezone: Asia/Tokyo",
+             "  cancellation: {style: status, cancelled_values: [cancelled], live_values: [completed]}", "  allowed_currencies: [JPY]",
+             "sources:"]
+    for index, name in enumerate(names):
+        channel = "columns: {channel: channel}" if index == 0 else f"channel: {name}"
+        lines.append(f"  - {{name: {name}, path: {paths[name]}, {channel}}}")
+    lines += ["identity:", "  match_on: [email, phone]",
+              f"  # map: {os.path.join(out_dir, 'identity_map')}   # or the overlapping customers' ids, as a CRM keeps them",
+              ""]
+    return "\n".join(lines)

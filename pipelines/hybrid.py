@@ -38,6 +38,7 @@ from core.config import HybridConf
 from models.bundle import ScoringBundle
 from models.hybrid import BEHAVIOUR_COLUMNS, HybridBundle, HybridValueModel, design_matrix, training_target
 from pipelines.features import add_months
+from pipelines.identity import read_orders
 from pipelines.ltv import fit_btyd_bundles
 
 log = logging.getLogger(__name__)
@@ -243,7 +244,7 @@ def training_frame(storage: Any, train_cutoff: dt.date, config: Any) -> tuple[Da
     nightly run of that day wrote it) with each customer's net value in the next horizon from ``orders``,
     when it exists in this release's columns and time unit; else ``calibration_holdout`` (reused or built
     from every order). Returns (rows, where they came from)."""
-    from core.tables import CUSTOMER_FEATURES, ORDERS
+    from core.tables import CUSTOMER_FEATURES
     from pipelines.backtest import _lacks_net_basis, ensure_calibration
     from pipelines.calibration import holdout_actuals, holdout_end
 
@@ -252,7 +253,7 @@ def training_frame(storage: Any, train_cutoff: dt.date, config: Any) -> tuple[Da
         features_df = storage.read(CUSTOMER_FEATURES.name, partitions={"as_of_date": [train_cutoff]})
         stored = features_df.select("time_unit").limit(1).collect()
         if stored and stored[0]["time_unit"] == config.features.time_unit and not _lacks_net_basis(features_df):
-            actuals_df = holdout_actuals(storage.read(ORDERS.name), train_cutoff, holdout_end(train_cutoff, horizon))
+            actuals_df = holdout_actuals(read_orders(storage), train_cutoff, holdout_end(train_cutoff, horizon))
             return (features_df.join(actuals_df, on="customer_id", how="left")
                     .fillna(0.0, subset=["holdout_net"]), "customer_features")
     train_df, _ = ensure_calibration(storage, train_cutoff, config)

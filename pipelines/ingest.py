@@ -69,7 +69,8 @@ from pyspark.sql import types as T
 
 from core.config import SourceConf, ValidationConf
 from core.storage import Storage
-from core.tables import INGEST_RUNS, INGESTED_FILES, ORDERS, ORDERS_QUARANTINE
+from core.tables import IDENTITY_KEYS, INGEST_RUNS, INGESTED_FILES, ORDERS, ORDERS_QUARANTINE
+from pipelines.identity import hashed_keys
 from pipelines.validation import FUTURE_TIMESTAMP, REASON_CODES, order_rules, with_rule_details, with_rule_results
 
 log = logging.getLogger(__name__)
@@ -90,6 +91,8 @@ class IngestRejectedError(IngestError):
         self.summary = summary
 
 
+DEFAULT_SOURCE = "default"   # the name of a lone `source` (core.config.SourceConf.name)
+
 # Row kinds: every input row is exactly one of these.
 KIND_ORDER, KIND_CANCELLATION, KIND_QUARANTINED, KIND_DUPLICATE = (
     "order", "cancellation", "quarantined", "exact_duplicate")
@@ -98,6 +101,7 @@ KIND_ORDER, KIND_CANCELLATION, KIND_QUARANTINED, KIND_DUPLICATE = (
 @dataclass(frozen=True)
 class IngestSummary:
     ingest_run_id: str
+    source_name: str
     run_date: date
     source_path: str
     status: str                      # ok | rejected | unchanged (every file already ingested)
@@ -117,6 +121,7 @@ class IngestSummary:
     future_rows_retried: int = 0     # rows quarantined as future by an earlier read, read again now that their day came
     value_counts: dict[str, dict[str, int]] = field(default_factory=dict)   # status/channel/category -> value -> rows
     unknown_statuses: tuple[str, ...] = ()   # never seen before, in neither cancelled_values nor live_values
+    key_rows: int = 0                # matching keys (identity.match_on) hashed and new in identity_keys
     started_at: datetime | None = None
     finished_at: datetime | None = None
 
@@ -132,11 +137,11 @@ class IngestSummary:
     def to_lines(self) -> list[str]:
         n = "{:,}".format
         if self.status == "unchanged":
-            return [f"ingest {self.ingest_run_id} (unchanged) of {self.source_path}, run date {self.run_date}",
+            return [f"ingest {self.ingest_run_id} (unchanged) of {self._what}, run date {self.run_date}",
                     f"  no new files: all {self.skipped_files} file(s) were ingested before with the same size and "
                     "modification time (source.new_files_only; `cvseg ingest --all-files` reads them again)"]
         lines = [
-            f"ingest {self.ingest_run_id} ({self.status}) of {self.source_path}, run date {self.run_date}",
+            f"ingest {self.ingest_run_id} ({self.status}) of {self._what}, run date {self.run_date}",
             f"  input rows {n(self.input_rows)} from {self.source_files} file(s)"
             f" = accepted order rows {n(self.accepted_rows)}"
             f" + cancellation lines applied {n(self.cancellation_lines_applied)}"
@@ -170,9 +175,15 @@ class IngestSummary:
         if self.encoding_suspect_rows:
             lines.append(f"  warning: {n(self.encoding_suspect_rows)} row(s) hold undecodable characters (\ufffd); "
                          "check source.csv.encoding (cp932 for most Japanese back-office exports)")
+        if self.key_rows:
+            lines.append(f"  {n(self.key_rows)} new matching key(s) hashed into identity_keys (identity.match_on)")
         if self.quarantined_rows:
             lines.append("  inspect with `cvseg show orders_quarantine`")
         return lines
+
+    @property
+    def _what(self) -> str:
+        return self.source_path if self.source_name == DEFAULT_SOURCE else f"source {self.source_name} ({self.source_path})"
 
     def __str__(self) -> str:
         return "\n".join(self.to_lines())
@@ -252,6 +263,7 @@ POSITION = ("_src_file", "_src_block", "_src_pos")   # where a row came from, be
 # within a file it grows with the row number, so "first" means first in read order.
 TEXT_FIELDS = ("order_id", "customer_id", "status", "channel", "category", "currency")
 TYPED_FIELDS = ("order_ts", "gross_amount", "quantity", "unit_price", "cancelled_amount")
+KEY_FIELDS = ("email", "phone")   # matching keys: read only by the hashing pass, never as text
 CONTENT = (*TEXT_FIELDS, *(f"{n}_in" for n in TYPED_FIELDS))   # "every mapped field"
 
 
@@ -560,8 +572,9 @@ def derived_order_id(source_file: Column, source_row: Column) -> Column:
 
 
 def build_orders(lines_df: DataFrame, cancels_df: DataFrame | None, *, grain: str, order_id_mapped: bool,
-                 ingest_run_id: str) -> DataFrame:
+                 ingest_run_id: str, source_name: str = DEFAULT_SOURCE, order_id_prefix: str = "") -> DataFrame:
     """Accepted rows (with ``source_row``) plus applied cancellation lines -> ORDERS rows.
+    ``order_id_prefix`` (``<source>:`` with several sources) keeps two systems' order numbers apart.
 
     Grain line: lines are summed per order; channel and source row are the first-seen line's,
     category is the category of the order's largest line (first seen on ties).
@@ -594,8 +607,11 @@ def build_orders(lines_df: DataFrame, cancels_df: DataFrame | None, *, grain: st
     cancelled = F.least(F.col("gross_amount"), F.greatest(F.lit(0.0), F.col("line_cancelled_amount")
                                                          + F.coalesce("_lines_cancelled", F.lit(0.0))))
     order_id = F.col("order_id") if order_id_mapped else derived_order_id(F.col("source_file"), F.col("source_row"))
+    if order_id_prefix:
+        order_id = F.concat(F.lit(order_id_prefix), order_id)
     return (orders_df
             .withColumn("order_id", order_id)
+            .withColumn("source_name", F.lit(source_name))
             .withColumn("cancelled_amount", cancelled)
             # a free order (gross 0) is not "cancelled" just because 0 >= 0
             .withColumn("is_cancelled", F.col("is_status_cancelled")
@@ -603,7 +619,7 @@ def build_orders(lines_df: DataFrame, cancels_df: DataFrame | None, *, grain: st
             .withColumn("net_amount", F.col("gross_amount") - F.col("cancelled_amount"))
             .withColumn("ingest_run_id", F.lit(ingest_run_id))
             .withColumn("order_month", F.date_format("order_date", "yyyy-MM"))
-            .select(*ORDERS.columns))
+            .select(*ORDERS.stored_columns))
 
 
 def with_quarantine_text(df: DataFrame, rules: list, *, field_count: Column | None, line_key: str | None) -> DataFrame:
@@ -621,7 +637,8 @@ def with_quarantine_text(df: DataFrame, rules: list, *, field_count: Column | No
 
 
 def build_quarantine(rows_df: DataFrame, *, order_id_mapped: bool, ingest_run_id: str, run_date: date) -> DataFrame:
-    """Quarantined rows (with ``source_row`` and ``raw``) -> ORDERS_QUARANTINE rows."""
+    """Quarantined rows (with ``source_row`` and ``raw``) -> ORDERS_QUARANTINE rows (their source:
+    ``ingest_run_id`` -> ``ingest_runs.source_name``, and the file)."""
     order_id = (F.col("order_id") if order_id_mapped
                 else derived_order_id(F.col("source_file"), F.col("source_row")))
     return (rows_df.filter(F.col("kind") == KIND_QUARANTINED)
@@ -1070,12 +1087,23 @@ def read_day(validation: ValidationConf, business_tz: str) -> date:
     return validation.future_cutoff or datetime.now(ZoneInfo(business_tz)).date()
 
 
+@dataclass(frozen=True)
+class KeyReading:
+    """Read the matching keys of identity.match_on at ingest, hashed with ``hmac_key``."""
+    match_on: tuple[str, ...]
+    hmac_key: bytes = field(repr=False)
+    phone_country_code: str = "81"
+
+
 def run_ingest(spark: SparkSession, storage: Storage, source: SourceConf, validation: ValidationConf,
                business_tz: str, run_date: date, path: str | None = None, *,
-               run_id: str | None = None) -> IngestSummary:
+               run_id: str | None = None, order_id_prefix: str = "",
+               keys: KeyReading | None = None) -> IngestSummary:
     """Ingest ``path`` (default ``source.path``): orders merged by order_id, bad rows quarantined,
     one ``ingest_runs`` row. Raises :class:`IngestError` for unusable input and
-    :class:`IngestRejectedError` when the rejected share is above the threshold."""
+    :class:`IngestRejectedError` when the rejected share is above the threshold.
+    ``order_id_prefix``: prepended to every order id (``<source>:`` with several sources);
+    ``keys``: the source's e-mail / phone columns are hashed into ``identity_keys``."""
     # Spark 4 reads only a short list of charsets unless the legacy flag is on; windows-31j
     # (cp932) needs it for the duration of the run.
     needs_flag = (source.format == "csv"
@@ -1085,14 +1113,16 @@ def run_ingest(spark: SparkSession, storage: Storage, source: SourceConf, valida
     if needs_flag:
         spark.conf.set(_LEGACY_CHARSETS, "true")
     try:
-        return _run_ingest(spark, storage, source, validation, business_tz, run_date, path, run_id)
+        return _run_ingest(spark, storage, source, validation, business_tz, run_date, path, run_id,
+                           order_id_prefix, keys)
     finally:
         if needs_flag:
             spark.conf.set(_LEGACY_CHARSETS, previous)
 
 
 def _run_ingest(spark: SparkSession, storage: Storage, source: SourceConf, validation: ValidationConf,
-                business_tz: str, run_date: date, path: str | None, run_id: str | None) -> IngestSummary:
+                business_tz: str, run_date: date, path: str | None, run_id: str | None,
+                order_id_prefix: str, keys: KeyReading | None) -> IngestSummary:
     """Pass 1: keys only (rows per file split, order ids seen twice); pass 2: every row
     classified, the few that are not plain orders kept and counted; pass 3: accepted orders written."""
     started = datetime.now(timezone.utc)
@@ -1106,6 +1136,9 @@ def _run_ingest(spark: SparkSession, storage: Storage, source: SourceConf, valid
     run_id = run_id or f"ingest-{started:%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}"
     mapping = source.columns.model_dump()
     order_id_mapped = mapping["order_id"] is not None
+    # e-mail / phone: never copied to a table, a log or the quarantine in clear (only hashed keys)
+    private_columns = {mapping[k] for k in KEY_FIELDS if mapping.get(k)}
+    key_columns = {k: mapping[k] for k in (keys.match_on if keys else ()) if mapping.get(k)}
     negative_lines = source.cancellation.style == "negative_lines"
     src = read_source(spark, path, source)
     listed = list_source_files(spark, src)
@@ -1119,7 +1152,8 @@ def _run_ingest(spark: SparkSession, storage: Storage, source: SourceConf, valid
         skipped = len(listed) - len(new_files)
         if listed and not new_files:
             summary = IngestSummary(
-                ingest_run_id=run_id, run_date=run_date, source_path=path, status="unchanged", input_rows=0,
+                ingest_run_id=run_id, source_name=source.name, run_date=run_date, source_path=path,
+                status="unchanged", input_rows=0,
                 accepted_rows=0, cancellation_lines_applied=0, quarantined_rows=0, exact_duplicate_rows=0,
                 orders_accepted=0, orders_written=0, max_rejected_share=validation.max_rejected_share,
                 skipped_files=skipped, started_at=started, finished_at=datetime.now(timezone.utc))
@@ -1143,11 +1177,13 @@ def _run_ingest(spark: SparkSession, storage: Storage, source: SourceConf, valid
                            cancelled_values=source.cancellation.cancelled_values,
                            order_id_prefix=source.cancellation.order_id_prefix)
                 .transform(with_row_keys, grain=source.grain, order_id_mapped=order_id_mapped))
+    if source.channel is not None:   # a source without a channel column (store POS): its fixed channel
+        keyed_df = keyed_df.withColumn("channel", F.lit(source.channel))
     rules = order_rules(run_date=run_date, future_tolerance_days=validation.future_tolerance_days,
                         allowed_currencies=source.allowed_currencies, order_id_mapped=order_id_mapped,
                         expected_fields=len(src.names), expected_from=src.names_from or "the header")
     row_rules = [r for r in rules if r.code != "cancellation_without_order"]
-    raw_map = F.create_map(*[x for i, n in enumerate(src.names)
+    raw_map = F.create_map(*[x for i, n in enumerate(src.names) if n not in private_columns
                              for x in (F.lit(n), _text(F.col(source_col(i)), src.df.schema[source_col(i)].dataType))])
     is_suspect = F.concat_ws("", *TEXT_FIELDS).contains("\ufffd")   # mis-decoded text (wrong encoding)
 
@@ -1259,15 +1295,29 @@ def _run_ingest(spark: SparkSession, storage: Storage, source: SourceConf, valid
             if counts[KIND_CANCELLATION]:
                 cancels_df = others_df.filter(F.col("kind") == KIND_CANCELLATION)
             orders_df = build_orders(lines_df, cancels_df, grain=source.grain, order_id_mapped=order_id_mapped,
-                                     ingest_run_id=run_id)
+                                     ingest_run_id=run_id, source_name=source.name, order_id_prefix=order_id_prefix)
             orders_accepted, orders_written = _merge_orders(
                 storage, orders_df, accepted if source.grain == "order" else None, cached)
             clock.lap("pass 3: write orders")
+        key_rows = 0
+        if not rejected and accepted and key_columns:
+            # Pass 4: the accepted rows' keys, normalised and hashed in the scan (no clear text kept)
+            index = {name: i for i, name in enumerate(src.names)}
+            keys_df = hashed_keys(
+                kinds_df.filter(F.col("kind") == KIND_ORDER).select(
+                    "customer_id", *[F.col(source_col(index[c])).cast("string").alias(f"_key_{k}")
+                                     for k, c in key_columns.items()]),
+                {k: f"_key_{k}" for k in key_columns}, source_name=source.name,
+                country_code=keys.phone_country_code, hmac_key=keys.hmac_key, run_date=run_date)
+            key_rows = _add_keys(storage, keys_df)
+            clock.lap("pass 4: matching keys")
         quarantine_df = None
         if quarantined:
             quarantine_df = build_quarantine(
                 others_df.transform(with_quarantine_text, rules, field_count=src.field_count,
-                                    line_key=_unused_name("_line", src.names) if src.names_from else None)
+                                    # a malformed line would carry the e-mail / phone in clear
+                                    line_key=(_unused_name("_line", src.names)
+                                              if src.names_from and not private_columns else None))
                 .transform(with_source_rows, offsets_df),
                 order_id_mapped=order_id_mapped, ingest_run_id=run_id, run_date=run_date)
         _write_quarantine(storage, quarantine_df, sorted({_local_path(r["_src_file"]) for r in splits}),
@@ -1275,7 +1325,7 @@ def _run_ingest(spark: SparkSession, storage: Storage, source: SourceConf, valid
         clock.lap("write quarantine")
 
         summary = IngestSummary(
-            ingest_run_id=run_id, run_date=run_date, source_path=path,
+            ingest_run_id=run_id, source_name=source.name, run_date=run_date, source_path=path, key_rows=key_rows,
             status="rejected" if rejected else "ok", input_rows=total,
             accepted_rows=accepted, cancellation_lines_applied=counts[KIND_CANCELLATION],
             quarantined_rows=quarantined, exact_duplicate_rows=counts[KIND_DUPLICATE],
@@ -1287,7 +1337,7 @@ def _run_ingest(spark: SparkSession, storage: Storage, source: SourceConf, valid
             unknown_statuses=unknown_statuses, started_at=started, finished_at=datetime.now(timezone.utc))
         if not rejected and new_files:
             # after the orders commit: a crash before this line only means the files are read again
-            _record_files(spark, storage, new_files, splits, run_id, summary.finished_at,
+            _record_files(spark, storage, new_files, splits, run_id, summary.finished_at, source.name,
                           all_new=source.new_files_only and not any(f.key in known for f in new_files))
         _append_run(spark, storage, summary)
         clock.lap("write ingest_runs")
@@ -1389,6 +1439,18 @@ def _merge_orders(storage: Storage, orders_df: DataFrame, accepted: int | None,
     return (accepted if accepted is not None else incoming_count), written
 
 
+def _add_keys(storage: Storage, keys_df: DataFrame) -> int:
+    """Append the keys not yet in ``identity_keys`` (an earlier first_seen is kept); returns how many."""
+    keys_df = keys_df.localCheckpoint()
+    if storage.exists(IDENTITY_KEYS.name):
+        keys_df = keys_df.join(storage.read(IDENTITY_KEYS.name).select(*IDENTITY_KEYS.keys),
+                               on=list(IDENTITY_KEYS.keys), how="left_anti").localCheckpoint()
+    added = keys_df.count()
+    if added:
+        storage.append(IDENTITY_KEYS.name, keys_df)
+    return added
+
+
 def _unknown_statuses(storage: Storage, source: SourceConf, counts: dict[str, int]) -> tuple[str, ...]:
     """Status values of this read that the conf does not name (cancelled_values, live_values) and
     no earlier successful ingest saw: a new value in a client's export (取消, 返品, half-width ｷｬﾝｾﾙ)
@@ -1401,7 +1463,8 @@ def _unknown_statuses(storage: Storage, source: SourceConf, counts: dict[str, in
         return ()
     seen: set[str] = set()
     if storage.exists(INGEST_RUNS.name):
-        seen = {r[0] for r in storage.read(INGEST_RUNS.name).where(F.col("status") == "ok")
+        of_source = F.coalesce(F.col("source_name"), F.lit(DEFAULT_SOURCE)) == F.lit(source.name)
+        seen = {r[0] for r in storage.read(INGEST_RUNS.name).where((F.col("status") == "ok") & of_source)
                 .select(F.explode(F.map_keys("status_counts"))).distinct().collect()}   # a few values
     return tuple(v for v in candidates if v not in seen)
 
@@ -1435,14 +1498,14 @@ def _write_quarantine(storage: Storage, quarantine_df: DataFrame | None, read_fi
 
 
 def _record_files(spark: SparkSession, storage: Storage, files: list[SourceFile], splits: list,
-                  run_id: str, at: datetime, all_new: bool) -> None:
+                  run_id: str, at: datetime, source_name: str, all_new: bool) -> None:
     """Remember the files this run committed (one row per file) so the next run can skip them."""
     rows_by_file: dict[str, int] = {}
     for r in splits:
         name = _local_path(r["_src_file"])
         rows_by_file[name] = rows_by_file.get(name, 0) + int(r["_n"])
     rows = [(f.path, f.size, datetime.fromtimestamp(f.modified_ms / 1000, tz=timezone.utc),
-             rows_by_file.get(f.path, 0), run_id, at) for f in files]
+             rows_by_file.get(f.path, 0), run_id, at, source_name) for f in files]
     files_df = spark.createDataFrame(rows, INGESTED_FILES.schema)
     # files that passed the new-files filter cannot be in the table yet: no merge needed
     (storage.append if all_new else storage.merge)(INGESTED_FILES.name, files_df)
@@ -1452,5 +1515,5 @@ def _append_run(spark: SparkSession, storage: Storage, s: IngestSummary) -> None
     row = (s.ingest_run_id, s.run_date, s.source_path, s.input_rows, s.accepted_rows, s.quarantined_rows,
            s.exact_duplicate_rows, s.orders_written, s.reason_counts, s.started_at, s.finished_at,
            s.status, s.cancellation_lines_applied, s.future_rows_retried,
-           *(s.value_counts.get(c) for c in PROFILED))
+           *(s.value_counts.get(c) for c in PROFILED), s.source_name)
     storage.append(INGEST_RUNS.name, spark.createDataFrame([row], INGEST_RUNS.schema))

@@ -164,7 +164,8 @@ def _record(spark: SparkSession, storage: Any, run_id: str, as_of_date: dt.date,
 
 # Tables each step may commit (prefix "trend_": every trend table); their versions are recorded.
 STEP_OUTPUTS: dict[str, tuple[str, ...]] = {
-    "ingest": ("orders", "orders_quarantine", "ingest_runs", "ingested_files"),
+    "ingest": ("orders", "orders_quarantine", "ingest_runs", "ingested_files", "identity_keys", "identity_map",
+               "identity_conflicts", "identity_runs"),
     "features": ("customer_features", "features_runs"),
     "score": ("customer_scores",),
     "segments": ("segments_current", "segments_history", "segment_generations", "generation_review",
@@ -239,21 +240,19 @@ class _Context:
 
 
 def _ingest(ctx: _Context) -> tuple[str, dict]:
-    from pipelines.ingest import read_day, run_ingest
+    from pipelines.ingest import read_day
+    from pipelines.sources import run_sources
 
-    path = ctx.source_path or ctx.config.source.path
-    if not path:
-        raise ValueError("no source to ingest: set source.path in the conf or pass --path")
     # "future" is judged against the day the file is read, not D: a run for a past D (a backfill,
     # a first run over a whole history) keeps the later orders; features stop at D anyway
-    s = run_ingest(ctx.spark, ctx.storage, ctx.config.source, ctx.config.validation,
-                   ctx.config.business.timezone, read_day(ctx.config.validation, ctx.config.business.timezone),
-                   path=path)
-    unknown = (f"; status value(s) never seen before counted as live: {', '.join(s.unknown_statuses)}"
-               if s.unknown_statuses else "")
-    return (f"{s.input_rows:,} rows read, {s.orders_written:,} orders new or changed, "
-            f"{s.quarantined_rows:,} quarantined{unknown}"), {"input_rows": s.input_rows, "orders_written": s.orders_written,
-                                                     "quarantined_rows": s.quarantined_rows}
+    result = run_sources(ctx.spark, ctx.storage, ctx.config,
+                         read_day(ctx.config.validation, ctx.config.business.timezone), path=ctx.source_path)
+    unknown = sorted({v for s in result.summaries for v in s.unknown_statuses})
+    unknown_text = f"; status value(s) never seen before counted as live: {', '.join(unknown)}" if unknown else ""
+    identity = (f"; {result.identity.source_ids:,} source ids -> {result.identity.customers:,} customers, "
+                f"{result.identity.conflicts:,} identity conflicts" if result.identity else "")
+    return (f"{result.total('input_rows'):,} rows read, {result.total('orders_written'):,} orders new or changed, "
+            f"{result.total('quarantined_rows'):,} quarantined{unknown_text}{identity}"), result.details()
 
 
 def _features(ctx: _Context) -> tuple[str, dict]:

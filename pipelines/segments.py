@@ -74,9 +74,10 @@ from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
 
 from core.config import SegmentsConf
-from core.tables import (CUSTOMER_FEATURES, CUSTOMER_SCORES, GENERATION_REVIEW, ORDERS, SEGMENT_GENERATIONS,
+from core.tables import (CUSTOMER_FEATURES, CUSTOMER_SCORES, GENERATION_REVIEW, SEGMENT_GENERATIONS,
                          SEGMENT_MIGRATION, SEGMENTS_CURRENT, SEGMENTS_HISTORY)
 from pipelines.features import add_months, to_date
+from pipelines.identity import read_orders
 from pipelines.maintenance import ensure_not_pruned
 
 log = logging.getLogger(__name__)
@@ -365,7 +366,7 @@ def _cut_generation(storage: Any, as_of_date: dt.date, conf: SegmentsConf,
         previous_id = int(previous["generation_id"])
         # the ended generation as history holds it (intact even if a crashed cut already closed it)
         ended_df = storage.read(SEGMENTS_HISTORY.name).where(F.col("generation_id") == F.lit(previous_id))
-        review_df = generation_review(ended_df, storage.read(ORDERS.name), previous_id, previous["valid_from"],
+        review_df = generation_review(ended_df, read_orders(storage), previous_id, previous["valid_from"],
                                       as_of_date, int(previous["horizon_months"]))
         storage.replace_partitions(GENERATION_REVIEW.name, review_df, partitions={"generation_id": [previous_id]})
         # one row per (from, to) segment pair: computed once, summed here and written from the rows

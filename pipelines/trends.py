@@ -89,10 +89,11 @@ from pyspark.sql import Column, DataFrame, Window
 from pyspark.sql import functions as F
 
 from core.config import TrendsConf
-from core.tables import (CUSTOMER_FEATURES, ORDERS, SEGMENT_GENERATIONS, SEGMENTS_CURRENT, TREND_COHORT_RETENTION,
-                         TREND_F2_CONVERSION, TREND_NEW_CUSTOMERS_WEEKLY, TREND_RUNS, TREND_WEEKLY_SEGMENT,
+from core.tables import (CUSTOMER_FEATURES, IDENTITY_MAP, ORDERS, SEGMENT_GENERATIONS, SEGMENTS_CURRENT,
+                         TREND_CHANNEL_SETS, TREND_COHORT_RETENTION, TREND_F2_CONVERSION, TREND_NEW_CUSTOMERS_WEEKLY, TREND_RUNS, TREND_WEEKLY_SEGMENT,
                          TREND_YEARLY, TREND_YEARLY_CATEGORY, table_spec)
 from pipelines.features import to_date
+from pipelines.identity import LEGACY_SOURCE_NAME, identity_version, read_orders
 from pipelines.maintenance import ensure_not_pruned
 
 log = logging.getLogger(__name__)
@@ -242,6 +243,39 @@ def f2_conversion(summary_df: DataFrame, as_of_date: dt.date, from_year: int | N
                     *[(F.date_add(cohort_end, w) <= F.lit(as_of_date)).alias(f"is_complete_{w}d") for w in F2_WINDOWS]))
 
 
+def channel_sets(orders_df: DataFrame, features_df: DataFrame, as_of_date: dt.date) -> DataFrame:
+    """TREND_CHANNEL_SETS: customers by acquisition week and year, the source of their first order
+    across all sources and the set of sources they bought from by D (``ec``, ``store``,
+    ``ec+store``): F2 within 90 days (any source), net revenue in the six months from the first
+    order, and how many bought later from another source than the first (store-first customers
+    who started buying online). ``orders_df``: orders up to D on the unified customer id."""
+    source = F.coalesce(F.col("source_name"), F.lit(LEGACY_SOURCE_NAME))
+    customers_df = features_df.select("customer_id", "first_order_date", "days_to_second_purchase")
+    per_customer_df = (orders_df.join(customers_df, on="customer_id", how="inner")
+                       .groupBy("customer_id", "first_order_date", "days_to_second_purchase")
+                       .agg(F.min_by(source, F.struct("order_ts", "order_id")).alias("first_source"),
+                            F.array_join(F.array_sort(F.collect_set(source)), "+").alias("source_set"),
+                            F.sum(F.when(F.col("order_date") < F.add_months("first_order_date", 6),
+                                         F.col("net_amount")).otherwise(F.lit(0.0))).alias("net_6m")))
+    periods_df = per_customer_df.select(
+        "*", F.explode(F.array(
+            F.struct(F.lit("week").alias("period"), week_start(F.col("first_order_date")).alias("period_start")),
+            F.struct(F.lit("year").alias("period"), F.trunc("first_order_date", "year").alias("period_start")))
+        ).alias("_p")).select("*", "_p.period", "_p.period_start").drop("_p")
+    return (periods_df.groupBy("period", "period_start", "first_source", "source_set")
+            .agg(F.count(F.lit(1)).alias("customers"),
+                 F.count_if(F.col("days_to_second_purchase") <= F.lit(90)).alias("converted_90d"),
+                 F.sum("net_6m").alias("net_6m"),
+                 F.count_if(F.col("source_set") != F.col("first_source")).alias("crossed_customers"),
+                 F.max("first_order_date").alias("_last_first"))
+            .select(F.year("period_start").alias("year"), "period", "period_start", "first_source", "source_set",
+                    "customers", "converted_90d", share(F.col("converted_90d"), F.col("customers")).alias("f2_rate_90d"),
+                    "net_6m", (F.col("net_6m") / F.col("customers")).alias("net_6m_per_customer"),
+                    "crossed_customers",
+                    (F.date_add("_last_first", 90) <= F.lit(as_of_date)).alias("is_complete_90d"),
+                    (F.add_months("_last_first", 6) <= F.lit(as_of_date)).alias("is_complete_6m")))
+
+
 def cohort_retention(orders_df: DataFrame, summary_df: DataFrame, from_year: int | None) -> DataFrame:
     # months as first days (cheap to group by), labelled after aggregating
     sizes_df = (summary_df.groupBy(F.trunc("first_order_date", "month").alias("cohort_first"))
@@ -342,13 +376,14 @@ def run_trends(storage: Any, as_of_date: dt.date | str, config: Any, rebuild: bo
     if features_df.select("customer_id").limit(1).first() is None:
         ensure_not_pruned(storage, CUSTOMER_FEATURES.name, as_of_date)
         raise TrendsError(f"no customer_features for {as_of_date}: run `cvseg features --as-of {as_of_date}` first")
-    orders_df = storage.read(ORDERS.name).where(F.col("order_date") <= F.lit(as_of_date))
+    orders_df = read_orders(storage).where(F.col("order_date") <= F.lit(as_of_date))
     segments_df, segments_version, generation_id = _segments_state(storage)
     # ingest runs present in the orders up to D, each with its earliest order date (a few rows)
     ingest_runs = {r["ingest_run_id"]: r["first_date"] for r in
                    orders_df.groupBy("ingest_run_id").agg(F.min("order_date").alias("first_date")).collect()}
     last = None if rebuild else _last_run(storage)
-    full = last is None or as_of_date < last["as_of_date"]
+    identity_at = identity_version(storage)
+    full = last is None or as_of_date < last["as_of_date"] or _identity_moved(storage, last, identity_at)
     window_first_year = as_of_date.year - conf.years + 1
 
     starts: dict[str, int | None]        # table -> first partition year recomputed (None: all)
@@ -360,7 +395,7 @@ def run_trends(storage: Any, as_of_date: dt.date | str, config: Any, rebuild: bo
         seen = set(last["ingest_run_ids"])
         unseen = [day for run_id, day in ingest_runs.items() if run_id not in seen]
         if (as_of_date == last["as_of_date"] and not unseen and segments_version == last["segments_version"]
-                and generation_id == last["generation_id"]):
+                and generation_id == last["generation_id"] and identity_at == last.get("identity_version")):
             return {"as_of_date": as_of_date.isoformat(), "mode": "unchanged", "recomputed_from": {},
                     "partitions": {}}
         summary_df = _summary(features_df, segments_df, last["as_of_date"])
@@ -408,6 +443,10 @@ def run_trends(storage: Any, as_of_date: dt.date | str, config: Any, rebuild: bo
             TREND_YEARLY.name: yearly(enriched_df, summary_df, as_of_date, starts[TREND_YEARLY.name]),
             TREND_YEARLY_CATEGORY.name: yearly_category(enriched_df, as_of_date, starts[TREND_YEARLY_CATEGORY.name]),
         }
+        if identity_at is not None:
+            # a customer's source set changes with any later order: recomputed whole each run
+            results[TREND_CHANNEL_SETS.name] = channel_sets(orders_df, features_df, as_of_date)
+            starts[TREND_CHANNEL_SETS.name] = None
         partitions: dict[str, Any] = {}
         for name, df in results.items():
             if full or starts[name] is None:
@@ -423,7 +462,7 @@ def run_trends(storage: Any, as_of_date: dt.date | str, config: Any, rebuild: bo
 
     recomputed_from = {name: ("all" if full or start is None else start) for name, start in starts.items()}
     _record_run(storage, last, as_of_date, "rebuild" if full else "incremental", generation_id, segments_version,
-                sorted(ingest_runs), starts)
+                sorted(ingest_runs), starts, identity_at)
     return {"as_of_date": as_of_date.isoformat(), "mode": "rebuild" if full else "incremental",
             "recomputed_from": recomputed_from, "partitions": partitions}
 
@@ -448,14 +487,23 @@ def _replaced_years(storage: Any, name: str, from_year: int, as_of_date: dt.date
     return years
 
 
+def _identity_moved(storage: Any, last: dict[str, Any], identity_at: int | None) -> bool:
+    """True when identity_map was rewritten (source ids merged into other customers) since the last
+    run: first orders, cohorts and segments' customers may all have moved."""
+    seen = last.get("identity_version")
+    if identity_at is None or seen == identity_at:
+        return False
+    return seen is None or storage.appended_since(IDENTITY_MAP.name, int(seen)) is None
+
+
 def _record_run(storage: Any, last: dict[str, Any] | None, as_of_date: dt.date, mode: str,
                 generation_id: int | None, segments_version: int | None, ingest_run_ids: list[str],
-                starts: dict[str, int | None]) -> None:
+                starts: dict[str, int | None], identity_at: int | None = None) -> None:
     """Append the run's state; written last, so a run that dies before it is redone in full."""
     previous_seq = last["run_seq"] if last is not None else None
     if previous_seq is None and storage.exists(TREND_RUNS.name):   # a rebuild after earlier runs
         previous_seq = storage.read(TREND_RUNS.name).agg(F.max("run_seq")).first()[0]
     row = (int(previous_seq or 0) + 1, as_of_date, mode, generation_id, segments_version, ingest_run_ids,
            dict(starts),   # None: the whole table was recomputed
-           dt.datetime.now(dt.timezone.utc))
+           dt.datetime.now(dt.timezone.utc), identity_at)
     storage.append(TREND_RUNS.name, storage.spark.createDataFrame([row], TREND_RUNS.schema))

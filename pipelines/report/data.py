@@ -21,6 +21,8 @@ import pandas as pd
 from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
 
+from pipelines.identity import read_orders
+
 from pipelines.maintenance import ensure_not_pruned
 
 HISTOGRAM_BINS = 30
@@ -279,6 +281,8 @@ class DiagnosticData:
     quarantine: dict[str, Any] | Missing
     # the hybrid's permutation importances of the latest backtest (empty when it has no hybrid)
     hybrid_importances: pd.DataFrame | Missing = field(default_factory=pd.DataFrame)
+    # with several sources: trend_channel_sets' yearly rows (None: one source, no page)
+    channel_sets: pd.DataFrame | None = None
 
 
 def collect_diagnostic(storage, as_of: dt.date) -> DiagnosticData:
@@ -382,6 +386,7 @@ def collect_diagnostic(storage, as_of: dt.date) -> DiagnosticData:
         generation_review=sources.generation_review(storage, as_of),
         quarantine=quarantine(storage, as_of),
         hybrid_importances=sources.hybrid_importances(storage, as_of),
+        channel_sets=sources.channel_sets(storage, as_of),
     )
 
 # --------------------------------------------------------------------------------------------
@@ -423,7 +428,7 @@ def collect_weekly(storage, as_of: dt.date) -> WeeklyData:
     if orders is None:
         week = _week_label(F.col("order_date"), windows)
         first_day = windows["year"][0]
-        orders = _pdf(storage.read("orders")
+        orders = _pdf(read_orders(storage)   # buyers on the unified customer id
                       .where((F.col("order_month") >= F.lit(first_day.strftime("%Y-%m")))   # partition pruning
                              & (F.col("order_date") >= F.lit(first_day)))
                       .withColumn("week", week).where(F.col("week").isNotNull())

@@ -354,6 +354,41 @@ def trends_section(data: DiagnosticData, c: Context) -> list:
     return blocks
 
 
+def channels_section(data: DiagnosticData, c: Context) -> list:
+    """With several sources: customers by the sources they bought from, F2 and six-month value per
+    source set, and how many crossed from their first source to another (trend_channel_sets)."""
+    frame = data.channel_sets
+    if frame is None or frame.empty:
+        return []
+    blocks: list = [PageBreak(), Heading(c.m("sec.channels"))]
+    sets = list(frame.groupby("source_set")["customers"].sum().sort_values(ascending=False).index)
+    pivot = frame.pivot_table(index="year", columns="source_set", values="customers", aggfunc="sum").fillna(0)
+    years = [str(int(y)) for y in pivot.index]
+    png = charts.stacked(years, {s: pivot[s].tolist() for s in sets if s in pivot}, title=c.m("ch.sets.title"),
+                         xlabel=c.m("tr.cust.x"), ylabel=c.m("axis.customers"), y_fmt=lambda v: f"{v:,.0f}")
+    blocks.append(Chart(png, c.m("ch.sets.title"), c.m("ch.sets.aid")))
+    # F2 and six-month value from complete cohorts only (a cohort of last month has had no 90 days)
+    f2 = frame[frame["is_complete_90d"]].groupby("source_set")[["customers", "converted_90d"]].sum()
+    value = frame[frame["is_complete_6m"]].groupby("source_set")[["customers", "net_6m"]].sum()
+    totals = frame.groupby("source_set")["customers"].sum()
+
+    def per_customer(table: pd.DataFrame, source_set: str, column: str, fmt) -> str:
+        if source_set not in table.index or not table.loc[source_set, "customers"]:
+            return c.m("na")
+        return fmt(table.loc[source_set, column] / table.loc[source_set, "customers"])
+
+    header = tuple(c.m(k) for k in ("ch.col.set", "ch.col.customers", "ch.col.f2", "ch.col.value"))
+    rows = tuple((s, c.f.count(totals[s]), per_customer(f2, s, "converted_90d", c.f.pct),
+                  per_customer(value, s, "net_6m", c.f.money)) for s in sets)
+    blocks.append(Table(header, rows, numeric=(False, True, True, True), emphasis_first=True))
+    crossed = frame.groupby("first_source")[["customers", "crossed_customers"]].sum()
+    header = tuple(c.m(k) for k in ("ch.col.first", "ch.col.customers", "ch.col.crossed"))
+    rows = tuple((source, c.f.count(r["customers"]), c.f.pct(r["crossed_customers"] / r["customers"]))
+                 for source, r in crossed.iterrows() if r["customers"])
+    blocks += [Table(header, rows, numeric=(False, True, True)), Paragraph(c.m("ch.crossed.aid"))]
+    return blocks
+
+
 METRICS = (("mae", "money"), ("rmse", "money"), ("abs_total_error_pct", "num"), ("spearman", "r"),
            ("normalized_gini", "r"), ("top_decile_capture", "pct"), ("top20_capture", "pct"),
            # share of customers inside their 80% value interval (target ~80%; none for cohort / naive)
@@ -510,7 +545,7 @@ def method_section(data: DiagnosticData, c: Context) -> list:
 
 
 SECTIONS = (summary_section, retention_section, purchasing_section, profitability_section, trends_section,
-            models_section, generations_section, method_section)
+            channels_section, models_section, generations_section, method_section)
 
 
 def build_diagnostic(data: DiagnosticData, language: str, currency: str, client: str,

@@ -13,6 +13,8 @@ from dateutil.relativedelta import relativedelta
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
+from pipelines.identity import read_orders
+
 from pipelines.report.data import Missing, _pdf, require, table_available
 
 
@@ -75,6 +77,17 @@ def yearly(storage, as_of: dt.date) -> pd.DataFrame | Missing:
     if absent:
         return absent
     return _pdf(storage.read("trend_yearly").where(F.col("year") <= as_of.year).orderBy("year"))
+
+
+def channel_sets(storage, as_of: dt.date, years: int = 5) -> pd.DataFrame | None:
+    """Yearly rows of trend_channel_sets (first source x source set), last ``years`` years; None
+    for a client with one source (no such table: the report has no page for it)."""
+    if not table_available(storage, "trend_channel_sets"):
+        return None
+    return _pdf(storage.read("trend_channel_sets")
+                .where((F.col("period") == "year") & (F.col("year") > as_of.year - years) & (F.col("year") <= as_of.year))
+                .select("year", "first_source", "source_set", "customers", "converted_90d", "net_6m",
+                        "crossed_customers", "is_complete_90d", "is_complete_6m"))
 
 
 def yearly_category(storage, as_of: dt.date, top: int = 6) -> pd.DataFrame | Missing:
@@ -226,7 +239,7 @@ def dormant_movements(storage, as_of: dt.date, windows) -> pd.DataFrame | Missin
     hist_df = storage.read("segments_history").where(F.col("segment") == DORMANT).select(
         "customer_id", "valid_from", "valid_to")
     first = min(start for start, _ in windows.values())
-    orders_df = (storage.read("orders").where((F.col("order_date") >= F.lit(first)) & ~F.col("is_cancelled"))
+    orders_df = (read_orders(storage).where((F.col("order_date") >= F.lit(first)) & ~F.col("is_cancelled"))
                  .select("customer_id", "order_date"))
     first_valid_from = storage.read("segments_history").agg(F.min("valid_from")).first()[0]
     rows = []

@@ -1,6 +1,7 @@
 """Config: layering, overrides, rejection of unknown keys and wrong types with the key path named."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -104,3 +105,31 @@ def test_export_and_label_settings_are_checked():
         SegmentsConf(labels={"vip": "優良"})
     with pytest.raises(ValueError, match="different from the others"):
         SegmentsConf(labels={"top": "優良", "high": "優良"})
+
+
+def test_sources_inherit_source_and_a_lone_source_is_a_list_of_one():
+    lone = load_config(None, ["source.path=/data/orders.csv"])
+    assert [(s.name, s.path) for s in lone.order_sources] == [("default", "/data/orders.csv")]
+    assert not lone.has_identity_step
+    config = load_config(None, ["source.columns.order_ts=受注日",
+                                "sources=[{name: ec, path: /ec}, {name: store, path: /pos, channel: store, "
+                                "csv: {encoding: cp932}, columns: {customer_id: 会員番号}}]"])
+    ec, store = config.order_sources
+    assert (ec.columns.order_ts, store.columns.order_ts) == ("受注日", "受注日")   # inherited from `source`
+    assert (ec.columns.customer_id, store.columns.customer_id) == ("customer_id", "会員番号")
+    assert (ec.csv.encoding, store.csv.encoding, store.channel) == ("utf-8", "cp932", "store")
+    assert config.has_identity_step
+    assert load_config(None, ["identity.phone_country_code=44"]).identity.phone_country_code == "44"
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["sources=[{name: ec}, {name: ec}]"], "every source needs a name of its own"),
+    (["sources=[{name: ec}, {name: default}]"], "name each source"),
+    (["sources=[{name: EC}]"], "'EC' is not a source name"),
+    (["sources=[{name: store, channel: store, columns: {channel: media}}]"], "not both"),
+    (["identity.match_on=[email]"], "no source maps such a column; set source.columns.email"),
+    (["identity.phone_country_code='+81'"], "country calling code"),
+])
+def test_bad_sources_and_identity_settings_name_the_key(overrides, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(None, overrides)

@@ -261,3 +261,26 @@ def test_lifecycle_segments_come_after_the_value_bands_whatever_their_value(spar
     rows = [(f"C{i}", segment, 1, AS_OF, value, 0.5, AS_OF) for i, (segment, value) in enumerate(values.items())]
     storage.append("segments_current", spark.createDataFrame(rows, SEGMENTS_CURRENT.schema))
     assert segments_value(storage, None, AS_OF)["group"].tolist() == ["top", "middle", "low", "new", "dormant"]
+
+
+@pytest.mark.parametrize("language", LANGUAGES)
+def test_several_sources_get_a_page_on_channel_sets(full_data, language):
+    m = Messages(language)
+    f = Formats(language, "JPY")
+    rows = pd.DataFrame({
+        "year": [2025, 2025, 2025, 2026, 2026],
+        "first_source": ["ec", "store", "store", "ec", "store"],
+        "source_set": ["ec", "store", "ec+store", "ec", "ec+store"],
+        "customers": [300, 200, 100, 50, 50], "converted_90d": [60, 20, 50, 10, 5],
+        "net_6m": [3_000_000.0, 1_000_000.0, 2_500_000.0, 400_000.0, 0.0],
+        "crossed_customers": [0, 0, 100, 0, 50],
+        "is_complete_90d": [True, True, True, True, False], "is_complete_6m": [True, True, True, False, False]})
+    html = render_html(build(DiagnosticData(**{**full_data.__dict__, "channel_sets": rows}),
+                             language, "JPY", "acme", GENERATED))
+    assert m("sec.channels") in html and f'alt="{m("ch.sets.title")}"' in html
+    # ec+store: F2 from the complete cohorts only (50 of 100), value per customer 25,000 (2025 only)
+    assert f.pct(0.5) in html and f.money(25_000) in html
+    # store-first customers who later bought online: 150 of 350
+    assert f.pct(150 / 350) in html
+    # one source: no such page
+    assert m("sec.channels") not in render_html(build(full_data, language, "JPY", "acme", GENERATED))

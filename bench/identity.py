@@ -1,0 +1,143 @@
+"""Benchmark of the identity step (issue #20): what one customer across two sources costs.
+
+    python bench/identity.py --customers 2000000 [--overlap 0.2] [--workdir DIR] [--reuse-export]
+    python bench/identity.py --customers 20000          # a smoke run
+
+Generates two sources (`cvseg generate --sources ec,store`, parquet), then in one session:
+* baseline first load: both sources ingested without matching keys and without the identity step,
+  then features (what the engine did before: orders read as stored);
+* identity first load: the same exports with `identity.match_on: [email, phone]`: ingest (with the
+  hashing pass), the identity step, features on the unified id;
+* a regular night on each warehouse: one new small file per source (new order ids, new and known
+  customers), ingest (+ identity) and features.
+Prints seconds per step and the identity runs as ratios of the baselines measured in the same run
+(this machine is shared: absolute seconds drift). Targets: the first load at most 1.15x the
+baseline, a regular night at most 5 s more.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _measure import PeakMemory, Timer, use_engine_imports  # noqa: E402
+
+use_engine_imports()
+
+from pyspark.sql import functions as F  # noqa: E402
+
+from core.config import load_config  # noqa: E402
+from core.spark import build_spark  # noqa: E402
+from core.storage import Storage  # noqa: E402
+
+END_DATE = dt.date(2026, 9, 30)
+NIGHT = END_DATE + dt.timedelta(days=1)
+
+
+def _night_file(spark, source_path: str, out: Path, share: float, seed: int) -> None:
+    """A regular night's file: a sample of the source's rows with new order ids, dated the next day."""
+    rows_df = spark.read.parquet(source_path)
+    (rows_df.sample(fraction=share, seed=seed)
+     .withColumn("order_id", F.concat(F.lit("N"), F.col("order_id")))
+     .withColumn("order_datetime", F.lit(f"{NIGHT:%Y/%m/%d} 10:00:00"))
+     .coalesce(1).write.mode("overwrite").parquet(str(out)))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--customers", type=int, default=200_000)
+    parser.add_argument("--overlap", type=float, default=0.2)
+    parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--night-share", type=float, default=0.001, help="rows of each source in a night's file")
+    parser.add_argument("--workdir", default=None, help="default: a temporary folder, removed afterwards")
+    parser.add_argument("--reuse-export", action="store_true", help="skip generate if the export exists")
+    parser.add_argument("--driver-memory", default="12g")
+    args = parser.parse_args()
+
+    from pipelines.features import run_features
+    from pipelines.generate import generate_sources
+    from pipelines.ingest import run_ingest
+    from pipelines.sources import run_sources
+
+    os.environ.setdefault("CVSEG_EXPORT_HMAC_KEY", "bench-identity-key")
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="cvseg-bench-identity-"))
+    export_dir = workdir / f"sources-{args.customers}-{args.overlap}"
+    timer, memory = Timer(), PeakMemory()
+    print(f"customers={args.customers:,} overlap={args.overlap} workdir={workdir}")
+    with memory:
+        with timer.step("spark session start", memory):
+            base = load_config(None, [f"spark.driver_memory={args.driver_memory}"])
+            spark = build_spark(base.spark, str(workdir / "warehouses"))
+        if not (args.reuse_export and (export_dir / "sources.yaml").exists()):
+            with timer.step("generate", memory):
+                generate_sources(spark, args.customers, args.seed, END_DATE, str(export_dir), overlap=args.overlap,
+                                 fmt="parquet")
+        conf_path = export_dir / "sources.yaml"
+        common = ["source.format=parquet", f"validation.future_cutoff={NIGHT}", "storage.backend=delta-spark"]
+        setups = {
+            # before identity: the exports as they are, no keys read, orders read as stored
+            "baseline": common + ["identity.match_on=[]", "source.columns.email=null", "source.columns.phone=null"],
+            "identity": common,
+        }
+        for name in setups:
+            shutil.rmtree(workdir / f"wh-{name}", ignore_errors=True)
+        results = {}
+        for name, overrides in setups.items():
+            config = load_config(conf_path, overrides + [f"storage.warehouse={workdir / f'wh-{name}'}"])
+            storage = Storage(spark, str(workdir / f"wh-{name}"), backend="delta-spark")
+            with timer.step(f"{name}: first load ingest", memory):
+                if name == "baseline":   # no identity step: each source on its own, as before
+                    for source in config.order_sources:
+                        run_ingest(spark, storage, source, config.validation, config.business.timezone, END_DATE,
+                                   order_id_prefix=f"{source.name}:")
+                else:
+                    results["first"] = run_sources(spark, storage, config, END_DATE)
+            with timer.step(f"{name}: first load features", memory):
+                run_features(storage, END_DATE, config.features)
+            night_sources = []
+            for source in config.order_sources:
+                night = workdir / f"night-{name}-{source.name}"
+                _night_file(spark, source.path, night, args.night_share, args.seed)
+                night_sources.append({"name": source.name, "path": str(night)})
+            # the same conf with each source's path on its night file (a client's new daily file)
+            night_config = config.model_copy(update={"sources": tuple(
+                s.model_copy(update={"path": n["path"]}) for s, n in zip(config.sources, night_sources))})
+            with timer.step(f"{name}: night ingest", memory):
+                if name == "baseline":
+                    for source in night_config.order_sources:
+                        run_ingest(spark, storage, source, night_config.validation, night_config.business.timezone,
+                                   NIGHT, order_id_prefix=f"{source.name}:")
+                else:
+                    results["night"] = run_sources(spark, storage, night_config, NIGHT)
+            with timer.step(f"{name}: night features", memory):
+                results[f"{name}_night_features"] = run_features(storage, NIGHT, night_config.features)
+    first_base = timer.total("baseline: first load ingest", "baseline: first load features")
+    first_id = timer.total("identity: first load ingest", "identity: first load features")
+    night_base = timer.total("baseline: night ingest", "baseline: night features")
+    night_id = timer.total("identity: night ingest", "identity: night features")
+    print(results.get("first"))
+    print(results.get("night"))
+    summary = {
+        "customers": args.customers, "overlap": args.overlap,
+        "seconds": {name: round(s, 1) for name, s, _ in timer.rows},
+        "first_load_ratio": round(first_id / first_base, 3),
+        "night_added_seconds": round(night_id - night_base, 1),
+        "night_features_modes": {k: v.get("mode") for k, v in results.items() if k.endswith("_night_features")},
+    }
+    print(f"\nfirst load: identity {first_id:.1f} s vs baseline {first_base:.1f} s = {summary['first_load_ratio']}x "
+          f"(target <= 1.15x); regular night: {night_id:.1f} vs {night_base:.1f} s = "
+          f"{summary['night_added_seconds']:+.1f} s (target <= +5 s)")
+    print(json.dumps(summary))
+    spark.stop()
+    if args.workdir is None:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,464 @@
+"""Identity: one customer across several order sources (an EC shop and store POS exports).
+
+``orders.customer_id`` is always the id a source gave its customer. This stage decides which
+source ids are one person and gives each source id a **unified** ``customer_id`` in the table
+``identity_map``; every later stage reads orders through it (:func:`read_orders`), so features,
+scores, segments, trends and the export run on the unified id.
+
+Links come from
+* the client's own map (``identity.map``: a CSV of source_name, source_customer_id, customer_id,
+  e.g. from their CRM), and/or
+* matching keys (``identity.match_on: [email, phone]``), read at ingest from the mapped columns,
+  normalised (Unicode NFKC, trimmed, lower-case e-mail; phone: digits only with the country
+  calling code, a national number's trunk 0 replaced by ``identity.phone_country_code``) and
+  HMAC-SHA256-hashed with the export's key (``export.hmac_key_env``) in the same query that reads
+  them: only hashes reach a table (``identity_keys``), never the text.
+
+Source ids sharing a key or a mapped customer are one customer: the connected components of the
+graph source id - key / mapped customer, found by min-label propagation in Spark (a few rounds,
+each two joins over the edges; nothing customer-sized reaches the driver).
+
+The unified id of a component (the rule, in order):
+1. a mapped customer id (the client's CRM decides);
+2. otherwise the unified id its members already had that was first seen earliest (then: earliest
+   first order, then the smallest id): ids are stable across nights, and a new link merges the
+   newer customer into the older one;
+3. a component of new source ids only: the source id (``<source>:<id>`` with several sources)
+   whose first order is earliest (then the smallest).
+
+Conflicts (table ``identity_conflicts``, never silent):
+* ``map_conflict``: the map gives one source id two customers -> it keeps the one it had, else the
+  smallest id;
+* ``match_conflict``: matching keys join source ids the map gives to different customers -> the
+  map wins: mapped ids keep their customer, the unmapped ids of that component stay on their own;
+* ``key_too_common``: a key shared by more than ``identity.max_ids_per_key`` source ids (a shop's
+  phone, a placeholder e-mail) links nobody.
+
+With a lone source and no ``identity`` config this stage does not run and no table is written:
+orders are read as they are.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import time
+import unicodedata
+import uuid
+from dataclasses import asdict, dataclass, field
+from typing import Any, Sequence
+
+import pandas as pd
+from pyspark.sql import Column, DataFrame, SparkSession
+from pyspark.sql import functions as F
+from pyspark.sql import types as T
+
+from core.config import Config, IdentityConf
+from core.storage import Storage
+from core.tables import (IDENTITY_CONFLICTS, IDENTITY_KEYS, IDENTITY_MAP, IDENTITY_RUNS, ORDERS)
+from pipelines.export import hmac_key_from_env, hmac_sha256_hex, with_hmac_pads
+
+log = logging.getLogger(__name__)
+
+KEY_TYPES = ("email", "phone")
+METHOD_OWN, METHOD_MAP, METHOD_MATCH = "own", "map", "match"
+MAP_CONFLICT, MATCH_CONFLICT, KEY_TOO_COMMON = "map_conflict", "match_conflict", "key_too_common"
+#: orders written before sources existed (null source_name) belong to the lone source's name
+LEGACY_SOURCE_NAME = "default"
+MAP_COLUMNS = ("source_name", "source_customer_id", "customer_id")
+_SEP = "\u001f"      # joins source name and id into one node id: a character no id holds
+
+
+class IdentityError(ValueError):
+    """The identity step cannot run as configured; the message says what to fix."""
+
+
+# --------------------------------------------------------------------------------------------
+# Column functions: normalised matching keys
+# --------------------------------------------------------------------------------------------
+@F.pandas_udf(T.StringType())   # a type object, not a DDL string: no session needed at import
+def nfkc(text: pd.Series) -> pd.Series:
+    """Unicode NFKC (full-width letters and digits -> ASCII, ｶﾅ -> カナ); Spark has no native one.
+    Applied to distinct (customer, key) pairs only, not to every order row."""
+    return text.map(lambda v: None if v is None else unicodedata.normalize("NFKC", v))
+
+
+def normalised_email(text: Column) -> Column:
+    """NFKC'd text -> trimmed, lower-case e-mail; null unless it looks like one (x@y.z)."""
+    email = F.lower(F.trim(text))
+    return F.when(email.rlike(r"^[^@\s]+@[^@\s]+\.[^@\s]+$"), email)
+
+
+def normalised_phone(text: Column, country_code: str) -> Column:
+    """NFKC'd text -> the digits of the number with its country calling code (E.164 without +);
+    null unless 8 to 15 digits. ``+81 90-1234-5678``, ``0081 90...``, ``090-1234-5678`` (national:
+    trunk 0 -> ``country_code``) and ``819012345678`` give the same key."""
+    trimmed = F.trim(text)
+    digits = F.regexp_replace(trimmed, r"[^0-9]", "")
+    full = (F.when(trimmed.startswith("+"), digits)
+            .when(digits.startswith("00"), F.substring(digits, 3, 64))
+            .when(digits.startswith("0"), F.concat(F.lit(country_code), F.substring(digits, 2, 64)))
+            .when(digits.startswith(country_code) & (F.length(digits) >= 11), digits)
+            .otherwise(F.concat(F.lit(country_code), digits)))
+    return F.when(F.length(full).between(8, 15), full)
+
+
+def node_id(source_name: Column, source_customer_id: Column) -> Column:
+    return F.concat(source_name, F.lit(_SEP), source_customer_id)
+
+
+def own_customer_id(source_name: Column, source_customer_id: Column, namespaced: bool) -> Column:
+    """The unified id of a source id linked to nobody: its own id, ``<source>:<id>`` with several
+    sources (their ids collide: EC customer 123 is not store member 123)."""
+    return F.concat(source_name, F.lit(":"), source_customer_id) if namespaced else source_customer_id
+
+
+# --------------------------------------------------------------------------------------------
+# Transforms
+# --------------------------------------------------------------------------------------------
+def hashed_keys(df: DataFrame, key_columns: dict[str, str], *, source_name: str, country_code: str,
+                hmac_key: bytes, run_date: dt.date) -> DataFrame:
+    """IDENTITY_KEYS rows from ``df`` (``customer_id`` and the clear key columns named in
+    ``key_columns``: key type -> column). The clear text lives only inside this query: what
+    leaves it is the HMAC of ``<key type>:<normalised key>``."""
+    pairs_df = None
+    for key_type, column in key_columns.items():
+        part_df = (df.select(F.col("customer_id"), F.lit(key_type).alias("key_type"), F.col(column).alias("_raw"))
+                   .where(F.col("_raw").isNotNull() & F.col("customer_id").isNotNull()))
+        pairs_df = part_df if pairs_df is None else pairs_df.unionByName(part_df)
+    if pairs_df is None:
+        raise ValueError("key_columns is empty")
+    text = F.col("_nfkc")   # the UDF once per distinct pair, then native functions
+    normalised = (F.when(F.col("key_type") == "email", normalised_email(text))
+                  .otherwise(normalised_phone(text, country_code)))
+    keyed_df = (pairs_df.distinct().withColumn("_nfkc", nfkc(F.col("_raw")))
+                .withColumn("_key", normalised).where(F.col("_key").isNotNull())
+                .transform(with_hmac_pads, hmac_key))
+    key_hash = hmac_sha256_hex(F.concat(F.col("key_type"), F.lit(":"), F.col("_key")),
+                               F.col("_hmac_inner"), F.col("_hmac_outer"))
+    return (keyed_df.select(F.lit(source_name).alias("source_name"), F.col("customer_id").alias("source_customer_id"),
+                            "key_type", key_hash.alias("key_hash"), F.lit(run_date).alias("first_seen"))
+            .distinct())
+
+
+def connected_components(edges_df: DataFrame, max_iterations: int) -> tuple[DataFrame, int]:
+    """(node, label) for every node of the bipartite ``edges_df`` (node, vertex): the label is the
+    smallest node id of the node's component. Min-label propagation: each round a vertex takes the
+    smallest label of its nodes and a node the smallest of its vertices; it stops when no label
+    moved. Each round is checkpointed (its lineage would otherwise grow with the rounds)."""
+    labels_df = edges_df.select("node").distinct().withColumn("label", F.col("node")).localCheckpoint()
+    for round_no in range(1, max_iterations + 1):
+        vertex_df = (edges_df.join(labels_df, on="node", how="inner")
+                     .groupBy("vertex").agg(F.min("label").alias("vertex_label")))
+        offered_df = (edges_df.join(vertex_df, on="vertex", how="inner")
+                      .groupBy("node").agg(F.min("vertex_label").alias("offered")))
+        next_df = (labels_df.join(offered_df, on="node", how="left")
+                   .select("node", F.least("label", F.coalesce("offered", "label")).alias("label"),
+                           (F.col("offered") < F.col("label")).alias("_moved"))
+                   .localCheckpoint())
+        moved = next_df.where(F.col("_moved")).count()
+        labels_df = next_df.drop("_moved")
+        if moved == 0:
+            return labels_df, round_no
+    raise IdentityError(f"the identity graph did not settle in {max_iterations} rounds of label propagation "
+                        "(a very long chain of shared keys); raise identity.max_iterations")
+
+
+@dataclass(frozen=True)
+class Resolution:
+    map_df: DataFrame            # IDENTITY_MAP rows plus _previous (the earlier customer_id, or null)
+    conflicts_df: DataFrame      # IDENTITY_CONFLICTS rows
+    iterations: int
+
+
+def resolve(source_ids_df: DataFrame, keys_df: DataFrame | None, client_map_df: DataFrame | None,
+            previous_df: DataFrame | None, *, run_date: dt.date, run_id: str, namespaced: bool,
+            max_ids_per_key: int, max_iterations: int) -> Resolution:
+    """Unified ids for ``source_ids_df`` (source_name, source_customer_id, first_order_date) from
+    the hashed keys (IDENTITY_KEYS rows, already limited to identity.match_on), the client's map
+    (source_name, source_customer_id, customer_id) and the previous IDENTITY_MAP. See the module
+    docstring for the rules."""
+    spark = source_ids_df.sparkSession
+    nodes_df = source_ids_df.select(
+        "source_name", "source_customer_id", "first_order_date",
+        node_id(F.col("source_name"), F.col("source_customer_id")).alias("node"),
+        own_customer_id(F.col("source_name"), F.col("source_customer_id"), namespaced).alias("own_id"))
+    if previous_df is not None:
+        nodes_df = nodes_df.join(previous_df.select(
+            "source_name", "source_customer_id", F.col("customer_id").alias("_previous"),
+            F.col("first_seen").alias("_previous_seen"), F.col("assigned_on").alias("_previous_assigned")),
+            on=["source_name", "source_customer_id"], how="left")
+    else:
+        nodes_df = (nodes_df.withColumn("_previous", F.lit(None).cast("string"))
+                    .withColumn("_previous_seen", F.lit(None).cast("date"))
+                    .withColumn("_previous_assigned", F.lit(None).cast("date")))
+    nodes_df = nodes_df.localCheckpoint()
+    conflict_parts: list[DataFrame] = []
+    conflict_base = [F.lit(run_id).alias("identity_run_id"), F.lit(run_date).alias("run_date")]
+
+    # The client's map: one customer per source id (map_conflict otherwise).
+    mapped_df = None
+    if client_map_df is not None:
+        claims_df = (client_map_df.join(nodes_df.select("source_name", "source_customer_id", "node", "_previous"),
+                                        on=["source_name", "source_customer_id"], how="inner")
+                     .groupBy("source_name", "source_customer_id", "node", "_previous")
+                     .agg(F.array_sort(F.collect_set("customer_id")).alias("claims")))
+        kept = F.when(F.array_contains("claims", F.col("_previous")), F.col("_previous")).otherwise(F.col("claims")[0])
+        mapped_df = claims_df.select("node", kept.alias("map_id")).localCheckpoint()
+        conflict_parts.append(claims_df.where(F.size("claims") > 1).select(
+            *conflict_base, F.lit(MAP_CONFLICT).alias("reason"), "source_name", "source_customer_id",
+            F.lit(None).cast("string").alias("key_type"), F.lit(None).cast("string").alias("key_hash"),
+            F.col("claims").alias("candidates"),
+            F.concat(F.lit("identity.map gives this id several customers: kept "), kept,
+                     F.lit(" (the one it had, else the smallest)")).alias("resolution")))
+
+    # Matching keys: a key held by two or more source ids links them, unless it is too common.
+    edge_parts: list[DataFrame] = []
+    if keys_df is not None:
+        held_df = (keys_df.join(nodes_df.select("source_name", "source_customer_id", "node", "own_id"),
+                                on=["source_name", "source_customer_id"], how="inner")
+                   .select("key_type", "key_hash", "node", "own_id").distinct())
+        per_key_df = (held_df.groupBy("key_type", "key_hash")
+                      .agg(F.count(F.lit(1)).alias("holders"),
+                           F.slice(F.array_sort(F.collect_list("own_id")), 1, 20).alias("candidates"))
+                      .where(F.col("holders") >= 2).localCheckpoint())
+        conflict_parts.append(per_key_df.where(F.col("holders") > max_ids_per_key).select(
+            *conflict_base, F.lit(KEY_TOO_COMMON).alias("reason"), F.lit(None).cast("string").alias("source_name"),
+            F.lit(None).cast("string").alias("source_customer_id"), "key_type", "key_hash", "candidates",
+            F.concat(F.lit("not used: held by "), F.col("holders").cast("string"),
+                     F.lit(f" source ids (identity.max_ids_per_key={max_ids_per_key}; the first 20 listed)"))
+            .alias("resolution")))
+        linking_df = per_key_df.where(F.col("holders") <= max_ids_per_key).select("key_type", "key_hash")
+        edge_parts.append(held_df.join(linking_df, on=["key_type", "key_hash"], how="left_semi").select(
+            "node", F.concat(F.lit("k"), F.col("key_type"), F.lit(_SEP), F.col("key_hash")).alias("vertex")))
+    if mapped_df is not None:
+        edge_parts.append(mapped_df.select("node", F.concat(F.lit("m"), F.lit(_SEP), F.col("map_id")).alias("vertex")))
+
+    iterations = 0
+    members_df = nodes_df
+    if mapped_df is not None:
+        members_df = members_df.join(mapped_df, on="node", how="left")
+    else:
+        members_df = members_df.withColumn("map_id", F.lit(None).cast("string"))
+    if edge_parts:
+        edges_df = edge_parts[0]
+        for part in edge_parts[1:]:
+            edges_df = edges_df.unionByName(part)
+        labels_df, iterations = connected_components(edges_df.distinct().localCheckpoint(), max_iterations)
+        members_df = members_df.join(labels_df, on="node", how="left")
+    else:
+        members_df = members_df.withColumn("label", F.lit(None).cast("string"))
+    members_df = members_df.withColumn("component", F.coalesce("label", "node")).drop("label")
+
+    # match_conflict: a component holding two mapped customers is cut back: the map wins.
+    map_ids_df = (members_df.where(F.col("map_id").isNotNull()).groupBy("component")
+                  .agg(F.array_sort(F.collect_set("map_id")).alias("_map_ids")))
+    members_df = members_df.join(map_ids_df, on="component", how="left")
+    is_split = F.coalesce(F.size("_map_ids") > 1, F.lit(False))
+    conflict_parts.append(members_df.where(is_split & F.col("map_id").isNull()).select(
+        *conflict_base, F.lit(MATCH_CONFLICT).alias("reason"), "source_name", "source_customer_id",
+        F.lit(None).cast("string").alias("key_type"), F.lit(None).cast("string").alias("key_hash"),
+        F.col("_map_ids").alias("candidates"),
+        F.lit("its matching keys join customers identity.map keeps apart: not linked (the map wins)")
+        .alias("resolution")))
+    members_df = (members_df
+                  .withColumn("component", F.when(is_split & F.col("map_id").isNotNull(),
+                                                  F.concat(F.lit("m"), F.lit(_SEP), F.col("map_id")))
+                              .when(is_split, F.col("node")).otherwise(F.col("component")))
+                  .drop("_map_ids").localCheckpoint())
+
+    # The unified id of each component (module docstring, rules 1-3).
+    candidates_df = (members_df
+                     .select("component", F.coalesce("_previous", "own_id").alias("candidate"),
+                             F.coalesce("_previous_seen", F.lit(run_date)).alias("seen"), "first_order_date")
+                     .groupBy("component", "candidate")
+                     .agg(F.min("seen").alias("seen"), F.min("first_order_date").alias("first_order_date")))
+    chosen_df = (candidates_df.groupBy("component")
+                 .agg(F.min(F.struct("seen", "first_order_date", "candidate")).alias("_best"))
+                 .join(members_df.groupBy("component").agg(F.min("map_id").alias("_mapped"),
+                                                            F.min("own_id").alias("_own_min"),
+                                                            F.count(F.lit(1)).alias("_size")),
+                       on="component", how="inner")
+                 .withColumn("customer_id", F.coalesce("_mapped", F.col("_best.candidate"))))
+    # A component split by a changed map can find its old id taken by the other part: the part
+    # with the smallest component label keeps it, the others take their smallest own id.
+    keeper_df = chosen_df.groupBy("customer_id").agg(F.min("component").alias("_keeper"))
+    chosen_df = (chosen_df.join(keeper_df, on="customer_id", how="inner")
+                 .withColumn("customer_id", F.when(F.col("component") == F.col("_keeper"), F.col("customer_id"))
+                             .otherwise(F.col("_own_min")))
+                 .select("component", "customer_id", "_size"))
+    method = (F.when(F.col("map_id").isNotNull(), F.lit(METHOD_MAP))
+              .when(F.col("_size") > 1, F.lit(METHOD_MATCH)).otherwise(F.lit(METHOD_OWN)))
+    result_df = (members_df.join(chosen_df, on="component", how="inner")
+                 .select("source_name", "source_customer_id", "customer_id", method.alias("method"),
+                         F.coalesce("_previous_seen", F.lit(run_date)).alias("first_seen"),
+                         F.when(F.col("_previous") == F.col("customer_id"), F.col("_previous_assigned"))
+                         .otherwise(F.lit(run_date)).alias("assigned_on"),
+                         F.lit(run_id).alias("identity_run_id"), "_previous"))
+    conflicts_df = conflict_parts[0]
+    for part in conflict_parts[1:]:
+        conflicts_df = conflicts_df.unionByName(part)
+    return Resolution(result_df, conflicts_df, iterations)
+
+
+def unified_orders(orders_df: DataFrame, identity_df: DataFrame) -> DataFrame:
+    """``orders_df`` with ``customer_id`` the unified id of its (source_name, customer_id)."""
+    lookup_df = identity_df.select(F.col("source_name").alias("_map_source"),
+                                   F.col("source_customer_id").alias("_map_id"),
+                                   F.col("customer_id").alias("_unified"))
+    source = F.coalesce(F.col("source_name"), F.lit(LEGACY_SOURCE_NAME))
+    joined_df = orders_df.join(lookup_df, on=(source == F.col("_map_source")) & (F.col("customer_id") == F.col("_map_id")),
+                               how="left")
+    return (joined_df.withColumn("customer_id", F.coalesce("_unified", "customer_id"))
+            .drop("_map_source", "_map_id", "_unified"))
+
+
+# --------------------------------------------------------------------------------------------
+# Reading orders on the unified id (every stage after ingest)
+# --------------------------------------------------------------------------------------------
+def identity_version(storage: Storage) -> int | None:
+    return storage.version(IDENTITY_MAP.name) if storage.exists(IDENTITY_MAP.name) else None
+
+
+def read_orders(storage: Storage, version: int | None = None, *, identity_at: int | None = None) -> DataFrame:
+    """``orders`` (at ``version``) with ``customer_id`` the unified id when the identity step has
+    run (``identity_map`` at ``identity_at``, default the latest); otherwise as stored."""
+    orders_df = storage.read(ORDERS.name, version=version)
+    return with_unified_ids(storage, orders_df, identity_at)
+
+
+def with_unified_ids(storage: Storage, orders_df: DataFrame, identity_at: int | None = None) -> DataFrame:
+    if not storage.exists(IDENTITY_MAP.name):
+        return orders_df
+    return unified_orders(orders_df, storage.read(IDENTITY_MAP.name, version=identity_at))
+
+
+# --------------------------------------------------------------------------------------------
+# Stage runner
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class IdentitySummary:
+    identity_run_id: str
+    run_date: dt.date
+    source_ids: int
+    customers: int
+    linked_source_ids: int
+    new_source_ids: int
+    reassigned_source_ids: int
+    conflicts: int
+    conflict_counts: dict[str, int] = field(default_factory=dict)
+    iterations: int = 0
+    write_mode: str = "unchanged"
+    seconds: float = 0.0
+
+    def to_lines(self) -> list[str]:
+        n = "{:,}".format
+        lines = [f"identity {self.identity_run_id}: {n(self.source_ids)} source customer ids -> "
+                 f"{n(self.customers)} customers ({n(self.linked_source_ids)} source ids linked to another, "
+                 f"{n(self.new_source_ids)} new, {n(self.reassigned_source_ids)} merged into an older customer; "
+                 f"{self.iterations} propagation round(s), identity_map {self.write_mode})"]
+        if self.conflicts:
+            shown = ", ".join(f"{reason} {n(count)}" for reason, count in sorted(self.conflict_counts.items()))
+            lines.append(f"  {n(self.conflicts)} conflict(s) not linked ({shown}): `cvseg show identity_conflicts`")
+        return lines
+
+    def __str__(self) -> str:
+        return "\n".join(self.to_lines())
+
+    def asdict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["run_date"] = self.run_date.isoformat()
+        return out
+
+
+def read_client_map(spark: SparkSession, path: str, source_names: Sequence[str]) -> DataFrame:
+    """identity.map: a UTF-8 CSV with a header holding source_name, source_customer_id, customer_id."""
+    from pyspark.errors import AnalysisException
+
+    try:
+        map_df = spark.read.option("header", True).option("encoding", "UTF-8").csv(path)
+    except AnalysisException as exc:
+        raise IdentityError(f"identity.map: cannot read {path} ({str(exc).splitlines()[0][:200]}); "
+                            "point it at a CSV file with the header source_name,source_customer_id,customer_id") from None
+    missing = [c for c in MAP_COLUMNS if c not in map_df.columns]
+    if missing:
+        raise IdentityError(f"identity.map {path}: missing column(s) {missing} (found {map_df.columns}); "
+                            "the header must be source_name,source_customer_id,customer_id")
+    trimmed_df = map_df.select(*[F.trim(F.col(c)).alias(c) for c in MAP_COLUMNS]).where(
+        F.col("source_name").isNotNull() & F.col("source_customer_id").isNotNull()
+        & F.col("customer_id").isNotNull() & (F.col("customer_id") != ""))
+    unknown = [r[0] for r in trimmed_df.select("source_name").distinct()
+               .where(~F.col("source_name").isin(list(source_names))).limit(5).collect()]
+    if unknown:
+        raise IdentityError(f"identity.map {path}: source_name {unknown} is not a configured source "
+                            f"({list(source_names)}); use the names of `sources`")
+    return trimmed_df
+
+
+def source_customer_ids(orders_df: DataFrame) -> DataFrame:
+    """(source_name, source_customer_id, first_order_date) of every source id with an order."""
+    return (orders_df.groupBy(F.coalesce("source_name", F.lit(LEGACY_SOURCE_NAME)).alias("source_name"),
+                              F.col("customer_id").alias("source_customer_id"))
+            .agg(F.min("order_date").alias("first_order_date")))
+
+
+def run_identity(storage: Storage, identity: IdentityConf, source_names: Sequence[str], run_date: dt.date, *,
+                 run_id: str | None = None) -> IdentitySummary:
+    """Resolve every source customer id in ``orders`` to a unified id: write ``identity_map``
+    (appended when only new source ids arrived, rewritten when an id moved), the run's
+    ``identity_conflicts`` and one ``identity_runs`` row."""
+    started = time.perf_counter()
+    spark = storage.spark
+    run_id = run_id or f"identity-{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}"
+    if not storage.exists(ORDERS.name):
+        raise IdentityError("no orders yet: run `cvseg ingest` first")
+    source_ids_df = source_customer_ids(storage.read(ORDERS.name))
+    keys_df = None
+    if identity.match_on and storage.exists(IDENTITY_KEYS.name):
+        keys_df = storage.read(IDENTITY_KEYS.name).where(F.col("key_type").isin(list(identity.match_on)))
+    client_map_df = read_client_map(spark, identity.map, source_names) if identity.map else None
+    previous_version = identity_version(storage)
+    previous_df = storage.read(IDENTITY_MAP.name, version=previous_version) if previous_version is not None else None
+    resolution = resolve(source_ids_df, keys_df, client_map_df, previous_df, run_date=run_date, run_id=run_id,
+                         namespaced=len(source_names) > 1, max_ids_per_key=identity.max_ids_per_key,
+                         max_iterations=identity.max_iterations)
+    result_df = resolution.map_df.localCheckpoint()
+    stats = result_df.agg(
+        F.count(F.lit(1)).alias("source_ids"), F.count_distinct("customer_id").alias("customers"),
+        F.count_if(F.col("_previous").isNull()).alias("new"),
+        F.count_if(F.col("_previous").isNotNull() & (F.col("_previous") != F.col("customer_id"))).alias("reassigned"),
+        F.count_if(F.col("method") != METHOD_OWN).alias("linked")).first()
+    reassigned, new = int(stats["reassigned"]), int(stats["new"])
+    # Appending keeps every existing row (so the features' update from the previous night stays
+    # valid); a moved id rewrites the table, and the next features run computes in full.
+    if previous_version is None or reassigned:
+        write_mode = "overwrite"
+        storage.overwrite(IDENTITY_MAP.name, result_df.drop("_previous"))
+    elif new:
+        write_mode = "append"
+        storage.append(IDENTITY_MAP.name, result_df.where(F.col("_previous").isNull()).drop("_previous"))
+    else:
+        write_mode = "unchanged"
+    conflicts_df = resolution.conflicts_df.localCheckpoint()
+    conflict_counts = {r["reason"]: int(r["count"]) for r in conflicts_df.groupBy("reason").count().collect()}
+    if conflict_counts:
+        storage.append(IDENTITY_CONFLICTS.name, conflicts_df)
+    summary = IdentitySummary(
+        identity_run_id=run_id, run_date=run_date, source_ids=int(stats["source_ids"]),
+        customers=int(stats["customers"]), linked_source_ids=int(stats["linked"]), new_source_ids=new,
+        reassigned_source_ids=reassigned, conflicts=sum(conflict_counts.values()), conflict_counts=conflict_counts,
+        iterations=resolution.iterations, write_mode=write_mode, seconds=round(time.perf_counter() - started, 2))
+    run_row = (run_id, run_date, summary.source_ids, summary.customers, summary.linked_source_ids, new, reassigned,
+               summary.conflicts, summary.iterations, write_mode, identity_version(storage),
+               dt.datetime.now(dt.timezone.utc))
+    storage.append(IDENTITY_RUNS.name, spark.createDataFrame([run_row], IDENTITY_RUNS.schema))
+    log.info("%s", summary)
+    return summary
+
+
+def identity_hmac_key(config: Config) -> bytes | None:
+    """The key the matching keys are hashed with (the export's), when identity.match_on needs one."""
+    if not config.identity.match_on:
+        return None
+    return hmac_key_from_env(config.export.hmac_key_env, needed_by=f"identity.match_on {list(config.identity.match_on)} "
+                             "hashes its keys with the export's HMAC key",
+                             alternative="remove identity.match_on", error=IdentityError)

@@ -1,0 +1,85 @@
+"""Every configured order source, then the identity step: what `cvseg ingest` and the nightly
+``ingest`` step run.
+
+Each source (``sources``, or the lone ``source``) is ingested on its own (:func:`pipelines.ingest.run_ingest`:
+its files, its quarantine rows, its ``ingest_runs`` row, all carrying its name); with several
+sources their order ids are kept apart as ``<source>:<order id>``. Then, when there are several
+sources or an ``identity`` config, :func:`pipelines.identity.run_identity` gives every source
+customer id its unified id. A source whose rejected share is above the threshold stops the run
+after the sources before it are committed (they are complete on their own); the identity step
+does not run, so no stage reads a half-resolved customer base.
+"""
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+from typing import Any
+
+from pyspark.sql import SparkSession
+
+from core.config import Config
+from core.storage import Storage
+from pipelines.identity import IdentitySummary, identity_hmac_key, run_identity
+from pipelines.ingest import IngestError, IngestSummary, KeyReading, run_ingest
+
+
+@dataclass(frozen=True)
+class SourcesResult:
+    summaries: tuple[IngestSummary, ...]
+    identity: IdentitySummary | None
+
+    def total(self, name: str) -> int:
+        return sum(getattr(s, name) for s in self.summaries)
+
+    def to_lines(self) -> list[str]:
+        lines = [line for s in self.summaries for line in s.to_lines()]
+        if len(self.summaries) > 1:
+            n = "{:,}".format
+            lines.append(f"all {len(self.summaries)} sources: input rows {n(self.total('input_rows'))}, accepted "
+                         f"{n(self.total('accepted_rows'))}, quarantined {n(self.total('quarantined_rows'))}, "
+                         f"exact duplicates {n(self.total('exact_duplicate_rows'))}, orders new or changed "
+                         f"{n(self.total('orders_written'))}")
+        if self.identity is not None:
+            lines += self.identity.to_lines()
+        return lines
+
+    def __str__(self) -> str:
+        return "\n".join(self.to_lines())
+
+    def details(self) -> dict[str, Any]:
+        return {"input_rows": self.total("input_rows"), "orders_written": self.total("orders_written"),
+                "quarantined_rows": self.total("quarantined_rows"),
+                **({"identity": self.identity.asdict()} if self.identity else {})}
+
+
+def run_sources(spark: SparkSession, storage: Storage, config: Config, run_date: dt.date, *,
+                path: str | None = None, only: str | None = None, all_files: bool = False) -> SourcesResult:
+    """Ingest every source (or the one named ``only``; ``path`` replaces its path), then resolve
+    identities when configured."""
+    sources = config.order_sources
+    names = [s.name for s in sources]
+    if only is not None and only not in names:
+        raise IngestError(f"--source {only!r} is not a configured source; the sources are {names}")
+    if path is not None and only is None and len(sources) > 1:
+        raise IngestError(f"one path given for several sources ({names}): set each source's path "
+                          "(sources[].path), or run `cvseg ingest --source NAME --path P` for one of them")
+    hmac_key = identity_hmac_key(config)
+    keys = (KeyReading(config.identity.match_on, hmac_key, config.identity.phone_country_code)
+            if hmac_key is not None else None)
+    summaries = []
+    for source in sources:
+        if only is not None and source.name != only:
+            continue
+        if all_files:
+            source = source.model_copy(update={"new_files_only": False})
+        source_path = path if (path is not None and (only == source.name or len(sources) == 1)) else source.path
+        if not source_path:
+            where = "source.path" if len(sources) == 1 else f"the path of source {source.name!r} (sources[].path)"
+            raise IngestError(f"no path to ingest: set {where} in the conf or pass --path")
+        summaries.append(run_ingest(spark, storage, source, config.validation, config.business.timezone, run_date,
+                                    path=source_path, order_id_prefix=f"{source.name}:" if len(sources) > 1 else "",
+                                    keys=keys))
+    identity = None
+    if config.has_identity_step:
+        identity = run_identity(storage, config.identity, names, run_date)
+    return SourcesResult(tuple(summaries), identity)
