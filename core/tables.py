@@ -355,7 +355,7 @@ IDENTITY_RUNS = TableSpec(
         _f("run_date", DT, False),
         _f("source_ids", L, False),          # source customer ids resolved
         _f("customers", L, False),           # unified customer ids
-        _f("linked_source_ids", L, False),   # source ids sharing their unified id with another
+        _f("linked_source_ids", L, False),   # source ids whose unified id is another id's (method map or match)
         _f("new_source_ids", L, False),      # first seen in this run
         _f("reassigned_source_ids", L, False),   # whose unified id changed (merged into an older one)
         _f("conflicts", L, False),           # rows written to identity_conflicts
@@ -363,6 +363,10 @@ IDENTITY_RUNS = TableSpec(
         _f("write_mode", S, False),          # unchanged | append | overwrite
         _f("identity_map_version", L),       # Delta version of identity_map after the run
         _f("finished_at", TS, False),
+        _f("mode", S),                       # full (every source id) | incremental (only what is new)
+        _f("full_reason", S),                # why a run resolved every source id
+        _f("orders_version", L),             # the orders and identity_keys versions it read:
+        _f("keys_version", L),               # the next incremental run starts from them
     ]),
     keys=("identity_run_id",),
 )

@@ -54,7 +54,7 @@ from pyspark.sql import types as T
 
 from core.config import Config, IdentityConf
 from core.storage import Storage
-from core.tables import (IDENTITY_CONFLICTS, IDENTITY_KEYS, IDENTITY_MAP, IDENTITY_RUNS, ORDERS)
+from core.tables import IDENTITY_CONFLICTS, IDENTITY_KEYS, IDENTITY_MAP, IDENTITY_RUNS, ORDERS
 from pipelines.export import hmac_key_from_env, hmac_sha256_hex, with_hmac_pads
 
 log = logging.getLogger(__name__)
@@ -100,6 +100,15 @@ def normalised_phone(text: Column, country_code: str) -> Column:
             .when(digits.startswith(country_code) & (F.length(digits) >= 11), digits)
             .otherwise(F.concat(F.lit(country_code), digits)))
     return F.when(F.length(full).between(8, 15), full)
+
+
+def id_method(map_id: Column, customer_id: Column, own_id: Column) -> Column:
+    """How a source id got its unified id: ``map`` (the client's map), ``own`` (its own id: linked
+    to nobody, or the id the others of its customer took) or ``match`` (another id's, by shared
+    keys). A source id keeps its method when later ids join its customer, so nights that only add
+    ids only append to ``identity_map``."""
+    return (F.when(map_id.isNotNull(), F.lit(METHOD_MAP))
+            .when(customer_id == own_id, F.lit(METHOD_OWN)).otherwise(F.lit(METHOD_MATCH)))
 
 
 def node_id(source_name: Column, source_customer_id: Column) -> Column:
@@ -275,8 +284,7 @@ def resolve(source_ids_df: DataFrame, keys_df: DataFrame | None, client_map_df: 
     chosen_df = (candidates_df.groupBy("component")
                  .agg(F.min(F.struct("seen", "first_order_date", "candidate")).alias("_best"))
                  .join(members_df.groupBy("component").agg(F.min("map_id").alias("_mapped"),
-                                                            F.min("own_id").alias("_own_min"),
-                                                            F.count(F.lit(1)).alias("_size")),
+                                                            F.min("own_id").alias("_own_min")),
                        on="component", how="inner")
                  .withColumn("customer_id", F.coalesce("_mapped", F.col("_best.candidate"))))
     # A component split by a changed map can find its old id taken by the other part: the part
@@ -285,9 +293,8 @@ def resolve(source_ids_df: DataFrame, keys_df: DataFrame | None, client_map_df: 
     chosen_df = (chosen_df.join(keeper_df, on="customer_id", how="inner")
                  .withColumn("customer_id", F.when(F.col("component") == F.col("_keeper"), F.col("customer_id"))
                              .otherwise(F.col("_own_min")))
-                 .select("component", "customer_id", "_size"))
-    method = (F.when(F.col("map_id").isNotNull(), F.lit(METHOD_MAP))
-              .when(F.col("_size") > 1, F.lit(METHOD_MATCH)).otherwise(F.lit(METHOD_OWN)))
+                 .select("component", "customer_id"))
+    method = id_method(F.col("map_id"), F.col("customer_id"), F.col("own_id"))
     result_df = (members_df.join(chosen_df, on="component", how="inner")
                  .select("source_name", "source_customer_id", "customer_id", method.alias("method"),
                          F.coalesce("_previous_seen", F.lit(run_date)).alias("first_seen"),
@@ -298,6 +305,124 @@ def resolve(source_ids_df: DataFrame, keys_df: DataFrame | None, client_map_df: 
     for part in conflict_parts[1:]:
         conflicts_df = conflicts_df.unionByName(part)
     return Resolution(result_df, conflicts_df, iterations)
+
+
+#: a night with more new source ids than this resolves every id: the incremental path broadcasts them
+INCREMENTAL_MAX_NEW_IDS = 1_000_000
+
+
+@dataclass(frozen=True)
+class NewIdsResolution:
+    map_df: DataFrame            # IDENTITY_MAP rows of the new source ids only (plus _previous, null)
+    conflicts_df: DataFrame      # key_too_common rows of the keys the night touched
+    new_source_ids: int
+    new_customers: int           # unified ids no earlier source id had
+    linked_source_ids: int       # new ids whose unified id is another id's
+    iterations: int
+
+
+def resolve_new_ids(appended_orders_df: DataFrame, appended_keys_df: DataFrame | None, keys_df: DataFrame | None,
+                    previous_df: DataFrame, *, run_date: dt.date, run_id: str, namespaced: bool,
+                    max_ids_per_key: int, max_iterations: int) -> NewIdsResolution | str:
+    """Unified ids for the source ids that appeared since the previous resolution (``previous_df``,
+    the IDENTITY_MAP), from the orders and keys appended since: the same ids :func:`resolve` gives
+    when nothing earlier moves. Returns why every id must be resolved instead when something
+    would move: tonight's keys link customers that were apart (a merge), or a key that linked ids
+    became too common. Reads the large tables only through semi-joins with what is new (no shuffle
+    of the whole map or key table)."""
+    id_columns = ["source_name", "source_customer_id"]
+    seen_df = source_customer_ids(appended_orders_df).localCheckpoint()
+    seen = seen_df.count()
+    if seen > INCREMENTAL_MAX_NEW_IDS:
+        return f"{seen:,} source ids have new orders (more than {INCREMENTAL_MAX_NEW_IDS:,})"
+    known_df = previous_df.select(*id_columns).join(F.broadcast(seen_df.select(*id_columns)), on=id_columns,
+                                                    how="left_semi")
+    new_df = (seen_df.join(known_df, on=id_columns, how="left_anti")
+              .select("source_name", "source_customer_id", "first_order_date",
+                      node_id(F.col("source_name"), F.col("source_customer_id")).alias("node"),
+                      own_customer_id(F.col("source_name"), F.col("source_customer_id"), namespaced).alias("own_id"))
+              .localCheckpoint())
+    conflicts_df = None
+    members_df = new_df.select("node", "own_id", "first_order_date", F.lit(None).cast("string").alias("_existing"))
+    labels_df, iterations = None, 0
+    if appended_keys_df is not None and keys_df is not None:
+        touched_df = appended_keys_df.select("key_type", "key_hash").distinct().localCheckpoint()
+        if touched_df.count() > INCREMENTAL_MAX_NEW_IDS:
+            return "more new matching keys than the incremental resolution broadcasts"
+        # every holder of a touched key that has orders: an earlier id (with its customer) or a new one
+        holders_df = keys_df.join(F.broadcast(touched_df), on=["key_type", "key_hash"], how="left_semi")
+        earlier_df = (previous_df.join(F.broadcast(holders_df.select(*id_columns).distinct()), on=id_columns,
+                                       how="left_semi")
+                      .select(*id_columns, F.col("customer_id").alias("_existing")))
+        fresh = appended_keys_df.select(*id_columns, "key_type", "key_hash").withColumn("_fresh", F.lit(True))
+        held_df = (holders_df.select(*id_columns, "key_type", "key_hash")
+                   .join(earlier_df, on=id_columns, how="left")
+                   .join(new_df.select(*id_columns, "own_id"), on=id_columns, how="left")
+                   .where(F.col("_existing").isNotNull() | F.col("own_id").isNotNull())
+                   .join(fresh, on=[*id_columns, "key_type", "key_hash"], how="left")
+                   .withColumn("_before", F.col("_existing").isNotNull() & F.col("_fresh").isNull())
+                   .withColumn("node", node_id(F.col("source_name"), F.col("source_customer_id")))
+                   .localCheckpoint())
+        per_key_df = (held_df.groupBy("key_type", "key_hash")
+                      .agg(F.count(F.lit(1)).alias("holders"), F.count_if("_before").alias("holders_before"),
+                           F.slice(F.array_sort(F.collect_list(F.coalesce("_existing", "own_id"))), 1, 20)
+                           .alias("candidates")).localCheckpoint())
+        unlinked = per_key_df.where((F.col("holders") > max_ids_per_key) & (F.col("holders_before") >= 2)
+                                    & (F.col("holders_before") <= max_ids_per_key)).count()
+        if unlinked:
+            return f"{unlinked:,} matching key(s) that linked source ids are now held by more than {max_ids_per_key}"
+        conflicts_df = per_key_df.where(F.col("holders") > max_ids_per_key).select(
+            F.lit(run_id).alias("identity_run_id"), F.lit(run_date).alias("run_date"),
+            F.lit(KEY_TOO_COMMON).alias("reason"), F.lit(None).cast("string").alias("source_name"),
+            F.lit(None).cast("string").alias("source_customer_id"), "key_type", "key_hash", "candidates",
+            F.concat(F.lit("not used: held by "), F.col("holders").cast("string"),
+                     F.lit(f" source ids (identity.max_ids_per_key={max_ids_per_key}; the first 20 listed)"))
+            .alias("resolution"))
+        linking_df = per_key_df.where(F.col("holders").between(2, max_ids_per_key)).select("key_type", "key_hash")
+        edges_df = (held_df.join(linking_df, on=["key_type", "key_hash"], how="left_semi")
+                    .select("node", F.concat(F.lit("k"), F.col("key_type"), F.lit(_SEP), F.col("key_hash"))
+                            .alias("vertex")).distinct().localCheckpoint())
+        if edges_df.limit(1).count():
+            labels_df, iterations = connected_components(edges_df, max_iterations)
+            existing_df = (held_df.where(F.col("_existing").isNotNull())
+                           .select("node", "_existing", F.lit(None).cast("string").alias("own_id"),
+                                   F.lit(None).cast("date").alias("first_order_date")).distinct())
+            members_df = (members_df.select("node", "own_id", "first_order_date", "_existing")
+                          .unionByName(existing_df.select("node", "own_id", "first_order_date", "_existing")))
+    if labels_df is not None:
+        members_df = members_df.join(labels_df, on="node", how="left")
+    else:
+        members_df = members_df.withColumn("label", F.lit(None).cast("string"))
+    members_df = members_df.withColumn("component", F.coalesce("label", "node")).drop("label")
+    chosen_df = (members_df.groupBy("component")
+                 .agg(F.array_sort(F.collect_set("_existing")).alias("_customers"),
+                      F.min(F.struct(F.col("first_order_date"), F.col("own_id"))).alias("_oldest"))
+                 .localCheckpoint())
+    merges = chosen_df.where(F.size("_customers") > 1).count()
+    if merges:
+        return f"tonight's matching keys join {merges:,} group(s) of customers that were apart (a merge)"
+    # an earlier customer keeps its id; a group of new ids only takes the id of its oldest (rule 2, 3)
+    chosen_df = chosen_df.select("component", F.coalesce(F.get("_customers", 0), F.col("_oldest.own_id"))
+                                 .alias("customer_id"), (F.size("_customers") == 0).alias("_new_customer"))
+    result_df = (new_df.join(members_df.select("node", "component"), on="node", how="inner")
+                 .join(chosen_df, on="component", how="inner")
+                 .select(*id_columns, "customer_id",
+                         id_method(F.lit(None), F.col("customer_id"), F.col("own_id")).alias("method"),
+                         F.lit(run_date).alias("first_seen"), F.lit(run_date).alias("assigned_on"),
+                         F.lit(run_id).alias("identity_run_id"), F.lit(None).cast("string").alias("_previous"),
+                         "_new_customer")
+                 .localCheckpoint())
+    stats = result_df.agg(F.count(F.lit(1)).alias("ids"),
+                          F.count_distinct(F.when(F.col("_new_customer"), F.col("customer_id"))).alias("customers"),
+                          F.count_if(F.col("method") != METHOD_OWN).alias("linked")).first()
+    if conflicts_df is None:
+        conflicts_df = _empty_conflicts(result_df.sparkSession)
+    return NewIdsResolution(result_df.drop("_new_customer"), conflicts_df, int(stats["ids"]),
+                            int(stats["customers"] or 0), int(stats["linked"]), iterations)
+
+
+def _empty_conflicts(spark: SparkSession) -> DataFrame:
+    return spark.createDataFrame([], IDENTITY_CONFLICTS.schema)
 
 
 def unified_orders(orders_df: DataFrame, identity_df: DataFrame) -> DataFrame:
@@ -348,6 +473,8 @@ class IdentitySummary:
     conflict_counts: dict[str, int] = field(default_factory=dict)
     iterations: int = 0
     write_mode: str = "unchanged"
+    mode: str = "full"                  # full | incremental (only the ids and keys new since the last run)
+    full_reason: str | None = None
     seconds: float = 0.0
 
     def to_lines(self) -> list[str]:
@@ -355,7 +482,8 @@ class IdentitySummary:
         lines = [f"identity {self.identity_run_id}: {n(self.source_ids)} source customer ids -> "
                  f"{n(self.customers)} customers ({n(self.linked_source_ids)} source ids linked to another, "
                  f"{n(self.new_source_ids)} new, {n(self.reassigned_source_ids)} merged into an older customer; "
-                 f"{self.iterations} propagation round(s), identity_map {self.write_mode})"]
+                 f"{self.iterations} propagation round(s), identity_map {self.write_mode}; "
+                 + (f"full: {self.full_reason})" if self.mode == "full" else "new ids only)")]
         if self.conflicts:
             shown = ", ".join(f"{reason} {n(count)}" for reason, count in sorted(self.conflict_counts.items()))
             lines.append(f"  {n(self.conflicts)} conflict(s) not linked ({shown}): `cvseg show identity_conflicts`")
@@ -401,55 +529,111 @@ def source_customer_ids(orders_df: DataFrame) -> DataFrame:
             .agg(F.min("order_date").alias("first_order_date")))
 
 
+def incremental_inputs(storage: Storage, identity: IdentityConf,
+                       previous_version: int | None) -> tuple[DataFrame, DataFrame | None, Any] | str:
+    """(orders appended since the last identity run, matching keys appended since, that run's
+    identity_runs row) when the night can resolve only its new source ids; otherwise why every
+    id must be resolved."""
+    if previous_version is None:
+        return "no earlier identity_map"
+    if identity.map:
+        return "identity.map is set (the client's map is read whole on every run)"
+    if not storage.exists(IDENTITY_RUNS.name):
+        return "no earlier identity run"
+    last = storage.read(IDENTITY_RUNS.name).orderBy(F.desc("finished_at")).limit(1).collect()[0]
+    if last["identity_map_version"] != previous_version:
+        return "identity_map was written after the last identity run"
+    if last["orders_version"] is None:
+        return "the last identity run did not record the versions it read"
+    appended_orders_df = storage.appended_since(ORDERS.name, int(last["orders_version"]))
+    if appended_orders_df is None:
+        return f"orders were rewritten since version {last['orders_version']} (not only appended)"
+    appended_keys_df = None
+    if identity.match_on and storage.exists(IDENTITY_KEYS.name):
+        if last["keys_version"] is None:
+            appended_keys_df = storage.read(IDENTITY_KEYS.name)      # keys arrived since: all of them are new
+        else:
+            appended_keys_df = storage.appended_since(IDENTITY_KEYS.name, int(last["keys_version"]))
+            if appended_keys_df is None:
+                return f"identity_keys were rewritten since version {last['keys_version']} (not only appended)"
+        appended_keys_df = appended_keys_df.where(F.col("key_type").isin(list(identity.match_on)))
+    return appended_orders_df, appended_keys_df, last
+
+
 def run_identity(storage: Storage, identity: IdentityConf, source_names: Sequence[str], run_date: dt.date, *,
-                 run_id: str | None = None) -> IdentitySummary:
+                 run_id: str | None = None, full: bool = False) -> IdentitySummary:
     """Resolve every source customer id in ``orders`` to a unified id: write ``identity_map``
     (appended when only new source ids arrived, rewritten when an id moved), the run's
-    ``identity_conflicts`` and one ``identity_runs`` row."""
+    ``identity_conflicts`` and one ``identity_runs`` row.
+
+    A regular night resolves only the source ids and keys that arrived since the last run
+    (:func:`resolve_new_ids`, reading the large tables through semi-joins); the first run, a
+    client map, rewritten orders or keys, a merge or ``full`` resolve every id (:func:`resolve`)."""
     started = time.perf_counter()
     spark = storage.spark
     run_id = run_id or f"identity-{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}"
     if not storage.exists(ORDERS.name):
         raise IdentityError("no orders yet: run `cvseg ingest` first")
-    source_ids_df = source_customer_ids(storage.read(ORDERS.name))
+    orders_version = storage.version(ORDERS.name)
+    keys_version = storage.version(IDENTITY_KEYS.name) if storage.exists(IDENTITY_KEYS.name) else None
     keys_df = None
-    if identity.match_on and storage.exists(IDENTITY_KEYS.name):
-        keys_df = storage.read(IDENTITY_KEYS.name).where(F.col("key_type").isin(list(identity.match_on)))
-    client_map_df = read_client_map(spark, identity.map, source_names) if identity.map else None
+    if identity.match_on and keys_version is not None:
+        keys_df = (storage.read(IDENTITY_KEYS.name, version=keys_version)
+                   .where(F.col("key_type").isin(list(identity.match_on))))
+    namespaced = len(source_names) > 1
     previous_version = identity_version(storage)
     previous_df = storage.read(IDENTITY_MAP.name, version=previous_version) if previous_version is not None else None
-    resolution = resolve(source_ids_df, keys_df, client_map_df, previous_df, run_date=run_date, run_id=run_id,
-                         namespaced=len(source_names) > 1, max_ids_per_key=identity.max_ids_per_key,
-                         max_iterations=identity.max_iterations)
-    result_df = resolution.map_df.localCheckpoint()
-    stats = result_df.agg(
-        F.count(F.lit(1)).alias("source_ids"), F.count_distinct("customer_id").alias("customers"),
-        F.count_if(F.col("_previous").isNull()).alias("new"),
-        F.count_if(F.col("_previous").isNotNull() & (F.col("_previous") != F.col("customer_id"))).alias("reassigned"),
-        F.count_if(F.col("method") != METHOD_OWN).alias("linked")).first()
-    reassigned, new = int(stats["reassigned"]), int(stats["new"])
-    # Appending keeps every existing row (so the features' update from the previous night stays
-    # valid); a moved id rewrites the table, and the next features run computes in full.
-    if previous_version is None or reassigned:
-        write_mode = "overwrite"
-        storage.overwrite(IDENTITY_MAP.name, result_df.drop("_previous"))
-    elif new:
-        write_mode = "append"
-        storage.append(IDENTITY_MAP.name, result_df.where(F.col("_previous").isNull()).drop("_previous"))
+    inputs = "requested" if full else incremental_inputs(storage, identity, previous_version)
+    new_ids = inputs if isinstance(inputs, str) else resolve_new_ids(
+        inputs[0], inputs[1], keys_df, previous_df, run_date=run_date, run_id=run_id, namespaced=namespaced,
+        max_ids_per_key=identity.max_ids_per_key, max_iterations=identity.max_iterations)
+    if isinstance(new_ids, NewIdsResolution):
+        mode, full_reason, last = "incremental", None, inputs[2]
+        new, reassigned, iterations = new_ids.new_source_ids, 0, new_ids.iterations
+        totals = {"source_ids": last["source_ids"] + new, "customers": last["customers"] + new_ids.new_customers,
+                  "linked": last["linked_source_ids"] + new_ids.linked_source_ids}
+        write_mode = "append" if new else "unchanged"
+        if new:
+            storage.append(IDENTITY_MAP.name, new_ids.map_df.drop("_previous"))
+        conflicts_df = new_ids.conflicts_df
     else:
-        write_mode = "unchanged"
-    conflicts_df = resolution.conflicts_df.localCheckpoint()
+        mode, full_reason = "full", new_ids
+        source_ids_df = source_customer_ids(storage.read(ORDERS.name, version=orders_version))
+        client_map_df = read_client_map(spark, identity.map, source_names) if identity.map else None
+        resolution = resolve(source_ids_df, keys_df, client_map_df, previous_df, run_date=run_date, run_id=run_id,
+                             namespaced=namespaced, max_ids_per_key=identity.max_ids_per_key,
+                             max_iterations=identity.max_iterations)
+        result_df = resolution.map_df.localCheckpoint()
+        stats = result_df.agg(
+            F.count(F.lit(1)).alias("source_ids"), F.count_distinct("customer_id").alias("customers"),
+            F.count_if(F.col("_previous").isNull()).alias("new"),
+            F.count_if(F.col("_previous").isNotNull() & (F.col("_previous") != F.col("customer_id"))).alias("reassigned"),
+            F.count_if(F.col("method") != METHOD_OWN).alias("linked")).first()
+        reassigned, new, iterations = int(stats["reassigned"]), int(stats["new"]), resolution.iterations
+        totals = {k: int(stats[k]) for k in ("source_ids", "customers", "linked")}
+        # Appending keeps every existing row (so the features' update from the previous night stays
+        # valid); a moved id rewrites the table, and the next features run computes in full.
+        if previous_version is None or reassigned:
+            write_mode = "overwrite"
+            storage.overwrite(IDENTITY_MAP.name, result_df.drop("_previous"))
+        elif new:
+            write_mode = "append"
+            storage.append(IDENTITY_MAP.name, result_df.where(F.col("_previous").isNull()).drop("_previous"))
+        else:
+            write_mode = "unchanged"
+        conflicts_df = resolution.conflicts_df
+    conflicts_df = conflicts_df.localCheckpoint()
     conflict_counts = {r["reason"]: int(r["count"]) for r in conflicts_df.groupBy("reason").count().collect()}
     if conflict_counts:
         storage.append(IDENTITY_CONFLICTS.name, conflicts_df)
     summary = IdentitySummary(
-        identity_run_id=run_id, run_date=run_date, source_ids=int(stats["source_ids"]),
-        customers=int(stats["customers"]), linked_source_ids=int(stats["linked"]), new_source_ids=new,
-        reassigned_source_ids=reassigned, conflicts=sum(conflict_counts.values()), conflict_counts=conflict_counts,
-        iterations=resolution.iterations, write_mode=write_mode, seconds=round(time.perf_counter() - started, 2))
+        identity_run_id=run_id, run_date=run_date, source_ids=totals["source_ids"], customers=totals["customers"],
+        linked_source_ids=totals["linked"], new_source_ids=new, reassigned_source_ids=reassigned,
+        conflicts=sum(conflict_counts.values()), conflict_counts=conflict_counts, iterations=iterations,
+        write_mode=write_mode, mode=mode, full_reason=full_reason, seconds=round(time.perf_counter() - started, 2))
     run_row = (run_id, run_date, summary.source_ids, summary.customers, summary.linked_source_ids, new, reassigned,
                summary.conflicts, summary.iterations, write_mode, identity_version(storage),
-               dt.datetime.now(dt.timezone.utc))
+               dt.datetime.now(dt.timezone.utc), mode, full_reason, orders_version, keys_version)
     storage.append(IDENTITY_RUNS.name, spark.createDataFrame([run_row], IDENTITY_RUNS.schema))
     log.info("%s", summary)
     return summary

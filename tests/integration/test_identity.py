@@ -108,7 +108,7 @@ def _write(folder: Path, name: str, rows: list[str]) -> None:
     (folder / name).write_text(HEADER + "".join(r + "\n" for r in rows), encoding="utf-8")
 
 
-def _conf(tmp_path, warehouse):
+def _conf(tmp_path, warehouse, identity="{match_on: [email, phone]}"):
     conf = tmp_path / "conf.yaml"
     conf.write_text(f"""
 storage: {{warehouse: {warehouse}}}
@@ -116,7 +116,7 @@ source: {{columns: {{email: email, phone: phone}}}}
 sources:
   - {{name: ec, path: {tmp_path / 'ec'}}}
   - {{name: store, path: {tmp_path / 'store'}, channel: store}}
-identity: {{match_on: [email, phone]}}
+identity: {identity}
 validation: {{future_cutoff: 2024-12-31}}
 features: {{full_every_days: 30}}
 """, encoding="utf-8")
@@ -134,7 +134,8 @@ def test_unified_ids_are_stable_when_a_later_night_adds_a_link(spark, storage, t
     run_sources(spark, storage, config, dt.date(2024, 1, 21))
     run_features(storage, dt.date(2024, 1, 21), config.features)
     _write(tmp_path / "ec", "d2.csv", ["W-2,E9,2024-01-05 09:00:00,5000,E9@example.jp,"])
-    run_sources(spark, storage, config, dt.date(2024, 1, 22))
+    night = run_sources(spark, storage, config, dt.date(2024, 1, 22))
+    assert (night.identity.mode, night.identity.write_mode) == ("incremental", "append")
     first = {r.source_customer_id: r.customer_id for r in storage.read("identity_map").collect()}
     assert {k: first[k] for k in ("M1", "X7", "E9")} == {"M1": "store:M1", "X7": "ec:X7", "E9": "ec:E9"}
     stats = run_features(storage, dt.date(2024, 1, 22), config.features)
@@ -143,6 +144,7 @@ def test_unified_ids_are_stable_when_a_later_night_adds_a_link(spark, storage, t
     _write(tmp_path / "ec", "d3.csv", ["W-3,E9,2024-01-23 09:00:00,2000,,+81 ９０-１２３４-５６７８"])
     result = run_sources(spark, storage, config, dt.date(2024, 1, 23))
     assert (result.identity.reassigned_source_ids, result.identity.write_mode) == (1, "overwrite")
+    assert result.identity.mode == "full" and "a merge" in result.identity.full_reason
     rows = {r.source_customer_id: r for r in storage.read("identity_map").collect()}
     assert {k: rows[k].customer_id for k in ("M1", "X7", "E9", "M2")} == {
         "M1": "store:M1", "X7": "ec:X7", "E9": "store:M1", "M2": "store:M2"}
@@ -157,8 +159,49 @@ def test_unified_ids_are_stable_when_a_later_night_adds_a_link(spark, storage, t
         3, dt.date(2024, 1, 5), None, 10000.0)
     # re-running the same night changes nothing
     again = run_sources(spark, storage, config, dt.date(2024, 1, 23))
-    assert again.identity.write_mode == "unchanged"
+    assert (again.identity.write_mode, again.identity.mode) == ("unchanged", "incremental")
     _assert_no_clear_keys(storage, caplog.text, ["example.jp", "090-1234", "１２３４", "+81"])
+
+
+def test_a_night_resolves_only_its_new_ids_as_a_full_resolution_would(spark, storage, tmp_path, warehouse):
+    config = _conf(tmp_path, warehouse, "{match_on: [email, phone], max_ids_per_key: 3}")
+    ec, store = tmp_path / "ec", tmp_path / "store"
+    _write(store, "d1.csv", ["S-1,M1,2024-01-10 10:00:00,100,,090-1111-1111", "S-2,M2,2024-01-11 10:00:00,100,,"])
+    _write(ec, "d1.csv", ["W-1,X1,2024-01-12 10:00:00,100,x1@example.jp,"]
+           + [f"W-{i},X{i},2024-01-1{i} 10:00:00,100,,0120-000-000" for i in range(2, 6)])   # a shop's phone
+    assert run_sources(spark, storage, config, dt.date(2024, 1, 21)).identity.mode == "full"
+    _write(ec, "d2.csv", ["W-10,E1,2024-01-22 09:00:00,100,,+81 90 1111 1111",   # joins the store's M1
+                          "W-11,E2,2024-01-22 09:00:00,100,PAIR@example.jp,",      # with N1: both new
+                          "W-12,X6,2024-01-22 09:00:00,100,,0120-000-000",         # the shop's phone again
+                          "W-13,X1,2024-01-22 09:00:00,100,,03-5555-5555"])        # a known id, a new key
+    _write(store, "d2.csv", ["S-10,N1,2024-01-02 09:00:00,100,pair@example.jp,"])
+    night = run_sources(spark, storage, config, dt.date(2024, 1, 22)).identity
+    assert (night.mode, night.write_mode, night.new_source_ids, night.reassigned_source_ids) == (
+        "incremental", "append", 4, 0)
+    stored = {(r.source_name, r.source_customer_id): (r.customer_id, r.method)
+              for r in storage.read("identity_map").collect()}
+    assert {k: stored[k] for k in [("ec", "E1"), ("ec", "E2"), ("store", "N1"), ("ec", "X6"), ("store", "M1")]} == {
+        ("ec", "E1"): ("store:M1", "match"), ("ec", "E2"): ("store:N1", "match"),
+        ("store", "N1"): ("store:N1", "own"), ("ec", "X6"): ("ec:X6", "own"), ("store", "M1"): ("store:M1", "own")}
+    conflicts = storage.read("identity_conflicts").where(F.col("run_date") == dt.date(2024, 1, 22)).collect()
+    assert [(r.reason, r.candidates) for r in conflicts] == [(KEY_TOO_COMMON, [f"ec:X{i}" for i in range(2, 7)])]
+    # the summary's totals, kept without reading the whole map, are those of the table
+    assert (night.source_ids, night.customers, night.linked_source_ids) == (
+        len(stored), len({c for c, _ in stored.values()}), sum(m != "own" for _, m in stored.values()))
+
+    # resolving every id again from the same tables gives the same ids and methods
+    from core.tables import IDENTITY_KEYS, ORDERS
+    from pipelines.identity import resolve, source_customer_ids
+    full = resolve(source_customer_ids(storage.read(ORDERS.name)), storage.read(IDENTITY_KEYS.name), None,
+                   storage.read("identity_map"), run_date=dt.date(2024, 1, 22), run_id="check", namespaced=True,
+                   max_ids_per_key=3, max_iterations=10)
+    assert {(r.source_name, r.source_customer_id): (r.customer_id, r.method) for r in full.map_df.collect()} == stored
+
+    # a key that linked two ids and is now held by four links nobody: every id is resolved again
+    _write(ec, "d3.csv", ["W-20,E3,2024-01-23 09:00:00,100,pair@example.jp,",
+                          "W-21,E4,2024-01-23 09:00:00,100,pair@example.jp,"])
+    night = run_sources(spark, storage, config, dt.date(2024, 1, 23)).identity
+    assert night.mode == "full" and "now held by more than 3" in night.full_reason, night
 
 
 def _assert_no_clear_keys(storage, log_text: str, needles: list[str]) -> None:
