@@ -293,6 +293,9 @@ class ExportConf(_Frozen):
     # unset columns keep their names (predicted_value_<horizon>m)
     header: dict[str, str] = Field(default_factory=dict)
     date_format: str = "%Y-%m-%d"         # the as-of date in the file names (strftime), e.g. %Y%m%d
+    # with several sources (identity_map): one more column per source, <source>_customer_ids, the
+    # customer's ids in that source ("|"-separated, sorted; pseudonymised like customer_id)
+    source_ids: bool = False
 
     @field_validator("header")
     @classmethod

@@ -83,9 +83,31 @@ def export_header(export_conf: ExportConf, horizon_months: int = 6) -> list[str]
     return [export_conf.header.get(key, default.get(key, key)) for key in EXPORT_COLUMNS]
 
 
+def source_id_column(source_name: str) -> str:
+    """The export column holding a customer's ids in one source (``export.source_ids``)."""
+    return f"{source_name}_customer_ids"
+
+
+def source_ids_by_customer(identity_df: DataFrame, source_names: list[str],
+                           hmac_key: bytes | None = None) -> DataFrame:
+    """(customer_id, one column per source: its ids there, sorted, "|"-joined; null when none) from
+    IDENTITY_MAP rows; with ``hmac_key`` each source id is pseudonymised like the customer id."""
+    source_id = F.col("source_customer_id")
+    if hmac_key is not None:
+        identity_df = with_hmac_pads(identity_df, hmac_key)
+        source_id = hmac_sha256_hex(source_id, F.col("_hmac_inner"), F.col("_hmac_outer"))
+    ids_df = identity_df.select("customer_id", "source_name", source_id.alias("_id"))
+    return ids_df.groupBy("customer_id").agg(*[
+        F.nullif(F.concat_ws("|", F.array_sort(F.collect_list(F.when(F.col("source_name") == name, F.col("_id"))))),
+                 F.lit("")).alias(source_id_column(name))
+        for name in source_names])
+
+
 def export_rows(scores_df: DataFrame, segments_df: DataFrame, as_of_date: dt.date,
-                hmac_key: bytes | None = None, labels: dict[str, str] | None = None) -> DataFrame:
-    """One row per customer scored as of D: id, segment, generation, value over the horizon, p_alive.
+                hmac_key: bytes | None = None, labels: dict[str, str] | None = None,
+                source_ids_df: DataFrame | None = None) -> DataFrame:
+    """One row per customer scored as of D: id, segment, generation, value over the horizon, p_alive
+    (then, with ``source_ids_df`` from :func:`source_ids_by_customer`, the customer's ids per source).
 
     Segments are those currently assigned and valid from D or earlier; a customer scored but not
     (yet) segmented keeps an empty segment rather than being dropped; ``labels`` (segments.labels)
@@ -97,6 +119,10 @@ def export_rows(scores_df: DataFrame, segments_df: DataFrame, as_of_date: dt.dat
     segments = segments_df.where(F.col("valid_from") <= F.lit(as_of_date)).select(
         "customer_id", "segment", "generation_id")
     joined_df = scores.join(segments, on="customer_id", how="left")
+    extra_columns: list[str] = []
+    if source_ids_df is not None:
+        joined_df = joined_df.join(source_ids_df, on="customer_id", how="left")
+        extra_columns = [c for c in source_ids_df.columns if c != "customer_id"]
     exported_id = F.col("customer_id")
     if hmac_key is not None:
         joined_df = with_hmac_pads(joined_df, hmac_key)
@@ -108,7 +134,7 @@ def export_rows(scores_df: DataFrame, segments_df: DataFrame, as_of_date: dt.dat
     return (joined_df
             .select(exported_id.alias("customer_id"), segment.alias("segment"), F.col("generation_id"),
                     F.format_string("%.2f", F.col("predicted_net_value")).alias("predicted_value"),
-                    F.format_string("%.6f", F.col("p_alive")).alias("p_alive"))
+                    F.format_string("%.6f", F.col("p_alive")).alias("p_alive"), *extra_columns)
             .orderBy("customer_id"))
 
 
@@ -362,11 +388,20 @@ def run_export(storage: Any, as_of_date: dt.date, export_conf: ExportConf, dest:
             present = False
         if not present:
             raise ExportError(f"table {table} does not exist yet; run `{verb} --as-of {as_of_date}` first")
+    source_ids_df, names = None, export_header(export_conf, horizon_months)
+    if export_conf.source_ids:
+        if not storage.exists("identity_map"):
+            raise ExportError("export.source_ids needs identity_map, written by the identity step (several "
+                              "`sources` or `identity` settings); set export.source_ids: false for one source")
+        identity_df = storage.read("identity_map")
+        source_names = sorted(r[0] for r in identity_df.select("source_name").distinct().collect())   # a few
+        source_ids_df = source_ids_by_customer(identity_df, source_names, hmac_key)
+        names += [source_id_column(name) for name in source_names]
     rows_df = export_rows(storage.read("customer_scores"), storage.read("segments_current"), as_of_date, hmac_key,
-                          labels)
+                          labels, source_ids_df)
     try:
         return publish_export(rows_df, as_of_date, export_conf, destination, pseudonymised=hmac_key is not None,
-                              engine_version=engine_version, names=export_header(export_conf, horizon_months),
+                              engine_version=engine_version, names=names,
                               labels=labels, s3_conf=getattr(storage, "s3", None),
                               purchase_basis=scores_by_basis(storage, as_of_date))
     except ExportError:
@@ -390,7 +425,8 @@ def publish_export(rows_df: DataFrame, as_of_date: dt.date, export_conf: ExportC
                    engine_version: str | None = None, names: list[str] | None = None,
                    labels: dict[str, str] | None = None, s3_conf: S3Conf | None = None,
                    purchase_basis: dict[str, int] | None = None) -> dict[str, Any]:
-    """Write ``rows_df`` (the columns of :data:`EXPORT_COLUMNS`, sorted) as one CSV + manifest,
+    """Write ``rows_df`` (the columns of :data:`EXPORT_COLUMNS`, then any per-source id columns,
+    sorted) as one CSV + manifest,
     with ``names`` in the header (default :func:`export_header`)."""
     from core import __version__
 
@@ -441,7 +477,7 @@ def publish_export(rows_df: DataFrame, as_of_date: dt.date, export_conf: ExportC
             "as_of_date": as_of_date.isoformat(), "generation_id": generation,
             "generation_ids_span": [metrics["generation_min"], generation],
             "customers_without_segment": int(metrics["without_segment"]),
-            "columns": names, "column_keys": list(EXPORT_COLUMNS), "encoding": export_conf.encoding,
+            "columns": names, "column_keys": rows_df.columns, "encoding": export_conf.encoding,
             "header": True, "segment_labels": dict(labels or {}),
             "customer_id": "hmac-sha256-hex" if pseudonymised else "raw",
             # which orders the value model saw: gross | net (net_rule: only cancelled, placed by rule)

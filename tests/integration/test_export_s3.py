@@ -210,3 +210,34 @@ def test_an_export_text_cp932_cannot_encode_fails_naming_customer_and_character(
                    parse_destination(str(tmp_path)))
     raw = (tmp_path / "customer_segments_2026-09-30.csv").read_bytes()
     assert raw.startswith(b"\xef\xbb\xbf" + HEADER.encode())   # Excel reads UTF-8 with its BOM
+
+
+def test_source_id_columns_carry_each_sources_ids_plain_or_pseudonymised(spark, tmp_path):
+    from pipelines.export import source_ids_by_customer
+
+    scores, segments = _frames(spark, 4)
+    identity_df = spark.createDataFrame(
+        [("ec", "E7", "C00000001"), ("store", "M2", "C00000001"), ("store", "M1", "C00000001"),
+         ("store", "M9", "C00000002"), ("ec", "E5", "C99999999")],      # a customer not scored as of D
+        "source_name string, source_customer_id string, customer_id string")
+    ids_df = source_ids_by_customer(identity_df, ["ec", "store"])
+    names = export_mod.export_header(ExportConf()) + ["ec_customer_ids", "store_customer_ids"]
+    folder = tmp_path / "out"
+    publish_export(export_rows(scores, segments, D, source_ids_df=ids_df), D, ExportConf(),
+                   parse_destination(str(folder)), names=names)
+    lines = (folder / "customer_segments_2026-09-30.csv").read_text().splitlines()
+    assert lines[0] == HEADER + ",ec_customer_ids,store_customer_ids"
+    by_id = {line.split(",")[0]: line.split(",")[5:] for line in lines[1:] if not line.startswith('"')}
+    assert by_id["C00000001"] == ["E7", "M1|M2"] and by_id["C00000002"] == ["", "M9"]
+    assert by_id["C00000000"] == ["", ""] and "C99999999" not in by_id
+    manifest = json.loads((folder / "customer_segments_2026-09-30.manifest.json").read_text())
+    assert manifest["column_keys"][-2:] == ["ec_customer_ids", "store_customer_ids"]
+
+    key = b"k"
+    hashed = {r["customer_id"]: r for r in export_rows(scores, segments, D, key,
+                                                       source_ids_df=source_ids_by_customer(identity_df, ["ec", "store"],
+                                                                                            key)).collect()}
+    digest = lambda text: hmac.new(key, text.encode(), hashlib.sha256).hexdigest()   # noqa: E731
+    row = hashed[digest("C00000001")]
+    assert (row["ec_customer_ids"], row["store_customer_ids"]) == (
+        digest("E7"), "|".join(sorted([digest("M1"), digest("M2")])))
