@@ -169,8 +169,10 @@ class IdentityConf(_Frozen):
     """One customer across several sources (pipelines/identity.py): an explicit map and/or
     deterministic matching on normalised, HMAC-hashed keys."""
 
-    # CSV file (UTF-8, header source_name,source_customer_id,customer_id): the client's own joins
+    # the client's own joins (source_name, source_customer_id, customer_id): a CSV file or folder
+    # (UTF-8, with that header), a parquet or Delta path, or a table name (metastore / Unity Catalog)
     map: str | None = None
+    map_format: Literal["csv", "parquet", "delta", "table"] = "csv"
     match_on: tuple[Literal["email", "phone"], ...] = ()
     # a phone number written without its country prefix (090-1234-5678) is read in this country
     phone_country_code: str = "81"

@@ -498,20 +498,29 @@ class IdentitySummary:
         return out
 
 
-def read_client_map(spark: SparkSession, path: str, source_names: Sequence[str]) -> DataFrame:
-    """identity.map: a UTF-8 CSV with a header holding source_name, source_customer_id, customer_id."""
+def read_client_map(spark: SparkSession, path: str, source_names: Sequence[str], map_format: str = "csv") -> DataFrame:
+    """identity.map: source_name, source_customer_id, customer_id from a UTF-8 CSV with a header,
+    a parquet or Delta path, or a table name (``map_format``)."""
     from pyspark.errors import AnalysisException
 
     try:
-        map_df = spark.read.option("header", True).option("encoding", "UTF-8").csv(path)
+        if map_format == "csv":
+            map_df = spark.read.option("header", True).option("encoding", "UTF-8").csv(path)
+        elif map_format == "table":
+            map_df = spark.table(path)
+        else:
+            map_df = spark.read.format(map_format).load(path)
     except AnalysisException as exc:
-        raise IdentityError(f"identity.map: cannot read {path} ({str(exc).splitlines()[0][:200]}); "
-                            "point it at a CSV file with the header source_name,source_customer_id,customer_id") from None
+        what = {"csv": "a CSV file with the header source_name,source_customer_id,customer_id",
+                "table": "a table holding source_name, source_customer_id, customer_id"}.get(
+            map_format, f"a {map_format} path holding source_name, source_customer_id, customer_id")
+        raise IdentityError(f"identity.map: cannot read {path} as {map_format} ({str(exc).splitlines()[0][:200]}); "
+                            f"point it at {what} (identity.map_format says which)") from None
     missing = [c for c in MAP_COLUMNS if c not in map_df.columns]
     if missing:
         raise IdentityError(f"identity.map {path}: missing column(s) {missing} (found {map_df.columns}); "
-                            "the header must be source_name,source_customer_id,customer_id")
-    trimmed_df = map_df.select(*[F.trim(F.col(c)).alias(c) for c in MAP_COLUMNS]).where(
+                            "the map must hold source_name, source_customer_id, customer_id (a CSV: as its header)")
+    trimmed_df = map_df.select(*[F.trim(F.col(c).cast("string")).alias(c) for c in MAP_COLUMNS]).where(
         F.col("source_name").isNotNull() & F.col("source_customer_id").isNotNull()
         & F.col("customer_id").isNotNull() & (F.col("customer_id") != ""))
     unknown = [r[0] for r in trimmed_df.select("source_name").distinct()
@@ -599,7 +608,8 @@ def run_identity(storage: Storage, identity: IdentityConf, source_names: Sequenc
     else:
         mode, full_reason = "full", new_ids
         source_ids_df = source_customer_ids(storage.read(ORDERS.name, version=orders_version))
-        client_map_df = read_client_map(spark, identity.map, source_names) if identity.map else None
+        client_map_df = (read_client_map(spark, identity.map, source_names, identity.map_format)
+                         if identity.map else None)
         resolution = resolve(source_ids_df, keys_df, client_map_df, previous_df, run_date=run_date, run_id=run_id,
                              namespaced=namespaced, max_ids_per_key=identity.max_ids_per_key,
                              max_iterations=identity.max_iterations)

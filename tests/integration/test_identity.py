@@ -276,3 +276,22 @@ def test_two_sources_give_the_features_of_one_premerged_export(spark, tmp_path, 
     assert yearly.agg(F.sum("customers")).first()[0] == 400
     assert yearly.where(F.col("source_set") == "ec+store").agg(F.sum("customers")).first()[0] == both > 0
     _assert_no_clear_keys(multi, caplog.text + str(result), ["example.jp", "customer1@", "090-"])
+
+
+def test_the_client_map_is_read_from_csv_parquet_delta_or_a_table(spark, tmp_path):
+    from pipelines.identity import IdentityError, read_client_map
+
+    rows = [("ec", " E1", "CRM-1"), ("store", "S1", "CRM-1"), ("ec", "E2", "")]   # an empty customer: no link
+    df = spark.createDataFrame(rows, "source_name string, source_customer_id string, customer_id string")
+    df.coalesce(1).write.option("header", True).csv(str(tmp_path / "map_csv"))
+    df.write.parquet(str(tmp_path / "map_parquet"))
+    df.write.format("delta").save(str(tmp_path / "map_delta"))
+    df.createOrReplaceTempView("crm_ids")
+    expected = [("ec", "E1", "CRM-1"), ("store", "S1", "CRM-1")]
+    for fmt, where in (("csv", "map_csv"), ("parquet", "map_parquet"), ("delta", "map_delta"), ("table", None)):
+        got = read_client_map(spark, str(tmp_path / where) if where else "crm_ids", ["ec", "store"], fmt)
+        assert sorted(tuple(r) for r in got.collect()) == expected, fmt
+    with pytest.raises(IdentityError, match=r"cannot read .*map_csv as delta .*identity.map_format"):
+        read_client_map(spark, str(tmp_path / "map_csv"), ["ec", "store"], "delta")
+    with pytest.raises(IdentityError, match=r"source_name \['ec'\] is not a configured source \(\['web', 'store'\]\)"):
+        read_client_map(spark, str(tmp_path / "map_parquet"), ["web", "store"], "parquet")
