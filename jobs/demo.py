@@ -20,7 +20,10 @@ CDNOW_AS_OF = dt.date(1998, 6, 30)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--dataset", choices=("synthetic", "cdnow"), default="synthetic")
+    parser.add_argument("--dataset", choices=("synthetic", "cdnow", "omni"), default="synthetic",
+                        help="synthetic: one generated export; cdnow: lifetimes' CDNOW sample; omni: two generated "
+                             "sources (EC and store, own customer ids, 20%% of customers in both) joined by e-mail "
+                             "and phone")
     parser.add_argument("--dir", default="demo", help="folder for the export, warehouse and conf (default ./demo)")
     parser.add_argument("--customers", type=int, default=20_000, help="synthetic customers (default 20000)")
     parser.add_argument("--seed", type=int, default=42)
@@ -41,23 +44,43 @@ def main(args: argparse.Namespace) -> dict:
 
     demo_dir = Path(args.dir).resolve()
     demo_dir.mkdir(parents=True, exist_ok=True)
+    generated = args.dataset in ("synthetic", "omni")
     if args.dataset == "synthetic":
         source_path = demo_dir / "export" / "orders"
+        as_of = SYNTHETIC_END
+    elif args.dataset == "omni":
+        source_path = None   # one path per source, in the conf the generator writes
         as_of = SYNTHETIC_END
     else:
         source_path = cdnow_sample_path()
         as_of = CDNOW_AS_OF
     export_dir = demo_dir / "exports"
-    overrides = [f"storage.warehouse={demo_dir / 'warehouse'}", f"source.path={source_path}",
-                 f"export.dest={export_dir}"]
-    if args.dataset == "synthetic":
+    overrides = [f"storage.warehouse={demo_dir / 'warehouse'}", f"export.dest={export_dir}"]
+    if source_path is not None:
+        overrides.append(f"source.path={source_path}")
+    if generated:
         # the generated export is "made" on its end date: the rows it dates later are the future ones
         overrides.append(f"validation.future_cutoff={as_of}")
     overrides += args.overrides
-    config = load_config(args.conf or example_conf(args.dataset), overrides)
-    conf_path = dump_config(config, demo_dir / "conf.yaml")
+    config = load_config(args.conf or example_conf("synthetic" if generated else args.dataset), overrides)
 
     spark = build_session(config)
+    if args.dataset == "omni":
+        import os
+
+        from pipelines.generate import generate_sources
+
+        if not os.environ.get(config.export.hmac_key_env):
+            # matching keys are hashed with the export's key; a fixed one is fine for sample data only
+            os.environ[config.export.hmac_key_env] = "cvseg-demo-key-for-sample-data-only"
+            print(f"{config.export.hmac_key_env} is not set: the demo hashes e-mail and phone with a demo key "
+                  "(set your own secret for real data)")
+        with step(f"generate {args.customers:,} customers in two sources (ec, store)"):
+            summary = generate_sources(spark, args.customers, args.seed, as_of, str(demo_dir / "export"), overlap=0.2)
+        print(f"  {summary['shared_customers']:,} customers bought in both; conf: {summary['conf_path']}")
+        # the generator's conf (sources, identity) under the demo's settings; each source's own ids exported too
+        config = load_config(args.conf or summary["conf_path"], [*overrides, "export.source_ids=true"])
+    conf_path = dump_config(config, demo_dir / "conf.yaml")
     storage = build_storage(config, spark)
     print(f"storage backend: {storage.backend}; warehouse: {config.storage.warehouse}")
     if args.dataset == "synthetic":
@@ -75,7 +98,8 @@ def main(args: argparse.Namespace) -> dict:
     # demo in this folder committed them (the export may have been regenerated). One night has
     # nothing to maintain: the table maintenance step is left out (`cvseg maintain` runs it).
     try:
-        result = run_nightly(spark, storage, config, as_of, source_path=str(source_path), force=True, refit="always",
+        result = run_nightly(spark, storage, config, as_of, source_path=str(source_path) if source_path else None,
+                             force=True, refit="always",
                              dest=str(export_dir), steps=[s for s in STEPS if s != "maintain"])
     except PipelineStepError as exc:
         from jobs.common import UsageError
@@ -107,6 +131,9 @@ def main(args: argparse.Namespace) -> dict:
     print(f"MLflow: {target.uri} (experiment {target.experiment}, model {target.registered_model}, "
           f"champion v{score.details['model_version']})")
     print(f"\nResolved config: {conf_path}\nGo on with, e.g.:")
+    if args.dataset == "omni":
+        print(f"  export {config.export.hmac_key_env}=...   # the key the demo hashed e-mail and phone with, "
+              "for the commands below (ingest hashes new keys with it)")
     print(f"  cvseg run --conf {conf_path} --as-of {as_of}            # again: every step is skipped")
     print(f"  cvseg show segments_current --conf {conf_path}")
     print(f"  cvseg show pipeline_runs --conf {conf_path}")
