@@ -367,6 +367,7 @@ IDENTITY_RUNS = TableSpec(
         _f("full_reason", S),                # why a run resolved every source id
         _f("orders_version", L),             # the orders and identity_keys versions it read:
         _f("keys_version", L),               # the next incremental run starts from them
+        _f("settings", S),                   # the identity settings it resolved with (JSON): a change resolves all
     ]),
     keys=("identity_run_id",),
 )

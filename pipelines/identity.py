@@ -538,6 +538,13 @@ def source_customer_ids(orders_df: DataFrame) -> DataFrame:
             .agg(F.min("order_date").alias("first_order_date")))
 
 
+def identity_settings(identity: IdentityConf) -> str:
+    """What a resolution depends on besides the tables, as stable JSON: another value resolves every id."""
+    import json
+
+    return json.dumps(identity.model_dump(mode="json"), sort_keys=True)
+
+
 def incremental_inputs(storage: Storage, identity: IdentityConf,
                        previous_version: int | None) -> tuple[DataFrame, DataFrame | None, Any] | str:
     """(orders appended since the last identity run, matching keys appended since, that run's
@@ -554,6 +561,8 @@ def incremental_inputs(storage: Storage, identity: IdentityConf,
         return "identity_map was written after the last identity run"
     if last["orders_version"] is None:
         return "the last identity run did not record the versions it read"
+    if last["settings"] != identity_settings(identity):
+        return f"the identity settings changed (were {last['settings']})"
     appended_orders_df = storage.appended_since(ORDERS.name, int(last["orders_version"]))
     if appended_orders_df is None:
         return f"orders were rewritten since version {last['orders_version']} (not only appended)"
@@ -643,7 +652,8 @@ def run_identity(storage: Storage, identity: IdentityConf, source_names: Sequenc
         write_mode=write_mode, mode=mode, full_reason=full_reason, seconds=round(time.perf_counter() - started, 2))
     run_row = (run_id, run_date, summary.source_ids, summary.customers, summary.linked_source_ids, new, reassigned,
                summary.conflicts, summary.iterations, write_mode, identity_version(storage),
-               dt.datetime.now(dt.timezone.utc), mode, full_reason, orders_version, keys_version)
+               dt.datetime.now(dt.timezone.utc), mode, full_reason, orders_version, keys_version,
+               identity_settings(identity))
     storage.append(IDENTITY_RUNS.name, spark.createDataFrame([run_row], IDENTITY_RUNS.schema))
     log.info("%s", summary)
     return summary

@@ -202,6 +202,11 @@ def test_a_night_resolves_only_its_new_ids_as_a_full_resolution_would(spark, sto
                           "W-21,E4,2024-01-23 09:00:00,100,pair@example.jp,"])
     night = run_sources(spark, storage, config, dt.date(2024, 1, 23)).identity
     assert night.mode == "full" and "now held by more than 3" in night.full_reason, night
+    # so do other identity settings than the last run's
+    from pipelines.identity import identity_version, incremental_inputs
+    assert not isinstance(incremental_inputs(storage, config.identity, identity_version(storage)), str)
+    changed = config.identity.model_copy(update={"max_ids_per_key": 4})
+    assert "identity settings changed" in incremental_inputs(storage, changed, identity_version(storage))
 
 
 def _assert_no_clear_keys(storage, log_text: str, needles: list[str]) -> None:
