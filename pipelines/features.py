@@ -74,7 +74,7 @@ import datetime as dt
 import logging
 import re
 import time
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 from pyspark.sql import Column, DataFrame, Window
 from pyspark.sql import functions as F
@@ -82,7 +82,7 @@ from pyspark.sql import functions as F
 from core.config import FeaturesConf
 from core.storage import Storage
 from core.tables import CUSTOMER_FEATURES, FEATURES_RUNS, IDENTITY_MAP, ORDERS, conform
-from pipelines.identity import identity_version, read_orders, with_unified_ids
+from pipelines.identity import identity_version, orders_of_customers, read_orders, unify_few
 
 log = logging.getLogger(__name__)
 
@@ -445,7 +445,7 @@ def months_between(first: dt.date, last: dt.date) -> list[str]:
 
 
 def leaving_windows(orders_df: DataFrame, previous_as_of: dt.date, as_of_date: dt.date,
-                    months: Sequence[int]) -> DataFrame:
+                    months: Sequence[int], unify: Callable[[DataFrame], DataFrame] | None = None) -> DataFrame:
     """Per customer, the orders that leave each trailing window between P and D: for window
     ``m``, orders dated in (add_months(P, -m), add_months(D, -m)]. A customer with no order in
     (P, D] has ``orders_{m}m(D) = orders_{m}m(P) - leaving``. Reads a day or two per window on a
@@ -462,24 +462,31 @@ def leaving_windows(orders_df: DataFrame, previous_as_of: dt.date, as_of_date: d
     for m in months:
         aggregates += [F.count_if(in_range[m]).alias(f"leaving_orders_{m}m"),
                        F.sum(F.when(in_range[m], F.col("net_amount")).otherwise(F.lit(0.0))).alias(f"leaving_net_{m}m")]
-    return (orders_df.where(F.col("order_month").isin(wanted)).where(any_range)
-            .groupBy("customer_id").agg(*aggregates))
+    leaving_df = orders_df.where(F.col("order_month").isin(wanted)).where(any_range)
+    if unify is not None:   # stored ids -> unified, for these few orders only
+        leaving_df = unify(leaving_df)
+    return leaving_df.groupBy("customer_id").agg(*aggregates)
 
 
 def touched_customers(orders_df: DataFrame, appended_df: DataFrame, previous_as_of: dt.date,
-                      as_of_date: dt.date) -> DataFrame:
+                      as_of_date: dt.date, unify: Callable[[DataFrame], DataFrame] | None = None) -> DataFrame:
     """Customers whose features at D can differ from those at P by more than the passing of time:
     those with orders added to the table since P was computed (new files, late orders, backfills)
-    and those with orders dated after P up to D (also orders stored before P was computed)."""
+    and those with orders dated after P up to D (also orders stored before P was computed).
+    ``unify``: ``orders_df`` holds stored ids; this makes the dated few unified."""
+    dated_df = orders_dated(orders_df, previous_as_of, as_of_date)
+    if unify is not None:
+        dated_df = unify(dated_df)
     return (appended_df.where(F.col("order_date") <= F.lit(as_of_date)).select("customer_id")
-            .unionByName(orders_dated(orders_df, previous_as_of, as_of_date).select("customer_id"))
+            .unionByName(dated_df.select("customer_id"))
             .distinct())
 
 
 def update_customer_features(previous_df: DataFrame, orders_df: DataFrame, touched_df: DataFrame,
                              previous_as_of: dt.date, as_of_date: dt.date, time_unit: str, months: Sequence[int],
                              broadcast_touched: bool = True,
-                             rfm_relative_error: float = RFM_RELATIVE_ERROR) -> DataFrame:
+                             rfm_relative_error: float = RFM_RELATIVE_ERROR,
+                             identity_df: DataFrame | None = None) -> DataFrame:
     """``customer_features`` at D from those at an earlier date P (``previous_df``), equal to
     :func:`build_customer_features` at D provided ``orders`` only gained rows since P was computed
     and ``touched_df`` holds :func:`touched_customers`.
@@ -490,14 +497,23 @@ def update_customer_features(previous_df: DataFrame, orders_df: DataFrame, touch
     orders that left them, :func:`leaving_windows`; a sum of doubles may differ from the full
     computation in the last bits, which ``features.full_every_days`` bounds) and the RFM scores
     (cut points over all customers).
+
+    With ``identity_df`` (IDENTITY_MAP), ``orders_df`` holds the stored source ids and only the
+    few orders the update reads are put on the unified id (:func:`pipelines.identity.unify_few`):
+    joining every order with the map each night would cost more than the update itself.
     """
     touched = F.broadcast(touched_df) if broadcast_touched else touched_df
+    unify = None
+    if identity_df is not None:
+        unify = lambda df: unify_few(df, identity_df)   # noqa: E731
+        touched_orders_df = orders_of_customers(orders_df, identity_df, touched_df)
+    else:
+        touched_orders_df = orders_df.join(touched, on="customer_id", how="left_semi")
     # the touched customers are few: materialise them; the carried rows are cheap to re-read
     # (a column-pruned scan of P for the RFM cut points, then the write), cheaper than a
     # checkpoint of every customer
-    recomputed_df = customer_rows(orders_df.join(touched, on="customer_id", how="left_semi"),
-                                  as_of_date, time_unit, months).localCheckpoint(eager=True)
-    leaving_df = leaving_windows(orders_df, previous_as_of, as_of_date, months).localCheckpoint(eager=True)
+    recomputed_df = customer_rows(touched_orders_df, as_of_date, time_unit, months).localCheckpoint(eager=True)
+    leaving_df = leaving_windows(orders_df, previous_as_of, as_of_date, months, unify).localCheckpoint(eager=True)
     if leaving_df.count() <= BROADCAST_MAX_TOUCHED:   # a night's leaving orders: a few thousand customers
         leaving_df = F.broadcast(leaving_df)
     carried_df = (previous_df.join(touched, on="customer_id", how="left_anti")
@@ -557,14 +573,16 @@ def incremental_base(storage: Storage, as_of_date: dt.date, features_conf: Featu
         if base_identity is None or (base_identity != identity_at
                                      and storage.appended_since(IDENTITY_MAP.name, int(base_identity)) is None):
             return None, None, "identity_map moved source ids to other customers since the earlier features"
-        appended_df = with_unified_ids(storage, appended_df, identity_at)
+        appended_df = unify_few(appended_df, storage.read(IDENTITY_MAP.name, version=identity_at))
     return base, appended_df, ""
 
 
 def _update_from(storage: Storage, base: Any, orders_df: DataFrame, appended_df: DataFrame,
-                 as_of_date: dt.date, time_unit: str, months: Sequence[int]) -> tuple[DataFrame | None, int | None, str]:
+                 as_of_date: dt.date, time_unit: str, months: Sequence[int],
+                 identity_df: DataFrame | None = None) -> tuple[DataFrame | None, int | None, str]:
     """(features at D updated from the ``features_runs`` row ``base``, customers recomputed, "")
-    or (None, count or None, why the update does not apply)."""
+    or (None, count or None, why the update does not apply). With ``identity_df`` ``orders_df``
+    holds the stored ids (see :func:`update_customer_features`)."""
     previous_as_of = base["as_of_date"]
     previous_df = storage.read(CUSTOMER_FEATURES.name).where(F.col("as_of_date") == F.lit(previous_as_of))
     if previous_df.count() != base["customers"]:
@@ -572,12 +590,15 @@ def _update_from(storage: Storage, base: Any, orders_df: DataFrame, appended_df:
     lacks_net_basis = (F.col("net_first_order_date").isNull() & (F.col("n_orders") > F.col("n_cancelled")))
     if previous_df.where(lacks_net_basis).limit(1).count():
         return None, None, f"the customer_features partition {previous_as_of} predates the net-basis columns"
-    touched_df = touched_customers(orders_df, appended_df, previous_as_of, as_of_date).localCheckpoint(eager=True)
+    unify = (lambda df: unify_few(df, identity_df)) if identity_df is not None else None   # noqa: E731
+    touched_df = touched_customers(orders_df, appended_df, previous_as_of, as_of_date,
+                                   unify).localCheckpoint(eager=True)
     recomputed = touched_df.count()
     if recomputed > INCREMENTAL_MAX_TOUCHED_SHARE * base["customers"]:
         return None, recomputed, f"{recomputed:,} of {base['customers']:,} customers have new orders"
     return (update_customer_features(previous_df, orders_df, touched_df, previous_as_of, as_of_date, time_unit,
-                                     months, broadcast_touched=recomputed <= BROADCAST_MAX_TOUCHED),
+                                     months, broadcast_touched=recomputed <= BROADCAST_MAX_TOUCHED,
+                                     identity_df=identity_df),
             recomputed, "")
 
 
@@ -597,8 +618,11 @@ def run_features(storage: Storage, as_of_date: dt.date | str, features_conf: Fea
         incremental_base(storage, as_of_date, features_conf, orders_version, identity_at)
     features_df = recomputed = None
     if base is not None:
-        features_df, recomputed, reason = _update_from(storage, base, orders_df, appended_df, as_of_date,
-                                                       time_unit, months)
+        # with several sources the update reads the stored ids and unifies the few orders it needs
+        identity_df = storage.read(IDENTITY_MAP.name, version=identity_at) if identity_at is not None else None
+        update_orders_df = storage.read(ORDERS.name, version=orders_version) if identity_at is not None else orders_df
+        features_df, recomputed, reason = _update_from(storage, base, update_orders_df, appended_df, as_of_date,
+                                                       time_unit, months, identity_df)
     incremental = features_df is not None
     if not incremental:
         features_df = build_customer_features(orders_df, as_of_date, time_unit=time_unit, trailing_months=months)

@@ -425,16 +425,41 @@ def _empty_conflicts(spark: SparkSession) -> DataFrame:
     return spark.createDataFrame([], IDENTITY_CONFLICTS.schema)
 
 
-def unified_orders(orders_df: DataFrame, identity_df: DataFrame) -> DataFrame:
-    """``orders_df`` with ``customer_id`` the unified id of its (source_name, customer_id)."""
+def unified_orders(orders_df: DataFrame, identity_df: DataFrame, broadcast: bool = False) -> DataFrame:
+    """``orders_df`` with ``customer_id`` the unified id of its (source_name, customer_id);
+    ``broadcast``: ``identity_df`` is a few rows (:func:`unify_few`)."""
     lookup_df = identity_df.select(F.col("source_name").alias("_map_source"),
                                    F.col("source_customer_id").alias("_map_id"),
                                    F.col("customer_id").alias("_unified"))
+    if broadcast:
+        lookup_df = F.broadcast(lookup_df)
     source = F.coalesce(F.col("source_name"), F.lit(LEGACY_SOURCE_NAME))
     joined_df = orders_df.join(lookup_df, on=(source == F.col("_map_source")) & (F.col("customer_id") == F.col("_map_id")),
                                how="left")
     return (joined_df.withColumn("customer_id", F.coalesce("_unified", "customer_id"))
             .drop("_map_source", "_map_id", "_unified"))
+
+
+def unify_few(orders_df: DataFrame, identity_df: DataFrame) -> DataFrame:
+    """:func:`unified_orders` for a few orders (a night's): the map rows of their source ids come
+    from a scan of ``identity_df`` with those ids broadcast, and go to the orders broadcast, so
+    neither the whole map nor the orders are shuffled."""
+    ids_df = orders_df.select(F.coalesce("source_name", F.lit(LEGACY_SOURCE_NAME)).alias("source_name"),
+                              F.col("customer_id").alias("source_customer_id")).distinct()
+    few_map_df = identity_df.join(F.broadcast(ids_df), on=["source_name", "source_customer_id"], how="left_semi")
+    return unified_orders(orders_df, few_map_df, broadcast=True)
+
+
+def orders_of_customers(orders_df: DataFrame, identity_df: DataFrame, customers_df: DataFrame) -> DataFrame:
+    """The stored ``orders_df`` of the few unified customers in ``customers_df``, on the unified id:
+    their source ids from a scan of ``identity_df``, then the orders holding those (broadcast)."""
+    few_map_df = identity_df.join(F.broadcast(customers_df.select("customer_id").distinct()), on="customer_id",
+                                  how="left_semi").localCheckpoint()
+    keys_df = few_map_df.select(F.col("source_name").alias("_key_source"), F.col("source_customer_id").alias("_key_id"))
+    source = F.coalesce(F.col("source_name"), F.lit(LEGACY_SOURCE_NAME))
+    few_orders_df = orders_df.join(F.broadcast(keys_df), on=(source == F.col("_key_source"))
+                                   & (F.col("customer_id") == F.col("_key_id")), how="left_semi")
+    return unified_orders(few_orders_df, few_map_df, broadcast=True)
 
 
 # --------------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from pipelines.features import run_features
 from pipelines.identity import (KEY_TOO_COMMON, MAP_CONFLICT, MATCH_CONFLICT, hashed_keys, normalised_phone, nfkc,
                                 resolve)
 from pipelines.sources import run_sources
+from tests.integration.test_features_incremental import assert_same_features
 
 KEY = "identity-test-key"
 DAY = dt.date(2024, 3, 1)
@@ -140,6 +141,11 @@ def test_unified_ids_are_stable_when_a_later_night_adds_a_link(spark, storage, t
     assert {k: first[k] for k in ("M1", "X7", "E9")} == {"M1": "store:M1", "X7": "ec:X7", "E9": "ec:E9"}
     stats = run_features(storage, dt.date(2024, 1, 22), config.features)
     assert stats["mode"] == "incremental", stats             # only a new id: appended, nothing moved
+    # the update (which unifies only the orders it reads) equals a full computation on the unified ids
+    from pipelines.features import build_customer_features
+    from pipelines.identity import read_orders
+    assert_same_features(storage.read("customer_features").where(F.col("as_of_date") == dt.date(2024, 1, 22)),
+                         build_customer_features(read_orders(storage), dt.date(2024, 1, 22)))
     # night 3: E9 buys again, now with M1's phone written another way: E9 joins the older M1
     _write(tmp_path / "ec", "d3.csv", ["W-3,E9,2024-01-23 09:00:00,2000,,+81 ９０-１２３４-５６７８"])
     result = run_sources(spark, storage, config, dt.date(2024, 1, 23))
