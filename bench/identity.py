@@ -40,13 +40,68 @@ END_DATE = dt.date(2026, 9, 30)
 NIGHT = END_DATE + dt.timedelta(days=1)
 
 
-def _night_file(spark, source_path: str, out: Path, share: float, seed: int) -> None:
-    """A regular night's file: a sample of the source's rows with new order ids, dated the next day."""
+def _night_file(spark, source_path: str, out: Path, share: float, seed: int, night: dt.date = NIGHT) -> None:
+    """A regular night's file: a sample of the source's rows with new order ids, dated ``night``."""
     rows_df = spark.read.parquet(source_path)
     (rows_df.sample(fraction=share, seed=seed)
-     .withColumn("order_id", F.concat(F.lit("N"), F.col("order_id")))
-     .withColumn("order_datetime", F.lit(f"{NIGHT:%Y/%m/%d} 10:00:00"))
+     .withColumn("order_id", F.concat(F.lit(f"N{night:%Y%m%d}-"), F.col("order_id")))
+     .withColumn("order_datetime", F.lit(f"{night:%Y/%m/%d} 10:00:00"))
      .coalesce(1).write.mode("overwrite").parquet(str(out)))
+
+
+def _configs(conf_path: Path, workdir: Path) -> dict:
+    common = ["source.format=parquet", "validation.future_cutoff=2027-12-31", "storage.backend=delta-spark"]
+    return {
+        # before identity: the exports as they are, no keys read, orders read as stored
+        "baseline": load_config(conf_path, common + ["identity.match_on=[]", "source.columns.email=null",
+                                                     "source.columns.phone=null",
+                                                     f"storage.warehouse={workdir / 'wh-baseline'}"]),
+        "identity": load_config(conf_path, common + [f"storage.warehouse={workdir / 'wh-identity'}"]),
+    }
+
+
+def _more_nights(spark, workdir: Path, conf_path: Path, args, timer: Timer, memory: PeakMemory) -> None:
+    """Regular nights on the warehouses an earlier run left, baseline and identity alternating
+    which goes first: the median added seconds is what a client's night pays."""
+    from pipelines.features import run_features
+    from pipelines.ingest import run_ingest
+    from pipelines.sources import run_sources
+
+    configs = _configs(conf_path, workdir)
+    storages = {name: Storage(spark, str(workdir / f"wh-{name}"), backend="delta-spark") for name in configs}
+    last = max(r[0] for storage in storages.values()   # after the nights an earlier call ran
+               for r in storage.read("features_runs").select("as_of_date").collect())
+    added = []
+    for index in range(args.more_nights):
+        night = last + dt.timedelta(days=index + 1)
+        seconds = {}
+        for name in (("baseline", "identity") if index % 2 == 0 else ("identity", "baseline")):
+            config, storage = configs[name], storages[name]
+            paths = {}
+            for source in config.order_sources:
+                out = workdir / f"night-{name}-{source.name}-{night:%Y%m%d}"
+                _night_file(spark, source.path, out, args.night_share, args.seed + index, night)
+                paths[source.name] = str(out)
+            night_config = config.model_copy(update={"sources": tuple(
+                s.model_copy(update={"path": paths[s.name]}) for s in config.sources)})
+            with timer.step(f"{night} {name}: ingest", memory):
+                if name == "baseline":
+                    for source in night_config.order_sources:
+                        run_ingest(spark, storage, source, night_config.validation, night_config.business.timezone,
+                                   night, order_id_prefix=f"{source.name}:")
+                else:
+                    print(run_sources(spark, storage, night_config, night).identity)
+            with timer.step(f"{night} {name}: features", memory):
+                stats = run_features(storage, night, night_config.features)
+            seconds[name] = timer.total(f"{night} {name}: ingest", f"{night} {name}: features")
+            print(f"  {night} {name}: {seconds[name]:.1f} s, features {stats['mode']}")
+        added.append(seconds["identity"] - seconds["baseline"])
+    ordered = sorted(added)
+    median = ordered[len(ordered) // 2] if len(ordered) % 2 else sum(ordered[len(ordered) // 2 - 1:][:2]) / 2
+    print(f"\nregular nights: identity added {', '.join(f'{a:+.1f}' for a in added)} s; median {median:+.1f} s "
+          "(target <= +5 s)")
+    print(json.dumps({"customers": args.customers, "nights_added_seconds": [round(a, 1) for a in added],
+                      "median_added_seconds": round(median, 1)}))
 
 
 def main() -> None:
@@ -58,6 +113,9 @@ def main() -> None:
     parser.add_argument("--workdir", default=None, help="default: a temporary folder, removed afterwards")
     parser.add_argument("--reuse-export", action="store_true", help="skip generate if the export exists")
     parser.add_argument("--driver-memory", default="12g")
+    parser.add_argument("--more-nights", type=int, default=0,
+                        help="with --reuse-export and the warehouses of an earlier run in --workdir: skip the first "
+                             "loads and run this many more regular nights on each, alternating which goes first")
     args = parser.parse_args()
 
     from pipelines.features import run_features
@@ -79,6 +137,10 @@ def main() -> None:
                 generate_sources(spark, args.customers, args.seed, END_DATE, str(export_dir), overlap=args.overlap,
                                  fmt="parquet")
         conf_path = export_dir / "sources.yaml"
+        if args.more_nights:
+            _more_nights(spark, workdir, conf_path, args, timer, memory)
+            spark.stop()
+            return
         common = ["source.format=parquet", f"validation.future_cutoff={NIGHT}", "storage.backend=delta-spark"]
         setups = {
             # before identity: the exports as they are, no keys read, orders read as stored
