@@ -139,7 +139,12 @@ def hashed_keys(df: DataFrame, key_columns: dict[str, str], *, source_name: str,
     text = F.col("_nfkc")   # the UDF once per distinct pair, then native functions
     normalised = (F.when(F.col("key_type") == "email", normalised_email(text))
                   .otherwise(normalised_phone(text, country_code)))
-    keyed_df = (pairs_df.distinct().withColumn("_nfkc", nfkc(F.col("_raw")))
+    # NFKC leaves ASCII as it is: only the other values go through the Python UDF (a Spark
+    # condition does not keep a UDF from running on every row, a filter does)
+    distinct_df = pairs_df.distinct()
+    is_ascii = ~F.col("_raw").rlike("[^\\x00-\\x7F]")
+    keyed_df = (distinct_df.where(is_ascii).withColumn("_nfkc", F.col("_raw"))
+                .unionByName(distinct_df.where(~is_ascii).withColumn("_nfkc", nfkc(F.col("_raw"))))
                 .withColumn("_key", normalised).where(F.col("_key").isNotNull())
                 .transform(with_hmac_pads, hmac_key))
     key_hash = hmac_sha256_hex(F.concat(F.col("key_type"), F.lit(":"), F.col("_key")),
