@@ -1439,12 +1439,21 @@ def _merge_orders(storage: Storage, orders_df: DataFrame, accepted: int | None,
     return (accepted if accepted is not None else incoming_count), written
 
 
+#: up to this many keys read, they are broadcast to the scan of identity_keys
+KEYS_BROADCAST_MAX = 1_000_000
+
+
 def _add_keys(storage: Storage, keys_df: DataFrame) -> int:
     """Append the keys not yet in ``identity_keys`` (an earlier first_seen is kept); returns how many."""
     keys_df = keys_df.localCheckpoint()
     if storage.exists(IDENTITY_KEYS.name):
-        keys_df = keys_df.join(storage.read(IDENTITY_KEYS.name).select(*IDENTITY_KEYS.keys),
-                               on=list(IDENTITY_KEYS.keys), how="left_anti").localCheckpoint()
+        stored_df = storage.read(IDENTITY_KEYS.name).select(*IDENTITY_KEYS.keys)
+        if keys_df.count() <= KEYS_BROADCAST_MAX:
+            # a night's keys: find those already stored by a scan with the few broadcast, not a
+            # shuffle of the whole table
+            stored_df = stored_df.join(F.broadcast(keys_df.select(*IDENTITY_KEYS.keys)),
+                                       on=list(IDENTITY_KEYS.keys), how="left_semi")
+        keys_df = keys_df.join(stored_df, on=list(IDENTITY_KEYS.keys), how="left_anti").localCheckpoint()
     added = keys_df.count()
     if added:
         storage.append(IDENTITY_KEYS.name, keys_df)
