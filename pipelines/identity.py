@@ -141,7 +141,7 @@ def hashed_keys(df: DataFrame, key_columns: dict[str, str], *, source_name: str,
                   .otherwise(normalised_phone(text, country_code)))
     # NFKC leaves ASCII as it is: only the other values go through the Python UDF (a Spark
     # condition does not keep a UDF from running on every row, a filter does)
-    distinct_df = pairs_df.distinct()
+    distinct_df = pairs_df.distinct().localCheckpoint()   # read once: both branches below use it
     is_ascii = ~F.col("_raw").rlike("[^\\x00-\\x7F]")
     keyed_df = (distinct_df.where(is_ascii).withColumn("_nfkc", F.col("_raw"))
                 .unionByName(distinct_df.where(~is_ascii).withColumn("_nfkc", nfkc(F.col("_raw"))))
