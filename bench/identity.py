@@ -49,6 +49,20 @@ def _night_file(spark, source_path: str, out: Path, share: float, seed: int, nig
      .coalesce(1).write.mode("overwrite").parquet(str(out)))
 
 
+def _ingest(spark, storage, config, day: dt.date, with_identity: bool):
+    """Every source of ``config``: with identity as the engine runs it (the result), or as before
+    identity existed, each source on its own (None)."""
+    from pipelines.ingest import run_ingest
+    from pipelines.sources import run_sources
+
+    if with_identity:
+        return run_sources(spark, storage, config, day)
+    for source in config.order_sources:
+        run_ingest(spark, storage, source, config.validation, config.business.timezone, day,
+                   order_id_prefix=f"{source.name}:")
+    return None
+
+
 def _configs(conf_path: Path, workdir: Path) -> dict:
     common = ["source.format=parquet", "validation.future_cutoff=2027-12-31", "storage.backend=delta-spark"]
     return {
@@ -64,8 +78,6 @@ def _more_nights(spark, workdir: Path, conf_path: Path, args, timer: Timer, memo
     """Regular nights on the warehouses an earlier run left, baseline and identity alternating
     which goes first: the median added seconds is what a client's night pays."""
     from pipelines.features import run_features
-    from pipelines.ingest import run_ingest
-    from pipelines.sources import run_sources
 
     configs = _configs(conf_path, workdir)
     storages = {name: Storage(spark, str(workdir / f"wh-{name}"), backend="delta-spark") for name in configs}
@@ -85,12 +97,9 @@ def _more_nights(spark, workdir: Path, conf_path: Path, args, timer: Timer, memo
             night_config = config.model_copy(update={"sources": tuple(
                 s.model_copy(update={"path": paths[s.name]}) for s in config.sources)})
             with timer.step(f"{night} {name}: ingest", memory):
-                if name == "baseline":
-                    for source in night_config.order_sources:
-                        run_ingest(spark, storage, source, night_config.validation, night_config.business.timezone,
-                                   night, order_id_prefix=f"{source.name}:")
-                else:
-                    print(run_sources(spark, storage, night_config, night).identity)
+                result = _ingest(spark, storage, night_config, night, with_identity=name == "identity")
+                if result is not None:
+                    print(result.identity)
             with timer.step(f"{night} {name}: features", memory):
                 stats = run_features(storage, night, night_config.features)
             seconds[name] = timer.total(f"{night} {name}: ingest", f"{night} {name}: features")
@@ -120,8 +129,6 @@ def main() -> None:
 
     from pipelines.features import run_features
     from pipelines.generate import generate_sources
-    from pipelines.ingest import run_ingest
-    from pipelines.sources import run_sources
 
     os.environ.setdefault("CVSEG_EXPORT_HMAC_KEY", "bench-identity-key")
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="cvseg-bench-identity-"))
@@ -154,12 +161,9 @@ def main() -> None:
             config = load_config(conf_path, overrides + [f"storage.warehouse={workdir / f'wh-{name}'}"])
             storage = Storage(spark, str(workdir / f"wh-{name}"), backend="delta-spark")
             with timer.step(f"{name}: first load ingest", memory):
-                if name == "baseline":   # no identity step: each source on its own, as before
-                    for source in config.order_sources:
-                        run_ingest(spark, storage, source, config.validation, config.business.timezone, END_DATE,
-                                   order_id_prefix=f"{source.name}:")
-                else:
-                    results["first"] = run_sources(spark, storage, config, END_DATE)
+                result = _ingest(spark, storage, config, END_DATE, with_identity=name == "identity")
+                if result is not None:
+                    results["first"] = result
             with timer.step(f"{name}: first load features", memory):
                 run_features(storage, END_DATE, config.features)
             night_sources = []
@@ -171,12 +175,9 @@ def main() -> None:
             night_config = config.model_copy(update={"sources": tuple(
                 s.model_copy(update={"path": n["path"]}) for s, n in zip(config.sources, night_sources))})
             with timer.step(f"{name}: night ingest", memory):
-                if name == "baseline":
-                    for source in night_config.order_sources:
-                        run_ingest(spark, storage, source, night_config.validation, night_config.business.timezone,
-                                   NIGHT, order_id_prefix=f"{source.name}:")
-                else:
-                    results["night"] = run_sources(spark, storage, night_config, NIGHT)
+                result = _ingest(spark, storage, night_config, NIGHT, with_identity=name == "identity")
+                if result is not None:
+                    results["night"] = result
             with timer.step(f"{name}: night features", memory):
                 results[f"{name}_night_features"] = run_features(storage, NIGHT, night_config.features)
     first_base = timer.total("baseline: first load ingest", "baseline: first load features")
