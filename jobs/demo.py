@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import os
 from dateutil.relativedelta import relativedelta
 from importlib.resources import files
 from pathlib import Path
@@ -17,6 +18,8 @@ SYNTHETIC_END = dt.date(2026, 9, 30)
 # the last day of the CDNOW sample (1997-01-01 .. 1998-06-30): one horizon back (1997-12-31) the
 # backtest still has a whole year of history for the cohort method
 CDNOW_AS_OF = dt.date(1998, 6, 30)
+# the omni demo's key for hashing e-mail and phone when none is set: sample data only
+DEMO_HMAC_KEY = "cvseg-demo-key-for-sample-data-only"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -66,13 +69,11 @@ def main(args: argparse.Namespace) -> dict:
 
     spark = build_session(config)
     if args.dataset == "omni":
-        import os
-
         from pipelines.generate import generate_sources
 
         if not os.environ.get(config.export.hmac_key_env):
             # matching keys are hashed with the export's key; a fixed one is fine for sample data only
-            os.environ[config.export.hmac_key_env] = "cvseg-demo-key-for-sample-data-only"
+            os.environ[config.export.hmac_key_env] = DEMO_HMAC_KEY
             print(f"{config.export.hmac_key_env} is not set: the demo hashes e-mail and phone with a demo key "
                   "(set your own secret for real data)")
         with step(f"generate {args.customers:,} customers in two sources (ec, store)"):
@@ -132,8 +133,10 @@ def main(args: argparse.Namespace) -> dict:
           f"champion v{score.details['model_version']})")
     print(f"\nResolved config: {conf_path}\nGo on with, e.g.:")
     if args.dataset == "omni":
-        print(f"  export {config.export.hmac_key_env}=...   # the key the demo hashed e-mail and phone with, "
-              "for the commands below (ingest hashes new keys with it)")
+        key = os.environ[config.export.hmac_key_env]
+        shown = key if key == DEMO_HMAC_KEY else "<the key you set>"
+        print(f"  export {config.export.hmac_key_env}={shown}   # the key the demo hashed e-mail and phone with: "
+              "the commands below need it")
     print(f"  cvseg run --conf {conf_path} --as-of {as_of}            # again: every step is skipped")
     print(f"  cvseg show segments_current --conf {conf_path}")
     print(f"  cvseg show pipeline_runs --conf {conf_path}")

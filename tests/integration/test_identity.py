@@ -340,3 +340,10 @@ def test_the_omni_demo_keeps_email_and_phone_out_of_tables_logs_mlflow_and_expor
             assert not [n for n in needles if n.lower().encode() in data], path
     export = next((root / "exports").glob("*.csv")).read_text().splitlines()
     assert export[0].endswith(",ec_customer_ids,store_customer_ids") and len(export) > 300 * 0.7
+
+    # a new user types the printed key line, then a printed command: it finds the key and changes nothing
+    from jobs.demo import DEMO_HMAC_KEY
+    assert f"export CVSEG_EXPORT_HMAC_KEY={DEMO_HMAC_KEY}" in out
+    monkeypatch.setenv("CVSEG_EXPORT_HMAC_KEY", DEMO_HMAC_KEY)
+    assert main(["run", "--conf", str(root / "conf.yaml"), "--as-of", "2026-09-30"]) == 0
+    assert "0 step(s) ran, 7 skipped" in capsys.readouterr().out
