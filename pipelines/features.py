@@ -82,7 +82,7 @@ from pyspark.sql import functions as F
 from core.config import FeaturesConf
 from core.storage import Storage
 from core.tables import CUSTOMER_FEATURES, FEATURES_RUNS, IDENTITY_MAP, ORDERS, conform
-from pipelines.identity import identity_version, orders_of_customers, read_orders, unify_few
+from pipelines.identity import IdLookup, identity_version
 
 log = logging.getLogger(__name__)
 
@@ -486,7 +486,7 @@ def update_customer_features(previous_df: DataFrame, orders_df: DataFrame, touch
                              previous_as_of: dt.date, as_of_date: dt.date, time_unit: str, months: Sequence[int],
                              broadcast_touched: bool = True,
                              rfm_relative_error: float = RFM_RELATIVE_ERROR,
-                             identity_df: DataFrame | None = None) -> DataFrame:
+                             identity: IdLookup | None = None) -> DataFrame:
     """``customer_features`` at D from those at an earlier date P (``previous_df``), equal to
     :func:`build_customer_features` at D provided ``orders`` only gained rows since P was computed
     and ``touched_df`` holds :func:`touched_customers`.
@@ -498,15 +498,15 @@ def update_customer_features(previous_df: DataFrame, orders_df: DataFrame, touch
     computation in the last bits, which ``features.full_every_days`` bounds) and the RFM scores
     (cut points over all customers).
 
-    With ``identity_df`` (IDENTITY_MAP), ``orders_df`` holds the stored source ids and only the
-    few orders the update reads are put on the unified id (:func:`pipelines.identity.unify_few`):
-    joining every order with the map each night would cost more than the update itself.
+    With ``identity`` (several sources), ``orders_df`` holds the stored source ids and the orders
+    the update reads are put on the unified id by :class:`pipelines.identity.IdLookup` (the few
+    ids not on their own id, broadcast): no scan or shuffle of the whole map each night.
     """
     touched = F.broadcast(touched_df) if broadcast_touched else touched_df
     unify = None
-    if identity_df is not None:
-        unify = lambda df: unify_few(df, identity_df)   # noqa: E731
-        touched_orders_df = orders_of_customers(orders_df, identity_df, touched_df)
+    if identity is not None:
+        unify = identity.apply
+        touched_orders_df = identity.orders_of(orders_df, touched_df)
     else:
         touched_orders_df = orders_df.join(touched, on="customer_id", how="left_semi")
     # the touched customers are few: materialise them; the carried rows are cheap to re-read
@@ -542,7 +542,8 @@ BROADCAST_MAX_TOUCHED = 2_000_000
 
 
 def incremental_base(storage: Storage, as_of_date: dt.date, features_conf: FeaturesConf,
-                     orders_version: int, identity_at: int | None = None) -> tuple[Any, DataFrame | None, str]:
+                     orders_version: int, identity_at: int | None = None,
+                     identity: IdLookup | None = None) -> tuple[Any, DataFrame | None, str]:
     """The ``features_runs`` row to update from and the orders added since it, or (None, None,
     why a full computation is needed)."""
     if not features_conf.incremental:
@@ -573,15 +574,15 @@ def incremental_base(storage: Storage, as_of_date: dt.date, features_conf: Featu
         if base_identity is None or (base_identity != identity_at
                                      and storage.appended_since(IDENTITY_MAP.name, int(base_identity)) is None):
             return None, None, "identity_map moved source ids to other customers since the earlier features"
-        appended_df = unify_few(appended_df, storage.read(IDENTITY_MAP.name, version=identity_at))
+        appended_df = identity.apply(appended_df)
     return base, appended_df, ""
 
 
 def _update_from(storage: Storage, base: Any, orders_df: DataFrame, appended_df: DataFrame,
                  as_of_date: dt.date, time_unit: str, months: Sequence[int],
-                 identity_df: DataFrame | None = None) -> tuple[DataFrame | None, int | None, str]:
+                 identity: IdLookup | None = None) -> tuple[DataFrame | None, int | None, str]:
     """(features at D updated from the ``features_runs`` row ``base``, customers recomputed, "")
-    or (None, count or None, why the update does not apply). With ``identity_df`` ``orders_df``
+    or (None, count or None, why the update does not apply). With ``identity`` ``orders_df``
     holds the stored ids (see :func:`update_customer_features`)."""
     previous_as_of = base["as_of_date"]
     previous_df = storage.read(CUSTOMER_FEATURES.name).where(F.col("as_of_date") == F.lit(previous_as_of))
@@ -590,7 +591,7 @@ def _update_from(storage: Storage, base: Any, orders_df: DataFrame, appended_df:
     lacks_net_basis = (F.col("net_first_order_date").isNull() & (F.col("n_orders") > F.col("n_cancelled")))
     if previous_df.where(lacks_net_basis).limit(1).count():
         return None, None, f"the customer_features partition {previous_as_of} predates the net-basis columns"
-    unify = (lambda df: unify_few(df, identity_df)) if identity_df is not None else None   # noqa: E731
+    unify = identity.apply if identity is not None else None
     touched_df = touched_customers(orders_df, appended_df, previous_as_of, as_of_date,
                                    unify).localCheckpoint(eager=True)
     recomputed = touched_df.count()
@@ -598,7 +599,7 @@ def _update_from(storage: Storage, base: Any, orders_df: DataFrame, appended_df:
         return None, recomputed, f"{recomputed:,} of {base['customers']:,} customers have new orders"
     return (update_customer_features(previous_df, orders_df, touched_df, previous_as_of, as_of_date, time_unit,
                                      months, broadcast_touched=recomputed <= BROADCAST_MAX_TOUCHED,
-                                     identity_df=identity_df),
+                                     identity=identity),
             recomputed, "")
 
 
@@ -613,18 +614,21 @@ def run_features(storage: Storage, as_of_date: dt.date | str, features_conf: Fea
     started = time.perf_counter()
     orders_version = storage.version(ORDERS.name)
     identity_at = identity_version(storage)
-    orders_df = read_orders(storage, orders_version, identity_at=identity_at)   # on the unified customer id
+    stored_df = storage.read(ORDERS.name, version=orders_version)
+    # several sources: orders go on the unified id through the few ids not on their own id, kept
+    # for every lookup of this run (the map is scanned once)
+    identity = (IdLookup.of(storage.read(IDENTITY_MAP.name, version=identity_at), materialise=True)
+                if identity_at is not None else None)
     base, appended_df, reason = (None, None, "requested") if full else \
-        incremental_base(storage, as_of_date, features_conf, orders_version, identity_at)
+        incremental_base(storage, as_of_date, features_conf, orders_version, identity_at, identity)
     features_df = recomputed = None
     if base is not None:
-        # with several sources the update reads the stored ids and unifies the few orders it needs
-        identity_df = storage.read(IDENTITY_MAP.name, version=identity_at) if identity_at is not None else None
-        update_orders_df = storage.read(ORDERS.name, version=orders_version) if identity_at is not None else orders_df
-        features_df, recomputed, reason = _update_from(storage, base, update_orders_df, appended_df, as_of_date,
-                                                       time_unit, months, identity_df)
+        # the update reads the stored ids and unifies only the orders it needs
+        features_df, recomputed, reason = _update_from(storage, base, stored_df, appended_df, as_of_date,
+                                                       time_unit, months, identity)
     incremental = features_df is not None
     if not incremental:
+        orders_df = identity.apply(stored_df) if identity is not None else stored_df   # on the unified id
         features_df = build_customer_features(orders_df, as_of_date, time_unit=time_unit, trailing_months=months)
     computed = time.perf_counter()
     storage.replace_partitions(CUSTOMER_FEATURES.name, features_df, partitions={"as_of_date": [as_of_date]})

@@ -430,41 +430,54 @@ def _empty_conflicts(spark: SparkSession) -> DataFrame:
     return spark.createDataFrame([], IDENTITY_CONFLICTS.schema)
 
 
-def unified_orders(orders_df: DataFrame, identity_df: DataFrame, broadcast: bool = False) -> DataFrame:
-    """``orders_df`` with ``customer_id`` the unified id of its (source_name, customer_id);
-    ``broadcast``: ``identity_df`` is a few rows (:func:`unify_few`)."""
-    lookup_df = identity_df.select(F.col("source_name").alias("_map_source"),
-                                   F.col("source_customer_id").alias("_map_id"),
-                                   F.col("customer_id").alias("_unified"))
-    if broadcast:
-        lookup_df = F.broadcast(lookup_df)
-    source = F.coalesce(F.col("source_name"), F.lit(LEGACY_SOURCE_NAME))
-    joined_df = orders_df.join(lookup_df, on=(source == F.col("_map_source")) & (F.col("customer_id") == F.col("_map_id")),
-                               how="left")
-    return (joined_df.withColumn("customer_id", F.coalesce("_unified", "customer_id"))
-            .drop("_map_source", "_map_id", "_unified"))
+#: up to this many source ids not on their own id (linked or mapped) go broadcast to an orders scan
+UNIFY_BROADCAST_MAX = 1_000_000
 
 
-def unify_few(orders_df: DataFrame, identity_df: DataFrame) -> DataFrame:
-    """:func:`unified_orders` for a few orders (a night's): the map rows of their source ids come
-    from a scan of ``identity_df`` with those ids broadcast, and go to the orders broadcast, so
-    neither the whole map nor the orders are shuffled."""
-    ids_df = orders_df.select(F.coalesce("source_name", F.lit(LEGACY_SOURCE_NAME)).alias("source_name"),
-                              F.col("customer_id").alias("source_customer_id")).distinct()
-    few_map_df = identity_df.join(F.broadcast(ids_df), on=["source_name", "source_customer_id"], how="left_semi")
-    return unified_orders(orders_df, few_map_df, broadcast=True)
+@dataclass(frozen=True)
+class IdLookup:
+    """How stored orders get their unified ``customer_id`` from an IDENTITY_MAP, without joining
+    every order with the whole map: most source ids are on their own id (method ``own``:
+    ``<source>:<id>`` with several sources, else the id), which a column expression gives; only
+    the others (linked or mapped: ~12% of the ids of a client with 20% overlap) are looked up,
+    broadcast up to :data:`UNIFY_BROADCAST_MAX` rows, so the orders are never shuffled for it. A
+    source id the map does not hold (orders ingested after the last identity run) is on its own
+    id as well."""
+    others_df: DataFrame        # (_map_source, _map_id, _unified) of the ids not on their own id
+    namespaced: bool
+    broadcast: bool
 
+    @classmethod
+    def of(cls, identity_df: DataFrame, materialise: bool = False) -> "IdLookup":
+        """One scan of the map's method column finds how many ids are not on their own id and
+        the form of an own id; ``materialise``: keep those rows for several lookups in a run."""
+        is_own = F.col("method") == METHOD_OWN
+        shape = identity_df.agg(
+            F.count_if(~is_own).alias("others"),
+            F.max(F.when(is_own, F.col("customer_id") == F.concat("source_name", F.lit(":"), "source_customer_id")))
+            .alias("namespaced")).first()
+        others_df = identity_df.where(~is_own).select(F.col("source_name").alias("_map_source"),
+                                                       F.col("source_customer_id").alias("_map_id"),
+                                                       F.col("customer_id").alias("_unified"))
+        broadcast = shape["others"] <= UNIFY_BROADCAST_MAX
+        if materialise and broadcast:
+            others_df = others_df.localCheckpoint()
+        return cls(others_df, bool(shape["namespaced"]), broadcast)
 
-def orders_of_customers(orders_df: DataFrame, identity_df: DataFrame, customers_df: DataFrame) -> DataFrame:
-    """The stored ``orders_df`` of the few unified customers in ``customers_df``, on the unified id:
-    their source ids from a scan of ``identity_df``, then the orders holding those (broadcast)."""
-    few_map_df = identity_df.join(F.broadcast(customers_df.select("customer_id").distinct()), on="customer_id",
-                                  how="left_semi").localCheckpoint()
-    keys_df = few_map_df.select(F.col("source_name").alias("_key_source"), F.col("source_customer_id").alias("_key_id"))
-    source = F.coalesce(F.col("source_name"), F.lit(LEGACY_SOURCE_NAME))
-    few_orders_df = orders_df.join(F.broadcast(keys_df), on=(source == F.col("_key_source"))
-                                   & (F.col("customer_id") == F.col("_key_id")), how="left_semi")
-    return unified_orders(few_orders_df, few_map_df, broadcast=True)
+    def apply(self, orders_df: DataFrame) -> DataFrame:
+        """``orders_df`` (stored source ids) with ``customer_id`` the unified id."""
+        lookup_df = F.broadcast(self.others_df) if self.broadcast else self.others_df
+        source = F.coalesce(F.col("source_name"), F.lit(LEGACY_SOURCE_NAME))
+        own_id = F.concat(source, F.lit(":"), F.col("customer_id")) if self.namespaced else F.col("customer_id")
+        joined_df = orders_df.join(lookup_df, on=(source == F.col("_map_source"))
+                                   & (F.col("customer_id") == F.col("_map_id")), how="left")
+        return (joined_df.withColumn("customer_id", F.coalesce(F.col("_unified"), own_id))
+                .drop("_map_source", "_map_id", "_unified"))
+
+    def orders_of(self, orders_df: DataFrame, customers_df: DataFrame) -> DataFrame:
+        """The stored ``orders_df`` of the few unified customers in ``customers_df``, on the unified id."""
+        customers = F.broadcast(customers_df.select("customer_id").distinct())
+        return self.apply(orders_df).join(customers, on="customer_id", how="left_semi")
 
 
 # --------------------------------------------------------------------------------------------
@@ -484,7 +497,7 @@ def read_orders(storage: Storage, version: int | None = None, *, identity_at: in
 def with_unified_ids(storage: Storage, orders_df: DataFrame, identity_at: int | None = None) -> DataFrame:
     if not storage.exists(IDENTITY_MAP.name):
         return orders_df
-    return unified_orders(orders_df, storage.read(IDENTITY_MAP.name, version=identity_at))
+    return IdLookup.of(storage.read(IDENTITY_MAP.name, version=identity_at)).apply(orders_df)
 
 
 # --------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from core.config import load_config
 from core.tables import TABLES
 from pipelines.features import run_features
 from pipelines.identity import (KEY_TOO_COMMON, MAP_CONFLICT, MATCH_CONFLICT, hashed_keys, normalised_phone, nfkc,
-                                resolve)
+                                IdLookup, resolve)
 from pipelines.sources import run_sources
 from tests.integration.test_features_incremental import assert_same_features
 
@@ -306,6 +306,42 @@ def test_the_client_map_is_read_from_csv_parquet_delta_or_a_table(spark, tmp_pat
         read_client_map(spark, str(tmp_path / "map_csv"), ["ec", "store"], "delta")
     with pytest.raises(IdentityError, match=r"source_name \['ec'\] is not a configured source \(\['web', 'store'\]\)"):
         read_client_map(spark, str(tmp_path / "map_parquet"), ["web", "store"], "parquet")
+
+
+@pytest.mark.parametrize("namespaced", [True, False])
+@pytest.mark.parametrize("broadcast_max", [1_000_000, 0])
+def test_orders_read_through_the_linked_ids_only_equal_the_join_with_the_whole_map(spark, monkeypatch, namespaced,
+                                                                                   broadcast_max):
+    """Every later stage reads orders on the unified id by looking up only the ids not on their own
+    id: the same ids as the join of every order with the whole map, broadcast or not."""
+    import pipelines.identity as identity
+
+    monkeypatch.setattr(identity, "UNIFY_BROADCAST_MAX", broadcast_max)
+    own = (lambda s, c: f"{s}:{c}") if namespaced else (lambda s, c: c)
+    map_rows = [("ec", "E1", own("ec", "E1"), "own"), ("store", "S1", own("ec", "E1"), "match"),
+                ("ec", "E2", own("ec", "E2"), "own"), ("store", "S2", "CRM-9", "map"),
+                ("ec", "E3", "CRM-9", "map"), ("store", "E1", own("store", "E1"), "own"),   # same id, other source
+                ("default", "D1", own("default", "D1"), "own")]
+    identity_df = spark.createDataFrame(map_rows, "source_name string, source_customer_id string, customer_id string, "
+                                                  "method string")
+    orders = [("o1", "ec", "E1"), ("o2", "store", "S1"), ("o3", "ec", "E2"), ("o4", "store", "S2"),
+              ("o5", "ec", "E3"), ("o6", "store", "E1"), ("o7", None, "D1"), ("o8", "ec", "E1")]
+    orders_df = spark.createDataFrame(orders, "order_id string, source_name string, customer_id string")
+    lookup = IdLookup.of(identity_df, materialise=True)
+    assert lookup.broadcast == (broadcast_max > 0) and lookup.namespaced == namespaced
+    got = {r.order_id: r.customer_id for r in lookup.apply(orders_df).collect()}
+    # the reference: every order joined with the whole map
+    whole_df = orders_df.withColumn("source_name", F.coalesce("source_name", F.lit("default"))).join(
+        identity_df.withColumnRenamed("customer_id", "unified").withColumnRenamed("source_customer_id", "customer_id"),
+        on=["source_name", "customer_id"], how="left")
+    assert got == {r.order_id: r.unified for r in whole_df.collect()}
+    assert got["o2"] == got["o1"] == own("ec", "E1") and got["o4"] == got["o5"] == "CRM-9"
+    assert got["o6"] == own("store", "E1") and got["o7"] == own("default", "D1")
+    touched_df = spark.createDataFrame([("CRM-9",), (own("ec", "E2"),)], "customer_id string")
+    assert sorted(r.order_id for r in lookup.orders_of(orders_df, touched_df).collect()) == ["o3", "o4", "o5"]
+    # a source id the map does not hold yet is on its own id as well
+    stray_df = spark.createDataFrame([("o9", "store", "S7")], "order_id string, source_name string, customer_id string")
+    assert lookup.apply(stray_df).first().customer_id == own("store", "S7")
 
 
 def test_the_omni_demo_keeps_email_and_phone_out_of_tables_logs_mlflow_and_export(spark, tmp_path, caplog, capsys,
