@@ -261,24 +261,33 @@ def resolve(source_ids_df: DataFrame, keys_df: DataFrame | None, client_map_df: 
         members_df = members_df.join(labels_df, on="node", how="left")
     else:
         members_df = members_df.withColumn("label", F.lit(None).cast("string"))
-    members_df = members_df.withColumn("component", F.coalesce("label", "node")).drop("label")
+    # A source id linked to nobody that is new or keeps its own id is its own customer (rule 3 for a
+    # component of one): only the others (linked, mapped, or leaving an earlier customer; ~15% of
+    # the ids) go through the rules below, so those shuffles are of the few, not of every id.
+    alone = F.col("label").isNull() & F.coalesce(F.col("_previous") == F.col("own_id"), F.lit(True))
+    members_df = (members_df.withColumn("component", F.coalesce("label", "node")).withColumn("_alone", alone)
+                  .drop("label").localCheckpoint())
+    alone_df = members_df.where(F.col("_alone"))
+    members_df = members_df.where(~F.col("_alone")).drop("_alone")
 
-    # match_conflict: a component holding two mapped customers is cut back: the map wins.
-    map_ids_df = (members_df.where(F.col("map_id").isNotNull()).groupBy("component")
-                  .agg(F.array_sort(F.collect_set("map_id")).alias("_map_ids")))
-    members_df = members_df.join(map_ids_df, on="component", how="left")
-    is_split = F.coalesce(F.size("_map_ids") > 1, F.lit(False))
-    conflict_parts.append(members_df.where(is_split & F.col("map_id").isNull()).select(
-        *conflict_base, F.lit(MATCH_CONFLICT).alias("reason"), "source_name", "source_customer_id",
-        F.lit(None).cast("string").alias("key_type"), F.lit(None).cast("string").alias("key_hash"),
-        F.col("_map_ids").alias("candidates"),
-        F.lit("its matching keys join customers identity.map keeps apart: not linked (the map wins)")
-        .alias("resolution")))
-    members_df = (members_df
-                  .withColumn("component", F.when(is_split & F.col("map_id").isNotNull(),
-                                                  F.concat(F.lit("m"), F.lit(_SEP), F.col("map_id")))
-                              .when(is_split, F.col("node")).otherwise(F.col("component")))
-                  .drop("_map_ids").localCheckpoint())
+    if mapped_df is not None:
+        # match_conflict: a component holding two mapped customers is cut back: the map wins.
+        map_ids_df = (members_df.where(F.col("map_id").isNotNull()).groupBy("component")
+                      .agg(F.array_sort(F.collect_set("map_id")).alias("_map_ids")))
+        members_df = members_df.join(map_ids_df, on="component", how="left")
+        is_split = F.coalesce(F.size("_map_ids") > 1, F.lit(False))
+        conflict_parts.append(members_df.where(is_split & F.col("map_id").isNull()).select(
+            *conflict_base, F.lit(MATCH_CONFLICT).alias("reason"), "source_name", "source_customer_id",
+            F.lit(None).cast("string").alias("key_type"), F.lit(None).cast("string").alias("key_hash"),
+            F.col("_map_ids").alias("candidates"),
+            F.lit("its matching keys join customers identity.map keeps apart: not linked (the map wins)")
+            .alias("resolution")))
+        members_df = (members_df
+                      .withColumn("component", F.when(is_split & F.col("map_id").isNotNull(),
+                                                      F.concat(F.lit("m"), F.lit(_SEP), F.col("map_id")))
+                                  .when(is_split, F.col("node")).otherwise(F.col("component")))
+                      .drop("_map_ids"))
+    members_df = members_df.localCheckpoint()
 
     # The unified id of each component (module docstring, rules 1-3).
     candidates_df = (members_df
@@ -291,22 +300,36 @@ def resolve(source_ids_df: DataFrame, keys_df: DataFrame | None, client_map_df: 
                  .join(members_df.groupBy("component").agg(F.min("map_id").alias("_mapped"),
                                                             F.min("own_id").alias("_own_min")),
                        on="component", how="inner")
-                 .withColumn("customer_id", F.coalesce("_mapped", F.col("_best.candidate"))))
-    # A component split by a changed map can find its old id taken by the other part: the part
-    # with the smallest component label keeps it, the others take their smallest own id.
+                 .withColumn("customer_id", F.coalesce("_mapped", F.col("_best.candidate")))
+                 .localCheckpoint())
+    # A component split by a changed map (or by keys that no longer link) can find its old id taken:
+    # by the other part (the part with the smallest component label keeps it, the others take their
+    # smallest own id) or by the source id whose own id it is and which is now on its own (that one
+    # keeps it: it has no other id to take).
     keeper_df = chosen_df.groupBy("customer_id").agg(F.min("component").alias("_keeper"))
     chosen_df = (chosen_df.join(keeper_df, on="customer_id", how="inner")
                  .withColumn("customer_id", F.when(F.col("component") == F.col("_keeper"), F.col("customer_id"))
-                             .otherwise(F.col("_own_min")))
+                             .otherwise(F.col("_own_min"))))
+    taken_df = (alone_df.select(F.col("own_id").alias("customer_id"), F.lit(True).alias("_taken"))
+                .join(chosen_df.select("customer_id").distinct(), on="customer_id", how="left_semi"))
+    chosen_df = (chosen_df.join(taken_df, on="customer_id", how="left")
+                 .withColumn("customer_id", F.when(F.col("_taken"), F.col("_own_min")).otherwise(F.col("customer_id")))
                  .select("component", "customer_id"))
     method = id_method(F.col("map_id"), F.col("customer_id"), F.col("own_id"))
-    result_df = (members_df.join(chosen_df, on="component", how="inner")
+    linked_df = (members_df.join(chosen_df, on="component", how="inner")
                  .select("source_name", "source_customer_id", "customer_id", method.alias("method"),
                          F.coalesce("_previous_seen", F.lit(run_date)).alias("first_seen"),
                          F.when(F.col("_previous") == F.col("customer_id"), F.col("_previous_assigned"))
                          .otherwise(F.lit(run_date)).alias("assigned_on"),
                          F.lit(run_id).alias("identity_run_id"), "_previous"))
-    conflicts_df = conflict_parts[0]
+    on_own_df = alone_df.select("source_name", "source_customer_id", F.col("own_id").alias("customer_id"),
+                                F.lit(METHOD_OWN).alias("method"),
+                                F.coalesce("_previous_seen", F.lit(run_date)).alias("first_seen"),
+                                F.when(F.col("_previous") == F.col("own_id"), F.col("_previous_assigned"))
+                                .otherwise(F.lit(run_date)).alias("assigned_on"),
+                                F.lit(run_id).alias("identity_run_id"), "_previous")
+    result_df = linked_df.unionByName(on_own_df)
+    conflicts_df = conflict_parts[0] if conflict_parts else _empty_conflicts(spark)
     for part in conflict_parts[1:]:
         conflicts_df = conflicts_df.unionByName(part)
     return Resolution(result_df, conflicts_df, iterations)

@@ -104,6 +104,27 @@ def test_conflicts_are_reported_and_resolved_by_the_rule(spark):
     assert {r.source_customer_id: r.customer_id for r in again.map_df.collect()}["E1"] == "CRM-9"
 
 
+def test_ids_that_no_longer_link_keep_or_give_back_their_own_ids(spark):
+    """Keys that linked two ids are gone (rewritten): each id is on its own again. The id whose own
+    id the customer had keeps it; the other takes its own (never two customers on one id)."""
+    from core.tables import IDENTITY_MAP
+
+    earlier = dt.date(2024, 1, 1)
+    previous = spark.createDataFrame(
+        [("ec", "E1", "ec:E1", "own", earlier, earlier, "r0"), ("store", "S1", "ec:E1", "match", earlier, earlier, "r0"),
+         ("store", "S7", "store:S7", "own", earlier, earlier, "r0"), ("ec", "E7", "store:S7", "match", earlier, earlier, "r0")],
+        IDENTITY_MAP.schema)
+    ids = _ids(spark, [("ec", "E1"), ("store", "S1"), ("store", "S7"), ("ec", "E7"), ("ec", "N1")])
+    result = resolve(ids, None, None, previous, run_date=DAY, run_id="r1", namespaced=True, max_ids_per_key=3,
+                     max_iterations=10)
+    unified = {(r.source_name, r.source_customer_id): (r.customer_id, r.method, r.assigned_on)
+               for r in result.map_df.collect()}
+    assert unified == {("ec", "E1"): ("ec:E1", "own", earlier), ("store", "S1"): ("store:S1", "own", DAY),
+                       ("store", "S7"): ("store:S7", "own", earlier), ("ec", "E7"): ("ec:E7", "own", DAY),
+                       ("ec", "N1"): ("ec:N1", "own", DAY)}
+    assert result.conflicts_df.count() == 0
+
+
 def _write(folder: Path, name: str, rows: list[str]) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / name).write_text(HEADER + "".join(r + "\n" for r in rows), encoding="utf-8")
