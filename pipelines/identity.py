@@ -129,13 +129,13 @@ def hashed_keys(df: DataFrame, key_columns: dict[str, str], *, source_name: str,
     """IDENTITY_KEYS rows from ``df`` (``customer_id`` and the clear key columns named in
     ``key_columns``: key type -> column). The clear text lives only inside this query: what
     leaves it is the HMAC of ``<key type>:<normalised key>``."""
-    pairs_df = None
-    for key_type, column in key_columns.items():
-        part_df = (df.select(F.col("customer_id"), F.lit(key_type).alias("key_type"), F.col(column).alias("_raw"))
-                   .where(F.col("_raw").isNotNull() & F.col("customer_id").isNotNull()))
-        pairs_df = part_df if pairs_df is None else pairs_df.unionByName(part_df)
-    if pairs_df is None:
+    if not key_columns:
         raise ValueError("key_columns is empty")
+    # one scan of the rows for every key type (a union of one select per type would read them twice)
+    pairs = F.array(*[F.struct(F.lit(key_type).alias("key_type"), F.col(column).alias("_raw"))
+                      for key_type, column in key_columns.items()])
+    pairs_df = (df.select(F.col("customer_id"), F.inline(pairs))
+                .where(F.col("_raw").isNotNull() & F.col("customer_id").isNotNull()))
     text = F.col("_nfkc")   # the UDF once per distinct pair, then native functions
     normalised = (F.when(F.col("key_type") == "email", normalised_email(text))
                   .otherwise(normalised_phone(text, country_code)))
@@ -228,13 +228,16 @@ def resolve(source_ids_df: DataFrame, keys_df: DataFrame | None, client_map_df: 
     # Matching keys: a key held by two or more source ids links them, unless it is too common.
     edge_parts: list[DataFrame] = []
     if keys_df is not None:
+        # identity_keys holds each (source id, key) once: no distinct (a shuffle of every key); the
+        # holders are counted as a set all the same
         held_df = (keys_df.join(nodes_df.select("source_name", "source_customer_id", "node", "own_id"),
                                 on=["source_name", "source_customer_id"], how="inner")
-                   .select("key_type", "key_hash", "node", "own_id").distinct())
+                   .select("key_type", "key_hash", "node", "own_id"))
         per_key_df = (held_df.groupBy("key_type", "key_hash")
-                      .agg(F.count(F.lit(1)).alias("holders"),
-                           F.slice(F.array_sort(F.collect_list("own_id")), 1, 20).alias("candidates"))
-                      .where(F.col("holders") >= 2).localCheckpoint())
+                      .agg(F.array_sort(F.collect_set("own_id")).alias("_holders"))
+                      .where(F.size("_holders") >= 2)
+                      .select("key_type", "key_hash", F.size("_holders").alias("holders"),
+                              F.slice("_holders", 1, 20).alias("candidates")).localCheckpoint())
         conflict_parts.append(per_key_df.where(F.col("holders") > max_ids_per_key).select(
             *conflict_base, F.lit(KEY_TOO_COMMON).alias("reason"), F.lit(None).cast("string").alias("source_name"),
             F.lit(None).cast("string").alias("source_customer_id"), "key_type", "key_hash", "candidates",
