@@ -366,9 +366,22 @@ def resolve_new_ids(appended_orders_df: DataFrame, appended_keys_df: DataFrame |
     seen = seen_df.count()
     if seen > INCREMENTAL_MAX_NEW_IDS:
         return f"{seen:,} source ids have new orders (more than {INCREMENTAL_MAX_NEW_IDS:,})"
-    known_df = previous_df.select(*id_columns).join(F.broadcast(seen_df.select(*id_columns)), on=id_columns,
-                                                    how="left_semi")
-    new_df = (seen_df.join(known_df, on=id_columns, how="left_anti")
+    holders_df = None
+    if appended_keys_df is not None and keys_df is not None:
+        touched_df = appended_keys_df.select("key_type", "key_hash").distinct().localCheckpoint()
+        if touched_df.count() > INCREMENTAL_MAX_NEW_IDS:
+            return "more new matching keys than the incremental resolution broadcasts"
+        # every holder of a touched key (one scan of identity_keys)
+        holders_df = (keys_df.join(F.broadcast(touched_df), on=["key_type", "key_hash"], how="left_semi")
+                      .select(*id_columns, "key_type", "key_hash").localCheckpoint())
+    # one scan of identity_map for every earlier id the night needs: those with new orders and the
+    # holders of a touched key (with the customer each has)
+    wanted_df = seen_df.select(*id_columns)
+    if holders_df is not None:
+        wanted_df = wanted_df.unionByName(holders_df.select(*id_columns)).distinct()
+    earlier_df = (previous_df.join(F.broadcast(wanted_df), on=id_columns, how="left_semi")
+                  .select(*id_columns, F.col("customer_id").alias("_existing")).localCheckpoint())
+    new_df = (seen_df.join(earlier_df, on=id_columns, how="left_anti")
               .select("source_name", "source_customer_id", "first_order_date",
                       node_id(F.col("source_name"), F.col("source_customer_id")).alias("node"),
                       own_customer_id(F.col("source_name"), F.col("source_customer_id"), namespaced).alias("own_id"))
@@ -376,18 +389,10 @@ def resolve_new_ids(appended_orders_df: DataFrame, appended_keys_df: DataFrame |
     conflicts_df = None
     members_df = new_df.select("node", "own_id", "first_order_date", F.lit(None).cast("string").alias("_existing"))
     labels_df, iterations = None, 0
-    if appended_keys_df is not None and keys_df is not None:
-        touched_df = appended_keys_df.select("key_type", "key_hash").distinct().localCheckpoint()
-        if touched_df.count() > INCREMENTAL_MAX_NEW_IDS:
-            return "more new matching keys than the incremental resolution broadcasts"
-        # every holder of a touched key that has orders: an earlier id (with its customer) or a new one
-        holders_df = keys_df.join(F.broadcast(touched_df), on=["key_type", "key_hash"], how="left_semi")
-        earlier_df = (previous_df.join(F.broadcast(holders_df.select(*id_columns).distinct()), on=id_columns,
-                                       how="left_semi")
-                      .select(*id_columns, F.col("customer_id").alias("_existing")))
+    if holders_df is not None:
+        # a holder that has orders: an earlier id (with its customer) or a new one
         fresh = appended_keys_df.select(*id_columns, "key_type", "key_hash").withColumn("_fresh", F.lit(True))
-        held_df = (holders_df.select(*id_columns, "key_type", "key_hash")
-                   .join(earlier_df, on=id_columns, how="left")
+        held_df = (holders_df.join(earlier_df, on=id_columns, how="left")
                    .join(new_df.select(*id_columns, "own_id"), on=id_columns, how="left")
                    .where(F.col("_existing").isNotNull() | F.col("own_id").isNotNull())
                    .join(fresh, on=[*id_columns, "key_type", "key_hash"], how="left")
@@ -501,9 +506,25 @@ class IdLookup:
                 .drop("_map_source", "_map_id", "_unified"))
 
     def orders_of(self, orders_df: DataFrame, customers_df: DataFrame) -> DataFrame:
-        """The stored ``orders_df`` of the few unified customers in ``customers_df``, on the unified id."""
-        customers = F.broadcast(customers_df.select("customer_id").distinct())
-        return self.apply(orders_df).join(customers, on="customer_id", how="left_semi")
+        """The stored ``orders_df`` of the few unified customers in ``customers_df``, on the unified id.
+        The orders are first cut to the source ids that can be theirs (their linked ids, and the id
+        each customer id is the own id of), a probe per order as cheap as a plain semi-join; only
+        those few are looked up and checked."""
+        customers_df = customers_df.select("customer_id").distinct()
+        linked_df = self.others_df.join(customers_df.withColumnRenamed("customer_id", "_unified"), on="_unified",
+                                        how="left_semi").select("_map_source", "_map_id")
+        if self.namespaced:     # <source>:<id>; a source name holds no ':'
+            own_df = customers_df.select(F.substring_index("customer_id", ":", 1).alias("_map_source"),
+                                         F.expr("substr(customer_id, instr(customer_id, ':') + 1)").alias("_map_id"))
+            candidates_df = F.broadcast(linked_df.unionByName(own_df))
+            source = F.coalesce(F.col("source_name"), F.lit(LEGACY_SOURCE_NAME))
+            few_df = orders_df.join(candidates_df, on=(source == F.col("_map_source"))
+                                    & (F.col("customer_id") == F.col("_map_id")), how="left_semi")
+        else:                   # one source: the id alone
+            candidates_df = F.broadcast(linked_df.select(F.col("_map_id").alias("customer_id"))
+                                        .unionByName(customers_df))
+            few_df = orders_df.join(candidates_df, on="customer_id", how="left_semi")
+        return self.apply(few_df).join(F.broadcast(customers_df), on="customer_id", how="left_semi")
 
 
 # --------------------------------------------------------------------------------------------

@@ -358,7 +358,8 @@ def test_orders_read_through_the_linked_ids_only_equal_the_join_with_the_whole_m
     assert got == {r.order_id: r.unified for r in whole_df.collect()}
     assert got["o2"] == got["o1"] == own("ec", "E1") and got["o4"] == got["o5"] == "CRM-9"
     assert got["o6"] == own("store", "E1") and got["o7"] == own("default", "D1")
-    touched_df = spark.createDataFrame([("CRM-9",), (own("ec", "E2"),)], "customer_id string")
+    # store:S1 reads like S1's own id, but S1 is on ec:E1's: its orders are not that customer's
+    touched_df = spark.createDataFrame([("CRM-9",), (own("ec", "E2"),), (own("store", "S1"),)], "customer_id string")
     assert sorted(r.order_id for r in lookup.orders_of(orders_df, touched_df).collect()) == ["o3", "o4", "o5"]
     # a source id the map does not hold yet is on its own id as well
     stray_df = spark.createDataFrame([("o9", "store", "S7")], "order_id string, source_name string, customer_id string")
