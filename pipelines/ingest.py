@@ -1309,7 +1309,7 @@ def _run_ingest(spark: SparkSession, storage: Storage, source: SourceConf, valid
                                      for k, c in key_columns.items()]),
                 {k: f"_key_{k}" for k in key_columns}, source_name=source.name,
                 country_code=keys.phone_country_code, hmac_key=keys.hmac_key, run_date=run_date)
-            key_rows = _add_keys(storage, keys_df)
+            key_rows = _add_keys(storage, keys_df, most_keys=accepted * len(key_columns))
             clock.lap("pass 4: matching keys")
         quarantine_df = None
         if quarantined:
@@ -1443,12 +1443,13 @@ def _merge_orders(storage: Storage, orders_df: DataFrame, accepted: int | None,
 KEYS_BROADCAST_MAX = 1_000_000
 
 
-def _add_keys(storage: Storage, keys_df: DataFrame) -> int:
-    """Append the keys not yet in ``identity_keys`` (an earlier first_seen is kept); returns how many."""
+def _add_keys(storage: Storage, keys_df: DataFrame, most_keys: int) -> int:
+    """Append the keys not yet in ``identity_keys`` (an earlier first_seen is kept); returns how many.
+    ``most_keys``: a bound on the rows of ``keys_df`` (rows read x key types), known without a job."""
     keys_df = keys_df.localCheckpoint()
     if storage.exists(IDENTITY_KEYS.name):
         stored_df = storage.read(IDENTITY_KEYS.name).select(*IDENTITY_KEYS.keys)
-        if keys_df.count() <= KEYS_BROADCAST_MAX:
+        if most_keys <= KEYS_BROADCAST_MAX:
             # a night's keys: find those already stored by a scan with the few broadcast, not a
             # shuffle of the whole table
             stored_df = stored_df.join(F.broadcast(keys_df.select(*IDENTITY_KEYS.keys)),
