@@ -505,7 +505,7 @@ def update_customer_features(previous_df: DataFrame, orders_df: DataFrame, touch
     touched = F.broadcast(touched_df) if broadcast_touched else touched_df
     unify = None
     if identity is not None:
-        unify = identity.apply_few
+        unify = identity.apply
         touched_orders_df = identity.orders_of(orders_df, touched_df)
     else:
         touched_orders_df = orders_df.join(touched, on="customer_id", how="left_semi")
@@ -574,7 +574,7 @@ def incremental_base(storage: Storage, as_of_date: dt.date, features_conf: Featu
         if base_identity is None or (base_identity != identity_at
                                      and storage.appended_since(IDENTITY_MAP.name, int(base_identity)) is None):
             return None, None, "identity_map moved source ids to other customers since the earlier features"
-        appended_df = identity.apply_few(appended_df)
+        appended_df = identity.apply(appended_df)
     return base, appended_df, ""
 
 
@@ -591,7 +591,7 @@ def _update_from(storage: Storage, base: Any, orders_df: DataFrame, appended_df:
     lacks_net_basis = (F.col("net_first_order_date").isNull() & (F.col("n_orders") > F.col("n_cancelled")))
     if previous_df.where(lacks_net_basis).limit(1).count():
         return None, None, f"the customer_features partition {previous_as_of} predates the net-basis columns"
-    unify = identity.apply_few if identity is not None else None
+    unify = identity.apply if identity is not None else None
     touched_df = touched_customers(orders_df, appended_df, previous_as_of, as_of_date,
                                    unify).localCheckpoint(eager=True)
     recomputed = touched_df.count()

@@ -497,18 +497,7 @@ class IdLookup:
 
     def apply(self, orders_df: DataFrame) -> DataFrame:
         """``orders_df`` (stored source ids) with ``customer_id`` the unified id."""
-        return self._apply(orders_df, self.others_df)
-
-    def apply_few(self, orders_df: DataFrame) -> DataFrame:
-        """:meth:`apply` for a few orders (a night's): only the lookup rows of their source ids go
-        to them, not every linked id (a broadcast built per query)."""
-        ids_df = F.broadcast(orders_df.select(
-            F.coalesce(F.col("source_name"), F.lit(LEGACY_SOURCE_NAME)).alias("_map_source"),
-            F.col("customer_id").alias("_map_id")).distinct())
-        return self._apply(orders_df, self.others_df.join(ids_df, on=["_map_source", "_map_id"], how="left_semi"))
-
-    def _apply(self, orders_df: DataFrame, others_df: DataFrame) -> DataFrame:
-        lookup_df = F.broadcast(others_df) if self.broadcast else others_df
+        lookup_df = F.broadcast(self.others_df) if self.broadcast else self.others_df
         source = F.coalesce(F.col("source_name"), F.lit(LEGACY_SOURCE_NAME))
         own_id = F.concat(source, F.lit(":"), F.col("customer_id")) if self.namespaced else F.col("customer_id")
         joined_df = orders_df.join(lookup_df, on=(source == F.col("_map_source"))
@@ -535,7 +524,7 @@ class IdLookup:
             candidates_df = F.broadcast(linked_df.select(F.col("_map_id").alias("customer_id"))
                                         .unionByName(customers_df))
             few_df = orders_df.join(candidates_df, on="customer_id", how="left_semi")
-        return self.apply_few(few_df).join(F.broadcast(customers_df), on="customer_id", how="left_semi")
+        return self.apply(few_df).join(F.broadcast(customers_df), on="customer_id", how="left_semi")
 
 
 # --------------------------------------------------------------------------------------------
