@@ -191,62 +191,18 @@ def resolve(source_ids_df: DataFrame, keys_df: DataFrame | None, client_map_df: 
     the hashed keys (IDENTITY_KEYS rows, already limited to identity.match_on), the client's map
     (source_name, source_customer_id, customer_id) and the previous IDENTITY_MAP. See the module
     docstring for the rules."""
-    spark = source_ids_df.sparkSession
-    nodes_df = source_ids_df.select(
-        "source_name", "source_customer_id", "first_order_date",
-        node_id(F.col("source_name"), F.col("source_customer_id")).alias("node"),
-        own_customer_id(F.col("source_name"), F.col("source_customer_id"), namespaced).alias("own_id"))
-    if previous_df is not None:
-        nodes_df = nodes_df.join(previous_df.select(
-            "source_name", "source_customer_id", F.col("customer_id").alias("_previous"),
-            F.col("first_seen").alias("_previous_seen"), F.col("assigned_on").alias("_previous_assigned")),
-            on=["source_name", "source_customer_id"], how="left")
-    else:
-        nodes_df = (nodes_df.withColumn("_previous", F.lit(None).cast("string"))
-                    .withColumn("_previous_seen", F.lit(None).cast("date"))
-                    .withColumn("_previous_assigned", F.lit(None).cast("date")))
-    nodes_df = nodes_df.localCheckpoint()
-    conflict_parts: list[DataFrame] = []
+    nodes_df = _nodes(source_ids_df, previous_df, namespaced)
     conflict_base = [F.lit(run_id).alias("identity_run_id"), F.lit(run_date).alias("run_date")]
-
-    # The client's map: one customer per source id (map_conflict otherwise).
+    conflict_parts: list[DataFrame] = []
+    edge_parts: list[DataFrame] = []
     mapped_df = None
     if client_map_df is not None:
-        claims_df = (client_map_df.join(nodes_df.select("source_name", "source_customer_id", "node", "_previous"),
-                                        on=["source_name", "source_customer_id"], how="inner")
-                     .groupBy("source_name", "source_customer_id", "node", "_previous")
-                     .agg(F.array_sort(F.collect_set("customer_id")).alias("claims")))
-        kept = F.when(F.array_contains("claims", F.col("_previous")), F.col("_previous")).otherwise(F.col("claims")[0])
-        mapped_df = claims_df.select("node", kept.alias("map_id")).localCheckpoint()
-        conflict_parts.append(claims_df.where(F.size("claims") > 1).select(
-            *conflict_base, F.lit(MAP_CONFLICT).alias("reason"), "source_name", "source_customer_id",
-            F.lit(None).cast("string").alias("key_type"), F.lit(None).cast("string").alias("key_hash"),
-            F.col("claims").alias("candidates"),
-            F.concat(F.lit("identity.map gives this id several customers: kept "), kept,
-                     F.lit(" (the one it had, else the smallest)")).alias("resolution")))
-
-    # Matching keys: a key held by two or more source ids links them, unless it is too common.
-    edge_parts: list[DataFrame] = []
+        mapped_df, map_conflicts_df = _map_claims(client_map_df, nodes_df, conflict_base)
+        conflict_parts.append(map_conflicts_df)
     if keys_df is not None:
-        # identity_keys holds each (source id, key) once: no distinct (a shuffle of every key); the
-        # holders are counted as a set all the same
-        held_df = (keys_df.join(nodes_df.select("source_name", "source_customer_id", "node", "own_id"),
-                                on=["source_name", "source_customer_id"], how="inner")
-                   .select("key_type", "key_hash", "node", "own_id"))
-        per_key_df = (held_df.groupBy("key_type", "key_hash")
-                      .agg(F.array_sort(F.collect_set("own_id")).alias("_holders"))
-                      .where(F.size("_holders") >= 2)
-                      .select("key_type", "key_hash", F.size("_holders").alias("holders"),
-                              F.slice("_holders", 1, 20).alias("candidates")).localCheckpoint())
-        conflict_parts.append(per_key_df.where(F.col("holders") > max_ids_per_key).select(
-            *conflict_base, F.lit(KEY_TOO_COMMON).alias("reason"), F.lit(None).cast("string").alias("source_name"),
-            F.lit(None).cast("string").alias("source_customer_id"), "key_type", "key_hash", "candidates",
-            F.concat(F.lit("not used: held by "), F.col("holders").cast("string"),
-                     F.lit(f" source ids (identity.max_ids_per_key={max_ids_per_key}; the first 20 listed)"))
-            .alias("resolution")))
-        linking_df = per_key_df.where(F.col("holders") <= max_ids_per_key).select("key_type", "key_hash")
-        edge_parts.append(held_df.join(linking_df, on=["key_type", "key_hash"], how="left_semi").select(
-            "node", F.concat(F.lit("k"), F.col("key_type"), F.lit(_SEP), F.col("key_hash")).alias("vertex")))
+        key_edges_df, key_conflicts_df = _key_edges(keys_df, nodes_df, max_ids_per_key, conflict_base)
+        edge_parts.append(key_edges_df)
+        conflict_parts.append(key_conflicts_df)
     if mapped_df is not None:
         edge_parts.append(mapped_df.select("node", F.concat(F.lit("m"), F.lit(_SEP), F.col("map_id")).alias("vertex")))
 
@@ -270,29 +226,109 @@ def resolve(source_ids_df: DataFrame, keys_df: DataFrame | None, client_map_df: 
     alone = F.col("label").isNull() & F.coalesce(F.col("_previous") == F.col("own_id"), F.lit(True))
     members_df = (members_df.withColumn("component", F.coalesce("label", "node")).withColumn("_alone", alone)
                   .drop("label").localCheckpoint())
-    alone_df = members_df.where(F.col("_alone"))
+    alone_df = members_df.where(F.col("_alone")).withColumn("customer_id", F.col("own_id"))
     members_df = members_df.where(~F.col("_alone")).drop("_alone")
-
     if mapped_df is not None:
-        # match_conflict: a component holding two mapped customers is cut back: the map wins.
-        map_ids_df = (members_df.where(F.col("map_id").isNotNull()).groupBy("component")
-                      .agg(F.array_sort(F.collect_set("map_id")).alias("_map_ids")))
-        members_df = members_df.join(map_ids_df, on="component", how="left")
-        is_split = F.coalesce(F.size("_map_ids") > 1, F.lit(False))
-        conflict_parts.append(members_df.where(is_split & F.col("map_id").isNull()).select(
-            *conflict_base, F.lit(MATCH_CONFLICT).alias("reason"), "source_name", "source_customer_id",
-            F.lit(None).cast("string").alias("key_type"), F.lit(None).cast("string").alias("key_hash"),
-            F.col("_map_ids").alias("candidates"),
-            F.lit("its matching keys join customers identity.map keeps apart: not linked (the map wins)")
-            .alias("resolution")))
-        members_df = (members_df
-                      .withColumn("component", F.when(is_split & F.col("map_id").isNotNull(),
-                                                      F.concat(F.lit("m"), F.lit(_SEP), F.col("map_id")))
-                                  .when(is_split, F.col("node")).otherwise(F.col("component")))
-                      .drop("_map_ids"))
+        members_df, split_conflicts_df = _split_by_map(members_df, conflict_base)
+        conflict_parts.append(split_conflicts_df)
     members_df = members_df.localCheckpoint()
+    chosen_df = _component_ids(members_df, alone_df, run_date)
 
-    # The unified id of each component (module docstring, rules 1-3).
+    result_df = (_map_rows(members_df.join(chosen_df, on="component", how="inner"), run_date, run_id)
+                 .unionByName(_map_rows(alone_df, run_date, run_id)))
+    conflicts_df = conflict_parts[0] if conflict_parts else _empty_conflicts(source_ids_df.sparkSession)
+    for part in conflict_parts[1:]:
+        conflicts_df = conflicts_df.unionByName(part)
+    return Resolution(result_df, conflicts_df, iterations)
+
+
+def _nodes(source_ids_df: DataFrame, previous_df: DataFrame | None, namespaced: bool) -> DataFrame:
+    """Every source id as a graph node, with its own id and what the previous IDENTITY_MAP gave it."""
+    nodes_df = source_ids_df.select(
+        "source_name", "source_customer_id", "first_order_date",
+        node_id(F.col("source_name"), F.col("source_customer_id")).alias("node"),
+        own_customer_id(F.col("source_name"), F.col("source_customer_id"), namespaced).alias("own_id"))
+    if previous_df is not None:
+        nodes_df = nodes_df.join(previous_df.select(
+            "source_name", "source_customer_id", F.col("customer_id").alias("_previous"),
+            F.col("first_seen").alias("_previous_seen"), F.col("assigned_on").alias("_previous_assigned")),
+            on=["source_name", "source_customer_id"], how="left")
+    else:
+        nodes_df = (nodes_df.withColumn("_previous", F.lit(None).cast("string"))
+                    .withColumn("_previous_seen", F.lit(None).cast("date"))
+                    .withColumn("_previous_assigned", F.lit(None).cast("date")))
+    return nodes_df.localCheckpoint()
+
+
+def _map_claims(client_map_df: DataFrame, nodes_df: DataFrame,
+                conflict_base: list[Column]) -> tuple[DataFrame, DataFrame]:
+    """The client's map: one customer per source id, (node, map_id); a source id the map gives
+    several customers keeps the one it had, else the smallest (a map_conflict row)."""
+    claims_df = (client_map_df.join(nodes_df.select("source_name", "source_customer_id", "node", "_previous"),
+                                    on=["source_name", "source_customer_id"], how="inner")
+                 .groupBy("source_name", "source_customer_id", "node", "_previous")
+                 .agg(F.array_sort(F.collect_set("customer_id")).alias("claims")))
+    kept = F.when(F.array_contains("claims", F.col("_previous")), F.col("_previous")).otherwise(F.col("claims")[0])
+    mapped_df = claims_df.select("node", kept.alias("map_id")).localCheckpoint()
+    conflicts_df = claims_df.where(F.size("claims") > 1).select(
+        *conflict_base, F.lit(MAP_CONFLICT).alias("reason"), "source_name", "source_customer_id",
+        F.lit(None).cast("string").alias("key_type"), F.lit(None).cast("string").alias("key_hash"),
+        F.col("claims").alias("candidates"),
+        F.concat(F.lit("identity.map gives this id several customers: kept "), kept,
+                 F.lit(" (the one it had, else the smallest)")).alias("resolution"))
+    return mapped_df, conflicts_df
+
+
+def _key_edges(keys_df: DataFrame, nodes_df: DataFrame, max_ids_per_key: int,
+               conflict_base: list[Column]) -> tuple[DataFrame, DataFrame]:
+    """Matching keys: (node, vertex) edges of the keys held by two to ``max_ids_per_key`` source
+    ids with orders, and key_too_common rows for the keys held by more."""
+    # identity_keys holds each (source id, key) once: no distinct (a shuffle of every key); the
+    # holders are counted as a set all the same
+    held_df = (keys_df.join(nodes_df.select("source_name", "source_customer_id", "node", "own_id"),
+                            on=["source_name", "source_customer_id"], how="inner")
+               .select("key_type", "key_hash", "node", "own_id"))
+    per_key_df = (held_df.groupBy("key_type", "key_hash")
+                  .agg(F.array_sort(F.collect_set("own_id")).alias("_holders"))
+                  .where(F.size("_holders") >= 2)
+                  .select("key_type", "key_hash", F.size("_holders").alias("holders"),
+                          F.slice("_holders", 1, 20).alias("candidates")).localCheckpoint())
+    conflicts_df = per_key_df.where(F.col("holders") > max_ids_per_key).select(
+        *conflict_base, F.lit(KEY_TOO_COMMON).alias("reason"), F.lit(None).cast("string").alias("source_name"),
+        F.lit(None).cast("string").alias("source_customer_id"), "key_type", "key_hash", "candidates",
+        F.concat(F.lit("not used: held by "), F.col("holders").cast("string"),
+                 F.lit(f" source ids (identity.max_ids_per_key={max_ids_per_key}; the first 20 listed)"))
+        .alias("resolution"))
+    linking_df = per_key_df.where(F.col("holders") <= max_ids_per_key).select("key_type", "key_hash")
+    edges_df = held_df.join(linking_df, on=["key_type", "key_hash"], how="left_semi").select(
+        "node", F.concat(F.lit("k"), F.col("key_type"), F.lit(_SEP), F.col("key_hash")).alias("vertex"))
+    return edges_df, conflicts_df
+
+
+def _split_by_map(members_df: DataFrame, conflict_base: list[Column]) -> tuple[DataFrame, DataFrame]:
+    """match_conflict: a component holding two mapped customers is cut back, the map wins: each
+    mapped id goes to its mapped customer's component, the unmapped ids stay on their own."""
+    map_ids_df = (members_df.where(F.col("map_id").isNotNull()).groupBy("component")
+                  .agg(F.array_sort(F.collect_set("map_id")).alias("_map_ids")))
+    members_df = members_df.join(map_ids_df, on="component", how="left")
+    is_split = F.coalesce(F.size("_map_ids") > 1, F.lit(False))
+    conflicts_df = members_df.where(is_split & F.col("map_id").isNull()).select(
+        *conflict_base, F.lit(MATCH_CONFLICT).alias("reason"), "source_name", "source_customer_id",
+        F.lit(None).cast("string").alias("key_type"), F.lit(None).cast("string").alias("key_hash"),
+        F.col("_map_ids").alias("candidates"),
+        F.lit("its matching keys join customers identity.map keeps apart: not linked (the map wins)")
+        .alias("resolution"))
+    members_df = (members_df
+                  .withColumn("component", F.when(is_split & F.col("map_id").isNotNull(),
+                                                  F.concat(F.lit("m"), F.lit(_SEP), F.col("map_id")))
+                              .when(is_split, F.col("node")).otherwise(F.col("component")))
+                  .drop("_map_ids"))
+    return members_df, conflicts_df
+
+
+def _component_ids(members_df: DataFrame, alone_df: DataFrame, run_date: dt.date) -> DataFrame:
+    """(component, customer_id): the unified id of each component of ``members_df`` (module
+    docstring, rules 1-3), given the ids on their own in ``alone_df``."""
     candidates_df = (members_df
                      .select("component", F.coalesce("_previous", "own_id").alias("candidate"),
                              F.coalesce("_previous_seen", F.lit(run_date)).alias("seen"), "first_order_date")
@@ -313,29 +349,21 @@ def resolve(source_ids_df: DataFrame, keys_df: DataFrame | None, client_map_df: 
     chosen_df = (chosen_df.join(keeper_df, on="customer_id", how="inner")
                  .withColumn("customer_id", F.when(F.col("component") == F.col("_keeper"), F.col("customer_id"))
                              .otherwise(F.col("_own_min"))))
-    taken_df = (alone_df.select(F.col("own_id").alias("customer_id"), F.lit(True).alias("_taken"))
+    taken_df = (alone_df.select("customer_id", F.lit(True).alias("_taken"))
                 .join(chosen_df.select("customer_id").distinct(), on="customer_id", how="left_semi"))
-    chosen_df = (chosen_df.join(taken_df, on="customer_id", how="left")
-                 .withColumn("customer_id", F.when(F.col("_taken"), F.col("_own_min")).otherwise(F.col("customer_id")))
-                 .select("component", "customer_id"))
-    method = id_method(F.col("map_id"), F.col("customer_id"), F.col("own_id"))
-    linked_df = (members_df.join(chosen_df, on="component", how="inner")
-                 .select("source_name", "source_customer_id", "customer_id", method.alias("method"),
-                         F.coalesce("_previous_seen", F.lit(run_date)).alias("first_seen"),
-                         F.when(F.col("_previous") == F.col("customer_id"), F.col("_previous_assigned"))
-                         .otherwise(F.lit(run_date)).alias("assigned_on"),
-                         F.lit(run_id).alias("identity_run_id"), "_previous"))
-    on_own_df = alone_df.select("source_name", "source_customer_id", F.col("own_id").alias("customer_id"),
-                                F.lit(METHOD_OWN).alias("method"),
-                                F.coalesce("_previous_seen", F.lit(run_date)).alias("first_seen"),
-                                F.when(F.col("_previous") == F.col("own_id"), F.col("_previous_assigned"))
-                                .otherwise(F.lit(run_date)).alias("assigned_on"),
-                                F.lit(run_id).alias("identity_run_id"), "_previous")
-    result_df = linked_df.unionByName(on_own_df)
-    conflicts_df = conflict_parts[0] if conflict_parts else _empty_conflicts(spark)
-    for part in conflict_parts[1:]:
-        conflicts_df = conflicts_df.unionByName(part)
-    return Resolution(result_df, conflicts_df, iterations)
+    return (chosen_df.join(taken_df, on="customer_id", how="left")
+            .withColumn("customer_id", F.when(F.col("_taken"), F.col("_own_min")).otherwise(F.col("customer_id")))
+            .select("component", "customer_id"))
+
+
+def _map_rows(df: DataFrame, run_date: dt.date, run_id: str) -> DataFrame:
+    """IDENTITY_MAP rows (plus ``_previous``) of nodes that have their ``customer_id``."""
+    return df.select("source_name", "source_customer_id", "customer_id",
+                     id_method(F.col("map_id"), F.col("customer_id"), F.col("own_id")).alias("method"),
+                     F.coalesce("_previous_seen", F.lit(run_date)).alias("first_seen"),
+                     F.when(F.col("_previous") == F.col("customer_id"), F.col("_previous_assigned"))
+                     .otherwise(F.lit(run_date)).alias("assigned_on"),
+                     F.lit(run_id).alias("identity_run_id"), "_previous")
 
 
 #: a night with more new source ids than this resolves every id: the incremental path broadcasts them
