@@ -513,7 +513,8 @@ class IdLookup:
         is_own = F.col("method") == METHOD_OWN
         shape = identity_df.agg(
             F.count_if(~is_own).alias("others"),
-            F.max(F.when(is_own, F.col("customer_id") == F.concat("source_name", F.lit(":"), "source_customer_id")))
+            F.max(F.when(is_own, F.col("customer_id") == own_customer_id(F.col("source_name"),
+                                                                         F.col("source_customer_id"), True)))
             .alias("namespaced")).first()
         others_df = identity_df.where(~is_own).select(F.col("source_name").alias("_map_source"),
                                                        F.col("source_customer_id").alias("_map_id"),
@@ -527,7 +528,7 @@ class IdLookup:
         """``orders_df`` (stored source ids) with ``customer_id`` the unified id."""
         lookup_df = F.broadcast(self.others_df) if self.broadcast else self.others_df
         source = F.coalesce(F.col("source_name"), F.lit(LEGACY_SOURCE_NAME))
-        own_id = F.concat(source, F.lit(":"), F.col("customer_id")) if self.namespaced else F.col("customer_id")
+        own_id = own_customer_id(source, F.col("customer_id"), self.namespaced)
         joined_df = orders_df.join(lookup_df, on=(source == F.col("_map_source"))
                                    & (F.col("customer_id") == F.col("_map_id")), how="left")
         return (joined_df.withColumn("customer_id", F.coalesce(F.col("_unified"), own_id))
