@@ -1,16 +1,15 @@
 """The nightly run on a Spark standalone cluster (a master and two workers, each its own JVM, from
-``infra/local-cluster``) against the same two nights in local mode:
+``infra/local-cluster``) against the same night in local mode:
 
-* night 1 (a first load) on the cluster: every warehouse table equal to local mode's (rows and a
-  content checksum per table), and the same Delta versions;
-* night 2 with an executor JVM SIGKILLed while ingest's tasks run and again while features' run:
-  the run finishes (Spark relaunches the executor and retries the tasks) or stops with a clear
-  message and the re-run finishes; either way every table equals local mode's, with the same Delta
-  versions (no half-written commit) and no duplicate order;
+* the night (a first load, every step) on the cluster with an executor JVM SIGKILLed while
+  ingest's tasks run and again while features' run: the run finishes (Spark relaunches the
+  executor and retries the tasks) or stops with a clear message and the re-run finishes; either
+  way every warehouse table equals local mode's (rows and a content checksum per table), with the
+  same Delta versions (no half-written or doubled commit) and no duplicate order;
 * the Python workers on the executors run the project's interpreter and this checkout's code;
 * the cluster's JVMs listen on 127.0.0.1 only; ``infra/local-cluster stop`` ends them.
 
-One cluster for the module (2 workers x 1 core x 1g), one cluster driver process for both nights.
+One cluster for the module (2 workers x 1 core x 1g), one cluster driver process.
 """
 from __future__ import annotations
 
@@ -23,7 +22,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.integration.cluster_nights import NIGHTS, run_nights, split_export
+from tests.integration.cluster_night import D, run_night
 
 pytestmark = [pytest.mark.cloud, pytest.mark.cluster, pytest.mark.slow]
 
@@ -50,29 +49,30 @@ def cluster(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def export_parts(spark, tmp_path_factory):
-    from pipelines.generate import generate
+def export_orders(spark, tmp_path_factory):
+    from pipelines.generate import GeneratorParams, generate
 
     out = tmp_path_factory.mktemp("cluster-export")
-    summary = generate(spark, n_customers=600, seed=5, end_date=NIGHTS[-1][0], out_dir=str(out / "export"),
-                       fmt="parquet")
-    return split_export(spark, summary["orders_path"], out)
+    # 16 months of history: fewer order-month partitions and trend weeks, as many tasks per stage
+    summary = generate(spark, n_customers=600, seed=5, end_date=D, out_dir=str(out / "export"), fmt="parquet",
+                       params=GeneratorParams(history_days=480))
+    return summary["orders_path"]
 
 
 @pytest.fixture(scope="module")
-def local_nights(spark, export_parts, tmp_path_factory):
-    """The reference: both nights in the suite's local[2] session."""
-    return run_nights(spark, tmp_path_factory.mktemp("local-nights"), export_parts,
-                      source=Path(export_parts["history"]).parent / "source")
+def local_night(spark, export_orders, tmp_path_factory):
+    """The reference: the night in the suite's local[2] session."""
+    return run_night(spark, tmp_path_factory.mktemp("local-night"), export_orders,
+                     source=Path(export_orders).parent / "source")
 
 
 @pytest.fixture(scope="module")
-def cluster_nights(cluster, export_parts, local_nights, tmp_path_factory):
-    """Both nights on the cluster, in their own driver process, executors killed on night 2."""
-    root = tmp_path_factory.mktemp("cluster-nights")
-    run = subprocess.run([sys.executable, "-m", "tests.integration.cluster_nights", "--master", cluster["master_url"],
-                          "--root", str(root), "--history", export_parts["history"], "--day", export_parts["day"],
-                          "--source", str(Path(export_parts["history"]).parent / "source"),
+def cluster_run(cluster, export_orders, local_night, tmp_path_factory):
+    """The night on the cluster, in its own driver process, executors killed during ingest and features."""
+    root = tmp_path_factory.mktemp("cluster-night")
+    run = subprocess.run([sys.executable, "-m", "tests.integration.cluster_night", "--master", cluster["master_url"],
+                          "--root", str(root), "--orders", export_orders,
+                          "--source", str(Path(export_orders).parent / "source"),
                           "--kill-during", ",".join(KILLED_STEPS)],
                          cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=1500)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-5000:]
@@ -86,19 +86,8 @@ def test_cluster_jvms_listen_on_loopback_only(cluster):
         assert {addr.ip for addr in listening} <= {"127.0.0.1", "::ffff:127.0.0.1"}, (name, listening)
 
 
-def test_first_night_on_the_cluster_equals_local_mode(local_nights, cluster_nights):
-    local, remote = local_nights[0], cluster_nights["nights"][0]
-    assert remote["stopped"] is None
-    assert {"orders", "orders_quarantine", "customer_features", "customer_scores", "segments_current"} <= set(
-        local["fingerprints"])
-    assert sum(name.startswith("trend_") for name in local["fingerprints"]) >= 4
-    assert remote["fingerprints"] == {k: list(v) for k, v in local["fingerprints"].items()}
-    assert remote["versions"] == local["versions"]
-    assert remote["duplicate_order_ids"] == 0
-
-
-def test_second_night_with_executors_killed_equals_local_mode(local_nights, cluster_nights):
-    kills = {k["step"]: k for k in cluster_nights["kills"]}
+def test_night_on_the_cluster_with_executors_killed_equals_local_mode(local_night, cluster_run):
+    kills = {k["step"]: k for k in cluster_run["kills"]}
     assert set(kills) == set(KILLED_STEPS)
     for step, kill in kills.items():
         # the kill landed inside the step, while both cores ran its tasks
@@ -107,9 +96,12 @@ def test_second_night_with_executors_killed_equals_local_mode(local_nights, clus
         assert kill["active_tasks"] >= 2
         assert not psutil.pid_exists(kill["killed_pid"])
         # Spark saw tasks fail with the executor (and retried them)
-        failures = cluster_nights["failed_tasks_by_step"].get(f"{NIGHTS[1][0].isoformat()}: {step}", {})
-        assert failures.get("ExecutorLostFailure", 0) >= 1, (step, cluster_nights["failed_tasks_by_step"])
-    local, remote = local_nights[1], cluster_nights["nights"][1]
+        failures = cluster_run["failed_tasks_by_step"].get(f"{D.isoformat()}: {step}", {})
+        assert failures.get("ExecutorLostFailure", 0) >= 1, (step, cluster_run["failed_tasks_by_step"])
+    local, remote = local_night, cluster_run["night"]
+    assert {"orders", "orders_quarantine", "customer_features", "customer_scores", "segments_current"} <= set(
+        local["fingerprints"])
+    assert sum(name.startswith("trend_") for name in local["fingerprints"]) >= 4
     assert remote["fingerprints"] == {k: list(v) for k, v in local["fingerprints"].items()}
     assert remote["versions"] == local["versions"]   # one commit per write: nothing half-written or doubled
     assert remote["duplicate_order_ids"] == 0 and local["duplicate_order_ids"] == 0
@@ -117,8 +109,8 @@ def test_second_night_with_executors_killed_equals_local_mode(local_nights, clus
         assert "re-run `cvseg run --as-of" in remote["stopped"]
 
 
-def test_executor_python_workers_run_the_projects_interpreter_and_code(cluster_nights):
-    probe = cluster_nights["probe"]
+def test_executor_python_workers_run_the_projects_interpreter_and_code(cluster_run):
+    probe = cluster_run["probe"]
     assert len(probe) == 4
     assert {row["python"] for row in probe} == {sys.executable}
     assert all(row["jvm_is_executor"] for row in probe)
@@ -127,7 +119,7 @@ def test_executor_python_workers_run_the_projects_interpreter_and_code(cluster_n
     assert all("cvseg_engine.zip" in row["engine_file"] for row in probe)
 
 
-def test_stop_ends_every_cluster_jvm(cluster, cluster_nights):
+def test_stop_ends_every_cluster_jvm(cluster, cluster_run):
     stopped = subprocess.run([sys.executable, str(SCRIPT), "stop", "--dir", cluster["dir"]], env=_env(),
                              capture_output=True, text=True, timeout=120)
     assert stopped.returncode == 0 and "stopped" in stopped.stdout

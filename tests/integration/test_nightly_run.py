@@ -67,10 +67,13 @@ def test_step_is_stale_when_an_earlier_step_ran_after_it():
 # --------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def export_path(spark, tmp_path_factory):
-    from pipelines.generate import generate
+    from pipelines.generate import GeneratorParams, generate
 
     out = tmp_path_factory.mktemp("nightly-export")
-    summary = generate(spark, n_customers=2500, seed=11, end_date=D, out_dir=str(out), fmt="parquet")
+    # 16 months of history: what is under test (resuming, atomic commits, the lock) does not depend on
+    # the length of history, and every order month is a partition written by each run
+    summary = generate(spark, n_customers=2500, seed=11, end_date=D, out_dir=str(out), fmt="parquet",
+                       params=GeneratorParams(history_days=480))
     return summary["orders_path"]
 
 
@@ -81,7 +84,7 @@ def _setup(spark, root: Path, export_path: str, backend: str):
                                 # the resumability under test does not depend on the models compared:
                                 # one basis, no hybrid (test_purchase_basis / test_hybrid cover those)
                                 "models.purchase_basis=gross", "models.hybrid.enabled=false",
-                                f"validation.future_cutoff={D}"])   # the export was made on D
+                                f"validation.future_cutoff={D}", "trends.years=2"])   # the export was made on D
     return config, Storage(spark, config.storage.warehouse, backend=config.storage.backend)
 
 

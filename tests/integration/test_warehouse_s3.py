@@ -4,12 +4,14 @@ on a moto server (127.0.0.1), reached through a fault-injecting proxy (tests/s3_
 One subprocess (one JVM with the s3a jars, ~20 s of its start) runs, through `cvseg`'s own entry
 point, in order:
 
-1. night 1 with 5% of S3 requests answered 503 SlowDown / 500 InternalError: s3a, boto3 and
+1. night 1 with 2% of S3 requests answered 503 SlowDown / 500 InternalError: s3a, boto3 and
    MLflow retry with backoff and the night finishes;
-2. a second export file arrives; night 2's ingest and features (same 5%);
+2. a second export file arrives; night 2's ingest and features (same 2%);
 3. S3 down (100% errors): night 2 stops with a message naming the S3 error;
 4. S3 back: night 2 again resumes (ingest and features are not run again), scores with the
-   champion registered on night 1 (loaded from S3) and finishes.
+   champion registered on night 1 (loaded from S3) and finishes;
+5. `cvseg maintain` (same 2%) with VACUUM retention 0: compacts, vacuums the replaced files from the bucket
+   and checkpoints every table on S3 (the comparison below reads the tables after it).
 
 The same two nights run in this process on a local warehouse (the shared session); every table
 and both exports must be equal. The secret key the subprocess gets must appear in none of its
@@ -20,6 +22,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -48,7 +51,7 @@ SECRET = "cvseg-secret-" + uuid.uuid4().hex        # must never be printed, logg
 # one purchase model on one basis, no hybrid: what is under test is the storage, not the model comparison
 COMMON = ["models.purchase_models=[bgnbd]", "models.purchase_basis=gross", "models.hybrid.enabled=false",
           f"validation.future_cutoff={D1}", "storage.backend=delta-spark", "trends.years=2"]
-# small retry limits so that "S3 down" ends in seconds; 5% errors still pass (3 SDK attempts, then s3a's)
+# small retry limits so that "S3 down" ends in seconds; 2% errors still pass (3 SDK attempts, then s3a's)
 RETRIES = ["storage.s3.max_attempts=3", "storage.s3.retry_limit=3", "storage.s3.throttle_retry_limit=3",
            "storage.s3.retry_interval_ms=100"]
 
@@ -62,15 +65,15 @@ proxy, second_file, bucket, args = sys.argv[1], sys.argv[2], sys.argv[3], json.l
 def rate(share):
     urllib.request.urlopen(urllib.request.Request(f"{proxy}/__fault__/rate/{share}", method="PUT")).close()
 
-def run(label, *extra):
+def run(label, *extra, command="run"):
     print(f"@@ {label}", flush=True)
     try:
-        code = main(["run", *extra, *args])
+        code = main([command, *extra, *args])
     except SystemExit as exc:
         code = exc.code
     print(f"@@ {label} exit {code}", flush=True)
 
-rate(0.05)
+rate(0.02)
 run("night1", "--as-of", "2026-09-30")
 boto3.client("s3", endpoint_url=proxy).upload_file(second_file, bucket, "source/orders/" + second_file.rsplit("/", 1)[1])
 run("night2-ingest-features", "--as-of", "2026-10-01", "--steps", "ingest,features")
@@ -78,6 +81,8 @@ rate(1.0)
 run("night2-s3-down", "--as-of", "2026-10-01")
 rate(0.0)
 run("night2-resumed", "--as-of", "2026-10-01")
+rate(0.02)
+run("maintain", "--as-of", "2026-10-01", "--set", "storage.retention_hours=0", command="maintain")
 """
 
 
@@ -91,11 +96,12 @@ def _client(endpoint: str):
 @pytest.fixture(scope="module")
 def export_files(spark, tmp_path_factory):
     """A generated export split in two files (rows in order): night 1 sees the first, night 2 both."""
-    from pipelines.generate import generate
+    from pipelines.generate import GeneratorParams, generate
 
     out = tmp_path_factory.mktemp("s3-export")
+    # one year of history: every order month is a partition and every object an S3 round trip
     generate(spark, n_customers=400, seed=11, end_date=D1, out_dir=str(out / "generated"), fmt="csv",
-             num_partitions=1)
+             params=GeneratorParams(history_days=400), num_partitions=1)
     lines = [line for part in sorted((out / "generated" / "orders").glob("part-*.csv"))
              for line in part.read_text(encoding="utf-8").splitlines(keepends=True)]
     header, rows = lines[0], [line for line in lines[1:] if line != lines[0]]
@@ -180,7 +186,8 @@ def _fingerprints(storage: Storage) -> dict[str, tuple[int, int]]:
 def test_nightly_run_on_s3_with_faults_equals_local_run(spark, s3_nights, export_files, tmp_path):
     output, proxy, copy, mlflow_db = s3_nights
     exits = {line.split()[1]: line.split()[-1] for line in output.splitlines() if line.startswith("@@ ") and " exit " in line}
-    assert exits == {"night1": "0", "night2-ingest-features": "0", "night2-s3-down": "2", "night2-resumed": "0"}, output[-4000:]
+    assert exits == {"night1": "0", "night2-ingest-features": "0", "night2-s3-down": "2", "night2-resumed": "0",
+                     "maintain": "0"}, output[-4000:]
     # the faults happened: both kinds, and the nights still finished
     assert proxy.injected["SlowDown"] > 0 and proxy.injected["InternalError"] > 0, proxy.injected
 
@@ -197,6 +204,13 @@ def test_nightly_run_on_s3_with_faults_equals_local_run(spark, s3_nights, export
     resumed = _section(output, "night2-resumed")
     assert "ingest   skipped" in resumed and "features skipped" in resumed, resumed
     assert "with champion v1" in resumed, resumed   # loaded back from the MLflow artifacts on S3
+
+    # maintenance on S3: files replaced by the nights were vacuumed from the bucket, every table checkpointed
+    maintained = _section(output, "maintain")
+    vacuumed = re.search(r"vacuumed ([\d,]+) file\(s\)", maintained)
+    assert vacuumed and int(vacuumed.group(1).replace(",", "")) > 0, maintained
+    table_lines = [line for line in maintained.splitlines() if line.startswith(("orders ", "customer_scores "))]
+    assert len(table_lines) == 2 and all(line.split()[-2] == "yes" for line in table_lines), maintained
 
     # MLflow's artifacts are in the bucket, next to the warehouse
     assert list((copy / "warehouse" / "mlflow-artifacts").rglob("MLmodel")), "no model artifacts on S3"
