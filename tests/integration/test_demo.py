@@ -8,6 +8,8 @@ import pytest
 
 from jobs.cli import main
 
+pytestmark = pytest.mark.slow   # minutes: started first (tests/conftest.py)
+
 
 def _printed_commands(out: str) -> list[list[str]]:
     """The `cvseg ...` lines after "Go on with", without their trailing comments."""

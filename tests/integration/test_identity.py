@@ -18,6 +18,8 @@ from pipelines.identity import (KEY_TOO_COMMON, MAP_CONFLICT, MATCH_CONFLICT, ha
 from pipelines.sources import run_sources
 from tests.integration.test_features_incremental import assert_same_features
 
+pytestmark = pytest.mark.slow   # minutes: started first (tests/conftest.py)
+
 KEY = "identity-test-key"
 DAY = dt.date(2024, 3, 1)
 HEADER = "order_id,customer_id,order_ts,gross_amount,email,phone\n"

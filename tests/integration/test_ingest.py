@@ -12,6 +12,8 @@ from pyspark.sql import functions as F
 from core.config import SourceConf, ValidationConf, load_config
 from pipelines.ingest import IngestError, IngestRejectedError, run_ingest
 
+pytestmark = pytest.mark.slow   # minutes: started first (tests/conftest.py)
+
 DATA = Path(__file__).resolve().parents[1] / "data" / "ingest"
 ROOT = Path(__file__).resolve().parents[2]
 CDNOW = next((ROOT / ".venv" / "lib").glob("python3*/site-packages/lifetimes/datasets/CDNOW_sample.txt"), None)

@@ -29,6 +29,8 @@ from tests.conftest import BACKENDS
 from core.tables import PIPELINE_RUNS, TABLES
 from pipelines.nightly import STEPS, ChampionInfo, is_up_to_date, refit_reason, run_nightly, table_versions
 
+pytestmark = pytest.mark.slow   # minutes: started first (tests/conftest.py)
+
 D = dt.date(2026, 9, 30)
 CONF = Path(__file__).resolve().parents[2] / "conf" / "examples" / "synthetic.yaml"
 CSV = "customer_segments_2026-09-30.csv"

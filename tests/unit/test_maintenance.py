@@ -18,6 +18,8 @@ from core.tables import (CALIBRATION_HOLDOUT, CUSTOMER_FEATURES, CUSTOMER_SCORES
 from pipelines.maintenance import (PrunedPartitionError, ensure_not_pruned, maintenance_skip_reason,
                                    partitions_to_prune, run_maintenance)
 
+pytestmark = pytest.mark.slow   # minutes: started first (tests/conftest.py)
+
 D = dt.date(2026, 10, 15)
 
 

@@ -15,6 +15,8 @@ from core.storage import Storage, StorageError
 from core.tables import SchemaContractError
 from core.tables import ORDERS_QUARANTINE
 
+pytestmark = pytest.mark.slow   # minutes: started first (tests/conftest.py)
+
 D1, D2 = dt.date(2024, 1, 31), dt.date(2024, 2, 29)
 
 
