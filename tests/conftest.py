@@ -14,7 +14,7 @@ os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
 
 
 def pytest_collection_modifyitems(config, items):
-    """The longest modules first: ``cloud`` (~8-10 min each), then ``slow`` (minutes each), then the
+    """The longest modules first: ``cloud`` (8-14 min each in the suite), then ``slow`` (minutes each), then the
     rest. `./dev test` runs two workers that take whole modules in collection order (``--dist
     loadscope --no-loadscope-reorder``): a long module handed out last would keep one worker busy
     for minutes after the other ran out of work."""

@@ -4,9 +4,9 @@ process), plus what the cluster run checks on the way: executor JVMs killed insi
 which Python (and which engine code) the executors' workers ran.
 
 One night: a first load of the whole export as of D (every step, the heaviest path: full ingest,
-full features, a fit, a new segment generation, trends rebuilt). The regular (incremental) night is
-covered on S3 (test_warehouse_s3) and locally (test_nightly_run); on this 2-core machine a second
-cluster night would cost ~3 minutes of CI for no path the first does not take on the executors.
+full features, a fit, a new segment generation, trends rebuilt). The regular night's incremental
+paths (new files only, features updated, trends incremental) run on S3 (test_warehouse_s3) and
+locally (test_nightly_run), not here: a second cluster night cost ~3 minutes of CI on 2 cores.
 """
 from __future__ import annotations
 

@@ -86,7 +86,8 @@ def _setup(spark, root: Path, export_path: str, backend: str):
                                 # the resumability under test does not depend on the models compared:
                                 # one basis, no hybrid (test_purchase_basis / test_hybrid cover those)
                                 "models.purchase_basis=gross", "models.hybrid.enabled=false",
-                                f"validation.future_cutoff={D}", "trends.years=2"])   # the export was made on D
+                                f"validation.future_cutoff={D}",   # the export was made on D
+                                "trends.years=2"])
     return config, Storage(spark, config.storage.warehouse, backend=config.storage.backend)
 
 
