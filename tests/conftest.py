@@ -14,10 +14,10 @@ os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
 
 
 def pytest_collection_modifyitems(config, items):
-    """The longest modules first: ``cloud`` (8-14 min each in the suite), then ``slow`` (minutes each), then the
-    rest. `./dev test` runs two workers that take whole modules in collection order (``--dist
-    loadscope --no-loadscope-reorder``): a long module handed out last would keep one worker busy
-    for minutes after the other ran out of work."""
+    """The longest modules first: ``cloud`` (8-14 min each in the suite), then ``slow`` (minutes
+    each), then the rest. `./dev test` runs two workers that take whole modules in collection order
+    (``--dist loadscope --no-loadscope-reorder``): a long module handed out last would keep one
+    worker busy for minutes after the other ran out of work."""
     items.sort(key=lambda item: (item.get_closest_marker("cloud") is None,   # stable: modules stay together
                                  item.get_closest_marker("slow") is None))
 
