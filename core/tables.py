@@ -235,7 +235,7 @@ CUSTOMER_SCORES = TableSpec(
         # with no completed order under the net basis (no BTYD score: value 0, p_alive 0, placed by rule)
         _f("purchase_basis", S),
         # the 80% interval of the same 6-month net value and its median (models/intervals.py), and
-        # P(value = 0); null for the cohort / naive values, Pareto/NBD, customers placed by rule,
+        # P(value = 0); null for the cohort / naive values, customers placed by rule,
         # models.intervals: false, and partitions written before they existed
         _f("predicted_net_value_p10", D),
         _f("predicted_net_value_p50", D),

@@ -73,6 +73,8 @@ logger = logging.getLogger(__name__)
 #: negative log-likelihood per customer (so the tolerances do not depend on the data size).
 _PARETO_BFGS_OPTIONS = {"gtol": 1e-6, "maxiter": 1000}
 _PARETO_NM_OPTIONS = {"xatol": 1e-8, "fatol": 1e-12, "maxiter": 4000, "maxfev": 8000}
+#: Step (in log-parameters) of the central-difference Hessian of the Pareto/NBD objective.
+PARETO_HESSIAN_STEP = 1e-4
 
 
 # ---- lifetimes subclasses -----------------------------------------------------------------------
@@ -185,6 +187,18 @@ def _pareto_log_A_0(params, freq, recency, age, quadrature: bool):
     return result[0] if scalar else result
 
 
+def pareto_p_alive(params, x, recency, T) -> np.ndarray:
+    """P(alive) of Pareto/NBD at parameters (r, alpha, s, beta) in the stable form (log A_0 with
+    quadrature where scipy's 2F1 fails): ``1 / (1 + s/(r+s+x) (alpha+T)^(r+x) (beta+T)^s A_0)``.
+    Also what the value intervals evaluate at each parameter vector (models.intervals)."""
+    r, alpha, s, beta = (float(p) for p in params)
+    x = np.asarray(x, float)
+    with np.errstate(all="ignore"):
+        log_a0 = _pareto_log_A_0([r, alpha, s, beta], x, recency, T, quadrature=True)
+        z = np.log(s) - np.log(r + s + x) + (r + x) * np.log(alpha + T) + s * np.log(beta + T) + log_a0
+    return special.expit(-z)
+
+
 def _pareto_conditional_log_likelihood(params, freq, rec, T, quadrature: bool):
     """Per-row log-likelihood (note 009, eq. 18), as lifetimes computes it but with the stable A_0."""
     r, alpha, s, beta = params
@@ -252,6 +266,24 @@ def _pareto_objective(params, likelihood: _ParetoDistinctLikelihood, weights: np
     return float(value + penalizer_coef * np.sum(params ** 2))
 
 
+def _central_hessian(objective, x: np.ndarray, step: float = PARETO_HESSIAN_STEP) -> np.ndarray:
+    """Hessian of ``objective`` at ``x`` by central differences of its values (1 + 2d^2 evaluations):
+    the objective is a mean per customer of order 1, so rounding (~1e-16 / step^2) and truncation
+    (~step^2) errors stay near 1e-8. Symmetric by construction; may hold NaN/inf at a bad point
+    (:func:`models.intervals.log_param_covariance` then stores no covariance)."""
+    d = len(x)
+    centre = objective(x)
+    hessian = np.empty((d, d))
+    unit = np.eye(d) * step
+    for i in range(d):
+        hessian[i, i] = (objective(x + unit[i]) - 2.0 * centre + objective(x - unit[i])) / step ** 2
+        for j in range(i):
+            value = (objective(x + unit[i] + unit[j]) - objective(x + unit[i] - unit[j])
+                     - objective(x - unit[i] + unit[j]) + objective(x - unit[i] - unit[j])) / (4.0 * step ** 2)
+            hessian[i, j] = hessian[j, i] = value
+    return hessian
+
+
 class _StableParetoNBDFitter(ParetoNBDFitter):
     """lifetimes' Pareto/NBD with a stable ``log A_0``, a fixed start and a convergence check."""
 
@@ -297,6 +329,9 @@ class _StableParetoNBDFitter(ParetoNBDFitter):
         if not (output.success and np.isfinite(output.fun)):
             raise ConvergenceError(f"Pareto/NBD optimiser did not converge: {output.message}")
         self.optimizer_result_ = output
+        # lifetimes computes no Hessian for Pareto/NBD (its fit sets _hessian_ to None after this
+        # returns); the value intervals need the Fisher information
+        self.log_params_hessian_ = _central_hessian(objective, output.x)
         return np.exp(output.x), output.fun
 
 
@@ -351,10 +386,15 @@ class _LifetimesPurchaseModel(PurchaseModel):
         info.update(log_likelihood=log_likelihood, n_customers=float(weights.sum()), n_rows=int(len(weights)),
                     standard_errors=self._standard_errors(fitter), backend=self._backend_label(),
                     # for the value intervals (models.intervals): Fisher information -> covariance
-                    log_param_covariance=log_param_covariance(getattr(fitter, "_hessian_", None),
-                                                              float(weights.sum()), self.param_names))
+                    log_param_covariance=log_param_covariance(self._hessian_of(fitter), float(weights.sum()),
+                                                              self.param_names))
         self.fit_info_ = info
         return self
+
+    @staticmethod
+    def _hessian_of(fitter):
+        """Hessian of the mean negative log-likelihood in log-parameters at the optimum (or None)."""
+        return getattr(fitter, "_hessian_", None)
 
     def _initial_params(self, start: str, frequency, T, weights):
         """None for lifetimes' default start; for "restart" a start from the mean purchase rate."""
@@ -637,15 +677,16 @@ class ParetoNBDModel(_LifetimesPurchaseModel):
 
     @staticmethod
     def _standard_errors(fitter):
-        return None     # lifetimes does not compute a Hessian for Pareto/NBD
+        # lifetimes computes none for Pareto/NBD; fit_info_["log_param_covariance"] holds the
+        # covariance of the log-parameters from the fitter's central-difference Hessian
+        return None
+
+    @staticmethod
+    def _hessian_of(fitter):
+        return getattr(fitter, "log_params_hessian_", None)
 
     def _p_alive_guard(self, frequency, recency, T):
-        r, alpha, s, beta = (self.params_[k] for k in self.param_names)
-        x = np.asarray(frequency, float)
-        with np.errstate(all="ignore"):
-            log_a0 = _pareto_log_A_0([r, alpha, s, beta], x, recency, T, quadrature=True)
-            z = np.log(s) - np.log(r + s + x) + (r + x) * np.log(alpha + T) + s * np.log(beta + T) + log_a0
-        return special.expit(-z)
+        return pareto_p_alive([self.params_[k] for k in self.param_names], frequency, recency, T)
 
     def _expected_purchases_guard(self, t, frequency, recency, T):
         r, alpha, s, beta = (self.params_[k] for k in self.param_names)

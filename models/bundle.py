@@ -22,7 +22,7 @@ p_alive are 0 and the row's ``purchase_basis`` is ``"net_rule"`` (the segment ru
 :meth:`ScoringBundle.predict` takes a pandas frame of customer features (the columns named in
 :data:`FEATURE_COLUMNS`) and returns :data:`SCORE_COLUMNS` and :data:`INTERVAL_COLUMNS` (P10 / P50 /
 P90 of the 6-month net value and P(value = 0), :mod:`models.intervals`; NaN for the cohort and
-naive values, Pareto/NBD and customers placed by rule); it is what Spark's ``mapInPandas``
+naive values and customers placed by rule); it is what Spark's ``mapInPandas``
 runs per batch and what the MLflow pyfunc serves. Everything is pure numpy/pandas.
 """
 from __future__ import annotations
@@ -174,8 +174,8 @@ class ScoringBundle:
     @property
     def has_intervals(self) -> bool:
         """Whether :meth:`predict` fills the interval columns: switched on, the BTYD value, and a purchase
-        model whose count distribution :mod:`models.intervals` has in closed form (BG/NBD, MBG/NBD).
-        The cohort and naive values (no distribution) and Pareto/NBD (not yet) get nulls."""
+        model whose count moments :mod:`models.intervals` has (BG/NBD, MBG/NBD, Pareto/NBD).
+        The cohort and naive values (no distribution) get nulls."""
         return (self.intervals and self.value_model == "btyd"
                 and self.purchase.name in intervals_lib.SUPPORTED_PURCHASE_MODELS)
 
@@ -190,8 +190,7 @@ class ScoringBundle:
             self.purchase.params_, self.purchase.fit_info_.get("log_param_covariance"), self.purchase.param_names)
         spend_points = intervals_lib.sigma_points(
             self.spend.params_, self.spend.fit_info_.get("log_param_covariance"), self.spend.param_names)
-        counts = intervals_lib.count_moments(purchase_points, self.horizon, frequency[rows], recency[rows], age[rows],
-                                             modified=self.purchase.name == "mbgnbd")
+        counts = self._count_moments(purchase_points, frequency[rows], recency[rows], age[rows])
         spend = intervals_lib.spend_moments(spend_points, frequency[rows], monetary[rows])
         # the same value as predicted_net_value: gross basis net of the predicted cancellation rate
         factor = 1.0 - cancel_rate[rows] if self.purchase_basis == "gross" else 1.0
@@ -199,6 +198,16 @@ class ScoringBundle:
         out[rows, :3] = distribution.quantiles(intervals_lib.LEVELS)
         out[rows, 3] = np.clip(distribution.p_zero, 0.0, 1.0)
         return out
+
+    def _count_moments(self, purchase_points, frequency, recency, age) -> intervals_lib.CountMoments:
+        """The purchase count's moments over the horizon at each parameter vector, averaged."""
+        if self.purchase.name == "paretonbd":
+            from models.btyd import pareto_p_alive     # the stable 2F1 form lives with the likelihood
+
+            alive = np.stack([pareto_p_alive(row, frequency, recency, age) for row in purchase_points])
+            return intervals_lib.pareto_count_moments(purchase_points, self.horizon, frequency, recency, age, alive)
+        return intervals_lib.count_moments(purchase_points, self.horizon, frequency, recency, age,
+                                           modified=self.purchase.name == "mbgnbd")
 
     # -- persistence ---------------------------------------------------------------------
     def to_payload(self) -> dict[str, Any]:

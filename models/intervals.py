@@ -68,8 +68,10 @@ SERIES_TOLERANCE = 1e-10
 MAX_TERMS = 20_000
 #: E[nu^-2] needs p x + q > 2; below, the order values have no finite variance: clamp (documented).
 MIN_SECOND_MOMENT_SHAPE = 2.05
-#: Purchase models whose counts the closed form describes (Pareto/NBD: none yet).
-SUPPORTED_PURCHASE_MODELS = ("bgnbd", "mbgnbd")
+#: Purchase models whose count moments this module has (BG/NBD family: series; Pareto/NBD: quadrature).
+SUPPORTED_PURCHASE_MODELS = ("bgnbd", "mbgnbd", "paretonbd")
+#: Gauss-Legendre nodes of the Pareto/NBD lifetime integrals (in log(1 + u/c): smooth integrands).
+PARETO_NODES = 24
 
 
 def log_param_covariance(hessian, total_weight: float, names: Sequence[str]) -> dict[str, Any] | None:
@@ -213,6 +215,50 @@ def _count_moments_flat(r, alpha, a, b, t, x, t_x, T, modified):
     mean[idx] = c_mean
     factorial2[idx] = c_fact
     return p_zero, mean, factorial2
+
+
+def pareto_count_moments(param_rows: np.ndarray, t: float, x, t_x, T, alive: np.ndarray) -> CountMoments:
+    """Moments of the Pareto/NBD purchase count over the next ``t`` under each row of ``param_rows``
+    (r, alpha, s, beta), averaged over the rows; ``alive`` (rows x customers) is P(alive) at each row
+    (``models.btyd.pareto_p_alive``: the stable 2F1 form lives with the likelihood).
+
+    Given alive at T the rates are independent, ``lambda ~ Gamma(r + x, alpha + T)`` and
+    ``mu ~ Gamma(s, beta + T)``; the customer stays for ``tau ~ Exp(mu)``, so the exposure in the
+    horizon is ``L = min(tau, t)`` with ``P(tau > u) = S(u) = (b / (b + u))^s``, b = beta + T, and
+    ``N | L ~ NB(r + x, (alpha+T) / (alpha+T+L))``. Hence, with A = alpha + T,
+
+        E[N | alive] = (r+x)/A E[L],  E[N(N-1) | alive] = (r+x)(r+x+1)/A^2 E[L^2],
+        P(N = 0 | alive) = S(t) (A/(A+t))^(r+x) + int_0^t f_tau(u) (A/(A+u))^(r+x) du,
+
+    ``E[L] = int_0^t S``, ``E[L^2] = int_0^t 2u S``: one-dimensional integrals, by Gauss-Legendre in
+    ``w = log(1 + u/c)``, c = min(alpha + T, beta + T): the two curves, S(u) and (A/(A+u))^(r+x),
+    fall on the scales b and A, and both are smooth in w when c is the shorter one (a grid on the
+    longer scale misses the faster fall: P(N = 0) off by 3e-3 at alpha + T = 5, beta + T = 300).
+    ``E[N]`` is the model's expected purchases (the tests check it against the closed form)."""
+    x, t_x, T = (np.asarray(v, dtype=float) for v in (x, t_x, T))
+    rows = np.asarray(param_rows, dtype=float)
+    alive = np.asarray(alive, dtype=float).reshape(len(rows), x.shape[0])
+    nodes, weights = np.polynomial.legendre.leggauss(PARETO_NODES)
+    p_zero, mean, factorial2 = (np.zeros(x.shape[0]) for _ in range(3))
+    for (r, alpha, s, beta), alive_row in zip(rows, alive):
+        shape, a_post, b_post = r + x, alpha + T, beta + T
+        scale = np.minimum(a_post, b_post)[:, None]
+        span = np.log1p(t / scale)                                      # w runs over [0, log(1 + t/c)]
+        w = 0.5 * span * (nodes[None, :] + 1.0)
+        du = 0.5 * span * weights[None, :] * scale * np.exp(w)          # du = (c + u) dw
+        u = scale * np.expm1(w)
+        survival = np.exp(-s * np.log1p(u / b_post[:, None]))           # S(u)
+        none_bought = np.exp(-shape[:, None] * np.log1p(u / a_post[:, None]))   # P(N = 0 | L = u)
+        exposure = (du * survival).sum(axis=1)                          # E[L]
+        exposure2 = (du * 2.0 * u * survival).sum(axis=1)               # E[L^2]
+        # tau's density s S(u) / (b + u) over [0, t), then the atom L = t
+        p_zero_alive = ((du * s * survival / (b_post[:, None] + u) * none_bought).sum(axis=1)
+                        + np.exp(-s * np.log1p(t / b_post) - shape * np.log1p(t / a_post)))
+        p_zero += 1.0 - alive_row * (1.0 - p_zero_alive)
+        mean += alive_row * shape / a_post * exposure
+        factorial2 += alive_row * shape * (shape + 1.0) / a_post ** 2 * exposure2
+    k = len(rows)
+    return CountMoments(p_zero / k, mean / k, factorial2 / k)
 
 
 @dataclass(frozen=True)

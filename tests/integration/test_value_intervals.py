@@ -29,7 +29,7 @@ N_CUSTOMERS = 3000
 @pytest.fixture(scope="module")
 def config(tmp_path_factory):
     return load_config(CONF, [f"storage.warehouse={tmp_path_factory.mktemp('intervals')}",
-                              "models.purchase_models=[bgnbd, mbgnbd]", "models.compare_cohort=false",
+                              "models.purchase_models=[bgnbd, mbgnbd, paretonbd]", "models.compare_cohort=false",
                               "models.compare_naive=true", "models.purchase_basis=auto"])
 
 
@@ -49,7 +49,7 @@ def test_the_backtest_measures_coverage_near_80_percent_on_the_holdout(orders_df
     models = fit_origin_models(holdout_df, None, config)
     metrics, _ = compute_metrics(predict_all(holdout_df, models.bundles))
     metrics = metrics.set_index("model")
-    for name in ("bgnbd", "bgnbd_net", "mbgnbd", "mbgnbd_net"):
+    for name in ("bgnbd", "bgnbd_net", "mbgnbd", "mbgnbd_net", "paretonbd", "paretonbd_net"):
         assert metrics.loc[name, "interval_coverage"] == pytest.approx(0.80, abs=0.05), name
         # the closed-interval share counts every realised 0 inside [0, P90] as covered: more
         assert metrics.loc[name, "interval_closed_coverage"] > metrics.loc[name, "interval_coverage"]

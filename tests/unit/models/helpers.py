@@ -73,3 +73,30 @@ def simulate_bgnbd_gamma_gamma(n: int, purchase: dict, spend: dict, T, horizon: 
     monetary = np.where(x > 0, cal_spend / np.maximum(x, 1), 0.0)
     return pd.DataFrame({"frequency": x, "recency": recency, "T": T, "monetary": monetary,
                          "holdout_purchases": hold_n, "holdout_value": hold_value})
+
+
+def simulate_paretonbd_gamma_gamma(n: int, purchase: dict, spend: dict, T, horizon: float, seed: int
+                                   ) -> pd.DataFrame:
+    """Customers of a Pareto/NBD + Gamma-Gamma world, with a holdout (independent of the code under test).
+
+    lambda ~ Gamma(r, rate alpha), mu ~ Gamma(s, rate beta), nu ~ Gamma(q, rate v); the first purchase
+    at age 0, then a Poisson(lambda) process of repeat purchases for a lifetime tau ~ Exp(mu); each
+    repeat order's value ~ Gamma(p_spend, rate nu). Calibration statistics at age T: x ~ Poisson(lambda
+    min(tau, T)), recency = the last of x uniform times on (0, min(tau, T)), monetary = mean repeat
+    value; holdout: Poisson(lambda * exposure in (T, T + horizon]) orders and their summed value.
+    """
+    rng = np.random.default_rng(seed)
+    T = np.broadcast_to(np.asarray(T, dtype=float), (n,)).copy()
+    lam = rng.gamma(purchase["r"], 1.0 / purchase["alpha"], n)
+    mu = rng.gamma(purchase["s"], 1.0 / purchase["beta"], n)
+    nu = rng.gamma(spend["q"], 1.0 / spend["v"], n)
+    tau = rng.exponential(1.0 / mu)
+    observed = np.minimum(tau, T)
+    x = rng.poisson(lam * observed).astype(float)
+    recency = np.where(x > 0, observed * rng.random(n) ** (1.0 / np.maximum(x, 1.0)), 0.0)
+    cal_spend = np.where(x > 0, rng.gamma(np.maximum(spend["p"] * x, 1e-9), 1.0 / nu), 0.0)
+    hold_n = rng.poisson(lam * np.clip(tau - T, 0.0, horizon)).astype(float)
+    hold_value = np.where(hold_n > 0, rng.gamma(np.maximum(spend["p"] * hold_n, 1e-9), 1.0 / nu), 0.0)
+    return pd.DataFrame({"frequency": x, "recency": recency, "T": T,
+                         "monetary": np.where(x > 0, cal_spend / np.maximum(x, 1.0), 0.0),
+                         "holdout_purchases": hold_n, "holdout_value": hold_value})

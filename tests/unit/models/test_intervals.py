@@ -181,3 +181,121 @@ def test_the_bundle_adds_interval_columns_the_same_whatever_the_batches():
     naive = ScoringBundle(purchase=purchase, spend=spend, cancellation=cancel, value_model="naive",
                           naive=NaiveRepeatModel().fit()).predict(features)
     assert naive[list(INTERVAL_COLUMNS)].isna().all().all()
+
+
+# ---- Pareto/NBD: count moments by quadrature over the remaining lifetime -------------------------
+PARETO = {"r": 0.6, "alpha": 40.0, "s": 0.8, "beta": 150.0}
+
+
+def _pareto_distribution(customers, purchase, spend, parameter_uncertainty=True):
+    from models.btyd import pareto_p_alive
+
+    covariance = purchase.fit_info_["log_param_covariance"] if parameter_uncertainty else None
+    points = iv.sigma_points(purchase.params_, covariance, purchase.param_names)
+    x, t_x, T = (customers[c].to_numpy(float) for c in ("frequency", "recency", "T"))
+    alive = np.stack([pareto_p_alive(row, x, t_x, T) for row in points])
+    counts = iv.pareto_count_moments(points, HORIZON, x, t_x, T, alive)
+    spend_cov = spend.fit_info_["log_param_covariance"] if parameter_uncertainty else None
+    spend_m = iv.spend_moments(iv.sigma_points(spend.params_, spend_cov, spend.param_names), x, customers["monetary"])
+    return iv.value_distribution(counts, spend_m, 1.0)
+
+
+def test_paretonbd_80_percent_intervals_cover_80_percent_of_simulated_customers():
+    from models import ParetoNBDModel
+
+    from .helpers import simulate_paretonbd_gamma_gamma
+
+    ages = np.random.default_rng(31).uniform(30, 700, 4000).round()
+    customers = simulate_paretonbd_gamma_gamma(4000, PARETO, SPEND, ages, HORIZON, seed=32)
+    purchase = ParetoNBDModel().fit(customers["frequency"], customers["recency"], customers["T"])
+    repeat = customers[customers["frequency"] > 0]
+    spend = GammaGammaModel().fit(repeat["frequency"], repeat["monetary"])
+    distribution = _pareto_distribution(customers, purchase, spend)
+    p10, p50, p90 = distribution.quantiles().T
+    result = iv.interval_coverage(customers["holdout_value"], p10, p50, p90, distribution.p_zero)
+    assert result["coverage"] == pytest.approx(0.80, abs=0.025)
+    assert distribution.p_zero.mean() == pytest.approx((customers["holdout_value"] == 0).mean(), abs=0.02)
+    assert distribution.mean.sum() == pytest.approx(customers["holdout_value"].sum(), rel=0.1)
+
+
+def test_paretonbd_count_moments_are_the_models_expected_purchases_and_p_alive(cdnow):
+    from models import ParetoNBDModel
+    from models.btyd import pareto_p_alive
+
+    fitted = ParetoNBDModel().fit(cdnow["frequency"], cdnow["recency"], cdnow["T"])
+    point = iv.sigma_points(fitted.params_, None, fitted.param_names)
+    x, t_x, T = (cdnow[c].to_numpy(float) for c in ("frequency", "recency", "T"))
+    alive = pareto_p_alive(point[0], x, t_x, T)
+    np.testing.assert_allclose(alive, fitted.p_alive(x, t_x, T), rtol=1e-9, atol=1e-12)
+    counts = iv.pareto_count_moments(point, 26.0, x, t_x, T, alive[None, :])
+    np.testing.assert_allclose(counts.mean, fitted.expected_purchases(26.0, x, t_x, T), rtol=1e-9, atol=1e-12)
+    assert np.all(counts.p_zero >= 1 - alive - 1e-12) and np.all(counts.p_zero <= 1)
+    assert np.all(counts.factorial2 + counts.mean - counts.mean ** 2 >= -1e-9)
+
+
+@pytest.mark.parametrize("params, customer", [
+    ((0.55, 10.6, 0.6, 11.7), (3.0, 20.0, 50.0)),       # CDNOW-like, weeks
+    ((0.3, 5.0, 0.2, 300.0), (0.0, 0.0, 2.0)),          # a new customer: alpha + T << beta + T
+    ((2.0, 100.0, 10.0, 1.0), (8.0, 170.0, 180.0)),     # fast dropout: beta + T << alpha + T
+], ids=["cdnow-like", "slow-dropout", "fast-dropout"])
+def test_paretonbd_count_distribution_matches_a_monte_carlo_of_the_process(params, customer):
+    from models.btyd import pareto_p_alive
+
+    r, alpha, s, beta = params
+    x, t_x, T = customer
+    t = 26.0
+    alive = pareto_p_alive(params, np.array([x]), np.array([t_x]), np.array([T]))[0]
+    rng = np.random.default_rng(7)
+    draws = 1_000_000
+    lam = rng.gamma(r + x, 1.0 / (alpha + T), draws)
+    tau = rng.exponential(1.0 / rng.gamma(s, 1.0 / (beta + T), draws))
+    n = rng.poisson(lam * np.minimum(tau, t)) * (rng.random(draws) < alive)
+    counts = iv.pareto_count_moments(np.array([params]), t, [x], [t_x], [T], np.array([[alive]]))
+    assert counts.p_zero[0] == pytest.approx(np.mean(n == 0), abs=2e-3)
+    assert counts.mean[0] == pytest.approx(n.mean(), rel=0.02, abs=1e-3)
+    assert counts.factorial2[0] == pytest.approx(np.mean(n * (n - 1.0)), rel=0.05, abs=1e-3)
+
+
+def test_paretonbd_covariance_matches_the_spread_of_refits_on_fresh_samples():
+    # the central-difference Fisher information against what it describes: 30 samples of the same world
+    from models import ParetoNBDModel
+
+    from .helpers import simulate_paretonbd_gamma_gamma
+
+    names = ParetoNBDModel.param_names
+    logs, predicted_sd = [], []
+    for seed in range(30):
+        ages = np.random.default_rng(100 + seed).uniform(30, 700, 3000).round()
+        sample = simulate_paretonbd_gamma_gamma(3000, PARETO, SPEND, ages, HORIZON, seed=200 + seed)
+        fitted = ParetoNBDModel().fit(sample["frequency"], sample["recency"], sample["T"])
+        matrix = np.asarray(fitted.fit_info_["log_param_covariance"]["matrix"])
+        assert np.all(np.linalg.eigvalsh(matrix) > 0)
+        logs.append(np.log([fitted.params_[k] for k in names]))
+        predicted_sd.append(np.sqrt(np.diag(matrix)))
+    observed = np.std(logs, axis=0, ddof=1)
+    # 30 refits: the observed sd itself is uncertain by ~13%; allow 35%
+    np.testing.assert_allclose(observed, np.median(predicted_sd, axis=0), rtol=0.35)
+
+
+def test_a_paretonbd_bundle_fills_the_interval_columns():
+    from models import ParetoNBDModel
+    from models.bundle import INTERVAL_COLUMNS, ScoringBundle
+    from models.cancellation import CancellationRateModel
+
+    from .helpers import simulate_paretonbd_gamma_gamma
+
+    customers = simulate_paretonbd_gamma_gamma(1500, PARETO, SPEND, np.linspace(30, 700, 1500).round(), HORIZON,
+                                               seed=41)
+    purchase = ParetoNBDModel().fit(customers["frequency"], customers["recency"], customers["T"])
+    repeat = customers[customers["frequency"] > 0]
+    spend = GammaGammaModel().fit(repeat["frequency"], repeat["monetary"])
+    bundle = ScoringBundle(purchase=purchase, spend=spend, cancellation=CancellationRateModel().fit([1, 2], [0, 1]))
+    assert bundle.has_intervals
+    scored = bundle.predict(_features(customers))
+    assert scored[list(INTERVAL_COLUMNS)].notna().all().all()
+    assert (scored["predicted_net_value_p10"] <= scored["predicted_net_value_p50"]).all()
+    assert (scored["predicted_net_value_p50"] <= scored["predicted_net_value_p90"]).all()
+    # around the point value: without parameter uncertainty the distribution's mean is predicted_net_value
+    process_only = _pareto_distribution(customers, purchase, spend, parameter_uncertainty=False)
+    np.testing.assert_allclose(process_only.mean * (1 - scored["predicted_cancel_rate"]),
+                               scored["predicted_net_value"], rtol=1e-6, atol=1e-8)
