@@ -37,7 +37,7 @@ from pyspark.sql import functions as F
 from core.config import HybridConf
 from models.bundle import ScoringBundle
 from models.hybrid import BEHAVIOUR_COLUMNS, HybridBundle, HybridValueModel, design_matrix, training_target
-from pipelines.features import add_months
+from pipelines.features import add_months, orders_dated
 from pipelines.identity import read_orders
 from pipelines.ltv import fit_btyd_bundles
 
@@ -253,7 +253,9 @@ def training_frame(storage: Any, train_cutoff: dt.date, config: Any) -> tuple[Da
         features_df = storage.read(CUSTOMER_FEATURES.name, partitions={"as_of_date": [train_cutoff]})
         stored = features_df.select("time_unit").limit(1).collect()
         if stored and stored[0]["time_unit"] == config.features.time_unit and not _lacks_net_basis(features_df):
-            actuals_df = holdout_actuals(read_orders(storage), train_cutoff, holdout_end(train_cutoff, horizon))
+            end = holdout_end(train_cutoff, horizon)
+            # only the horizon's order months are read (the history before it is most of the table)
+            actuals_df = holdout_actuals(orders_dated(read_orders(storage), train_cutoff, end), train_cutoff, end)
             return (features_df.join(actuals_df, on="customer_id", how="left")
                     .fillna(0.0, subset=["holdout_net"]), "customer_features")
     train_df, _ = ensure_calibration(storage, train_cutoff, config)
