@@ -107,3 +107,31 @@ def app_log(folder: Path, app_id: str) -> Path:
         if candidate.exists():
             return candidate
     raise FileNotFoundError(f"no event log for {app_id} in {folder}")
+
+
+def task_intervals(path: Path) -> list[tuple[float, float]]:
+    """(launch, finish) in epoch seconds of every task attempt in the log."""
+    out = []
+    for event in read_events(path):
+        if event.get("Event") == "SparkListenerTaskEnd":
+            info = event.get("Task Info") or {}
+            launch, finish = info.get("Launch Time", 0) / 1000, info.get("Finish Time", 0) / 1000
+            if finish >= launch > 0:
+                out.append((launch, finish))
+    return out
+
+
+def busy_seconds(intervals: list[tuple[float, float]], start: float, end: float) -> float:
+    """Seconds of [start, end] during which at least one task ran (the union of the task intervals)."""
+    clipped = sorted((max(a, start), min(b, end)) for a, b in intervals if b > start and a < end)
+    busy, current_start, current_end = 0.0, None, None
+    for a, b in clipped:
+        if current_end is None or a > current_end:
+            if current_end is not None:
+                busy += current_end - current_start
+            current_start, current_end = a, b
+        else:
+            current_end = max(current_end, b)
+    if current_end is not None:
+        busy += current_end - current_start
+    return busy

@@ -23,12 +23,13 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 sys.path.insert(0, str(BENCH))
-from _eventlog import app_log, event_log_settings, figures_by_group  # noqa: E402
+from _eventlog import app_log, busy_seconds, event_log_settings, figures_by_group, task_intervals  # noqa: E402
 import pipeline as nightly_bench  # noqa: E402  (last: it takes bench/ off sys.path, the engine first)
 
 NIGHTS = (("first load", nightly_bench.SETUP_NIGHT, "auto", "history"),
@@ -77,18 +78,34 @@ def run_one(args: argparse.Namespace) -> None:
                                   extra={**config.spark.extra, **extra}), config.storage.warehouse)
     session_s = time.perf_counter() - started
     storage = Storage(spark, config.storage.warehouse, config.storage.backend)
-    windows, walls = [], {}
+    windows, walls, step_windows = [], {}, {}
     for label, day, refit, part in NIGHTS:
         nightly_bench.drop_files(Path(args.staging) / part, base / "source" / "orders", part)
         print(f"\n-- [{args.master}] {label} {day} (refit {refit}) --", flush=True)
         t0, clock = time.time(), time.perf_counter()
-        result = run_nightly(spark, storage, config, day, refit=refit, progress=lambda line: print(line, flush=True))
+
+        @contextmanager
+        def timed_step(step: str, label: str = label):
+            began = time.time()
+            try:
+                yield
+            finally:
+                step_windows[(label, step)] = (began, time.time())
+
+        result = run_nightly(spark, storage, config, day, refit=refit, progress=lambda line: print(line, flush=True),
+                             step_hook=timed_step)
         walls[label] = {o.step: round(o.seconds, 1) for o in result.outcomes if o.status == "ok"}
         walls[label]["night"] = round(time.perf_counter() - clock, 1)
         windows.append((label, t0, time.time()))
     app_id = spark.sparkContext.applicationId
     spark.stop()
-    figures = figures_by_group(app_log(events, app_id), windows=windows)
+    log = app_log(events, app_id)
+    figures = figures_by_group(log, windows=windows)
+    # driver-serial seconds: inside a step (or the night) with no task running anywhere
+    intervals = task_intervals(log)
+    serial = {key: (end - start) - busy_seconds(intervals, start, end) for key, (start, end) in step_windows.items()}
+    serial.update({(label, "night"): (end - start) - busy_seconds(intervals, start, end)
+                   for label, start, end in windows})
     steps = {}
     for key, fig in figures.items():
         label, step = key.split(": ", 1)
@@ -99,6 +116,8 @@ def run_one(args: argparse.Namespace) -> None:
             "shuffle_write_bytes": fig.shuffle_write_bytes, "input_bytes": fig.input_bytes,
             "output_bytes": fig.output_bytes, "memory_spill_bytes": fig.memory_spill_bytes,
             "disk_spill_bytes": fig.disk_spill_bytes, "peak_task_execution_memory": fig.peak_execution_memory}
+    for (label, step), seconds in serial.items():
+        steps.setdefault(label, {}).setdefault(step, {"wall_s": walls[label].get(step)})["serial_s"] = round(seconds, 1)
     Path(args.result).write_text(json.dumps({"master": args.master, "app_id": app_id, "session_s": round(session_s, 1),
                                              "walls": walls, "steps": steps}))
 
