@@ -1,12 +1,12 @@
 """What the value intervals cost: scoring N customers with and without them, in the same run.
 
-    python bench/intervals.py --customers 2000000 [--workdir DIR] [--repeats 2]
+    python bench/intervals.py --customers 2000000 [--workdir DIR] [--repeats 2] [--purchase-model paretonbd]
 
 The customers' features (frequency, recency, T, monetary value, orders and cancellations, in days)
 are simulated in numpy from the generator's default BG/NBD + Gamma-Gamma parameters
 (``pipelines.generate.GeneratorParams``: first orders uniform over 5 years, ~6.5% cancelled orders)
 and written once as parquet (kept in ``--workdir`` and reused); ingest and features are not what is
-measured. A BG/NBD + Gamma-Gamma + cancellation bundle is fitted on them with the engine's
+measured. A BG/NBD (``--purchase-model``: MBG/NBD, Pareto/NBD) + Gamma-Gamma + cancellation bundle is fitted on them with the engine's
 ``fit_btyd_bundles``, then the engine's ``score_customers`` runs over every customer and the scores
 are written as parquet (what ``cvseg score`` does before its Delta commit), alternately without
 (``models.intervals: false``) and with intervals, ``--repeats`` times each. Reported: seconds per run,
@@ -71,6 +71,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--workdir", default="/tmp/cvseg-bench-intervals")
     parser.add_argument("--driver-memory", default="6g")
+    parser.add_argument("--purchase-model", default="bgnbd", choices=("bgnbd", "mbgnbd", "paretonbd"),
+                        help="the bundle's purchase model (the simulated customers stay BG/NBD)")
     args = parser.parse_args()
 
     workdir = Path(args.workdir)
@@ -90,7 +92,7 @@ def main() -> None:
     features_df = spark.read.parquet(str(features_path)).cache()
     print(f"customers: {features_df.count():,}")
     started = time.perf_counter()
-    bundle = fit_btyd_bundles(features_df, ("bgnbd",), "days").bundles["bgnbd"]
+    bundle = fit_btyd_bundles(features_df, (args.purchase_model,), "days").bundles[args.purchase_model]
     print(f"fit {time.perf_counter() - started:.1f} s; params {bundle.describe()['purchase_params']}; "
           f"covariance stored: {bundle.purchase.fit_info_.get('log_param_covariance') is not None}")
 
