@@ -66,9 +66,13 @@ that add across customers *before* squaring (exact, as summing per sigma point);
 interaction ``c alpha_p beta_s`` (second order: a product of two parameter effects) is bounded by
 summing its sds. The total's P10 / P90 then come from the lognormal with the total's mean and
 variance (:func:`total_quantiles`): totals are non-negative and skewed for small groups, where
-a normal would put P10 below 0; for large groups the two agree. The lognormal ignores the total's
-atom at 0, which matters only for groups of a few customers. Loadings add only within one fit
-(one set of parameters); the group's customers must be scored by the same bundle.
+a normal would put P10 below 0; for large groups the two agree. A group of a few rare buyers may
+well bring nothing: the total has an atom at 0, ``P(total = 0) = prod_i P(V_i = 0)`` (customers
+taken as independent there, which slightly understates it: they share the parameters), and the
+lognormal is matched to the positive part, as for a customer. For such a group P90 can be below
+the mean (most of the mean is in a rare large outcome); from a few dozen customers on the atom is
+negligible. Loadings add only within one fit (one set of parameters); the group's customers must
+be scored by the same bundle.
 """
 from __future__ import annotations
 
@@ -404,19 +408,17 @@ def group_total_variance(process_var_sum, loading_sums, interaction_sd_sum) -> n
             + np.asarray(interaction_sd_sum, dtype=float) ** 2)
 
 
-def total_quantiles(total_mean, total_var, levels: Sequence[float] = (LEVELS[0], LEVELS[-1])) -> np.ndarray:
-    """(groups x levels) quantiles of a non-negative total with this mean and variance, by the lognormal
-    with the same two moments (a normal would give negative P10s for small or skewed groups); 0 for a
-    total of mean 0."""
+def total_quantiles(total_mean, total_var, p_zero=0.0,
+                    levels: Sequence[float] = (LEVELS[0], LEVELS[-1])) -> np.ndarray:
+    """(groups x levels) quantiles of a non-negative total with this mean, variance and probability of
+    being 0: as a customer's value (:meth:`ValueDistribution.quantiles`), an atom at 0 and a lognormal
+    with the two moments of the positive part (a normal would give negative P10s for small or skewed
+    groups; for large groups the atom vanishes and the lognormal is nearly normal). 0 for a total of
+    mean 0."""
     mean = np.atleast_1d(np.asarray(total_mean, dtype=float))
     var = np.maximum(np.atleast_1d(np.asarray(total_var, dtype=float)), 0.0)
-    out = np.zeros((mean.size, len(levels)))
-    ok = mean > 0
-    sigma2 = np.log1p(var[ok] / (mean[ok] * mean[ok]))
-    mu = np.log(mean[ok]) - 0.5 * sigma2
-    for j, level in enumerate(levels):
-        out[ok, j] = np.exp(mu + np.sqrt(sigma2) * special.ndtri(level))
-    return out
+    atom = np.broadcast_to(np.clip(np.asarray(p_zero, dtype=float), 0.0, 1.0), mean.shape)
+    return ValueDistribution(p_zero=atom, mean=mean, second=var + mean * mean).quantiles(levels)
 
 
 __all__ = ["LEVELS", "SUPPORTED_PURCHASE_MODELS", "log_param_covariance", "sigma_points", "CountMoments",

@@ -38,7 +38,7 @@ PRODUCERS = {
         "segments_current", "segments_history", "segment_generations", "generation_review", "segment_migration")},
     **{t: "cvseg trends --as-of {as_of}" for t in (
         "trend_weekly_segment", "trend_new_customers_weekly", "trend_f2_conversion", "trend_cohort_retention",
-        "trend_yearly", "trend_yearly_category")},
+        "trend_yearly", "trend_yearly_category", "ltv_by_channel")},
     "model_backtest": "cvseg backtest --as-of {as_of}", "model_backtest_deciles": "cvseg backtest --as-of {as_of}",
     "model_importances": "cvseg backtest --as-of {as_of}",
 }

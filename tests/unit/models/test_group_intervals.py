@@ -124,3 +124,13 @@ def test_total_quantiles_are_the_lognormal_of_the_moments():
     sigma2 = np.log1p(4.0)
     np.testing.assert_allclose(np.log(wide), np.log(100) - sigma2 / 2 + np.sqrt(sigma2) * np.array([-1.2815516, 1.2815516]),
                                rtol=1e-6)
+
+
+def test_a_total_likely_to_be_zero_has_its_atom():
+    # a group that brings nothing with probability 0.95: P10 = P90 = 0, below its mean
+    assert np.all(iv.total_quantiles(100.0, 400.0 ** 2, p_zero=0.95)[0] == 0.0)
+    # with probability 0.5: P10 = 0, P90 from the positive part (mean 200 given positive)
+    low, high = iv.total_quantiles(100.0, 400.0 ** 2, p_zero=0.5)[0]
+    assert low == 0.0 and high > 200.0
+    # no atom: the plain lognormal of the moments
+    np.testing.assert_allclose(iv.total_quantiles(100.0, 4.0, p_zero=0.0), iv.total_quantiles(100.0, 4.0))
