@@ -198,8 +198,7 @@ class ScoringBundle:
             self.purchase.params_, self.purchase.fit_info_.get("log_param_covariance"), self.purchase.param_names)
         spend_points = intervals_lib.sigma_points(
             self.spend.params_, self.spend.fit_info_.get("log_param_covariance"), self.spend.param_names)
-        by_point = intervals_lib.count_moments_by_point(purchase_points, self.horizon, frequency[rows], recency[rows],
-                                                        age[rows], modified=self.purchase.name == "mbgnbd")
+        by_point = self._count_moments_by_point(purchase_points, frequency[rows], recency[rows], age[rows])
         counts = by_point.averaged()
         spend = intervals_lib.spend_moments(spend_points, frequency[rows], monetary[rows])
         # the same value as predicted_net_value: gross basis net of the predicted cancellation rate
@@ -213,6 +212,12 @@ class ScoringBundle:
         for i, row in zip(np.flatnonzero(rows), terms.loadings):
             loadings[i] = row
         return out, loadings
+
+    def _count_moments_by_point(self, purchase_points, frequency, recency, age) -> intervals_lib.CountMoments:
+        """The purchase count's moments over the horizon at each parameter vector (rows x customers):
+        group totals need them per vector, the customer's own interval their average."""
+        return intervals_lib.count_moments_by_point(purchase_points, self.horizon, frequency, recency, age,
+                                                    modified=self.purchase.name == "mbgnbd")
 
     # -- persistence ---------------------------------------------------------------------
     def to_payload(self) -> dict[str, Any]:
