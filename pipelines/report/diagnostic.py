@@ -322,8 +322,8 @@ def channel_value_section(data: DiagnosticData, c: Context) -> list:
     if isinstance(frame, Missing):
         return blocks + [c.missing(frame)]
     blocks.append(Paragraph(c.m("cv.intro")))
-    header = tuple(c.m(k) for k in ("cv.col.channel", "cv.col.customers", "cv.col.total", "cv.col.interval",
-                                    "cv.col.mean", "cv.col.f2"))
+    header = tuple(c.m(k) for k in ("pro.channel.y", "seg.col.customers", "seg.col.value", "cv.col.interval",
+                                    "seg.col.mean", "ch.col.f2"))
     rows = tuple((c.label(r["acquisition_channel"]), c.f.count(r["customers"]), c.f.money(r["value"]),
                   c.interval(r["value_p10"], r["value_p90"]), c.f.money(r["mean_value"]),
                   c.m("na") if pd.isna(r["f2_rate"]) else c.f.pct(r["f2_rate"]))
@@ -332,7 +332,7 @@ def channel_value_section(data: DiagnosticData, c: Context) -> list:
     title = c.m("cv.chart.title")
     png = charts.hbars([c.label(g) for g in frame["acquisition_channel"]], frame["value"].tolist(),
                        [c.f.count(n) for n in frame["customers"]], title=title,
-                       xlabel=c.m("cv.chart.x", unit=c.f.unit), ylabel=c.m("cv.col.channel"), x_fmt=c.f.money_axis,
+                       xlabel=c.m("cv.chart.x", unit=c.f.unit), ylabel=c.m("pro.channel.y"), x_fmt=c.f.money_axis,
                        ranges=(frame["value_p10"].tolist(), frame["value_p90"].tolist()))
     blocks.append(Chart(png, title, c.m("cv.chart.aid")))
     return blocks

@@ -144,18 +144,13 @@ CATALOGUE: dict[str, dict[str, str]] = {
     # -- LTV by acquisition media (ltv_by_channel) ------------------------------------------
     "sec.channel_value": {"ja": "4-2. 獲得媒体別 LTV", "en": "4b. LTV by acquisition media"},
     "cv.intro": {"ja": "基準日に予測した今後6か月の純売上を、初回購入の獲得チャネル別に合計しました。"
-                       "80%区間は合計値の区間です。同じモデルのパラメータを共有する分は顧客をまとめても平均化されないため、"
-                       "顧客ごとの区間の和よりずっと狭く、顧客数の平方根よりはゆっくり狭まります。",
+                       "80%区間は合計値の区間です。顧客ごとの区間の和よりずっと狭くなりますが、"
+                       "全顧客が共有するモデルのパラメータによる不確かさは、顧客をまとめても平均化されません。",
                  "en": "Predicted net revenue of the next six months as of the as-of date, added up by the channel of "
                        "each customer's first order. The 80% interval is that of the total: far narrower than the "
                        "customers' own intervals added up, though the part from the shared model parameters does "
                        "not average out over customers."},
-    "cv.col.channel": {"ja": "獲得チャネル", "en": "Acquisition channel"},
-    "cv.col.customers": {"ja": "顧客数", "en": "Customers"},
-    "cv.col.total": {"ja": "予測純売上（6か月）", "en": "Predicted net, 6 months"},
     "cv.col.interval": {"ja": "80%区間", "en": "80% interval"},
-    "cv.col.mean": {"ja": "1人あたり", "en": "Per customer"},
-    "cv.col.f2": {"ja": "F2転換率 (90日)", "en": "F2 within 90 days"},
     "cv.chart.title": {"ja": "獲得チャネル別 予測6か月純売上と80%区間", "en": "Predicted 6-month net revenue by acquisition channel, with 80% intervals"},
     "cv.chart.x": {"ja": "予測6か月純売上（{unit}）", "en": "Predicted 6-month net revenue ({unit})"},
     "cv.chart.aid": {"ja": "線は合計の80%区間、棒の右は顧客数。F2転換率は90日が経過した獲得月の顧客のみで計算しています。",
