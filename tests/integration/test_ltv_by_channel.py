@@ -1,8 +1,9 @@
-"""ltv_by_channel and the report's "LTV by acquisition media" page on a small generated warehouse.
+"""ltv_by_channel, segment totals' intervals and the report's "LTV by acquisition media" page on a
+small generated warehouse.
 
 1,200 generated customers (orders straight into the ``orders`` schema, as test_value_intervals.py),
 each acquired through one of three channels or none; features, a BG/NBD fit and scores, then the
-nightly run's trends step (which writes ``ltv_by_channel``) and the diagnostic report. Expected
+nightly run's segments and trends steps (trends writes ``ltv_by_channel``) and the diagnostic report. Expected
 figures come from the orders and ``customer_scores`` in pandas, not from the code under test.
 """
 from __future__ import annotations
@@ -27,7 +28,8 @@ CHANNELS = ("web", "app", "catalogue_dm", None)
 @pytest.fixture(scope="module")
 def engine(spark, tmp_path_factory):
     from core.storage import Storage
-    from pipelines.nightly import run_nightly
+    from pipelines.segments import run_segments
+    from pipelines.value_totals import run_ltv_by_channel
 
     root = tmp_path_factory.mktemp("ltv_by_channel")
     config = load_config(CONF, [f"storage.warehouse={root / 'warehouse'}", "models.purchase_models=[bgnbd]"])
@@ -40,8 +42,10 @@ def engine(spark, tmp_path_factory):
     features_df = storage.read(CUSTOMER_FEATURES.name).where(F.col("as_of_date") == F.lit(END))
     bundle = fit_btyd_bundles(features_df, ("bgnbd",), config.features.time_unit).bundles["bgnbd"]
     run_score(storage, END, bundle, "7")
-    result = run_nightly(spark, storage, config, END, steps=["trends"], progress=lambda line: None)
-    return {"storage": storage, "orders": orders, "result": result}
+    run_segments(storage, END, config)
+    # what the trends step runs after run_trends (its wiring: test_nightly_run)
+    summary = run_ltv_by_channel(storage, END)
+    return {"storage": storage, "orders": orders, "summary": summary}
 
 
 def _rows(storage) -> pd.DataFrame:
@@ -51,8 +55,9 @@ def _rows(storage) -> pd.DataFrame:
 
 def test_ltv_by_channel_adds_up_to_the_scores(engine):
     storage, orders = engine["storage"], engine["orders"]
-    assert "ltv_by_channel" in engine["result"].outcome("trends").output_versions
     rows = _rows(storage)
+    assert engine["summary"] == {"ltv_by_channel_rows": len(rows), "ltv_by_channel_customers": N_CUSTOMERS,
+                                 "ltv_by_channel_rows_with_interval": len(rows)}
     scores = storage.read(CUSTOMER_SCORES.name).where(F.col("as_of_date") == F.lit(END)).toPandas()
     # every scored customer once: by the channel and month of the first order in the orders
     first = orders.sort_values(["order_ts", "order_id"]).groupby("customer_id").first()
@@ -97,13 +102,18 @@ def test_a_channels_months_roll_up_to_one_interval(engine):
                                                               - web["predicted_net_value_p10"]).sum()
 
 
-def test_f2_is_the_trend_tables_per_month(engine):
-    storage = engine["storage"]
-    rows = _rows(storage)
-    per_month = rows.groupby("acquisition_month")[["customers", "converted_90d"]].sum()
-    trend = storage.read("trend_f2_conversion").toPandas().set_index("cohort_month")
-    pd.testing.assert_frame_equal(per_month.sort_index(), trend.loc[per_month.index, ["customers", "converted_90d"]]
-                                  .sort_index(), check_dtype=False)
+def test_f2_is_a_second_purchase_day_within_90_days(engine):
+    storage, orders = engine["storage"], engine["orders"]
+    rows = _rows(storage).set_index(["acquisition_channel", "acquisition_month"])
+    # from the orders: purchase days (cancelled orders count, the BTYD convention), second within 90 days
+    days = orders.assign(day=pd.to_datetime(orders["order_date"])).groupby("customer_id")["day"]
+    first, second = days.min(), days.apply(lambda d: d.drop_duplicates().nsmallest(2).max())
+    channel = orders.groupby("customer_id")["channel"].first().fillna("(unknown)")
+    converted = ((second > first) & ((second - first).dt.days <= 90)).groupby(
+        [channel, first.dt.strftime("%Y-%m")]).sum()
+    converted.index.names = rows.index.names
+    pd.testing.assert_series_equal(rows["converted_90d"], converted.loc[rows.index], check_dtype=False,
+                                   check_names=False)
     np.testing.assert_allclose(rows["f2_rate_90d"], rows["converted_90d"] / rows["customers"])
     assert rows["is_complete_90d"].any() and not rows["is_complete_90d"].all()   # the last three months are not
 
@@ -115,6 +125,27 @@ def test_a_rerun_writes_the_same_rows(engine):
     before = _rows(storage)
     run_ltv_by_channel(storage, END)
     pd.testing.assert_frame_equal(_rows(storage), before)
+
+
+def test_segment_totals_have_their_interval(engine):
+    from pipelines.report.data import customer_base
+    from pipelines.report.sources import segments_value
+
+    storage = engine["storage"]
+    segments = segments_value(storage, customer_base(storage, END), END).set_index("group")
+    scores = storage.read(CUSTOMER_SCORES.name).where(F.col("as_of_date") == F.lit(END)).toPandas()
+    placed = storage.read("segments_current").toPandas().merge(scores, on="customer_id")
+    per_segment = placed.groupby("segment")["predicted_net_value"].sum()
+    np.testing.assert_allclose(segments.loc[per_segment.index, "value"], per_segment, rtol=1e-9)
+    assert segments["value_p10"].notna().all()
+    big = segments[segments["customers"] >= 100]
+    assert len(big) >= 2 and (big["value_p10"] < big["value"]).all() and (big["value"] < big["value_p90"]).all()
+    # the interval of a total, not the customers' added up: far narrower (value bands; a dormant
+    # customer's own interval is mostly [0, 0], the rare buyers among them widen only the total's)
+    own = placed.assign(width=placed["predicted_net_value_p90"] - placed["predicted_net_value_p10"]) \
+        .groupby("segment")["width"].sum()
+    bands = big.drop(index=["new", "dormant"], errors="ignore")
+    assert len(bands) >= 2 and ((bands["value_p90"] - bands["value_p10"]) < 0.3 * own[bands.index]).all()
 
 
 def test_the_report_shows_ltv_by_acquisition_media(engine):
