@@ -45,8 +45,8 @@ def loadings_width(scores_df: DataFrame) -> int:
     sizes = F.when(F.col(LOADINGS_COLUMN).isNotNull(), F.size(LOADINGS_COLUMN))
     row = scores_df.agg(F.min(sizes).alias("low"), F.max(sizes).alias("high")).first()
     if row["low"] != row["high"]:
-        raise ValueError(f"customer_scores mixes parameter loadings of {row['low']} and {row['high']} "
-                         "coordinates (several fits in one date?); re-score the date with one model")
+        raise ValueError(f"the rows mix parameter loadings of {row['low']} and {row['high']} coordinates (scores "
+                         "of several fits in one date?); re-score the date with one model, then re-run trends")
     return int(row["high"] or 0)
 
 
@@ -66,8 +66,10 @@ def total_interval_sums(value: Column, width: int) -> list[Column]:
         F.sum(F.greatest(sd * sd - param_sd * param_sd, F.lit(0.0))).alias(PROCESS_VAR),
         F.sum(F.sqrt(F.greatest(param_sd * param_sd - loadings_sq, F.lit(0.0)))).alias(INTERACTION_SD),
         _loading_sums(F.col(LOADINGS_COLUMN), width).alias(LOADINGS_COLUMN),
-        # P(value = 0) = 0 (a sure buyer) as 1e-300: exp of the sum is then 0 to double precision
-        F.sum(F.log(F.greatest(F.col("p_zero_value"), F.lit(1e-300)))).alias(LOG_P_ZERO),
+        # P(value = 0) = 0 (a sure buyer) as 1e-300: exp of the sum is then 0 to double precision; null
+        # (no interval: placed by rule, value 0 for sure) adds nothing (greatest() would skip the null)
+        F.sum(F.when(F.col("p_zero_value").isNotNull(),
+                     F.log(F.greatest(F.col("p_zero_value"), F.lit(1e-300))))).alias(LOG_P_ZERO),
         # a customer whose value is 0 by rule (placed by rule: no interval) adds nothing to either
         F.count_if(sd.isNull() & (F.coalesce(value, F.lit(0.0)) != 0)).alias(WITHOUT_INTERVAL),
     ]
