@@ -241,6 +241,12 @@ CUSTOMER_SCORES = TableSpec(
         _f("predicted_net_value_p50", D),
         _f("predicted_net_value_p90", D),
         _f("p_zero_value", D),
+        # what intervals of group totals (segments, channels) add up, models.intervals.group_terms: the
+        # value's sd, the sd of its parameter part, and that part's first-order loadings on the fit's
+        # whitened parameters (add across customers of one fit); null where the interval is null
+        _f("predicted_net_value_sd", D),
+        _f("predicted_net_value_param_sd", D),
+        _f("predicted_net_value_param_loadings", T.ArrayType(D)),
     ]),
     partition_by=("as_of_date",),
     keys=("as_of_date", "customer_id"),
@@ -609,10 +615,43 @@ TREND_RUNS = TableSpec(
     keys=("run_seq",),
 )
 
+LTV_BY_CHANNEL = TableSpec(
+    name="ltv_by_channel",
+    description="Per as-of date, acquisition channel and acquisition month: customers, their predicted 6-month "
+                "net value (total with its 80% interval, mean) and F2 within 90 days; a snapshot per date.",
+    schema=T.StructType([
+        _f("as_of_date", DT, False),          # partition: customer_scores date; rewritten whole per date
+        _f("acquisition_channel", S, False),  # channel of the first order; "(unknown)" if none
+        _f("acquisition_month", S, False),    # yyyy-MM of the first order
+        _f("customers", L, False),            # scored customers
+        _f("predicted_net_value", D, False),  # sum of customer_scores.predicted_net_value
+        _f("predicted_net_value_mean", D, False),
+        # 80% interval of the total (models.intervals, group totals); null when a customer with a
+        # value has no interval (cohort / naive / hybrid values, models.intervals: false)
+        _f("predicted_net_value_p10", D),
+        _f("predicted_net_value_p90", D),
+        _f("converted_90d", L, False),        # second purchase day within 90 days of the first
+        _f("f2_rate_90d", D, False),          # converted_90d / customers
+        _f("is_complete_90d", B, False),      # the month's last day + 90 days is on or before the as-of date
+        # the interval's sums over the customers (pipelines/value_totals.py), so that rows add up to
+        # larger groups (a channel over all months) with an exact interval: process variances, the
+        # interaction sds (a bound), the parameter loadings coordinate by coordinate; null without intervals
+        _f("predicted_net_value_process_var", D),
+        _f("predicted_net_value_interaction_sd", D),
+        _f("predicted_net_value_param_loadings", T.ArrayType(D)),
+        _f("predicted_net_value_log_p_zero", D),   # log P(the group brings nothing), customers independent
+        _f("customers_without_interval", L, False),   # with a value but no interval: P10 / P90 null
+        _f("model_version", S, False),        # of the scores (customer_scores.model_version)
+        _f("horizon_months", I, False),
+    ]),
+    partition_by=("as_of_date",),
+    keys=("as_of_date", "acquisition_channel", "acquisition_month"),
+)
+
 TABLES.update({t.name: t for t in (
     SEGMENTS_CURRENT, SEGMENTS_HISTORY, SEGMENT_GENERATIONS, GENERATION_REVIEW, SEGMENT_MIGRATION,
     TREND_WEEKLY_SEGMENT, TREND_NEW_CUSTOMERS_WEEKLY, TREND_F2_CONVERSION, TREND_COHORT_RETENTION,
-    TREND_YEARLY, TREND_YEARLY_CATEGORY, TREND_CHANNEL_SETS, TREND_RUNS,
+    TREND_YEARLY, TREND_YEARLY_CATEGORY, TREND_CHANNEL_SETS, TREND_RUNS, LTV_BY_CHANNEL,
 )})
 # -- end of stage 3 tables --
 

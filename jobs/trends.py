@@ -5,7 +5,8 @@ import argparse
 
 from jobs.common import config_from, open_warehouse, parse_date, step
 
-HELP = "trend tables (weekly by segment, new customers, F2, cohorts, yearly): incremental or --rebuild"
+HELP = ("trend tables (weekly by segment, new customers, F2, cohorts, yearly): incremental or --rebuild; "
+        "and ltv_by_channel (predicted value by acquisition channel and month) when D is scored")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -18,6 +19,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> dict:
     from jobs.common import UsageError
     from pipelines.trends import TrendsError, run_trends
+    from pipelines.value_totals import run_ltv_by_channel
 
     config = config_from(args)
     spark, storage = open_warehouse(args, config)
@@ -26,6 +28,9 @@ def main(args: argparse.Namespace) -> dict:
             summary = run_trends(storage, args.as_of, config, rebuild=args.rebuild)
         except TrendsError as exc:     # the message already says what to run
             raise UsageError(str(exc)) from None
+        channels = run_ltv_by_channel(storage, args.as_of)
     print(f"  trends as of {args.as_of} ({summary['mode']}): recomputed from {summary['recomputed_from']}")
     print(f"  partitions replaced: {summary['partitions']}")
+    print("  " + ", ".join(f"{k}: {v}" for k, v in channels.items()))
+    summary.update(channels)
     return summary

@@ -22,7 +22,8 @@ p_alive are 0 and the row's ``purchase_basis`` is ``"net_rule"`` (the segment ru
 :meth:`ScoringBundle.predict` takes a pandas frame of customer features (the columns named in
 :data:`FEATURE_COLUMNS`) and returns :data:`SCORE_COLUMNS` and :data:`INTERVAL_COLUMNS` (P10 / P50 /
 P90 of the 6-month net value and P(value = 0), :mod:`models.intervals`; NaN for the cohort and
-naive values and customers placed by rule); it is what Spark's ``mapInPandas``
+naive values and customers placed by rule), then :data:`GROUP_COLUMNS` and
+:data:`LOADINGS_COLUMN` (what intervals of group totals add up; NaN / None likewise); it is what Spark's ``mapInPandas``
 runs per batch and what the MLflow pyfunc serves. Everything is pure numpy/pandas.
 """
 from __future__ import annotations
@@ -58,6 +59,10 @@ SCORE_COLUMNS = ("customer_id", "p_alive", "expected_purchases", "expected_order
 #: P10 / P50 / P90 of the same 6-month net value and the probability that it is 0 (models.intervals).
 INTERVAL_COLUMNS = ("predicted_net_value_p10", "predicted_net_value_p50", "predicted_net_value_p90",
                     "p_zero_value")
+#: What intervals of group totals need (models.intervals.group_terms), after INTERVAL_COLUMNS (NaN = no
+#: interval): the value's sd and its parameter part's sd (doubles), then the loadings (arrays of doubles).
+GROUP_COLUMNS = ("predicted_net_value_sd", "predicted_net_value_param_sd")
+LOADINGS_COLUMN = "predicted_net_value_param_loadings"
 
 
 def horizon_in_units(horizon_months: int, time_unit: str) -> float:
@@ -160,9 +165,10 @@ class ScoringBundle:
             "predicted_gross_value": gross, "predicted_cancel_rate": cancel_rate, "predicted_net_value": net,
             "purchase_basis": np.where(scored, self.purchase_basis, "net_rule").astype(object),
         })
-        intervals = self._intervals(scored, frequency, recency, age, monetary, cancel_rate)
-        for j, column in enumerate(INTERVAL_COLUMNS):
+        intervals, loadings = self._intervals(scored, frequency, recency, age, monetary, cancel_rate)
+        for j, column in enumerate(INTERVAL_COLUMNS + GROUP_COLUMNS):
             out[column] = intervals[:, j]
+        out[LOADINGS_COLUMN] = loadings
         numeric = out[list(SCORE_COLUMNS[1:-1])].to_numpy(float)
         if not np.isfinite(numeric).all():
             bad = ~np.isfinite(numeric).all(axis=1)
@@ -179,35 +185,45 @@ class ScoringBundle:
         return (self.intervals and self.value_model == "btyd"
                 and self.purchase.name in intervals_lib.SUPPORTED_PURCHASE_MODELS)
 
-    def _intervals(self, scored, frequency, recency, age, monetary, cancel_rate) -> np.ndarray:
-        """(customers x INTERVAL_COLUMNS): P10, P50, P90, P(value = 0); NaN where there is no interval,
-        also for customers placed by rule (net basis, no completed order: value 0 by rule, not a model)."""
-        out = np.full((len(scored), len(INTERVAL_COLUMNS)), np.nan)
+    def _intervals(self, scored, frequency, recency, age, monetary, cancel_rate) -> tuple[np.ndarray, list]:
+        """(customers x INTERVAL_COLUMNS + GROUP_COLUMNS): P10, P50, P90, P(value = 0), sd, parameter sd, and
+        the loadings per customer (an array, or None); NaN / None where there is no interval, also for
+        customers placed by rule (net basis, no completed order: value 0 by rule, not a model)."""
+        out = np.full((len(scored), len(INTERVAL_COLUMNS) + len(GROUP_COLUMNS)), np.nan)
+        loadings: list = [None] * len(scored)
         if not self.has_intervals or not scored.any():
-            return out
+            return out, loadings
         rows = scored
         purchase_points = intervals_lib.sigma_points(
             self.purchase.params_, self.purchase.fit_info_.get("log_param_covariance"), self.purchase.param_names)
         spend_points = intervals_lib.sigma_points(
             self.spend.params_, self.spend.fit_info_.get("log_param_covariance"), self.spend.param_names)
-        counts = self._count_moments(purchase_points, frequency[rows], recency[rows], age[rows])
+        by_point = self._count_moments_by_point(purchase_points, frequency[rows], recency[rows], age[rows])
+        counts = by_point.averaged()
         spend = intervals_lib.spend_moments(spend_points, frequency[rows], monetary[rows])
         # the same value as predicted_net_value: gross basis net of the predicted cancellation rate
         factor = 1.0 - cancel_rate[rows] if self.purchase_basis == "gross" else 1.0
         distribution = intervals_lib.value_distribution(counts, spend, factor)
         out[rows, :3] = distribution.quantiles(intervals_lib.LEVELS)
         out[rows, 3] = np.clip(distribution.p_zero, 0.0, 1.0)
-        return out
+        terms = intervals_lib.group_terms(by_point, intervals_lib.spend_means_by_point(
+            spend_points, frequency[rows], monetary[rows]), distribution, factor)
+        out[rows, 4], out[rows, 5] = terms.sd, terms.param_sd
+        for i, row in zip(np.flatnonzero(rows), terms.loadings):
+            loadings[i] = row
+        return out, loadings
 
-    def _count_moments(self, purchase_points, frequency, recency, age) -> intervals_lib.CountMoments:
-        """The purchase count's moments over the horizon at each parameter vector, averaged."""
+    def _count_moments_by_point(self, purchase_points, frequency, recency, age) -> intervals_lib.CountMoments:
+        """The purchase count's moments over the horizon at each parameter vector (rows x customers):
+        group totals need them per vector, the customer's own interval their average."""
         if self.purchase.name == "paretonbd":
             from models.btyd import pareto_p_alive     # the stable 2F1 form lives with the likelihood
 
             alive = np.stack([pareto_p_alive(row, frequency, recency, age) for row in purchase_points])
-            return intervals_lib.pareto_count_moments(purchase_points, self.horizon, frequency, recency, age, alive)
-        return intervals_lib.count_moments(purchase_points, self.horizon, frequency, recency, age,
-                                           modified=self.purchase.name == "mbgnbd")
+            return intervals_lib.pareto_count_moments_by_point(purchase_points, self.horizon, frequency, recency,
+                                                               age, alive)
+        return intervals_lib.count_moments_by_point(purchase_points, self.horizon, frequency, recency, age,
+                                                    modified=self.purchase.name == "mbgnbd")
 
     # -- persistence ---------------------------------------------------------------------
     def to_payload(self) -> dict[str, Any]:

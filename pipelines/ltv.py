@@ -33,7 +33,8 @@ from pyspark.sql import types as T
 
 from core.tables import CUSTOMER_SCORES
 from models import CancellationRateModel, GammaGammaModel, make_model
-from models.bundle import INTERVAL_COLUMNS, NET_FEATURE_COLUMNS, SCORE_COLUMNS, ScoringBundle
+from models.bundle import (GROUP_COLUMNS, INTERVAL_COLUMNS, LOADINGS_COLUMN, NET_FEATURE_COLUMNS, SCORE_COLUMNS,
+                           ScoringBundle)
 from models.hybrid import bundle_from_payload
 
 log = logging.getLogger(__name__)
@@ -155,7 +156,8 @@ SCORE_SCHEMA = T.StructType([
     T.StructField("customer_id", T.StringType(), False),
     *[T.StructField(c, T.DoubleType(), False) for c in SCORE_COLUMNS[1:-1]],
     T.StructField("purchase_basis", T.StringType(), False),
-    *[T.StructField(c, T.DoubleType(), True) for c in INTERVAL_COLUMNS],      # NaN from pandas -> null below
+    *[T.StructField(c, T.DoubleType(), True) for c in INTERVAL_COLUMNS + GROUP_COLUMNS],   # NaN -> null below
+    T.StructField(LOADINGS_COLUMN, T.ArrayType(T.DoubleType()), True),
 ])
 
 
@@ -169,7 +171,11 @@ def score_customers(features_df: DataFrame, bundle: ScoringBundle) -> DataFrame:
         model = bundle_from_payload(shared.value)      # a ScoringBundle or a HybridBundle
         model.intervals = intervals
         for batch in batches:
-            yield model.predict(batch)
+            out = model.predict(batch)
+            # a value without group terms (the hybrid's trees) leaves them null
+            for column in (c for c in SCORE_SCHEMA.fieldNames() if c not in out.columns):
+                out[column] = None if column == LOADINGS_COLUMN else np.nan
+            yield out
 
     inputs = features_df.select(*[F.col(c).cast("double") if c in ("n_orders", "n_cancelled") else F.col(c)
                                   for c in bundle.feature_columns])
@@ -183,7 +189,8 @@ def scores_table_rows(scores_df: DataFrame, as_of_date: dt.date, value_model: st
         F.lit(value_model).alias("value_model"), F.lit(str(model_version)).alias("model_version"),
         F.lit(horizon_months).alias("horizon_months"),
         # Arrow carries pandas' NaN as a NaN double, not null: "no interval" is stored as null
-        *[F.nanvl(F.col(c), F.lit(None).cast("double")).alias(c) for c in INTERVAL_COLUMNS])
+        *[F.nanvl(F.col(c), F.lit(None).cast("double")).alias(c) for c in INTERVAL_COLUMNS + GROUP_COLUMNS],
+        LOADINGS_COLUMN)
 
 
 def run_score(storage: Any, as_of_date: dt.date, bundle: ScoringBundle, model_version: str,

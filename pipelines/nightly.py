@@ -170,7 +170,7 @@ STEP_OUTPUTS: dict[str, tuple[str, ...]] = {
     "score": ("customer_scores",),
     "segments": ("segments_current", "segments_history", "segment_generations", "generation_review",
                  "segment_migration"),
-    "trends": ("trend_",),
+    "trends": ("trend_", "ltv_by_channel"),
     "export": (),
     "maintain": tuple(name for name in TABLES if name != PIPELINE_RUNS.name),
 }
@@ -331,8 +331,11 @@ def _segments(ctx: _Context) -> tuple[str, dict]:
 
 def _trends(ctx: _Context) -> tuple[str, dict]:
     from pipelines.trends import run_trends
+    from pipelines.value_totals import run_ltv_by_channel
 
     stats = run_trends(ctx.storage, ctx.as_of_date, ctx.config, rebuild=ctx.rebuild_trends)
+    # a snapshot of the scores at D, rewritten whenever the step runs (after a re-score too)
+    stats.update(run_ltv_by_channel(ctx.storage, ctx.as_of_date))
     return _short(stats), stats
 
 

@@ -136,6 +136,17 @@ def is_active_order() -> Column:
     return ~F.col("is_cancelled")
 
 
+def is_f2_converted(window_days: int) -> Column:
+    """F2 within the window: a second purchase day within ``window_days`` of the first
+    (``customer_features.days_to_second_purchase``; null, never converted, for one purchase day)."""
+    return F.col("days_to_second_purchase") <= F.lit(window_days)
+
+
+def is_f2_complete(month_day: Column, window_days: int, as_of_date: dt.date) -> Column:
+    """Every customer acquired in the month of ``month_day`` (a date) has had ``window_days`` by the as-of date."""
+    return F.date_add(F.last_day(month_day), window_days) <= F.lit(as_of_date)
+
+
 # --------------------------------------------------------------------------------------------
 # Transforms (``from_year``: recompute only periods in that partition year or later; None: all)
 # --------------------------------------------------------------------------------------------
@@ -161,10 +172,9 @@ def customer_attributes(features_df: DataFrame, segments_df: DataFrame | None,
 def customer_summary(customers_df: DataFrame) -> DataFrame:
     """Customers counted per (first_order_date, segment, acquisition_channel, newly_placed): all
     the customer-side tables need, a few ten thousand rows instead of one per customer."""
-    days = F.col("days_to_second_purchase")
     return (customers_df.groupBy("first_order_date", "segment", "acquisition_channel", "newly_placed")
             .agg(F.count(F.lit(1)).alias("customers"),
-                 *[F.count_if(days <= F.lit(w)).alias(f"converted_{w}d") for w in F2_WINDOWS]))
+                 *[F.count_if(is_f2_converted(w)).alias(f"converted_{w}d") for w in F2_WINDOWS]))
 
 
 def orders_with_customers(orders_df: DataFrame, customers_df: DataFrame, partitions: int) -> DataFrame:
@@ -232,7 +242,6 @@ def new_customers_weekly(summary_df: DataFrame, as_of_date: dt.date, from_year: 
 
 
 def f2_conversion(summary_df: DataFrame, as_of_date: dt.date, from_year: int | None) -> DataFrame:
-    cohort_end = F.last_day(F.to_date(F.concat(F.col("cohort_month"), F.lit("-01"))))
     return (_from(summary_df, F.year("first_order_date"), from_year)
             .groupBy(F.year("first_order_date").alias("cohort_year"),
                      month_label(F.col("first_order_date")).alias("cohort_month"))
@@ -240,7 +249,9 @@ def f2_conversion(summary_df: DataFrame, as_of_date: dt.date, from_year: int | N
                  *[F.sum(f"converted_{w}d").alias(f"converted_{w}d") for w in F2_WINDOWS])
             .select("cohort_year", "cohort_month", "customers", *[f"converted_{w}d" for w in F2_WINDOWS],
                     *[share(F.col(f"converted_{w}d"), F.col("customers")).alias(f"f2_rate_{w}d") for w in F2_WINDOWS],
-                    *[(F.date_add(cohort_end, w) <= F.lit(as_of_date)).alias(f"is_complete_{w}d") for w in F2_WINDOWS]))
+                    *[is_f2_complete(F.to_date(F.concat(F.col("cohort_month"), F.lit("-01"))), w, as_of_date)
+                      .alias(f"is_complete_{w}d")
+                      for w in F2_WINDOWS]))
 
 
 def channel_sets(orders_df: DataFrame, features_df: DataFrame, as_of_date: dt.date) -> DataFrame:
@@ -264,7 +275,7 @@ def channel_sets(orders_df: DataFrame, features_df: DataFrame, as_of_date: dt.da
         ).alias("_p")).select("*", "_p.period", "_p.period_start").drop("_p")
     return (periods_df.groupBy("period", "period_start", "first_source", "source_set")
             .agg(F.count(F.lit(1)).alias("customers"),
-                 F.count_if(F.col("days_to_second_purchase") <= F.lit(90)).alias("converted_90d"),
+                 F.count_if(is_f2_converted(90)).alias("converted_90d"),
                  F.sum("net_6m").alias("net_6m"),
                  F.count_if(F.col("source_set") != F.col("first_source")).alias("crossed_customers"),
                  F.max("first_order_date").alias("_last_first"))

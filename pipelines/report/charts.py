@@ -111,13 +111,25 @@ def bars(labels: Sequence[str], series: dict[str, Sequence[float]], *, title: st
 
 
 def hbars(labels: Sequence[str], values: Sequence[float], annotations: Sequence[str], *, title: str,
-          xlabel: str, ylabel: str, x_fmt: Formatter) -> bytes:
+          xlabel: str, ylabel: str, x_fmt: Formatter,
+          ranges: tuple[Sequence[float], Sequence[float]] | None = None) -> bytes:
+    """Horizontal bars; ``ranges`` (lows, highs): a whisker per bar (NaN: none), the annotation after it."""
     height = max(2.4, 0.9 + 0.32 * len(labels))
     with figure(height=height) as fig:
         ax = fig.add_subplot()
         y = np.arange(len(labels))[::-1]
         ax.barh(y, values, color=PALETTE[0], height=0.65)
-        for yi, value, text in zip(y, values, annotations):
+        ends = list(values)
+        if ranges is not None:
+            low, high = (np.asarray(r, dtype=float) for r in ranges)
+            value = np.asarray(values, dtype=float)
+            shown = np.isfinite(low) & np.isfinite(high)
+            # a total likely to be 0 may have P90 below its mean (models/intervals.py): no negative whisker
+            ax.errorbar(value[shown], y[shown], xerr=[np.maximum(value - low, 0)[shown],
+                                                      np.maximum(high - value, 0)[shown]],
+                        fmt="none", ecolor=GREY, elinewidth=1.2, capsize=3)
+            ends = np.where(shown, np.fmax(high, value), value).tolist()
+        for yi, value, text in zip(y, ends, annotations):
             ax.annotate(text, (value, yi), xytext=(4, 0), textcoords="offset points", va="center", fontsize=8)
         ax.set_yticks(y, labels)
         ax.margins(x=0.18)

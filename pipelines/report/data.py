@@ -38,7 +38,7 @@ PRODUCERS = {
         "segments_current", "segments_history", "segment_generations", "generation_review", "segment_migration")},
     **{t: "cvseg trends --as-of {as_of}" for t in (
         "trend_weekly_segment", "trend_new_customers_weekly", "trend_f2_conversion", "trend_cohort_retention",
-        "trend_yearly", "trend_yearly_category")},
+        "trend_yearly", "trend_yearly_category", "ltv_by_channel")},
     "model_backtest": "cvseg backtest --as-of {as_of}", "model_backtest_deciles": "cvseg backtest --as-of {as_of}",
     "model_importances": "cvseg backtest --as-of {as_of}",
 }
@@ -104,6 +104,11 @@ def months_before(as_of: dt.date, months: int) -> Column:
 # --------------------------------------------------------------------------------------------
 # Customer base: features joined with scores at the as-of date, aggregated in two passes
 # --------------------------------------------------------------------------------------------
+#: customer_scores columns the segment totals' intervals add up (pipelines/value_totals.py), with their types
+GROUP_TOTAL_COLUMNS = {"p_zero_value": "double", "predicted_net_value_sd": "double",
+                       "predicted_net_value_param_sd": "double", "predicted_net_value_param_loadings": "array<double>"}
+
+
 def customer_base(storage, as_of: dt.date) -> DataFrame | Missing:
     absent = require(storage, as_of, "customer_features")
     if absent:
@@ -116,7 +121,7 @@ def customer_base(storage, as_of: dt.date) -> DataFrame | Missing:
     if table_available(storage, "customer_scores"):
         scores_df = (storage.read("customer_scores").where(F.col("as_of_date") == F.lit(as_of))
                      .select("customer_id", "p_alive", "predicted_gross_value", "predicted_net_value",
-                             "value_model", "model_version",
+                             "value_model", "model_version", *GROUP_TOTAL_COLUMNS,
                              # scores written before the basis existed were on gross orders
                              F.coalesce(F.col("purchase_basis"), F.lit("gross")).alias("purchase_basis")))
         if scores_df.limit(1).count() == 0:   # one partition, pruned: cheap
@@ -125,7 +130,8 @@ def customer_base(storage, as_of: dt.date) -> DataFrame | Missing:
         return features_df.join(scores_df, on="customer_id", how="left")
     return features_df.select("*", *(F.lit(None).cast(t).alias(c) for c, t in (
         ("p_alive", "double"), ("predicted_gross_value", "double"), ("predicted_net_value", "double"),
-        ("value_model", "string"), ("model_version", "string"), ("purchase_basis", "string"))))
+        ("value_model", "string"), ("model_version", "string"), ("purchase_basis", "string"),
+        *GROUP_TOTAL_COLUMNS.items())))
 
 
 HIST_COLUMNS = {"gap": "gap_mean_days", "aov": "avg_order_value", "value": "predicted_net_value"}
@@ -283,6 +289,8 @@ class DiagnosticData:
     hybrid_importances: pd.DataFrame | Missing = field(default_factory=pd.DataFrame)
     # with several sources: trend_channel_sets' yearly rows (None: one source, no page)
     channel_sets: pd.DataFrame | None = None
+    # ltv_by_channel rolled up per channel (None: not gathered, no page)
+    channel_value: pd.DataFrame | Missing | None = None
 
 
 def collect_diagnostic(storage, as_of: dt.date) -> DiagnosticData:
@@ -387,6 +395,7 @@ def collect_diagnostic(storage, as_of: dt.date) -> DiagnosticData:
         quarantine=quarantine(storage, as_of),
         hybrid_importances=sources.hybrid_importances(storage, as_of),
         channel_sets=sources.channel_sets(storage, as_of),
+        channel_value=sources.channel_value(storage, as_of),
     )
 
 # --------------------------------------------------------------------------------------------

@@ -34,6 +34,12 @@ class Context:
         key = f"{prefix}.{code}"
         return f"{self.m(key)} ({code})" if key in CATALOGUE else str(code)
 
+    def interval(self, low, high) -> str:
+        """``low – high`` in money, or "—" without an interval (null, or a frame without the columns)."""
+        if low is None or high is None or pd.isna(low) or pd.isna(high):
+            return self.m("na")
+        return self.m("interval", low=self.f.money(low), high=self.f.money(high))
+
     def segment(self, name: str) -> str:
         """Standard segment names translated; client-defined names shown as configured."""
         key = f"seg.{name}"
@@ -171,12 +177,13 @@ def summary_section(data: DiagnosticData, c: Context) -> list:
     if not isinstance(segments, Missing) and not segments.empty and segments["value"].sum() > 0:
         customers, value = segments["customers"].sum(), segments["value"].sum()
         header = tuple(c.m(k) for k in ("seg.col.segment", "seg.col.customers", "seg.col.customer_share",
-                                        "seg.col.value", "seg.col.value_share", "seg.col.mean"))
+                                        "seg.col.value", "seg.col.interval", "seg.col.value_share", "seg.col.mean"))
         rows = tuple((c.segment(r["group"]), c.f.count(r["customers"]), c.f.pct(r["customers"] / customers),
-                      c.f.money(r["value"]), c.f.pct(r["value"] / value), c.f.money(r["mean_value"]))
+                      c.f.money(r["value"]), c.interval(r.get("value_p10"), r.get("value_p90")),
+                      c.f.pct(r["value"] / value), c.f.money(r["mean_value"]))
                      for _, r in segments.iterrows())
         blocks += [Heading(c.m("sec.segments"), 2),
-                   Table(header, rows, numeric=(False,) + (True,) * 5, emphasis_first=True)]
+                   Table(header, rows, numeric=(False,) + (True,) * 6, emphasis_first=True)]
     return blocks
 
 
@@ -302,6 +309,32 @@ def profitability_section(data: DiagnosticData, c: Context) -> list:
             blocks.append(c.missing(frame))
         elif not frame.empty:
             blocks.append(_per_new_chart(frame, c, c.m(key_title), c.m(key_y)))
+    return blocks
+
+
+def channel_value_section(data: DiagnosticData, c: Context) -> list:
+    """LTV by acquisition media (ltv_by_channel): per channel, customers, the predicted 6-month value
+    total with its 80% interval, the mean per customer and F2 within 90 days."""
+    frame = data.channel_value
+    if frame is None:
+        return []
+    blocks: list = [PageBreak(), Heading(c.m("sec.channel_value"))]
+    if isinstance(frame, Missing):
+        return blocks + [c.missing(frame)]
+    blocks.append(Paragraph(c.m("cv.intro")))
+    header = tuple(c.m(k) for k in ("pro.channel.y", "seg.col.customers", "seg.col.value", "cv.col.interval",
+                                    "seg.col.mean", "ch.col.f2"))
+    rows = tuple((c.label(r["acquisition_channel"]), c.f.count(r["customers"]), c.f.money(r["value"]),
+                  c.interval(r["value_p10"], r["value_p90"]), c.f.money(r["mean_value"]),
+                  c.m("na") if pd.isna(r["f2_rate"]) else c.f.pct(r["f2_rate"]))
+                 for _, r in frame.iterrows())
+    blocks.append(Table(header, rows, numeric=(False,) + (True,) * 5, emphasis_first=True))
+    title = c.m("cv.chart.title")
+    png = charts.hbars([c.label(g) for g in frame["acquisition_channel"]], frame["value"].tolist(),
+                       [c.f.count(n) for n in frame["customers"]], title=title,
+                       xlabel=c.m("cv.chart.x", unit=c.f.unit), ylabel=c.m("pro.channel.y"), x_fmt=c.f.money_axis,
+                       ranges=(frame["value_p10"].tolist(), frame["value_p90"].tolist()))
+    blocks.append(Chart(png, title, c.m("cv.chart.aid")))
     return blocks
 
 
@@ -544,8 +577,8 @@ def method_section(data: DiagnosticData, c: Context) -> list:
     return blocks
 
 
-SECTIONS = (summary_section, retention_section, purchasing_section, profitability_section, trends_section,
-            channels_section, models_section, generations_section, method_section)
+SECTIONS = (summary_section, retention_section, purchasing_section, profitability_section, channel_value_section,
+            trends_section, channels_section, models_section, generations_section, method_section)
 
 
 def build_diagnostic(data: DiagnosticData, language: str, currency: str, client: str,

@@ -39,6 +39,8 @@ CATALOGUE: dict[str, dict[str, str]] = {
     "seg.col.value": {"ja": "予測純売上（6か月）", "en": "Predicted net, 6 months"},
     "seg.col.value_share": {"ja": "売上構成比", "en": "Share of revenue"},
     "seg.col.mean": {"ja": "1人あたり", "en": "Per customer"},
+    "seg.col.interval": {"ja": "予測純売上の80%区間", "en": "80% interval of the total"},
+    "interval": {"ja": "{low}～{high}", "en": "{low} – {high}"},
     # -- KPIs -------------------------------------------------------------------------------
     "kpi.metric": {"ja": "指標", "en": "Metric"},
     "kpi.value": {"ja": "値", "en": "Value"},
@@ -139,6 +141,21 @@ CATALOGUE: dict[str, dict[str, str]] = {
     "pro.per_new.aid": {"ja": "対象は初回購入が直近12か月の新規顧客{n}（チャネル・カテゴリとも初回注文のもの）。棒の右は顧客数。",
                         "en": "Customers whose first order was in the last 12 months ({n}; channel and category of the first order); counts at the right of the bars."},
     "unknown": {"ja": "（不明）", "en": "(unknown)"},
+    # -- LTV by acquisition media (ltv_by_channel) ------------------------------------------
+    "sec.channel_value": {"ja": "4-2. 獲得媒体別 LTV", "en": "4b. LTV by acquisition media"},
+    "cv.intro": {"ja": "基準日に予測した今後6か月の純売上を、初回購入の獲得チャネル別に合計しました。"
+                       "80%区間は合計値の区間です。顧客ごとの区間の和よりずっと狭くなりますが、"
+                       "全顧客が共有するモデルのパラメータによる不確かさは、顧客をまとめても平均化されません。",
+                 "en": "Predicted net revenue of the next six months as of the as-of date, added up by the channel of "
+                       "each customer's first order. The 80% interval is that of the total: far narrower than the "
+                       "customers' own intervals added up, though the part from the shared model parameters does "
+                       "not average out over customers."},
+    "cv.col.interval": {"ja": "80%区間", "en": "80% interval"},
+    "cv.chart.title": {"ja": "獲得チャネル別 予測6か月純売上と80%区間", "en": "Predicted 6-month net revenue by acquisition channel, with 80% intervals"},
+    "cv.chart.x": {"ja": "予測6か月純売上（{unit}）", "en": "Predicted 6-month net revenue ({unit})"},
+    "cv.chart.aid": {"ja": "線は合計の80%区間、棒の右は顧客数。F2転換率は90日が経過した獲得月の顧客のみで計算しています。",
+                     "en": "Whiskers: the total's 80% interval; counts at the right. F2 counts only customers "
+                           "acquired in months that have had 90 days by the as-of date."},
     # -- trends -----------------------------------------------------------------------------
     "tr.cust.title": {"ja": "年別 新規顧客と既存顧客", "en": "New and existing customers per year"},
     "tr.cust.x": {"ja": "年", "en": "Year"},

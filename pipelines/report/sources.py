@@ -15,7 +15,8 @@ from pyspark.sql import functions as F
 
 from pipelines.identity import read_orders
 
-from pipelines.report.data import Missing, _pdf, require, table_available
+from pipelines.report.data import GROUP_TOTAL_COLUMNS, Missing, _pdf, missing, require, table_available
+from pipelines.value_totals import loadings_width, rollup_interval_sums, total_interval_sums, with_total_interval
 
 
 def _month(as_of: dt.date, months_back: int) -> str:
@@ -33,18 +34,47 @@ def segments_value(storage, base_df: DataFrame | None, as_of: dt.date) -> pd.Dat
     seg_df = storage.read("segments_current").select("customer_id", "segment", "generation_id",
                                                      "value_at_assignment")
     if base_df is not None:
-        seg_df = seg_df.join(base_df.select("customer_id", "predicted_net_value"), on="customer_id", how="left")
+        seg_df = seg_df.join(base_df.select("customer_id", "predicted_net_value", *GROUP_TOTAL_COLUMNS),
+                             on="customer_id", how="left")
         value = F.coalesce(F.col("predicted_net_value"), F.col("value_at_assignment"))
-    else:
+    else:   # no interval for values at assignment: their customers count as without one
+        seg_df = seg_df.select("*", *(F.lit(None).cast(t).alias(c) for c, t in GROUP_TOTAL_COLUMNS.items()))
         value = F.col("value_at_assignment")
-    out = _pdf(seg_df.groupBy("segment").agg(F.count(F.lit(1)).alias("customers"), F.sum(value).alias("value"),
-                                             F.max("generation_id").alias("generation_id")))
+    # the total's 80% interval (pipelines/value_totals.py): sums per segment, quantiles of a few rows
+    sums_df = seg_df.groupBy("segment").agg(F.count(F.lit(1)).alias("customers"),
+                                            F.max("generation_id").alias("generation_id"),
+                                            *total_interval_sums(value, loadings_width(seg_df)))
+    out = _pdf(with_total_interval(sums_df).select("segment", "customers", "generation_id", "value", "value_p10",
+                                                   "value_p90"))
     out["mean_value"] = out["value"] / out["customers"]
     # value bands by value (their own order), then the lifecycle segments, whatever their value
     lifecycle = {"new": 1, "dormant": 2}
     out["_rank"] = out["segment"].map(lambda s: lifecycle.get(s, 0))
     return (out.sort_values(["_rank", "mean_value"], ascending=[True, False]).drop(columns="_rank")
             .rename(columns={"segment": "group"}).reset_index(drop=True))
+
+
+def channel_value(storage, as_of: dt.date) -> pd.DataFrame | Missing:
+    """Per acquisition channel, from ``ltv_by_channel`` at the as-of date: customers, the predicted
+    6-month value total with its 80% interval (the months' sums rolled up, pipelines/value_totals.py),
+    the mean per customer, and F2 within 90 days over the months complete at the as-of date."""
+    absent = require(storage, as_of, "ltv_by_channel")
+    if absent:
+        return absent
+    rows_df = storage.read("ltv_by_channel", partitions={"as_of_date": [as_of]})
+    complete = F.col("is_complete_90d")
+    sums_df = rows_df.groupBy("acquisition_channel").agg(
+        F.sum("customers").alias("customers"),
+        F.sum(F.when(complete, F.col("customers"))).alias("f2_customers"),
+        F.sum(F.when(complete, F.col("converted_90d"))).alias("converted_90d"),
+        *rollup_interval_sums("predicted_net_value", loadings_width(rows_df)))
+    out = _pdf(with_total_interval(sums_df).select("acquisition_channel", "customers", "value", "value_p10",
+                                                   "value_p90", "f2_customers", "converted_90d"))
+    if out.empty:   # the table exists, but the trends step has not run for this date
+        return missing(as_of, "ltv_by_channel")
+    out["mean_value"] = out["value"] / out["customers"]
+    out["f2_rate"] = out["converted_90d"] / out["f2_customers"].where(out["f2_customers"] > 0)
+    return out.sort_values("value", ascending=False).reset_index(drop=True)
 
 
 def f2_cohorts(storage, as_of: dt.date, months: int = 24) -> pd.DataFrame | Missing:

@@ -144,6 +144,7 @@ def test_clean_run_then_same_date_again_changes_nothing(spark, clean_run):
     assert score.details["refit"] and score.details["refit_reason"] == "no champion registered"
     assert set(result.outcome("features").output_versions) == {"customer_features", "features_runs"}
     assert "customer_scores" in score.output_versions and "segments_current" in result.outcome("segments").output_versions
+    assert "ltv_by_channel" in result.outcome("trends").output_versions      # a snapshot of the scores at D
     manifest = json.loads((root / "exports" / MANIFEST).read_text())
     csv_bytes = (root / "exports" / CSV).read_bytes()
     assert manifest["rows"] == storage.read("customer_scores").where(F.col("as_of_date") == F.lit(D)).count()

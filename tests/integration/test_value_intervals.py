@@ -8,13 +8,14 @@ the ``orders`` schema (as in test_purchase_basis.py). The coverage band here is 
 from __future__ import annotations
 
 
+import numpy as np
 import pandas as pd
 import pytest
 from pyspark.sql import functions as F
 
 from core.config import load_config
 from core.tables import CUSTOMER_FEATURES, CUSTOMER_SCORES, ORDERS
-from models.bundle import INTERVAL_COLUMNS
+from models.bundle import GROUP_COLUMNS, INTERVAL_COLUMNS, LOADINGS_COLUMN
 from pipelines.backtest import compute_metrics, fit_origin_models, predict_all
 from pipelines.calibration import build_calibration_holdout
 from pipelines.features import run_features
@@ -78,6 +79,11 @@ def test_customer_scores_carry_the_interval_columns(spark, orders_df, config, tm
     assert by_rule[list(INTERVAL_COLUMNS)].isna().all().all()
     assert scored[list(INTERVAL_COLUMNS)].notna().all().all()
     assert (scored["predicted_net_value_p10"] <= scored["predicted_net_value_p50"]).all()
+    # what group totals add up (pipelines/value_totals.py): finite, non-negative, null with the interval
+    group = scored[list(GROUP_COLUMNS)].to_numpy(float)
+    assert np.isfinite(group).all() and (group >= 0).all()
+    assert scored[LOADINGS_COLUMN].map(len).eq(7).all() and np.isfinite(np.stack(scored[LOADINGS_COLUMN])).all()
+    assert by_rule[list(GROUP_COLUMNS)].isna().all().all() and by_rule[LOADINGS_COLUMN].isna().all()
     assert (scored["predicted_net_value_p50"] <= scored["predicted_net_value_p90"]).all()
     assert scored["p_zero_value"].between(0, 1).all()
     # the atom at 0 decides where the quantiles are 0: P10 = 0 iff P(0) >= 10%, P50 = 0 iff >= 50%, ...

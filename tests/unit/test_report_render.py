@@ -284,3 +284,23 @@ def test_several_sources_get_a_page_on_channel_sets(full_data, language):
     assert f.pct(150 / 350) in html
     # one source: no such page
     assert m("sec.channels") not in render_html(build(full_data, language, "JPY", "acme", GENERATED))
+
+
+@pytest.mark.parametrize("language", LANGUAGES)
+def test_ltv_by_acquisition_media_page(full_data, language):
+    m, f = Messages(language), Formats(language, "JPY")
+    channels = pd.DataFrame({"acquisition_channel": ["web", "(unknown)"], "customers": [600, 40],
+                             "value": [6_000_000.0, 100_000.0], "value_p10": [5_500_000.0, None],
+                             "value_p90": [6_600_000.0, None], "mean_value": [10_000.0, 2_500.0],
+                             "f2_rate": [0.25, float("nan")]})
+    html = render_html(build(DiagnosticData(**{**full_data.__dict__, "channel_value": channels}),
+                             language, "JPY", "acme", GENERATED))
+    assert m("sec.channel_value") in html and f'alt="{m("cv.chart.title")}"' in html
+    assert m("interval", low=f.money(5_500_000), high=f.money(6_600_000)) in html
+    assert f.money(10_000) in html and f.pct(0.25) in html and m("unknown") in html
+    # no table yet: the page says what to run; not gathered (None): no page
+    absent = DiagnosticData(**{**full_data.__dict__, "channel_value": Missing(("ltv_by_channel",),
+                                                                              "cvseg trends --as-of 2026-09-30")})
+    html = render_html(build(absent, language, "JPY", "acme", GENERATED))
+    assert m("missing", tables="ltv_by_channel", command="cvseg trends --as-of 2026-09-30") in html
+    assert m("sec.channel_value") not in render_html(build(full_data, language, "JPY", "acme", GENERATED))

@@ -152,7 +152,7 @@ def _features(customers: pd.DataFrame) -> pd.DataFrame:
 
 
 def test_the_bundle_adds_interval_columns_the_same_whatever_the_batches():
-    from models.bundle import INTERVAL_COLUMNS, ScoringBundle
+    from models.bundle import GROUP_COLUMNS, INTERVAL_COLUMNS, LOADINGS_COLUMN, ScoringBundle
     from models.cancellation import CancellationRateModel
 
     customers, purchase, spend = _world(1500, seed=21)
@@ -160,11 +160,19 @@ def test_the_bundle_adds_interval_columns_the_same_whatever_the_batches():
     bundle = ScoringBundle(purchase=purchase, spend=spend, cancellation=cancel, value_model="btyd")
     features = _features(customers)
     whole = bundle.predict(features)
-    assert list(whole.columns[-4:]) == list(INTERVAL_COLUMNS)
+    assert list(whole.columns[-7:]) == [*INTERVAL_COLUMNS, *GROUP_COLUMNS, LOADINGS_COLUMN]
     # no randomness: any split into batches gives the same numbers
     parts = pd.concat([bundle.predict(features.iloc[i:i + 97]) for i in range(0, len(features), 97)],
                       ignore_index=True)
-    pd.testing.assert_frame_equal(parts, whole)
+    pd.testing.assert_frame_equal(parts.drop(columns=LOADINGS_COLUMN), whole.drop(columns=LOADINGS_COLUMN))
+    # (the count series stops per batch after the same terms but not the same steps: equal to ~1e-9)
+    np.testing.assert_allclose(np.stack(parts[LOADINGS_COLUMN]), np.stack(whole[LOADINGS_COLUMN]), rtol=1e-5,
+                               atol=1e-6)
+    # the group-total columns: finite, non-negative, the parameter part within the sd, 4 + 3 loadings
+    group = whole[list(GROUP_COLUMNS)].to_numpy(float)
+    assert np.isfinite(group).all() and (group >= 0).all()
+    assert (whole["predicted_net_value_param_sd"] <= whole["predicted_net_value_sd"]).all()
+    assert np.stack(whole[LOADINGS_COLUMN]).shape == (len(features), 7)
     assert whole[list(INTERVAL_COLUMNS)].notna().all().all()
     assert (whole["predicted_net_value_p10"] <= whole["predicted_net_value_p50"]).all()
     assert (whole["predicted_net_value_p50"] <= whole["predicted_net_value_p90"]).all()
@@ -174,13 +182,13 @@ def test_the_bundle_adds_interval_columns_the_same_whatever_the_batches():
                                whole["predicted_net_value"], rtol=1e-6, atol=1e-8)
     # switched off, or a value model without a distribution: null intervals
     off = ScoringBundle(purchase=purchase, spend=spend, cancellation=cancel, intervals=False).predict(features)
-    assert off[list(INTERVAL_COLUMNS)].isna().all().all()
-    pd.testing.assert_frame_equal(off.drop(columns=list(INTERVAL_COLUMNS)),
-                                  whole.drop(columns=list(INTERVAL_COLUMNS)))
+    assert off[list(INTERVAL_COLUMNS + GROUP_COLUMNS)].isna().all().all() and off[LOADINGS_COLUMN].isna().all()
+    no_interval = [*INTERVAL_COLUMNS, *GROUP_COLUMNS, LOADINGS_COLUMN]
+    pd.testing.assert_frame_equal(off.drop(columns=no_interval), whole.drop(columns=no_interval))
     from models.naive import NaiveRepeatModel
     naive = ScoringBundle(purchase=purchase, spend=spend, cancellation=cancel, value_model="naive",
                           naive=NaiveRepeatModel().fit()).predict(features)
-    assert naive[list(INTERVAL_COLUMNS)].isna().all().all()
+    assert naive[list(INTERVAL_COLUMNS + GROUP_COLUMNS)].isna().all().all() and naive[LOADINGS_COLUMN].isna().all()
 
 
 # ---- Pareto/NBD: count moments by quadrature over the remaining lifetime -------------------------
@@ -293,6 +301,11 @@ def test_a_paretonbd_bundle_fills_the_interval_columns():
     assert bundle.has_intervals
     scored = bundle.predict(_features(customers))
     assert scored[list(INTERVAL_COLUMNS)].notna().all().all()
+    # and what group totals add up: finite sd and 4 + 3 loadings per customer
+    from models.bundle import GROUP_COLUMNS, LOADINGS_COLUMN
+
+    assert np.isfinite(scored[list(GROUP_COLUMNS)].to_numpy(float)).all()
+    assert scored[LOADINGS_COLUMN].map(len).eq(7).all()
     assert (scored["predicted_net_value_p10"] <= scored["predicted_net_value_p50"]).all()
     assert (scored["predicted_net_value_p50"] <= scored["predicted_net_value_p90"]).all()
     # around the point value: without parameter uncertainty the distribution's mean is predicted_net_value
