@@ -1,0 +1,168 @@
+"""Per-channel parameters shrunk towards the pooled fit (models/channels.py).
+
+Simulated BG/NBD and Gamma-Gamma worlds (numpy, seeded): a pooled population, a 50,000-customer
+channel and a 30-customer channel with other true parameters. The small channel must stay near the
+pooled fit, the large one must get close to its own truth.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from lifetimes import GammaGammaFitter
+
+from models import BGNBDModel, GammaGammaModel, MBGNBDModel
+from models.channels import (ChannelComponents, fit_channel_components, fit_purchase_by_channel,
+                             fit_spend_by_channel, gamma_gamma_negative_log_likelihood, pooled_prior)
+from tests.unit.models.helpers import simulate_bgnbd
+
+POOL_TRUTH = {"r": 0.8, "alpha": 60.0, "a": 0.8, "b": 6.0}
+CHANNEL_TRUTH = {"r": 1.5, "alpha": 20.0, "a": 0.5, "b": 8.0}     # ~4x the purchase rate
+NAMES = ("r", "alpha", "a", "b")
+
+
+def _customers(n: int, truth: dict, seed: int) -> pd.DataFrame:
+    ages = np.random.default_rng(seed + 100).uniform(30, 700, n).round()
+    df = simulate_bgnbd(n, truth["r"], truth["alpha"], truth["a"], truth["b"], ages, seed)
+    df["recency"] = df["recency"].round()          # day resolution, as the features table
+    return df
+
+
+@pytest.fixture(scope="module")
+def purchase_world():
+    customers = pd.concat([_customers(100_000, POOL_TRUTH, 1).assign(channel="web"),
+                           _customers(50_000, CHANNEL_TRUTH, 2).assign(channel="large"),
+                           _customers(30, CHANNEL_TRUTH, 3).assign(channel="small")], ignore_index=True)
+    by_channel = customers.groupby(["channel", "frequency", "recency", "T"]).size().rename("weight").reset_index()
+    pooled_rows = by_channel.groupby(["frequency", "recency", "T"])["weight"].sum().reset_index()
+    return customers, by_channel, pooled_rows
+
+
+def _log_distance(params: dict, reference: dict) -> np.ndarray:
+    return np.array([abs(np.log(params[k]) - np.log(reference[k])) for k in NAMES])
+
+
+@pytest.mark.parametrize("model_class", [BGNBDModel, MBGNBDModel])
+def test_small_channel_stays_pooled_large_channel_gets_its_own(purchase_world, model_class):
+    _, by_channel, pooled_rows = purchase_world
+    pooled = model_class().fit(pooled_rows["frequency"], pooled_rows["recency"], pooled_rows["T"],
+                               weights=pooled_rows["weight"])
+    fitted, fallbacks = fit_purchase_by_channel(pooled, by_channel, prior_customers=1000, min_customers=1)
+    assert fallbacks == {} and set(fitted) == {"large", "small", "web"}
+    # the pooled fit is a mixture; the channels' truth is far from it: r and the mean rate r / alpha (> 30%)
+    gap = _log_distance(pooled.params_, CHANNEL_TRUTH)
+    pooled_rate = pooled.params_["r"] / pooled.params_["alpha"]
+    assert gap[0] > 0.3 and abs(np.log(pooled_rate * 20.0 / 1.5)) > 0.3, pooled.params_
+    # 30 customers vs a prior worth 1,000: r moves < 10% of the way to the channel truth, no parameter > 6%
+    moved = _log_distance(fitted["small"].params_, pooled.params_)
+    assert moved[0] < 0.1 * gap[0] and np.all(moved < 0.06), (fitted["small"].params_, pooled.params_)
+    if model_class is BGNBDModel:
+        # 50,000 customers: within 5% of the channel's truth (r, alpha) and 10% (a, b): its own parameters
+        own = _log_distance(fitted["large"].params_, CHANNEL_TRUTH)
+        assert np.all(own < np.array([0.05, 0.05, 0.1, 0.1])), fitted["large"].params_
+    # and far closer to its own maximum-likelihood fit than to the pooled one
+    large_rows = by_channel[by_channel["channel"] == "large"]
+    unshrunk = model_class().fit(large_rows["frequency"], large_rows["recency"], large_rows["T"],
+                                 weights=large_rows["weight"])
+    to_own = _log_distance(fitted["large"].params_, unshrunk.params_)
+    to_pooled = _log_distance(fitted["large"].params_, pooled.params_)
+    assert np.all(to_own < 0.1 * to_pooled + 0.005), (fitted["large"].params_, unshrunk.params_)
+    # the posterior of a 50k channel is far tighter than that of a 30-customer one, which stays near the prior's
+    variance = {c: np.diag(np.asarray(fitted[c].fit_info_["log_param_covariance"]["matrix"])) for c in fitted}
+    assert np.all(variance["large"] < variance["small"] / 10)
+
+
+def test_min_customers_and_null_channel_score_pooled(purchase_world):
+    _, by_channel, pooled_rows = purchase_world
+    pooled = BGNBDModel().fit(pooled_rows["frequency"], pooled_rows["recency"], pooled_rows["T"],
+                              weights=pooled_rows["weight"])
+    with_null = pd.concat([by_channel, by_channel[by_channel["channel"] == "small"].assign(channel=None)])
+    fitted, fallbacks = fit_purchase_by_channel(pooled, with_null, prior_customers=1000, min_customers=100)
+    assert set(fitted) == {"large", "web"}
+    assert set(fallbacks) == {"small"} and "30 customers" in fallbacks["small"]
+
+
+def test_prior_strength_is_what_moves_the_small_channel(purchase_world):
+    _, by_channel, pooled_rows = purchase_world
+    pooled = BGNBDModel().fit(pooled_rows["frequency"], pooled_rows["recency"], pooled_rows["T"],
+                              weights=pooled_rows["weight"])
+    small = by_channel[by_channel["channel"] == "small"]
+    strong, _ = fit_purchase_by_channel(pooled, small, prior_customers=10_000, min_customers=1)
+    weak, _ = fit_purchase_by_channel(pooled, small, prior_customers=3, min_customers=1)
+    moved_strong = _log_distance(strong["small"].params_, pooled.params_).sum()
+    moved_weak = _log_distance(weak["small"].params_, pooled.params_).sum()
+    assert moved_strong < 0.05 < moved_weak and moved_weak > 5 * moved_strong
+
+
+def test_prior_precision_is_the_pooled_information_per_customer_times_k(purchase_world):
+    _, _, pooled_rows = purchase_world
+    pooled = BGNBDModel().fit(pooled_rows["frequency"], pooled_rows["recency"], pooled_rows["T"],
+                              weights=pooled_rows["weight"])
+    prior = pooled_prior(pooled, 500)
+    covariance = np.asarray(pooled.fit_info_["log_param_covariance"]["matrix"])
+    n_pool = pooled.fit_info_["n_customers"]
+    assert n_pool == 150_030
+    # k customers' worth of information: the prior's covariance is the pooled one scaled by N / k
+    np.testing.assert_allclose(np.linalg.inv(prior.precision), covariance * n_pool / 500, rtol=1e-8)
+    np.testing.assert_allclose(np.exp(prior.centre), [pooled.params_[k] for k in NAMES], rtol=1e-12)
+
+
+def test_gamma_gamma_likelihood_and_gradient_match_lifetimes():
+    rng = np.random.default_rng(0)
+    x = rng.integers(1, 6, 40).astype(float)
+    m = rng.gamma(3.0, 2000.0, 40)
+    w = rng.integers(1, 5, 40).astype(float)
+    theta = np.log([2.0, 3.0, 500.0])
+    value, gradient = gamma_gamma_negative_log_likelihood(x, m, w)(theta)
+    assert value == pytest.approx(GammaGammaFitter._negative_log_likelihood(theta, x, m, w, 0.0) * w.sum(),
+                                  rel=1e-12)
+    step = 1e-6
+    numeric = [(gamma_gamma_negative_log_likelihood(x, m, w)(theta + step * e)[0]
+                - gamma_gamma_negative_log_likelihood(x, m, w)(theta - step * e)[0]) / (2 * step) for e in np.eye(3)]
+    np.testing.assert_allclose(gradient, numeric, rtol=1e-6)
+
+
+def _spend_rows(n: int, p: float, q: float, v: float, seed: int) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    x = rng.integers(1, 8, n)
+    nu = rng.gamma(q, 1.0 / v, n)
+    mean_value = np.array([rng.gamma(p, 1.0 / nu_i, k).mean() for nu_i, k in zip(nu, x)]).round()
+    return pd.DataFrame({"frequency": x.astype(float), "monetary_value": np.maximum(mean_value, 1.0)})
+
+
+def test_gamma_gamma_channels_shrink_by_size():
+    pool = {"p": 6.0, "q": 4.0, "v": 3500.0}
+    richer = {"p": 6.0, "q": 4.0, "v": 7000.0}              # twice the mean order value
+    rows = pd.concat([_spend_rows(40_000, **pool, seed=1).assign(channel="web"),
+                      _spend_rows(20_000, **richer, seed=2).assign(channel="large"),
+                      _spend_rows(30, **richer, seed=3).assign(channel="small")], ignore_index=True)
+    stats = rows.groupby(["channel", "frequency", "monetary_value"]).size().rename("weight").reset_index()
+    pooled_rows = stats.groupby(["frequency", "monetary_value"])["weight"].sum().reset_index()
+    pooled = GammaGammaModel().fit(pooled_rows["frequency"], pooled_rows["monetary_value"], pooled_rows["weight"])
+    fitted, fallbacks = fit_spend_by_channel(pooled, stats, prior_customers=1000, min_customers=1)
+    assert fallbacks == {}
+    mean_value = {c: m.population_mean_order_value() for c, m in fitted.items()}
+    pooled_mean = pooled.population_mean_order_value()
+    true_richer = 6.0 * 7000.0 / 3.0
+    assert abs(mean_value["large"] / true_richer - 1) < 0.05, mean_value
+    assert abs(mean_value["small"] / pooled_mean - 1) < 0.05, (mean_value, pooled_mean)
+    assert true_richer / pooled_mean > 1.3                  # the pooled mean is far from the richer channel's
+
+
+def test_channel_components_round_trip(purchase_world):
+    _, by_channel, pooled_rows = purchase_world
+    pooled = BGNBDModel().fit(pooled_rows["frequency"], pooled_rows["recency"], pooled_rows["T"],
+                              weights=pooled_rows["weight"])
+    spend_rows = _spend_rows(3000, 6.0, 4.0, 3500.0, seed=4).assign(channel=np.repeat(["web", "large"], 1500))
+    spend_stats = spend_rows.groupby(["channel", "frequency", "monetary_value"]).size().rename("weight").reset_index()
+    spend = GammaGammaModel().fit(spend_rows["frequency"], spend_rows["monetary_value"])
+    components = fit_channel_components(pooled, spend, by_channel, spend_stats, prior_customers=1000,
+                                        min_customers=100)
+    again = ChannelComponents.from_dict(components.to_dict())
+    assert again.channels == components.channels == ["large", "web"]
+    for channel in again.purchase:
+        assert again.purchase[channel].params_ == components.purchase[channel].params_
+        assert again.purchase[channel].fit_info_["log_param_covariance"] == \
+            components.purchase[channel].fit_info_["log_param_covariance"]
+    assert again.fallbacks["purchase"] == {"small": "30 customers < min_customers 100"}
+    assert set(again.describe()) == {"large", "web"}
