@@ -12,6 +12,7 @@ import pytest
 from lifetimes import GammaGammaFitter
 
 from models import BGNBDModel, GammaGammaModel, MBGNBDModel
+from models import intervals as iv
 from models.channels import (ChannelComponents, fit_channel_components, fit_purchase_by_channel,
                              fit_spend_by_channel, gamma_gamma_negative_log_likelihood, pooled_prior)
 from tests.unit.models.helpers import simulate_bgnbd
@@ -166,3 +167,117 @@ def test_channel_components_round_trip(purchase_world):
             components.purchase[channel].fit_info_["log_param_covariance"]
     assert again.fallbacks["purchase"] == {"small": "30 customers < min_customers 100"}
     assert set(again.describe()) == {"large", "web"}
+
+
+# ---- the scoring bundle with channel components ----------------------------------------------------
+HORIZON_DAYS = 182.625
+APP_PURCHASE = {"r": 1.5, "alpha": 20.0, "a": 0.5, "b": 8.0}
+APP_SPEND = {"p": 4.0, "q": 5.0, "v": 600.0}
+WEB_PURCHASE = {"r": 0.8, "alpha": 60.0, "a": 0.8, "b": 6.0}
+WEB_SPEND = {"p": 4.0, "q": 5.0, "v": 300.0}
+
+
+def _simulated_channel(n: int, purchase: dict, spend: dict, channel, seed: int) -> pd.DataFrame:
+    from tests.unit.models.helpers import simulate_bgnbd_gamma_gamma
+
+    ages = np.random.default_rng(seed).uniform(30, 700, n).round()
+    customers = simulate_bgnbd_gamma_gamma(n, purchase, spend, ages, HORIZON_DAYS, seed=seed + 1)
+    return customers.assign(acquisition_channel=channel)
+
+
+@pytest.fixture(scope="module")
+def channel_bundles():
+    from models.bundle import ScoringBundle
+    from models.cancellation import CancellationRateModel
+
+    customers = pd.concat([_simulated_channel(8000, WEB_PURCHASE, WEB_SPEND, "web", 11),
+                           _simulated_channel(8000, APP_PURCHASE, APP_SPEND, "app", 12),
+                           _simulated_channel(30, APP_PURCHASE, APP_SPEND, "tiny", 13),
+                           _simulated_channel(20, APP_PURCHASE, APP_SPEND, None, 14)], ignore_index=True)
+    customers["customer_id"] = [f"C{i}" for i in range(len(customers))]
+    repeat = customers[customers["frequency"] > 0]
+    purchase = BGNBDModel().fit(customers["frequency"], customers["recency"], customers["T"])
+    spend = GammaGammaModel().fit(repeat["frequency"], repeat["monetary"])
+    keyed = customers.rename(columns={"acquisition_channel": "channel", "monetary": "monetary_value"})
+    rfm = keyed.groupby(["channel", "frequency", "recency", "T"], dropna=False).size().rename("weight").reset_index()
+    spend_stats = (keyed[keyed["frequency"] > 0].groupby(["channel", "frequency", "monetary_value"], dropna=False)
+                   .size().rename("weight").reset_index())
+    components = fit_channel_components(purchase, spend, rfm, spend_stats, prior_customers=1000, min_customers=100)
+    cancel = CancellationRateModel().fit([1, 2], [0, 1])
+    pooled = ScoringBundle(purchase=purchase, spend=spend, cancellation=cancel)
+    aware = ScoringBundle(purchase=purchase, spend=spend, cancellation=cancel, by_channel=components)
+    features = pd.DataFrame({
+        "customer_id": customers["customer_id"], "frequency": customers["frequency"],
+        "recency": customers["recency"], "T": customers["T"], "monetary_value": customers["monetary"],
+        "n_orders": customers["frequency"] + 1, "n_cancelled": 0.0, "net_6m": 0.0,
+        "acquisition_channel": customers["acquisition_channel"]})
+    return customers, features, pooled, aware
+
+
+def test_bundle_scores_each_channel_with_its_components(channel_bundles):
+    customers, features, pooled, aware = channel_bundles
+    assert aware.by_channel.channels == ["app", "web"]          # tiny (30) and null: pooled
+    by_channel = aware.predict(features)
+    everyone_pooled = pooled.predict(features)
+    app = (features["acquisition_channel"] == "app").to_numpy()
+    rows = features[app]
+    own = aware.by_channel.purchase["app"].expected_purchases(pooled.horizon,
+                                                              rows["frequency"], rows["recency"], rows["T"])
+    np.testing.assert_array_equal(by_channel.loc[app, "expected_purchases"].to_numpy(), own)
+    own_value = aware.by_channel.spend["app"].expected_order_value(rows["frequency"], rows["monetary_value"])
+    np.testing.assert_array_equal(by_channel.loc[app, "expected_order_value"].to_numpy(), own_value)
+    # small, null and unseen channels: exactly the pooled scores
+    rest = features["acquisition_channel"].isin(["tiny"]).to_numpy() | features["acquisition_channel"].isna().to_numpy()
+    pd.testing.assert_frame_equal(by_channel[rest], everyone_pooled[rest])
+    unseen = features.assign(acquisition_channel="billboard")
+    pd.testing.assert_frame_equal(aware.predict(unseen), everyone_pooled)
+    # the channel-aware totals are closer to what happened in each large channel (gross: the simulated
+    # orders are not cancelled, the toy cancellation model would scale both alike)
+    for channel in ("app", "web"):
+        mask = (features["acquisition_channel"] == channel).to_numpy()
+        actual = customers.loc[mask, "holdout_value"].sum()
+        aware_error = abs(by_channel.loc[mask, "predicted_gross_value"].sum() / actual - 1)
+        pooled_error = abs(everyone_pooled.loc[mask, "predicted_gross_value"].sum() / actual - 1)
+        assert aware_error < 0.1 and pooled_error > 3 * aware_error, (channel, aware_error, pooled_error)
+
+
+def test_channel_intervals_are_finite_ordered_and_follow_the_channel(channel_bundles):
+    from models.bundle import INTERVAL_COLUMNS
+
+    _, features, pooled, aware = channel_bundles
+    scores = aware.predict(features)
+    values = scores[list(INTERVAL_COLUMNS)].to_numpy(float)
+    assert np.isfinite(values).all()
+    assert (scores["predicted_net_value_p10"] <= scores["predicted_net_value_p50"]).all()
+    assert (scores["predicted_net_value_p50"] <= scores["predicted_net_value_p90"]).all()
+    app = (features["acquisition_channel"] == "app").to_numpy()
+    # the app rows' intervals are those of the app components (parameters and their own covariance)
+    purchase, spend = aware.by_channel.purchase["app"], aware.by_channel.spend["app"]
+    rows = features[app]
+    counts = iv.count_moments(iv.sigma_points(purchase.params_, purchase.fit_info_["log_param_covariance"],
+                                              purchase.param_names),
+                              aware.horizon, rows["frequency"], rows["recency"], rows["T"])
+    spend_moments = iv.spend_moments(iv.sigma_points(spend.params_, spend.fit_info_["log_param_covariance"],
+                                                     spend.param_names), rows["frequency"], rows["monetary_value"])
+    factor = 1.0 - scores.loc[app, "predicted_cancel_rate"].to_numpy()
+    expected = iv.value_distribution(counts, spend_moments, factor).quantiles(iv.LEVELS)
+    np.testing.assert_allclose(scores.loc[app, list(INTERVAL_COLUMNS[:3])].to_numpy(), expected, rtol=1e-12)
+    assert not np.allclose(pooled.predict(features).loc[app, "predicted_net_value_p90"].to_numpy(), expected[:, 2],
+                           rtol=1e-3)
+
+
+def test_bundle_round_trips_payload_and_files(channel_bundles, tmp_path):
+    from models.bundle import CHANNELS_FILE, ScoringBundle
+
+    _, features, pooled, aware = channel_bundles
+    expected = aware.predict(features)
+    pd.testing.assert_frame_equal(ScoringBundle.from_payload(aware.to_payload()).predict(features), expected)
+    loaded = ScoringBundle.load(aware.save(tmp_path / "aware"))
+    assert loaded.by_channel.channels == ["app", "web"]
+    pd.testing.assert_frame_equal(loaded.predict(features), expected)
+    assert loaded.describe()["by_channel"]["channels"]["app"]["purchase"] == aware.by_channel.purchase["app"].params_
+    # a pooled bundle's payload and folder are as before channels existed
+    assert "by_channel" not in pooled.to_payload()
+    folder = pooled.save(tmp_path / "pooled")
+    assert not (folder / CHANNELS_FILE).exists() and "by_channel" not in (folder / "bundle.json").read_text()
+    assert ScoringBundle.load(folder).by_channel is None
