@@ -176,7 +176,7 @@ class GeneratorParams:
         return self.spend_p * self.spend_v / (self.spend_q - 1) if self.spend_q > 1 else math.inf
 
     def channel_multipliers(self) -> tuple[np.ndarray, np.ndarray]:
-        """(purchase-rate, order-value) multipliers by channel index (the order of ``channels``); 1 without an effect."""
+        """(purchase-rate, order-value) multipliers by channel index (order of ``channels``); 1: no effect."""
         names = [name for name, _ in self.channels]
         rate, value = np.ones(len(names)), np.ones(len(names))
         for channel, rate_multiplier, value_multiplier in self.channel_effects:
