@@ -68,7 +68,6 @@ CHANNEL_SUFFIX = "_channel"
 #: decision does not depend on BLAS kernels or thread counts.
 GRADIENT_TOLERANCE = 1e-5
 _NEWTON_STEPS = 6
-_HESSIAN_STEP = 1e-5
 _LOG_BOUND = 30.0
 
 
@@ -145,7 +144,7 @@ def penalised_fit(negative_log_likelihood: Callable[[np.ndarray], tuple[float, n
                                options={"maxiter": 2000, "ftol": 1e-15, "gtol": 1e-10})
     x = np.asarray(result.x, dtype=float)
     f, g = objective(x)
-    hessian = _hessian(objective, x, g)
+    hessian = fast_bgnbd.hessian_from_gradient(objective, x, g)
     for _ in range(_NEWTON_STEPS):
         if not np.all(np.isfinite(g)) or np.max(np.abs(g)) <= 1e-12:
             break
@@ -158,7 +157,7 @@ def penalised_fit(negative_log_likelihood: Callable[[np.ndarray], tuple[float, n
         if not (math.isfinite(f_new) and np.max(np.abs(g_new)) < np.max(np.abs(g))):
             break
         x, f, g = candidate, f_new, g_new
-        hessian = _hessian(objective, x, g)
+        hessian = fast_bgnbd.hessian_from_gradient(objective, x, g)
     if not (math.isfinite(f) and np.all(np.isfinite(g)) and np.all(np.isfinite(hessian))):
         raise ChannelFitFailure(f"penalised fit ended at a non-finite objective ({result.message})")
     if np.max(np.abs(g)) > GRADIENT_TOLERANCE * max(1.0, abs(f)):
@@ -169,17 +168,6 @@ def penalised_fit(negative_log_likelihood: Callable[[np.ndarray], tuple[float, n
         raise ChannelFitFailure("the penalised Hessian is not positive definite at the optimum")
     own_nll, _ = negative_log_likelihood(x)
     return PenalisedOptimum(log_params=x, covariance=np.asarray(covariance["matrix"]), log_likelihood=-own_nll)
-
-
-def _hessian(objective, x: np.ndarray, g: np.ndarray) -> np.ndarray:
-    """Forward differences of the analytic gradient, symmetrised."""
-    columns = []
-    for k in range(len(x)):
-        step = np.zeros_like(x)
-        step[k] = _HESSIAN_STEP
-        columns.append((objective(x + step)[1] - g) / _HESSIAN_STEP)
-    hessian = np.column_stack(columns)
-    return 0.5 * (hessian + hessian.T)
 
 
 # ---- the two likelihoods -----------------------------------------------------------------------------
@@ -257,29 +245,12 @@ def fit_purchase_by_channel(pooled: PurchaseModel, rfm_by_channel: pd.DataFrame,
     if pooled.name not in SHRUNK_PURCHASE_MODELS:
         raise ValueError(f"no channel-aware variant of {pooled.name!r}; channel fits exist for "
                          f"{', '.join(SHRUNK_PURCHASE_MODELS)}")
-    prior = pooled_prior(pooled, prior_customers)
-    fitted: dict[str, PurchaseModel] = {}
-    fallbacks: dict[str, str] = {}
-    for channel, rows in _by_channel(rfm_by_channel):
-        n_customers = float(rows["weight"].sum())
-        if n_customers < min_customers:
-            fallbacks[channel] = f"{n_customers:.0f} customers < min_customers {min_customers}"
-            continue
-        if prior is None:
-            fallbacks[channel] = "the pooled fit has no covariance (singular Hessian)"
-            continue
-        nll = bg_family_negative_log_likelihood(rows["frequency"], rows["recency"], rows["T"], rows["weight"],
-                                                modified=pooled.name == "mbgnbd",
-                                                time_scale=float(rows["T"].max()))
-        try:
-            optimum = penalised_fit(nll, prior.centre, prior.precision, n_customers, prior_customers)
-        except ChannelFitFailure as exc:
-            logger.warning("%s channel %r: %s; it scores with the pooled parameters", pooled.name, channel, exc)
-            fallbacks[channel] = str(exc)
-            continue
-        params = dict(zip(prior.names, np.exp(optimum.log_params).tolist()))
-        fitted[channel] = _channel_model(pooled, params, _shrinkage_info(prior, optimum, n_customers, len(rows)))
-    return fitted, fallbacks
+
+    def likelihood(rows: pd.DataFrame):
+        return bg_family_negative_log_likelihood(rows["frequency"], rows["recency"], rows["T"], rows["weight"],
+                                                 modified=pooled.name == "mbgnbd", time_scale=float(rows["T"].max()))
+
+    return _fit_each_channel(pooled, rfm_by_channel, prior_customers, min_customers, likelihood, "customers")
 
 
 def fit_spend_by_channel(pooled: SpendModel, spend_by_channel: pd.DataFrame, prior_customers: float,
@@ -289,32 +260,49 @@ def fit_spend_by_channel(pooled: SpendModel, spend_by_channel: pd.DataFrame, pri
     ``spend_by_channel``: columns ``channel``, ``frequency``, ``monetary_value``, ``weight`` (repeat
     customers with positive spend). ``min_customers`` counts these repeat customers.
     """
+    spend_by_channel = spend_by_channel[(spend_by_channel["frequency"] > 0) & (spend_by_channel["monetary_value"] > 0)]
+    # money in the pooled fit's scale (v near 1): the optimum is scale-equivariant, the conditioning is not
+    scale = float((pooled.fit_info_ or {}).get("monetary_scale") or 1.0)
+    shift = np.array([0.0, 0.0, math.log(scale)])
+
+    def likelihood(rows: pd.DataFrame):
+        nll = gamma_gamma_negative_log_likelihood(rows["frequency"], rows["monetary_value"] / scale, rows["weight"])
+        return lambda theta: nll(theta - shift)
+
+    def infinite_mean(params: dict[str, float]) -> str | None:
+        return f"q = {params['q']:.4g} <= 1 (infinite mean order value)" if params["q"] <= 1.0 else None
+
+    return _fit_each_channel(pooled, spend_by_channel, prior_customers, min_customers, likelihood,
+                             "repeat customers", infinite_mean)
+
+
+def _fit_each_channel(pooled, stats: pd.DataFrame, prior_customers: float, min_customers: int,
+                      likelihood: Callable[[pd.DataFrame], Callable], counted: str,
+                      reject: Callable[[dict[str, float]], str | None] = lambda params: None
+                      ) -> tuple[dict[str, Any], dict[str, str]]:
+    """The penalised fit of every channel with enough ``counted`` (customers) in ``stats``; the others,
+    failed fits and fits ``reject`` names a reason for, go to the fallbacks (scored with the pooled model)."""
     prior = pooled_prior(pooled, prior_customers)
-    fitted: dict[str, SpendModel] = {}
+    fitted: dict[str, Any] = {}
     fallbacks: dict[str, str] = {}
-    for channel, rows in _by_channel(spend_by_channel):
-        rows = rows[(rows["frequency"] > 0) & (rows["monetary_value"] > 0)]
+    for channel, rows in _by_channel(stats):
         n_customers = float(rows["weight"].sum())
         if n_customers < min_customers:
-            fallbacks[channel] = f"{n_customers:.0f} repeat customers < min_customers {min_customers}"
+            fallbacks[channel] = f"{n_customers:.0f} {counted} < min_customers {min_customers}"
             continue
         if prior is None:
             fallbacks[channel] = "the pooled fit has no covariance (singular Hessian)"
             continue
-        # money in the pooled fit's scale (v near 1): the optimum is scale-equivariant, the conditioning is not
-        scale = float((pooled.fit_info_ or {}).get("monetary_scale") or 1.0)
-        nll = gamma_gamma_negative_log_likelihood(rows["frequency"], rows["monetary_value"] / scale, rows["weight"])
-        shift = np.array([0.0, 0.0, math.log(scale)])
         try:
-            optimum = penalised_fit(lambda theta: nll(theta - shift), prior.centre, prior.precision, n_customers,
-                                    prior_customers)
+            optimum = penalised_fit(likelihood(rows), prior.centre, prior.precision, n_customers, prior_customers)
         except ChannelFitFailure as exc:
-            logger.warning("Gamma-Gamma channel %r: %s; it scores with the pooled parameters", channel, exc)
+            logger.warning("%s channel %r: %s; it scores with the pooled parameters", pooled.name, channel, exc)
             fallbacks[channel] = str(exc)
             continue
         params = dict(zip(prior.names, np.exp(optimum.log_params).tolist()))
-        if params["q"] <= 1.0:
-            fallbacks[channel] = f"q = {params['q']:.4g} <= 1 (infinite mean order value)"
+        reason = reject(params)
+        if reason:
+            fallbacks[channel] = reason
             continue
         fitted[channel] = _channel_model(pooled, params, _shrinkage_info(prior, optimum, n_customers, len(rows)))
     return fitted, fallbacks

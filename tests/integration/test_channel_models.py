@@ -1,7 +1,7 @@
 """Channel-aware BTYD in the backtest: it wins where acquisition channels differ and ties where they do not.
 
-Orders come straight from the generator's numpy blocks into the ``orders`` schema (as in
-test_purchase_basis.py; no export, no ingest), with the generator's acquisition channels. Two worlds
+Orders come straight from the generator's numpy blocks into the ``orders`` schema
+(test_purchase_basis.orders_frame; no export, no ingest), with the generator's channels. Two worlds
 from the same seed: ``GeneratorParams()`` (channels alike) and the same with channel effects (``app``
 customers buy 3x as often at twice the order value, ``catalogue_dm`` customers at 0.4x the rate and
 0.7x the value). ``bgnbd`` and ``bgnbd_channel`` are fitted at the cutoff and compared on the next six
@@ -9,10 +9,6 @@ months (gross basis, Spearman as the champion metric, MAE and the channels' tota
 """
 from __future__ import annotations
 
-import datetime as dt
-from pathlib import Path
-
-import numpy as np
 import pandas as pd
 import pytest
 
@@ -20,36 +16,12 @@ from core.config import load_config
 from core.tables import ORDERS
 from pipelines.backtest import choose_champion, compute_metrics, fit_origin_models, predict_all
 from pipelines.calibration import build_calibration_holdout
-from pipelines.features import add_months
-from pipelines.generate import GeneratorParams, simulate_block
+from pipelines.generate import GeneratorParams
+from tests.integration.test_purchase_basis import CONF, CUTOFF, orders_frame
 
-END = dt.date(2026, 9, 30)
-CUTOFF = add_months(END, -6)
 N_CUSTOMERS = 6000
 SEED = 2027
-CONF = Path(__file__).resolve().parents[2] / "conf" / "examples" / "synthetic.yaml"
 EFFECTS = (("app", 3.0, 2.0), ("catalogue_dm", 0.4, 0.7))
-
-
-def orders_frame(n_customers: int, seed: int, params: GeneratorParams) -> pd.DataFrame:
-    """Clean generated orders in the ``orders`` schema, each with its generated channel."""
-    blocks = [simulate_block(b, n_customers, seed, params, dirty_share=0.0)
-              for b in range((n_customers + 9_999) // 10_000)]
-    rows = pd.concat(blocks, ignore_index=True)
-    start = pd.Timestamp(END) - pd.Timedelta(days=params.history_days - 1)
-    day = start + pd.to_timedelta(rows["day"], unit="D")
-    gross = rows["amount"].astype(float)
-    cancelled = rows["cancelled_amount"].astype(float)
-    channel_names = np.array([name for name, _ in params.channels], dtype=object)
-    return pd.DataFrame({
-        "order_id": "O" + rows["order_no"].astype(str), "customer_id": "C" + rows["cust"].astype(str),
-        "order_ts": day + pd.to_timedelta(rows["sec"], unit="s"), "order_date": day.dt.date,
-        "gross_amount": gross, "is_cancelled": rows["is_cancelled"].astype(bool),
-        "cancelled_amount": cancelled, "net_amount": gross - cancelled,
-        "channel": channel_names[rows["channel"].to_numpy()], "category": "apparel", "currency": "JPY",
-        "extra": None, "source_file": "generated", "source_row": np.arange(1, len(rows) + 1),
-        "ingest_run_id": "test", "order_month": day.dt.strftime("%Y-%m"),
-    })[ORDERS.columns]
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +33,7 @@ def config(tmp_path_factory):
 
 
 def backtest(spark, config, params: GeneratorParams):
-    orders_df = spark.createDataFrame(orders_frame(N_CUSTOMERS, SEED, params), ORDERS.schema)
+    orders_df = spark.createDataFrame(orders_frame(N_CUSTOMERS, SEED, params, channels=True), ORDERS.schema)
     holdout_df = build_calibration_holdout(orders_df, CUTOFF).localCheckpoint(eager=True)
     models = fit_origin_models(holdout_df, None, config)
     predictions_df = predict_all(holdout_df, models.bundles).localCheckpoint(eager=True)
