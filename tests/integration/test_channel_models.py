@@ -19,6 +19,8 @@ from pipelines.calibration import build_calibration_holdout
 from pipelines.generate import GeneratorParams
 from tests.integration.test_purchase_basis import CONF, CUTOFF, END, orders_frame
 
+pytestmark = pytest.mark.slow   # minutes (three backtests, one tracked): started first (tests/conftest.py)
+
 N_CUSTOMERS = 6000
 SEED = 2027
 N_TRACKED = 3000         # the tracked backtest + nightly path (MLflow, Delta writes): fewer customers ...
