@@ -13,11 +13,15 @@ customers without a completed order left out of the fit and counted).
 Fits use the counts as ``weights``, which is exact (a weighted fit equals the fit on all rows).
 
 **Channel-aware variants** (``models.by_channel``, :mod:`models.channels`): the purchase and spend
-statistics come grouped by acquisition channel as well (one more key: channels x distinct rows,
-still small); the pooled statistics are their sums over the channels on the driver (the same rows
+statistics come grouped by acquisition channel as well (one more key). That multiplies the rows by
+up to the number of channels, bounded by the number of customers: at day resolution on 2M customers
+the pooled statistics are already ~1.5M rows, so grouped by channel they come close to one row per
+customer (``sizes["rfm_rows_by_channel"]`` says how many; weeks as the time unit shrink them). The
+pooled statistics are their sums over the channels on the driver (the same rows
 and counts as grouping without the channel, so the pooled fits do not change), and each BG/NBD or
 MBG/NBD model gets a variant ``<model>_channel`` whose components per channel are shrunk towards the
 pooled fit.
+
 Scoring runs :meth:`models.bundle.ScoringBundle.predict` per Arrow batch through ``mapInPandas``
 with the fitted bundle broadcast once, and writes ``customer_scores``, with the value intervals
 (P10 / P50 / P90, :mod:`models.intervals`: closed forms, no random draws, so the numbers do not
@@ -177,12 +181,14 @@ def fit_btyd_bundles(features_df: DataFrame, purchase_models: tuple[str, ...], t
             # a bundle of its own (metadata too: the backtest writes into it per model)
             bundles[f"{name}{CHANNEL_SUFFIX}"] = dataclasses.replace(pooled, by_channel=components, metadata={})
     customers = int(cancels["weight"].sum())
+    channel_sizes = ({"rfm_rows_by_channel": len(rfm_by_channel), "spend_rows_by_channel": len(spend_by_channel)}
+                     if channel_aware else {})
     return FittedModels(bundles=bundles, seconds=seconds,
                         sizes={"rfm_rows": len(rfm), "spend_rows": len(spend), "cancel_rows": len(cancels),
                                "customers": int(rfm["weight"].sum()),
                                # net basis: customers who only cancelled (not in the purchase fit)
                                "customers_without_completed_orders": _only_cancelled(cancels),
-                               "all_customers": customers})
+                               "all_customers": customers, **channel_sizes})
 
 
 def channel_run_params(bundle: ScoringBundle) -> dict[str, Any]:
