@@ -241,6 +241,18 @@ class HybridConf(_Frozen):
     seed: int = 0
 
 
+class ByChannelConf(_Frozen):
+    """Channel-aware BTYD variants (:mod:`models.channels`): per acquisition channel, BG/NBD or MBG/NBD and
+    Gamma-Gamma parameters shrunk towards the pooled fit by a prior worth ``prior_customers`` customers.
+    They compete in the backtest beside the pooled models (``bgnbd_channel``, ``bgnbd_channel_net``)."""
+
+    enabled: bool = False
+    # the prior's weight: a channel needs about this many customers before its own data dominate
+    prior_customers: float = Field(default=1000.0, gt=0.0)
+    # channels with fewer customers in a fit (repeat customers for Gamma-Gamma) keep the pooled parameters
+    min_customers: int = Field(default=100, ge=1)
+
+
 class ModelsConf(_Frozen):
     purchase_models: tuple[Literal["bgnbd", "paretonbd", "mbgnbd"], ...] = ("bgnbd", "paretonbd", "mbgnbd")
     compare_cohort: bool = True
@@ -256,6 +268,7 @@ class ModelsConf(_Frozen):
     # only), auto (the backtest fits both and the champion metric picks, per client).
     purchase_basis: Literal["gross", "net", "auto"] = "auto"
     hybrid: HybridConf = HybridConf()
+    by_channel: ByChannelConf = ByChannelConf()
     # P10 / P50 / P90 of each customer's 6-month net value in customer_scores (BG/NBD, MBG/NBD),
     # with the parameters' uncertainty from the fit's Fisher information; and their coverage in backtests
     intervals: bool = True

@@ -22,7 +22,7 @@ def main(args: argparse.Namespace) -> dict:
     from pyspark.sql import functions as F
 
     from core import tracking
-    from pipelines.ltv import LtvInputError, describe_params, fit_btyd_bundles
+    from pipelines.ltv import LtvInputError, channel_run_params, describe_params, fit_btyd_bundles
     from pipelines.maintenance import ensure_not_pruned
 
     config = config_from(args)
@@ -34,7 +34,7 @@ def main(args: argparse.Namespace) -> dict:
             basis = "gross" if config.models.purchase_basis == "auto" else config.models.purchase_basis
             fitted = fit_btyd_bundles(features_df, config.models.purchase_models, config.features.time_unit,
                                       config.features.horizon_months, config.models.penalizer_coef,
-                                      purchase_basis=basis)
+                                      purchase_basis=basis, by_channel=config.models.by_channel)
         except LtvInputError:
             ensure_not_pruned(storage, "customer_features", args.as_of)
             raise
@@ -50,7 +50,7 @@ def main(args: argparse.Namespace) -> dict:
             run_id, version = tracking.log_bundle(
                 bundle, run_name=f"fit-{name}-{args.as_of}",
                 params={"purchase_model": name, "value_model": "btyd", "as_of": args.as_of.isoformat(),
-                        "purchase_basis": bundle.purchase_basis,
+                        "purchase_basis": bundle.purchase_basis, **channel_run_params(bundle),
                         "time_unit": config.features.time_unit, "penalizer_coef": config.models.penalizer_coef,
                         "horizon_months": config.features.horizon_months,
                         "customer_features_version": storage.version("customer_features")},

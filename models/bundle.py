@@ -25,6 +25,13 @@ P90 of the 6-month net value and P(value = 0), :mod:`models.intervals`; NaN for 
 naive values and customers placed by rule), then :data:`GROUP_COLUMNS` and
 :data:`LOADINGS_COLUMN` (what intervals of group totals add up; NaN / None likewise); it is what Spark's ``mapInPandas``
 runs per batch and what the MLflow pyfunc serves. Everything is pure numpy/pandas.
+
+**Channel-aware bundles** (``by_channel``, :mod:`models.channels`): the purchase and spend
+parameters of each acquisition channel, shrunk towards the pooled ones; a customer is scored (and
+gets its interval) with the components of its ``acquisition_channel``, and a customer whose channel
+is null, was unseen at fit time or had too few customers, with the pooled ones. Without
+``by_channel`` every customer is scored with the pooled components, as before (same numbers, same
+payload and files).
 """
 from __future__ import annotations
 
@@ -39,12 +46,15 @@ import pandas as pd
 from models import intervals as intervals_lib
 from models.base import BaseModel, PurchaseModel, SpendModel, load_model
 from models.cancellation import CancellationRateModel
+from models.channels import ChannelComponents
 from models.cohort import DEFAULT_BANDS, CohortModel, assign_cells
 from models.naive import NaiveRepeatModel
 
 BUNDLE_FORMAT_VERSION = 1
 VALUE_MODELS = ("btyd", "cohort", "naive")
 DAYS_PER_UNIT = {"days": 1.0, "weeks": 7.0}
+#: The file of a saved channel-aware bundle holding the per-channel components.
+CHANNELS_FILE = "channels.json"
 
 #: Feature columns a bundle reads (a subset of the customer_features table).
 FEATURE_COLUMNS = ("customer_id", "frequency", "recency", "T", "monetary_value", "n_orders", "n_cancelled",
@@ -98,6 +108,8 @@ class ScoringBundle:
     #: add the value interval columns (``models.intervals: false`` leaves them null); not persisted:
     #: a scoring-time choice
     intervals: bool = True
+    #: per-channel purchase and spend components (models.channels); None: the pooled ones for everyone
+    by_channel: ChannelComponents | None = None
 
     def __post_init__(self) -> None:
         if self.purchase_basis not in PURCHASE_BASES:
@@ -140,11 +152,27 @@ class ScoringBundle:
                 " (the net purchase basis needs customer_features from this release: "
                 "`cvseg features --as-of D --full`)" if set(missing) & set(NET_FEATURE_COLUMNS) else ""))
         scored, frequency, recency, age, monetary = self._btyd_inputs(features)
-        purchases = np.where(scored, self.purchase.expected_purchases(self.horizon, frequency, recency, age), 0.0)
-        p_alive = np.where(scored, self.purchase.p_alive(frequency, recency, age), 0.0)
-        order_value = np.where(scored, self.spend.expected_order_value(frequency, monetary), 0.0)
         cancel_rate = self.cancellation.predict(features["n_orders"].to_numpy(float),
                                                 features["n_cancelled"].to_numpy(float))
+        purchases, p_alive, order_value = (np.zeros(len(scored)) for _ in range(3))
+        intervals = np.full((len(scored), len(INTERVAL_COLUMNS) + len(GROUP_COLUMNS)), np.nan)
+        loadings: list = [None] * len(scored)
+        blocks = self.loading_blocks
+        for rows, purchase, spend in self._component_groups(features):
+            # rows None: every row (the pooled bundle; no subsetting, so exactly the former arithmetic)
+            at = slice(None) if rows is None else rows
+            inputs = [v[at] for v in (scored, frequency, recency, age, monetary)]
+            purchases[at], p_alive[at], order_value[at] = self._btyd_scores(purchase, spend, *inputs)
+            intervals[at], group_loadings = self._intervals(purchase, spend, *inputs, cancel_rate[at])
+            if group_loadings is not None:
+                # each fit's loadings in its own block of the array: group totals add a block's
+                # coordinates (one fit's parameters) and treat the channels' fits as independent
+                index = self._block_of(rows, features)
+                full = np.zeros((len(group_loadings), self.loading_width * blocks))
+                full[:, index * self.loading_width:index * self.loading_width + group_loadings.shape[1]] = group_loadings
+                positions = np.arange(len(scored))[at][inputs[0]]
+                for i, row in zip(positions, full):
+                    loadings[i] = row
         if self.purchase_basis == "gross":
             gross = purchases * order_value
             btyd_net = gross * (1.0 - cancel_rate)
@@ -165,7 +193,6 @@ class ScoringBundle:
             "predicted_gross_value": gross, "predicted_cancel_rate": cancel_rate, "predicted_net_value": net,
             "purchase_basis": np.where(scored, self.purchase_basis, "net_rule").astype(object),
         })
-        intervals, loadings = self._intervals(scored, frequency, recency, age, monetary, cancel_rate)
         for j, column in enumerate(INTERVAL_COLUMNS + GROUP_COLUMNS):
             out[column] = intervals[:, j]
         out[LOADINGS_COLUMN] = loadings
@@ -177,6 +204,32 @@ class ScoringBundle:
                 f"{features.loc[bad, list(self.feature_columns)].head(3).to_dict('records')}")
         return out
 
+    def _component_groups(self, features: pd.DataFrame):
+        """(rows, purchase model, spend model) covering every row once: ``rows`` None for all rows
+        (no channel components), else one boolean mask per channel with own components and one for
+        the rest (null, unseen or small channels), scored with the pooled components."""
+        if self.by_channel is None or not self.by_channel.channels:
+            yield None, self.purchase, self.spend
+            return
+        channel = features["acquisition_channel"].to_numpy(object)
+        rest = np.ones(len(channel), dtype=bool)
+        for name in self.by_channel.channels:
+            rows = channel == name
+            rest &= ~rows
+            if rows.any():
+                yield (rows, self.by_channel.purchase.get(name, self.purchase),
+                       self.by_channel.spend.get(name, self.spend))
+        if rest.any():
+            yield rest, self.purchase, self.spend
+
+    def _btyd_scores(self, purchase: PurchaseModel, spend: SpendModel, scored, frequency, recency, age, monetary
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(expected purchases, p_alive, expected order value) under these components; 0 where not scored."""
+        purchases = np.where(scored, purchase.expected_purchases(self.horizon, frequency, recency, age), 0.0)
+        p_alive = np.where(scored, purchase.p_alive(frequency, recency, age), 0.0)
+        order_value = np.where(scored, spend.expected_order_value(frequency, monetary), 0.0)
+        return purchases, p_alive, order_value
+
     @property
     def has_intervals(self) -> bool:
         """Whether :meth:`predict` fills the interval columns: switched on, the BTYD value, and a purchase
@@ -185,56 +238,80 @@ class ScoringBundle:
         return (self.intervals and self.value_model == "btyd"
                 and self.purchase.name in intervals_lib.SUPPORTED_PURCHASE_MODELS)
 
-    def _intervals(self, scored, frequency, recency, age, monetary, cancel_rate) -> tuple[np.ndarray, list]:
-        """(customers x INTERVAL_COLUMNS + GROUP_COLUMNS): P10, P50, P90, P(value = 0), sd, parameter sd, and
-        the loadings per customer (an array, or None); NaN / None where there is no interval, also for
-        customers placed by rule (net basis, no completed order: value 0 by rule, not a model)."""
+    def _intervals(self, purchase: PurchaseModel, spend: SpendModel, scored, frequency, recency, age, monetary,
+                   cancel_rate) -> tuple[np.ndarray, np.ndarray | None]:
+        """(customers x INTERVAL_COLUMNS + GROUP_COLUMNS): P10, P50, P90, P(value = 0), sd and parameter sd
+        under these components (each with its own parameter covariance), and the scored customers' loadings
+        (rows of the scored customers only; None without intervals); NaN where there is no interval, also
+        for customers placed by rule (net basis, no completed order: value 0 by rule, not a model)."""
         out = np.full((len(scored), len(INTERVAL_COLUMNS) + len(GROUP_COLUMNS)), np.nan)
-        loadings: list = [None] * len(scored)
         if not self.has_intervals or not scored.any():
-            return out, loadings
+            return out, None
         rows = scored
         purchase_points = intervals_lib.sigma_points(
-            self.purchase.params_, self.purchase.fit_info_.get("log_param_covariance"), self.purchase.param_names)
+            purchase.params_, purchase.fit_info_.get("log_param_covariance"), purchase.param_names)
         spend_points = intervals_lib.sigma_points(
-            self.spend.params_, self.spend.fit_info_.get("log_param_covariance"), self.spend.param_names)
-        by_point = self._count_moments_by_point(purchase_points, frequency[rows], recency[rows], age[rows])
+            spend.params_, spend.fit_info_.get("log_param_covariance"), spend.param_names)
+        by_point = self._count_moments_by_point(purchase, purchase_points, frequency[rows], recency[rows], age[rows])
         counts = by_point.averaged()
-        spend = intervals_lib.spend_moments(spend_points, frequency[rows], monetary[rows])
+        spend_moments = intervals_lib.spend_moments(spend_points, frequency[rows], monetary[rows])
         # the same value as predicted_net_value: gross basis net of the predicted cancellation rate
         factor = 1.0 - cancel_rate[rows] if self.purchase_basis == "gross" else 1.0
-        distribution = intervals_lib.value_distribution(counts, spend, factor)
+        distribution = intervals_lib.value_distribution(counts, spend_moments, factor)
         out[rows, :3] = distribution.quantiles(intervals_lib.LEVELS)
         out[rows, 3] = np.clip(distribution.p_zero, 0.0, 1.0)
         terms = intervals_lib.group_terms(by_point, intervals_lib.spend_means_by_point(
             spend_points, frequency[rows], monetary[rows]), distribution, factor)
         out[rows, 4], out[rows, 5] = terms.sd, terms.param_sd
-        for i, row in zip(np.flatnonzero(rows), terms.loadings):
-            loadings[i] = row
-        return out, loadings
+        return out, terms.loadings
 
-    def _count_moments_by_point(self, purchase_points, frequency, recency, age) -> intervals_lib.CountMoments:
+    @property
+    def loading_width(self) -> int:
+        """Coordinates of one fit's loadings: (purchase parameters) + (spend parameters), the sigma points
+        of each less one (models.intervals.group_terms); a fit without a covariance fills none of them."""
+        return len(self.purchase.param_names) + len(self.spend.param_names)
+
+    @property
+    def loading_blocks(self) -> int:
+        """Blocks of the loadings array: the pooled fit's, then one per channel with own components
+        (their order in ``by_channel.channels``), the same in every batch."""
+        return 1 + (len(self.by_channel.channels) if self.by_channel is not None else 0)
+
+    def _block_of(self, rows, features: pd.DataFrame) -> int:
+        """The loadings block of a component group of :meth:`_component_groups`: 0 for the pooled rows
+        (all rows, or the rest), else 1 + the channel's index in ``by_channel.channels``."""
+        if rows is None or self.by_channel is None:
+            return 0
+        channels = features["acquisition_channel"].to_numpy(object)[rows]
+        name = channels[0] if len(channels) else None
+        return 1 + self.by_channel.channels.index(name) if name in self.by_channel.channels else 0
+
+    def _count_moments_by_point(self, purchase: PurchaseModel, purchase_points, frequency, recency, age
+                                ) -> intervals_lib.CountMoments:
         """The purchase count's moments over the horizon at each parameter vector (rows x customers):
         group totals need them per vector, the customer's own interval their average."""
-        if self.purchase.name == "paretonbd":
+        if purchase.name == "paretonbd":
             from models.btyd import pareto_p_alive     # the stable 2F1 form lives with the likelihood
 
             alive = np.stack([pareto_p_alive(row, frequency, recency, age) for row in purchase_points])
             return intervals_lib.pareto_count_moments_by_point(purchase_points, self.horizon, frequency, recency,
                                                                age, alive)
         return intervals_lib.count_moments_by_point(purchase_points, self.horizon, frequency, recency, age,
-                                                    modified=self.purchase.name == "mbgnbd")
+                                                    modified=purchase.name == "mbgnbd")
 
     # -- persistence ---------------------------------------------------------------------
     def to_payload(self) -> dict[str, Any]:
         """Plain, picklable dict (JSON documents of each component): what Spark broadcasts."""
         components = {"purchase": self.purchase, "spend": self.spend, "cancellation": self.cancellation,
                       "cohort": self.cohort, "naive": self.naive}
-        return {"components": {role: m.to_dict() for role, m in components.items() if m is not None},
-                "value_model": self.value_model, "horizon_months": self.horizon_months,
-                "time_unit": self.time_unit, "bands": self.bands,
-                "cohort_with_channel": self.cohort_with_channel, "metadata": self.metadata,
-                "purchase_basis": self.purchase_basis}
+        payload = {"components": {role: m.to_dict() for role, m in components.items() if m is not None},
+                   "value_model": self.value_model, "horizon_months": self.horizon_months,
+                   "time_unit": self.time_unit, "bands": self.bands,
+                   "cohort_with_channel": self.cohort_with_channel, "metadata": self.metadata,
+                   "purchase_basis": self.purchase_basis}
+        if self.by_channel is not None:       # only then: a pooled bundle's payload stays as before
+            payload["by_channel"] = self.by_channel.to_dict()
+        return payload
 
     @classmethod
     def from_payload(cls, payload: dict[str, Any]) -> "ScoringBundle":
@@ -246,7 +323,8 @@ class ScoringBundle:
                    value_model=payload["value_model"], cohort=parts.get("cohort"), naive=parts.get("naive"),
                    horizon_months=payload["horizon_months"], time_unit=payload["time_unit"],
                    bands=payload["bands"], cohort_with_channel=payload["cohort_with_channel"],
-                   metadata=payload.get("metadata", {}), purchase_basis=payload.get("purchase_basis", "gross"))
+                   metadata=payload.get("metadata", {}), purchase_basis=payload.get("purchase_basis", "gross"),
+                   by_channel=_channel_components(payload.get("by_channel")))
 
     # one folder, one JSON per component
     def save(self, folder: str | Path) -> Path:
@@ -263,6 +341,10 @@ class ScoringBundle:
                     "components": saved, "horizon_months": self.horizon_months, "time_unit": self.time_unit,
                     "bands": self.bands, "cohort_with_channel": self.cohort_with_channel,
                     "metadata": self.metadata, "purchase_basis": self.purchase_basis}
+        if self.by_channel is not None:       # one more file; a pooled bundle's folder stays as before
+            (folder / CHANNELS_FILE).write_text(json.dumps(self.by_channel.to_dict(), indent=2, sort_keys=True,
+                                                           allow_nan=False), encoding="utf-8")
+            manifest["by_channel"] = CHANNELS_FILE
         (folder / "bundle.json").write_text(json.dumps(manifest, indent=2, default=str), encoding="utf-8")
         return folder
 
@@ -284,7 +366,10 @@ class ScoringBundle:
                    bands=manifest["bands"], cohort_with_channel=manifest["cohort_with_channel"],
                    metadata=manifest.get("metadata", {}),
                    # bundles saved before the basis existed were fitted on gross orders
-                   purchase_basis=manifest.get("purchase_basis", "gross"))
+                   purchase_basis=manifest.get("purchase_basis", "gross"),
+                   by_channel=_channel_components(
+                       json.loads((folder / manifest["by_channel"]).read_text(encoding="utf-8"))
+                       if manifest.get("by_channel") else None))
 
     def describe(self) -> dict[str, Any]:
         """Small, JSON-ready summary: model names and fitted parameters."""
@@ -293,7 +378,16 @@ class ScoringBundle:
                 return None
             return {k: float(v) for k, v in model.params_.items() if np.isscalar(v)}
 
-        return {"value_model": self.value_model, "purchase_model": self.purchase.name,
-                "purchase_params": params(self.purchase), "spend_params": params(self.spend),
-                "cancellation_params": params(self.cancellation), "horizon_months": self.horizon_months,
-                "time_unit": self.time_unit, "purchase_basis": self.purchase_basis}
+        described = {"value_model": self.value_model, "purchase_model": self.purchase.name,
+                     "purchase_params": params(self.purchase), "spend_params": params(self.spend),
+                     "cancellation_params": params(self.cancellation), "horizon_months": self.horizon_months,
+                     "time_unit": self.time_unit, "purchase_basis": self.purchase_basis}
+        if self.by_channel is not None:
+            described["by_channel"] = {"prior_customers": self.by_channel.prior_customers,
+                                       "min_customers": self.by_channel.min_customers,
+                                       "channels": self.by_channel.describe()}
+        return described
+
+
+def _channel_components(document: Mapping[str, Any] | None) -> ChannelComponents | None:
+    return None if document is None else ChannelComponents.from_dict(document)

@@ -338,7 +338,7 @@ def minimize(rows: CompressedRows, penalizer_coef: float = 0.0, initial_log_para
     x, f, g = np.asarray(result.x, dtype=float), float(result.fun), np.asarray(result.jac, dtype=float)
     if not (math.isfinite(f) and np.all(np.isfinite(g))):
         raise ConvergenceFailure(f"L-BFGS-B ended at a non-finite objective: {result.message}")
-    hessian = _hessian(objective, x, g)
+    hessian = hessian_from_gradient(objective, x, g)
     for _ in range(_NEWTON_STEPS):
         if np.max(np.abs(g)) <= _NEWTON_TARGET:
             break
@@ -362,8 +362,10 @@ def minimize(rows: CompressedRows, penalizer_coef: float = 0.0, initial_log_para
                    message=f"{result.message}; {result.nit} L-BFGS-B iterations")
 
 
-def _hessian(objective, x: np.ndarray, g: np.ndarray) -> np.ndarray:
-    """Forward differences of the analytic gradient (4 evaluations), symmetrised; ~1e-6 relative."""
+def hessian_from_gradient(objective, x: np.ndarray, g: np.ndarray) -> np.ndarray:
+    """Forward differences of the analytic gradient (one evaluation per parameter), symmetrised; ~1e-6
+    relative. ``objective(x)`` returns (value, gradient); ``g`` is the gradient at ``x``. Also used by
+    the channel fits (:mod:`models.channels`)."""
     columns = []
     for k in range(len(x)):
         step = np.zeros_like(x)

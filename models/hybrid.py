@@ -271,6 +271,11 @@ class HybridBundle:
         return None
 
     @property
+    def by_channel(self):
+        """The per-channel components of the BTYD bundle the trees read (None: pooled, as it is fitted)."""
+        return self.btyd.by_channel
+
+    @property
     def purchase_basis(self) -> str:
         return self.btyd.purchase_basis
 

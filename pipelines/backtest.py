@@ -17,6 +17,9 @@ origins) the cutoff is ``C = O - horizon_months``:
   fitted twice, on gross orders (``bgnbd``: cancelled orders count as purchases) and on completed
   orders only (``bgnbd_net``); the champion metric then picks model and basis together, so the
   basis is chosen by this client's data. ``gross`` / ``net`` fit one basis only;
+* **channel-aware** variants (``models.by_channel.enabled``): BG/NBD and MBG/NBD with per-channel
+  parameters shrunk towards the pooled fit (:mod:`models.channels`), named ``bgnbd_channel`` /
+  ``bgnbd_channel_net``, compete beside the pooled models; the champion metric decides;
 * the **naive** baseline: the customer's own net revenue in the trailing six months;
 * every model predicts every customer in one ``mapInPandas`` pass with the bundles broadcast
   (:func:`predict_all`), giving long rows (model, customer_id, predicted, actual).
@@ -71,7 +74,7 @@ from pyspark.sql import Column, DataFrame, Window
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
-from core.config import Config
+from core.config import ByChannelConf, Config
 from core.tracking import METRIC_DIRECTION
 from core.storage import Storage
 from core.tables import CALIBRATION_HOLDOUT, MODEL_BACKTEST, MODEL_BACKTEST_DECILES, ORDERS
@@ -80,7 +83,7 @@ from models.bundle import DAYS_PER_UNIT, ScoringBundle
 from models.hybrid import bundle_from_payload
 from pipelines.calibration import holdout_end, run_calibration
 from pipelines.features import add_months, to_date
-from pipelines.ltv import fit_btyd_bundles
+from pipelines.ltv import channel_run_params, fit_btyd_bundles
 
 log = logging.getLogger(__name__)
 
@@ -418,7 +421,8 @@ def fit_origin_models(holdout_df: DataFrame, cohort_train_df: DataFrame | None, 
     sizes: dict[str, int] = {}
     for basis in purchase_bases(models_conf.purchase_basis):
         fitted = fit_btyd_bundles(holdout_df, models_conf.purchase_models, features_conf.time_unit,
-                                  features_conf.horizon_months, models_conf.penalizer_coef, purchase_basis=basis)
+                                  features_conf.horizon_months, models_conf.penalizer_coef, purchase_basis=basis,
+                                  by_channel=models_conf.by_channel)
         suffix = "" if basis == "gross" else f"_{basis}"
         bundles.update({basis_model_name(name, basis): b for name, b in fitted.bundles.items()})
         seconds.update({f"{k}{suffix}": v for k, v in fitted.seconds.items()})
@@ -586,6 +590,14 @@ def parameter_table(bundle: ScoringBundle) -> pd.DataFrame:
             if np.isscalar(value):
                 rows.append({"component": role, "model": model.name, "parameter": name, "value": float(value),
                              "standard_error": errors.get(name)})
+    if bundle.by_channel is not None:          # per channel, component "purchase:<channel>" / "spend:<channel>"
+        for role, by_channel in (("purchase", bundle.by_channel.purchase), ("spend", bundle.by_channel.spend)):
+            for channel, model in sorted(by_channel.items()):
+                for name, value in model.params_.items():
+                    rows.append({"component": f"{role}:{channel}", "model": model.name, "parameter": name,
+                                 "value": float(value), "standard_error": None})
+                rows.append({"component": f"{role}:{channel}", "model": model.name, "parameter": "n_customers",
+                             "value": float(model.fit_info_.get("n_customers", 0.0)), "standard_error": None})
     if bundle.cohort is not None:
         info = bundle.cohort.fit_info_
         rows.append({"component": "cohort", "model": "cohort", "parameter": "population_mean",
@@ -594,6 +606,12 @@ def parameter_table(bundle: ScoringBundle) -> pd.DataFrame:
             rows.append({"component": "cohort", "model": "cohort", "parameter": key, "value": float(info[key]),
                          "standard_error": None})
     return pd.DataFrame(rows, columns=["component", "model", "parameter", "value", "standard_error"])
+
+
+def channel_params(conf: ByChannelConf) -> dict[str, Any]:
+    """MLflow parameters of the channel-aware variants' settings (``models.by_channel``)."""
+    return {"by_channel_enabled": conf.enabled, "by_channel_prior_customers": conf.prior_customers,
+            "by_channel_min_customers": conf.min_customers}
 
 
 def run_backtest(storage: Storage, as_of: dt.date | str, config: Config, n_origins: int = 1,
@@ -641,7 +659,8 @@ def run_backtest(storage: Storage, as_of: dt.date | str, config: Config, n_origi
                          "purchase_models": list(config.models.purchase_models),
                          "compare_cohort": config.models.compare_cohort, "compare_naive": config.models.compare_naive,
                          "champion_metric": champion_metric, "orders_version": storage.version(ORDERS.name),
-                         "purchase_basis": config.models.purchase_basis}
+                         "purchase_basis": config.models.purchase_basis,
+                         **channel_params(config.models.by_channel)}
         with tracking.parent_run(f"backtest-{as_of.isoformat()}", parent_params,
                                  tags={"kind": "backtest", "backtest_run_id": run_id}) as parent_run_id:
             for position, result in enumerate(results):
@@ -657,6 +676,7 @@ def run_backtest(storage: Storage, as_of: dt.date | str, config: Config, n_origi
                               "penalizer_coef": config.models.penalizer_coef,
                               "calibration_holdout_version": result.calibration_version,
                               "backtest_run_id": run_id}
+                    params.update(channel_run_params(bundle))    # nightly refits a channel-aware champion as such
                     if name == "cohort":
                         params.update(cohort_min_cell_size=config.models.cohort_min_cell_size,
                                       cohort_by_channel=config.models.cohort_by_channel)

@@ -126,6 +126,11 @@ class GeneratorParams:
     channels: tuple[tuple[str, float], ...] = (
         ("web", 0.38), ("app", 0.17), ("LINE", 0.10), ("catalogue_dm", 0.25), ("store", 0.10))
     channel_stickiness: float = 0.85
+    # Optional effects of the acquisition channel: (channel, purchase-rate multiplier, order-value
+    # multiplier) for some channels. A customer's lambda is multiplied by the first (BG/NBD alpha of that
+    # channel: alpha / m) and nu divided by the second (Gamma-Gamma v of that channel: v * m). Empty (the
+    # default): every channel alike, and the same rows as without this field for the same seed.
+    channel_effects: tuple[tuple[str, float, float], ...] = ()
     # Per-customer preferred category; each order is in it with probability category_stickiness.
     categories: tuple[tuple[str, float], ...] = (
         ("apparel", 0.30), ("cosmetics", 0.20), ("health_food", 0.20), ("home", 0.15), ("food_gift", 0.15))
@@ -154,6 +159,11 @@ class GeneratorParams:
             shares = [s for _, s in getattr(self, name)]
             if not shares or any(s < 0 for s in shares) or abs(sum(shares) - 1.0) > 1e-9:
                 raise GeneratorError(f"GeneratorParams.{name}: shares must be >= 0 and sum to 1 (got {shares})")
+        known_channels = {name for name, _ in self.channels}
+        for effect in self.channel_effects:
+            if len(effect) != 3 or effect[0] not in known_channels or not (effect[1] > 0 and effect[2] > 0):
+                raise GeneratorError(f"GeneratorParams.channel_effects: each entry is (channel of `channels`, "
+                                     f"rate multiplier > 0, value multiplier > 0) (got {effect!r})")
         if self.cancellations not in CANCELLATION_PATTERNS:
             raise GeneratorError(f"GeneratorParams.cancellations must be one of {list(CANCELLATION_PATTERNS)} "
                                  f"(got {self.cancellations!r})")
@@ -165,13 +175,22 @@ class GeneratorParams:
         """Population mean gross order value in yen (infinite when spend_q <= 1)."""
         return self.spend_p * self.spend_v / (self.spend_q - 1) if self.spend_q > 1 else math.inf
 
+    def channel_multipliers(self) -> tuple[np.ndarray, np.ndarray]:
+        """(purchase-rate, order-value) multipliers by channel index (order of ``channels``); 1: no effect."""
+        names = [name for name, _ in self.channels]
+        rate, value = np.ones(len(names)), np.ones(len(names))
+        for channel, rate_multiplier, value_multiplier in self.channel_effects:
+            rate[names.index(channel)] = rate_multiplier
+            value[names.index(channel)] = value_multiplier
+        return rate, value
+
     @property
     def mean_cancel_propensity(self) -> float:
         return self.cancel_a / (self.cancel_a + self.cancel_b)
 
     def to_truth(self) -> dict:
         """The parameters as written to true_params.json, with their conventions and units."""
-        return {
+        truth = {
             "bg_nbd": {
                 "r": self.r, "alpha": self.alpha, "a": self.a, "b": self.b, "time_unit": "days",
                 "lambda": "Gamma(shape=r, rate=alpha), purchases per day",
@@ -215,6 +234,12 @@ class GeneratorParams:
             "category_stickiness": self.category_stickiness,
             "hour_weights": list(self.hour_weights),
         }
+        if self.channel_effects:          # only then, so files of generations without effects stay as they were
+            truth["channel_effects"] = {
+                channel: {"purchase_rate_multiplier": rate, "order_value_multiplier": value,
+                          "bg_nbd_alpha": self.alpha / rate, "gamma_gamma_v": self.spend_v * value}
+                for channel, rate, value in self.channel_effects}
+        return truth
 
 
 # --------------------------------------------------------------------------------------------
@@ -252,6 +277,10 @@ def simulate_block(block_id: int, n_customers: int, seed: int, params: Generator
     cat_names, cat_shares = zip(*params.categories)
     acq_channel = cust_rng.choice(len(ch_names), n, p=np.asarray(ch_shares))
     pref_category = cust_rng.choice(len(cat_names), n, p=np.asarray(cat_shares))
+    if params.channel_effects:            # only then: the default draws and arithmetic stay exactly as they were
+        rate_multiplier, value_multiplier = params.channel_multipliers()
+        lam = lam * rate_multiplier[acq_channel]
+        nu = nu / value_multiplier[acq_channel]
     horizon = window - t0
     n_events = cust_rng.poisson(lam * horizon)            # purchases of a never-dying customer
     n_until_drop = cust_rng.geometric(p_drop)             # repeat purchase after which it drops
@@ -614,8 +643,16 @@ def generate(spark: SparkSession, n_customers: int, seed: int, end_date: dt.date
         "out_dir": out_dir, "orders_path": orders_path, "true_params_path": true_params_path,
         "format": fmt, "seed": seed, "end_date": end_date.isoformat(), "n_customers": n_customers,
         "n_rows": counts["n_rows"], "n_clean_orders": counts["n_clean_orders"],
-        "injected_defects": defects, "params": asdict(params),
+        "injected_defects": defects, "params": _summary_params(params),
     }
+
+
+def _summary_params(params: GeneratorParams) -> dict:
+    """``asdict(params)`` without ``channel_effects`` when there are none (the summary as it was before)."""
+    out = asdict(params)
+    if not params.channel_effects:
+        del out["channel_effects"]
+    return out
 
 
 # --------------------------------------------------------------------------------------------

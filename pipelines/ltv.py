@@ -11,6 +11,17 @@ The purchase and spend statistics come from the basis's columns (:func:`on_basis
 customers without a completed order left out of the fit and counted).
 
 Fits use the counts as ``weights``, which is exact (a weighted fit equals the fit on all rows).
+
+**Channel-aware variants** (``models.by_channel``, :mod:`models.channels`): the purchase and spend
+statistics come grouped by acquisition channel as well (one more key). That multiplies the rows by
+up to the number of channels, bounded by the number of customers: at day resolution on 2M customers
+the pooled statistics are already ~1.5M rows, so grouped by channel they come close to one row per
+customer (``sizes["rfm_rows_by_channel"]`` says how many; weeks as the time unit shrink them). The
+pooled statistics are their sums over the channels on the driver (the same rows
+and counts as grouping without the channel, so the pooled fits do not change), and each BG/NBD or
+MBG/NBD model gets a variant ``<model>_channel`` whose components per channel are shrunk towards the
+pooled fit.
+
 Scoring runs :meth:`models.bundle.ScoringBundle.predict` per Arrow batch through ``mapInPandas``
 with the fitted bundle broadcast once, and writes ``customer_scores``, with the value intervals
 (P10 / P50 / P90, :mod:`models.intervals`: closed forms, no random draws, so the numbers do not
@@ -27,14 +38,16 @@ from typing import Any, Iterator
 
 import numpy as np
 import pandas as pd
-from pyspark.sql import DataFrame
+from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
+from core.config import ByChannelConf
 from core.tables import CUSTOMER_SCORES
 from models import CancellationRateModel, GammaGammaModel, make_model
 from models.bundle import (GROUP_COLUMNS, INTERVAL_COLUMNS, LOADINGS_COLUMN, NET_FEATURE_COLUMNS, SCORE_COLUMNS,
                            ScoringBundle)
+from models.channels import CHANNEL_SUFFIX, SHRUNK_PURCHASE_MODELS, fit_channel_components
 from models.hybrid import bundle_from_payload
 
 log = logging.getLogger(__name__)
@@ -59,24 +72,41 @@ def on_basis(features_df: DataFrame, purchase_basis: str) -> DataFrame:
         raise LtvInputError(f"customer_features lacks {missing}: rebuild it with this release "
                             "(`cvseg features --as-of D --full`) to fit on the net basis")
     gross_names = ("frequency", "recency", "T", "monetary_value")
+    kept = [F.col("acquisition_channel")] if "acquisition_channel" in features_df.columns else []
     return (features_df.where(F.col("net_frequency").isNotNull())
-            .select(*[F.col(net).alias(gross) for net, gross in zip(NET_FEATURE_COLUMNS, gross_names)]))
+            .select(*[F.col(net).alias(gross) for net, gross in zip(NET_FEATURE_COLUMNS, gross_names)], *kept))
 
 
-def rfm_sufficient_stats(features_df: DataFrame) -> pd.DataFrame:
-    """Unique (frequency, recency, T) rows with the number of customers in each.
+def _keys(keys: tuple[str, ...], by_channel: bool) -> list[Column]:
+    """Grouping keys, led by ``channel`` (the acquisition channel, null kept) when ``by_channel``."""
+    return ([F.col("acquisition_channel").alias("channel")] if by_channel else []) + [F.col(k) for k in keys]
+
+
+def rfm_sufficient_stats(features_df: DataFrame, by_channel: bool = False) -> pd.DataFrame:
+    """Unique (frequency, recency, T) rows with the number of customers in each (``by_channel``: per
+    acquisition channel, a ``channel`` column first).
 
     Customers first seen on the as-of day (T = 0) carry no information about purchase rates and
     the likelihood is undefined for them, so they are left out of the fit (they are scored).
     """
-    return _in_key_order(features_df.where(F.col("T") > 0).groupBy("frequency", "recency", "T")
+    return _in_key_order(features_df.where(F.col("T") > 0).groupBy(*_keys(("frequency", "recency", "T"), by_channel))
                          .agg(F.count(F.lit(1)).alias("weight")).toPandas())
 
 
-def spend_sufficient_stats(features_df: DataFrame) -> pd.DataFrame:
-    """Unique (frequency, monetary_value) rows of repeat customers with positive spend."""
+def spend_sufficient_stats(features_df: DataFrame, by_channel: bool = False) -> pd.DataFrame:
+    """Unique (frequency, monetary_value) rows of repeat customers with positive spend (``by_channel``:
+    per acquisition channel)."""
     return _in_key_order(features_df.where((F.col("frequency") > 0) & (F.col("monetary_value") > 0))
-                         .groupBy("frequency", "monetary_value").agg(F.count(F.lit(1)).alias("weight")).toPandas())
+                         .groupBy(*_keys(("frequency", "monetary_value"), by_channel))
+                         .agg(F.count(F.lit(1)).alias("weight")).toPandas())
+
+
+def pooled_stats(stats_by_channel: pd.DataFrame) -> pd.DataFrame:
+    """Statistics grouped by channel summed over the channels: the rows and counts that grouping
+    without the channel gives (integer counts: exact), in key order."""
+    keys = [c for c in stats_by_channel.columns if c not in ("channel", "weight")]
+    summed = stats_by_channel.groupby(keys, sort=False)["weight"].sum().reset_index()
+    return _in_key_order(summed[keys + ["weight"]])
 
 
 def cancellation_sufficient_stats(features_df: DataFrame) -> pd.DataFrame:
@@ -103,13 +133,20 @@ class FittedModels:
 
 def fit_btyd_bundles(features_df: DataFrame, purchase_models: tuple[str, ...], time_unit: str,
                      horizon_months: int = 6, penalizer_coef: float = 0.0,
-                     purchase_basis: str = "gross") -> FittedModels:
-    """Fit each purchase model plus the shared Gamma-Gamma and cancellation models on one basis."""
+                     purchase_basis: str = "gross", by_channel: ByChannelConf | None = None) -> FittedModels:
+    """Fit each purchase model plus the shared Gamma-Gamma and cancellation models on one basis; with
+    ``by_channel`` enabled also ``<model>_channel`` for BG/NBD and MBG/NBD (see the module docstring)."""
+    channel_aware = by_channel is not None and by_channel.enabled
     seconds: dict[str, float] = {}
     started = time.perf_counter()
     basis_df = on_basis(features_df, purchase_basis)
-    rfm = rfm_sufficient_stats(basis_df)
-    spend = spend_sufficient_stats(basis_df)
+    if channel_aware:
+        rfm_by_channel = rfm_sufficient_stats(basis_df, by_channel=True)
+        spend_by_channel = spend_sufficient_stats(basis_df, by_channel=True)
+        rfm, spend = pooled_stats(rfm_by_channel), pooled_stats(spend_by_channel)
+    else:
+        rfm = rfm_sufficient_stats(basis_df)
+        spend = spend_sufficient_stats(basis_df)
     cancels = cancellation_sufficient_stats(features_df)
     seconds["sufficient_statistics"] = time.perf_counter() - started
     if rfm.empty:
@@ -135,13 +172,35 @@ def fit_btyd_bundles(features_df: DataFrame, purchase_models: tuple[str, ...], t
         bundles[name] = ScoringBundle(purchase=purchase, spend=spend_model, cancellation=cancel_model,
                                       value_model="btyd", horizon_months=horizon_months, time_unit=time_unit,
                                       purchase_basis=purchase_basis)
+    if channel_aware:
+        for name in [n for n in purchase_models if n in SHRUNK_PURCHASE_MODELS]:
+            started = time.perf_counter()
+            pooled = bundles[name]
+            components = fit_channel_components(pooled.purchase, spend_model, rfm_by_channel, spend_by_channel,
+                                                by_channel.prior_customers, by_channel.min_customers)
+            seconds[f"fit_{name}{CHANNEL_SUFFIX}"] = time.perf_counter() - started
+            # a bundle of its own (metadata too: the backtest writes into it per model)
+            bundles[f"{name}{CHANNEL_SUFFIX}"] = dataclasses.replace(pooled, by_channel=components, metadata={})
     customers = int(cancels["weight"].sum())
+    channel_sizes = ({"rfm_rows_by_channel": len(rfm_by_channel), "spend_rows_by_channel": len(spend_by_channel)}
+                     if channel_aware else {})
     return FittedModels(bundles=bundles, seconds=seconds,
                         sizes={"rfm_rows": len(rfm), "spend_rows": len(spend), "cancel_rows": len(cancels),
                                "customers": int(rfm["weight"].sum()),
                                # net basis: customers who only cancelled (not in the purchase fit)
                                "customers_without_completed_orders": _only_cancelled(cancels),
-                               "all_customers": customers})
+                               "all_customers": customers, **channel_sizes})
+
+
+def channel_run_params(bundle: ScoringBundle) -> dict[str, Any]:
+    """MLflow parameters of a channel-aware bundle (the nightly run reads ``by_channel`` back to refit a
+    channel-aware champion as such); empty for a pooled bundle. The per-channel parameters themselves go
+    to the ``parameters`` artifact."""
+    if bundle.by_channel is None:
+        return {}
+    return {"by_channel": True, "by_channel_prior_customers": bundle.by_channel.prior_customers,
+            "by_channel_min_customers": bundle.by_channel.min_customers,
+            "by_channel_channels": ",".join(bundle.by_channel.channels)}
 
 
 def _only_cancelled(cancels: pd.DataFrame) -> int:
@@ -237,10 +296,18 @@ def _time_unit_of(features_df: DataFrame) -> str | None:
 
 
 def describe_params(bundles: dict[str, ScoringBundle]) -> dict[str, Any]:
-    """``{"bgnbd": {"r":..,"alpha":..,"a":..,"b":..}, "gamma_gamma": {...}, ...}`` for --json output."""
+    """``{"bgnbd": {"r":..,"alpha":..,"a":..,"b":..}, "gamma_gamma": {...}, ...}`` for --json output;
+    a channel-aware bundle adds ``"bgnbd_channel:<channel>"`` and ``"gamma_gamma:<channel>"`` entries."""
     out: dict[str, Any] = {}
     for name, bundle in bundles.items():
-        out[name] = {k: float(v) for k, v in bundle.purchase.params_.items() if np.isscalar(v)}
+        if bundle.by_channel is None:
+            out[name] = {k: float(v) for k, v in bundle.purchase.params_.items() if np.isscalar(v)}
+            continue
+        # channel-aware: one entry per channel with own parameters ("bgnbd_channel:web", "gamma_gamma:web")
+        for models, label in ((bundle.by_channel.purchase, name),
+                              (bundle.by_channel.spend, "gamma_gamma")):
+            for channel, model in sorted(models.items()):
+                out[f"{label}:{channel}"] = {k: float(v) for k, v in model.params_.items()}
     if bundles:
         any_bundle = next(iter(bundles.values()))
         out["gamma_gamma"] = {k: float(v) for k, v in any_bundle.spend.params_.items() if np.isscalar(v)}

@@ -38,7 +38,7 @@ from typing import Any, Callable, ContextManager, Iterator
 from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
 
-from core.config import Config
+from core.config import ByChannelConf, Config
 from core.s3 import s3_error_summary
 from core.tables import PIPELINE_RUNS, TABLES
 
@@ -114,6 +114,7 @@ class ChampionInfo:
     registered_at: dt.datetime        # UTC
     purchase_basis: str = "gross"     # the basis it was fitted on (runs before the basis existed: gross)
     value_model: str = "btyd"         # a "hybrid" champion is refitted as a hybrid (pipelines/hybrid.py)
+    by_channel: bool = False          # a channel-aware champion (models/channels.py) is refitted as such
 
 
 def refit_reason(champion: ChampionInfo | None, as_of_date: dt.date, refit_every_days: int,
@@ -204,15 +205,17 @@ def champion_info(registered_model: str) -> ChampionInfo | None:
     fitted = None
     basis = "gross"
     value_model = "btyd"
+    by_channel = False
     if version.run_id:
         params = client.get_run(version.run_id).data.params
         as_of = params.get("as_of")
         fitted = dt.date.fromisoformat(as_of) if as_of else None
         basis = params.get("purchase_basis", "gross")
         value_model = params.get("value_model", "btyd")
+        by_channel = params.get("by_channel", "false").lower() == "true"     # MLflow keeps params as text
     registered = dt.datetime.fromtimestamp(version.creation_timestamp / 1000, tz=dt.timezone.utc)
     return ChampionInfo(version=str(version.version), fitted_as_of=fitted, registered_at=registered,
-                        purchase_basis=basis, value_model=value_model)
+                        purchase_basis=basis, value_model=value_model, by_channel=by_channel)
 
 
 def refit_basis(configured: str, champion: ChampionInfo | None) -> str:
@@ -221,6 +224,15 @@ def refit_basis(configured: str, champion: ChampionInfo | None) -> str:
     if configured != "auto":
         return configured
     return champion.purchase_basis if champion is not None else "gross"
+
+
+def refit_by_channel(conf: ByChannelConf, purchase_model: str, champion: ChampionInfo | None) -> bool:
+    """Whether the nightly refit is channel-aware: the last backtest chose a channel-aware champion, the
+    variants are still switched on and the refitted purchase model has one."""
+    from models.channels import SHRUNK_PURCHASE_MODELS
+
+    return (conf.enabled and champion is not None and champion.by_channel
+            and purchase_model in SHRUNK_PURCHASE_MODELS)
 
 
 # --------------------------------------------------------------------------------------------
@@ -266,7 +278,7 @@ def _features(ctx: _Context) -> tuple[str, dict]:
 
 def _score(ctx: _Context) -> tuple[str, dict]:
     from core import tracking
-    from pipelines.ltv import LtvInputError, fit_btyd_bundles, run_score
+    from pipelines.ltv import LtvInputError, channel_run_params, fit_btyd_bundles, run_score
 
     target = tracking.tracking_target(ctx.config)
     tracking.start(target)
@@ -287,9 +299,13 @@ def _score(ctx: _Context) -> tuple[str, dict]:
         started = time.perf_counter()
         features_df = ctx.storage.read("customer_features").where(F.col("as_of_date") == F.lit(ctx.as_of_date))
         basis = refit_basis(models.purchase_basis, champion)
+        channel_aware = refit_by_channel(models.by_channel, models.purchase_models[0], champion)
         fitted = fit_btyd_bundles(features_df, models.purchase_models[:1], ctx.config.features.time_unit,
-                                  ctx.config.features.horizon_months, models.penalizer_coef, purchase_basis=basis)
-        name, bundle = next(iter(fitted.bundles.items()))
+                                  ctx.config.features.horizon_months, models.penalizer_coef, purchase_basis=basis,
+                                  by_channel=models.by_channel if channel_aware else None)
+        # the channel-aware variant comes after the pooled bundle it was built from
+        name, bundle = list(fitted.bundles.items())[-1 if channel_aware else 0]
+        channel_fit_params = channel_run_params(bundle)
         hybrid_params: dict[str, Any] = {}
         if champion is not None and champion.value_model == "hybrid":   # refit the trees too (pipelines/hybrid.py)
             from pipelines.hybrid import refit_hybrid, tracking_extras
@@ -303,7 +319,7 @@ def _score(ctx: _Context) -> tuple[str, dict]:
         _, version = tracking.log_bundle(
             bundle, run_name=f"nightly-fit-{name}-{ctx.as_of_date}",
             params={"purchase_model": bundle.purchase.name, "value_model": bundle.value_model,
-                    "as_of": ctx.as_of_date.isoformat(), **hybrid_params,
+                    "as_of": ctx.as_of_date.isoformat(), **hybrid_params, **channel_fit_params,
                     "purchase_basis": basis,
                     "time_unit": ctx.config.features.time_unit, "penalizer_coef": models.penalizer_coef,
                     "horizon_months": ctx.config.features.horizon_months,

@@ -34,8 +34,9 @@ N_CUSTOMERS = 5000
 CONF = Path(__file__).resolve().parents[2] / "conf" / "examples" / "synthetic.yaml"
 
 
-def orders_frame(n_customers: int, seed: int, params: GeneratorParams) -> pd.DataFrame:
-    """Clean generated orders in the ``orders`` schema (the day is the business day)."""
+def orders_frame(n_customers: int, seed: int, params: GeneratorParams, channels: bool = False) -> pd.DataFrame:
+    """Clean generated orders in the ``orders`` schema (the day is the business day); every order on the
+    ``web`` channel unless ``channels`` (then the generated channel of each order)."""
     blocks = [simulate_block(b, n_customers, seed, params, dirty_share=0.0)
               for b in range((n_customers + 9_999) // 10_000)]
     rows = pd.concat(blocks, ignore_index=True)
@@ -43,12 +44,14 @@ def orders_frame(n_customers: int, seed: int, params: GeneratorParams) -> pd.Dat
     day = start + pd.to_timedelta(rows["day"], unit="D")
     gross = rows["amount"].astype(float)
     cancelled = rows["cancelled_amount"].astype(float)
+    channel_names = np.array([name for name, _ in params.channels], dtype=object)
     return pd.DataFrame({
         "order_id": "O" + rows["order_no"].astype(str), "customer_id": "C" + rows["cust"].astype(str),
         "order_ts": day + pd.to_timedelta(rows["sec"], unit="s"), "order_date": day.dt.date,
         "gross_amount": gross, "is_cancelled": rows["is_cancelled"].astype(bool),
         "cancelled_amount": cancelled, "net_amount": gross - cancelled,
-        "channel": "web", "category": "apparel", "currency": "JPY", "extra": None,
+        "channel": channel_names[rows["channel"].to_numpy()] if channels else "web",
+        "category": "apparel", "currency": "JPY", "extra": None,
         "source_file": "generated", "source_row": np.arange(1, len(rows) + 1), "ingest_run_id": "test",
         "order_month": day.dt.strftime("%Y-%m"),
     })[ORDERS.columns]

@@ -345,3 +345,35 @@ def test_a_retry_precedes_a_completed_order_by_one_or_two_days_and_strays_come_a
 def test_an_unknown_cancellation_pattern_is_rejected():
     with pytest.raises(GeneratorError, match="cancellations"):
         GeneratorParams(cancellations="sometimes")
+
+
+def test_channel_effects_scale_the_purchase_rate_and_order_value_of_their_channel_only():
+    from pipelines.generate import simulate_block
+
+    plain = simulate_block(0, 10_000, 5, GeneratorParams(), dirty_share=0.0)
+    # multipliers of 1 are no effect: the same rows as the default
+    neutral = simulate_block(0, 10_000, 5, GeneratorParams(channel_effects=(("app", 1.0, 1.0),)), dirty_share=0.0)
+    pd.testing.assert_frame_equal(neutral, plain)
+    params = GeneratorParams(channel_effects=(("app", 3.0, 2.0),))
+    rows = simulate_block(0, 10_000, 5, params, dirty_share=0.0)
+    app = [name for name, _ in params.channels].index("app")
+
+    def per_channel(frame: pd.DataFrame) -> pd.DataFrame:
+        first = frame.groupby("cust").first()          # the first order's channel is the acquisition channel
+        orders = frame.groupby("cust").size()
+        amount = frame.groupby("cust")["amount"].mean()
+        return pd.DataFrame({"is_app": first["channel"] == app, "orders": orders, "amount": amount}) \
+            .groupby("is_app").mean()
+
+    before, after = per_channel(plain), per_channel(rows)
+    # app customers: ~3x the purchase rate (fewer than 3x the orders: dropout caps them), 2x the order value
+    assert 1.5 < after.loc[True, "orders"] / before.loc[True, "orders"] < 3.0
+    assert 1.85 < after.loc[True, "amount"] / before.loc[True, "amount"] < 2.15
+    # the other channels as before (other draws, the same distribution)
+    assert abs(after.loc[False, "orders"] / before.loc[False, "orders"] - 1) < 0.05
+    assert abs(after.loc[False, "amount"] / before.loc[False, "amount"] - 1) < 0.03
+    truth = params.to_truth()["channel_effects"]["app"]
+    assert truth["bg_nbd_alpha"] == 20.0 and truth["gamma_gamma_v"] == 7000.0
+    assert "channel_effects" not in GeneratorParams().to_truth()
+    with pytest.raises(GeneratorError):
+        GeneratorParams(channel_effects=(("tv", 2.0, 1.0),))

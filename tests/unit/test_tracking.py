@@ -1,10 +1,12 @@
 """A model version logged to MLflow loads back as a pyfunc and scores like the bundle, quietly."""
 from __future__ import annotations
 
+import dataclasses
 import warnings
 
 import numpy as np
 import pandas as pd
+import pytest
 
 from core import tracking
 from models.bundle import FEATURE_COLUMNS, ScoringBundle
@@ -25,10 +27,29 @@ def _bundle() -> ScoringBundle:
                          cancellation=cancels)
 
 
-def test_logged_bundle_loads_as_pyfunc_and_scores_the_same(tmp_path):
-    import mlflow
+def _channel_bundle() -> ScoringBundle:
+    """The same with per-channel components ("web" buys more often than "app" in the simulation)."""
+    from models.channels import fit_channel_components
 
     bundle = _bundle()
+    rng = np.random.default_rng(8)
+    rows = pd.concat([simulate_bgnbd(2000, r=0.8, alpha=20.0, a=0.6, b=2.5, T=rng.uniform(60, 400, 2000), seed=8)
+                      .assign(channel="web"),
+                      simulate_bgnbd(2000, r=0.8, alpha=80.0, a=0.6, b=2.5, T=rng.uniform(60, 400, 2000), seed=9)
+                      .assign(channel="app")])
+    rfm = rows.assign(weight=1.0)
+    spend = rows[rows.frequency > 0].assign(monetary_value=lambda d: rng.gamma(6.0, 800.0, len(d)), weight=1.0)
+    components = fit_channel_components(bundle.purchase, bundle.spend, rfm, spend, prior_customers=1000,
+                                        min_customers=100)
+    return ScoringBundle(purchase=bundle.purchase, spend=bundle.spend, cancellation=bundle.cancellation,
+                         by_channel=components)
+
+
+@pytest.mark.parametrize("make_bundle", [_bundle, _channel_bundle], ids=["pooled", "by_channel"])
+def test_logged_bundle_loads_as_pyfunc_and_scores_the_same(tmp_path, make_bundle):
+    import mlflow
+
+    bundle = make_bundle()
     target = tracking.TrackingTarget(uri=f"sqlite:///{tmp_path / 'mlflow.db'}", experiment="t",
                                      registered_model="t_ltv", artifact_root=(tmp_path / "artifacts").as_uri())
     tracking.start(target)
@@ -46,3 +67,7 @@ def test_logged_bundle_loads_as_pyfunc_and_scores_the_same(tmp_path):
     served = mlflow.pyfunc.load_model(f"models:/{target.registered_model}/{version}")
     pd.testing.assert_frame_equal(served.predict(features).reset_index(drop=True),
                                   bundle.predict(features).reset_index(drop=True))
+    if bundle.by_channel is not None:         # the channels' own parameters were used: not the pooled scores
+        pooled = dataclasses.replace(bundle, by_channel=None).predict(features)
+        by_channel = bundle.predict(features)
+        assert not np.allclose(pooled["expected_purchases"].iloc[:2], by_channel["expected_purchases"].iloc[:2])
