@@ -156,8 +156,9 @@ class ScoringBundle:
                                                 features["n_cancelled"].to_numpy(float))
         purchases, p_alive, order_value = (np.zeros(len(scored)) for _ in range(3))
         intervals = np.full((len(scored), len(INTERVAL_COLUMNS) + len(GROUP_COLUMNS)), np.nan)
-        loadings: list = [None] * len(scored)
         blocks = self.loading_blocks
+        loadings = np.zeros((len(scored) if self.has_intervals else 0, self.loading_width * blocks))
+        has_loadings = np.zeros(len(scored), dtype=bool)
         for rows, purchase, spend in self._component_groups(features):
             # rows None: every row (the pooled bundle; no subsetting, so exactly the former arithmetic)
             at = slice(None) if rows is None else rows
@@ -167,12 +168,10 @@ class ScoringBundle:
             if group_loadings is not None:
                 # each fit's loadings in its own block of the array: group totals add a block's
                 # coordinates (one fit's parameters) and treat the channels' fits as independent
-                index = self._block_of(rows, features)
-                full = np.zeros((len(group_loadings), self.loading_width * blocks))
-                full[:, index * self.loading_width:index * self.loading_width + group_loadings.shape[1]] = group_loadings
+                start = self._block_of(rows, features) * self.loading_width
                 positions = np.arange(len(scored))[at][inputs[0]]
-                for i, row in zip(positions, full):
-                    loadings[i] = row
+                loadings[positions, start:start + group_loadings.shape[1]] = group_loadings
+                has_loadings[positions] = True
         if self.purchase_basis == "gross":
             gross = purchases * order_value
             btyd_net = gross * (1.0 - cancel_rate)
@@ -195,7 +194,9 @@ class ScoringBundle:
         })
         for j, column in enumerate(INTERVAL_COLUMNS + GROUP_COLUMNS):
             out[column] = intervals[:, j]
-        out[LOADINGS_COLUMN] = loadings
+        # one array per row (Arrow's list<double>), None where the customer has no interval
+        out[LOADINGS_COLUMN] = (pd.Series(list(loadings), dtype=object).where(has_loadings, None).to_numpy()
+                                if has_loadings.any() else None)
         numeric = out[list(SCORE_COLUMNS[1:-1])].to_numpy(float)
         if not np.isfinite(numeric).all():
             bad = ~np.isfinite(numeric).all(axis=1)
