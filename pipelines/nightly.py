@@ -115,6 +115,7 @@ class ChampionInfo:
     purchase_basis: str = "gross"     # the basis it was fitted on (runs before the basis existed: gross)
     value_model: str = "btyd"         # a "hybrid" champion is refitted as a hybrid (pipelines/hybrid.py)
     by_channel: bool = False          # a channel-aware champion (models/channels.py) is refitted as such
+    purchase_model: str | None = None  # the BTYD purchase model it was fitted with (bgnbd, mbgnbd, ...)
 
 
 def refit_reason(champion: ChampionInfo | None, as_of_date: dt.date, refit_every_days: int,
@@ -206,6 +207,7 @@ def champion_info(registered_model: str) -> ChampionInfo | None:
     basis = "gross"
     value_model = "btyd"
     by_channel = False
+    purchase_model = None
     if version.run_id:
         params = client.get_run(version.run_id).data.params
         as_of = params.get("as_of")
@@ -213,9 +215,11 @@ def champion_info(registered_model: str) -> ChampionInfo | None:
         basis = params.get("purchase_basis", "gross")
         value_model = params.get("value_model", "btyd")
         by_channel = params.get("by_channel", "false").lower() == "true"     # MLflow keeps params as text
+        purchase_model = params.get("purchase_model")
     registered = dt.datetime.fromtimestamp(version.creation_timestamp / 1000, tz=dt.timezone.utc)
     return ChampionInfo(version=str(version.version), fitted_as_of=fitted, registered_at=registered,
-                        purchase_basis=basis, value_model=value_model, by_channel=by_channel)
+                        purchase_basis=basis, value_model=value_model, by_channel=by_channel,
+                        purchase_model=purchase_model)
 
 
 def refit_basis(configured: str, champion: ChampionInfo | None) -> str:
@@ -224,6 +228,14 @@ def refit_basis(configured: str, champion: ChampionInfo | None) -> str:
     if configured != "auto":
         return configured
     return champion.purchase_basis if champion is not None else "gross"
+
+
+def refit_purchase_model(configured: tuple[str, ...], champion: ChampionInfo | None) -> str:
+    """The purchase model of a nightly refit: the champion's (the one the last backtest chose) while it
+    is still among ``models.purchase_models``; else, and before any champion, the first configured."""
+    if champion is not None and champion.purchase_model in configured:
+        return champion.purchase_model
+    return configured[0]
 
 
 def refit_by_channel(conf: ByChannelConf, purchase_model: str, champion: ChampionInfo | None) -> bool:
@@ -299,8 +311,11 @@ def _score(ctx: _Context) -> tuple[str, dict]:
         started = time.perf_counter()
         features_df = ctx.storage.read("customer_features").where(F.col("as_of_date") == F.lit(ctx.as_of_date))
         basis = refit_basis(models.purchase_basis, champion)
-        channel_aware = refit_by_channel(models.by_channel, models.purchase_models[0], champion)
-        fitted = fit_btyd_bundles(features_df, models.purchase_models[:1], ctx.config.features.time_unit,
+        # the champion's purchase model, not always the first configured: a backtest that chose MBG/NBD
+        # must not see its champion replaced by a BG/NBD fit at the next refit
+        purchase_model = refit_purchase_model(models.purchase_models, champion)
+        channel_aware = refit_by_channel(models.by_channel, purchase_model, champion)
+        fitted = fit_btyd_bundles(features_df, (purchase_model,), ctx.config.features.time_unit,
                                   ctx.config.features.horizon_months, models.penalizer_coef, purchase_basis=basis,
                                   by_channel=models.by_channel if channel_aware else None)
         # the channel-aware variant comes after the pooled bundle it was built from

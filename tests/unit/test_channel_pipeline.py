@@ -43,3 +43,15 @@ def test_channel_run_params_only_for_channel_aware_bundles():
         by_channel = None
 
     assert channel_run_params(Pooled()) == {}
+
+
+def test_a_refit_keeps_the_champions_purchase_model():
+    from pipelines.nightly import refit_purchase_model
+
+    configured = ("bgnbd", "paretonbd", "mbgnbd")
+    now = dt.datetime(2026, 9, 30, tzinfo=dt.timezone.utc)
+    mbgnbd = ChampionInfo("4", dt.date(2026, 9, 1), now, purchase_model="mbgnbd")
+    assert refit_purchase_model(configured, mbgnbd) == "mbgnbd"
+    assert refit_purchase_model(configured, None) == "bgnbd"                          # no backtest yet
+    assert refit_purchase_model(("bgnbd",), mbgnbd) == "bgnbd"                        # no longer configured
+    assert refit_purchase_model(configured, ChampionInfo("1", None, now)) == "bgnbd"  # older runs: no param
