@@ -42,12 +42,22 @@ def loadings_width(scores_df: DataFrame) -> int:
     """Length of the loadings arrays (0 without intervals): one aggregate, two numbers to the driver.
     Every customer of one scores partition is scored by one bundle, so one length; two lengths
     would mean coordinates of different fits, which must not be added up."""
+    return _rows_and_loadings_width(scores_df)[1]
+
+
+def _rows_and_loadings_width(scores_df: DataFrame) -> tuple[int, int]:
+    """(rows, :func:`loadings_width`) in one pass over the scores."""
     sizes = F.when(F.col(LOADINGS_COLUMN).isNotNull(), F.size(LOADINGS_COLUMN))
-    row = scores_df.agg(F.min(sizes).alias("low"), F.max(sizes).alias("high")).first()
+    row = scores_df.agg(F.count(F.lit(1)).alias("rows"), F.min(sizes).alias("low"), F.max(sizes).alias("high")).first()
     if row["low"] != row["high"]:
         raise ValueError(f"the rows mix parameter loadings of {row['low']} and {row['high']} coordinates (scores "
                          "of several fits in one date?); re-score the date with one model, then re-run trends")
-    return int(row["high"] or 0)
+    return int(row["rows"]), int(row["high"] or 0)
+
+
+def _squared_norm(array: Column) -> Column:
+    """Sum of the squares of an array column's elements (null for a null array)."""
+    return F.aggregate(array, F.lit(0.0), lambda acc, x: acc + x * x)
 
 
 def _loading_sums(column: Column, width: int) -> Column:
@@ -59,7 +69,7 @@ def total_interval_sums(value: Column, width: int) -> list[Column]:
     """Aggregates over customers (``customer_scores`` columns): the group's value total ``value`` and the
     sums of :class:`models.intervals.GroupTerms` its interval needs (names as in ``ltv_by_channel``)."""
     sd, param_sd = F.col(SD), F.col(PARAM_SD)
-    loadings_sq = F.aggregate(F.col(LOADINGS_COLUMN), F.lit(0.0), lambda acc, x: acc + x * x)
+    loadings_sq = _squared_norm(F.col(LOADINGS_COLUMN))
     return [
         F.sum(value).alias("value"),
         # GroupTerms.process_var and .interaction_sd, per customer
@@ -93,8 +103,8 @@ def _total_quantiles(mean: pd.Series, variance: pd.Series, log_p_zero: pd.Series
 
 def total_variance() -> Column:
     """:func:`models.intervals.group_total_variance` of the sums as a Column."""
-    loadings_sq = F.aggregate(F.col(LOADINGS_COLUMN), F.lit(0.0), lambda acc, x: acc + x * x)
-    return F.col(PROCESS_VAR) + F.col(INTERACTION_SD) ** 2 + F.coalesce(loadings_sq, F.lit(0.0))
+    return F.col(PROCESS_VAR) + F.col(INTERACTION_SD) ** 2 + F.coalesce(_squared_norm(F.col(LOADINGS_COLUMN)),
+                                                                         F.lit(0.0))
 
 
 def with_total_interval(sums_df: DataFrame) -> DataFrame:
@@ -145,11 +155,13 @@ def run_ltv_by_channel(storage: Any, as_of_date: dt.date) -> dict[str, Any]:
     at D; without scores for D nothing is written and the summary says what to run."""
     scores_df = (storage.read(CUSTOMER_SCORES.name).where(F.col("as_of_date") == F.lit(as_of_date))
                  if storage.exists(CUSTOMER_SCORES.name) else None)
-    if scores_df is None or scores_df.select("customer_id").limit(1).first() is None:
+    # one pass: whether D is scored, and the loadings' width
+    scored, width = _rows_and_loadings_width(scores_df) if scores_df is not None else (0, 0)
+    if not scored:
         return {"ltv_by_channel": f"not written: no customer_scores for {as_of_date} "
                                   f"(run `cvseg score --as-of {as_of_date}`, then this again)"}
     features_df = storage.read(CUSTOMER_FEATURES.name).where(F.col("as_of_date") == F.lit(as_of_date))
-    rows_df = ltv_by_channel(scores_df, features_df, as_of_date, loadings_width(scores_df))
+    rows_df = ltv_by_channel(scores_df, features_df, as_of_date, width)
     storage.replace_partitions(LTV_BY_CHANNEL.name, rows_df, partitions={"as_of_date": [as_of_date]})
     written = (storage.read(LTV_BY_CHANNEL.name).where(F.col("as_of_date") == F.lit(as_of_date))
                .agg(F.count(F.lit(1)).alias("rows"), F.sum("customers").alias("customers"),
