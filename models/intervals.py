@@ -12,7 +12,8 @@ The realised value of a customer over the horizon ``t`` is ``V = (1 - c) * sum_{
       P(N >= k) = P(alive) * P(NB(r + x, (alpha+T)/(alpha+T+t)) >= k) * E[(1 - p)^(k-1)]
 
   with ``E[(1-p)^(k-1)] = prod_{j<k-1} (b+x+j) / (a+b+x+j)``; both factors follow a one-term
-  recurrence in k, so ``P(N = 0)``, ``E[N]`` and ``E[N (N-1)]`` are series summed until ``P(N >= k) < 1e-10``
+  recurrence in k, so ``P(N = 0)``, ``E[N]`` and ``E[N (N-1)]`` are series summed until ``P(N >= k)``
+  falls below ``1e-9`` times the sum so far
   (``E[N]`` is the model's expected purchases: the tests check it against lifetimes' closed form);
 * ``Z_j``, the order values, Gamma-Gamma: ``Z_j ~ Gamma(p, nu)`` with the customer's posterior
   ``nu ~ Gamma(p x + q, v + x m)`` (x repeat orders of mean value m), so that
@@ -85,8 +86,11 @@ from scipy import special
 
 #: Quantile levels of the interval and of its middle.
 LEVELS = (0.1, 0.5, 0.9)
-#: The count series stops where P(N >= k) < SERIES_TOLERANCE (and k is past the mean).
-SERIES_TOLERANCE = 1e-10
+#: The count series stops where P(N >= k) <= SERIES_TOLERANCE x the sum so far (relative: E[N] to ~3e-9 for a
+#: long-lapsed customer too, where an absolute 1e-10 left 1% on E[N] ~ 1e-8; and 7% fewer terms on average).
+SERIES_TOLERANCE = 1e-9
+#: Elements (customers x parameter rows) per pass of the count series (models.intervals.count_moments_by_point).
+SERIES_CHUNK = 10_000
 #: Hard cap on the series length (a customer with ~1,000+ expected purchases in the horizon).
 MAX_TERMS = 20_000
 #: E[nu^-2] needs p x + q > 2; below, the order values have no finite variance: clamp (documented).
@@ -174,10 +178,19 @@ def count_moments_by_point(param_rows: np.ndarray, t: float, x, t_x, T, modified
     x, t_x, T = (np.asarray(v, dtype=float) for v in (x, t_x, T))
     rows = np.asarray(param_rows, dtype=float)
     k_rows, n = len(rows), x.shape[0]
-    r, alpha, a, b = (np.repeat(rows[:, j], n) for j in range(4))
-    z, m, f = _count_moments_flat(r, alpha, a, b, t, np.tile(x, k_rows), np.tile(t_x, k_rows), np.tile(T, k_rows),
-                                  modified)
-    return CountMoments(*(v.reshape(k_rows, n) for v in (z, m, f)))
+    out = [np.empty((k_rows, n)) for _ in range(3)]
+    # customers in chunks of ~SERIES_CHUNK elements: the loop's dozen state arrays then stay in the
+    # CPU cache (about a quarter faster than one pass over a 10,000-row Arrow batch x 5 rows)
+    step = max(1, SERIES_CHUNK // k_rows)
+    for start in range(0, n, step):
+        part = slice(start, min(n, start + step))
+        size = part.stop - part.start
+        r, alpha, a, b = (np.repeat(rows[:, j], size) for j in range(4))
+        moments = _count_moments_flat(r, alpha, a, b, t, np.tile(x[part], k_rows), np.tile(t_x[part], k_rows),
+                                      np.tile(T[part], k_rows), modified)
+        for target, values in zip(out, moments):
+            target[:, part] = values.reshape(k_rows, size)
+    return CountMoments(*out)
 
 
 def bg_family_p_alive(r, alpha, a, b, x, t_x, T, modified: bool) -> np.ndarray:
@@ -194,7 +207,12 @@ def bg_family_p_alive(r, alpha, a, b, x, t_x, T, modified: bool) -> np.ndarray:
 
 
 def _count_moments_flat(r, alpha, a, b, t, x, t_x, T, modified):
-    """(P(N = 0), E[N], E[N(N-1)]) per element; every argument but ``t`` an array of one length."""
+    """(P(N = 0), E[N], E[N(N-1)]) per element; every argument but ``t`` an array of one length.
+
+    Eleven array passes per term (the cost of the intervals is this loop): ``P(alive)`` rides in the
+    beta factor, the NB ratio is ``q + shape q / k``, and ``E[N(N-1)] = 2 sum_k (k-1) P(N >= k)`` is
+    kept as ``2 (K C_K - sum_{j<=K} C_j)`` with ``C_j`` the running sum of ``P(N >= k)``, so one
+    accumulation per term instead of a product and a sum."""
     alive = bg_family_p_alive(r, alpha, a, b, x, t_x, T, modified)
     shape = r + x
     q = t / (alpha + T + t)                                    # NB(shape, 1 - q): P(M = k+1) / P(M = k)
@@ -204,49 +222,52 @@ def _count_moments_flat(r, alpha, a, b, t, x, t_x, T, modified):
     n = x.shape[0]
     mean = np.zeros(n)
     factorial2 = np.zeros(n)
-    # the state of the elements whose series has not converged, compacted every few steps; the sums
+    # the state of the elements whose series has not converged, compacted now and then; the sums
     # are kept compacted too and written back when an element leaves (no scatter per step)
     idx = np.arange(n)
     surv = 1.0 - pmf                                           # P(M >= 1)
-    beta_term = np.ones(n)                                     # E[(1-p)^(k-1)] at k = 1
-    c_alive, c_shape, c_q, c_bpost, c_abpost = alive, shape - 1.0, q, b_post - 1.0, a + b_post - 1.0
-    c_mean, c_fact = np.zeros(n), np.zeros(n)
+    alive_beta = np.array(alive, dtype=float)                  # P(alive) E[(1-p)^(k-1)] at k = 1
+    c_q, c_shape_q = q, (shape - 1.0) * q
+    c_bpost, c_abpost = b_post - 1.0, a + b_post - 1.0
+    c_mean, c_cumsum = np.zeros(n), np.zeros(n)                # C_k and sum_{j<=k} C_j
     tail = np.empty(n)
     scratch = np.empty(n)
+    scratch2 = np.empty(n)
+
+    def write_back(positions, k_done, running, cumulative):
+        mean[positions] = running
+        factorial2[positions] = 2.0 * (k_done * running - cumulative)
+
     k = 1
     while idx.size and k <= MAX_TERMS:
-        np.multiply(c_alive, surv, out=tail)
-        tail *= beta_term                                      # P(N >= k)
+        np.multiply(surv, alive_beta, out=tail)                # P(N >= k)
         c_mean += tail
-        if k > 1:
-            np.multiply(tail, 2.0 * (k - 1), out=scratch)
-            c_fact += scratch
-        # next k: P(M = k) = P(M = k-1) (shape + k - 1) / k q; P(M >= k+1) = P(M >= k) - P(M = k)
-        np.add(c_shape, k, out=scratch)
-        scratch *= c_q
-        scratch *= 1.0 / k
+        c_cumsum += c_mean
+        # next k: P(M = k) = P(M = k-1) (q + (shape - 1) q / k); P(M >= k+1) = P(M >= k) - P(M = k)
+        np.multiply(c_shape_q, 1.0 / k, out=scratch)
+        scratch += c_q
         pmf *= scratch
         surv -= pmf
         # E[(1-p)^k] = E[(1-p)^(k-1)] (b' + k - 1) / (a + b' + k - 1)
         np.add(c_bpost, k, out=scratch)
-        beta_term *= scratch
-        np.add(c_abpost, k, out=scratch)
-        beta_term /= scratch
-        k += 1
+        np.add(c_abpost, k, out=scratch2)
+        scratch /= scratch2
+        alive_beta *= scratch
         if k % 4 == 0 or idx.size < 64:
-            # P(N >= k) does not increase with k: once below the tolerance, the rest is negligible
-            done = tail < SERIES_TOLERANCE
-            if done.any():
-                mean[idx[done]] = c_mean[done]
-                factorial2[idx[done]] = c_fact[done]
+            # P(N >= k) does not increase with k: once small next to the sum, the rest is negligible.
+            # Compacted only when an eighth of the elements are done: gathering the state arrays costs
+            # about as much as a term, and a done element's further terms are below the tolerance
+            done = tail <= SERIES_TOLERANCE * c_mean
+            finished = int(np.count_nonzero(done))
+            if finished and (finished * 8 >= idx.size or finished == idx.size):
+                write_back(idx[done], k, c_mean[done], c_cumsum[done])
                 keep = ~done
-                idx, pmf, surv, beta_term, c_mean, c_fact = (v[keep] for v in (idx, pmf, surv, beta_term, c_mean,
-                                                                                  c_fact))
-                c_alive, c_shape, c_q, c_bpost, c_abpost = (v[keep] for v in (c_alive, c_shape, c_q, c_bpost,
-                                                                              c_abpost))
-                tail, scratch = np.empty(idx.size), np.empty(idx.size)
-    mean[idx] = c_mean
-    factorial2[idx] = c_fact
+                idx, pmf, surv, alive_beta, c_mean, c_cumsum = (
+                    v[keep] for v in (idx, pmf, surv, alive_beta, c_mean, c_cumsum))
+                c_q, c_shape_q, c_bpost, c_abpost = (v[keep] for v in (c_q, c_shape_q, c_bpost, c_abpost))
+                tail, scratch, scratch2 = np.empty(idx.size), np.empty(idx.size), np.empty(idx.size)
+        k += 1
+    write_back(idx, k - 1, c_mean, c_cumsum)
     return p_zero, mean, factorial2
 
 
