@@ -75,6 +75,18 @@ GROUP_COLUMNS = ("predicted_net_value_sd", "predicted_net_value_param_sd")
 LOADINGS_COLUMN = "predicted_net_value_param_loadings"
 
 
+def loadings_column(loadings: np.ndarray, present: np.ndarray) -> pd.arrays.ArrowExtensionArray:
+    """One Arrow ``list<double>`` per row of ``loadings`` (null where not ``present``), built from the flat
+    matrix: no Python object per customer (a column of numpy arrays cost ~1.3 s per 2M customers in
+    pandas and again in Spark's per-row conversion; pipelines.ltv hands this column to Arrow as is)."""
+    import pyarrow as pa
+
+    rows, width = loadings.shape
+    offsets = pa.array(np.arange(rows + 1, dtype=np.int32) * width)
+    values = pa.array(np.ascontiguousarray(loadings, dtype=float).reshape(-1))
+    return pd.arrays.ArrowExtensionArray(pa.ListArray.from_arrays(offsets, values, mask=pa.array(~present)))
+
+
 def horizon_in_units(horizon_months: int, time_unit: str) -> float:
     """The horizon in the model's time unit (a month is 365.25/12 days)."""
     return horizon_months * 365.25 / 12.0 / DAYS_PER_UNIT[time_unit]
@@ -194,9 +206,7 @@ class ScoringBundle:
         })
         for j, column in enumerate(INTERVAL_COLUMNS + GROUP_COLUMNS):
             out[column] = intervals[:, j]
-        # one array per row (Arrow's list<double>), None where the customer has no interval
-        out[LOADINGS_COLUMN] = (pd.Series(list(loadings), dtype=object).where(has_loadings, None).to_numpy()
-                                if has_loadings.any() else None)
+        out[LOADINGS_COLUMN] = loadings_column(loadings, has_loadings) if has_loadings.any() else None
         numeric = out[list(SCORE_COLUMNS[1:-1])].to_numpy(float)
         if not np.isfinite(numeric).all():
             bad = ~np.isfinite(numeric).all(axis=1)

@@ -255,11 +255,12 @@ def _count_moments_flat(r, alpha, a, b, t, x, t_x, T, modified):
         alive_beta *= scratch
         if k % 4 == 0 or idx.size < 64:
             # P(N >= k) does not increase with k: once small next to the sum, the rest is negligible.
-            # Compacted only when an eighth of the elements are done: gathering the state arrays costs
-            # about as much as a term, and a done element's further terms are below the tolerance
+            # Compacted when half the elements are done: gathering the state arrays costs several
+            # terms, and a done element's further terms are below the tolerance (at worst, half the
+            # elements run on as long as the other half: twice the work)
             done = tail <= SERIES_TOLERANCE * c_mean
             finished = int(np.count_nonzero(done))
-            if finished and (finished * 8 >= idx.size or finished == idx.size):
+            if finished and finished * 2 >= idx.size:
                 write_back(idx[done], k, c_mean[done], c_cumsum[done])
                 keep = ~done
                 idx, pmf, surv, alive_beta, c_mean, c_cumsum = (

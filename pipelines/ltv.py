@@ -34,7 +34,7 @@ import datetime as dt
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -221,24 +221,34 @@ SCORE_SCHEMA = T.StructType([
 
 
 def score_customers(features_df: DataFrame, bundle: ScoringBundle) -> DataFrame:
-    """Scores for every customer row of ``features_df`` (a vectorised pandas function per batch)."""
+    """Scores for every customer row of ``features_df`` (a vectorised pandas function per batch).
+
+    Arrow batches in and out (``mapInArrow``), not ``mapInPandas``: Spark's pandas path turns every
+    array cell (the loadings) into a Python list, row by row; here the scores frame goes to Arrow
+    column by column (the loadings are an Arrow list column already). As with pandas' own
+    conversion, a NaN double arrives as null."""
+    from pyspark.sql.pandas.types import to_arrow_schema
+
     spark = features_df.sparkSession
     shared = spark.sparkContext.broadcast(bundle.to_payload())
     intervals = bundle.intervals        # a scoring-time switch, not part of the payload
+    arrow_schema = to_arrow_schema(SCORE_SCHEMA)
 
-    def predict_batches(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
+    def predict_batches(batches):
+        import pyarrow as pa
+
         model = bundle_from_payload(shared.value)      # a ScoringBundle or a HybridBundle
         model.intervals = intervals
         for batch in batches:
-            out = model.predict(batch)
+            out = model.predict(batch.to_pandas())
             # a value without group terms (the hybrid's trees) leaves them null
             for column in (c for c in SCORE_SCHEMA.fieldNames() if c not in out.columns):
                 out[column] = None if column == LOADINGS_COLUMN else np.nan
-            yield out
+            yield pa.RecordBatch.from_pandas(out[arrow_schema.names], schema=arrow_schema, preserve_index=False)
 
     inputs = features_df.select(*[F.col(c).cast("double") if c in ("n_orders", "n_cancelled") else F.col(c)
                                   for c in bundle.feature_columns])
-    return inputs.mapInPandas(predict_batches, SCORE_SCHEMA)
+    return inputs.mapInArrow(predict_batches, SCORE_SCHEMA)
 
 
 def scores_table_rows(scores_df: DataFrame, as_of_date: dt.date, value_model: str, model_version: str,
