@@ -120,6 +120,9 @@ class ScoringBundle:
     #: add the value interval columns (``models.intervals: false`` leaves them null); not persisted:
     #: a scoring-time choice
     intervals: bool = True
+    #: with the intervals, what totals of groups need (sd, parameter sd, loadings); the backtest, which
+    #: reads only each customer's own interval, switches it off. Not persisted either
+    group_terms: bool = True
     #: per-channel purchase and spend components (models.channels); None: the pooled ones for everyone
     by_channel: ChannelComponents | None = None
 
@@ -271,6 +274,8 @@ class ScoringBundle:
         distribution = intervals_lib.value_distribution(counts, spend_moments, factor)
         out[rows, :3] = distribution.quantiles(intervals_lib.LEVELS)
         out[rows, 3] = np.clip(distribution.p_zero, 0.0, 1.0)
+        if not self.group_terms:
+            return out, None
         terms = intervals_lib.group_terms(by_point, intervals_lib.spend_means_by_point(
             spend_points, frequency[rows], monetary[rows]), distribution, factor)
         out[rows, 4], out[rows, 5] = terms.sd, terms.param_sd

@@ -194,6 +194,7 @@ def predict_all(holdout_df: DataFrame, bundles: Mapping[str, ScoringBundle], int
         models = {name: bundle_from_payload(payload) for name, payload in shared.value.items()}
         for model in models.values():
             model.intervals = intervals
+            model.group_terms = False          # each customer's own interval only: no group-total terms
         for batch in batches:
             actual = batch["holdout_net"].to_numpy(float)
             for name, model in models.items():

@@ -181,6 +181,10 @@ def test_the_bundle_adds_interval_columns_the_same_whatever_the_batches():
     np.testing.assert_allclose(process_only.mean * (1 - whole["predicted_cancel_rate"]),
                                whole["predicted_net_value"], rtol=1e-6, atol=1e-8)
     # switched off, or a value model without a distribution: null intervals
+    # without the group-total terms (the backtest): the same intervals, no sd / loadings
+    own = ScoringBundle(purchase=purchase, spend=spend, cancellation=cancel, group_terms=False).predict(features)
+    pd.testing.assert_frame_equal(own[list(INTERVAL_COLUMNS)], whole[list(INTERVAL_COLUMNS)])
+    assert own[list(GROUP_COLUMNS)].isna().all().all() and own[LOADINGS_COLUMN].isna().all()
     off = ScoringBundle(purchase=purchase, spend=spend, cancellation=cancel, intervals=False).predict(features)
     assert off[list(INTERVAL_COLUMNS + GROUP_COLUMNS)].isna().all().all() and off[LOADINGS_COLUMN].isna().all()
     no_interval = [*INTERVAL_COLUMNS, *GROUP_COLUMNS, LOADINGS_COLUMN]
