@@ -30,6 +30,7 @@ BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 sys.path.insert(0, str(BENCH))
 from _eventlog import app_log, busy_seconds, event_log_settings, figures_by_group, task_intervals  # noqa: E402
+from _measure import PeakMemory  # noqa: E402
 import pipeline as nightly_bench  # noqa: E402  (last: it takes bench/ off sys.path, the engine first)
 
 NIGHTS = (("first load", nightly_bench.SETUP_NIGHT, "auto", "history"),
@@ -78,7 +79,7 @@ def run_one(args: argparse.Namespace) -> None:
                                   extra={**config.spark.extra, **extra}), config.storage.warehouse)
     session_s = time.perf_counter() - started
     storage = Storage(spark, config.storage.warehouse, config.storage.backend)
-    windows, walls, step_windows = [], {}, {}
+    windows, walls, step_windows, peaks = [], {}, {}, {}
     for label, day, refit, part in NIGHTS:
         nightly_bench.drop_files(Path(args.staging) / part, base / "source" / "orders", part)
         print(f"\n-- [{args.master}] {label} {day} (refit {refit}) --", flush=True)
@@ -92,11 +93,19 @@ def run_one(args: argparse.Namespace) -> None:
             finally:
                 step_windows[(label, step)] = (began, time.time())
 
-        result = run_nightly(spark, storage, config, day, refit=refit, progress=lambda line: print(line, flush=True),
-                             step_hook=timed_step)
+        # peak RSS of this driver process and its children (local mode: the JVM that runs the tasks and
+        # its Python workers; on a cluster only the driver's JVM), and the warehouse's size after the night
+        with PeakMemory(interval=0.5) as memory:
+            result = run_nightly(spark, storage, config, day, refit=refit,
+                                 progress=lambda line: print(line, flush=True), step_hook=timed_step)
         walls[label] = {o.step: round(o.seconds, 1) for o in result.outcomes if o.status == "ok"}
         walls[label]["night"] = round(time.perf_counter() - clock, 1)
         windows.append((label, t0, time.time()))
+        peaks[label] = {"driver_gib": round(memory.driver_peak / 2 ** 30, 2), "jvm_gib": round(memory.jvm_peak / 2 ** 30, 2),
+                        "python_workers_gib": round(memory.workers_peak / 2 ** 30, 2),
+                        "warehouse_gib": round(sum(f.stat().st_size for f in (base / "warehouse").rglob("*")
+                                                   if f.is_file()) / 2 ** 30, 2)}
+        print(f"-- [{args.master}] {label}: {memory.summary()}; warehouse {peaks[label]['warehouse_gib']} GiB", flush=True)
     app_id = spark.sparkContext.applicationId
     spark.stop()
     log = app_log(events, app_id)
@@ -119,7 +128,7 @@ def run_one(args: argparse.Namespace) -> None:
     for (label, step), seconds in serial.items():
         steps.setdefault(label, {}).setdefault(step, {"wall_s": walls[label].get(step)})["serial_s"] = round(seconds, 1)
     Path(args.result).write_text(json.dumps({"master": args.master, "app_id": app_id, "session_s": round(session_s, 1),
-                                             "walls": walls, "steps": steps}))
+                                             "walls": walls, "steps": steps, "memory": peaks}))
 
 
 def totals(steps: dict[str, dict]) -> dict[str, float]:
