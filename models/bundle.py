@@ -172,7 +172,8 @@ class ScoringBundle:
         purchases, p_alive, order_value = (np.zeros(len(scored)) for _ in range(3))
         intervals = np.full((len(scored), len(INTERVAL_COLUMNS) + len(GROUP_COLUMNS)), np.nan)
         blocks = self.loading_blocks
-        loadings = np.zeros((len(scored) if self.has_intervals and self.group_terms else 0, self.loading_width * blocks))
+        with_loadings = self.has_intervals and self.group_terms
+        loadings = np.zeros((len(scored) if with_loadings else 0, self.loading_width * blocks))
         has_loadings = np.zeros(len(scored), dtype=bool)
         for rows, purchase, spend in self._component_groups(features):
             # rows None: every row (the pooled bundle; no subsetting, so exactly the former arithmetic)
