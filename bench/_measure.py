@@ -92,5 +92,11 @@ class Timer:
             self.peaks.append((name, seconds, 0.0, memory.driver_peak, memory.jvm_peak))
         print(f"{name:<28} {seconds:8.1f} s   {note}", flush=True)
 
+    def record(self, name: str, seconds: float, note: str = "", driver_peak: int = 0) -> None:
+        """A step measured elsewhere (a child process) added as if timed here."""
+        self.rows.append((name, seconds, note))
+        self.peaks.append((name, seconds, 0.0, driver_peak, 0))
+        print(f"{name:<28} {seconds:8.1f} s   {note}", flush=True)
+
     def total(self, *names: str) -> float:
         return sum(s for n, s, _ in self.rows if not names or n in names)

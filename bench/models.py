@@ -29,6 +29,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _lifetimes_path import run_capped  # noqa: E402
 from _measure import PeakMemory, Timer, use_engine_imports  # noqa: E402
 from _orders_direct import write_orders_direct  # noqa: E402
 
@@ -57,6 +58,11 @@ def main() -> None:
                              "instead of export + ingest: for 1M+ customers, where ingest is measured by bench/features.py")
     parser.add_argument("--hybrid", action="store_true", help="also time the hybrid's training and scoring")
     parser.add_argument("--driver-memory", default="12g")
+    parser.add_argument("--baseline-first", action="store_true",
+                        help="run the lifetimes baseline before the engine's steps (for 10M+ customers: the JVM's "
+                             "heap, once grown by the engine, would crowd the baseline's memory)")
+    parser.add_argument("--baseline-cap-gib", type=float, default=None,
+                        help="kill the baseline's process above this RSS (default: available memory less 1.5 GiB)")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     args = parser.parse_args()
 
@@ -101,6 +107,9 @@ def main() -> None:
                            path=str(export_dir / "orders"))
         n_orders = storage.read("orders").count()
         print(f"  orders: {n_orders:,}")
+        baseline = None
+        if args.baseline_first and not args.skip_baseline:
+            baseline = _lifetimes_baseline(storage, timer, args.baseline_cap_gib)
 
         # ---- the engine: features -> sufficient statistics -> fits -> scores ----------------------------
         with timer.step("features", memory):
@@ -155,9 +164,8 @@ def main() -> None:
                   f"breakdown {backtest_seconds}")
 
         # ---- the single-node baseline: lifetimes' own path on the same orders ----------------------------
-        baseline = None
-        if not args.skip_baseline:
-            baseline = _lifetimes_baseline(storage, timer, memory)
+        if not args.baseline_first and not args.skip_baseline:
+            baseline = _lifetimes_baseline(storage, timer, args.baseline_cap_gib)
 
     engine_steps = ["features", "sufficient statistics", "fit gamma_gamma", "fit cancellation",
                     *[f"fit {n}" for n in config.models.purchase_models], "score (bgnbd bundle)"]
@@ -182,7 +190,10 @@ def main() -> None:
               f"{extra_score_s:+.1f} s vs the BG/NBD bundle = {frame_s + fit_s + extra_score_s:.1f} s")
     print(f"engine features -> sufficient statistics -> BG/NBD + Gamma-Gamma + cancellation -> scores: "
           f"{engine_bgnbd_path:.1f} s")
-    if baseline is not None:
+    if baseline is not None and not baseline["finished"]:
+        result["baseline"] = baseline["figures"]
+        print(f"baseline (lifetimes, single node) did not finish: {baseline['figures']['failed']}")
+    elif baseline is not None:
         base_total = timer.total(*baseline["steps"])
         base_from_loaded = timer.total(*[s for s in baseline["steps"] if s != "baseline: load orders to pandas"])
         result["baseline"] = {**baseline["figures"], "total_s": round(base_total, 2)}
@@ -207,44 +218,33 @@ def main() -> None:
     print(json.dumps(result, default=str))
 
 
-def _lifetimes_baseline(storage: Storage, timer: Timer, memory: PeakMemory) -> dict:
-    """lifetimes' documented single-node path on the same orders (read from the Delta table with delta-rs)."""
-    from deltalake import DeltaTable
-    from lifetimes import BetaGeoFitter, GammaGammaFitter
-    from lifetimes.utils import summary_data_from_transaction_data
+def _lifetimes_baseline(storage: Storage, timer: Timer, cap_gib: float | None) -> dict:
+    """lifetimes' documented single-node path on the same orders (read from the Delta table with delta-rs),
+    in a child process killed when its RSS passes the cap (``bench/_lifetimes_path.py``)."""
+    import psutil
 
-    steps = []
+    if cap_gib is None:   # what this machine can give it now, less 1.5 GiB for the rest of the run
+        cap_bytes = int(psutil.virtual_memory().available - 1.5 * 1024**3)
+    else:
+        cap_bytes = int(cap_gib * 1024**3)
+    print(f"  baseline runs in a child process, killed above {cap_bytes / 1024**3:.2f} GiB RSS", flush=True)
 
-    def step(name):
-        steps.append(name)
-        return timer.step(name, memory)
+    def on_step(name, seconds, peak_rss):
+        timer.record(name, seconds, f"peak RSS baseline process {peak_rss / 1024**3:.2f} GiB", peak_rss)
 
-    with step("baseline: load orders to pandas"):
-        orders = DeltaTable(storage.path("orders")).to_pandas(columns=["customer_id", "order_date", "gross_amount"])
-        orders["order_date"] = orders["order_date"].astype("datetime64[ns]")
-    with step("baseline: summary_data_from_transaction_data"):
-        summary = summary_data_from_transaction_data(orders, "customer_id", "order_date",
-                                                     monetary_value_col="gross_amount", freq="D",
-                                                     observation_period_end=pd_timestamp(END_DATE))
-    del orders
-    with step("baseline: BetaGeoFitter"):
-        bgf = BetaGeoFitter(penalizer_coef=0.0).fit(summary["frequency"], summary["recency"], summary["T"])
-    repeat = summary[(summary["frequency"] > 0) & (summary["monetary_value"] > 0)]
-    with step("baseline: GammaGammaFitter"):
-        ggf = GammaGammaFitter(penalizer_coef=0.0).fit(repeat["frequency"], repeat["monetary_value"])
-    with step("baseline: customer_lifetime_value 6 months"):
-        value = ggf.customer_lifetime_value(bgf, summary["frequency"], summary["recency"], summary["T"],
-                                            summary["monetary_value"], time=HORIZON_MONTHS, discount_rate=0.0,
-                                            freq="D")
-    return {"steps": steps, "figures": {
-        "customers": int(len(summary)), "predicted_gross_total": float(value.sum()),
-        "bgnbd_params": {k: round(float(v), 5) for k, v in bgf.params_.items()}}}
-
-
-def pd_timestamp(day: dt.date):
-    import pandas as pd
-
-    return pd.Timestamp(day)
+    run = run_capped(storage.path("orders"), END_DATE, HORIZON_MONTHS, cap_bytes, on_step=on_step)
+    steps = [name for name, _, _ in run["steps"]]
+    figures = dict(run["figures"] or {})
+    figures.pop("event", None)
+    figures["sampled_peak_rss_gib"] = round(run["sampled_peak_rss"] / 1024**3, 2)
+    figures["cap_gib"] = round(cap_bytes / 1024**3, 2)
+    if run["failed"]:
+        failed = run["failed"]
+        figures["failed"] = {"step": failed["step"], "why": failed["why"],
+                             "sampled_peak_rss_gib": round(failed["sampled_peak_rss"] / 1024**3, 2)}
+        print(f"  baseline did not finish: {failed['why']} during {failed['step']!r} "
+              f"(sampled peak RSS {failed['sampled_peak_rss'] / 1024**3:.2f} GiB)", flush=True)
+    return {"steps": steps, "figures": figures, "finished": run["failed"] is None}
 
 
 if __name__ == "__main__":
