@@ -88,7 +88,7 @@ def run_capped(orders_path: str, end_date: dt.date, horizon_months: int, cap_byt
                              stdout=subprocess.PIPE, text=True, bufsize=1)
     process = psutil.Process(child.pid)
     result: dict = {"steps": [], "figures": None, "failed": None, "cap_bytes": cap_bytes}
-    state = {"running": "start-up (imports)", "sampled_peak": 0, "killed": False}
+    state = {"running": "start-up (imports)", "since": time.perf_counter(), "sampled_peak": 0, "killed": False}
 
     import threading
 
@@ -111,9 +111,9 @@ def run_capped(orders_path: str, end_date: dt.date, horizon_months: int, cap_byt
         message = json.loads(line)
         event = message.pop("event")
         if event == "start":
-            state["running"] = message["step"]
+            state["running"], state["since"] = message["step"], time.perf_counter()
         elif event == "end":
-            state["running"] = f"after {message['step']}"
+            state["running"], state["since"] = f"after {message['step']}", time.perf_counter()
             result["steps"].append((message["step"], message["seconds"], message["peak_rss"]))
             if on_step:
                 on_step(message["step"], message["seconds"], message["peak_rss"])
@@ -122,13 +122,15 @@ def run_capped(orders_path: str, end_date: dt.date, horizon_months: int, cap_byt
         elif event == "info":
             result.setdefault("info", {}).update(message)
         elif event == "error":
-            result["failed"] = {"step": state["running"], "why": message["error"]}
+            result["failed"] = {"step": state["running"], "why": message["error"],
+                                "seconds_into_step": time.perf_counter() - state["since"]}
     returncode = child.wait()
     watcher.join()
     if returncode != 0 and result["failed"] is None:
         why = (f"RSS passed the cap of {cap_bytes / 1024**3:.2f} GiB (killed)" if state["killed"]
                else f"exit code {returncode}")
-        result["failed"] = {"step": state["running"], "why": why}
+        result["failed"] = {"step": state["running"], "why": why,
+                            "seconds_into_step": time.perf_counter() - state["since"]}
     if result["failed"] is not None:
         result["failed"]["sampled_peak_rss"] = state["sampled_peak"]
     result["sampled_peak_rss"] = state["sampled_peak"]

@@ -241,8 +241,9 @@ def _lifetimes_baseline(storage: Storage, timer: Timer, cap_gib: float | None) -
     if run["failed"]:
         failed = run["failed"]
         figures["failed"] = {"step": failed["step"], "why": failed["why"],
+                             "seconds_into_step": round(failed["seconds_into_step"], 1),
                              "sampled_peak_rss_gib": round(failed["sampled_peak_rss"] / 1024**3, 2)}
-        print(f"  baseline did not finish: {failed['why']} during {failed['step']!r} "
+        print(f"  baseline did not finish: {failed['why']} {failed['seconds_into_step']:.0f} s into {failed['step']!r} "
               f"(sampled peak RSS {failed['sampled_peak_rss'] / 1024**3:.2f} GiB)", flush=True)
     return {"steps": steps, "figures": figures, "finished": run["failed"] is None}
 
