@@ -131,17 +131,25 @@ class HybridValueModel:
 
     def _encode(self, design: pd.DataFrame) -> pd.DataFrame:
         """Categorical inputs as codes 0..k-1 of the levels kept at fit (unseen / missing: NaN)."""
-        encoded = design.copy()
-        for column in CATEGORICAL_INPUTS:
-            levels = {level: code for code, level in enumerate(self.levels_[column])}
-            values = design[column].astype(object)
-            codes = values.map(levels)
-            kept_other = OTHER in levels
-            codes = codes.where(codes.notna() | values.isna() | (not kept_other), levels.get(OTHER, np.nan))
-            encoded[column] = codes.astype(float)
-        encoded = encoded.astype(float)
+        columns: dict[str, np.ndarray] = {}
+        for column in design.columns:
+            if column not in CATEGORICAL_INPUTS:
+                columns[column] = design[column].to_numpy(dtype=float, na_value=np.nan)
+                continue
+            levels = self.levels_[column]
+            values = design[column]
+            # pd.Categorical matches every value against the kept levels in one hashed pass
+            codes = pd.Categorical(values.astype(object), categories=levels).codes.astype(float)
+            unseen = (codes < 0) & values.notna().to_numpy()
+            codes[codes < 0] = np.nan
+            if OTHER in levels:
+                codes[unseen] = float(levels.index(OTHER))
+            columns[column] = codes
         # an input missing for everyone (CDNOW has no channel) cannot be binned: a constant instead
-        return encoded.fillna({c: 0.0 for c in encoded.columns if encoded[c].isna().all()})
+        for column, values in columns.items():
+            if len(values) and np.isnan(values).all():
+                columns[column] = np.zeros(len(values))
+        return pd.DataFrame(columns, index=design.index)
 
     def fit(self, design: pd.DataFrame, target, sample_weight=None) -> "HybridValueModel":
         from sklearn.ensemble import HistGradientBoostingRegressor

@@ -92,6 +92,23 @@ def test_channel_is_a_native_categorical_input_and_unseen_levels_score(fitted):
     assert [c for c, is_cat in zip(fitted.trees.inputs_, categorical) if is_cat] == list(CATEGORICAL_INPUTS)
 
 
+def test_categorical_codes_kept_levels_other_missing_and_an_input_nobody_has():
+    """The encoding the trees read: a kept level its code, an unseen level the "other" code when the
+    fit kept one (else missing), a missing value missing, an input missing for everyone a constant."""
+    trees = HybridValueModel()
+    trees.levels_ = {"acquisition_channel": ["store", "tv", "other"], "first_category": []}
+    design = pd.DataFrame({"btyd_net_value": [1.0, 2.0, None, 4.0],
+                           "acquisition_channel": ["tv", "LINE", None, "store"],
+                           "first_category": [None, None, None, None]})
+    encoded = trees._encode(design)
+    assert encoded["acquisition_channel"].tolist()[:2] == [1.0, 2.0] and encoded["acquisition_channel"][3] == 0.0
+    assert np.isnan(encoded["acquisition_channel"][2])
+    assert encoded["first_category"].tolist() == [0.0] * 4            # nobody has it: a constant
+    assert np.isnan(encoded["btyd_net_value"][2]) and encoded["btyd_net_value"][3] == 4.0
+    trees.levels_["acquisition_channel"] = ["store", "tv"]                # no "other" kept: unseen is missing
+    assert np.isnan(trees._encode(design)["acquisition_channel"][1])
+
+
 def test_a_more_recent_purchase_never_lowers_the_prediction(fitted):
     row = design_matrix(customers(200, seed=4), fitted.btyd)
     grid = pd.concat([row] * 30, ignore_index=True)
