@@ -143,12 +143,11 @@ def main() -> None:
             with timer.step("setup: features at D - 6 months (the night six months earlier)", memory):
                 run_features(storage, train_cutoff, config.features, full=True)
             with timer.step("hybrid: training frame at D - 6 months", memory):
-                train_df, source = training_frame(storage, train_cutoff, config)
-                train_df = train_df.persist()
-                print(f"  hybrid training frame from {source}: {train_df.count():,} customers")
+                frame = training_frame(storage, train_cutoff, config)     # as refit_hybrid: not cached
+                print(f"  hybrid training frame from {frame.source}")
             with timer.step("hybrid: fit (BTYD at D - 6 months, sample to the driver, trees)", memory):
-                fitted = fit_hybrid(train_df, bundle, config.models.hybrid, config.models.penalizer_coef,
-                                    train_cutoff, END_DATE)
+                fitted = fit_hybrid(frame.rows, bundle, config.models.hybrid, config.models.penalizer_coef,
+                                    train_cutoff, END_DATE, btyd_df=frame.features)
             print(f"  hybrid: {fitted.sample['rows']:,} training rows of {fitted.sample['population']:,}; "
                   f"{ {k: round(v, 2) for k, v in fitted.seconds.items()} }")
             with timer.step("score (hybrid bundle)", memory):

@@ -30,7 +30,6 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 import pandas as pd
-from pyspark import StorageLevel
 from pyspark.sql import Column, DataFrame, Window
 from pyspark.sql import functions as F
 
@@ -104,17 +103,21 @@ def training_sample(train_df: DataFrame, max_rows: int, seed: int) -> tuple[Data
     quota = {s: int(max_rows * n // population) for s, n in counts.items()}
     info["quota"] = quota
     # keys are uniform: a stratum's quota lies below quota/n plus a margin of ~5 standard deviations
-    limit = F.lit(0.0)
+    limits = {}
     for s, n in counts.items():
         share = quota[s] / n
-        margin = 5.0 * (share * (1.0 - share) / n) ** 0.5 + 1.0 / n
-        limit = F.when(F.col("_stratum") == F.lit(s), F.lit(min(1.0, share + margin))).otherwise(limit)
+        limits[s] = min(1.0, share + 5.0 * (share * (1.0 - share) / n) ** 0.5 + 1.0 / n)
+    limit = F.lit(0.0)
+    for s, bound in limits.items():
+        limit = F.when(F.col("_stratum") == F.lit(s), F.lit(bound)).otherwise(limit)
     quota_col = F.lit(0)
     for s, q in quota.items():
         quota_col = F.when(F.col("_stratum") == F.lit(s), F.lit(q)).otherwise(quota_col)
     ordered = Window.partitionBy("_stratum").orderBy("_u", "customer_id").rowsBetween(
         Window.unboundedPreceding, Window.currentRow)
-    sample_df = (keyed_df.where(F.col("_u") < limit)
+    # the same rows, plus the highest limit as a bound on the key alone, which Spark pushes below a
+    # join in ``train_df``: only that share of the rows travels through the join and the window
+    sample_df = (keyed_df.where(F.col("_u") < F.lit(max(limits.values()))).where(F.col("_u") < limit)
                  .withColumn("_rank", F.count(F.lit(1)).over(ordered))
                  .where(F.col("_rank") <= quota_col)
                  .drop("_stratum", "_u", "_rank"))
@@ -142,9 +145,11 @@ def check_history(customers: int, train_cutoff: dt.date, scored_at: dt.date, min
 
 
 def fit_hybrid(train_df: DataFrame, scoring_btyd: ScoringBundle, conf: HybridConf, penalizer_coef: float,
-               train_cutoff: dt.date, scored_at: dt.date) -> HybridFit:
+               train_cutoff: dt.date, scored_at: dt.date, btyd_df: DataFrame | None = None) -> HybridFit:
     """Trees trained on ``train_df`` (``calibration_holdout`` at ``train_cutoff``), on top of
-    ``scoring_btyd`` (the BTYD bundle fitted at ``scored_at``)."""
+    ``scoring_btyd`` (the BTYD bundle fitted at ``scored_at``). The BTYD bundle at ``train_cutoff`` is
+    fitted on ``btyd_df`` (default ``train_df``): the features alone, when ``train_df`` joins them
+    with the target and the fit needs no target."""
     seconds: dict[str, float] = {}
     started = time.perf_counter()
     sample_df, sample = training_sample(train_df, conf.sample_rows, conf.seed)   # counts the strata
@@ -152,7 +157,7 @@ def fit_hybrid(train_df: DataFrame, scoring_btyd: ScoringBundle, conf: HybridCon
     seconds["strata_counts"] = time.perf_counter() - started
     started = time.perf_counter()
     purchase_model = scoring_btyd.purchase.name
-    fitted = fit_btyd_bundles(train_df, (purchase_model,), scoring_btyd.time_unit, scoring_btyd.horizon_months,
+    fitted = fit_btyd_bundles(train_df if btyd_df is None else btyd_df, (purchase_model,), scoring_btyd.time_unit, scoring_btyd.horizon_months,
                               penalizer_coef, purchase_basis=scoring_btyd.purchase_basis)
     train_btyd = fitted.bundles[purchase_model]
     seconds["fit_btyd_at_training_cutoff"] = time.perf_counter() - started
@@ -239,11 +244,21 @@ def holdout_importance(bundle: HybridBundle, holdout_df: DataFrame, conf: Hybrid
     return table
 
 
-def training_frame(storage: Any, train_cutoff: dt.date, config: Any) -> tuple[DataFrame, str]:
+@dataclass(frozen=True)
+class TrainingFrame:
+    """The hybrid's training rows at a cutoff: ``rows`` (features with ``holdout_net``), ``features``
+    (the same customers' features without the target: what the BTYD fit reads) and where they came from."""
+
+    rows: DataFrame
+    features: DataFrame
+    source: str
+
+
+def training_frame(storage: Any, train_cutoff: dt.date, config: Any) -> TrainingFrame:
     """The training rows at ``train_cutoff``: the stored ``customer_features`` partition of that date (the
     nightly run of that day wrote it) with each customer's net value in the next horizon from ``orders``,
     when it exists in this release's columns and time unit; else ``calibration_holdout`` (reused or built
-    from every order). Returns (rows, where they came from)."""
+    from every order)."""
     from core.tables import CUSTOMER_FEATURES
     from pipelines.backtest import _lacks_net_basis, ensure_calibration
     from pipelines.calibration import holdout_end
@@ -258,10 +273,11 @@ def training_frame(storage: Any, train_cutoff: dt.date, config: Any) -> tuple[Da
             # the trees need the net value only (holdout_actuals' distinct order days cost a second shuffle)
             actuals_df = (orders_dated(read_orders(storage), train_cutoff, end)
                           .groupBy("customer_id").agg(F.sum("net_amount").alias("holdout_net")))
-            return (features_df.join(actuals_df, on="customer_id", how="left")
-                    .fillna(0.0, subset=["holdout_net"]), "customer_features")
+            rows_df = (features_df.join(actuals_df, on="customer_id", how="left")
+                       .fillna(0.0, subset=["holdout_net"]))
+            return TrainingFrame(rows=rows_df, features=features_df, source="customer_features")
     train_df, _ = ensure_calibration(storage, train_cutoff, config)
-    return train_df, "calibration_holdout"
+    return TrainingFrame(rows=train_df, features=train_df, source="calibration_holdout")
 
 
 def refit_hybrid(storage: Any, as_of_date: dt.date, scoring_btyd: ScoringBundle, config: Any
@@ -278,15 +294,14 @@ def refit_hybrid(storage: Any, as_of_date: dt.date, scoring_btyd: ScoringBundle,
         scoring_btyd = fit_btyd_bundles(features_df, (base_model,), scoring_btyd.time_unit,
                                         scoring_btyd.horizon_months, config.models.penalizer_coef,
                                         purchase_basis=scoring_btyd.purchase_basis).bundles[base_model]
-    train_df, _ = training_frame(storage, cutoff, config)
-    train_df = train_df.persist(StorageLevel.MEMORY_AND_DISK)     # read by several small aggregates
+    frame = training_frame(storage, cutoff, config)
+    # not cached: caching the 2M-row frame cost more (~11 s at 2M) than the two passes that read it
+    # (the strata counts read two columns; the sample only the rows under its key bound)
     try:
-        fit = fit_hybrid(train_df, scoring_btyd, config.models.hybrid, config.models.penalizer_coef, cutoff,
-                         as_of_date)
+        fit = fit_hybrid(frame.rows, scoring_btyd, config.models.hybrid, config.models.penalizer_coef, cutoff,
+                         as_of_date, btyd_df=frame.features)
     except HybridSkipped as skipped:
         return None, str(skipped), {}
-    finally:
-        train_df.unpersist()
     return fit.bundle, None, {"training_frame_and_fit": time.perf_counter() - started, **fit.seconds}
 
 

@@ -170,8 +170,10 @@ def test_a_hybrid_champion_is_backtested_registered_scores_and_exports(spark, or
     from pipelines.hybrid import training_frame
 
     run_features(storage, CUTOFF, config.features)
-    stored_df, source = training_frame(storage, CUTOFF, config)
-    assert source == "customer_features"
+    frame = training_frame(storage, CUTOFF, config)
+    assert frame.source == "customer_features"
+    stored_df = frame.rows
+    assert sorted(frame.features.columns) == sorted(c for c in stored_df.columns if c != "holdout_net")
     columns = ["customer_id", "frequency", "recency", "T", "net_frequency", "monetary_value", "net_6m",
                "acquisition_channel", "holdout_net"]
     stored = stored_df.select(*columns).toPandas().sort_values("customer_id").reset_index(drop=True)
