@@ -34,12 +34,14 @@ import uuid
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from core.errors import CvsegError
+
 log = logging.getLogger(__name__)
 
 LOCK_NAME = "_cvseg_run_lock.json"
 
 
-class RunLockHeld(RuntimeError):
+class RunLockHeld(CvsegError, RuntimeError):
     """Another writing command holds the warehouse; the message names it and says what to do."""
 
 

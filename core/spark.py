@@ -10,6 +10,7 @@ from pathlib import Path
 from pyspark.sql import SparkSession
 
 from core.config import S3Conf, SparkConf
+from core.errors import UserError
 from core.s3 import hadoop_settings, is_s3
 
 
@@ -23,7 +24,7 @@ log = logging.getLogger(__name__)
 LOG4J2 = Path(__file__).resolve().with_name("log4j2.properties").as_uri()
 
 
-class JavaMissingError(RuntimeError):
+class JavaMissingError(UserError, RuntimeError):
     """Spark needs a Java runtime (17 or 21) and none was found."""
 
 

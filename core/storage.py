@@ -34,6 +34,7 @@ from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 from core.config import S3Conf
+from core.errors import UserError
 from core.s3 import is_s3
 from core.spark import has_delta_classes
 from core.tables import TableSpec, conform, table_spec
@@ -43,7 +44,7 @@ log = logging.getLogger(__name__)
 STAGING_DIR = "_staging"
 
 
-class StorageError(RuntimeError):
+class StorageError(UserError, RuntimeError):
     """A table cannot be read or written; the message says which and why."""
 
 

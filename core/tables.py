@@ -11,8 +11,10 @@ from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
+from core.errors import InternalError
 
-class SchemaContractError(ValueError):
+
+class SchemaContractError(InternalError, ValueError):
     """A DataFrame does not match the declared schema of the table it is written to."""
 
 

@@ -9,10 +9,11 @@ import time
 from contextlib import ExitStack, contextmanager
 from typing import Iterator
 
-from core.config import Config, ConfigError, load_config
+from core.config import Config, load_config
+from core.errors import UserError
 
 
-class UsageError(ValueError):
+class UsageError(UserError, ValueError):
     """The command line asks for something that cannot be done; the message says what to change."""
 
 
@@ -101,30 +102,8 @@ def step(name: str) -> Iterator[None]:
 
 
 def known_errors() -> tuple[type[BaseException], ...]:
-    """Errors whose message already says what to fix: printed without a traceback."""
-    from core.spark import JavaMissingError
-    from core.storage import StorageError
-
-    errors: list[type[BaseException]] = [ConfigError, UsageError, JavaMissingError, StorageError,
-                                         FileNotFoundError]
-    for module, names in (("pipelines.ingest", ("IngestError",)),
-                          ("pipelines.identity", ("IdentityError",)),
-                          ("pipelines.features", ("FeaturesError",)),
-                          ("pipelines.calibration", ("CalibrationError",)),
-                          ("pipelines.generate", ("GeneratorError",)),
-                          ("pipelines.ltv", ("LtvInputError",)),
-                          ("pipelines.backtest", ("BacktestError",)),
-                          ("pipelines.segments", ("SegmentsError",)),
-                          ("pipelines.trends", ("TrendsError",)),
-                          ("pipelines.export", ("ExportError",)),
-                          ("pipelines.report", ("ReportError",)),
-                          ("models.base", ("ModelFitError",))):
-        try:
-            mod = __import__(module, fromlist=list(names))
-        except ImportError:
-            continue
-        errors.extend(getattr(mod, n) for n in names if hasattr(mod, n))
-    return tuple(errors)
+    """Errors whose message already says what to fix: printed without a traceback, exit code 2."""
+    return (UserError, FileNotFoundError)
 
 
 def run_main(func, args: argparse.Namespace) -> int:

@@ -75,17 +75,7 @@ def main(args: argparse.Namespace):
         # 2: the cause says what to fix (bad input, missing table, config, S3 down); 1: unexpected
         from core.s3 import s3_error_summary
 
-        known = isinstance(exc.cause, stage_errors()) or s3_error_summary(exc.cause) is not None
+        known = isinstance(exc.cause, known_errors()) or s3_error_summary(exc.cause) is not None
         raise SystemExit(2 if known else 1) from None
 
 
-def stage_errors() -> tuple[type[BaseException], ...]:
-    """Errors whose message says what to fix: exit code 2, as for every other verb."""
-    errors = list(known_errors())
-    for module, name in (("pipelines.export", "ExportError"), ("pipelines.segments", "SegmentsError"),
-                         ("pipelines.trends", "TrendsError"), ("pipelines.backtest", "BacktestError")):
-        try:
-            errors.append(getattr(__import__(module, fromlist=[name]), name))
-        except (ImportError, AttributeError):
-            continue
-    return tuple(errors)

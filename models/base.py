@@ -37,6 +37,8 @@ from typing import Any, Callable, ClassVar, Sequence
 
 import numpy as np
 
+from core.errors import InternalError, UserError
+
 logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
@@ -45,7 +47,7 @@ FORMAT_VERSION = 1
 MODEL_REGISTRY: dict[str, type["BaseModel"]] = {}
 
 
-class ModelFitError(RuntimeError):
+class ModelFitError(UserError, RuntimeError):
     """A model could not be fitted, even after the fallbacks; the message says what to try.
 
     ``attempts`` lists every attempt made (penalizer, starting point, error).
@@ -56,7 +58,7 @@ class ModelFitError(RuntimeError):
         self.attempts = list(attempts)
 
 
-class NotFittedError(ValueError):
+class NotFittedError(InternalError, ValueError):
     """A fitted value was needed (predict, save) before ``fit`` or ``load``."""
 
 

@@ -59,6 +59,7 @@ import numpy as np
 import pandas as pd
 from scipy import optimize, special
 
+from core.errors import CvsegError
 from models import fast_bgnbd
 from models.base import MODEL_REGISTRY, PurchaseModel, SpendModel
 from models.intervals import log_param_covariance
@@ -77,7 +78,7 @@ _NEWTON_STEPS = 6
 _LOG_BOUND = 30.0
 
 
-class ChannelFitFailure(ArithmeticError):
+class ChannelFitFailure(CvsegError, ArithmeticError):
     """A penalised channel fit did not reach a minimum (the channel then scores with the pooled fit)."""
 
 

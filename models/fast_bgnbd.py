@@ -93,6 +93,7 @@ import numpy as np
 import pandas as pd
 from scipy import optimize, special
 
+from core.errors import CvsegError
 from models.base import check_rfm
 
 #: Names of the parameters, in the order of every parameter vector here.
@@ -120,7 +121,7 @@ _NEWTON_STEPS = 3
 _NEWTON_TARGET = 1e-11
 
 
-class ConvergenceFailure(ArithmeticError):
+class ConvergenceFailure(CvsegError, ArithmeticError):
     """The optimiser did not reach an interior maximum of the likelihood (message says why)."""
 
 

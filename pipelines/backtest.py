@@ -75,6 +75,7 @@ from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 from core.config import ByChannelConf, Config
+from core.errors import UserError
 from core.tracking import METRIC_DIRECTION
 from core.storage import Storage
 from core.tables import CALIBRATION_HOLDOUT, MODEL_BACKTEST, MODEL_BACKTEST_DECILES, ORDERS
@@ -106,7 +107,7 @@ _FRAME_TO_CURRENT = (Window.unboundedPreceding, Window.currentRow)
 _FRAME_WHOLE = (Window.unboundedPreceding, Window.unboundedFollowing)
 
 
-class BacktestError(ValueError):
+class BacktestError(UserError, ValueError):
     """The backtest cannot run as asked; the message says what to change."""
 
 

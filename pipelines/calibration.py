@@ -26,6 +26,7 @@ from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
 from core.config import FeaturesConf
+from core.errors import UserError
 from core.storage import Storage
 from core.tables import CALIBRATION_HOLDOUT, conform
 from pipelines.features import add_months, build_customer_features, to_date, validate_orders
@@ -34,7 +35,7 @@ from pipelines.identity import read_orders
 HOLDOUT_COLUMNS = ("holdout_orders", "holdout_purchase_days", "holdout_gross", "holdout_net")
 
 
-class CalibrationError(ValueError):
+class CalibrationError(UserError, ValueError):
     """The calibration/holdout table cannot be built; the message says what to change."""
 
 

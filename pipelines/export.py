@@ -33,6 +33,7 @@ from typing import Any, BinaryIO, Iterator
 from pyspark.sql import Column, DataFrame, Observation
 from pyspark.sql import functions as F
 
+from core.errors import UserError
 from core.config import ExportConf, S3Conf
 
 log = logging.getLogger(__name__)
@@ -43,7 +44,7 @@ HMAC_BLOCK_SIZE = 64   # SHA-256 block size in bytes (RFC 2104)
 _CHUNK = 8 * 1024 * 1024
 
 
-class ExportError(RuntimeError):
+class ExportError(UserError, RuntimeError):
     """The export cannot be made or delivered; the message says what to fix."""
 
 

@@ -80,6 +80,7 @@ from pyspark.sql import Column, DataFrame, Window
 from pyspark.sql import functions as F
 
 from core.config import FeaturesConf
+from core.errors import UserError
 from core.storage import Storage
 from core.tables import CUSTOMER_FEATURES, FEATURES_RUNS, IDENTITY_MAP, ORDERS, conform
 from pipelines.identity import IdLookup, identity_version
@@ -101,7 +102,7 @@ FEATURE_INPUT_COLUMNS = ("order_id", "customer_id", "order_ts", "order_date", "g
 CUSTOMER_KEY = ("customer_hash", "customer_id")
 
 
-class FeaturesError(ValueError):
+class FeaturesError(UserError, ValueError):
     """The orders or the parameters cannot produce features; the message says what to fix."""
 
 

@@ -52,6 +52,8 @@ import pandas as pd
 from pyspark.sql import Column, DataFrame, Observation, SparkSession
 from pyspark.sql import functions as F
 
+from core.errors import UserError
+
 GENERATOR_VERSION = 1
 DEFAULT_BLOCK_SIZE = 10_000
 # Order numbers are block_id * stride + row in block: unique without coordination between blocks.
@@ -94,7 +96,7 @@ _BLOCK_SCHEMA = ("cust long, cust_blank int, order_no long, day int, sec int, am
 CANCELLATION_PATTERNS = ("independent", "retry", "stray", "mixed")
 
 
-class GeneratorError(ValueError):
+class GeneratorError(UserError, ValueError):
     """The generator cannot run with these arguments; the message says what to change."""
 
 

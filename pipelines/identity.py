@@ -53,6 +53,7 @@ from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 from core.config import Config, IdentityConf
+from core.errors import UserError
 from core.storage import Storage
 from core.tables import IDENTITY_CONFLICTS, IDENTITY_KEYS, IDENTITY_MAP, IDENTITY_RUNS, ORDERS
 from pipelines.export import hmac_key_from_env, hmac_sha256_hex, with_hmac_pads
@@ -68,7 +69,7 @@ MAP_COLUMNS = ("source_name", "source_customer_id", "customer_id")
 _SEP = "\u001f"      # joins source name and id into one node id: a character no id holds
 
 
-class IdentityError(ValueError):
+class IdentityError(UserError, ValueError):
     """The identity step cannot run as configured; the message says what to fix."""
 
 

@@ -68,6 +68,7 @@ from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 from core.config import SourceConf, ValidationConf
+from core.errors import UserError
 from core.storage import Storage
 from core.tables import IDENTITY_KEYS, INGEST_RUNS, INGESTED_FILES, ORDERS, ORDERS_QUARANTINE
 from pipelines.identity import hashed_keys
@@ -79,7 +80,7 @@ log = logging.getLogger(__name__)
 # --------------------------------------------------------------------------------------------
 # Errors and the run summary
 # --------------------------------------------------------------------------------------------
-class IngestError(ValueError):
+class IngestError(UserError, ValueError):
     """The source cannot be ingested as configured; the message says what to fix."""
 
 

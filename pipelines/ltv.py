@@ -43,6 +43,7 @@ from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 from core.config import ByChannelConf
+from core.errors import UserError
 from core.tables import CUSTOMER_SCORES
 from models import CancellationRateModel, GammaGammaModel, make_model
 from models.bundle import (GROUP_COLUMNS, INTERVAL_COLUMNS, LOADINGS_COLUMN, NET_FEATURE_COLUMNS, SCORE_COLUMNS,
@@ -53,7 +54,7 @@ from models.hybrid import bundle_from_payload
 log = logging.getLogger(__name__)
 
 
-class LtvInputError(ValueError):
+class LtvInputError(UserError, ValueError):
     """The features cannot be fitted or scored; the message says what to run or change."""
 
 

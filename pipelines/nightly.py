@@ -39,6 +39,7 @@ from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
 
 from core.config import ByChannelConf, Config
+from core.errors import CvsegError
 from core.s3 import s3_error_summary
 from core.tables import PIPELINE_RUNS, TABLES
 
@@ -49,7 +50,7 @@ FAIL_AFTER_ENV = "CVSEG_FAIL_AFTER_STEP"
 REFIT_CHOICES = ("auto", "always", "never")
 
 
-class PipelineStepError(RuntimeError):
+class PipelineStepError(CvsegError, RuntimeError):
     """A step failed (or a failure was injected); the message is the one-line reason."""
 
     def __init__(self, message: str, step: str, cause: BaseException | None = None):
@@ -58,7 +59,7 @@ class PipelineStepError(RuntimeError):
         self.cause = cause
 
 
-class InjectedFailure(RuntimeError):
+class InjectedFailure(CvsegError, RuntimeError):
     """Raised after a step on request (CVSEG_FAIL_AFTER_STEP), to test crash recovery."""
 
 

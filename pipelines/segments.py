@@ -74,6 +74,7 @@ from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
 
 from core.config import SegmentsConf
+from core.errors import UserError
 from core.tables import (CUSTOMER_FEATURES, CUSTOMER_SCORES, GENERATION_REVIEW, SEGMENT_GENERATIONS,
                          SEGMENT_MIGRATION, SEGMENTS_CURRENT, SEGMENTS_HISTORY)
 from pipelines.features import add_months, to_date
@@ -88,7 +89,7 @@ PRECEDENCE = (NEW, DORMANT, "value bands")
 DEFINITION_VERSION = 1
 
 
-class SegmentsError(ValueError):
+class SegmentsError(UserError, ValueError):
     """Segments cannot be computed; the message says what to run or change."""
 
 

@@ -89,6 +89,7 @@ from pyspark.sql import Column, DataFrame, Window
 from pyspark.sql import functions as F
 
 from core.config import TrendsConf
+from core.errors import UserError
 from core.tables import (CUSTOMER_FEATURES, IDENTITY_MAP, ORDERS, SEGMENT_GENERATIONS, SEGMENTS_CURRENT,
                          TREND_CHANNEL_SETS, TREND_COHORT_RETENTION, TREND_F2_CONVERSION, TREND_NEW_CUSTOMERS_WEEKLY, TREND_RUNS, TREND_WEEKLY_SEGMENT,
                          TREND_YEARLY, TREND_YEARLY_CATEGORY, table_spec)
@@ -104,7 +105,7 @@ F2_WINDOWS = (90, 180)
 F2_LOOKBACK_DAYS = max(F2_WINDOWS)
 
 
-class TrendsError(ValueError):
+class TrendsError(UserError, ValueError):
     """Trends cannot be computed; the message says what to run or change."""
 
 

@@ -19,6 +19,7 @@ import os
 from pathlib import Path
 from typing import Iterable
 
+from core.errors import UserError
 from pipelines.report.data import DiagnosticData, WeeklyData, collect_diagnostic, collect_weekly
 from pipelines.report.diagnostic import build_diagnostic
 from pipelines.report.document import Document
@@ -29,7 +30,7 @@ from pipelines.report.weekly import build_weekly
 FORMATS = ("html", "pdf")
 
 
-class ReportError(ValueError):
+class ReportError(UserError, ValueError):
     """The report cannot be built; the message says what to run or change."""
 
 

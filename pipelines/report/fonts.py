@@ -10,10 +10,12 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
+from core.errors import UserError
+
 FONT_NAME = "IPAexGothic"
 
 
-class FontMissingError(RuntimeError):
+class FontMissingError(UserError, RuntimeError):
     """The Japanese font is not installed; the message says how to install it."""
 
 
