@@ -175,6 +175,24 @@ def log_bundle(bundle, run_name: str, params: dict[str, Any], metrics: dict[str,
         return run.info.run_id, (str(version) if version is not None else None)
 
 
+def log_fit(bundle, config: Config, as_of, features_version: Any, seconds: dict[str, float], run_name: str,
+            extra_params: dict[str, Any] | None = None, tags: dict[str, str] | None = None,
+            register_as: str | None = None) -> tuple[str, str | None]:
+    """The run of one fitted bundle (``cvseg fit`` and a nightly refit log the same fields): the model,
+    basis, time unit, penalizer, horizon, the customer_features version it read, the purchase fit's
+    log-likelihood and the fit's seconds. Returns (run_id, version)."""
+    params = {"purchase_model": bundle.purchase.name, "value_model": bundle.value_model,
+              "as_of": as_of.isoformat(), "purchase_basis": bundle.purchase_basis,
+              "time_unit": config.features.time_unit, "penalizer_coef": config.models.penalizer_coef,
+              "horizon_months": config.features.horizon_months,
+              "customer_features_version": features_version, **(extra_params or {})}
+    metrics = {"log_likelihood": bundle.purchase.fit_info_.get("log_likelihood"),
+               **{f"fit_seconds_{k}": v for k, v in seconds.items()}}
+    return log_bundle(bundle, run_name=run_name, params=params, metrics=metrics,
+                      artifacts={"parameters": bundle.describe()}, tags={"kind": "fit", **(tags or {})},
+                      register_as=register_as)
+
+
 @contextmanager
 def parent_run(run_name: str, params: dict[str, Any], tags: dict[str, str] | None = None) -> Iterator[str]:
     """An outer run (e.g. one backtest) that nested runs attach to; yields its run id."""

@@ -47,16 +47,9 @@ def main(args: argparse.Namespace) -> dict:
         runs = {}
         for position, (name, bundle) in enumerate(fitted.bundles.items()):
             register = args.register and position == 0
-            run_id, version = tracking.log_bundle(
-                bundle, run_name=f"fit-{name}-{args.as_of}",
-                params={"purchase_model": name, "value_model": "btyd", "as_of": args.as_of.isoformat(),
-                        "purchase_basis": bundle.purchase_basis, **channel_run_params(bundle),
-                        "time_unit": config.features.time_unit, "penalizer_coef": config.models.penalizer_coef,
-                        "horizon_months": config.features.horizon_months,
-                        "customer_features_version": storage.version("customer_features")},
-                metrics={"log_likelihood": bundle.purchase.fit_info_.get("log_likelihood"),
-                         **{f"fit_seconds_{k}": v for k, v in fitted.seconds.items()}},
-                artifacts={"parameters": bundle.describe()}, tags={"kind": "fit"},
+            run_id, version = tracking.log_fit(
+                bundle, config, args.as_of, storage.version("customer_features"), fitted.seconds,
+                run_name=f"fit-{name}-{args.as_of}", extra_params=channel_run_params(bundle),
                 register_as=target.registered_model if register else None)
             runs[name] = run_id
             if version and tracking.champion_version(target.registered_model) is None:

@@ -332,18 +332,10 @@ def _score(ctx: _Context) -> tuple[str, dict]:
                 bundle, name = hybrid, "hybrid"
                 hybrid_params = tracking_extras(hybrid)[0]
                 fitted.seconds.update(hybrid_seconds)
-        _, version = tracking.log_bundle(
-            bundle, run_name=f"nightly-fit-{name}-{ctx.as_of_date}",
-            params={"purchase_model": bundle.purchase.name, "value_model": bundle.value_model,
-                    "as_of": ctx.as_of_date.isoformat(), **hybrid_params, **channel_fit_params,
-                    "purchase_basis": basis,
-                    "time_unit": ctx.config.features.time_unit, "penalizer_coef": models.penalizer_coef,
-                    "horizon_months": ctx.config.features.horizon_months,
-                    "customer_features_version": ctx.storage.version("customer_features")},
-            metrics={"log_likelihood": bundle.purchase.fit_info_.get("log_likelihood"),
-                     **{f"fit_seconds_{k}": v for k, v in fitted.seconds.items()}},
-            artifacts={"parameters": bundle.describe()}, tags={"kind": "fit", "trigger": "nightly"},
-            register_as=target.registered_model)
+        _, version = tracking.log_fit(
+            bundle, ctx.config, ctx.as_of_date, ctx.storage.version("customer_features"), fitted.seconds,
+            run_name=f"nightly-fit-{name}-{ctx.as_of_date}", extra_params={**hybrid_params, **channel_fit_params},
+            tags={"trigger": "nightly"}, register_as=target.registered_model)
         tracking.set_champion(target.registered_model, version)
         details["refit_seconds"] = round(time.perf_counter() - started, 2)
     else:
