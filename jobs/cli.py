@@ -52,12 +52,5 @@ def main(argv: list[str] | None = None) -> int:
     return run_main(args.func, args)
 
 
-def entry(verb: str):
-    """Console-script style entry for one verb (Databricks python_wheel_task, EMR steps)."""
-    def _main() -> None:
-        sys.exit(main([verb, *sys.argv[1:]]))
-    return _main
-
-
 if __name__ == "__main__":
     sys.exit(main())

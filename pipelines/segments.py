@@ -112,10 +112,6 @@ class SegmentRules:
     dormant_p_alive: float
     quantile_relative_error: float
 
-    @property
-    def segment_names(self) -> list[str]:
-        return [NEW, DORMANT, *[b.name for b in self.bands]]
-
     def to_json(self) -> str:
         payload = {"version": DEFINITION_VERSION, "precedence": list(PRECEDENCE), **asdict(self)}
         return json.dumps(payload, sort_keys=True)
