@@ -7,6 +7,7 @@ best by the configured metric carries the alias ``champion``; older versions sta
 """
 from __future__ import annotations
 
+import datetime as dt
 import json
 import logging
 import os
@@ -231,6 +232,49 @@ def _log_artifact(value: Any, name: str, folder: Path) -> None:
         path = folder / f"{name}.json"
         path.write_text(json.dumps(value, indent=2, default=str), encoding="utf-8")
         mlflow.log_artifact(str(path))
+
+
+@dataclass(frozen=True)
+class ChampionInfo:
+    """What the nightly run needs to know about the registered champion, from its run's params."""
+
+    version: str
+    fitted_as_of: dt.date | None      # as-of date of the features it was fitted on
+    registered_at: dt.datetime        # UTC
+    purchase_basis: str = "gross"     # the basis it was fitted on (runs before the basis existed: gross)
+    value_model: str = "btyd"         # a "hybrid" champion is refitted as a hybrid (pipelines/hybrid.py)
+    by_channel: bool = False          # a channel-aware champion (models/channels.py) is refitted as such
+    purchase_model: str | None = None  # the BTYD purchase model it was fitted with (bgnbd, mbgnbd, ...)
+
+
+def champion_info(registered_model: str) -> ChampionInfo | None:
+    """The champion's version and the params of the run that logged it (:func:`log_fit` writes them);
+    None before any champion."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    client = mlflow.MlflowClient()
+    try:
+        version = client.get_model_version_by_alias(registered_model, CHAMPION)
+    except MlflowException:
+        return None
+    fitted = None
+    basis = "gross"
+    value_model = "btyd"
+    by_channel = False
+    purchase_model = None
+    if version.run_id:
+        params = client.get_run(version.run_id).data.params
+        as_of = params.get("as_of")
+        fitted = dt.date.fromisoformat(as_of) if as_of else None
+        basis = params.get("purchase_basis", "gross")
+        value_model = params.get("value_model", "btyd")
+        by_channel = params.get("by_channel", "false").lower() == "true"     # MLflow keeps params as text
+        purchase_model = params.get("purchase_model")
+    registered = dt.datetime.fromtimestamp(version.creation_timestamp / 1000, tz=dt.timezone.utc)
+    return ChampionInfo(version=str(version.version), fitted_as_of=fitted, registered_at=registered,
+                        purchase_basis=basis, value_model=value_model, by_channel=by_channel,
+                        purchase_model=purchase_model)
 
 
 def set_champion(registered_model: str, version: str) -> None:

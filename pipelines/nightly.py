@@ -42,6 +42,7 @@ from core.config import ByChannelConf, Config
 from core.errors import CvsegError
 from core.s3 import s3_error_summary
 from core.tables import PIPELINE_RUNS, TABLES
+from core.tracking import ChampionInfo, champion_info  # noqa: F401 -- the nightly's view of the champion
 
 log = logging.getLogger(__name__)
 
@@ -106,17 +107,6 @@ def is_up_to_date(step: str, done: dict[str, dt.datetime]) -> bool:
         return False
     earlier = STEPS[:STEPS.index(step)]
     return all(done[step] >= done[p] for p in earlier if p in done)
-
-
-@dataclass(frozen=True)
-class ChampionInfo:
-    version: str
-    fitted_as_of: dt.date | None      # as-of date of the features it was fitted on
-    registered_at: dt.datetime        # UTC
-    purchase_basis: str = "gross"     # the basis it was fitted on (runs before the basis existed: gross)
-    value_model: str = "btyd"         # a "hybrid" champion is refitted as a hybrid (pipelines/hybrid.py)
-    by_channel: bool = False          # a channel-aware champion (models/channels.py) is refitted as such
-    purchase_model: str | None = None  # the BTYD purchase model it was fitted with (bgnbd, mbgnbd, ...)
 
 
 def refit_reason(champion: ChampionInfo | None, as_of_date: dt.date, refit_every_days: int,
@@ -188,39 +178,6 @@ def table_versions(storage: Any, names: list[str] | None = None) -> dict[str, in
     """Current Delta version of the named (default: every registered) table that exists; log reads only."""
     names = [n for n in TABLES if n != PIPELINE_RUNS.name] if names is None else names
     return {name: storage.version(name) for name in names if storage.exists(name)}
-
-
-# --------------------------------------------------------------------------------------------
-# MLflow champion
-# --------------------------------------------------------------------------------------------
-def champion_info(registered_model: str) -> ChampionInfo | None:
-    import mlflow
-    from mlflow.exceptions import MlflowException
-
-    from core.tracking import CHAMPION
-
-    client = mlflow.MlflowClient()
-    try:
-        version = client.get_model_version_by_alias(registered_model, CHAMPION)
-    except MlflowException:
-        return None
-    fitted = None
-    basis = "gross"
-    value_model = "btyd"
-    by_channel = False
-    purchase_model = None
-    if version.run_id:
-        params = client.get_run(version.run_id).data.params
-        as_of = params.get("as_of")
-        fitted = dt.date.fromisoformat(as_of) if as_of else None
-        basis = params.get("purchase_basis", "gross")
-        value_model = params.get("value_model", "btyd")
-        by_channel = params.get("by_channel", "false").lower() == "true"     # MLflow keeps params as text
-        purchase_model = params.get("purchase_model")
-    registered = dt.datetime.fromtimestamp(version.creation_timestamp / 1000, tz=dt.timezone.utc)
-    return ChampionInfo(version=str(version.version), fitted_as_of=fitted, registered_at=registered,
-                        purchase_basis=basis, value_model=value_model, by_channel=by_channel,
-                        purchase_model=purchase_model)
 
 
 def refit_basis(configured: str, champion: ChampionInfo | None) -> str:
