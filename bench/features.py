@@ -76,7 +76,7 @@ def main() -> None:
         with timer.step("features", memory):
             feature_stats = run_features(storage, END_DATE, config.features, full=True)
     print(ingest_summary)
-    print(f"features: {feature_stats}")
+    print(f"features: {feature_stats.summary_line()}")
 
     baseline = timer.total("baseline: scan+count export")
     work = timer.total("ingest", "features")

@@ -103,7 +103,7 @@ def _more_nights(spark, workdir: Path, conf_path: Path, args, timer: Timer, memo
             with timer.step(f"{night} {name}: features", memory):
                 stats = run_features(storage, night, night_config.features)
             seconds[name] = timer.total(f"{night} {name}: ingest", f"{night} {name}: features")
-            print(f"  {night} {name}: {seconds[name]:.1f} s, features {stats['mode']}")
+            print(f"  {night} {name}: {seconds[name]:.1f} s, features {stats.mode}")
         added.append(seconds["identity"] - seconds["baseline"])
     ordered = sorted(added)
     median = ordered[len(ordered) // 2] if len(ordered) % 2 else sum(ordered[len(ordered) // 2 - 1:][:2]) / 2
@@ -191,7 +191,7 @@ def main() -> None:
         "seconds": {name: round(s, 1) for name, s, _ in timer.rows},
         "first_load_ratio": round(first_id / first_base, 3),
         "night_added_seconds": round(night_id - night_base, 1),
-        "night_features_modes": {k: v.get("mode") for k, v in results.items() if k.endswith("_night_features")},
+        "night_features_modes": {k: v.mode for k, v in results.items() if k.endswith("_night_features")},
     }
     print(f"\nfirst load: identity {first_id:.1f} s vs baseline {first_base:.1f} s = {summary['first_load_ratio']}x "
           f"(target <= 1.15x); regular night: {night_id:.1f} vs {night_base:.1f} s = "

@@ -134,8 +134,8 @@ def main() -> None:
                                horizon_months=HORIZON_MONTHS, time_unit=units)
         with timer.step("score (bgnbd bundle)", memory):
             score_stats = run_score(storage, END_DATE, bundle, "bench")
-        print(f"  scored {score_stats['customers']:,} customers, predicted net total "
-              f"{score_stats['predicted_net_value_total']:,.0f}")
+        print(f"  scored {score_stats.customers:,} customers, predicted net total "
+              f"{score_stats.predicted_net_value_total:,.0f}")
         if args.hybrid:
             from pipelines.hybrid import fit_hybrid, training_cutoff, training_frame
 
@@ -152,14 +152,14 @@ def main() -> None:
                   f"{ {k: round(v, 2) for k, v in fitted.seconds.items()} }")
             with timer.step("score (hybrid bundle)", memory):
                 hybrid_stats = run_score(storage, END_DATE, fitted.bundle, "bench-hybrid")
-            print(f"  hybrid scored {hybrid_stats['customers']:,} customers, predicted net total "
-                  f"{hybrid_stats['predicted_net_value_total']:,.0f}")
+            print(f"  hybrid scored {hybrid_stats.customers:,} customers, predicted net total "
+                  f"{hybrid_stats.predicted_net_value_total:,.0f}")
         backtest_seconds = None
         if not args.skip_backtest:
             with timer.step(f"backtest ({args.origins} origin)", memory):
                 backtest = run_backtest(storage, END_DATE, config, n_origins=args.origins)
-            backtest_seconds = backtest["seconds"]
-            print(f"  backtest champion {backtest['champion']} by {backtest['champion_metric']}; "
+            backtest_seconds = backtest.seconds
+            print(f"  backtest champion {backtest.champion} by {backtest.champion_metric}; "
                   f"breakdown {backtest_seconds}")
 
         # ---- the single-node baseline: lifetimes' own path on the same orders ----------------------------

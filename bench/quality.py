@@ -77,12 +77,12 @@ def quality(predicted: np.ndarray, actual: np.ndarray) -> dict[str, float]:
 def engine_predictions(storage: Storage, config, end: dt.date) -> tuple[str, dict[str, pd.Series], pd.Series, dict]:
     """(champion, predictions by model name, actual holdout net, backtest summary of the choice)."""
     from pipelines.backtest import ensure_calibration, fit_origin_models, predict_all, run_backtest
-    from pipelines.features import add_months
+    from core.dates import add_months
     from pipelines.hybrid import origin_hybrids
 
     cutoff = add_months(end, -HORIZON_MONTHS)
     choice = run_backtest(storage, cutoff, config, n_origins=1, track=False)   # one horizon earlier
-    champion = choice["champion"]
+    champion = choice.champion
     holdout_df, _ = ensure_calibration(storage, cutoff, config)
     cohort_df = None
     if champion == "cohort":
@@ -139,7 +139,7 @@ def lifetimes_predictions(storage: Storage, cutoff: dt.date, customers: pd.Index
 
 
 def compare(name: str, storage: Storage, config, end: dt.date) -> list[dict]:
-    from pipelines.features import add_months
+    from core.dates import add_months
 
     started = time.perf_counter()
     champion, engine, actual, choice, bands = engine_predictions(storage, config, end)
@@ -154,8 +154,8 @@ def compare(name: str, storage: Storage, config, end: dt.date) -> list[dict]:
     rows.append({"data": name, "method": "plain lifetimes (completed orders)", **quality(plain.to_numpy(float), y),
                  "coverage": float("nan"), "closed_coverage": float("nan")})
     for row in rows:
-        row.update(customers=len(y), champion_basis=choice["champion_purchase_basis"],
-                   basis_comparison=json.dumps(choice["basis_comparison"]), seconds=round(time.perf_counter() - started))
+        row.update(customers=len(y), champion_basis=choice.champion_purchase_basis,
+                   basis_comparison=json.dumps(choice.basis_comparison), seconds=round(time.perf_counter() - started))
     return rows
 
 

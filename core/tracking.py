@@ -15,7 +15,7 @@ import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import pandas as pd
 
@@ -215,6 +215,58 @@ def log_parent_metrics(metrics: dict[str, float], artifacts: dict[str, Any] | No
     with tempfile.TemporaryDirectory() as tmp:
         for name, value in (artifacts or {}).items():
             _log_artifact(value, name, Path(tmp))
+
+
+@dataclass(frozen=True)
+class BacktestFit:
+    """One model fitted at one backtest origin, as MLflow records it (a nested run of the backtest).
+    ``register``: log the bundle as a registered model version (the newest origin's fits)."""
+    origin: dt.date
+    name: str
+    bundle: Any
+    params: dict[str, Any]
+    metrics: dict[str, float]
+    artifacts: dict[str, Any]
+    tags: dict[str, str]
+    register: bool
+
+
+@dataclass(frozen=True)
+class BacktestRuns:
+    """What :func:`log_backtest` created: the parent run, each fit's run and the registered versions."""
+    parent_run_id: str
+    run_ids: dict[tuple[dt.date, str], str]
+    versions: dict[str, str | None]
+    champion_version: str | None
+
+
+def log_backtest(registered_model: str, run_name: str, params: dict[str, Any], tags: dict[str, str],
+                 fits: Iterable[BacktestFit], champion: str, summary_metrics: dict[str, float],
+                 summary_artifacts: dict[str, Any]) -> BacktestRuns:
+    """A backtest as one parent run: every fit nested under it (``fits`` is consumed lazily, so each
+    fit's figures are built as it is logged), the newest origin's bundles registered, the champion's
+    version given the ``champion`` alias, and the summary metrics and artifacts on the parent (the
+    ``champion`` artifact gains the registered ``version``)."""
+    run_ids: dict[tuple[dt.date, str], str] = {}
+    versions: dict[str, str | None] = {}
+    with parent_run(run_name, params, tags=tags) as parent_run_id:
+        for fit in fits:
+            run_name_fit = f"{fit.name}-{fit.origin.isoformat()}"
+            if fit.register:
+                run_ids[(fit.origin, fit.name)], versions[fit.name] = log_bundle(
+                    fit.bundle, run_name_fit, fit.params, fit.metrics, fit.artifacts, fit.tags,
+                    register_as=registered_model, nested=True)
+            else:
+                run_ids[(fit.origin, fit.name)] = log_run(run_name_fit, fit.params, fit.metrics, fit.artifacts,
+                                                          fit.tags, nested=True)
+        champion_version = versions.get(champion)
+        if champion_version:
+            set_champion(registered_model, champion_version)
+        artifacts = dict(summary_artifacts)
+        if "champion" in artifacts:
+            artifacts["champion"] = {**artifacts["champion"], "version": champion_version}
+        log_parent_metrics(summary_metrics, artifacts=artifacts)
+    return BacktestRuns(parent_run_id, run_ids, versions, champion_version)
 
 
 def _log_artifact(value: Any, name: str, folder: Path) -> None:

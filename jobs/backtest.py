@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from jobs.common import UsageError, config_from, open_warehouse, parse_date, step
+from jobs.common import config_from, open_warehouse, parse_date, step
 
 HELP = ("backtest every configured model (BG/NBD family + Gamma-Gamma, cohort method, naive) on the horizon "
         "before a date; register the best as champion")
@@ -26,16 +26,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object with the results")
 
 
-def main(args: argparse.Namespace) -> dict:
-    from pipelines.backtest import BacktestError
-
-    try:
-        return _backtest(args)
-    except BacktestError as exc:    # its message says what to change: print it without a traceback
-        raise UsageError(str(exc)) from exc
-
-
-def _backtest(args: argparse.Namespace) -> dict:
+def main(args: argparse.Namespace):
+    """A BacktestError is a UserError: its message says what to change (exit 2, no traceback)."""
     from pipelines.backtest import run_backtest
 
     config = config_from(args)
@@ -43,25 +35,22 @@ def _backtest(args: argparse.Namespace) -> dict:
     if args.json:
         result = run_backtest(storage, args.as_of, config, n_origins=args.origins, spacing_months=args.spacing_months,
                               backtest_run_id=args.run_id, rebuild=args.rebuild, track=not args.no_tracking)
-        print(json.dumps(result, default=str))
+        print(json.dumps(result.asdict(), default=str))
         return result
     with step(f"backtest as of {args.as_of} ({args.origins} origin(s))"):
         result = run_backtest(storage, args.as_of, config, n_origins=args.origins, spacing_months=args.spacing_months,
                               backtest_run_id=args.run_id, rebuild=args.rebuild, track=not args.no_tracking)
-    metric = result["champion_metric"]
-    print(f"  backtest_run_id {result['backtest_run_id']}  origins {', '.join(result['origins'])}")
+    print(f"  backtest_run_id {result.backtest_run_id}  origins {', '.join(map(str, result.origins))}")
     print(f"  {'model':<10} {'origin':<10} {'mae':>10} {'rmse':>10} {'total err %':>11} {'spearman':>9} "
           f"{'gini':>6} {'top10%':>7} {'top20%':>7}")
-    for row in result["metrics"]:
+    for row in result.metrics:
         print(f"  {row['model']:<10} {row['origin_date']:<10} {_fmt(row['mae'], 10, 1)} {_fmt(row['rmse'], 10, 1)} "
               f"{_fmt(row['total_error_pct'], 11, 1)} {_fmt(row['spearman'], 9, 3)} "
               f"{_fmt(row['normalized_gini'], 6, 3)} {_fmt(row['top_decile_capture'], 7, 3)} "
               f"{_fmt(row['top20_capture'], 7, 3)}")
-    for note in result.get("notes", []):
+    for note in result.notes:
         print(f"  {note}")
-    version = result["champion_version"]
-    print(f"  champion by mean {metric}: {result['champion']}"
-          + (f" -> registered version {version} has alias 'champion'" if version else " (not registered)"))
+    print(f"  {result.summary_line()}")
     print("  tables: model_backtest, model_backtest_deciles (`cvseg show model_backtest`)")
     return result
 

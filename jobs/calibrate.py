@@ -14,12 +14,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="allow a holdout window that runs past the last order in the data")
 
 
-def main(args: argparse.Namespace) -> dict:
+def main(args: argparse.Namespace):
     from pipelines.calibration import run_calibration
 
     config = config_from(args)
     spark, storage = open_warehouse(args, config)
     with step("calibrate"):
         stats = run_calibration(storage, args.cutoff, config.features, allow_incomplete=args.allow_incomplete)
-    print(f"calibration_holdout at cutoff {args.cutoff}: {stats}")
+    print(f"calibration_holdout: {stats.summary_line()}")
     return stats

@@ -109,7 +109,7 @@ def main(args: argparse.Namespace) -> dict:
     cutoff = as_of - relativedelta(months=config.features.horizon_months)
     with step(f"calibration/holdout at cutoff {cutoff} (for `cvseg backtest`)"):
         calibration_stats = run_calibration(storage, cutoff, config.features)
-    print(f"  {calibration_stats}")
+    print(f"  {calibration_stats.summary_line()}")
     target = tracking.tracking_target(config)
     score = result.outcome("score")
     export = result.outcome("export")

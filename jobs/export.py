@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
 from jobs.common import build_session, build_storage, config_from, parse_date, step
 
@@ -15,20 +14,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="local folder or s3://bucket/prefix/ (default: export.dest from the config)")
 
 
-def main(args: argparse.Namespace) -> dict:
-    from pipelines.export import ExportError, run_export
+def main(args: argparse.Namespace):
+    from pipelines.export import run_export
 
     config = config_from(args)
     spark = build_session(config)
     storage = build_storage(config, spark)
-    try:
-        with step(f"export as of {args.as_of}"):
-            result = run_export(storage, args.as_of, config.export, dest=args.dest,
-                                horizon_months=config.features.horizon_months, labels=config.segments.labels)
-    except ExportError as exc:
-        if args.debug:
-            raise
-        print(f"error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
-    print(f"  {result['rows']:,} rows -> {result['file']}\n  manifest: {result['manifest']} (sha256 {result['sha256']})")
+    with step(f"export as of {args.as_of}"):   # an ExportError is a UserError: one line, exit 2
+        result = run_export(storage, args.as_of, config.export, dest=args.dest,
+                            horizon_months=config.features.horizon_months,
+                            labels=config.segments.labels)
+    print(f"  {result.rows:,} rows -> {result.file}\n  manifest: {result.manifest} (sha256 {result.sha256})")
     return result

@@ -14,12 +14,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="compute every customer from all orders (no update from an earlier date)")
 
 
-def main(args: argparse.Namespace) -> dict:
+def main(args: argparse.Namespace):
     from pipelines.features import run_features
 
     config = config_from(args)
     spark, storage = open_warehouse(args, config)
     with step("features"):
         stats = run_features(storage, args.as_of, config.features, full=args.full)
-    print(f"customer_features as of {args.as_of}: {stats}")
+    print(f"customer_features as of {args.as_of}: {stats.summary_line()}")
     return stats

@@ -12,7 +12,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--as-of", type=parse_date, required=True, help="YYYY-MM-DD (features must exist)")
 
 
-def main(args: argparse.Namespace) -> dict:
+def main(args: argparse.Namespace):
     from core import tracking
     from jobs.common import UsageError
     from pipelines.ltv import run_score
@@ -27,5 +27,5 @@ def main(args: argparse.Namespace) -> dict:
     spark, storage = open_warehouse(args, config)
     with step(f"score with {target.registered_model} v{version} ({bundle.value_model})"):
         stats = run_score(storage, args.as_of, bundle, version, intervals=config.models.intervals)
-    print(f"  customer_scores as of {args.as_of}: {stats}")
+    print(f"  customer_scores as of {args.as_of}: {stats.summary_line()}")
     return stats

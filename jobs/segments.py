@@ -16,21 +16,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="cut a new generation now instead of waiting segments.generation_months")
 
 
-def main(args: argparse.Namespace) -> dict:
-    from jobs.common import UsageError
-    from pipelines.segments import SegmentsError, run_segments
+def main(args: argparse.Namespace):
+    from pipelines.segments import run_segments
 
     config = config_from(args)
     spark, storage = open_warehouse(args, config)
-    with step("segments"):
-        try:
-            summary = run_segments(storage, args.as_of, config, new_generation=args.new_generation)
-        except SegmentsError as exc:   # the message already says what to run
-            raise UsageError(str(exc)) from None
-    action = "cut generation" if summary["new_generation"] else "placed newcomers in generation"
-    print(f"  {action} {summary['generation_id']} as of {args.as_of}: "
-          f"{summary['customers_placed']} placed {summary['placed_by_segment']}")
-    print(f"  segments_current: {summary['customers']} customers {summary['segment_counts']}")
-    if summary.get("note"):
-        print(f"  note: {summary['note']}")
+    with step("segments"):   # a SegmentsError is a UserError: its message says what to run
+        summary = run_segments(storage, args.as_of, config.segments, new_generation=args.new_generation)
+    print(f"  as of {args.as_of}: {summary.summary_line()}")
     return summary

@@ -16,21 +16,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="recompute every period instead of only those touched since the last run")
 
 
-def main(args: argparse.Namespace) -> dict:
-    from jobs.common import UsageError
-    from pipelines.trends import TrendsError, run_trends
+def main(args: argparse.Namespace):
+    from pipelines.trends import run_trends
     from pipelines.value_totals import run_ltv_by_channel
 
     config = config_from(args)
     spark, storage = open_warehouse(args, config)
-    with step("trends"):
-        try:
-            summary = run_trends(storage, args.as_of, config, rebuild=args.rebuild)
-        except TrendsError as exc:     # the message already says what to run
-            raise UsageError(str(exc)) from None
+    with step("trends"):   # a TrendsError is a UserError: its message says what to run
+        summary = run_trends(storage, args.as_of, config.trends, rebuild=args.rebuild)
         channels = run_ltv_by_channel(storage, args.as_of)
-    print(f"  trends as of {args.as_of} ({summary['mode']}): recomputed from {summary['recomputed_from']}")
-    print(f"  partitions replaced: {summary['partitions']}")
-    print("  " + ", ".join(f"{k}: {v}" for k, v in channels.items()))
-    summary.update(channels)
-    return summary
+    print(f"  trends as of {args.as_of} ({summary.mode}): recomputed from {summary.recomputed_from}")
+    print(f"  partitions replaced: {summary.partitions}")
+    print(f"  {channels.summary_line()}")
+    return summary, channels

@@ -75,15 +75,16 @@ from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 from core.config import ByChannelConf, Config
+from core.dates import add_months
 from core.errors import UserError
-from core.tracking import METRIC_DIRECTION
+from core.results import StageResult
 from core.storage import Storage
+from core.tracking import METRIC_DIRECTION, BacktestFit, BacktestRuns
 from core.tables import CALIBRATION_HOLDOUT, MODEL_BACKTEST, MODEL_BACKTEST_DECILES, ORDERS
 from models import CELL_COLUMNS, DEFAULT_BANDS, CohortModel, NaiveRepeatModel
 from models.bundle import DAYS_PER_UNIT, ScoringBundle
 from models.hybrid import bundle_from_payload
 from pipelines.calibration import holdout_end, run_calibration
-from pipelines.features import add_months, to_date
 from pipelines.ltv import channel_run_params, fit_btyd_bundles
 
 log = logging.getLogger(__name__)
@@ -616,21 +617,47 @@ def channel_params(conf: ByChannelConf) -> dict[str, Any]:
             "by_channel_min_customers": conf.min_customers}
 
 
-def run_backtest(storage: Storage, as_of: dt.date | str, config: Config, n_origins: int = 1,
+@dataclass(frozen=True)
+class BacktestResult(StageResult):
+    """What :func:`run_backtest` measured and registered (``metrics``: one JSON row per model and
+    origin; ``seconds``: the stages' wall times; ``calibration_reused``: per origin, whether its
+    calibration partitions were read rather than rebuilt)."""
+    backtest_run_id: str
+    as_of: dt.date
+    origins: tuple[dt.date, ...]
+    horizon_months: int
+    champion: str
+    champion_metric: str
+    champion_purchase_basis: str
+    purchase_basis: str                  # models.purchase_basis as configured (auto | gross | net)
+    basis_comparison: dict[str, Any]
+    champion_version: str | None
+    mean_metric: dict[str, float]
+    model_versions: dict[str, str | None]
+    mlflow_parent_run_id: str | None
+    metrics: list[dict[str, Any]]
+    calibration_reused: dict[str, dict[str, bool]]
+    notes: tuple[str, ...]
+    seconds: dict[str, float]
+
+    def summary_line(self) -> str:
+        version = (f" -> registered version {self.champion_version} has alias 'champion'" if self.champion_version
+                   else " (not registered)")
+        return (f"backtest {self.backtest_run_id}, {len(self.origins)} origin(s): champion by mean "
+                f"{self.champion_metric}: {self.champion}{version}")
+
+
+def run_backtest(storage: Storage, as_of: dt.date, config: Config, n_origins: int = 1,
                  spacing_months: int = 1, backtest_run_id: str | None = None, rebuild: bool = False,
-                 track: bool = True) -> dict[str, Any]:
+                 track: bool = True) -> BacktestResult:
     """Backtest every configured model at ``n_origins`` origins, log to MLflow, register and pick the
     champion, and merge the results into ``model_backtest`` / ``model_backtest_deciles``.
 
     ``backtest_run_id`` (default: a new id) keys the rows: re-running with the same id replaces that
-    run's rows instead of adding them. Returns a JSON-ready summary.
+    run's rows instead of adding them.
     """
-    from core import tracking
-
-    as_of = to_date(as_of)
     origins = backtest_origins(as_of, n_origins, spacing_months)
     run_id = backtest_run_id or f"bt-{as_of.isoformat()}-{uuid.uuid4().hex[:8]}"
-    horizon = config.features.horizon_months
     started_all = time.perf_counter()
     results = [run_origin(storage, origin, config, rebuild) for origin in origins]
     all_metrics = pd.concat([r.metrics.assign(origin_date=r.origin) for r in results], ignore_index=True)
@@ -647,80 +674,97 @@ def run_backtest(storage: Storage, as_of: dt.date | str, config: Config, n_origi
         importance_rows = hybrid_importance_rows(newest.models.bundles, _calibration_rows(storage, newest.cutoff),
                                                  config.models.hybrid, run_id, newest.origin, newest.cutoff, created_at)
 
-    mlflow_runs: dict[tuple[dt.date, str], str] = {}
-    versions: dict[str, str | None] = {}
-    parent_run_id = None
-    champion_version = None
+    runs = None
     started = time.perf_counter()
     if track:
+        from core import tracking
+
         target = tracking.tracking_target(config)
         tracking.start(target)
         parent_params = {"backtest_run_id": run_id, "as_of": as_of.isoformat(), "origins": len(origins),
-                         "spacing_months": spacing_months, "horizon_months": horizon,
+                         "spacing_months": spacing_months, "horizon_months": config.features.horizon_months,
                          "time_unit": config.features.time_unit, "penalizer_coef": config.models.penalizer_coef,
                          "purchase_models": list(config.models.purchase_models),
                          "compare_cohort": config.models.compare_cohort, "compare_naive": config.models.compare_naive,
                          "champion_metric": champion_metric, "orders_version": storage.version(ORDERS.name),
                          "purchase_basis": config.models.purchase_basis,
                          **channel_params(config.models.by_channel)}
-        with tracking.parent_run(f"backtest-{as_of.isoformat()}", parent_params,
-                                 tags={"kind": "backtest", "backtest_run_id": run_id}) as parent_run_id:
-            for position, result in enumerate(results):
-                latest = position == 0     # register the fits at the newest origin (what was just measured)
-                for name, bundle in result.models.bundles.items():
-                    row = result.metrics.set_index("model").loc[name]
-                    deciles = result.deciles[result.deciles["model"] == name].drop(columns="model")
-                    params = {"model": name, "value_model": bundle.value_model,
-                              "purchase_model": bundle.purchase.name, "purchase_basis": bundle.purchase_basis,
-                              "as_of": result.cutoff.isoformat(), "origin": result.origin.isoformat(),
-                              "cutoff_date": result.cutoff.isoformat(), "horizon_end": result.horizon_end.isoformat(),
-                              "horizon_months": horizon, "time_unit": config.features.time_unit,
-                              "penalizer_coef": config.models.penalizer_coef,
-                              "calibration_holdout_version": result.calibration_version,
-                              "backtest_run_id": run_id}
-                    params.update(channel_run_params(bundle))    # nightly refits a channel-aware champion as such
-                    if name == "cohort":
-                        params.update(cohort_min_cell_size=config.models.cohort_min_cell_size,
-                                      cohort_by_channel=config.models.cohort_by_channel)
-                    metrics = {m: row[m] for m in (*METRIC_COLUMNS, *INTERVAL_METRIC_COLUMNS, "n_customers",
-                                                   "predicted_total", "actual_total")}
-                    suffix = "" if bundle.purchase_basis == "gross" else f"_{bundle.purchase_basis}"
-                    metrics.update({f"fit_seconds_{k.removeprefix('fit_')}": v
-                                    for k, v in result.models.seconds.items()
-                                    if k == f"fit_{name}" or k in (f"fit_gamma_gamma{suffix}",
-                                                                   f"sufficient_statistics{suffix}")})
-                    artifacts = {"decile_table": deciles, "parameters": parameter_table(bundle),
-                                 "calibration_plot": calibration_figure(
-                                     deciles, f"{name}: origin {result.origin}, cutoff {result.cutoff}")}
-                    bundle.metadata.update({"backtest_run_id": run_id, "cutoff_date": result.cutoff.isoformat(),
-                                            "origin": result.origin.isoformat(), "model": name})
-                    if bundle.value_model == "hybrid":     # training cutoff, sample size, importances
-                        from pipelines.hybrid import tracking_extras
-
-                        extra_params, extra_artifacts = tracking_extras(bundle)
-                        params.update(extra_params)
-                        artifacts.update(extra_artifacts)
-                    run_name = f"{name}-{result.origin.isoformat()}"
-                    tags = {"kind": "backtest_fit", "backtest_run_id": run_id}
-                    if latest:
-                        mlflow_run, version = tracking.log_bundle(bundle, run_name, params, metrics, artifacts, tags,
-                                                                  register_as=target.registered_model, nested=True)
-                        versions[name] = version
-                    else:
-                        mlflow_run = tracking.log_run(run_name, params, metrics, artifacts, tags, nested=True)
-                    mlflow_runs[(result.origin, name)] = mlflow_run
-            champion_version = versions.get(champion)
-            if champion_version:
-                tracking.set_champion(target.registered_model, champion_version)
-            summary_metrics = {f"mean_{champion_metric}_{m}": v for m, v in means.items()}
-            tracking.log_parent_metrics(summary_metrics, artifacts={
-                "backtest_metrics": all_metrics, "champion": {"model": champion, "version": champion_version,
-                                                               "metric": champion_metric,
-                                                               "purchase_basis": champion_basis,
-                                                               "basis_comparison": basis_comparison}})
-
+        runs = tracking.log_backtest(
+            target.registered_model, f"backtest-{as_of.isoformat()}", parent_params,
+            {"kind": "backtest", "backtest_run_id": run_id}, _backtest_fits(results, run_id, config), champion,
+            summary_metrics={f"mean_{champion_metric}_{m}": v for m, v in means.items()},
+            summary_artifacts={"backtest_metrics": all_metrics,
+                               "champion": {"model": champion, "metric": champion_metric,
+                                            "purchase_basis": champion_basis, "basis_comparison": basis_comparison}})
     tracking_seconds = time.perf_counter() - started
     started = time.perf_counter()
+    _write_backtest_tables(storage, results, run_id, config, champion, runs, created_at, importance_rows)
+    write_seconds = time.perf_counter() - started
+    return BacktestResult(
+        backtest_run_id=run_id, as_of=as_of, origins=tuple(origins), horizon_months=config.features.horizon_months,
+        champion=champion, champion_metric=champion_metric, champion_purchase_basis=champion_basis,
+        purchase_basis=config.models.purchase_basis, basis_comparison=basis_comparison,
+        champion_version=runs.champion_version if runs else None, mean_metric={k: float(v) for k, v in means.items()},
+        model_versions=dict(runs.versions) if runs else {}, mlflow_parent_run_id=runs.parent_run_id if runs else None,
+        metrics=[{**{k: _json_value(v) for k, v in r.items()}, "origin_date": r["origin_date"].isoformat()}
+                 for r in all_metrics.to_dict("records")],
+        calibration_reused={r.origin.isoformat(): r.reused for r in results},
+        notes=tuple(note for r in results for note in r.models.notes),
+        seconds={"total": round(time.perf_counter() - started_all, 2), "mlflow": round(tracking_seconds, 2),
+                 "write_tables": round(write_seconds, 2),
+                 **{f"{r.origin.isoformat()}_{k}": round(v, 2) for r in results
+                    for k, v in {**r.seconds, **r.models.seconds}.items()}})
+
+
+def _backtest_fits(results: Sequence[OriginResult], run_id: str, config: Config) -> Iterator[BacktestFit]:
+    """Each fitted model at each origin as MLflow logs it; the newest origin's fits are registered
+    (what was just measured). MLflow parameter names are read back by ``cvseg models`` and the
+    nightly refit: keep them."""
+    horizon = config.features.horizon_months
+    for position, result in enumerate(results):
+        for name, bundle in result.models.bundles.items():
+            row = result.metrics.set_index("model").loc[name]
+            deciles = result.deciles[result.deciles["model"] == name].drop(columns="model")
+            params = {"model": name, "value_model": bundle.value_model,
+                      "purchase_model": bundle.purchase.name, "purchase_basis": bundle.purchase_basis,
+                      "as_of": result.cutoff.isoformat(), "origin": result.origin.isoformat(),
+                      "cutoff_date": result.cutoff.isoformat(), "horizon_end": result.horizon_end.isoformat(),
+                      "horizon_months": horizon, "time_unit": config.features.time_unit,
+                      "penalizer_coef": config.models.penalizer_coef,
+                      "calibration_holdout_version": result.calibration_version,
+                      "backtest_run_id": run_id}
+            params.update(channel_run_params(bundle))    # nightly refits a channel-aware champion as such
+            if name == "cohort":
+                params.update(cohort_min_cell_size=config.models.cohort_min_cell_size,
+                              cohort_by_channel=config.models.cohort_by_channel)
+            metrics = {m: row[m] for m in (*METRIC_COLUMNS, *INTERVAL_METRIC_COLUMNS, "n_customers",
+                                           "predicted_total", "actual_total")}
+            suffix = "" if bundle.purchase_basis == "gross" else f"_{bundle.purchase_basis}"
+            metrics.update({f"fit_seconds_{k.removeprefix('fit_')}": v
+                            for k, v in result.models.seconds.items()
+                            if k == f"fit_{name}" or k in (f"fit_gamma_gamma{suffix}",
+                                                           f"sufficient_statistics{suffix}")})
+            artifacts = {"decile_table": deciles, "parameters": parameter_table(bundle),
+                         "calibration_plot": calibration_figure(
+                             deciles, f"{name}: origin {result.origin}, cutoff {result.cutoff}")}
+            bundle.metadata.update({"backtest_run_id": run_id, "cutoff_date": result.cutoff.isoformat(),
+                                    "origin": result.origin.isoformat(), "model": name})
+            if bundle.value_model == "hybrid":     # training cutoff, sample size, importances
+                from pipelines.hybrid import tracking_extras
+
+                extra_params, extra_artifacts = tracking_extras(bundle)
+                params.update(extra_params)
+                artifacts.update(extra_artifacts)
+            yield BacktestFit(result.origin, name, bundle, params, metrics, artifacts,
+                              {"kind": "backtest_fit", "backtest_run_id": run_id}, register=position == 0)
+
+
+def _write_backtest_tables(storage: Storage, results: Sequence[OriginResult], run_id: str, config: Config,
+                           champion: str, runs: BacktestRuns | None, created_at: dt.datetime,
+                           importance_rows: list[dict[str, Any]]) -> None:
+    """Merge the run's rows into ``model_backtest``, ``model_backtest_deciles`` (and the hybrid's
+    ``model_importances``): a few rows per model, built on the driver, merged by key (a re-run with
+    the same ``run_id`` replaces its rows)."""
     spark = storage.spark
     rows = []
     decile_rows = []
@@ -730,7 +774,8 @@ def run_backtest(storage: Storage, as_of: dt.date | str, config: Config, n_origi
             bundle = result.models.bundles[name]
             rows.append({
                 "backtest_run_id": run_id, "origin_date": result.origin, "cutoff_date": result.cutoff,
-                "horizon_end": result.horizon_end, "horizon_months": horizon, "time_unit": config.features.time_unit,
+                "horizon_end": result.horizon_end, "horizon_months": config.features.horizon_months,
+                "time_unit": config.features.time_unit,
                 "model": name, "value_model": bundle.value_model, "purchase_model": bundle.purchase.name,
                 "purchase_basis": bundle.purchase_basis,
                 "penalizer_coef": float(config.models.penalizer_coef),
@@ -738,11 +783,11 @@ def run_backtest(storage: Storage, as_of: dt.date | str, config: Config, n_origi
                 "predicted_total": float(record["predicted_total"]),
                 **{m: _finite_or_none(record[m]) for m in (*METRIC_COLUMNS, *INTERVAL_METRIC_COLUMNS)},
                 "calibration_holdout_version": int(result.calibration_version),
-                "mlflow_run_id": mlflow_runs.get((result.origin, name)),
-                "mlflow_parent_run_id": parent_run_id,
-                "model_version": versions.get(name) if result is results[0] else None,
+                "mlflow_run_id": runs.run_ids.get((result.origin, name)) if runs else None,
+                "mlflow_parent_run_id": runs.parent_run_id if runs else None,
+                "model_version": runs.versions.get(name) if runs and result is results[0] else None,
                 "is_champion": bool(name == champion),
-                "champion_metric": champion_metric, "created_at": created_at})
+                "champion_metric": config.models.champion_metric, "created_at": created_at})
         for record in result.deciles.to_dict("records"):
             decile_rows.append({
                 "backtest_run_id": run_id, "origin_date": result.origin, "model": record["model"],
@@ -751,30 +796,12 @@ def run_backtest(storage: Storage, as_of: dt.date | str, config: Config, n_origi
                 "mean_actual": _finite_or_none(record["mean_actual"]),
                 "sum_predicted": float(record["sum_predicted"]), "sum_actual": float(record["sum_actual"]),
                 "created_at": created_at})
-    # Results are a few rows per model: built on the driver, merged by key (a re-run replaces its rows).
     storage.merge(MODEL_BACKTEST.name, spark.createDataFrame(rows, MODEL_BACKTEST.schema))
     storage.merge(MODEL_BACKTEST_DECILES.name, spark.createDataFrame(decile_rows, MODEL_BACKTEST_DECILES.schema))
     if importance_rows:
         from core.tables import MODEL_IMPORTANCES
 
         storage.merge(MODEL_IMPORTANCES.name, spark.createDataFrame(importance_rows, MODEL_IMPORTANCES.schema))
-    write_seconds = time.perf_counter() - started
-    return {
-        "backtest_run_id": run_id, "as_of": as_of.isoformat(), "origins": [o.isoformat() for o in origins],
-        "horizon_months": horizon, "champion": champion, "champion_metric": champion_metric,
-        "champion_purchase_basis": champion_basis, "purchase_basis": config.models.purchase_basis,
-        "basis_comparison": basis_comparison,
-        "champion_version": champion_version, "mean_metric": {k: float(v) for k, v in means.items()},
-        "model_versions": versions, "mlflow_parent_run_id": parent_run_id,
-        "metrics": [{**{k: _json_value(v) for k, v in r.items()}, "origin_date": r["origin_date"].isoformat()}
-                    for r in all_metrics.to_dict("records")],
-        "calibration_reused": {r.origin.isoformat(): r.reused for r in results},
-        "notes": [note for r in results for note in r.models.notes],
-        "seconds": {"total": round(time.perf_counter() - started_all, 2), "mlflow": round(tracking_seconds, 2),
-                    "write_tables": round(write_seconds, 2),
-                    **{f"{r.origin.isoformat()}_{k}": round(v, 2) for r in results
-                       for k, v in {**r.seconds, **r.models.seconds}.items()}},
-    }
 
 
 def _json_value(value: Any) -> Any:

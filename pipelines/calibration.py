@@ -20,16 +20,19 @@ truncated holdout would understate every customer's actual value).
 from __future__ import annotations
 
 import datetime as dt
-from typing import Any, Sequence
+from dataclasses import dataclass
+from typing import Sequence
 
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
 from core.config import FeaturesConf
+from core.dates import add_months, to_date
 from core.errors import UserError
+from core.results import StageResult
 from core.storage import Storage
 from core.tables import CALIBRATION_HOLDOUT, conform
-from pipelines.features import add_months, build_customer_features, to_date, validate_orders
+from pipelines.features import build_customer_features, validate_orders
 from pipelines.identity import read_orders
 
 HOLDOUT_COLUMNS = ("holdout_orders", "holdout_purchase_days", "holdout_gross", "holdout_net")
@@ -102,10 +105,25 @@ def build_calibration_holdout(orders_df: DataFrame, cutoff_date: dt.date | str, 
     return conform(joined_df, CALIBRATION_HOLDOUT)
 
 
-def run_calibration(storage: Storage, cutoff_date: dt.date | str, features_conf: FeaturesConf,
-                    allow_incomplete: bool = False) -> dict[str, Any]:
+@dataclass(frozen=True)
+class CalibrationResult(StageResult):
+    """The ``calibration_holdout`` partition :func:`run_calibration` wrote."""
+    cutoff_date: dt.date
+    horizon_end: dt.date
+    time_unit: str
+    customers: int
+    holdout_buyers: int
+    holdout_orders: int
+    holdout_net: float
+
+    def summary_line(self) -> str:
+        return (f"{self.customers:,} customers at cutoff {self.cutoff_date}; holdout to {self.horizon_end}: "
+                f"{self.holdout_buyers:,} buyers, {self.holdout_orders:,} orders, net {self.holdout_net:,.2f}")
+
+
+def run_calibration(storage: Storage, cutoff_date: dt.date, features_conf: FeaturesConf,
+                    allow_incomplete: bool = False) -> CalibrationResult:
     """Read ``orders``, write the ``cutoff_date`` partition of ``calibration_holdout``."""
-    cutoff_date = to_date(cutoff_date)
     holdout_df = build_calibration_holdout(
         read_orders(storage), cutoff_date, horizon_months=features_conf.horizon_months,
         time_unit=features_conf.time_unit, trailing_months=features_conf.trailing_months,
@@ -118,8 +136,7 @@ def run_calibration(storage: Storage, cutoff_date: dt.date | str, features_conf:
                   F.coalesce(F.sum("holdout_orders"), F.lit(0)).alias("holdout_orders"),
                   F.coalesce(F.sum("holdout_net"), F.lit(0.0)).alias("holdout_net"))
              .first())
-    return {"cutoff_date": cutoff_date.isoformat(),
-            "horizon_end": holdout_end(cutoff_date, features_conf.horizon_months).isoformat(),
-            "time_unit": features_conf.time_unit, "customers": int(stats["customers"]),
-            "holdout_buyers": int(stats["holdout_buyers"]),
-            "holdout_orders": int(stats["holdout_orders"]), "holdout_net": float(stats["holdout_net"])}
+    return CalibrationResult(cutoff_date, holdout_end(cutoff_date, features_conf.horizon_months),
+                             features_conf.time_unit, customers=int(stats["customers"]),
+                             holdout_buyers=int(stats["holdout_buyers"]),
+                             holdout_orders=int(stats["holdout_orders"]), holdout_net=float(stats["holdout_net"]))

@@ -33,8 +33,10 @@ from typing import Any, BinaryIO, Iterator
 from pyspark.sql import Column, DataFrame, Observation
 from pyspark.sql import functions as F
 
-from core.errors import UserError
 from core.config import ExportConf, S3Conf
+from core.errors import UserError
+from core.results import StageResult
+from core.storage import Storage
 
 log = logging.getLogger(__name__)
 
@@ -375,9 +377,25 @@ def _put_s3(client, dest: Destination, name: str, body: bytes) -> None:
 # --------------------------------------------------------------------------------------------
 # Stage runner
 # --------------------------------------------------------------------------------------------
-def run_export(storage: Any, as_of_date: dt.date, export_conf: ExportConf, dest: str | None = None,
+@dataclass(frozen=True)
+class ExportResult(StageResult):
+    """The CSV and manifest :func:`publish_export` wrote (``file`` / ``manifest``: paths or s3:// URIs)."""
+    as_of_date: dt.date
+    rows: int
+    sha256: str
+    bytes: int
+    generation_id: int | None
+    customers_without_segment: int
+    file: str
+    manifest: str
+
+    def summary_line(self) -> str:
+        return f"{self.rows:,} rows -> {self.file} (sha256 {self.sha256[:12]}...)"
+
+
+def run_export(storage: Storage, as_of_date: dt.date, export_conf: ExportConf, dest: str | None = None,
                engine_version: str | None = None, horizon_months: int = 6,
-               labels: dict[str, str] | None = None) -> dict[str, Any]:
+               labels: dict[str, str] | None = None) -> ExportResult:
     """Write ``<prefix>_<D>.csv`` and its manifest to ``dest`` (default ``export.dest``);
     ``horizon_months`` names the value column, ``labels`` (segments.labels) name the segments."""
     destination = parse_destination(dest or export_conf.dest)
@@ -412,7 +430,7 @@ def run_export(storage: Any, as_of_date: dt.date, export_conf: ExportConf, dest:
         raise
 
 
-def scores_by_basis(storage: Any, as_of_date: dt.date) -> dict[str, int]:
+def scores_by_basis(storage: Storage, as_of_date: dt.date) -> dict[str, int]:
     """Customers scored as of D per purchase basis (gross | net | net_rule): a few rows to the driver.
     Scores written before the basis existed were on gross orders."""
     scores_df = storage.read("customer_scores").where(F.col("as_of_date") == F.lit(as_of_date))
@@ -425,7 +443,7 @@ def publish_export(rows_df: DataFrame, as_of_date: dt.date, export_conf: ExportC
                    destination: Destination, pseudonymised: bool = False,
                    engine_version: str | None = None, names: list[str] | None = None,
                    labels: dict[str, str] | None = None, s3_conf: S3Conf | None = None,
-                   purchase_basis: dict[str, int] | None = None) -> dict[str, Any]:
+                   purchase_basis: dict[str, int] | None = None) -> ExportResult:
     """Write ``rows_df`` (the columns of :data:`EXPORT_COLUMNS`, then any per-source id columns,
     sorted) as one CSV + manifest,
     with ``names`` in the header (default :func:`export_header`)."""
@@ -497,10 +515,9 @@ def publish_export(rows_df: DataFrame, as_of_date: dt.date, export_conf: ExportC
         shutil.rmtree(scratch, ignore_errors=True)
         if export_conf.staging_dir:
             _remove_staging(staging, s3, export_conf.s3_endpoint_url, s3_conf)
-    return {"as_of_date": as_of_date.isoformat(), "rows": rows, "sha256": assembled.sha256,
-            "bytes": assembled.bytes, "generation_id": generation,
-            "customers_without_segment": manifest["customers_without_segment"],
-            "file": destination.location(csv_name), "manifest": destination.location(manifest_name)}
+    return ExportResult(as_of_date, rows, assembled.sha256, assembled.bytes, generation,
+                        manifest["customers_without_segment"], file=destination.location(csv_name),
+                        manifest=destination.location(manifest_name))
 
 
 def write_csv_file(df: DataFrame, path: Path, encoding: str = "utf-8") -> Assembled:

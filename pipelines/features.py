@@ -69,18 +69,20 @@ back to sorting after 128 keys, and the array lambdas are interpreted).
 """
 from __future__ import annotations
 
-import calendar
 import datetime as dt
 import logging
 import re
 import time
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Sequence
 
 from pyspark.sql import Column, DataFrame, Window
 from pyspark.sql import functions as F
 
 from core.config import FeaturesConf
+from core.dates import add_months, to_date
 from core.errors import UserError
+from core.results import StageResult, omitted_when_none
 from core.storage import Storage
 from core.tables import CUSTOMER_FEATURES, FEATURES_RUNS, IDENTITY_MAP, ORDERS, conform
 from pipelines.identity import IdLookup, identity_version
@@ -109,28 +111,6 @@ class FeaturesError(UserError, ValueError):
 # --------------------------------------------------------------------------------------------
 # Small helpers (plain Python: dates and parameters)
 # --------------------------------------------------------------------------------------------
-def to_date(value: dt.date | dt.datetime | str) -> dt.date:
-    """``date``, ``datetime`` (its date) or ``"YYYY-MM-DD"`` -> ``date``."""
-    if isinstance(value, dt.datetime):
-        return value.date()
-    if isinstance(value, dt.date):
-        return value
-    if isinstance(value, str):
-        try:
-            return dt.date.fromisoformat(value.strip())
-        except ValueError:
-            raise FeaturesError(f"date {value!r}: expected YYYY-MM-DD") from None
-    raise FeaturesError(f"date {value!r}: expected a date or a YYYY-MM-DD string")
-
-
-def add_months(day: dt.date, months: int) -> dt.date:
-    """Spark's ``add_months`` in Python: same day of month, clamped to the month's last day."""
-    index = day.year * 12 + (day.month - 1) + months
-    year, month = divmod(index, 12)
-    last = calendar.monthrange(year, month + 1)[1]
-    return dt.date(year, month + 1, min(day.day, last))
-
-
 def schema_trailing_months() -> tuple[int, ...]:
     """The trailing-window months that CUSTOMER_FEATURES has columns for (3, 6, 12)."""
     months = {int(m.group(1)) for c in CUSTOMER_FEATURES.columns
@@ -604,12 +584,30 @@ def _update_from(storage: Storage, base: Any, orders_df: DataFrame, appended_df:
             recomputed, "")
 
 
-def run_features(storage: Storage, as_of_date: dt.date | str, features_conf: FeaturesConf,
-                 full: bool = False) -> dict[str, Any]:
+@dataclass(frozen=True)
+class FeaturesResult(StageResult):
+    """What :func:`run_features` wrote: the partition's customers and how they were computed."""
+    as_of_date: dt.date
+    time_unit: str
+    mode: str                                   # full | incremental
+    customers: int
+    recomputed_customers: int
+    orders: int
+    repeat_customers: int
+    updated_from: dt.date | None = omitted_when_none()   # incremental: the partition it started from
+    full_reason: str | None = omitted_when_none()        # full: why not incremental
+
+    def summary_line(self) -> str:
+        how = (f"updated from {self.updated_from}, {self.recomputed_customers:,} recomputed"
+               if self.mode == "incremental" else f"full: {self.full_reason}")
+        return f"{self.customers:,} customers, {self.orders:,} orders ({how})"
+
+
+def run_features(storage: Storage, as_of_date: dt.date, features_conf: FeaturesConf,
+                 full: bool = False) -> FeaturesResult:
     """Read ``orders``, write the ``as_of_date`` partition of ``customer_features``: updated from
     the latest earlier partition when ``orders`` only gained rows since (:func:`incremental_base`),
     else (or with ``full``) computed from every order. Records a ``features_runs`` row."""
-    as_of_date = to_date(as_of_date)
     time_unit = check_time_unit(features_conf.time_unit)
     months = check_trailing_months(features_conf.trailing_months)
     started = time.perf_counter()
@@ -643,8 +641,8 @@ def run_features(storage: Storage, as_of_date: dt.date | str, features_conf: Fea
            base["as_of_date"] if incremental else None, base["full_as_of_date"] if incremental else as_of_date,
            customers, recomputed if incremental else customers, dt.datetime.now(dt.timezone.utc), identity_at)
     storage.merge(FEATURES_RUNS.name, storage.spark.createDataFrame([run], FEATURES_RUNS.schema))
-    return {"as_of_date": as_of_date.isoformat(), "time_unit": time_unit,
-            "mode": "incremental" if incremental else "full",
-            **({"updated_from": base["as_of_date"].isoformat()} if incremental else {"full_reason": reason}),
-            "customers": customers, "recomputed_customers": run[8], "orders": int(stats["orders"]),
-            "repeat_customers": int(stats["repeat_customers"])}
+    return FeaturesResult(as_of_date, time_unit, "incremental" if incremental else "full", customers,
+                          recomputed_customers=run[8], orders=int(stats["orders"]),
+                          repeat_customers=int(stats["repeat_customers"]),
+                          updated_from=base["as_of_date"] if incremental else None,
+                          full_reason=None if incremental else reason)

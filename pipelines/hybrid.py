@@ -34,9 +34,10 @@ from pyspark.sql import Column, DataFrame, Window
 from pyspark.sql import functions as F
 
 from core.config import HybridConf
+from core.dates import add_months
 from models.bundle import ScoringBundle
 from models.hybrid import BEHAVIOUR_COLUMNS, HybridBundle, HybridValueModel, design_matrix, training_target
-from pipelines.features import add_months, orders_dated
+from pipelines.features import orders_dated
 from pipelines.identity import read_orders
 from pipelines.ltv import fit_btyd_bundles
 

@@ -44,6 +44,8 @@ from pyspark.sql import types as T
 
 from core.config import ByChannelConf
 from core.errors import UserError
+from core.results import StageResult
+from core.storage import Storage
 from core.tables import CUSTOMER_SCORES
 from models import CancellationRateModel, GammaGammaModel, make_model
 from models.bundle import (GROUP_COLUMNS, INTERVAL_COLUMNS, LOADINGS_COLUMN, NET_FEATURE_COLUMNS, SCORE_COLUMNS,
@@ -263,8 +265,26 @@ def scores_table_rows(scores_df: DataFrame, as_of_date: dt.date, value_model: st
         LOADINGS_COLUMN)
 
 
-def run_score(storage: Any, as_of_date: dt.date, bundle: ScoringBundle, model_version: str,
-              intervals: bool = True) -> dict[str, Any]:
+@dataclass(frozen=True)
+class ScoreResult(StageResult):
+    """The ``customer_scores`` partition :func:`run_score` wrote."""
+    as_of_date: dt.date
+    customers: int
+    predicted_net_value_total: float
+    mean_p_alive: float
+    model_version: str
+    purchase_basis: str
+    customers_placed_by_rule: int      # net basis: no completed order, value 0 by rule (not by the model)
+    customers_with_interval: int
+
+    def summary_line(self) -> str:
+        return (f"{self.customers:,} customers scored with model version {self.model_version} "
+                f"({self.purchase_basis} basis): predicted 6-month net value {self.predicted_net_value_total:,.0f}, "
+                f"mean P(alive) {self.mean_p_alive:.3f}")
+
+
+def run_score(storage: Storage, as_of_date: dt.date, bundle: ScoringBundle, model_version: str,
+              intervals: bool = True) -> ScoreResult:
     """Read ``customer_features`` at D, write the D partition of ``customer_scores``; ``intervals``
     (``models.intervals``): fill the value interval columns where the model has them."""
     from core.tables import CUSTOMER_FEATURES
@@ -290,13 +310,10 @@ def run_score(storage: Any, as_of_date: dt.date, bundle: ScoringBundle, model_ve
                         F.avg("p_alive").alias("mean_p_alive"),
                         F.count_if(F.col("purchase_basis") == "net_rule").alias("placed_by_rule"),
                         F.count("predicted_net_value_p10").alias("with_interval")).first()
-    return {"as_of_date": as_of_date.isoformat(), "customers": int(stats["customers"]),
-            "predicted_net_value_total": float(stats["total"] or 0.0),
-            "mean_p_alive": float(stats["mean_p_alive"] or 0.0), "model_version": str(model_version),
-            "purchase_basis": bundle.purchase_basis,
-            # net basis: customers with no completed order, not scored by the model (value 0, by rule)
-            "customers_placed_by_rule": int(stats["placed_by_rule"]),
-            "customers_with_interval": int(stats["with_interval"])}
+    return ScoreResult(as_of_date, int(stats["customers"]), float(stats["total"] or 0.0),
+                       float(stats["mean_p_alive"] or 0.0), str(model_version), bundle.purchase_basis,
+                       customers_placed_by_rule=int(stats["placed_by_rule"]),
+                       customers_with_interval=int(stats["with_interval"]))
 
 
 def _time_unit_of(features_df: DataFrame) -> str | None:

@@ -240,10 +240,8 @@ def _ingest(ctx: _Context) -> tuple[str, dict]:
 def _features(ctx: _Context) -> tuple[str, dict]:
     from pipelines.features import run_features
 
-    stats = run_features(ctx.storage, ctx.as_of_date, ctx.config.features)
-    how = (f"updated from {stats['updated_from']}, {stats['recomputed_customers']:,} recomputed"
-           if stats["mode"] == "incremental" else f"full: {stats['full_reason']}")
-    return f"{stats['customers']:,} customers, {stats['orders']:,} orders ({how})", stats
+    result = run_features(ctx.storage, ctx.as_of_date, ctx.config.features)
+    return result.summary_line(), result.asdict()
 
 
 def _score(ctx: _Context) -> tuple[str, dict]:
@@ -297,27 +295,27 @@ def _score(ctx: _Context) -> tuple[str, dict]:
         details["refit_seconds"] = round(time.perf_counter() - started, 2)
     else:
         bundle, version = tracking.load_champion(target.registered_model)
-    stats = run_score(ctx.storage, ctx.as_of_date, bundle, version, intervals=models.intervals)
-    details.update(stats)
+    result = run_score(ctx.storage, ctx.as_of_date, bundle, version, intervals=models.intervals)
+    details.update(result.asdict())
     how = f"refit ({reason}) -> champion v{version}" if reason else f"champion v{version}"
-    return f"{stats['customers']:,} customers scored with {how}", details
+    return f"{result.customers:,} customers scored with {how}", details
 
 
 def _segments(ctx: _Context) -> tuple[str, dict]:
     from pipelines.segments import run_segments
 
-    stats = run_segments(ctx.storage, ctx.as_of_date, ctx.config, new_generation=ctx.new_generation)
-    return _short(stats), stats
+    result = run_segments(ctx.storage, ctx.as_of_date, ctx.config.segments, new_generation=ctx.new_generation)
+    return result.summary_line(), result.asdict()
 
 
 def _trends(ctx: _Context) -> tuple[str, dict]:
     from pipelines.trends import run_trends
     from pipelines.value_totals import run_ltv_by_channel
 
-    stats = run_trends(ctx.storage, ctx.as_of_date, ctx.config, rebuild=ctx.rebuild_trends)
+    trends = run_trends(ctx.storage, ctx.as_of_date, ctx.config.trends, rebuild=ctx.rebuild_trends)
     # a snapshot of the scores at D, rewritten whenever the step runs (after a re-score too)
-    stats.update(run_ltv_by_channel(ctx.storage, ctx.as_of_date))
-    return _short(stats), stats
+    channels = run_ltv_by_channel(ctx.storage, ctx.as_of_date)
+    return f"{trends.summary_line()}; {channels.summary_line()}", {**trends.asdict(), **channels.asdict()}
 
 
 def _export(ctx: _Context) -> tuple[str, dict]:
@@ -325,7 +323,7 @@ def _export(ctx: _Context) -> tuple[str, dict]:
 
     result = run_export(ctx.storage, ctx.as_of_date, ctx.config.export, dest=ctx.dest,
                         horizon_months=ctx.config.features.horizon_months, labels=ctx.config.segments.labels)
-    return f"{result['rows']:,} rows -> {result['file']} (sha256 {result['sha256'][:12]}...)", result
+    return result.summary_line(), result.asdict()
 
 
 def last_maintained(storage: Any) -> tuple[dt.date | None, dt.date | None]:
@@ -352,12 +350,6 @@ def _maintain(ctx: _Context) -> tuple[str, dict]:
 
     summary = run_maintenance(ctx.storage, ctx.config, ctx.as_of_date)
     return summary.headline(), summary.as_dict()
-
-
-def _short(stats: Any) -> str:
-    if isinstance(stats, dict):
-        return ", ".join(f"{k}={v}" for k, v in stats.items() if isinstance(v, (int, float, str)))[:300]
-    return str(stats)[:300]
 
 
 RUNNERS: dict[str, Callable[[_Context], tuple[str, dict]]] = {

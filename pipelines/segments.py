@@ -74,10 +74,12 @@ from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
 
 from core.config import SegmentsConf
+from core.dates import add_months
 from core.errors import UserError
+from core.results import StageResult, omitted_when_none
+from core.storage import Storage
 from core.tables import (CUSTOMER_FEATURES, CUSTOMER_SCORES, GENERATION_REVIEW, SEGMENT_GENERATIONS,
                          SEGMENT_MIGRATION, SEGMENTS_CURRENT, SEGMENTS_HISTORY)
-from pipelines.features import add_months, to_date
 from pipelines.identity import read_orders
 from pipelines.maintenance import ensure_not_pruned
 
@@ -270,15 +272,36 @@ def generation_review(history_df: DataFrame, orders_df: DataFrame, generation_id
 # --------------------------------------------------------------------------------------------
 # Stage runner
 # --------------------------------------------------------------------------------------------
-def _segments_conf(config: Any) -> SegmentsConf:
-    """The ``segments`` section of a full Config (a SegmentsConf is accepted as is)."""
-    conf = getattr(config, "segments", config)
-    if not isinstance(conf, SegmentsConf):
-        raise SegmentsError(f"run_segments needs the engine Config (or its segments section), got {type(config).__name__}")
-    return conf
+@dataclass(frozen=True)
+class SegmentsResult(StageResult):
+    """What :func:`run_segments` did: a generation cut, or newcomers placed in the current one."""
+    as_of_date: dt.date
+    generation_id: int
+    new_generation: bool                   # whether this run cut the generation
+    customers_placed: int
+    placed_by_segment: dict[str, int]
+    segment_counts: dict[str, int]         # every current customer
+    customers: int
+    previous_generation: int | None = None            # a cut: the generation it ended (None: the first)
+    cut_points: dict[str, float] | None = None        # a cut: the frozen value cut points
+    migrated_customers: int | None = omitted_when_none()   # a cut after an earlier generation
+    note: str | None = omitted_when_none()
+
+    def asdict(self) -> dict[str, Any]:
+        out = super().asdict()
+        if not self.new_generation:     # keys a placement run never had
+            out.pop("previous_generation")
+            out.pop("cut_points")
+        return out
+
+    def summary_line(self) -> str:
+        action = "cut generation" if self.new_generation else "placed newcomers in generation"
+        line = (f"{action} {self.generation_id}: {self.customers_placed:,} placed {self.placed_by_segment}; "
+                f"segments_current: {self.customers:,} customers {self.segment_counts}")
+        return f"{line} (note: {self.note})" if self.note else line
 
 
-def _scores_at(storage: Any, as_of_date: dt.date) -> tuple[DataFrame, int]:
+def _scores_at(storage: Storage, as_of_date: dt.date) -> tuple[DataFrame, int]:
     """customer_scores at D and their horizon; fails with the command to run when missing."""
     hint = f"run `cvseg score --as-of {as_of_date}` first"
     if not storage.exists(CUSTOMER_SCORES.name):
@@ -291,7 +314,7 @@ def _scores_at(storage: Any, as_of_date: dt.date) -> tuple[DataFrame, int]:
     return scores_df, int(first["horizon_months"])
 
 
-def _features_at(storage: Any, as_of_date: dt.date) -> DataFrame:
+def _features_at(storage: Storage, as_of_date: dt.date) -> DataFrame:
     hint = f"run `cvseg features --as-of {as_of_date}` first (segments read n_purchase_days and first_order_date)"
     if not storage.exists(CUSTOMER_FEATURES.name):
         raise SegmentsError(f"no customer_features table yet: {hint}")
@@ -302,7 +325,7 @@ def _features_at(storage: Any, as_of_date: dt.date) -> DataFrame:
     return features_df
 
 
-def _current_generation(storage: Any) -> dict[str, Any] | None:
+def _current_generation(storage: Storage) -> dict[str, Any] | None:
     """The open row of ``segment_generations`` (a tiny table) as a dict, or None before the first cut."""
     if not storage.exists(SEGMENT_GENERATIONS.name):
         return None
@@ -314,16 +337,9 @@ def _segment_counts(df: DataFrame) -> dict[str, int]:
     return {r["segment"]: int(r["n"]) for r in df.groupBy("segment").agg(F.count(F.lit(1)).alias("n")).collect()}
 
 
-def run_segments(storage: Any, as_of_date: dt.date | str, config: Any, new_generation: bool = False) -> dict[str, Any]:
-    """Cut a generation when one is due (or asked for), otherwise place customers without a segment.
-
-    ``config``: the engine Config (its ``segments`` section is used). Returns a summary:
-    as_of_date, generation_id, new_generation (whether this run cut one), customers_placed,
-    placed_by_segment, segment_counts (all current customers), customers, and for a cut the
-    previous generation and the frozen cut points.
-    """
-    as_of_date = to_date(as_of_date)
-    conf = _segments_conf(config)
+def run_segments(storage: Storage, as_of_date: dt.date, conf: SegmentsConf,
+                 new_generation: bool = False) -> SegmentsResult:
+    """Cut a generation when one is due (or asked for), otherwise place customers without a segment."""
     current = _current_generation(storage)
     if current is not None and as_of_date < current["valid_from"]:
         raise SegmentsError(
@@ -336,12 +352,12 @@ def run_segments(storage: Any, as_of_date: dt.date | str, config: Any, new_gener
         return _cut_generation(storage, as_of_date, conf, current)
     summary = _place_newcomers(storage, as_of_date, current)
     if new_generation and already_cut_today:
-        summary["note"] = f"generation {current['generation_id']} was already cut on {as_of_date}; kept"
+        summary = replace(summary, note=f"generation {current['generation_id']} was already cut on {as_of_date}; kept")
     return summary
 
 
-def _cut_generation(storage: Any, as_of_date: dt.date, conf: SegmentsConf,
-                    previous: dict[str, Any] | None) -> dict[str, Any]:
+def _cut_generation(storage: Storage, as_of_date: dt.date, conf: SegmentsConf,
+                    previous: dict[str, Any] | None) -> SegmentsResult:
     scores_df, horizon_months = _scores_at(storage, as_of_date)
     features_df = _features_at(storage, as_of_date)
     generation_id = 1 if previous is None else int(previous["generation_id"]) + 1
@@ -351,12 +367,7 @@ def _cut_generation(storage: Any, as_of_date: dt.date, conf: SegmentsConf,
     rules = freeze_cut_points(tagged_df, rules_from_conf(conf))
     new_history_df = history_rows(tagged_df.transform(with_segment, rules), generation_id, as_of_date, "generation")
     counts = _segment_counts(new_history_df)
-    summary: dict[str, Any] = {
-        "as_of_date": as_of_date.isoformat(), "generation_id": generation_id, "new_generation": True,
-        "previous_generation": None if previous is None else int(previous["generation_id"]),
-        "cut_points": {b.name: b.cut_point for b in rules.bands}, "customers_placed": sum(counts.values()),
-        "placed_by_segment": counts, "segment_counts": counts, "customers": sum(counts.values())}
-
+    migrated = None
     history_df = new_history_df
     replaced = [generation_id]
     if previous is not None:
@@ -373,15 +384,17 @@ def _cut_generation(storage: Any, as_of_date: dt.date, conf: SegmentsConf,
                                    partitions={"to_generation": [generation_id]})
         history_df = ended_df.withColumn("valid_to", F.lit(as_of_date)).unionByName(new_history_df)
         replaced.append(previous_id)
-        summary["migrated_customers"] = sum(int(r["customers"]) for r in migration)
+        migrated = sum(int(r["customers"]) for r in migration)
     storage.replace_partitions(SEGMENTS_HISTORY.name, history_df, partitions={"generation_id": replaced})
     storage.overwrite(SEGMENTS_CURRENT.name, current_rows(new_history_df))
     _write_generation(storage, generation_id, as_of_date, rules, horizon_months, counts, previous)
     tagged_df.unpersist()
-    return summary
+    return SegmentsResult(as_of_date, generation_id, True, sum(counts.values()), counts, counts, sum(counts.values()),
+                          previous_generation=None if previous is None else int(previous["generation_id"]),
+                          cut_points={b.name: b.cut_point for b in rules.bands}, migrated_customers=migrated)
 
 
-def _write_generation(storage: Any, generation_id: int, as_of_date: dt.date, rules: SegmentRules,
+def _write_generation(storage: Storage, generation_id: int, as_of_date: dt.date, rules: SegmentRules,
                       horizon_months: int, counts: dict[str, int], previous: dict[str, Any] | None) -> None:
     """Close the previous generation and add the new one: the write that makes the cut count."""
     spark = storage.spark
@@ -396,7 +409,7 @@ def _write_generation(storage: Any, generation_id: int, as_of_date: dt.date, rul
     storage.overwrite(SEGMENT_GENERATIONS.name, earlier_df.unionByName(new_df))
 
 
-def _place_newcomers(storage: Any, as_of_date: dt.date, generation: dict[str, Any]) -> dict[str, Any]:
+def _place_newcomers(storage: Storage, as_of_date: dt.date, generation: dict[str, Any]) -> SegmentsResult:
     generation_id = int(generation["generation_id"])
     rules = SegmentRules.from_json(generation["definition"])
     scores_df, _ = _scores_at(storage, as_of_date)
@@ -432,6 +445,5 @@ def _place_newcomers(storage: Any, as_of_date: dt.date, generation: dict[str, An
     counts = _segment_counts(storage.read(SEGMENTS_CURRENT.name))
     placed_df.unpersist()
     newcomers_df.unpersist()
-    return {"as_of_date": as_of_date.isoformat(), "generation_id": generation_id, "new_generation": False,
-            "customers_placed": sum(placed_counts.values()), "placed_by_segment": placed_counts,
-            "segment_counts": counts, "customers": sum(counts.values())}
+    return SegmentsResult(as_of_date, generation_id, False, sum(placed_counts.values()), placed_counts, counts,
+                          sum(counts.values()))

@@ -83,17 +83,20 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 from pyspark.sql import Column, DataFrame, Window
 from pyspark.sql import functions as F
 
 from core.config import TrendsConf
+from core.dates import monday
 from core.errors import UserError
+from core.results import StageResult
+from core.storage import Storage
 from core.tables import (CUSTOMER_FEATURES, IDENTITY_MAP, ORDERS, SEGMENT_GENERATIONS, SEGMENTS_CURRENT,
                          TREND_CHANNEL_SETS, TREND_COHORT_RETENTION, TREND_F2_CONVERSION, TREND_NEW_CUSTOMERS_WEEKLY, TREND_RUNS, TREND_WEEKLY_SEGMENT,
                          TREND_YEARLY, TREND_YEARLY_CATEGORY, table_spec)
-from pipelines.features import to_date
 from pipelines.identity import LEGACY_SOURCE_NAME, identity_version, read_orders
 from pipelines.maintenance import ensure_not_pruned
 
@@ -107,13 +110,6 @@ F2_LOOKBACK_DAYS = max(F2_WINDOWS)
 
 class TrendsError(UserError, ValueError):
     """Trends cannot be computed; the message says what to run or change."""
-
-
-# --------------------------------------------------------------------------------------------
-# Periods (plain Python, for ranges and partition lists)
-# --------------------------------------------------------------------------------------------
-def monday(day: dt.date) -> dt.date:
-    return day - dt.timedelta(days=day.weekday())
 
 
 # --------------------------------------------------------------------------------------------
@@ -346,21 +342,30 @@ def yearly_category(orders_df: DataFrame, as_of_date: dt.date, from_year: int) -
 # --------------------------------------------------------------------------------------------
 # Stage runner
 # --------------------------------------------------------------------------------------------
-def _trends_conf(config: Any) -> TrendsConf:
-    conf = getattr(config, "trends", config)
-    if not isinstance(conf, TrendsConf):
-        raise TrendsError(f"run_trends needs the engine Config (or its trends section), got {type(config).__name__}")
-    return conf
+@dataclass(frozen=True)
+class TrendsResult(StageResult):
+    """What :func:`run_trends` replaced: per table the first year recomputed ("all": the whole table)
+    and the partitions (years) written."""
+    as_of_date: dt.date
+    mode: str                              # rebuild | incremental | unchanged
+    recomputed_from: dict[str, Any]
+    partitions: dict[str, Any]
+
+    def summary_line(self) -> str:
+        if self.mode == "unchanged":
+            return "unchanged: no new orders, segments or identities since the last run"
+        tables = ", ".join(f"{name} from {start}" for name, start in self.recomputed_from.items())
+        return f"{self.mode}: {tables}"
 
 
-def _last_run(storage: Any) -> dict[str, Any] | None:
+def _last_run(storage: Storage) -> dict[str, Any] | None:
     if not storage.exists(TREND_RUNS.name):
         return None
     rows = storage.read(TREND_RUNS.name).orderBy(F.col("run_seq").desc()).limit(1).collect()
     return rows[0].asDict(recursive=True) if rows else None
 
 
-def _segments_state(storage: Any) -> tuple[DataFrame | None, int | None, int | None]:
+def _segments_state(storage: Storage) -> tuple[DataFrame | None, int | None, int | None]:
     """segments_current (or None), its Delta version and the current generation id."""
     if not storage.exists(SEGMENTS_CURRENT.name):
         return None, None, None
@@ -371,15 +376,8 @@ def _segments_state(storage: Any) -> tuple[DataFrame | None, int | None, int | N
     return storage.read(SEGMENTS_CURRENT.name), storage.version(SEGMENTS_CURRENT.name), generation
 
 
-def run_trends(storage: Any, as_of_date: dt.date | str, config: Any, rebuild: bool = False) -> dict[str, Any]:
-    """Update the trend tables for ``as_of_date`` (module docstring); ``rebuild`` recomputes all.
-
-    ``config``: the engine Config (its ``trends`` section is used). Returns a summary: as_of_date,
-    mode (rebuild | incremental | unchanged), recomputed_from (table -> first year recomputed,
-    "all" for a full rebuild of that table) and partitions (table -> years replaced, or "all").
-    """
-    as_of_date = to_date(as_of_date)
-    conf = _trends_conf(config)
+def run_trends(storage: Storage, as_of_date: dt.date, conf: TrendsConf, rebuild: bool = False) -> TrendsResult:
+    """Update the trend tables for ``as_of_date`` (module docstring); ``rebuild`` recomputes all."""
     if not storage.exists(ORDERS.name):
         raise TrendsError("no orders table yet: run `cvseg ingest` first")
     if not storage.exists(CUSTOMER_FEATURES.name):
@@ -408,8 +406,7 @@ def run_trends(storage: Any, as_of_date: dt.date | str, config: Any, rebuild: bo
         unseen = [day for run_id, day in ingest_runs.items() if run_id not in seen]
         if (as_of_date == last["as_of_date"] and not unseen and segments_version == last["segments_version"]
                 and generation_id == last["generation_id"] and identity_at == last.get("identity_version")):
-            return {"as_of_date": as_of_date.isoformat(), "mode": "unchanged", "recomputed_from": {},
-                    "partitions": {}}
+            return TrendsResult(as_of_date, "unchanged", {}, {})
         summary_df = _summary(features_df, segments_df, last["as_of_date"])
         base = min([last["as_of_date"], as_of_date - dt.timedelta(weeks=conf.recompute_weeks), *unseen])
         segment_base = base
@@ -475,8 +472,7 @@ def run_trends(storage: Any, as_of_date: dt.date | str, config: Any, rebuild: bo
     recomputed_from = {name: ("all" if full or start is None else start) for name, start in starts.items()}
     _record_run(storage, last, as_of_date, "rebuild" if full else "incremental", generation_id, segments_version,
                 sorted(ingest_runs), starts, identity_at)
-    return {"as_of_date": as_of_date.isoformat(), "mode": "rebuild" if full else "incremental",
-            "recomputed_from": recomputed_from, "partitions": partitions}
+    return TrendsResult(as_of_date, "rebuild" if full else "incremental", recomputed_from, partitions)
 
 
 def _summary(features_df: DataFrame, segments_df: DataFrame | None, placed_after: dt.date | None) -> DataFrame:
@@ -488,7 +484,7 @@ _TABLES = (TREND_WEEKLY_SEGMENT.name, TREND_NEW_CUSTOMERS_WEEKLY.name, TREND_F2_
            TREND_COHORT_RETENTION.name, TREND_YEARLY.name, TREND_YEARLY_CATEGORY.name)
 
 
-def _replaced_years(storage: Any, name: str, from_year: int, as_of_date: dt.date,
+def _replaced_years(storage: Storage, name: str, from_year: int, as_of_date: dt.date,
                     window_first_year: int) -> list[int]:
     """Every partition year of the recomputed range (emptied when it gets no rows) - plus, for the
     yearly tables, years that fell out of the window."""
@@ -499,7 +495,7 @@ def _replaced_years(storage: Any, name: str, from_year: int, as_of_date: dt.date
     return years
 
 
-def _identity_moved(storage: Any, last: dict[str, Any], identity_at: int | None) -> bool:
+def _identity_moved(storage: Storage, last: dict[str, Any], identity_at: int | None) -> bool:
     """True when identity_map was rewritten (source ids merged into other customers) since the last
     run: first orders, cohorts and segments' customers may all have moved."""
     seen = last.get("identity_version")
@@ -508,7 +504,7 @@ def _identity_moved(storage: Any, last: dict[str, Any], identity_at: int | None)
     return seen is None or storage.appended_since(IDENTITY_MAP.name, int(seen)) is None
 
 
-def _record_run(storage: Any, last: dict[str, Any] | None, as_of_date: dt.date, mode: str,
+def _record_run(storage: Storage, last: dict[str, Any] | None, as_of_date: dt.date, mode: str,
                 generation_id: int | None, segments_version: int | None, ingest_run_ids: list[str],
                 starts: dict[str, int | None], identity_at: int | None = None) -> None:
     """Append the run's state; written last, so a run that dies before it is redone in full."""

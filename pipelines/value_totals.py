@@ -16,6 +16,7 @@ the trends step after ``run_trends`` as a snapshot of the D partition: a re-run 
 from __future__ import annotations
 
 import datetime as dt
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -23,6 +24,8 @@ import pandas as pd
 from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
 
+from core.results import StageResult
+from core.storage import Storage
 from core.tables import CUSTOMER_FEATURES, CUSTOMER_SCORES, LTV_BY_CHANNEL
 from models import intervals as intervals_lib
 from models.bundle import LOADINGS_COLUMN
@@ -150,7 +153,29 @@ def ltv_by_channel(scores_df: DataFrame, features_df: DataFrame, as_of_date: dt.
                     "horizon_months"))
 
 
-def run_ltv_by_channel(storage: Any, as_of_date: dt.date) -> dict[str, Any]:
+@dataclass(frozen=True)
+class LtvByChannelResult(StageResult):
+    """The ``ltv_by_channel`` partition :func:`run_ltv_by_channel` wrote, or why none was."""
+    as_of_date: dt.date
+    rows: int = 0
+    customers: int = 0
+    rows_with_interval: int = 0
+    not_written: str | None = None      # D is not scored: what to run
+
+    def asdict(self) -> dict[str, Any]:
+        if self.not_written:
+            return {"ltv_by_channel": self.not_written}
+        return {"ltv_by_channel_rows": self.rows, "ltv_by_channel_customers": self.customers,
+                "ltv_by_channel_rows_with_interval": self.rows_with_interval}
+
+    def summary_line(self) -> str:
+        if self.not_written:
+            return f"ltv_by_channel {self.not_written}"
+        return (f"ltv_by_channel: {self.rows:,} rows ({self.rows_with_interval:,} with an interval), "
+                f"{self.customers:,} customers")
+
+
+def run_ltv_by_channel(storage: Storage, as_of_date: dt.date) -> LtvByChannelResult:
     """Rewrite the D partition of ``ltv_by_channel`` from ``customer_scores`` and ``customer_features``
     at D; without scores for D nothing is written and the summary says what to run."""
     scores_df = (storage.read(CUSTOMER_SCORES.name).where(F.col("as_of_date") == F.lit(as_of_date))
@@ -158,17 +183,17 @@ def run_ltv_by_channel(storage: Any, as_of_date: dt.date) -> dict[str, Any]:
     # one pass: whether D is scored, and the loadings' width
     scored, width = _rows_and_loadings_width(scores_df) if scores_df is not None else (0, 0)
     if not scored:
-        return {"ltv_by_channel": f"not written: no customer_scores for {as_of_date} "
-                                  f"(run `cvseg score --as-of {as_of_date}`, then this again)"}
+        return LtvByChannelResult(as_of_date, not_written=f"not written: no customer_scores for {as_of_date} "
+                                                          f"(run `cvseg score --as-of {as_of_date}`, then this again)")
     features_df = storage.read(CUSTOMER_FEATURES.name).where(F.col("as_of_date") == F.lit(as_of_date))
     rows_df = ltv_by_channel(scores_df, features_df, as_of_date, width)
     storage.replace_partitions(LTV_BY_CHANNEL.name, rows_df, partitions={"as_of_date": [as_of_date]})
     written = (storage.read(LTV_BY_CHANNEL.name).where(F.col("as_of_date") == F.lit(as_of_date))
                .agg(F.count(F.lit(1)).alias("rows"), F.sum("customers").alias("customers"),
                     F.count("predicted_net_value_p10").alias("with_interval")).first())
-    return {"ltv_by_channel_rows": int(written["rows"]), "ltv_by_channel_customers": int(written["customers"] or 0),
-            "ltv_by_channel_rows_with_interval": int(written["with_interval"])}
+    return LtvByChannelResult(as_of_date, int(written["rows"]), int(written["customers"] or 0),
+                              int(written["with_interval"]))
 
 
 __all__ = ["loadings_width", "total_interval_sums", "rollup_interval_sums", "total_variance", "with_total_interval",
-           "ltv_by_channel", "run_ltv_by_channel"]
+           "ltv_by_channel", "run_ltv_by_channel", "LtvByChannelResult"]

@@ -88,7 +88,7 @@ def test_backtest_registers_a_champion_and_a_second_run_adds_rows_and_versions(s
     config, storage, _, overrides = synthetic
     first = run_backtest(storage, END, config, n_origins=1)
     models = {"bgnbd", "paretonbd", "mbgnbd", "cohort", "naive", "hybrid"}   # hybrid: 3 years of history
-    assert set(first["model_versions"]) == models and all(first["model_versions"].values())
+    assert set(first.model_versions) == models and all(first.model_versions.values())
     rows = storage.read("model_backtest").toPandas()
     assert len(rows) == 6 and set(rows["model"]) == models
     assert (rows["cutoff_date"] == dt.date(2026, 3, 30)).all() and (rows["horizon_months"] == 6).all()
@@ -102,16 +102,16 @@ def test_backtest_registers_a_champion_and_a_second_run_adds_rows_and_versions(s
     champion_row = rows[rows["is_champion"]]
     assert len(champion_row) == 1
     assert champion_row["mae"].iloc[0] == rows["mae"].min()          # champion_metric: mae, lower is better
-    assert champion_row["model"].iloc[0] == first["champion"]
+    assert champion_row["model"].iloc[0] == first.champion
     deciles = storage.read("model_backtest_deciles").toPandas()
     assert len(deciles) == 60
     assert deciles.groupby("model")["n"].sum().eq(rows["n_customers"].iloc[0]).all()
 
     target = tracking.tracking_target(config)
     tracking.start(target)
-    assert tracking.champion_version(target.registered_model) == first["champion_version"]
+    assert tracking.champion_version(target.registered_model) == first.champion_version
     run = mlflow.get_run(rows.loc[rows["model"] == "bgnbd", "mlflow_run_id"].iloc[0])
-    assert run.data.tags["mlflow.parentRunId"] == first["mlflow_parent_run_id"]
+    assert run.data.tags["mlflow.parentRunId"] == first.mlflow_parent_run_id
     assert {"model", "penalizer_coef", "time_unit", "cutoff_date", "horizon_months",
             "calibration_holdout_version"} <= set(run.data.params)
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id)}
@@ -119,7 +119,7 @@ def test_backtest_registers_a_champion_and_a_second_run_adds_rows_and_versions(s
 
     # the cohort and naive methods are scorable from the registry, with their own value model
     for name in ("cohort", "naive"):
-        local = mlflow.artifacts.download_artifacts(f"models:/{target.registered_model}/{first['model_versions'][name]}")
+        local = mlflow.artifacts.download_artifacts(f"models:/{target.registered_model}/{first.model_versions[name]}")
         bundle = ScoringBundle.load(next(Path(local).rglob("bundle.json")).parent)
         assert bundle.value_model == name
         sample = (storage.read("calibration_holdout").where(F.col("cutoff_date") == F.lit(dt.date(2026, 3, 30)))
@@ -132,25 +132,25 @@ def test_backtest_registers_a_champion_and_a_second_run_adds_rows_and_versions(s
     capsys.readouterr()
     assert cli(["models", "--conf", str(CONF), *sum((["--set", o] for o in overrides), [])]) == 0
     listing = capsys.readouterr().out
-    assert f"champion: version {first['champion_version']}" in listing and "cohort" in listing
+    assert f"champion: version {first.champion_version}" in listing and "cohort" in listing
 
     # a second backtest: new run id, new versions, new rows; the calibration partitions are reused
     assert cli(["backtest", "--as-of", END.isoformat(), "--json", "--conf", str(CONF),
                 *sum((["--set", o] for o in overrides), [])]) == 0
     second = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert second["backtest_run_id"] != first["backtest_run_id"]
-    assert second["calibration_reused"][END.isoformat()] == {"calibration": True, "cohort_cells": True}
-    assert min(map(int, second["model_versions"].values())) > max(map(int, first["model_versions"].values()))
-    assert tracking.champion_version(target.registered_model) == second["champion_version"]
+    assert second.backtest_run_id != first.backtest_run_id
+    assert second.calibration_reused[END.isoformat()] == {"calibration": True, "cohort_cells": True}
+    assert min(map(int, second.model_versions.values())) > max(map(int, first.model_versions.values()))
+    assert tracking.champion_version(target.registered_model) == second.champion_version
     assert len(tracking.list_versions(target.registered_model)) == 12
     rows = storage.read("model_backtest").toPandas()
     assert len(rows) == 12 and rows.groupby("backtest_run_id").size().eq(6).all()
     # same data, same fits: the metrics of the two runs agree
     by_run = rows.set_index(["backtest_run_id", "model"])["mae"].unstack(0)
-    pd.testing.assert_series_equal(by_run[first["backtest_run_id"]], by_run[second["backtest_run_id"]],
+    pd.testing.assert_series_equal(by_run[first.backtest_run_id], by_run[second.backtest_run_id],
                                    check_names=False, rtol=1e-5)   # iterative fits: agree to 5 digits, not the last bits
 
-    assert set(rows["purchase_basis"]) == {"gross"} and second["champion_purchase_basis"] == "gross"
+    assert set(rows["purchase_basis"]) == {"gross"} and second.champion_purchase_basis == "gross"
 
     # re-running the SAME run id replaces its rows instead of adding them
     # (one model, untracked, to keep the test short: the merge keys are what is tested), here on
@@ -158,15 +158,15 @@ def test_backtest_registers_a_champion_and_a_second_run_adds_rows_and_versions(s
     one_model = load_config(CONF, [*overrides, "models.purchase_models=[bgnbd]", "models.compare_cohort=false",
                                    "models.compare_naive=false", "models.purchase_basis=auto",
                                    "models.hybrid.enabled=false"])
-    again = run_backtest(storage, END, one_model, n_origins=1, backtest_run_id=second["backtest_run_id"],
+    again = run_backtest(storage, END, one_model, n_origins=1, backtest_run_id=second.backtest_run_id,
                          track=False)
-    assert again["backtest_run_id"] == second["backtest_run_id"]
-    assert set(again["basis_comparison"]) == {"gross", "net"}
-    assert again["champion_purchase_basis"] == ("net" if again["champion"] == "bgnbd_net" else "gross")
+    assert again.backtest_run_id == second.backtest_run_id
+    assert set(again.basis_comparison) == {"gross", "net"}
+    assert again.champion_purchase_basis == ("net" if again.champion == "bgnbd_net" else "gross")
     rows = storage.read("model_backtest").toPandas()
     assert len(rows) == 13 and not rows.duplicated(["backtest_run_id", "origin_date", "model"]).any()
     assert len(storage.read("model_backtest_deciles").toPandas()) == 130
-    replaced = rows[(rows["backtest_run_id"] == second["backtest_run_id"]) & (rows["model"] == "bgnbd")]
+    replaced = rows[(rows["backtest_run_id"] == second.backtest_run_id) & (rows["model"] == "bgnbd")]
     assert replaced["mlflow_run_id"].isna().all()       # the untracked re-run's row replaced the tracked one
     assert rows.set_index("model").loc["bgnbd_net", "purchase_basis"] == "net"
     assert math.isfinite(rows["mae"].sum())

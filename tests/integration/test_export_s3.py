@@ -68,7 +68,7 @@ def test_s3_export_uploads_manifest_matches_and_reexport_replaces(spark, s3, mot
     manifest = json.loads(client.get_object(Bucket=bucket, Key=keys[1])["Body"].read())
     assert len(body) > 5 * 1024 * 1024
     assert client.head_object(Bucket=bucket, Key=keys[0])["ETag"].count("-") == 1   # multipart ETag
-    assert manifest["sha256"] == hashlib.sha256(body).hexdigest() == first["sha256"]
+    assert manifest["sha256"] == hashlib.sha256(body).hexdigest() == first.sha256
     assert manifest["rows"] == n == body.count(b"\n") - 1
     assert manifest["as_of_date"] == "2026-09-30" and manifest["generation_id"] == "2026H2"
     assert manifest["columns"] == HEADER.split(",")
@@ -89,8 +89,8 @@ def test_s3_export_uploads_manifest_matches_and_reexport_replaces(spark, s3, mot
     assert keys2 == keys
     body2 = client.get_object(Bucket=bucket, Key=keys[0])["Body"].read()
     manifest2 = json.loads(client.get_object(Bucket=bucket, Key=keys[1])["Body"].read())
-    assert second["sha256"] != first["sha256"]
-    assert manifest2["sha256"] == hashlib.sha256(body2).hexdigest() == second["sha256"]
+    assert second.sha256 != first.sha256
+    assert manifest2["sha256"] == hashlib.sha256(body2).hexdigest() == second.sha256
     assert body2.split(b"\n")[2] == b"C00000000,,,1.00,0.000000"
 
 
@@ -109,7 +109,7 @@ def test_local_export_is_atomic_and_replaces(spark, tmp_path, monkeypatch):
     manifest_path = folder / "customer_segments_2026-09-30.manifest.json"
     original = csv.read_bytes()
     assert sorted(p.name for p in folder.iterdir()) == [csv.name, manifest_path.name]
-    assert json.loads(manifest_path.read_text())["sha256"] == hashlib.sha256(original).hexdigest() == first["sha256"]
+    assert json.loads(manifest_path.read_text())["sha256"] == hashlib.sha256(original).hexdigest() == first.sha256
     assert json.loads(manifest_path.read_text())["rows"] == 500 == original.count(b"\n") - 1
 
     # A failure half-way through joining the parts leaves the previous export as it was.
@@ -130,7 +130,7 @@ def test_local_export_is_atomic_and_replaces(spark, tmp_path, monkeypatch):
     second = publish_export(export_rows(scores2, segments, D), D, ExportConf(), parse_destination(str(folder)))
     assert sorted(p.name for p in folder.iterdir()) == [csv.name, manifest_path.name]
     assert csv.read_bytes() != original
-    assert json.loads(manifest_path.read_text())["sha256"] == hashlib.sha256(csv.read_bytes()).hexdigest() == second["sha256"]
+    assert json.loads(manifest_path.read_text())["sha256"] == hashlib.sha256(csv.read_bytes()).hexdigest() == second.sha256
 
 
 def test_pseudonymised_ids_are_keyed_hmac_sha256(spark, monkeypatch):
@@ -183,7 +183,7 @@ def test_cp932_export_with_japanese_header_and_labels_opens_in_pandas(spark, tmp
     result = publish_export(export_rows(scores, segments, D, labels=labels), D, conf,
                             parse_destination(str(tmp_path)), names=names, labels=labels)
     path = tmp_path / "customer_segments_20260930.csv"
-    assert result["file"] == str(path)
+    assert result.file == str(path)
     raw = path.read_bytes()
     raw.decode("cp932")                       # the whole file is cp932...
     assert "優良".encode("cp932") in raw and "優良".encode("utf-8") not in raw   # ...not UTF-8

@@ -45,13 +45,13 @@ def test_update_equals_full_computation_and_falls_back_when_orders_are_rewritten
              | ((orders["order_date"] > D) & (rng.random(len(orders)) < 0.5)))
     storage.append("orders", to_spark_orders(spark, orders[first]))
     at_p = run_features(storage, P, CONF)
-    assert at_p["mode"] == "full" and at_p["full_reason"] == "no earlier features"
+    assert at_p.mode == "full" and at_p.full_reason == "no earlier features"
 
     # the night's file: the rest (late orders for P's customers, new customers, orders after D)
     storage.append("orders", to_spark_orders(spark, orders[~first]))
     at_d = run_features(storage, D, CONF)
-    assert at_d["mode"] == "incremental" and at_d["updated_from"] == P.isoformat(), at_d
-    assert 0 < at_d["recomputed_customers"] < at_d["customers"]
+    assert at_d.mode == "incremental" and at_d.updated_from == P, at_d
+    assert 0 < at_d.recomputed_customers < at_d.customers
     stored = storage.read("customer_features").where(F.col("as_of_date") == F.lit(D))
     assert_same_features(stored, build_customer_features(storage.read("orders"), D))
     runs = {r["as_of_date"]: r for r in storage.read("features_runs").collect()}
@@ -63,10 +63,10 @@ def test_update_equals_full_computation_and_falls_back_when_orders_are_rewritten
     storage.merge("orders", to_spark_orders(spark, changed))
     later = D + dt.timedelta(days=1)
     rewritten = run_features(storage, later, CONF)
-    assert rewritten["mode"] == "full" and "rewritten" in rewritten["full_reason"]
+    assert rewritten.mode == "full" and "rewritten" in rewritten.full_reason
 
     # the safety net: the last full computation too old
     stale = run_features(storage, later + dt.timedelta(days=1), FeaturesConf(full_every_days=1))
-    assert stale["mode"] == "full" and "full_every_days=1" in stale["full_reason"]
+    assert stale.mode == "full" and "full_every_days=1" in stale.full_reason
     stored = storage.read("customer_features").where(F.col("as_of_date") == F.lit(later + dt.timedelta(days=1)))
     assert_same_features(stored, build_customer_features(storage.read("orders"), later + dt.timedelta(days=1)))

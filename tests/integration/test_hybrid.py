@@ -19,7 +19,8 @@ from core.storage import Storage
 from core.tables import ORDERS
 from models.hybrid import BEHAVIOUR_COLUMNS, design_matrix
 from pipelines.calibration import build_calibration_holdout
-from pipelines.features import add_months, build_customer_features
+from core.dates import add_months
+from pipelines.features import build_customer_features
 from pipelines.generate import GeneratorParams
 from pipelines.hybrid import fit_hybrid, training_cutoff, training_sample
 from pipelines.ltv import fit_btyd_bundles, score_customers
@@ -127,9 +128,9 @@ def test_backtest_skips_the_hybrid_with_a_line_without_two_horizons_of_history(s
     recent = orders[orders["order_date"] > add_months(END, -10)]       # ten months of history
     config, storage, _ = _warehouse(spark, tmp_path / "wh", recent, [])
     result = run_backtest(storage, END, config, track=False)
-    assert {m["model"] for m in result["metrics"]} == {"bgnbd_net"}
-    assert len(result["notes"]) == 1 and "hybrid skipped" in result["notes"][0]
-    assert "two horizons of history" in result["notes"][0] and TRAIN_CUTOFF.isoformat() in result["notes"][0]
+    assert {m["model"] for m in result.metrics} == {"bgnbd_net"}
+    assert len(result.notes) == 1 and "hybrid skipped" in result.notes[0]
+    assert "two horizons of history" in result.notes[0] and TRAIN_CUTOFF.isoformat() in result.notes[0]
 
 
 def test_a_hybrid_champion_is_backtested_registered_scores_and_exports(spark, orders, tmp_path, capsys):
@@ -140,7 +141,7 @@ def test_a_hybrid_champion_is_backtested_registered_scores_and_exports(spark, or
 
     config, storage, overrides = _warehouse(spark, tmp_path / "wh", orders, [f"export.dest={tmp_path / 'exports'}"])
     result = run_backtest(storage, END, config)
-    assert {m["model"] for m in result["metrics"]} == {"bgnbd_net", "hybrid_net"} and not result["notes"]
+    assert {m["model"] for m in result.metrics} == {"bgnbd_net", "hybrid_net"} and not result.notes
     importances = storage.read("model_importances").toPandas()
     assert set(importances["model"]) == {"hybrid_net"} and importances["rank"].min() == 1
     assert (importances["training_cutoff"] == TRAIN_CUTOFF).all()
@@ -148,7 +149,7 @@ def test_a_hybrid_champion_is_backtested_registered_scores_and_exports(spark, or
     # make the hybrid the champion whatever the metric said, then run a night on it
     target = tracking.tracking_target(config)
     tracking.start(target)
-    tracking.set_champion(target.registered_model, result["model_versions"]["hybrid_net"])
+    tracking.set_champion(target.registered_model, result.model_versions["hybrid_net"])
     run_features(storage, END, config.features)
     run_nightly(spark, storage, config, END, steps=["score", "segments", "export"], refit="never",
                 progress=lambda line: None)

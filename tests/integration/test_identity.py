@@ -163,7 +163,7 @@ def test_unified_ids_are_stable_when_a_later_night_adds_a_link(spark, storage, t
     first = {r.source_customer_id: r.customer_id for r in storage.read("identity_map").collect()}
     assert {k: first[k] for k in ("M1", "X7", "E9")} == {"M1": "store:M1", "X7": "ec:X7", "E9": "ec:E9"}
     stats = run_features(storage, dt.date(2024, 1, 22), config.features)
-    assert stats["mode"] == "incremental", stats             # only a new id: appended, nothing moved
+    assert stats.mode == "incremental", stats             # only a new id: appended, nothing moved
     # the update (which unifies only the orders it reads) equals a full computation on the unified ids
     from pipelines.features import build_customer_features
     from pipelines.identity import read_orders
@@ -180,7 +180,7 @@ def test_unified_ids_are_stable_when_a_later_night_adds_a_link(spark, storage, t
     assert (rows["E9"].first_seen, rows["E9"].assigned_on, rows["M1"].assigned_on) == (
         dt.date(2024, 1, 22), dt.date(2024, 1, 23), dt.date(2024, 1, 21))
     stats = run_features(storage, dt.date(2024, 1, 23), config.features)
-    assert stats["mode"] == "full" and "identity_map" in stats["full_reason"]
+    assert stats.mode == "full" and "identity_map" in stats.full_reason
     features = {r.customer_id: r for r in storage.read("customer_features")
                 .where(F.col("as_of_date") == dt.date(2024, 1, 23)).collect()}
     merged = features["store:M1"]
@@ -303,7 +303,7 @@ def test_two_sources_give_the_features_of_one_premerged_export(spark, tmp_path, 
         check_exact=False, rtol=1e-9)
 
     # the channel-set trend: customers who bought in both sources, counted from the exports themselves
-    run_trends(multi, end, config)
+    run_trends(multi, end, config.trends)
     both = (parts[0].select("customer_id").distinct().join(parts[1].select("customer_id").distinct(),
                                                            on="customer_id", how="inner").count())
     yearly = multi.read("trend_channel_sets").where(F.col("period") == "year")

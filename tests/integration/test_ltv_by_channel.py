@@ -42,7 +42,7 @@ def engine(spark, tmp_path_factory):
     features_df = storage.read(CUSTOMER_FEATURES.name).where(F.col("as_of_date") == F.lit(END))
     bundle = fit_btyd_bundles(features_df, ("bgnbd",), config.features.time_unit).bundles["bgnbd"]
     run_score(storage, END, bundle, "7")
-    run_segments(storage, END, config)
+    run_segments(storage, END, config.segments)
     # what the trends step runs after run_trends (its wiring: test_nightly_run)
     summary = run_ltv_by_channel(storage, END)
     return {"storage": storage, "orders": orders, "summary": summary}
@@ -56,8 +56,8 @@ def _rows(storage) -> pd.DataFrame:
 def test_ltv_by_channel_adds_up_to_the_scores(engine):
     storage, orders = engine["storage"], engine["orders"]
     rows = _rows(storage)
-    assert engine["summary"] == {"ltv_by_channel_rows": len(rows), "ltv_by_channel_customers": N_CUSTOMERS,
-                                 "ltv_by_channel_rows_with_interval": len(rows)}
+    assert engine["summary"].asdict() == {"ltv_by_channel_rows": len(rows), "ltv_by_channel_customers": N_CUSTOMERS,
+                                          "ltv_by_channel_rows_with_interval": len(rows)}
     scores = storage.read(CUSTOMER_SCORES.name).where(F.col("as_of_date") == F.lit(END)).toPandas()
     # every scored customer once: by the channel and month of the first order in the orders
     first = orders.sort_values(["order_ts", "order_id"]).groupby("customer_id").first()

@@ -25,7 +25,7 @@ from core.config import load_config
 from core.tables import ORDERS
 from pipelines.backtest import choose_champion, compute_metrics, fit_origin_models, predict_all
 from pipelines.calibration import build_calibration_holdout
-from pipelines.features import add_months
+from core.dates import add_months
 from pipelines.generate import GeneratorParams, simulate_block
 
 END = dt.date(2026, 9, 30)

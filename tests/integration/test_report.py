@@ -59,13 +59,13 @@ def engine(spark, tmp_path_factory):
     except ImportError:
         run_segments = None
     if run_segments is not None:
-        run_segments(storage, AS_OF, config)
+        run_segments(storage, AS_OF, config.segments)
     try:
         from pipelines.trends import run_trends
     except ImportError:
         run_trends = None
     if run_trends is not None:
-        run_trends(storage, AS_OF, config)
+        run_trends(storage, AS_OF, config.trends)
     return {"storage": storage, "config": config, "root": root}
 
 

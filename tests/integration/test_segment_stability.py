@@ -34,10 +34,10 @@ def test_segments_stable_within_a_generation_and_loop_closed_at_the_next(storage
     write_scores(storage, D1, [(c, 0.9, value[c]) for c in established] + [(c, 0.1, 9000.0) for c in dormant]
                  + [(c, 1.0, 50.0) for c in newcomers_d1])
     first = run_segments(storage, D1, conf)
-    assert first["new_generation"] and first["generation_id"] == 1
+    assert first.new_generation and first.generation_id == 1
     # exact 0.9 / 0.7 / 0.4 quantiles of the 30 banded values: new and dormant customers are not in
     # the base (with them the 0.9-quantile of the 35 values would be 2900)
-    assert first["cut_points"] == {"top": 2700.0, "high": 2100.0, "middle": 1200.0, "low": None}
+    assert first.cut_points == {"top": 2700.0, "high": 2100.0, "middle": 1200.0, "low": None}
     definition = json.loads(storage.read("segment_generations").first()["definition"])
     assert [b["cut_point"] for b in definition["bands"]] == [2700.0, 2100.0, 1200.0, None]
     assert definition["precedence"] == ["new", "dormant", "value bands"]
@@ -57,17 +57,17 @@ def test_segments_stable_within_a_generation_and_loop_closed_at_the_next(storage
                  + [(c, 0.9, 100.0) for c in dormant + newcomers_d1]
                  + [(c, p, v) for c, (_, _, p, v, _) in night2.items()])
     second = run_segments(storage, D2, conf)
-    assert not second["new_generation"] and second["generation_id"] == 1
-    assert second["customers_placed"] == 4
+    assert not second.new_generation and second.generation_id == 1
+    assert second.customers_placed == 4
     gen1_after = current_segments(storage)
     assert {c: gen1_after[c] for c in gen1} == gen1                       # existing customers keep theirs
     assert {c: gen1_after[c] for c in night2} == {c: spec[-1] for c, spec in night2.items()}
-    assert second["segment_counts"] == {"top": 4, "high": 6, "middle": 9, "low": 13, "new": 4, "dormant": 3}
+    assert second.segment_counts == {"top": 4, "high": 6, "middle": 9, "low": 13, "new": 4, "dormant": 3}
 
     # the same night again: nothing changes, no table gets a new version
     before = versions(storage)
     again = run_segments(storage, D2, conf)
-    assert again["customers_placed"] == 0 and versions(storage) == before
+    assert again.customers_placed == 0 and versions(storage) == before
     assert current_segments(storage) == gen1_after
 
     # a night that died between its two appends left a newcomer in history only; the next night
@@ -78,7 +78,7 @@ def test_segments_stable_within_a_generation_and_loop_closed_at_the_next(storage
     write_features(storage, night4, [(c, LONG_AGO, 3) for c in gen1_after] + [("x_orphan", LONG_AGO, 2)])
     write_scores(storage, night4, [(c, 0.9, 100.0) for c in gen1_after] + [("x_orphan", 0.9, 1.0)])
     fourth = run_segments(storage, night4, conf)
-    assert fourth["customers_placed"] == 1 and fourth["placed_by_segment"] == {"high": 1}
+    assert fourth.customers_placed == 1 and fourth.placed_by_segment == {"high": 1}
     row = storage.read("segments_current").where("customer_id = 'x_orphan'").first()
     assert (row["segment"], row["assigned_as_of"], row["value_at_assignment"]) == ("high", crashed, 2500.0)
     assert storage.read("segments_history").where("customer_id = 'x_orphan'").count() == 1
@@ -95,17 +95,17 @@ def test_segments_stable_within_a_generation_and_loop_closed_at_the_next(storage
     write_scores(storage, D3, [(c, 0.9, 10.0 * i) for i, c in enumerate(sorted(stayed))]
                  + [("m1", 1.0, 20.0), ("m2", 1.0, 20.0)])
     third = run_segments(storage, D3, conf)
-    assert third["new_generation"] and third["generation_id"] == 2 and third["previous_generation"] == 1
-    assert third["customers"] == len(stayed) + 2
+    assert third.new_generation and third.generation_id == 2 and third.previous_generation == 1
+    assert third.customers == len(stayed) + 2
 
     migration = storage.read("segment_migration").where("to_generation = 2").collect()
-    assert sum(r["customers"] for r in migration) == len(everyone) + 2 == third["migrated_customers"]
+    assert sum(r["customers"] for r in migration) == len(everyone) + 2 == third.migrated_customers
     cells = {(r["from_segment"], r["to_segment"]): r["customers"] for r in migration}
     assert cells[("(none)", "new")] == 2 and cells[(gen1_after["c00"], "(gone)")] == 1
     by_from: dict[str, int] = {}
     for (from_segment, _), n in cells.items():
         by_from[from_segment] = by_from.get(from_segment, 0) + n
-    assert {k: v for k, v in by_from.items() if k != "(none)"} == fourth["segment_counts"]
+    assert {k: v for k, v in by_from.items() if k != "(none)"} == fourth.segment_counts
 
     history = storage.read("segments_history").collect()
     assert {(r["generation_id"], r["valid_to"]) for r in history} == {(1, D3), (2, None)}
@@ -124,5 +124,5 @@ def test_segments_stable_within_a_generation_and_loop_closed_at_the_next(storage
     # re-running the boundary date (even asking for a new generation) cuts nothing twice
     before = versions(storage)
     rerun = run_segments(storage, D3, conf, new_generation=True)
-    assert rerun["generation_id"] == 2 and not rerun["new_generation"] and "already cut" in rerun["note"]
+    assert rerun.generation_id == 2 and not rerun.new_generation and "already cut" in rerun.note
     assert versions(storage) == before

@@ -74,7 +74,7 @@ def test_customer_scores_carry_the_interval_columns(spark, orders_df, config, tm
     assert set(INTERVAL_COLUMNS) <= set(scores.columns)
     scored = scores[scores["purchase_basis"] == "net"]
     by_rule = scores[scores["purchase_basis"] == "net_rule"]
-    assert len(by_rule) > 0 and stats["customers_with_interval"] == len(scored)
+    assert len(by_rule) > 0 and stats.customers_with_interval == len(scored)
     # customers placed by rule (no completed order under the net basis) have no interval: null
     assert by_rule[list(INTERVAL_COLUMNS)].isna().all().all()
     assert scored[list(INTERVAL_COLUMNS)].notna().all().all()

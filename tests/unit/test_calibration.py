@@ -25,6 +25,6 @@ def test_holdout_counts_only_the_window_and_excludes_new_customers(spark, storag
     assert (rows["c2"].holdout_orders, rows["c2"].holdout_net) == (0, 0.0)
     assert rows["c1"].n_orders == 2 and rows["c1"].frequency == 1.0
     assert rows["c1"].horizon_end == dt.date(2024, 9, 30)
-    assert stats["customers"] == 2 and stats["holdout_buyers"] == 1
+    assert stats.customers == 2 and stats.holdout_buyers == 1
     with pytest.raises(CalibrationError, match="runs past the last order day"):
         run_calibration(storage, dt.date(2024, 9, 1), FeaturesConf(horizon_months=6))

@@ -116,9 +116,9 @@ def test_value_bands_and_lifecycle_precedence_hand_computed(storage):
                                                      SegmentBand(name="low", lower=None)),
                          new_customer_days=90, dormant_p_alive=0.2)
     summary = run_segments(storage, D, conf)
-    assert summary["new_generation"] and summary["generation_id"] == 1
+    assert summary.new_generation and summary.generation_id == 1
     assert current_segments(storage) == {c: seg for c, *_, seg in cases}
-    assert summary["segment_counts"] == {"top": 3, "mid": 4, "low": 2, "new": 2, "dormant": 1}
+    assert summary.segment_counts == {"top": 3, "mid": 4, "low": 2, "new": 2, "dormant": 1}
     row = storage.read("segments_current").where("customer_id = 'c_dormant'").first()
     assert (row["value_at_assignment"], row["p_alive_at_assignment"], row["assigned_as_of"]) == (80000.0, 0.19, D)
 

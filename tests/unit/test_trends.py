@@ -228,7 +228,7 @@ def test_trends_match_pandas_and_incremental_equals_rebuild(storage):
     build_features(storage, D1)       # the real stage once, so its column semantics are checked too
     segments = segment_map(batch1["customer_id"].unique(), share=0.7)
     write_segments(storage, segments, D1)
-    assert run_trends(storage, D1, conf)["mode"] == "rebuild"    # the first run builds everything
+    assert run_trends(storage, D1, conf).mode == "rebuild"    # the first run builds everything
 
     # next ingest: recent orders, newcomers, and a backfill of old orders the first file missed
     batch2 = seeded_orders(12, 15, D1 - dt.timedelta(days=20), D2, "run-2", prefix="n")
@@ -241,10 +241,10 @@ def test_trends_match_pandas_and_incremental_equals_rebuild(storage):
     write_segments(storage, placed, D2)
 
     summary = run_trends(storage, D2, conf)
-    assert summary["mode"] == "incremental"
-    assert summary["recomputed_from"]["trend_new_customers_weekly"] == 2024   # the backfill's year
-    assert summary["recomputed_from"]["trend_yearly"] == 2025     # 2024 left the window
-    assert summary["recomputed_from"]["trend_f2_conversion"] == 2023
+    assert summary.mode == "incremental"
+    assert summary.recomputed_from["trend_new_customers_weekly"] == 2024   # the backfill's year
+    assert summary.recomputed_from["trend_yearly"] == 2025     # 2024 left the window
+    assert summary.recomputed_from["trend_f2_conversion"] == 2023
     incremental = {name: read_table(storage, name) for name in TABLE_KEYS}
     all_orders = pd.concat([batch1, batch2, backfill])
     want = expected_tables(all_orders, {**segments, **placed}, D2, years=2)
@@ -253,10 +253,10 @@ def test_trends_match_pandas_and_incremental_equals_rebuild(storage):
         assert_frames_equal(incremental[name], want[name], name)
 
     versions = {name: storage.version(name) for name in [*TABLE_KEYS, "trend_runs"]}
-    assert run_trends(storage, D2, conf)["mode"] == "unchanged"
+    assert run_trends(storage, D2, conf).mode == "unchanged"
     assert {name: storage.version(name) for name in versions} == versions
 
-    assert run_trends(storage, D2, conf, rebuild=True)["mode"] == "rebuild"
+    assert run_trends(storage, D2, conf, rebuild=True).mode == "rebuild"
     for name in TABLE_KEYS:
         assert_frames_equal(read_table(storage, name), incremental[name], name)
 
