@@ -145,17 +145,16 @@ def main() -> None:
 
     before = measure(storage, warehouse)
     started = time.perf_counter()
-    first = run_maintenance(storage, config, END_DATE)
+    first = run_maintenance(storage, END_DATE, config.retention, config.storage.retention_hours)
     first_seconds = time.perf_counter() - started
     after = measure(storage, warehouse)
     print(f"\n-- cvseg maintain as of {END_DATE} (storage.retention_hours={config.storage.retention_hours}) --")
     print("\n".join(format_summary(first)))
 
-    config_zero = config.model_copy(update={"storage": config.storage.model_copy(update={"retention_hours": 0})})
     second_seconds, later = 0.0, after
     if not args.skip_week_later:
         started = time.perf_counter()
-        second = run_maintenance(storage, config_zero, END_DATE)
+        second = run_maintenance(storage, END_DATE, config.retention, 0)
         second_seconds = time.perf_counter() - started
         later = measure(storage, warehouse)
         print("\n-- the same with storage.retention_hours=0 (what VACUUM deletes a week after the first) --")

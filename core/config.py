@@ -262,6 +262,7 @@ class ModelsConf(_Frozen):
     penalizer_coef: float = Field(default=0.0, ge=0.0)
     cohort_min_cell_size: int = Field(default=30, ge=1)
     cohort_by_channel: bool = False
+    # models.metrics.METRIC_DIRECTION's keys (tests/unit/test_config.py keeps them equal; core stays below models)
     champion_metric: Literal["mae", "rmse", "abs_total_error_pct", "spearman", "normalized_gini",
                              "top_decile_capture", "top20_capture"] = "mae"
     refit_every_days: int = Field(default=7, ge=1)

@@ -25,9 +25,6 @@ from core.s3 import as_boto_uri, is_s3, set_mlflow_environment
 log = logging.getLogger(__name__)
 
 CHAMPION = "champion"
-#: metric -> True when higher is better
-METRIC_DIRECTION = {"mae": False, "rmse": False, "abs_total_error_pct": False, "spearman": True,
-                    "normalized_gini": True, "top_decile_capture": True, "top20_capture": True}
 
 
 @dataclass(frozen=True)
@@ -345,20 +342,18 @@ def champion_version(registered_model: str) -> str | None:
         return None
 
 
-def load_champion(registered_model: str):
-    """The champion bundle and its version; a clear error if there is none yet."""
+def download_champion(registered_model: str) -> tuple[Path, str]:
+    """The champion's bundle folder (downloaded) and its version; a clear error if there is none yet.
+    :func:`pipelines.ltv.load_champion` turns the folder into a bundle (core stays below models)."""
     import mlflow
 
     version = champion_version(registered_model)
     if version is None:
         raise LookupError(f"no champion model registered as {registered_model!r} yet; run `cvseg backtest` "
                           "(or `cvseg fit --register`) first")
-    from models.hybrid import load_bundle
-
     local = mlflow.artifacts.download_artifacts(f"models:/{registered_model}@{CHAMPION}")
     # the top bundle.json (a hybrid's folder holds its BTYD bundle's in btyd/)
-    bundle_dir = min(Path(local).rglob("bundle.json"), key=lambda p: len(p.parts)).parent
-    return load_bundle(bundle_dir), version
+    return min(Path(local).rglob("bundle.json"), key=lambda p: len(p.parts)).parent, version
 
 
 def list_versions(registered_model: str) -> pd.DataFrame:

@@ -26,7 +26,7 @@ def main(args: argparse.Namespace):
     spark, storage = open_warehouse(args, config)
     print(f"[maintain {as_of}] warehouse {storage.warehouse} (backend {storage.backend})"
           + (" - dry run" if args.dry_run else ""), flush=True)
-    summary = run_maintenance(storage, config, as_of, dry_run=args.dry_run, progress=lambda line: print(line, flush=True))
+    summary = run_maintenance(storage, as_of, config.retention, config.storage.retention_hours, dry_run=args.dry_run, progress=lambda line: print(line, flush=True))
     for line in format_summary(summary):
         print(line)
     return summary

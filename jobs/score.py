@@ -15,13 +15,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace):
     from core import tracking
     from jobs.common import UsageError
-    from pipelines.ltv import run_score
+    from pipelines.ltv import load_champion, run_score
 
     config = config_from(args)
     target = tracking.tracking_target(config)
     tracking.start(target)
     try:
-        bundle, version = tracking.load_champion(target.registered_model)
+        bundle, version = load_champion(target.registered_model)
     except LookupError as exc:
         raise UsageError(str(exc)) from None
     spark, storage = open_warehouse(args, config)

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import base64
 import dataclasses
-import io
 import json
 import pickle
 from dataclasses import dataclass, field

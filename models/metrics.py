@@ -41,7 +41,17 @@ import pandas as pd
 from models.base import as_float_array, check_same_length
 
 __all__ = ["mae", "rmse", "total_error_pct", "spearman", "normalized_gini", "top_share_capture",
-           "capture_curve", "decile_table"]
+           "capture_curve", "decile_table", "METRIC_COLUMNS", "METRIC_DIRECTION"]
+
+#: The registry of backtest metrics: every metric a backtest reports per model and origin, in the
+#: order of ``model_backtest``'s columns (pipelines/backtest.py computes them in Spark, tested
+#: against the functions below).
+METRIC_COLUMNS = ("mae", "rmse", "total_error_pct", "abs_total_error_pct", "spearman", "normalized_gini",
+                  "top_decile_capture", "top20_capture")
+#: The metrics a champion can be chosen by (``models.champion_metric``) -> True when higher is
+#: better. ``total_error_pct`` is signed, so its absolute value stands in for it.
+METRIC_DIRECTION = {"mae": False, "rmse": False, "abs_total_error_pct": False, "spearman": True,
+                    "normalized_gini": True, "top_decile_capture": True, "top20_capture": True}
 
 
 def _inputs(predicted, actual, weights) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

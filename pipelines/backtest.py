@@ -79,18 +79,17 @@ from core.dates import add_months
 from core.errors import UserError
 from core.results import StageResult
 from core.storage import Storage
-from core.tracking import METRIC_DIRECTION, BacktestFit, BacktestRuns
+from core.tracking import BacktestFit, BacktestRuns
 from core.tables import CALIBRATION_HOLDOUT, MODEL_BACKTEST, MODEL_BACKTEST_DECILES, ORDERS
 from models import CELL_COLUMNS, DEFAULT_BANDS, CohortModel, NaiveRepeatModel
 from models.bundle import DAYS_PER_UNIT, ScoringBundle
+from models.metrics import METRIC_COLUMNS, METRIC_DIRECTION
 from models.hybrid import bundle_from_payload
 from pipelines.calibration import holdout_end, run_calibration
 from pipelines.ltv import channel_run_params, fit_btyd_bundles
 
 log = logging.getLogger(__name__)
 
-METRIC_COLUMNS = ("mae", "rmse", "total_error_pct", "abs_total_error_pct", "spearman", "normalized_gini",
-                  "top_decile_capture", "top20_capture")
 DECILE_COLUMNS = ("decile", "n", "mean_predicted", "mean_actual", "sum_predicted", "sum_actual")
 #: Coverage of the value intervals (models/intervals.py): null for a model without intervals.
 INTERVAL_METRIC_COLUMNS = ("interval_coverage", "interval_closed_coverage")

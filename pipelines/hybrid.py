@@ -33,8 +33,9 @@ import pandas as pd
 from pyspark.sql import Column, DataFrame, Window
 from pyspark.sql import functions as F
 
-from core.config import HybridConf
+from core.config import Config, HybridConf
 from core.dates import add_months
+from core.storage import Storage
 from models.bundle import ScoringBundle
 from models.hybrid import BEHAVIOUR_COLUMNS, HybridBundle, HybridValueModel, design_matrix, training_target
 from pipelines.features import orders_dated
@@ -255,7 +256,7 @@ class TrainingFrame:
     source: str
 
 
-def training_frame(storage: Any, train_cutoff: dt.date, config: Any) -> TrainingFrame:
+def training_frame(storage: Storage, train_cutoff: dt.date, config: Config) -> TrainingFrame:
     """The training rows at ``train_cutoff``: the stored ``customer_features`` partition of that date (the
     nightly run of that day wrote it) with each customer's net value in the next horizon from ``orders``,
     when it exists in this release's columns and time unit; else ``calibration_holdout`` (reused or built
@@ -281,7 +282,7 @@ def training_frame(storage: Any, train_cutoff: dt.date, config: Any) -> Training
     return TrainingFrame(rows=train_df, features=train_df, source="calibration_holdout")
 
 
-def refit_hybrid(storage: Any, as_of_date: dt.date, scoring_btyd: ScoringBundle, config: Any
+def refit_hybrid(storage: Storage, as_of_date: dt.date, scoring_btyd: ScoringBundle, config: Config
                  ) -> tuple[HybridBundle | None, str | None, dict[str, float]]:
     """The nightly refit of a hybrid champion at D: trees on the customers as of D - H (:func:`training_frame`)
     on top of ``scoring_btyd`` (fitted at D). Returns (bundle or None, the skip line, seconds)."""
@@ -306,7 +307,7 @@ def refit_hybrid(storage: Any, as_of_date: dt.date, scoring_btyd: ScoringBundle,
     return fit.bundle, None, {"training_frame_and_fit": time.perf_counter() - started, **fit.seconds}
 
 
-def origin_hybrids(storage: Any, cutoff: dt.date, config: Any, bundles: Mapping[str, ScoringBundle],
+def origin_hybrids(storage: Storage, cutoff: dt.date, config: Config, bundles: Mapping[str, ScoringBundle],
                    rebuild: bool = False) -> tuple[dict[str, HybridBundle], dict[str, float], list[str]]:
     """The backtest's hybrids at one cutoff (trained on ``calibration_holdout`` at cutoff - H), or a
     skip line when the orders start after that date (nothing is built then)."""

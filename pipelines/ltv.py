@@ -51,7 +51,7 @@ from models import CancellationRateModel, GammaGammaModel, make_model
 from models.bundle import (GROUP_COLUMNS, INTERVAL_COLUMNS, LOADINGS_COLUMN, NET_FEATURE_COLUMNS, SCORE_COLUMNS,
                            ScoringBundle)
 from models.channels import CHANNEL_SUFFIX, SHRUNK_PURCHASE_MODELS, fit_channel_components
-from models.hybrid import bundle_from_payload
+from models.hybrid import bundle_from_payload, load_bundle
 
 log = logging.getLogger(__name__)
 
@@ -314,6 +314,14 @@ def run_score(storage: Storage, as_of_date: dt.date, bundle: ScoringBundle, mode
                        float(stats["mean_p_alive"] or 0.0), str(model_version), bundle.purchase_basis,
                        customers_placed_by_rule=int(stats["placed_by_rule"]),
                        customers_with_interval=int(stats["with_interval"]))
+
+
+def load_champion(registered_model: str) -> tuple[ScoringBundle, str]:
+    """The registered champion (a BTYD or hybrid bundle) and its version."""
+    from core import tracking
+
+    bundle_dir, version = tracking.download_champion(registered_model)
+    return load_bundle(bundle_dir), version
 
 
 def _time_unit_of(features_df: DataFrame) -> str | None:

@@ -32,8 +32,9 @@ from typing import Any, Callable, Iterable
 
 from pyspark.sql import functions as F
 
-from core.config import Config
-from core.storage import StorageError
+from core.config import RetentionConf
+from core.results import StageResult, jsonable
+from core.storage import Storage, StorageError
 from core.tables import MAINTENANCE_RUNS, TABLES
 
 log = logging.getLogger(__name__)
@@ -79,7 +80,8 @@ class TableMaintenance:
 
 
 @dataclass(frozen=True)
-class MaintenanceSummary:
+class MaintenanceResult(StageResult):
+    """What :func:`run_maintenance` did to each table (or would do, in a dry run)."""
     run_id: str
     as_of: dt.date
     dry_run: bool
@@ -98,12 +100,10 @@ class MaintenanceSummary:
     def partitions_pruned(self) -> int:
         return sum(len(t.partitions_pruned) for t in self.tables)
 
-    def as_dict(self) -> dict[str, Any]:
-        out = asdict(self)
-        out["as_of"] = self.as_of.isoformat()
-        return out
+    def asdict(self) -> dict[str, Any]:
+        return jsonable(asdict(self))    # the tables' own dataclasses too
 
-    def headline(self) -> str:
+    def summary_line(self) -> str:
         verb = "would prune" if self.dry_run else "pruned"
         return (f"{len(self.tables)} tables: data files {self.total('files_before'):,} -> {self.total('files_after'):,}, "
                 f"on disk {_mb(self.total('bytes_before'))} -> {_mb(self.total('bytes_after'))}; "
@@ -151,13 +151,14 @@ def maintenance_skip_reason(last_maintained: dt.date | None, as_of: dt.date, eve
 # --------------------------------------------------------------------------------------------
 # Maintenance
 # --------------------------------------------------------------------------------------------
-def run_maintenance(storage: Any, config: Config, as_of: dt.date, dry_run: bool = False,
-                    progress: Callable[[str], None] | None = None, run_id: str | None = None,
-                    tables: Iterable[str] | None = None) -> MaintenanceSummary:
-    """Maintain every existing table (or those of ``tables``; see the module docstring); returns
-    what was done."""
+def run_maintenance(storage: Storage, as_of: dt.date, retention: RetentionConf, retention_hours: int,
+                    dry_run: bool = False, progress: Callable[[str], None] | None = None,
+                    run_id: str | None = None, tables: Iterable[str] | None = None) -> MaintenanceResult:
+    """Maintain every existing table (or those of ``tables``; see the module docstring): dated
+    partitions pruned by ``retention`` (the ``retention`` config section), VACUUM keeping
+    ``retention_hours`` (``storage.retention_hours``) of time travel. Returns what was done."""
     run_id = run_id or f"maintain-{as_of.isoformat()}-{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}"
-    hours = config.storage.retention_hours
+    hours = retention_hours
     started = time.perf_counter()
     done: list[TableMaintenance] = []
     try:
@@ -165,7 +166,7 @@ def run_maintenance(storage: Any, config: Config, as_of: dt.date, dry_run: bool 
         for name in TABLES:
             if name not in wanted or not storage.exists(name):
                 continue
-            result = _maintain_table(storage, config, name, as_of, hours, dry_run)
+            result = _maintain_table(storage, retention, name, as_of, hours, dry_run)
             done.append(result)
             if progress:
                 progress(f"  {name}: {result.seconds:.1f}s")
@@ -174,11 +175,11 @@ def run_maintenance(storage: Any, config: Config, as_of: dt.date, dry_run: bool 
         # its date was pruned
         if done and not dry_run:
             _record(storage, run_id, as_of, done, hours)
-    return MaintenanceSummary(run_id, as_of, dry_run, storage.backend, hours, tuple(done),
+    return MaintenanceResult(run_id, as_of, dry_run, storage.backend, hours, tuple(done),
                               time.perf_counter() - started)
 
 
-def _maintain_table(storage: Any, config: Config, name: str, as_of: dt.date, hours: int,
+def _maintain_table(storage: Storage, retention: RetentionConf, name: str, as_of: dt.date, hours: int,
                     dry_run: bool) -> TableMaintenance:
     clock = time.perf_counter()
     files_before, _ = storage.file_stats(name)
@@ -187,7 +188,7 @@ def _maintain_table(storage: Any, config: Config, name: str, as_of: dt.date, hou
     setting = days = None
     if name in RETAINED:
         column, key = RETAINED[name]
-        days = getattr(config.retention, key)
+        days = getattr(retention, key)
         setting = f"retention.{key}"
         pruned = partitions_to_prune(storage.partition_values(name), as_of, days)
         if pruned and not dry_run:
@@ -211,7 +212,7 @@ def _maintain_table(storage: Any, config: Config, name: str, as_of: dt.date, hou
         files_vacuumed=len(vacuumed), checkpoint=checkpoint, seconds=round(time.perf_counter() - clock, 3))
 
 
-def _record(storage: Any, run_id: str, as_of: dt.date, done: list[TableMaintenance], hours: int) -> None:
+def _record(storage: Storage, run_id: str, as_of: dt.date, done: list[TableMaintenance], hours: int) -> None:
     now = dt.datetime.now(dt.timezone.utc)
     rows = [(run_id, as_of, t.table, storage.backend, t.files_before, t.files_after, t.disk_files_before,
              t.disk_files_after, t.bytes_before, t.bytes_after, t.files_compacted, list(t.partitions_pruned),
@@ -220,7 +221,7 @@ def _record(storage: Any, run_id: str, as_of: dt.date, done: list[TableMaintenan
     storage.append(MAINTENANCE_RUNS.name, storage.spark.createDataFrame(rows, MAINTENANCE_RUNS.schema))
 
 
-def format_summary(summary: MaintenanceSummary) -> list[str]:
+def format_summary(summary: MaintenanceResult) -> list[str]:
     """The per-table summary `cvseg maintain` prints."""
     lines = []
     if summary.dry_run:
@@ -238,7 +239,7 @@ def format_summary(summary: MaintenanceSummary) -> list[str]:
             shown = ", ".join(t.partitions_pruned[:5]) + (" ..." if len(t.partitions_pruned) > 5 else "")
             lines.append(f"{'':<28} {t.retention_setting}={t.retention_days}: {shown}")
     lines.append("-" * len(header))
-    lines.append(f"{summary.headline()} in {summary.seconds:.1f}s (backend {summary.backend}, "
+    lines.append(f"{summary.summary_line()} in {summary.seconds:.1f}s (backend {summary.backend}, "
                  f"storage.retention_hours={summary.retention_hours})")
     return lines
 
@@ -246,7 +247,7 @@ def format_summary(summary: MaintenanceSummary) -> list[str]:
 # --------------------------------------------------------------------------------------------
 # Readers of a dated partition
 # --------------------------------------------------------------------------------------------
-def pruned_message(storage: Any, table: str, day: dt.date | str) -> str | None:
+def pruned_message(storage: Storage, table: str, day: dt.date | str) -> str | None:
     """When retention removed ``table``'s partition for ``day`` (and it was not computed again),
     the message that says so, names the setting and how to get the date back; else None."""
     if table not in RETAINED:
@@ -271,7 +272,7 @@ def pruned_message(storage: Any, table: str, day: dt.date | str) -> str | None:
             f"{RECOMPUTE[table].format(day=day.isoformat())}")
 
 
-def ensure_not_pruned(storage: Any, table: str, day: dt.date | str) -> None:
+def ensure_not_pruned(storage: Storage, table: str, day: dt.date | str) -> None:
     """Raise :class:`PrunedPartitionError` when ``table``'s partition for ``day`` was pruned by
     retention; called by readers that found the date missing, before their own error."""
     message = pruned_message(storage, table, day)

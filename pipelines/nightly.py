@@ -41,6 +41,7 @@ from pyspark.sql import functions as F
 from core.config import ByChannelConf, Config
 from core.errors import CvsegError
 from core.s3 import s3_error_summary
+from core.storage import Storage
 from core.tables import PIPELINE_RUNS, TABLES
 from core.tracking import ChampionInfo, champion_info  # noqa: F401 -- the nightly's view of the champion
 
@@ -138,7 +139,7 @@ def fail_after_from_env() -> str | None:
 # --------------------------------------------------------------------------------------------
 # pipeline_runs
 # --------------------------------------------------------------------------------------------
-def completed_steps(storage: Any, as_of_date: dt.date) -> dict[str, dt.datetime]:
+def completed_steps(storage: Storage, as_of_date: dt.date) -> dict[str, dt.datetime]:
     """Step -> latest successful finish for D (at most one row per step reaches the driver)."""
     if not storage.exists(PIPELINE_RUNS.name):
         return {}
@@ -148,7 +149,7 @@ def completed_steps(storage: Any, as_of_date: dt.date) -> dict[str, dt.datetime]
     return {r["step"]: r["finished_at"] for r in rows}
 
 
-def _record(spark: SparkSession, storage: Any, run_id: str, as_of_date: dt.date, step: str, status: str,
+def _record(spark: SparkSession, storage: Storage, run_id: str, as_of_date: dt.date, step: str, status: str,
             started: dt.datetime, finished: dt.datetime, versions: dict[str, int], message: str) -> None:
     row = (run_id, as_of_date, step, status, started, finished, (finished - started).total_seconds(),
            versions, message[:2000])
@@ -174,7 +175,7 @@ def step_tables(step: str) -> list[str]:
     return [name for name in TABLES if name in wanted or any(w.endswith("_") and name.startswith(w) for w in wanted)]
 
 
-def table_versions(storage: Any, names: list[str] | None = None) -> dict[str, int]:
+def table_versions(storage: Storage, names: list[str] | None = None) -> dict[str, int]:
     """Current Delta version of the named (default: every registered) table that exists; log reads only."""
     names = [n for n in TABLES if n != PIPELINE_RUNS.name] if names is None else names
     return {name: storage.version(name) for name in names if storage.exists(name)}
@@ -211,7 +212,7 @@ def refit_by_channel(conf: ByChannelConf, purchase_model: str, champion: Champio
 @dataclass
 class _Context:
     spark: SparkSession
-    storage: Any
+    storage: Storage
     config: Config
     as_of_date: dt.date
     source_path: str | None
@@ -246,7 +247,7 @@ def _features(ctx: _Context) -> tuple[str, dict]:
 
 def _score(ctx: _Context) -> tuple[str, dict]:
     from core import tracking
-    from pipelines.ltv import LtvInputError, channel_run_params, fit_btyd_bundles, run_score
+    from pipelines.ltv import LtvInputError, channel_run_params, fit_btyd_bundles, load_champion, run_score
 
     target = tracking.tracking_target(ctx.config)
     tracking.start(target)
@@ -294,7 +295,7 @@ def _score(ctx: _Context) -> tuple[str, dict]:
         tracking.set_champion(target.registered_model, version)
         details["refit_seconds"] = round(time.perf_counter() - started, 2)
     else:
-        bundle, version = tracking.load_champion(target.registered_model)
+        bundle, version = load_champion(target.registered_model)
     result = run_score(ctx.storage, ctx.as_of_date, bundle, version, intervals=models.intervals)
     details.update(result.asdict())
     how = f"refit ({reason}) -> champion v{version}" if reason else f"champion v{version}"
@@ -326,7 +327,7 @@ def _export(ctx: _Context) -> tuple[str, dict]:
     return result.summary_line(), result.asdict()
 
 
-def last_maintained(storage: Any) -> tuple[dt.date | None, dt.date | None]:
+def last_maintained(storage: Storage) -> tuple[dt.date | None, dt.date | None]:
     """As-of dates of the latest successful ``maintain`` step and of the first successful step of
     any kind in ``pipeline_runs`` (one row to the driver)."""
     if not storage.exists(PIPELINE_RUNS.name):
@@ -348,8 +349,8 @@ def _maintain_skip_reason(ctx: _Context) -> str | None:
 def _maintain(ctx: _Context) -> tuple[str, dict]:
     from pipelines.maintenance import run_maintenance
 
-    summary = run_maintenance(ctx.storage, ctx.config, ctx.as_of_date)
-    return summary.headline(), summary.as_dict()
+    result = run_maintenance(ctx.storage, ctx.as_of_date, ctx.config.retention, ctx.config.storage.retention_hours)
+    return result.summary_line(), result.asdict()
 
 
 RUNNERS: dict[str, Callable[[_Context], tuple[str, dict]]] = {
@@ -386,7 +387,7 @@ def _first_line(exc: BaseException) -> str:
 # --------------------------------------------------------------------------------------------
 # The orchestrator
 # --------------------------------------------------------------------------------------------
-def run_nightly(spark: SparkSession, storage: Any, config: Config, as_of_date: dt.date, *,
+def run_nightly(spark: SparkSession, storage: Storage, config: Config, as_of_date: dt.date, *,
                 source_path: str | None = None, steps: list[str] | tuple[str, ...] | None = None,
                 refit: str = "auto", new_generation: bool = False, rebuild_trends: bool = False,
                 force: bool = False, dest: str | None = None, fail_after: str | None = None,

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Iterable
 
 from core.errors import UserError
+from core.storage import Storage
 from pipelines.report.data import DiagnosticData, WeeklyData, collect_diagnostic, collect_weekly
 from pipelines.report.diagnostic import build_diagnostic
 from pipelines.report.document import Document
@@ -48,7 +49,7 @@ def report_dir(warehouse: str, output_dir: str | None) -> Path:
     return path
 
 
-def collect(storage, as_of: dt.date, weekly: bool) -> DiagnosticData | WeeklyData:
+def collect(storage: Storage, as_of: dt.date, weekly: bool) -> DiagnosticData | WeeklyData:
     try:
         return collect_weekly(storage, as_of) if weekly else collect_diagnostic(storage, as_of)
     except LookupError as exc:
@@ -81,7 +82,7 @@ def write(doc: Document, out_dir: Path, stem: str, formats: Iterable[str] = FORM
     return paths
 
 
-def run_report(storage, as_of: dt.date, *, weekly: bool, languages: Iterable[str], currency: str, client: str,
+def run_report(storage: Storage, as_of: dt.date, *, weekly: bool, languages: Iterable[str], currency: str, client: str,
                out_dir: Path, formats: Iterable[str] = FORMATS) -> list[Path]:
     """Gather the data once, render each language, write ``<kind>_<as-of>_<lang>.<fmt>``."""
     data = collect(storage, as_of, weekly)

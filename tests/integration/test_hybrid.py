@@ -15,15 +15,15 @@ import pytest
 from pyspark.sql import functions as F
 
 from core.config import HybridConf, load_config
+from core.dates import add_months
 from core.storage import Storage
 from core.tables import ORDERS
 from models.hybrid import BEHAVIOUR_COLUMNS, design_matrix
 from pipelines.calibration import build_calibration_holdout
-from core.dates import add_months
 from pipelines.features import build_customer_features
 from pipelines.generate import GeneratorParams
 from pipelines.hybrid import fit_hybrid, training_cutoff, training_sample
-from pipelines.ltv import fit_btyd_bundles, score_customers
+from pipelines.ltv import fit_btyd_bundles, load_champion, score_customers
 from tests.integration.test_purchase_basis import orders_frame
 
 END = dt.date(2026, 9, 30)
@@ -184,6 +184,6 @@ def test_a_hybrid_champion_is_backtested_registered_scores_and_exports(spark, or
     # a refit night of a hybrid champion refits the hybrid (trained as of END - 6 months)
     run_nightly(spark, storage, config, END, steps=["score"], refit="always", force=True,
                 progress=lambda line: None)
-    bundle, _ = tracking.load_champion(target.registered_model)
+    bundle, _ = load_champion(target.registered_model)
     assert bundle.value_model == "hybrid"
     assert bundle.metadata["training_cutoff"] == add_months(END, -6).isoformat()

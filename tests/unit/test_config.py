@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from core.config import ConfigError, dump_config, load_config
+from core.config import Config, ConfigError, ModelsConf, dump_config, load_config
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
 
@@ -133,3 +133,22 @@ def test_sources_inherit_source_and_a_lone_source_is_a_list_of_one():
 def test_bad_sources_and_identity_settings_name_the_key(overrides, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
         load_config(None, overrides)
+
+
+def test_base_yaml_states_the_models_defaults():
+    """conf/base.yaml is the readable copy of the pydantic defaults: it may not drift from them. The one
+    key without a model default is source.columns (the client maps their export; base.yaml names the
+    canonical columns)."""
+    base = yaml.safe_load((CONF / "base.yaml").read_text(encoding="utf-8"))
+    from_yaml = Config.model_validate(base).model_dump(mode="json")
+    from_models = Config.model_validate({"source": {"columns": base["source"]["columns"]}}).model_dump(mode="json")
+    assert from_yaml == from_models
+
+
+def test_champion_metrics_are_the_metric_registry():
+    from typing import get_args
+
+    from models.metrics import METRIC_DIRECTION
+
+    choices = get_args(ModelsConf.model_fields["champion_metric"].annotation)
+    assert set(choices) == set(METRIC_DIRECTION)

@@ -28,6 +28,10 @@ def _config(storage: Storage, *overrides: str):
                               "spark.master=null", *overrides])
 
 
+def _maintain(storage: Storage, config, day: dt.date, **kwargs):
+    return run_maintenance(storage, day, config.retention, config.storage.retention_hours, **kwargs)
+
+
 def _default(dtype: T.DataType, day: dt.date):
     if isinstance(dtype, T.StringType):
         return "x"
@@ -133,7 +137,7 @@ def test_thirty_nights_then_maintenance_bounds_files_and_keeps_time_travel_withi
             assert files_before >= since_maintained          # a night adds files: without maintenance they pile up
             content = _content(storage, "orders")
             config = _config(storage, *(["storage.retention_hours=0"] if night == 29 else []))
-            summary = run_maintenance(storage, config, day, tables=["orders"])
+            summary = _maintain(storage, config, day, tables=["orders"])
             months = len(storage.partition_values("orders"))
             orders = summary.table("orders")
             assert orders.files_before == files_before and orders.files_compacted >= 2 * since_maintained
@@ -162,7 +166,7 @@ def test_retention_prunes_old_dated_partitions_and_readers_say_so(spark, any_sto
     kept_rows = sorted(r for r in _content(storage, "customer_features") if r[0] >= days[400])
 
     config = _config(storage, "storage.retention_hours=0")   # retention.*_days: 400 by default
-    summary = run_maintenance(storage, config, D, tables=["customer_features", "customer_scores"])
+    summary = _maintain(storage, config, D, tables=["customer_features", "customer_scores"])
 
     pruned = [days[500].isoformat(), days[450].isoformat(), days[401].isoformat()]
     assert list(summary.table("customer_features").partitions_pruned) == pruned
@@ -210,8 +214,7 @@ def test_retention_never_prunes_other_tables_and_maintenance_reads_the_same(spar
         storage.append(name, df)
         storage.append(name, df.limit(0) if name != "orders" else _night_orders(spark, old + dt.timedelta(days=1)))
     before = {name: _content(storage, name) for name in frames}
-    summary = run_maintenance(storage, _config(storage, "storage.retention_hours=0",
-                                               "retention.customer_features_days=1"), D)
+    summary = _maintain(storage, _config(storage, "storage.retention_hours=0", "retention.customer_features_days=1"), D)
     assert {t.table for t in summary.tables} == set(frames)
     assert not any(t.partitions_pruned for t in summary.tables)
     assert {name: _content(storage, name) for name in frames} == before
@@ -230,8 +233,8 @@ def test_dry_run_changes_nothing(spark, any_storage):
     versions = {name: storage.version(name) for name in ("orders", "customer_features")}
     content = _content(storage, "orders")
 
-    summary = run_maintenance(storage, _config(storage, "storage.retention_hours=0"), D, dry_run=True,
-                              tables=["orders", "customer_features"])
+    summary = _maintain(storage, _config(storage, "storage.retention_hours=0"), D, dry_run=True,
+                        tables=["orders", "customer_features"])
 
     assert summary.dry_run and summary.table("orders").files_vacuumed > 0
     assert list(summary.table("customer_features").partitions_pruned) == [(D - dt.timedelta(days=900)).isoformat()]

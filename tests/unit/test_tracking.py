@@ -71,3 +71,59 @@ def test_logged_bundle_loads_as_pyfunc_and_scores_the_same(tmp_path, make_bundle
         pooled = dataclasses.replace(bundle, by_channel=None).predict(features)
         by_channel = bundle.predict(features)
         assert not np.allclose(pooled["expected_purchases"].iloc[:2], by_channel["expected_purchases"].iloc[:2])
+
+
+def _target(tmp_path) -> tracking.TrackingTarget:
+    return tracking.TrackingTarget(uri=f"sqlite:///{tmp_path / 'mlflow.db'}", experiment="t",
+                                   registered_model="t_ltv", artifact_root=(tmp_path / "artifacts").as_uri())
+
+
+def test_the_names_champion_info_and_list_versions_read_are_the_ones_log_fit_writes(tmp_path):
+    """MLflow parameter names are an interface: the nightly refit (champion_info) and `cvseg models`
+    (list_versions) read what `cvseg fit` and the refit logged, also from runs of older versions."""
+    import datetime as dt
+
+    from core.config import load_config
+
+    target = _target(tmp_path)
+    tracking.start(target)
+    config = load_config(None, [f"storage.warehouse={tmp_path / 'wh'}", "spark.master=null"])
+    _, version = tracking.log_fit(_channel_bundle(), config, dt.date(2026, 3, 31), 4, {"bgnbd": 0.5},
+                                  run_name="fit", register_as=target.registered_model,
+                                  extra_params={"by_channel": True})
+    tracking.set_champion(target.registered_model, version)
+    info = tracking.champion_info(target.registered_model)
+    assert (info.version, info.fitted_as_of, info.purchase_basis, info.value_model, info.by_channel,
+            info.purchase_model) == (version, dt.date(2026, 3, 31), "gross", "btyd", True, "bgnbd")
+    listed = tracking.list_versions(target.registered_model).iloc[0]
+    assert (str(listed["version"]), listed["aliases"], listed["value_model"], listed["purchase_model"],
+            listed["as_of"]) == (version, "champion", "btyd", "bgnbd", "2026-03-31")
+
+
+def test_log_backtest_nests_the_fits_registers_the_newest_and_names_the_champion(tmp_path):
+    import datetime as dt
+    import json
+
+    import mlflow
+
+    target = _target(tmp_path)
+    tracking.start(target)
+    bundle = _bundle()
+    newest, earlier = dt.date(2026, 3, 31), dt.date(2026, 2, 28)
+    fits = [tracking.BacktestFit(origin, name, bundle, {"model": name}, {"mae": mae}, {}, {"kind": "backtest_fit"},
+                                 register=origin == newest)
+            for origin, name, mae in ((newest, "bgnbd", 1.0), (newest, "mbgnbd", 2.0), (earlier, "bgnbd", 1.5))]
+    runs = tracking.log_backtest(target.registered_model, "backtest", {"origins": 2}, {"kind": "backtest"}, fits,
+                                 champion="bgnbd", summary_metrics={"mean_mae_bgnbd": 1.25},
+                                 summary_artifacts={"champion": {"model": "bgnbd"}})
+    assert set(runs.run_ids) == {(newest, "bgnbd"), (newest, "mbgnbd"), (earlier, "bgnbd")}
+    assert set(runs.versions) == {"bgnbd", "mbgnbd"} and runs.champion_version == runs.versions["bgnbd"]
+    assert tracking.champion_version(target.registered_model) == runs.champion_version
+    client = mlflow.MlflowClient()
+    for run_id in runs.run_ids.values():
+        assert client.get_run(run_id).data.tags["mlflow.parentRunId"] == runs.parent_run_id
+    parent = client.get_run(runs.parent_run_id)
+    assert parent.data.metrics["mean_mae_bgnbd"] == 1.25
+    champion = json.loads(open(mlflow.artifacts.download_artifacts(
+        run_id=runs.parent_run_id, artifact_path="champion.json")).read())
+    assert champion == {"model": "bgnbd", "version": runs.champion_version}
