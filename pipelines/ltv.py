@@ -42,11 +42,12 @@ from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
-from core.config import ByChannelConf
+from core.config import ByChannelConf, Config
 from core.errors import UserError
 from core.results import StageResult
 from core.storage import Storage
-from core.tables import CUSTOMER_SCORES
+from core.tables import CUSTOMER_FEATURES, CUSTOMER_SCORES
+from core.tracking import ChampionInfo
 from models import CancellationRateModel, GammaGammaModel, make_model
 from models.bundle import (GROUP_COLUMNS, INTERVAL_COLUMNS, LOADINGS_COLUMN, NET_FEATURE_COLUMNS, SCORE_COLUMNS,
                            ScoringBundle)
@@ -287,8 +288,6 @@ def run_score(storage: Storage, as_of_date: dt.date, bundle: ScoringBundle, mode
               intervals: bool = True) -> ScoreResult:
     """Read ``customer_features`` at D, write the D partition of ``customer_scores``; ``intervals``
     (``models.intervals``): fill the value interval columns where the model has them."""
-    from core.tables import CUSTOMER_FEATURES
-
     from pipelines.maintenance import ensure_not_pruned
 
     features_df = storage.read(CUSTOMER_FEATURES.name).where(F.col("as_of_date") == F.lit(as_of_date))
@@ -314,6 +313,78 @@ def run_score(storage: Storage, as_of_date: dt.date, bundle: ScoringBundle, mode
                        float(stats["mean_p_alive"] or 0.0), str(model_version), bundle.purchase_basis,
                        customers_placed_by_rule=int(stats["placed_by_rule"]),
                        customers_with_interval=int(stats["with_interval"]))
+
+
+def refit_basis(configured: str, champion: ChampionInfo | None) -> str:
+    """The basis of a nightly refit: the configured one, or under ``auto`` the champion's (which the
+    last backtest chose); gross before any backtest."""
+    if configured != "auto":
+        return configured
+    return champion.purchase_basis if champion is not None else "gross"
+
+
+def refit_purchase_model(configured: tuple[str, ...], champion: ChampionInfo | None) -> str:
+    """The purchase model of a nightly refit: the champion's (the one the last backtest chose) while it
+    is still among ``models.purchase_models``; else, and before any champion, the first configured."""
+    if champion is not None and champion.purchase_model in configured:
+        return champion.purchase_model
+    return configured[0]
+
+
+def refit_by_channel(conf: ByChannelConf, purchase_model: str, champion: ChampionInfo | None) -> bool:
+    """Whether the nightly refit is channel-aware: the last backtest chose a channel-aware champion, the
+    variants are still switched on and the refitted purchase model has one."""
+    return (conf.enabled and champion is not None and champion.by_channel
+            and purchase_model in SHRUNK_PURCHASE_MODELS)
+
+
+@dataclass(frozen=True)
+class Refit:
+    """A nightly refit registered as the champion (:func:`refit_champion`)."""
+    bundle: ScoringBundle
+    version: str
+    name: str                       # the model fitted: bgnbd, mbgnbd_channel, hybrid, ...
+    seconds: float
+    hybrid_skipped: str | None      # the champion is a hybrid but the trees could not be refitted: why
+
+
+def refit_champion(storage: Storage, as_of_date: dt.date, config: Config, champion: ChampionInfo | None,
+                   registered_model: str) -> Refit:
+    """Fit the champion's kind of model on ``customer_features`` at D, log it (:func:`core.tracking.log_fit`)
+    and give it the ``champion`` alias: the same purchase model, basis and channel awareness the last
+    backtest chose (:func:`refit_purchase_model`, :func:`refit_basis`, :func:`refit_by_channel`), and
+    for a hybrid champion its trees retrained too (:mod:`pipelines.hybrid`)."""
+    from core import tracking
+
+    started = time.perf_counter()
+    models = config.models
+    features_df = storage.read(CUSTOMER_FEATURES.name).where(F.col("as_of_date") == F.lit(as_of_date))
+    basis = refit_basis(models.purchase_basis, champion)
+    # the champion's purchase model, not always the first configured: a backtest that chose MBG/NBD
+    # must not see its champion replaced by a BG/NBD fit at the next refit
+    purchase_model = refit_purchase_model(models.purchase_models, champion)
+    channel_aware = refit_by_channel(models.by_channel, purchase_model, champion)
+    fitted = fit_btyd_bundles(features_df, (purchase_model,), config.features.time_unit,
+                              config.features.horizon_months, models.penalizer_coef, purchase_basis=basis,
+                              by_channel=models.by_channel if channel_aware else None)
+    # the channel-aware variant comes after the pooled bundle it was built from
+    name, bundle = list(fitted.bundles.items())[-1 if channel_aware else 0]
+    extra_params = channel_run_params(bundle)
+    skipped = None
+    if champion is not None and champion.value_model == "hybrid":
+        from pipelines.hybrid import refit_hybrid, tracking_extras
+
+        hybrid, skipped, hybrid_seconds = refit_hybrid(storage, as_of_date, bundle, config)
+        if hybrid is not None:
+            bundle, name = hybrid, "hybrid"
+            extra_params = {**tracking_extras(hybrid)[0], **extra_params}
+            fitted.seconds.update(hybrid_seconds)
+    _, version = tracking.log_fit(
+        bundle, config, as_of_date, storage.version(CUSTOMER_FEATURES.name), fitted.seconds,
+        run_name=f"nightly-fit-{name}-{as_of_date}", extra_params=extra_params, tags={"trigger": "nightly"},
+        register_as=registered_model)
+    tracking.set_champion(registered_model, version)
+    return Refit(bundle, version, name, round(time.perf_counter() - started, 2), skipped)
 
 
 def load_champion(registered_model: str) -> tuple[ScoringBundle, str]:

@@ -13,7 +13,7 @@ when it already succeeded for D *after* every earlier step last succeeded for D,
 
 Score refits on a cadence (:func:`refit_reason`): no champion, champion fitted on features
 ``models.refit_every_days`` or more before D, or registered more than ``models.champion_max_age_days``
-ago. A refit fits the first configured purchase model (+ Gamma-Gamma + cancellation) on
+ago. A refit (:func:`pipelines.ltv.refit_champion`) fits the champion's kind of model again on
 sufficient statistics and registers it as the champion.
 
 The last step, ``maintain`` (:mod:`pipelines.maintenance`: compaction, retention, VACUUM,
@@ -38,7 +38,7 @@ from typing import Any, Callable, ContextManager, Iterator
 from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
 
-from core.config import ByChannelConf, Config
+from core.config import Config
 from core.errors import CvsegError
 from core.s3 import s3_error_summary
 from core.storage import Storage
@@ -181,31 +181,6 @@ def table_versions(storage: Storage, names: list[str] | None = None) -> dict[str
     return {name: storage.version(name) for name in names if storage.exists(name)}
 
 
-def refit_basis(configured: str, champion: ChampionInfo | None) -> str:
-    """The basis of a nightly refit: the configured one, or under ``auto`` the champion's (which the
-    last backtest chose); gross before any backtest."""
-    if configured != "auto":
-        return configured
-    return champion.purchase_basis if champion is not None else "gross"
-
-
-def refit_purchase_model(configured: tuple[str, ...], champion: ChampionInfo | None) -> str:
-    """The purchase model of a nightly refit: the champion's (the one the last backtest chose) while it
-    is still among ``models.purchase_models``; else, and before any champion, the first configured."""
-    if champion is not None and champion.purchase_model in configured:
-        return champion.purchase_model
-    return configured[0]
-
-
-def refit_by_channel(conf: ByChannelConf, purchase_model: str, champion: ChampionInfo | None) -> bool:
-    """Whether the nightly refit is channel-aware: the last backtest chose a channel-aware champion, the
-    variants are still switched on and the refitted purchase model has one."""
-    from models.channels import SHRUNK_PURCHASE_MODELS
-
-    return (conf.enabled and champion is not None and champion.by_channel
-            and purchase_model in SHRUNK_PURCHASE_MODELS)
-
-
 # --------------------------------------------------------------------------------------------
 # Steps
 # --------------------------------------------------------------------------------------------
@@ -247,7 +222,7 @@ def _features(ctx: _Context) -> tuple[str, dict]:
 
 def _score(ctx: _Context) -> tuple[str, dict]:
     from core import tracking
-    from pipelines.ltv import LtvInputError, channel_run_params, fit_btyd_bundles, load_champion, run_score
+    from pipelines.ltv import LtvInputError, load_champion, refit_champion, run_score
 
     target = tracking.tracking_target(ctx.config)
     tracking.start(target)
@@ -265,35 +240,11 @@ def _score(ctx: _Context) -> tuple[str, dict]:
                               dt.datetime.now(dt.timezone.utc))
     details: dict[str, Any] = {"refit": reason is not None, "refit_reason": reason}
     if reason is not None:
-        started = time.perf_counter()
-        features_df = ctx.storage.read("customer_features").where(F.col("as_of_date") == F.lit(ctx.as_of_date))
-        basis = refit_basis(models.purchase_basis, champion)
-        # the champion's purchase model, not always the first configured: a backtest that chose MBG/NBD
-        # must not see its champion replaced by a BG/NBD fit at the next refit
-        purchase_model = refit_purchase_model(models.purchase_models, champion)
-        channel_aware = refit_by_channel(models.by_channel, purchase_model, champion)
-        fitted = fit_btyd_bundles(features_df, (purchase_model,), ctx.config.features.time_unit,
-                                  ctx.config.features.horizon_months, models.penalizer_coef, purchase_basis=basis,
-                                  by_channel=models.by_channel if channel_aware else None)
-        # the channel-aware variant comes after the pooled bundle it was built from
-        name, bundle = list(fitted.bundles.items())[-1 if channel_aware else 0]
-        channel_fit_params = channel_run_params(bundle)
-        hybrid_params: dict[str, Any] = {}
-        if champion is not None and champion.value_model == "hybrid":   # refit the trees too (pipelines/hybrid.py)
-            from pipelines.hybrid import refit_hybrid, tracking_extras
-
-            hybrid, skipped, hybrid_seconds = refit_hybrid(ctx.storage, ctx.as_of_date, bundle, ctx.config)
-            details["hybrid_skipped"] = skipped
-            if hybrid is not None:
-                bundle, name = hybrid, "hybrid"
-                hybrid_params = tracking_extras(hybrid)[0]
-                fitted.seconds.update(hybrid_seconds)
-        _, version = tracking.log_fit(
-            bundle, ctx.config, ctx.as_of_date, ctx.storage.version("customer_features"), fitted.seconds,
-            run_name=f"nightly-fit-{name}-{ctx.as_of_date}", extra_params={**hybrid_params, **channel_fit_params},
-            tags={"trigger": "nightly"}, register_as=target.registered_model)
-        tracking.set_champion(target.registered_model, version)
-        details["refit_seconds"] = round(time.perf_counter() - started, 2)
+        refit = refit_champion(ctx.storage, ctx.as_of_date, ctx.config, champion, target.registered_model)
+        bundle, version = refit.bundle, refit.version
+        if champion is not None and champion.value_model == "hybrid":
+            details["hybrid_skipped"] = refit.hybrid_skipped
+        details["refit_seconds"] = refit.seconds
     else:
         bundle, version = load_champion(target.registered_model)
     result = run_score(ctx.storage, ctx.as_of_date, bundle, version, intervals=models.intervals)

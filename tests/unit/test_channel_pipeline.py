@@ -9,7 +9,8 @@ import pandas as pd
 
 from core.config import ByChannelConf
 from pipelines.ltv import channel_run_params, pooled_stats
-from pipelines.nightly import ChampionInfo, refit_by_channel
+from core.tracking import ChampionInfo
+from pipelines.ltv import refit_by_channel
 
 
 def test_pooled_stats_are_the_rows_and_counts_of_grouping_without_the_channel():
@@ -46,7 +47,7 @@ def test_channel_run_params_only_for_channel_aware_bundles():
 
 
 def test_a_refit_keeps_the_champions_purchase_model():
-    from pipelines.nightly import refit_purchase_model
+    from pipelines.ltv import refit_purchase_model
 
     configured = ("bgnbd", "paretonbd", "mbgnbd")
     now = dt.datetime(2026, 9, 30, tzinfo=dt.timezone.utc)
