@@ -29,6 +29,9 @@ class TableSpec:
     # others, but a writer that predates them may leave them out (conform writes null), so code and
     # notebooks building rows of `schema` keep working
     later_fields: tuple[T.StructField, ...] = ()
+    # the `cvseg` verb (and nightly step of the same name) that writes the table: the one place
+    # that says which stage owns it (pipelines/nightly.py's step outputs, the report's hints)
+    produced_by: str = ""
 
     @property
     def columns(self) -> list[str]:
@@ -79,6 +82,7 @@ S, L, I, D, B, TS, DT = (T.StringType(), T.LongType(), T.IntegerType(), T.Double
 
 ORDERS = TableSpec(
     name="orders",
+    produced_by="ingest",
     description="Validated orders, one row per order, amounts before cancellation (gross).",
     schema=T.StructType([
         _f("order_id", S, False),
@@ -109,6 +113,7 @@ ORDERS = TableSpec(
 
 ORDERS_QUARANTINE = TableSpec(
     name="orders_quarantine",
+    produced_by="ingest",
     description="Rejected source rows, each with a reason code, source file and row number.",
     schema=T.StructType([
         _f("source_file", S, False),
@@ -128,6 +133,7 @@ ORDERS_QUARANTINE = TableSpec(
 
 INGEST_RUNS = TableSpec(
     name="ingest_runs",
+    produced_by="ingest",
     description="One row per ingest run: counts that reconcile input rows with outputs.",
     schema=T.StructType([
         _f("ingest_run_id", S, False),
@@ -154,6 +160,7 @@ INGEST_RUNS = TableSpec(
 
 CUSTOMER_FEATURES = TableSpec(
     name="customer_features",
+    produced_by="features",
     description="One row per customer with an order on or before as_of_date; nothing after it used.",
     schema=T.StructType([
         _f("as_of_date", DT, False),
@@ -204,6 +211,7 @@ CUSTOMER_FEATURES = TableSpec(
 
 CALIBRATION_HOLDOUT = TableSpec(
     name="calibration_holdout",
+    produced_by="calibrate",
     description="Features as of a cutoff joined with each customer's actual orders in (cutoff, cutoff+H].",
     schema=T.StructType(
         CUSTOMER_FEATURES.schema.fields + [
@@ -220,6 +228,7 @@ CALIBRATION_HOLDOUT = TableSpec(
 
 CUSTOMER_SCORES = TableSpec(
     name="customer_scores",
+    produced_by="score",
     description="Every customer's predicted 6-month value as of a date, with the model version used.",
     schema=T.StructType([
         _f("as_of_date", DT, False),
@@ -256,6 +265,7 @@ CUSTOMER_SCORES = TableSpec(
 
 FEATURES_RUNS = TableSpec(
     name="features_runs",
+    produced_by="features",
     description="One row per customer_features partition written: the orders version it read and "
                 "whether it was computed in full or updated from an earlier date.",
     schema=T.StructType([
@@ -276,6 +286,7 @@ FEATURES_RUNS = TableSpec(
 
 INGESTED_FILES = TableSpec(
     name="ingested_files",
+    produced_by="ingest",
     description="Every source file an ingest committed, with the size and modification time it had then; "
                 "with source.new_files_only an unchanged file is not read again.",
     schema=T.StructType([
@@ -292,6 +303,7 @@ INGESTED_FILES = TableSpec(
 
 PIPELINE_RUNS = TableSpec(
     name="pipeline_runs",
+    produced_by="run",
     description="One row per step of `cvseg run` that executed (ok or failed); skipped steps add no row.",
     schema=T.StructType([
         _f("run_id", S, False),
@@ -310,6 +322,7 @@ PIPELINE_RUNS = TableSpec(
 # -- One customer across sources (pipelines/identity.py, run by `cvseg ingest` after the sources) --
 IDENTITY_KEYS = TableSpec(
     name="identity_keys",
+    produced_by="ingest",
     description="Matching keys of each source customer id: normalised e-mail / phone, HMAC-SHA256 with "
                 "export.hmac_key_env's key (never the clear text).",
     schema=T.StructType([
@@ -324,6 +337,7 @@ IDENTITY_KEYS = TableSpec(
 
 IDENTITY_MAP = TableSpec(
     name="identity_map",
+    produced_by="ingest",
     description="Every source customer id -> the unified customer_id that features, scores, segments, trends "
                 "and the export use; how it was linked and since when.",
     schema=T.StructType([
@@ -340,6 +354,7 @@ IDENTITY_MAP = TableSpec(
 
 IDENTITY_CONFLICTS = TableSpec(
     name="identity_conflicts",
+    produced_by="ingest",
     description="Links the identity step did not make, with the reason and the rule that decided.",
     schema=T.StructType([
         _f("identity_run_id", S, False),
@@ -357,6 +372,7 @@ IDENTITY_CONFLICTS = TableSpec(
 
 IDENTITY_RUNS = TableSpec(
     name="identity_runs",
+    produced_by="ingest",
     description="One row per identity resolution: source ids, unified customers, links, merges, conflicts.",
     schema=T.StructType([
         _f("identity_run_id", S, False),
@@ -388,6 +404,7 @@ TABLES: dict[str, TableSpec] = {t.name: t for t in (
 # -- Stage 3: segment generations and trend tables (pipelines/segments.py, pipelines/trends.py) --
 SEGMENTS_CURRENT = TableSpec(
     name="segments_current",
+    produced_by="segments",
     description="Every segmented customer's segment in the current generation (read by `cvseg export`).",
     schema=T.StructType([
         _f("customer_id", S, False),
@@ -403,6 +420,7 @@ SEGMENTS_CURRENT = TableSpec(
 
 SEGMENTS_HISTORY = TableSpec(
     name="segments_history",
+    produced_by="segments",
     description="SCD type 2 history of segments: one row per customer and generation; valid_to null while current.",
     schema=T.StructType([
         _f("customer_id", S, False),
@@ -421,6 +439,7 @@ SEGMENTS_HISTORY = TableSpec(
 
 SEGMENT_GENERATIONS = TableSpec(
     name="segment_generations",
+    produced_by="segments",
     description="One row per segment generation with its frozen band definitions and cut points.",
     schema=T.StructType([
         _f("generation_id", I, False),
@@ -438,6 +457,7 @@ SEGMENT_GENERATIONS = TableSpec(
 
 GENERATION_REVIEW = TableSpec(
     name="generation_review",
+    produced_by="segments",
     description="Closing the loop: per segment of an ended generation, predicted vs actual net revenue.",
     schema=T.StructType([
         _f("generation_id", I, False),        # partition: the generation that ended
@@ -458,6 +478,7 @@ GENERATION_REVIEW = TableSpec(
 
 SEGMENT_MIGRATION = TableSpec(
     name="segment_migration",
+    produced_by="segments",
     description="Customers by (segment in the ended generation, segment in the new one); sums to the customers of both.",
     schema=T.StructType([
         _f("to_generation", I, False),        # partition
@@ -472,6 +493,7 @@ SEGMENT_MIGRATION = TableSpec(
 
 TREND_WEEKLY_SEGMENT = TableSpec(
     name="trend_weekly_segment",
+    produced_by="trends",
     description="Per week (Monday) and current segment: customer base, active buyers, orders and revenue.",
     schema=T.StructType([
         _f("year", I, False),                 # partition: calendar year of week_start
@@ -493,6 +515,7 @@ TREND_WEEKLY_SEGMENT = TableSpec(
 
 TREND_NEW_CUSTOMERS_WEEKLY = TableSpec(
     name="trend_new_customers_weekly",
+    produced_by="trends",
     description="New customers (first order) per week and acquisition channel.",
     schema=T.StructType([
         _f("year", I, False),                 # partition: calendar year of week_start
@@ -507,6 +530,7 @@ TREND_NEW_CUSTOMERS_WEEKLY = TableSpec(
 
 TREND_F2_CONVERSION = TableSpec(
     name="trend_f2_conversion",
+    produced_by="trends",
     description="Second-purchase (F2) conversion within 90 and 180 days by acquisition-month cohort.",
     schema=T.StructType([
         _f("cohort_year", I, False),          # partition
@@ -525,6 +549,7 @@ TREND_F2_CONVERSION = TableSpec(
 
 TREND_COHORT_RETENTION = TableSpec(
     name="trend_cohort_retention",
+    produced_by="trends",
     description="Active customers and revenue by acquisition-month cohort and month of activity.",
     schema=T.StructType([
         _f("activity_year", I, False),        # partition
@@ -543,6 +568,7 @@ TREND_COHORT_RETENTION = TableSpec(
 
 TREND_YEARLY = TableSpec(
     name="trend_yearly",
+    produced_by="trends",
     description="New vs existing customers and net revenue per calendar year (last trends.years years).",
     schema=T.StructType([
         _f("year", I, False),                 # partition
@@ -561,6 +587,7 @@ TREND_YEARLY = TableSpec(
 
 TREND_YEARLY_CATEGORY = TableSpec(
     name="trend_yearly_category",
+    produced_by="trends",
     description="trend_yearly by product category: buyers new in the year vs existing, and net revenue.",
     schema=T.StructType([
         _f("year", I, False),                 # partition
@@ -579,6 +606,7 @@ TREND_YEARLY_CATEGORY = TableSpec(
 
 TREND_CHANNEL_SETS = TableSpec(
     name="trend_channel_sets",
+    produced_by="trends",
     description="Customers by acquisition week / year, the source of their first order and the set of sources "
                 "they bought from by the as-of date (ec, store, ec+store): F2 and 6-month value.",
     schema=T.StructType([
@@ -602,6 +630,7 @@ TREND_CHANNEL_SETS = TableSpec(
 
 TREND_RUNS = TableSpec(
     name="trend_runs",
+    produced_by="trends",
     description="One row per trend run that wrote something: what it read and which periods it recomputed.",
     schema=T.StructType([
         _f("run_seq", L, False),
@@ -619,6 +648,7 @@ TREND_RUNS = TableSpec(
 
 LTV_BY_CHANNEL = TableSpec(
     name="ltv_by_channel",
+    produced_by="trends",
     description="Per as-of date, acquisition channel and acquisition month: customers, their predicted 6-month "
                 "net value (total with its 80% interval, mean) and F2 within 90 days; a snapshot per date.",
     schema=T.StructType([
@@ -660,6 +690,7 @@ TABLES.update({t.name: t for t in (
 # -- Stage 2: backtests (pipelines/backtest.py); a few rows per run, so not partitioned --
 MODEL_BACKTEST = TableSpec(
     name="model_backtest",
+    produced_by="backtest",
     description="One row per backtest run, origin and model: the holdout metrics (NaN stored as null).",
     schema=T.StructType([
         _f("backtest_run_id", S, False),
@@ -701,6 +732,7 @@ MODEL_BACKTEST = TableSpec(
 
 MODEL_BACKTEST_DECILES = TableSpec(
     name="model_backtest_deciles",
+    produced_by="backtest",
     description="Decile calibration table per backtest run, origin and model (decile 1 = highest predicted).",
     schema=T.StructType([
         _f("backtest_run_id", S, False),
@@ -723,6 +755,7 @@ TABLES.update({t.name: t for t in (MODEL_BACKTEST, MODEL_BACKTEST_DECILES)})
 # -- The hybrid's explanation (pipelines/hybrid.py, written by `cvseg backtest`); a few rows per hybrid --
 MODEL_IMPORTANCES = TableSpec(
     name="model_importances",
+    produced_by="backtest",
     description="Per backtest run and hybrid model: each input's permutation importance on the newest "
                 "origin's holdout (how much the MAE per customer grows when the input is shuffled).",
     schema=T.StructType([
@@ -749,6 +782,7 @@ TABLES[MODEL_IMPORTANCES.name] = MODEL_IMPORTANCES
 # -- Table maintenance (pipelines/maintenance.py, `cvseg maintain`); a few rows per run --
 MAINTENANCE_RUNS = TableSpec(
     name="maintenance_runs",
+    produced_by="maintain",
     description="One row per table and maintenance run: files and bytes before/after, partitions "
                 "pruned by retention (what tells a reader its date was pruned), files vacuumed.",
     schema=T.StructType([
@@ -778,6 +812,24 @@ MAINTENANCE_RUNS = TableSpec(
 TABLES[MAINTENANCE_RUNS.name] = MAINTENANCE_RUNS
 # -- end of maintenance tables --
 
+
+
+#: verbs whose command needs the as-of date to rebuild a table (ingest reads files, not a date)
+_DATED_VERBS = ("features", "score", "segments", "trends", "backtest", "run")
+
+
+def tables_produced_by(verb: str) -> tuple[str, ...]:
+    """Every table ``cvseg <verb>`` (or the nightly step of that name) writes, in catalogue order."""
+    return tuple(name for name, spec in TABLES.items() if spec.produced_by == verb)
+
+
+def producing_command(name: str, as_of: object | None = None) -> str:
+    """The command that writes table ``name`` (for "run this first" messages)."""
+    verb = table_spec(name).produced_by
+    if verb == "calibrate":
+        return "cvseg calibrate --cutoff <date>"
+    date = f" --as-of {as_of}" if as_of is not None else " --as-of <date>"
+    return f"cvseg {verb}{date if verb in _DATED_VERBS else ''}"
 
 
 def table_spec(name: str) -> TableSpec:

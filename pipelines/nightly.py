@@ -42,7 +42,7 @@ from core.config import Config
 from core.errors import CvsegError
 from core.s3 import s3_error_summary
 from core.storage import Storage
-from core.tables import PIPELINE_RUNS, TABLES
+from core.tables import PIPELINE_RUNS, TABLES, tables_produced_by
 from core.tracking import ChampionInfo, champion_info  # noqa: F401 -- the nightly's view of the champion
 
 log = logging.getLogger(__name__)
@@ -156,23 +156,12 @@ def _record(spark: SparkSession, storage: Storage, run_id: str, as_of_date: dt.d
     storage.append(PIPELINE_RUNS.name, spark.createDataFrame([row], PIPELINE_RUNS.schema))
 
 
-# Tables each step may commit (prefix "trend_": every trend table); their versions are recorded.
-STEP_OUTPUTS: dict[str, tuple[str, ...]] = {
-    "ingest": ("orders", "orders_quarantine", "ingest_runs", "ingested_files", "identity_keys", "identity_map",
-               "identity_conflicts", "identity_runs"),
-    "features": ("customer_features", "features_runs"),
-    "score": ("customer_scores",),
-    "segments": ("segments_current", "segments_history", "segment_generations", "generation_review",
-                 "segment_migration"),
-    "trends": ("trend_", "ltv_by_channel"),
-    "export": (),
-    "maintain": tuple(name for name in TABLES if name != PIPELINE_RUNS.name),
-}
-
-
 def step_tables(step: str) -> list[str]:
-    wanted = STEP_OUTPUTS[step]
-    return [name for name in TABLES if name in wanted or any(w.endswith("_") and name.startswith(w) for w in wanted)]
+    """Tables the step may commit (their versions are recorded in ``pipeline_runs``): those whose
+    ``TableSpec.produced_by`` is the step; ``maintain`` rewrites every table but ``pipeline_runs``."""
+    if step == "maintain":
+        return [name for name in TABLES if name != PIPELINE_RUNS.name]
+    return list(tables_produced_by(step))
 
 
 def table_versions(storage: Storage, names: list[str] | None = None) -> dict[str, int]:

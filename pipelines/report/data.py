@@ -29,21 +29,6 @@ HISTOGRAM_BINS = 30
 F2_WINDOW_DAYS = 90
 UNKNOWN = "__unknown__"          # null channel / category; the renderer shows it translated
 
-# Which command writes each table (shown when a table is missing).
-PRODUCERS = {
-    "orders": "cvseg ingest", "orders_quarantine": "cvseg ingest", "ingest_runs": "cvseg ingest",
-    "customer_features": "cvseg features --as-of {as_of}",
-    "customer_scores": "cvseg score --as-of {as_of}",
-    **{t: "cvseg segments --as-of {as_of}" for t in (
-        "segments_current", "segments_history", "segment_generations", "generation_review", "segment_migration")},
-    **{t: "cvseg trends --as-of {as_of}" for t in (
-        "trend_weekly_segment", "trend_new_customers_weekly", "trend_f2_conversion", "trend_cohort_retention",
-        "trend_yearly", "trend_yearly_category", "ltv_by_channel")},
-    "model_backtest": "cvseg backtest --as-of {as_of}", "model_backtest_deciles": "cvseg backtest --as-of {as_of}",
-    "model_importances": "cvseg backtest --as-of {as_of}",
-}
-
-
 @dataclass(frozen=True)
 class Missing:
     """A section's table is not in the warehouse yet."""
@@ -71,7 +56,10 @@ def table_available(storage, name: str) -> bool:
 
 
 def missing(as_of: dt.date, *tables: str) -> Missing:
-    commands = dict.fromkeys(PRODUCERS.get(t, "cvseg run --as-of {as_of}").format(as_of=as_of) for t in tables)
+    """Which tables a section lacks and the commands that write them (``TableSpec.produced_by``)."""
+    from core.tables import producing_command
+
+    commands = dict.fromkeys(producing_command(t, as_of) for t in tables)
     return Missing(tables=tables, command=" ; ".join(commands))
 
 

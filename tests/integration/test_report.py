@@ -17,8 +17,9 @@ import numpy as np
 import pytest
 from pyspark.sql import functions as F
 
+from core.tables import producing_command
 from pipelines.report import build, collect, write
-from pipelines.report.data import PRODUCERS, table_available, week_windows
+from pipelines.report.data import table_available, week_windows
 from pipelines.report.i18n import Formats, Messages
 
 AS_OF = dt.date(2026, 9, 30)
@@ -184,7 +185,7 @@ def test_missing_tables_are_named_with_their_command(engine, reports):
     html = reports[("diagnostic", "en")]["html"] + reports[("weekly", "en")]["html"]
     for table in ("trend_yearly", "trend_weekly_segment", "model_backtest", "segment_migration",
                   "generation_review", "trend_cohort_retention"):
-        command = PRODUCERS[table].format(as_of=AS_OF)
+        command = producing_command(table, AS_OF)
         if table_available(storage, table):
             assert f"table {table} does not exist" not in html
         elif table in ("segment_migration", "generation_review"):   # written at a second generation's cut
