@@ -1,0 +1,479 @@
+"""The ingest stage runner: :func:`run_ingest` reads a source (:mod:`.reading`), composes the transforms
+(:mod:`.transforms`) and writes ``orders``, ``orders_quarantine``, ``ingest_runs`` and ``ingested_files``."""
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import date, datetime, timedelta, timezone
+
+from pyspark import StorageLevel
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
+
+from core.config import SourceConf, ValidationConf
+from core.storage import Storage
+from core.tables import IDENTITY_KEYS, INGEST_RUNS, INGESTED_FILES, ORDERS, ORDERS_QUARANTINE
+from pipelines.identity import hashed_keys
+from pipelines.ingest.reading import (SourceFile, action_error, java_charsets,
+                                     check_conf, check_mapping, ingested_file_keys, local_path, unused_name,
+                                     list_source_files, read_source)
+from pipelines.ingest.summary import (DEFAULT_SOURCE, KIND_CANCELLATION, KIND_DUPLICATE, KIND_ORDER, KIND_QUARANTINED,
+                                      IngestError, IngestRejectedError, IngestSummary)
+from pipelines.ingest.transforms import (KEY_FIELDS, POSITION, PROFILED, SET_PROFILE, SET_SPLIT, TEXT_FIELDS, as_text,
+                                         build_orders, build_quarantine, map_columns, match_cancellations,
+                                         order_content_hash, source_col, source_stats, value_profile,
+                                         with_cancellation_flags, with_duplicate_flags, with_parsed_fields,
+                                         with_quarantine_text, with_row_keys, with_row_kind, with_source_rows)
+from pipelines.validation import FUTURE_TIMESTAMP, REASON_CODES, order_rules, with_rule_results
+
+log = logging.getLogger(__name__)
+
+
+
+# --------------------------------------------------------------------------------------------
+# The stage runner
+# --------------------------------------------------------------------------------------------
+LOCAL_STATS_MAX_ROWS = 50_000   # split + duplicate statistics up to this size go through the driver
+# What is kept of the rows that are not plain orders (quarantined, copies, cancellation lines),
+# with what the rules' details read (``detail`` is made from them once these few rows are cached).
+DETAIL_INPUTS = ("order_ts_text", "order_date", "amount_text", "currency", "conflict_detail", "_is_malformed",
+                 "_line")
+OTHER_COLUMNS = ("_order_key", "_target_key", "_match", "_is_encoding_suspect", "kind", "reason", "reasons",
+                 "raw", "order_id", "customer_id", "order_ts", "gross_amount", "is_cancellation_line",
+                 "_src_key", *POSITION, *DETAIL_INPUTS)
+
+
+def read_day(validation: ValidationConf, business_tz: str) -> date:
+    """The day "future" is judged against: ``validation.future_cutoff`` or today in the business
+    time zone (when the file is read), never an analysis's as-of date."""
+    from zoneinfo import ZoneInfo
+
+    return validation.future_cutoff or datetime.now(ZoneInfo(business_tz)).date()
+
+
+@dataclass(frozen=True)
+class KeyReading:
+    """Read the matching keys of identity.match_on at ingest, hashed with ``hmac_key``."""
+    match_on: tuple[str, ...]
+    hmac_key: bytes = field(repr=False)
+    phone_country_code: str = "81"
+
+
+def run_ingest(spark: SparkSession, storage: Storage, source: SourceConf, validation: ValidationConf,
+               business_tz: str, run_date: date, path: str | None = None, *,
+               run_id: str | None = None, order_id_prefix: str = "",
+               keys: KeyReading | None = None) -> IngestSummary:
+    """Ingest ``path`` (default ``source.path``): orders merged by order_id, bad rows quarantined,
+    one ``ingest_runs`` row. Raises :class:`IngestError` for unusable input and
+    :class:`IngestRejectedError` when the rejected share is above the threshold.
+    ``order_id_prefix``: prepended to every order id (``<source>:`` with several sources);
+    ``keys``: the source's e-mail / phone columns are hashed into ``identity_keys``."""
+    with java_charsets(spark, source):
+        return _run_ingest(spark, storage, source, validation, business_tz, run_date, path, run_id,
+                           order_id_prefix, keys)
+
+
+def _run_ingest(spark: SparkSession, storage: Storage, source: SourceConf, validation: ValidationConf,
+                business_tz: str, run_date: date, path: str | None, run_id: str | None,
+                order_id_prefix: str, keys: KeyReading | None) -> IngestSummary:
+    """Pass 1: keys only (rows per file split, order ids seen twice); pass 2: every row
+    classified, the few that are not plain orders kept and counted; pass 3: accepted orders written."""
+    started = datetime.now(timezone.utc)
+    clock = _Clock(log)
+    path = path or source.path
+    if not path:
+        raise IngestError("no source path: set source.path in the conf or pass --path")
+    if spark.conf.get("spark.sql.session.timeZone") != "UTC":
+        raise IngestError("the Spark session must run in UTC (core.spark.build_spark sets it)")
+    check_conf(source)
+    run_id = run_id or f"ingest-{started:%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}"
+    mapping = source.columns.model_dump()
+    order_id_mapped = mapping["order_id"] is not None
+    # e-mail / phone: never copied to a table, a log or the quarantine in clear (only hashed keys)
+    private_columns = {mapping[k] for k in KEY_FIELDS if mapping.get(k)}
+    key_columns = {k: mapping[k] for k in (keys.match_on if keys else ()) if mapping.get(k)}
+    negative_lines = source.cancellation.style == "negative_lines"
+    src = read_source(spark, path, source)
+    listed = list_source_files(spark, src)
+    new_files, skipped, known = listed, 0, set()
+    # rows quarantined as future by an earlier read whose day has come: their files are read again
+    quarantined_before = _quarantined_files(storage, run_date + timedelta(days=validation.future_tolerance_days))
+    due = {file: count for file, count in quarantined_before.items() if count}
+    if listed is not None and source.new_files_only:
+        known = ingested_file_keys(storage)
+        new_files = [f for f in listed if f.key not in known or f.path in due]
+        skipped = len(listed) - len(new_files)
+        if listed and not new_files:
+            summary = IngestSummary(
+                ingest_run_id=run_id, source_name=source.name, run_date=run_date, source_path=path,
+                status="unchanged", input_rows=0,
+                accepted_rows=0, cancellation_lines_applied=0, quarantined_rows=0, exact_duplicate_rows=0,
+                orders_accepted=0, orders_written=0, max_rejected_share=validation.max_rejected_share,
+                skipped_files=skipped, started_at=started, finished_at=datetime.now(timezone.utc))
+            _append_run(spark, storage, summary)
+            log.info("%s", summary)
+            return summary
+        # A Delta source is read whole (its log, not its files, says which rows are live).
+        if skipped and source.format != "delta":
+            src = read_source(spark, [f.uri for f in new_files], source)
+    # every file read holds its rows; without a listing (Spark Connect) every due row is read again
+    retried = sum(due.get(f.path, 0) for f in new_files) if new_files is not None else sum(due.values())
+    check_mapping(src.names, source, path)
+    clock.lap("open source")
+
+    keyed_df = (map_columns(src.df, src.names, mapping, keep_extra=source.extra_columns == "keep")
+                .transform(with_parsed_fields, timestamp_formats=(source.timestamp_format,
+                                                                  *source.timestamp_formats_extra),
+                           source_tz=source.source_timezone, business_tz=business_tz,
+                           gross_from_lines=mapping["gross_amount"] is None)
+                .transform(with_cancellation_flags, style=source.cancellation.style,
+                           cancelled_values=source.cancellation.cancelled_values,
+                           order_id_prefix=source.cancellation.order_id_prefix)
+                .transform(with_row_keys, grain=source.grain, order_id_mapped=order_id_mapped))
+    if source.channel is not None:   # a source without a channel column (store POS): its fixed channel
+        keyed_df = keyed_df.withColumn("channel", F.lit(source.channel))
+    rules = order_rules(run_date=run_date, future_tolerance_days=validation.future_tolerance_days,
+                        allowed_currencies=source.allowed_currencies, order_id_mapped=order_id_mapped,
+                        expected_fields=len(src.names), expected_from=src.names_from or "the header")
+    row_rules = [r for r in rules if r.code != "cancellation_without_order"]
+    raw_map = F.create_map(*[x for i, n in enumerate(src.names) if n not in private_columns
+                             for x in (F.lit(n), as_text(F.col(source_col(i)), src.df.schema[source_col(i)].dataType))])
+    is_suspect = F.concat_ws("", *TEXT_FIELDS).contains("\ufffd")   # mis-decoded text (wrong encoding)
+
+    cached: list[DataFrame] = []
+    try:
+        # Pass 1: keys only. The statistics are small on any sane export: bring them to the
+        # driver, so later passes join a local table (no broadcast job per pass) or nothing at all.
+        profiled = [c for c in PROFILED if mapping.get(c)]
+        stats_df = source_stats(keyed_df, grain=source.grain, order_id_mapped=order_id_mapped, profile=profiled) \
+            .persist(StorageLevel.MEMORY_AND_DISK)
+        cached.append(stats_df)
+        try:
+            stats = stats_df.limit(LOCAL_STATS_MAX_ROWS + 1).collect()
+            if len(stats) > LOCAL_STATS_MAX_ROWS:
+                splits = stats_df.filter(F.col("_set") == SET_SPLIT).collect()   # one row per file split
+        except Exception as exc:  # noqa: BLE001 - Spark wraps read errors in many classes
+            raise action_error(exc, path, source) from exc
+        if len(stats) <= LOCAL_STATS_MAX_ROWS:
+            splits = [r for r in stats if r["_set"] == SET_SPLIT]
+            profile_rows = [r for r in stats if r["_set"] == SET_PROFILE]
+            problems = [r for r in stats if r["_set"] not in (SET_SPLIT, SET_PROFILE)]
+            problems_df = spark.createDataFrame(problems, stats_df.schema) if problems else None
+            broadcast = True
+        else:
+            profile_rows = stats_df.filter(F.col("_set") == SET_PROFILE).limit(LOCAL_STATS_MAX_ROWS).collect()
+            if len(profile_rows) == LOCAL_STATS_MAX_ROWS:
+                log.warning("%s: more than %d combinations of %s values; their counts are partial",
+                            path, LOCAL_STATS_MAX_ROWS, "/".join(profiled))
+            problems_df, broadcast = stats_df, False
+        total = sum(r["_n"] for r in splits)
+        if total == 0:
+            raise IngestError(f"{path}: no data rows (the file is empty or holds only a header)")
+        value_counts = value_profile(profile_rows, profiled)
+        unknown_statuses = _unknown_statuses(storage, source, value_counts.get("status", {}))
+        if unknown_statuses and validation.unknown_status == "error":
+            listed_values = ", ".join(f"{v!r} ({value_counts['status'][v]:,} rows)" for v in unknown_statuses)
+            raise IngestError(
+                f"{path}: status value(s) {listed_values} are in neither source.cancellation.cancelled_values "
+                f"{list(source.cancellation.cancelled_values)} nor live_values {list(source.cancellation.live_values)}"
+                " and were never seen before; add each to one of them (validation.unknown_status: error)")
+        if unknown_statuses:
+            log.warning("%s: status value(s) %s never seen before are counted as live orders; list them in "
+                        "source.cancellation.cancelled_values or live_values", path, list(unknown_statuses))
+        offsets_df = _offsets_frame(spark, splits)
+        flagged_df = keyed_df.transform(with_duplicate_flags, problems_df, grain=source.grain, broadcast=broadcast)
+        clock.lap("pass 1: splits+dups")
+
+        # Pass 2: classify every row by the row rules; keep the few that are not plain orders
+        # (cancellation lines included, with their raw text in case they end up quarantined).
+        # No ``detail`` here: its message code, evaluated in the scan, made the generated method
+        # too big for the JIT (measured 2x slower); it is added on the cached rows below.
+        kinds_df = (flagged_df.withColumn("has_target_order", F.lit(True))
+                    .transform(with_rule_results, row_rules, details=False).transform(with_row_kind))
+        others_df = (kinds_df.withColumn("_is_encoding_suspect", is_suspect)
+                     .filter((F.col("kind") != KIND_ORDER) | F.col("_is_encoding_suspect"))
+                     .withColumn("raw", F.when(F.col("kind").isin(KIND_QUARANTINED, KIND_CANCELLATION), raw_map))
+                     .withColumn("_target_key", F.lit(None).cast("string"))
+                     .withColumn("_match", F.lit(None).cast("string"))
+                     .select(*OTHER_COLUMNS)
+                     .persist(StorageLevel.MEMORY_AND_DISK))
+        cached.append(others_df)
+        if negative_lines:
+            # Cancellation lines against the accepted orders: a narrow pass over the orders only.
+            orders_key_df = (kinds_df.filter(F.col("kind") == KIND_ORDER)
+                             .groupBy("_order_key", "customer_id")   # line grain: one row per order
+                             .agg(F.min("order_id").alias("order_id"), F.min("order_ts").alias("order_ts"))
+                             .persist(StorageLevel.MEMORY_AND_DISK))
+            cached.append(orders_key_df)
+            without_order = [r for r in rules if r.code == "cancellation_without_order"]
+            matched_df = (match_cancellations(
+                others_df.filter(F.col("kind") == KIND_CANCELLATION).drop("_target_key", "_match"),
+                orders_key_df, order_id_prefix=source.cancellation.order_id_prefix,
+                strip_prefix_to_match=source.cancellation.strip_prefix_to_match)
+                .withColumn("is_cancellation_line", F.lit(True)).withColumn("is_exact_duplicate", F.lit(False))
+                .drop("reasons", "reason", "kind")
+                .transform(with_rule_results, without_order, details=False).transform(with_row_kind)
+                .withColumn("raw", F.when(F.col("kind") == KIND_QUARANTINED, F.col("raw")))
+                .select(*OTHER_COLUMNS))
+            others_df = (others_df.filter(F.col("kind") != KIND_CANCELLATION).unionByName(matched_df)
+                         .persist(StorageLevel.MEMORY_AND_DISK))
+            cached.append(others_df)
+        try:
+            tallies = others_df.groupBy("kind", "reason", "_match", "_is_encoding_suspect").count().collect()
+        except Exception as exc:  # noqa: BLE001
+            raise action_error(exc, path, source) from exc
+        counts = {k: 0 for k in (KIND_CANCELLATION, KIND_QUARANTINED, KIND_DUPLICATE)}
+        reason_counts: dict[str, int] = {}
+        heuristic = suspects = 0
+        for r in tallies:
+            if r["kind"] != KIND_ORDER:
+                counts[r["kind"]] += r["count"]
+            if r["kind"] == KIND_QUARANTINED:
+                reason_counts[r["reason"]] = reason_counts.get(r["reason"], 0) + r["count"]
+            if r["kind"] == KIND_CANCELLATION and r["_match"] == "heuristic":
+                heuristic += r["count"]
+            if r["_is_encoding_suspect"]:
+                suspects += r["count"]
+        accepted = total - sum(counts.values())
+        quarantined = counts[KIND_QUARANTINED]
+        rejected = quarantined / total > validation.max_rejected_share
+        reason_counts = {code: reason_counts[code] for code in REASON_CODES if code in reason_counts}
+        clock.lap("pass 2: classify+count")
+
+        # Pass 3: the accepted orders (row kind "order" never depends on cancellation matching).
+        orders_accepted = orders_written = 0
+        if not rejected and accepted:
+            lines_df = kinds_df.filter(F.col("kind") == KIND_ORDER).transform(with_source_rows, offsets_df)
+            cancels_df = None
+            if counts[KIND_CANCELLATION]:
+                cancels_df = others_df.filter(F.col("kind") == KIND_CANCELLATION)
+            orders_df = build_orders(lines_df, cancels_df, grain=source.grain, order_id_mapped=order_id_mapped,
+                                     ingest_run_id=run_id, source_name=source.name, order_id_prefix=order_id_prefix)
+            orders_accepted, orders_written = _merge_orders(
+                storage, orders_df, accepted if source.grain == "order" else None, cached)
+            clock.lap("pass 3: write orders")
+        key_rows = 0
+        if not rejected and accepted and key_columns:
+            # Pass 4: the accepted rows' keys, normalised and hashed in the scan (no clear text kept)
+            index = {name: i for i, name in enumerate(src.names)}
+            keys_df = hashed_keys(
+                kinds_df.filter(F.col("kind") == KIND_ORDER).select(
+                    "customer_id", *[F.col(source_col(index[c])).cast("string").alias(f"_key_{k}")
+                                     for k, c in key_columns.items()]),
+                {k: f"_key_{k}" for k in key_columns}, source_name=source.name,
+                country_code=keys.phone_country_code, hmac_key=keys.hmac_key, run_date=run_date)
+            key_rows = _add_keys(storage, keys_df, most_keys=accepted * len(key_columns))
+            clock.lap("pass 4: matching keys")
+        quarantine_df = None
+        if quarantined:
+            quarantine_df = build_quarantine(
+                others_df.transform(with_quarantine_text, rules, field_count=src.field_count,
+                                    # a malformed line would carry the e-mail / phone in clear
+                                    line_key=(unused_name("_line", src.names)
+                                              if src.names_from and not private_columns else None))
+                .transform(with_source_rows, offsets_df),
+                order_id_mapped=order_id_mapped, ingest_run_id=run_id, run_date=run_date)
+        _write_quarantine(storage, quarantine_df, sorted({local_path(r["_src_file"]) for r in splits}),
+                          set(quarantined_before), replace=not rejected)
+        clock.lap("write quarantine")
+
+        summary = IngestSummary(
+            ingest_run_id=run_id, source_name=source.name, run_date=run_date, source_path=path, key_rows=key_rows,
+            status="rejected" if rejected else "ok", input_rows=total,
+            accepted_rows=accepted, cancellation_lines_applied=counts[KIND_CANCELLATION],
+            quarantined_rows=quarantined, exact_duplicate_rows=counts[KIND_DUPLICATE],
+            orders_accepted=orders_accepted, orders_written=orders_written, reason_counts=reason_counts,
+            max_rejected_share=validation.max_rejected_share,
+            source_files=len({r["_src_file"] for r in splits}),
+            cancellation_lines_by_heuristic=heuristic, encoding_suspect_rows=suspects,
+            skipped_files=skipped, future_rows_retried=retried, value_counts=value_counts,
+            unknown_statuses=unknown_statuses, started_at=started, finished_at=datetime.now(timezone.utc))
+        if not rejected and new_files:
+            # after the orders commit: a crash before this line only means the files are read again
+            _record_files(spark, storage, new_files, splits, run_id, summary.finished_at, source.name,
+                          all_new=source.new_files_only and not any(f.key in known for f in new_files))
+        _append_run(spark, storage, summary)
+        clock.lap("write ingest_runs")
+    finally:
+        for df in cached:
+            df.unpersist()
+    log.info("%s", summary)
+    if rejected:
+        top = ", ".join(f"{code} {count:,}" for code, count in
+                        sorted(reason_counts.items(), key=lambda kv: (-kv[1], kv[0]))[:3])
+        raise IngestRejectedError(
+            f"{quarantined:,} of {total:,} rows ({quarantined / total:.1%}) were rejected, above "
+            f"validation.max_rejected_share={validation.max_rejected_share:.0%}: top reasons {top}; "
+            "nothing was written to `orders`; inspect with `cvseg show orders_quarantine`", summary)
+    return summary
+
+
+class _Clock:
+    """Phase durations at DEBUG level: where an ingest spends its time."""
+
+    def __init__(self, logger: logging.Logger):
+        self.logger, self.last = logger, time.perf_counter()
+
+    def lap(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.logger.debug("ingest phase %-24s %6.2f s", phase, now - self.last)
+        self.last = now
+
+
+def _offsets_frame(spark: SparkSession, splits: list) -> DataFrame:
+    """One row per file split: its first position, the data rows of its file before it, the path."""
+    rows, before, last_file = [], 0, None
+    for r in sorted(splits, key=lambda r: (r["_src_file"], r["_src_block"])):
+        if r["_src_file"] != last_file:
+            before, last_file = 0, r["_src_file"]
+        rows.append((r["_src_file"], int(r["_src_block"]), int(r["_first_pos"]), before,
+                     local_path(r["_src_file"])))
+        before += int(r["_n"])
+    return spark.createDataFrame(
+        rows, "_src_file string, _src_block bigint, _first_pos bigint, _rows_before bigint, source_file string")
+
+
+# Up to this many incoming orders, their ids are broadcast to the lookup of stored copies.
+BROADCAST_MAX_INCOMING = 5_000_000
+
+
+def _merge_orders(storage: Storage, orders_df: DataFrame, accepted: int | None,
+                  cached: list[DataFrame]) -> tuple[int, int]:
+    """Merge by order_id, skipping orders whose content is already in the table.
+    Returns (orders accepted, orders new or changed); ``accepted`` is known at grain order."""
+    if not storage.exists(ORDERS.name):
+        storage.merge(ORDERS.name, orders_df)   # one write, no second pass
+        written = accepted if accepted is not None else storage.read(ORDERS.name).count()
+        return written, written
+    # Hash only the stored orders whose id comes in again: a night's file touches a few thousand
+    # of the millions of stored orders.
+    incoming_df = (orders_df.withColumn("_hash", order_content_hash(orders_df))
+                   .persist(StorageLevel.MEMORY_AND_DISK))
+    cached.append(incoming_df)
+    clock = _Clock(log)
+    # Where are the stored copies of the incoming ids? Usually nowhere (new orders) or in the same
+    # month, but a corrected order can be re-dated into another month: look in every month, on
+    # the id column only (a column-pruned scan), then read whole rows only from those months.
+    incoming_count = incoming_df.count()
+    incoming_ids_df = incoming_df.select("order_id")
+    if incoming_count <= BROADCAST_MAX_INCOMING:
+        incoming_ids_df = F.broadcast(incoming_ids_df)
+    stored_months = [r[0] for r in storage.read(ORDERS.name).select("order_id", "order_month")
+                     .join(incoming_ids_df, on="order_id", how="left_semi")
+                     .select("order_month").distinct().collect()]
+    incoming_months = [r[0] for r in incoming_df.select("order_month").distinct().collect()]
+    months = sorted(set(incoming_months) | set(stored_months))
+    existing_df = (storage.read(ORDERS.name, partitions={"order_month": months})
+                   .join(incoming_ids_df, on="order_id", how="left_semi"))
+    existing_df = (existing_df.select("order_id", order_content_hash(existing_df).alias("_hash"))
+                   .persist(StorageLevel.MEMORY_AND_DISK))
+    cached.append(existing_df)
+    # merge reads its input several times (touched months, keys, rows): keep the changed orders
+    changed_df = (incoming_df.join(existing_df, on=["order_id", "_hash"], how="left_anti").drop("_hash")
+                  .persist(StorageLevel.MEMORY_AND_DISK))
+    cached.append(changed_df)
+    written = changed_df.count()
+    replacing = written and changed_df.join(existing_df.select("order_id"), on="order_id", how="left_semi") \
+        .limit(1).count() > 0
+    clock.lap("merge: changed orders")
+    if replacing:
+        # rewrites the months of the replaced orders, also the month a re-dated order leaves
+        storage.merge(ORDERS.name, changed_df, previous_partitions={"order_month": stored_months})
+    elif written:
+        # only new order ids (a regular night): append, no month rewritten; the months of a big
+        # table cost ~10 us per stored row to rewrite, the new orders ~nothing
+        storage.append(ORDERS.name, changed_df)
+    clock.lap("merge: write")
+    return (accepted if accepted is not None else incoming_count), written
+
+
+#: up to this many keys read, they are broadcast to the scan of identity_keys
+KEYS_BROADCAST_MAX = 1_000_000
+
+
+def _add_keys(storage: Storage, keys_df: DataFrame, most_keys: int) -> int:
+    """Append the keys not yet in ``identity_keys`` (an earlier first_seen is kept); returns how many.
+    ``most_keys``: a bound on the rows of ``keys_df`` (rows read x key types), known without a job."""
+    keys_df = keys_df.localCheckpoint()
+    if storage.exists(IDENTITY_KEYS.name):
+        stored_df = storage.read(IDENTITY_KEYS.name).select(*IDENTITY_KEYS.keys)
+        if most_keys <= KEYS_BROADCAST_MAX:
+            # a night's keys: find those already stored by a scan with the few broadcast, not a
+            # shuffle of the whole table
+            stored_df = stored_df.join(F.broadcast(keys_df.select(*IDENTITY_KEYS.keys)),
+                                       on=list(IDENTITY_KEYS.keys), how="left_semi")
+        keys_df = keys_df.join(stored_df, on=list(IDENTITY_KEYS.keys), how="left_anti").localCheckpoint()
+    added = keys_df.count()
+    if added:
+        storage.append(IDENTITY_KEYS.name, keys_df)
+    return added
+
+
+def _unknown_statuses(storage: Storage, source: SourceConf, counts: dict[str, int]) -> tuple[str, ...]:
+    """Status values of this read that the conf does not name (cancelled_values, live_values) and
+    no earlier successful ingest saw: a new value in a client's export (取消, 返品, half-width ｷｬﾝｾﾙ)
+    would otherwise count as a live order without anyone noticing."""
+    if source.cancellation.style != "status" or not counts:
+        return ()
+    named = set(source.cancellation.cancelled_values) | set(source.cancellation.live_values)
+    candidates = [v for v in counts if v not in named and v != "(empty)"]
+    if not candidates:
+        return ()
+    seen: set[str] = set()
+    if storage.exists(INGEST_RUNS.name):
+        of_source = F.coalesce(F.col("source_name"), F.lit(DEFAULT_SOURCE)) == F.lit(source.name)
+        seen = {r[0] for r in storage.read(INGEST_RUNS.name).where((F.col("status") == "ok") & of_source)
+                .select(F.explode(F.map_keys("status_counts"))).distinct().collect()}   # a few values
+    return tuple(v for v in candidates if v not in seen)
+
+
+def _quarantined_files(storage: Storage, last_day: date) -> dict[str, int]:
+    """Source file -> how many of its quarantined rows are future_timestamp rows whose order day is
+    now on or before ``last_day`` (0 for a file with other quarantined rows only): one small row
+    per file with quarantined rows reaches the driver."""
+    if not storage.exists(ORDERS_QUARANTINE.name):
+        return {}
+    is_due = (F.col("reason") == FUTURE_TIMESTAMP) & (F.col("order_date") <= F.lit(last_day))
+    rows = (storage.read(ORDERS_QUARANTINE.name).groupBy("source_file")
+            .agg(F.count(F.when(is_due, True)).alias("due")).collect())
+    return {r["source_file"]: int(r["due"]) for r in rows}
+
+
+def _write_quarantine(storage: Storage, quarantine_df: DataFrame | None, read_files: list[str],
+                      stored_files: set[str], replace: bool) -> None:
+    """The run's quarantined rows. A file read again (changed, ``--all-files``, rejected before, or
+    its future rows retried) replaces every row it had in the table, so rows it no longer rejects
+    leave it; ``replace`` is off for a rejected run (nothing of it was accepted): its rows are upserted."""
+    if stored_files & set(read_files):
+        if replace:
+            kept_df = storage.read(ORDERS_QUARANTINE.name).where(~F.col("source_file").isin(read_files))
+            storage.overwrite(ORDERS_QUARANTINE.name,
+                              kept_df if quarantine_df is None else kept_df.unionByName(quarantine_df))
+        elif quarantine_df is not None:
+            storage.merge(ORDERS_QUARANTINE.name, quarantine_df)
+    elif quarantine_df is not None:
+        storage.append(ORDERS_QUARANTINE.name, quarantine_df)
+
+
+def _record_files(spark: SparkSession, storage: Storage, files: list[SourceFile], splits: list,
+                  run_id: str, at: datetime, source_name: str, all_new: bool) -> None:
+    """Remember the files this run committed (one row per file) so the next run can skip them."""
+    rows_by_file: dict[str, int] = {}
+    for r in splits:
+        name = local_path(r["_src_file"])
+        rows_by_file[name] = rows_by_file.get(name, 0) + int(r["_n"])
+    rows = [(f.path, f.size, datetime.fromtimestamp(f.modified_ms / 1000, tz=timezone.utc),
+             rows_by_file.get(f.path, 0), run_id, at, source_name) for f in files]
+    files_df = spark.createDataFrame(rows, INGESTED_FILES.schema)
+    # files that passed the new-files filter cannot be in the table yet: no merge needed
+    (storage.append if all_new else storage.merge)(INGESTED_FILES.name, files_df)
+
+
+def _append_run(spark: SparkSession, storage: Storage, s: IngestSummary) -> None:
+    row = (s.ingest_run_id, s.run_date, s.source_path, s.input_rows, s.accepted_rows, s.quarantined_rows,
+           s.exact_duplicate_rows, s.orders_written, s.reason_counts, s.started_at, s.finished_at,
+           s.status, s.cancellation_lines_applied, s.future_rows_retried,
+           *(s.value_counts.get(c) for c in PROFILED), s.source_name)
+    storage.append(INGEST_RUNS.name, spark.createDataFrame([row], INGEST_RUNS.schema))
