@@ -39,7 +39,7 @@ _LINE_SEP_FREE = "\u0001"   # a delimiter that never occurs: one column holding 
 
 
 @dataclass
-class _Source:
+class Source:
     df: DataFrame                # _s0.._sN, _src_file, _src_block, _src_pos, _src_key, _is_malformed,
                                  # _line (see _with_positions)
     names: list[str]             # the source column names, in order
@@ -101,7 +101,7 @@ def _check_exists(path: str | list[str]) -> None:
 
 def _with_positions(df: DataFrame, names: list[str], exact: bool, *, columns: Sequence[str] | None = None,
                     malformed: Column | None = None, line: Column | None = None,
-                    names_from: str | None = None, field_count: Column | None = None) -> _Source:
+                    names_from: str | None = None, field_count: Column | None = None) -> Source:
     """Rename source columns to _s0.._sN and add the row's file and position.
 
     ``columns``: the columns of ``df`` holding the source columns (default: ``names``). CSV
@@ -109,7 +109,7 @@ def _with_positions(df: DataFrame, names: list[str], exact: bool, *, columns: Se
     (the row as read); they become ``_is_malformed`` (never null; False for parquet/Delta) and
     ``_line`` (null unless the row is malformed). On a raw CSV scan both come from Spark's
     corrupt-record column: a query reading only them (no source column) is refused by Spark.
-    ``names_from`` and ``field_count`` are kept on the :class:`_Source` for messages.
+    ``names_from`` and ``field_count`` are kept on the :class:`Source` for messages.
     """
     pos = F.col("_metadata.row_index") if exact else F.monotonically_increasing_id()
     block = F.lit(0).cast("bigint") if exact else F.col("_metadata.file_block_start")
@@ -121,7 +121,7 @@ def _with_positions(df: DataFrame, names: list[str], exact: bool, *, columns: Se
                     is_malformed.alias("_is_malformed"),
                     (F.when(is_malformed, line) if line is not None else F.lit(None)).cast("string").alias("_line"))
     key = F.monotonically_increasing_id() if exact else F.col("_src_pos")   # CSV: the position is the id
-    return _Source(out.withColumn("_src_key", key), list(names), exact, names_from, field_count)
+    return Source(out.withColumn("_src_key", key), list(names), exact, names_from, field_count)
 
 
 def _regex_literal(text: str) -> str:
@@ -148,7 +148,7 @@ def unused_name(base: str, taken: Sequence[str]) -> str:
     return name
 
 
-def _read_csv(spark: SparkSession, path: str, source: SourceConf) -> _Source:
+def _read_csv(spark: SparkSession, path: str, source: SourceConf) -> Source:
     csv = source.csv
     encoding = _java_charset(spark, csv.encoding)
     reader = (spark.read.option("encoding", encoding).option("mode", "PERMISSIVE")
@@ -211,7 +211,7 @@ def _read_csv(spark: SparkSession, path: str, source: SourceConf) -> _Source:
                            field_count=_delimited_field_count(F.col("_line"), delimiter, csv.quote))
 
 
-def _read_parquet_like(spark: SparkSession, path: str | list[str], fmt: str) -> _Source:
+def _read_parquet_like(spark: SparkSession, path: str | list[str], fmt: str) -> Source:
     if fmt == "delta":
         from core.spark import has_delta_classes
 
@@ -315,7 +315,7 @@ def _nanosecond_columns_from_jvm(spark: SparkSession, uri: str) -> dict[str, str
     return found
 
 
-def read_source(spark: SparkSession, path: str | list[str], source: SourceConf) -> _Source:
+def read_source(spark: SparkSession, path: str | list[str], source: SourceConf) -> Source:
     """Open the export lazily (only the header or footers are read here); ``path`` is the configured
     file, folder or glob, or a list of files (the new ones, :func:`list_source_files`)."""
     from pyspark.errors import AnalysisException
@@ -349,7 +349,7 @@ class SourceFile:
         return self.path, self.size, self.modified_ms
 
 
-def list_source_files(spark: SparkSession, src: _Source) -> list[SourceFile] | None:
+def list_source_files(spark: SparkSession, src: Source) -> list[SourceFile] | None:
     """The files the source reader reads (Spark's own listing), with size and modification time:
     file-system metadata only, no data. None when the session has no JVM gateway (Spark Connect),
     where the files cannot be described and every file is read."""

@@ -16,7 +16,7 @@ from core.config import SourceConf, ValidationConf
 from core.storage import Storage
 from core.tables import IDENTITY_KEYS, INGEST_RUNS, INGESTED_FILES, ORDERS, ORDERS_QUARANTINE
 from pipelines.identity import hashed_keys
-from pipelines.ingest.reading import (SourceFile, action_error, java_charsets,
+from pipelines.ingest.reading import (Source, SourceFile, action_error, java_charsets,
                                      check_conf, check_mapping, ingested_file_keys, local_path, unused_name,
                                      list_source_files, read_source)
 from pipelines.ingest.summary import (DEFAULT_SOURCE, KIND_CANCELLATION, KIND_DUPLICATE, KIND_ORDER, KIND_QUARANTINED,
@@ -79,26 +79,125 @@ def _run_ingest(spark: SparkSession, storage: Storage, source: SourceConf, valid
                 business_tz: str, run_date: date, path: str | None, run_id: str | None,
                 order_id_prefix: str, keys: KeyReading | None) -> IngestSummary:
     """Pass 1: keys only (rows per file split, order ids seen twice); pass 2: every row
-    classified, the few that are not plain orders kept and counted; pass 3: accepted orders written."""
+    classified, the few that are not plain orders kept and counted; pass 3: accepted orders written
+    (pass 4: their matching keys hashed); then the quarantine, the files and the run recorded."""
     started = datetime.now(timezone.utc)
     clock = _Clock(log)
+    path = _checked(spark, source, path)
+    run_id = run_id or f"ingest-{started:%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}"
+    mapping = source.columns.model_dump()
+    order_id_mapped = mapping["order_id"] is not None
+    # e-mail / phone: never copied to a table, a log or the quarantine in clear (only hashed keys)
+    private_columns = {mapping[k] for k in KEY_FIELDS if mapping.get(k)}
+    files = _files_to_read(spark, storage, source, validation, path, run_date)
+    if files.src is None:   # every listed file was ingested before, unchanged: record that, nothing else
+        summary = IngestSummary(
+            ingest_run_id=run_id, source_name=source.name, run_date=run_date, source_path=path, status="unchanged",
+            input_rows=0, accepted_rows=0, cancellation_lines_applied=0, quarantined_rows=0, exact_duplicate_rows=0,
+            orders_accepted=0, orders_written=0, max_rejected_share=validation.max_rejected_share,
+            skipped_files=files.skipped, started_at=started, finished_at=datetime.now(timezone.utc))
+        _append_run(spark, storage, summary)
+        log.info("%s", summary)
+        return summary
+    src = files.src
+    check_mapping(src.names, source, path)
+    clock.lap("open source")
+    keyed_df = _keyed_rows(src.df, src.names, source, mapping, business_tz, order_id_mapped)
+    rules = order_rules(run_date=run_date, future_tolerance_days=validation.future_tolerance_days,
+                        allowed_currencies=source.allowed_currencies, order_id_mapped=order_id_mapped,
+                        expected_fields=len(src.names), expected_from=src.names_from or "the header")
+
+    cached: list[DataFrame] = []
+    try:
+        first = _pass_keys(spark, storage, keyed_df, source, validation, path, mapping, order_id_mapped, cached)
+        clock.lap("pass 1: splits+dups")
+        second = _pass_classify(first.flagged_df, src, source, validation, path, rules, private_columns,
+                                first.total, cached)
+        clock.lap("pass 2: classify+count")
+        orders_accepted = orders_written = key_rows = 0
+        if not second.rejected and second.accepted:
+            orders_accepted, orders_written, key_rows = _write_accepted(
+                storage, second, first.offsets_df, src, source, mapping, run_id, run_date, order_id_prefix,
+                keys, cached, clock)
+        quarantine_df = None
+        if second.quarantined:
+            # a malformed line would carry the e-mail / phone in clear: no line text then
+            line_key = unused_name("_line", src.names) if src.names_from and not private_columns else None
+            quarantine_df = build_quarantine(
+                second.others_df.transform(with_quarantine_text, rules, field_count=src.field_count,
+                                           line_key=line_key).transform(with_source_rows, first.offsets_df),
+                order_id_mapped=order_id_mapped, ingest_run_id=run_id, run_date=run_date)
+        _write_quarantine(storage, quarantine_df, sorted({local_path(r["_src_file"]) for r in first.splits}),
+                          set(files.quarantined_before), replace=not second.rejected)
+        clock.lap("write quarantine")
+
+        summary = IngestSummary(
+            ingest_run_id=run_id, source_name=source.name, run_date=run_date, source_path=path, key_rows=key_rows,
+            status="rejected" if second.rejected else "ok", input_rows=first.total,
+            accepted_rows=second.accepted, cancellation_lines_applied=second.counts[KIND_CANCELLATION],
+            quarantined_rows=second.quarantined, exact_duplicate_rows=second.counts[KIND_DUPLICATE],
+            orders_accepted=orders_accepted, orders_written=orders_written, reason_counts=second.reason_counts,
+            max_rejected_share=validation.max_rejected_share,
+            source_files=len({r["_src_file"] for r in first.splits}),
+            cancellation_lines_by_heuristic=second.heuristic, encoding_suspect_rows=second.suspects,
+            skipped_files=files.skipped, future_rows_retried=files.retried, value_counts=first.value_counts,
+            unknown_statuses=first.unknown_statuses, started_at=started, finished_at=datetime.now(timezone.utc))
+        if not second.rejected and files.new_files:
+            # after the orders commit: a crash before this line only means the files are read again
+            _record_files(spark, storage, files.new_files, first.splits, run_id, summary.finished_at, source.name,
+                          all_new=source.new_files_only and not any(f.key in files.known for f in files.new_files))
+        _append_run(spark, storage, summary)
+        clock.lap("write ingest_runs")
+    finally:
+        for df in cached:
+            df.unpersist()
+    log.info("%s", summary)
+    if second.rejected:
+        raise _rejection(summary)
+    return summary
+
+
+def _checked(spark: SparkSession, source: SourceConf, path: str | None) -> str:
+    """The path to read (``--path`` or ``source.path``), once the session and the source settings
+    are fit for a run."""
     path = path or source.path
     if not path:
         raise IngestError("no source path: set source.path in the conf or pass --path")
     if spark.conf.get("spark.sql.session.timeZone") != "UTC":
         raise IngestError("the Spark session must run in UTC (core.spark.build_spark sets it)")
     check_conf(source)
-    run_id = run_id or f"ingest-{started:%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}"
-    mapping = source.columns.model_dump()
-    order_id_mapped = mapping["order_id"] is not None
-    # e-mail / phone: never copied to a table, a log or the quarantine in clear (only hashed keys)
-    private_columns = {mapping[k] for k in KEY_FIELDS if mapping.get(k)}
-    key_columns = {k: mapping[k] for k in (keys.match_on if keys else ()) if mapping.get(k)}
-    negative_lines = source.cancellation.style == "negative_lines"
+    return path
+
+
+def _rejection(summary: IngestSummary) -> IngestRejectedError:
+    """A run above ``validation.max_rejected_share``: the share, the top reasons and where to look."""
+    top = ", ".join(f"{code} {count:,}" for code, count in
+                    sorted(summary.reason_counts.items(), key=lambda kv: (-kv[1], kv[0]))[:3])
+    share = summary.quarantined_rows / summary.input_rows
+    return IngestRejectedError(
+        f"{summary.quarantined_rows:,} of {summary.input_rows:,} rows ({share:.1%}) were rejected, above "
+        f"validation.max_rejected_share={summary.max_rejected_share:.0%}: top reasons {top}; nothing was "
+        "written to `orders`; inspect with `cvseg show orders_quarantine`", summary)
+
+
+@dataclass(frozen=True)
+class _Files:
+    """What a run reads: the source (None when every listed file was ingested before, unchanged)."""
+    src: Source | None
+    new_files: list[SourceFile] | None      # None: the file system gave no listing (Spark Connect)
+    skipped: int                            # listed files already ingested unchanged
+    known: set                              # the keys of every file ingested before
+    quarantined_before: dict[str, int]      # file -> rows quarantined as future whose day has come
+    retried: int                            # of those, the rows this run reads again
+
+
+def _files_to_read(spark: SparkSession, storage: Storage, source: SourceConf, validation: ValidationConf,
+                   path: str, run_date: date) -> _Files:
+    """New files only (``source.new_files_only``): the listed files not ingested unchanged before, plus
+    those holding rows quarantined as future whose day has come."""
     src = read_source(spark, path, source)
     listed = list_source_files(spark, src)
     new_files, skipped, known = listed, 0, set()
-    # rows quarantined as future by an earlier read whose day has come: their files are read again
     quarantined_before = _quarantined_files(storage, run_date + timedelta(days=validation.future_tolerance_days))
     due = {file: count for file, count in quarantined_before.items() if count}
     if listed is not None and source.new_files_only:
@@ -106,24 +205,19 @@ def _run_ingest(spark: SparkSession, storage: Storage, source: SourceConf, valid
         new_files = [f for f in listed if f.key not in known or f.path in due]
         skipped = len(listed) - len(new_files)
         if listed and not new_files:
-            summary = IngestSummary(
-                ingest_run_id=run_id, source_name=source.name, run_date=run_date, source_path=path,
-                status="unchanged", input_rows=0,
-                accepted_rows=0, cancellation_lines_applied=0, quarantined_rows=0, exact_duplicate_rows=0,
-                orders_accepted=0, orders_written=0, max_rejected_share=validation.max_rejected_share,
-                skipped_files=skipped, started_at=started, finished_at=datetime.now(timezone.utc))
-            _append_run(spark, storage, summary)
-            log.info("%s", summary)
-            return summary
+            return _Files(None, [], skipped, known, quarantined_before, 0)
         # A Delta source is read whole (its log, not its files, says which rows are live).
         if skipped and source.format != "delta":
             src = read_source(spark, [f.uri for f in new_files], source)
     # every file read holds its rows; without a listing (Spark Connect) every due row is read again
     retried = sum(due.get(f.path, 0) for f in new_files) if new_files is not None else sum(due.values())
-    check_mapping(src.names, source, path)
-    clock.lap("open source")
+    return _Files(src, new_files, skipped, known, quarantined_before, retried)
 
-    keyed_df = (map_columns(src.df, src.names, mapping, keep_extra=source.extra_columns == "keep")
+
+def _keyed_rows(df: DataFrame, names: list[str], source: SourceConf, mapping: dict[str, str | None],
+                business_tz: str, order_id_mapped: bool) -> DataFrame:
+    """The source rows on canonical columns, parsed, with cancellation flags and row keys."""
+    keyed_df = (map_columns(df, names, mapping, keep_extra=source.extra_columns == "keep")
                 .transform(with_parsed_fields, timestamp_formats=(source.timestamp_format,
                                                                   *source.timestamp_formats_extra),
                            source_tz=source.source_timezone, business_tz=business_tz,
@@ -134,180 +228,169 @@ def _run_ingest(spark: SparkSession, storage: Storage, source: SourceConf, valid
                 .transform(with_row_keys, grain=source.grain, order_id_mapped=order_id_mapped))
     if source.channel is not None:   # a source without a channel column (store POS): its fixed channel
         keyed_df = keyed_df.withColumn("channel", F.lit(source.channel))
-    rules = order_rules(run_date=run_date, future_tolerance_days=validation.future_tolerance_days,
-                        allowed_currencies=source.allowed_currencies, order_id_mapped=order_id_mapped,
-                        expected_fields=len(src.names), expected_from=src.names_from or "the header")
+    return keyed_df
+
+
+@dataclass(frozen=True)
+class _KeysPass:
+    splits: list                              # rows per file split (source_row offsets)
+    total: int                                # input rows
+    value_counts: dict[str, dict[str, int]]   # status / channel / category profile
+    unknown_statuses: tuple[str, ...]
+    offsets_df: DataFrame
+    flagged_df: DataFrame                     # the rows with their duplicate flags
+
+
+def _pass_keys(spark: SparkSession, storage: Storage, keyed_df: DataFrame, source: SourceConf,
+               validation: ValidationConf, path: str, mapping: dict[str, str | None], order_id_mapped: bool,
+               cached: list[DataFrame]) -> _KeysPass:
+    """Pass 1: keys only. The statistics are small on any sane export: bring them to the driver, so
+    later passes join a local table (no broadcast job per pass) or nothing at all."""
+    profiled = [c for c in PROFILED if mapping.get(c)]
+    stats_df = source_stats(keyed_df, grain=source.grain, order_id_mapped=order_id_mapped, profile=profiled) \
+        .persist(StorageLevel.MEMORY_AND_DISK)
+    cached.append(stats_df)
+    try:
+        stats = stats_df.limit(LOCAL_STATS_MAX_ROWS + 1).collect()
+        if len(stats) > LOCAL_STATS_MAX_ROWS:
+            splits = stats_df.filter(F.col("_set") == SET_SPLIT).collect()   # one row per file split
+    except Exception as exc:  # noqa: BLE001 - Spark wraps read errors in many classes
+        raise action_error(exc, path, source) from exc
+    if len(stats) <= LOCAL_STATS_MAX_ROWS:
+        splits = [r for r in stats if r["_set"] == SET_SPLIT]
+        profile_rows = [r for r in stats if r["_set"] == SET_PROFILE]
+        problems = [r for r in stats if r["_set"] not in (SET_SPLIT, SET_PROFILE)]
+        problems_df = spark.createDataFrame(problems, stats_df.schema) if problems else None
+        broadcast = True
+    else:
+        profile_rows = stats_df.filter(F.col("_set") == SET_PROFILE).limit(LOCAL_STATS_MAX_ROWS).collect()
+        if len(profile_rows) == LOCAL_STATS_MAX_ROWS:
+            log.warning("%s: more than %d combinations of %s values; their counts are partial",
+                        path, LOCAL_STATS_MAX_ROWS, "/".join(profiled))
+        problems_df, broadcast = stats_df, False
+    total = sum(r["_n"] for r in splits)
+    if total == 0:
+        raise IngestError(f"{path}: no data rows (the file is empty or holds only a header)")
+    value_counts = value_profile(profile_rows, profiled)
+    unknown_statuses = _unknown_statuses(storage, source, value_counts.get("status", {}))
+    if unknown_statuses and validation.unknown_status == "error":
+        listed_values = ", ".join(f"{v!r} ({value_counts['status'][v]:,} rows)" for v in unknown_statuses)
+        raise IngestError(
+            f"{path}: status value(s) {listed_values} are in neither source.cancellation.cancelled_values "
+            f"{list(source.cancellation.cancelled_values)} nor live_values {list(source.cancellation.live_values)}"
+            " and were never seen before; add each to one of them (validation.unknown_status: error)")
+    if unknown_statuses:
+        log.warning("%s: status value(s) %s never seen before are counted as live orders; list them in "
+                    "source.cancellation.cancelled_values or live_values", path, list(unknown_statuses))
+    flagged_df = keyed_df.transform(with_duplicate_flags, problems_df, grain=source.grain, broadcast=broadcast)
+    return _KeysPass(splits, total, value_counts, unknown_statuses, _offsets_frame(spark, splits), flagged_df)
+
+
+@dataclass(frozen=True)
+class _ClassifyPass:
+    kinds_df: DataFrame                  # every row with its kind
+    others_df: DataFrame                 # the few rows that are not plain orders (cached)
+    counts: dict[str, int]               # kind -> rows (cancellation lines, quarantined, exact duplicates)
+    reason_counts: dict[str, int]        # quarantine reason -> rows, in REASON_CODES order
+    heuristic: int                       # cancellation lines matched by the most-recent-order heuristic
+    suspects: int                        # rows whose text looks mis-decoded
+    accepted: int
+    quarantined: int
+    rejected: bool                       # above validation.max_rejected_share: no orders are written
+
+
+def _pass_classify(flagged_df: DataFrame, src: Source, source: SourceConf, validation: ValidationConf, path: str,
+                   rules: list, private_columns: set[str], total: int, cached: list[DataFrame]) -> _ClassifyPass:
+    """Pass 2: classify every row by the row rules; keep the few that are not plain orders
+    (cancellation lines included, with their raw text in case they end up quarantined) and count them
+    in one aggregation. No ``detail`` here: its message code, evaluated in the scan, made the generated
+    method too big for the JIT (measured 2x slower); it is added on the cached rows later."""
     row_rules = [r for r in rules if r.code != "cancellation_without_order"]
     raw_map = F.create_map(*[x for i, n in enumerate(src.names) if n not in private_columns
                              for x in (F.lit(n), as_text(F.col(source_col(i)), src.df.schema[source_col(i)].dataType))])
     is_suspect = F.concat_ws("", *TEXT_FIELDS).contains("\ufffd")   # mis-decoded text (wrong encoding)
-
-    cached: list[DataFrame] = []
-    try:
-        # Pass 1: keys only. The statistics are small on any sane export: bring them to the
-        # driver, so later passes join a local table (no broadcast job per pass) or nothing at all.
-        profiled = [c for c in PROFILED if mapping.get(c)]
-        stats_df = source_stats(keyed_df, grain=source.grain, order_id_mapped=order_id_mapped, profile=profiled) \
-            .persist(StorageLevel.MEMORY_AND_DISK)
-        cached.append(stats_df)
-        try:
-            stats = stats_df.limit(LOCAL_STATS_MAX_ROWS + 1).collect()
-            if len(stats) > LOCAL_STATS_MAX_ROWS:
-                splits = stats_df.filter(F.col("_set") == SET_SPLIT).collect()   # one row per file split
-        except Exception as exc:  # noqa: BLE001 - Spark wraps read errors in many classes
-            raise action_error(exc, path, source) from exc
-        if len(stats) <= LOCAL_STATS_MAX_ROWS:
-            splits = [r for r in stats if r["_set"] == SET_SPLIT]
-            profile_rows = [r for r in stats if r["_set"] == SET_PROFILE]
-            problems = [r for r in stats if r["_set"] not in (SET_SPLIT, SET_PROFILE)]
-            problems_df = spark.createDataFrame(problems, stats_df.schema) if problems else None
-            broadcast = True
-        else:
-            profile_rows = stats_df.filter(F.col("_set") == SET_PROFILE).limit(LOCAL_STATS_MAX_ROWS).collect()
-            if len(profile_rows) == LOCAL_STATS_MAX_ROWS:
-                log.warning("%s: more than %d combinations of %s values; their counts are partial",
-                            path, LOCAL_STATS_MAX_ROWS, "/".join(profiled))
-            problems_df, broadcast = stats_df, False
-        total = sum(r["_n"] for r in splits)
-        if total == 0:
-            raise IngestError(f"{path}: no data rows (the file is empty or holds only a header)")
-        value_counts = value_profile(profile_rows, profiled)
-        unknown_statuses = _unknown_statuses(storage, source, value_counts.get("status", {}))
-        if unknown_statuses and validation.unknown_status == "error":
-            listed_values = ", ".join(f"{v!r} ({value_counts['status'][v]:,} rows)" for v in unknown_statuses)
-            raise IngestError(
-                f"{path}: status value(s) {listed_values} are in neither source.cancellation.cancelled_values "
-                f"{list(source.cancellation.cancelled_values)} nor live_values {list(source.cancellation.live_values)}"
-                " and were never seen before; add each to one of them (validation.unknown_status: error)")
-        if unknown_statuses:
-            log.warning("%s: status value(s) %s never seen before are counted as live orders; list them in "
-                        "source.cancellation.cancelled_values or live_values", path, list(unknown_statuses))
-        offsets_df = _offsets_frame(spark, splits)
-        flagged_df = keyed_df.transform(with_duplicate_flags, problems_df, grain=source.grain, broadcast=broadcast)
-        clock.lap("pass 1: splits+dups")
-
-        # Pass 2: classify every row by the row rules; keep the few that are not plain orders
-        # (cancellation lines included, with their raw text in case they end up quarantined).
-        # No ``detail`` here: its message code, evaluated in the scan, made the generated method
-        # too big for the JIT (measured 2x slower); it is added on the cached rows below.
-        kinds_df = (flagged_df.withColumn("has_target_order", F.lit(True))
-                    .transform(with_rule_results, row_rules, details=False).transform(with_row_kind))
-        others_df = (kinds_df.withColumn("_is_encoding_suspect", is_suspect)
-                     .filter((F.col("kind") != KIND_ORDER) | F.col("_is_encoding_suspect"))
-                     .withColumn("raw", F.when(F.col("kind").isin(KIND_QUARANTINED, KIND_CANCELLATION), raw_map))
-                     .withColumn("_target_key", F.lit(None).cast("string"))
-                     .withColumn("_match", F.lit(None).cast("string"))
-                     .select(*OTHER_COLUMNS)
+    kinds_df = (flagged_df.withColumn("has_target_order", F.lit(True))
+                .transform(with_rule_results, row_rules, details=False).transform(with_row_kind))
+    others_df = (kinds_df.withColumn("_is_encoding_suspect", is_suspect)
+                 .filter((F.col("kind") != KIND_ORDER) | F.col("_is_encoding_suspect"))
+                 .withColumn("raw", F.when(F.col("kind").isin(KIND_QUARANTINED, KIND_CANCELLATION), raw_map))
+                 .withColumn("_target_key", F.lit(None).cast("string"))
+                 .withColumn("_match", F.lit(None).cast("string"))
+                 .select(*OTHER_COLUMNS)
+                 .persist(StorageLevel.MEMORY_AND_DISK))
+    cached.append(others_df)
+    if source.cancellation.style == "negative_lines":
+        # Cancellation lines against the accepted orders: a narrow pass over the orders only.
+        orders_key_df = (kinds_df.filter(F.col("kind") == KIND_ORDER)
+                         .groupBy("_order_key", "customer_id")   # line grain: one row per order
+                         .agg(F.min("order_id").alias("order_id"), F.min("order_ts").alias("order_ts"))
+                         .persist(StorageLevel.MEMORY_AND_DISK))
+        cached.append(orders_key_df)
+        without_order = [r for r in rules if r.code == "cancellation_without_order"]
+        matched_df = (match_cancellations(
+            others_df.filter(F.col("kind") == KIND_CANCELLATION).drop("_target_key", "_match"),
+            orders_key_df, order_id_prefix=source.cancellation.order_id_prefix,
+            strip_prefix_to_match=source.cancellation.strip_prefix_to_match)
+            .withColumn("is_cancellation_line", F.lit(True)).withColumn("is_exact_duplicate", F.lit(False))
+            .drop("reasons", "reason", "kind")
+            .transform(with_rule_results, without_order, details=False).transform(with_row_kind)
+            .withColumn("raw", F.when(F.col("kind") == KIND_QUARANTINED, F.col("raw")))
+            .select(*OTHER_COLUMNS))
+        others_df = (others_df.filter(F.col("kind") != KIND_CANCELLATION).unionByName(matched_df)
                      .persist(StorageLevel.MEMORY_AND_DISK))
         cached.append(others_df)
-        if negative_lines:
-            # Cancellation lines against the accepted orders: a narrow pass over the orders only.
-            orders_key_df = (kinds_df.filter(F.col("kind") == KIND_ORDER)
-                             .groupBy("_order_key", "customer_id")   # line grain: one row per order
-                             .agg(F.min("order_id").alias("order_id"), F.min("order_ts").alias("order_ts"))
-                             .persist(StorageLevel.MEMORY_AND_DISK))
-            cached.append(orders_key_df)
-            without_order = [r for r in rules if r.code == "cancellation_without_order"]
-            matched_df = (match_cancellations(
-                others_df.filter(F.col("kind") == KIND_CANCELLATION).drop("_target_key", "_match"),
-                orders_key_df, order_id_prefix=source.cancellation.order_id_prefix,
-                strip_prefix_to_match=source.cancellation.strip_prefix_to_match)
-                .withColumn("is_cancellation_line", F.lit(True)).withColumn("is_exact_duplicate", F.lit(False))
-                .drop("reasons", "reason", "kind")
-                .transform(with_rule_results, without_order, details=False).transform(with_row_kind)
-                .withColumn("raw", F.when(F.col("kind") == KIND_QUARANTINED, F.col("raw")))
-                .select(*OTHER_COLUMNS))
-            others_df = (others_df.filter(F.col("kind") != KIND_CANCELLATION).unionByName(matched_df)
-                         .persist(StorageLevel.MEMORY_AND_DISK))
-            cached.append(others_df)
-        try:
-            tallies = others_df.groupBy("kind", "reason", "_match", "_is_encoding_suspect").count().collect()
-        except Exception as exc:  # noqa: BLE001
-            raise action_error(exc, path, source) from exc
-        counts = {k: 0 for k in (KIND_CANCELLATION, KIND_QUARANTINED, KIND_DUPLICATE)}
-        reason_counts: dict[str, int] = {}
-        heuristic = suspects = 0
-        for r in tallies:
-            if r["kind"] != KIND_ORDER:
-                counts[r["kind"]] += r["count"]
-            if r["kind"] == KIND_QUARANTINED:
-                reason_counts[r["reason"]] = reason_counts.get(r["reason"], 0) + r["count"]
-            if r["kind"] == KIND_CANCELLATION and r["_match"] == "heuristic":
-                heuristic += r["count"]
-            if r["_is_encoding_suspect"]:
-                suspects += r["count"]
-        accepted = total - sum(counts.values())
-        quarantined = counts[KIND_QUARANTINED]
-        rejected = quarantined / total > validation.max_rejected_share
-        reason_counts = {code: reason_counts[code] for code in REASON_CODES if code in reason_counts}
-        clock.lap("pass 2: classify+count")
+    try:
+        tallies = others_df.groupBy("kind", "reason", "_match", "_is_encoding_suspect").count().collect()
+    except Exception as exc:  # noqa: BLE001
+        raise action_error(exc, path, source) from exc
+    counts = {k: 0 for k in (KIND_CANCELLATION, KIND_QUARANTINED, KIND_DUPLICATE)}
+    reason_counts: dict[str, int] = {}
+    heuristic = suspects = 0
+    for r in tallies:
+        if r["kind"] != KIND_ORDER:
+            counts[r["kind"]] += r["count"]
+        if r["kind"] == KIND_QUARANTINED:
+            reason_counts[r["reason"]] = reason_counts.get(r["reason"], 0) + r["count"]
+        if r["kind"] == KIND_CANCELLATION and r["_match"] == "heuristic":
+            heuristic += r["count"]
+        if r["_is_encoding_suspect"]:
+            suspects += r["count"]
+    quarantined = counts[KIND_QUARANTINED]
+    return _ClassifyPass(kinds_df, others_df, counts,
+                         {code: reason_counts[code] for code in REASON_CODES if code in reason_counts},
+                         heuristic, suspects, accepted=total - sum(counts.values()), quarantined=quarantined,
+                         rejected=quarantined / total > validation.max_rejected_share)
 
-        # Pass 3: the accepted orders (row kind "order" never depends on cancellation matching).
-        orders_accepted = orders_written = 0
-        if not rejected and accepted:
-            lines_df = kinds_df.filter(F.col("kind") == KIND_ORDER).transform(with_source_rows, offsets_df)
-            cancels_df = None
-            if counts[KIND_CANCELLATION]:
-                cancels_df = others_df.filter(F.col("kind") == KIND_CANCELLATION)
-            orders_df = build_orders(lines_df, cancels_df, grain=source.grain, order_id_mapped=order_id_mapped,
-                                     ingest_run_id=run_id, source_name=source.name, order_id_prefix=order_id_prefix)
-            orders_accepted, orders_written = _merge_orders(
-                storage, orders_df, accepted if source.grain == "order" else None, cached)
-            clock.lap("pass 3: write orders")
-        key_rows = 0
-        if not rejected and accepted and key_columns:
-            # Pass 4: the accepted rows' keys, normalised and hashed in the scan (no clear text kept)
-            index = {name: i for i, name in enumerate(src.names)}
-            keys_df = hashed_keys(
-                kinds_df.filter(F.col("kind") == KIND_ORDER).select(
-                    "customer_id", *[F.col(source_col(index[c])).cast("string").alias(f"_key_{k}")
-                                     for k, c in key_columns.items()]),
-                {k: f"_key_{k}" for k in key_columns}, source_name=source.name,
-                country_code=keys.phone_country_code, hmac_key=keys.hmac_key, run_date=run_date)
-            key_rows = _add_keys(storage, keys_df, most_keys=accepted * len(key_columns))
-            clock.lap("pass 4: matching keys")
-        quarantine_df = None
-        if quarantined:
-            quarantine_df = build_quarantine(
-                others_df.transform(with_quarantine_text, rules, field_count=src.field_count,
-                                    # a malformed line would carry the e-mail / phone in clear
-                                    line_key=(unused_name("_line", src.names)
-                                              if src.names_from and not private_columns else None))
-                .transform(with_source_rows, offsets_df),
-                order_id_mapped=order_id_mapped, ingest_run_id=run_id, run_date=run_date)
-        _write_quarantine(storage, quarantine_df, sorted({local_path(r["_src_file"]) for r in splits}),
-                          set(quarantined_before), replace=not rejected)
-        clock.lap("write quarantine")
 
-        summary = IngestSummary(
-            ingest_run_id=run_id, source_name=source.name, run_date=run_date, source_path=path, key_rows=key_rows,
-            status="rejected" if rejected else "ok", input_rows=total,
-            accepted_rows=accepted, cancellation_lines_applied=counts[KIND_CANCELLATION],
-            quarantined_rows=quarantined, exact_duplicate_rows=counts[KIND_DUPLICATE],
-            orders_accepted=orders_accepted, orders_written=orders_written, reason_counts=reason_counts,
-            max_rejected_share=validation.max_rejected_share,
-            source_files=len({r["_src_file"] for r in splits}),
-            cancellation_lines_by_heuristic=heuristic, encoding_suspect_rows=suspects,
-            skipped_files=skipped, future_rows_retried=retried, value_counts=value_counts,
-            unknown_statuses=unknown_statuses, started_at=started, finished_at=datetime.now(timezone.utc))
-        if not rejected and new_files:
-            # after the orders commit: a crash before this line only means the files are read again
-            _record_files(spark, storage, new_files, splits, run_id, summary.finished_at, source.name,
-                          all_new=source.new_files_only and not any(f.key in known for f in new_files))
-        _append_run(spark, storage, summary)
-        clock.lap("write ingest_runs")
-    finally:
-        for df in cached:
-            df.unpersist()
-    log.info("%s", summary)
-    if rejected:
-        top = ", ".join(f"{code} {count:,}" for code, count in
-                        sorted(reason_counts.items(), key=lambda kv: (-kv[1], kv[0]))[:3])
-        raise IngestRejectedError(
-            f"{quarantined:,} of {total:,} rows ({quarantined / total:.1%}) were rejected, above "
-            f"validation.max_rejected_share={validation.max_rejected_share:.0%}: top reasons {top}; "
-            "nothing was written to `orders`; inspect with `cvseg show orders_quarantine`", summary)
-    return summary
+def _write_accepted(storage: Storage, classified: _ClassifyPass, offsets_df: DataFrame, src: Source,
+                    source: SourceConf, mapping: dict[str, str | None], run_id: str, run_date: date,
+                    order_id_prefix: str, keys: KeyReading | None, cached: list[DataFrame],
+                    clock: "_Clock") -> tuple[int, int, int]:
+    """Pass 3: the accepted orders merged (row kind "order" never depends on cancellation matching);
+    pass 4: their matching keys, normalised and hashed in the scan (no clear text kept). Returns
+    (orders accepted, orders written, key rows)."""
+    order_rows_df = classified.kinds_df.filter(F.col("kind") == KIND_ORDER)
+    cancels_df = None
+    if classified.counts[KIND_CANCELLATION]:
+        cancels_df = classified.others_df.filter(F.col("kind") == KIND_CANCELLATION)
+    orders_df = build_orders(order_rows_df.transform(with_source_rows, offsets_df), cancels_df, grain=source.grain,
+                             order_id_mapped=mapping["order_id"] is not None, ingest_run_id=run_id,
+                             source_name=source.name, order_id_prefix=order_id_prefix)
+    orders_accepted, orders_written = _merge_orders(
+        storage, orders_df, classified.accepted if source.grain == "order" else None, cached)
+    clock.lap("pass 3: write orders")
+    key_columns = {k: mapping[k] for k in (keys.match_on if keys else ()) if mapping.get(k)}
+    key_rows = 0
+    if key_columns:
+        index = {name: i for i, name in enumerate(src.names)}
+        keys_df = hashed_keys(
+            order_rows_df.select("customer_id", *[F.col(source_col(index[c])).cast("string").alias(f"_key_{k}")
+                                                  for k, c in key_columns.items()]),
+            {k: f"_key_{k}" for k in key_columns}, source_name=source.name,
+            country_code=keys.phone_country_code, hmac_key=keys.hmac_key, run_date=run_date)
+        key_rows = _add_keys(storage, keys_df, most_keys=classified.accepted * len(key_columns))
+        clock.lap("pass 4: matching keys")
+    return orders_accepted, orders_written, key_rows
 
 
 class _Clock:
