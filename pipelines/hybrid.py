@@ -262,14 +262,14 @@ def training_frame(storage: Storage, train_cutoff: dt.date, config: Config) -> T
     when it exists in this release's columns and time unit; else ``calibration_holdout`` (reused or built
     from every order)."""
     from core.tables import CUSTOMER_FEATURES
-    from pipelines.backtest import _lacks_net_basis, ensure_calibration
+    from pipelines.backtest import ensure_calibration, lacks_net_basis
     from pipelines.calibration import holdout_end
 
     horizon = config.features.horizon_months
     if storage.exists(CUSTOMER_FEATURES.name):
         features_df = storage.read(CUSTOMER_FEATURES.name, partitions={"as_of_date": [train_cutoff]})
         stored = features_df.select("time_unit").limit(1).collect()
-        if stored and stored[0]["time_unit"] == config.features.time_unit and not _lacks_net_basis(features_df):
+        if stored and stored[0]["time_unit"] == config.features.time_unit and not lacks_net_basis(features_df):
             end = holdout_end(train_cutoff, horizon)
             # only the horizon's order months are read (the history before it is most of the table);
             # the trees need the net value only (holdout_actuals' distinct order days cost a second shuffle)

@@ -1,14 +1,12 @@
 """Ingest's errors and its run summary (what `cvseg ingest` prints and `ingest_runs` records)."""
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 from datetime import date, datetime
 
 
 from core.errors import UserError
 
-log = logging.getLogger(__name__)
 
 
 

@@ -2,7 +2,6 @@
 an argument), each testable on a few rows."""
 from __future__ import annotations
 
-import logging
 from datetime import date
 from typing import Iterable, Sequence
 
@@ -14,7 +13,6 @@ from core.tables import ORDERS, ORDERS_QUARANTINE
 from pipelines.ingest.summary import DEFAULT_SOURCE, KIND_CANCELLATION, KIND_DUPLICATE, KIND_ORDER, KIND_QUARANTINED
 from pipelines.validation import with_rule_details
 
-log = logging.getLogger(__name__)
 
 
 
