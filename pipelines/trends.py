@@ -378,14 +378,7 @@ def _segments_state(storage: Storage) -> tuple[DataFrame | None, int | None, int
 
 def run_trends(storage: Storage, as_of_date: dt.date, conf: TrendsConf, rebuild: bool = False) -> TrendsResult:
     """Update the trend tables for ``as_of_date`` (module docstring); ``rebuild`` recomputes all."""
-    if not storage.exists(ORDERS.name):
-        raise TrendsError("no orders table yet: run `cvseg ingest` first")
-    if not storage.exists(CUSTOMER_FEATURES.name):
-        raise TrendsError(f"no customer_features table yet: run `cvseg features --as-of {as_of_date}` first")
-    features_df = storage.read(CUSTOMER_FEATURES.name).where(F.col("as_of_date") == F.lit(as_of_date))
-    if features_df.select("customer_id").limit(1).first() is None:
-        ensure_not_pruned(storage, CUSTOMER_FEATURES.name, as_of_date)
-        raise TrendsError(f"no customer_features for {as_of_date}: run `cvseg features --as-of {as_of_date}` first")
+    features_df = _features_at(storage, as_of_date)
     orders_df = read_orders(storage).where(F.col("order_date") <= F.lit(as_of_date))
     segments_df, segments_version, generation_id = _segments_state(storage)
     # ingest runs present in the orders up to D, each with its earliest order date (a few rows)
@@ -395,39 +388,72 @@ def run_trends(storage: Storage, as_of_date: dt.date, conf: TrendsConf, rebuild:
     identity_at = identity_version(storage)
     full = last is None or as_of_date < last["as_of_date"] or _identity_moved(storage, last, identity_at)
     window_first_year = as_of_date.year - conf.years + 1
-
-    starts: dict[str, int | None]        # table -> first partition year recomputed (None: all)
+    seen = set() if full else set(last["ingest_run_ids"])
+    unseen = [day for run_id, day in ingest_runs.items() if run_id not in seen]   # new ingest runs' first days
+    if (not full and as_of_date == last["as_of_date"] and not unseen and segments_version == last["segments_version"]
+            and generation_id == last["generation_id"] and identity_at == last.get("identity_version")):
+        return TrendsResult(as_of_date, "unchanged", {}, {})
+    summary_df = _summary(features_df, segments_df, None if full else last["as_of_date"])
     if full:
-        summary_df = _summary(features_df, segments_df, None)
-        starts = {name: None for name in _TABLES}
+        starts: dict[str, int | None] = {name: None for name in _TABLES}   # table -> first year recomputed
         starts[TREND_YEARLY.name] = starts[TREND_YEARLY_CATEGORY.name] = window_first_year
     else:
-        seen = set(last["ingest_run_ids"])
-        unseen = [day for run_id, day in ingest_runs.items() if run_id not in seen]
-        if (as_of_date == last["as_of_date"] and not unseen and segments_version == last["segments_version"]
-                and generation_id == last["generation_id"] and identity_at == last.get("identity_version")):
-            return TrendsResult(as_of_date, "unchanged", {}, {})
-        summary_df = _summary(features_df, segments_df, last["as_of_date"])
-        base = min([last["as_of_date"], as_of_date - dt.timedelta(weeks=conf.recompute_weeks), *unseen])
-        segment_base = base
-        if segments_df is not None and generation_id == last["generation_id"] \
-                and segments_version != last["segments_version"]:
-            # customers placed since the last run leave "(unsegmented)" from their first order on
-            # (placements on L itself came before the trend run of L: segments run first each night)
-            placed = (summary_df.where(F.col("newly_placed")).agg(F.min("first_order_date")).first()[0])
-            segment_base = min(base, placed) if placed is not None else base
-        yearly_from = max(base.year, window_first_year)
-        starts = {
-            # a new generation may move every customer: the whole table
-            TREND_WEEKLY_SEGMENT.name: (monday(segment_base).year if generation_id == last["generation_id"]
-                                        else None),
-            TREND_NEW_CUSTOMERS_WEEKLY.name: monday(base).year,
-            TREND_F2_CONVERSION.name: (base - dt.timedelta(days=F2_LOOKBACK_DAYS)).year,
-            TREND_COHORT_RETENTION.name: base.year,
-            TREND_YEARLY.name: yearly_from,
-            TREND_YEARLY_CATEGORY.name: yearly_from,
-        }
+        starts = _incremental_starts(last, as_of_date, conf, unseen, summary_df, segments_df is not None,
+                                     segments_version, generation_id, window_first_year)
+    try:
+        partitions = _write_tables(storage, orders_df, features_df, segments_df, summary_df, starts, full,
+                                   as_of_date, window_first_year, identity_at)
+    finally:
+        summary_df.unpersist()
+    recomputed_from = {name: ("all" if full or start is None else start) for name, start in starts.items()}
+    _record_run(storage, last, as_of_date, "rebuild" if full else "incremental", generation_id, segments_version,
+                sorted(ingest_runs), starts, identity_at)
+    return TrendsResult(as_of_date, "rebuild" if full else "incremental", recomputed_from, partitions)
 
+
+def _features_at(storage: Storage, as_of_date: dt.date) -> DataFrame:
+    """customer_features at D; fails with the command to run when orders or the partition are missing."""
+    if not storage.exists(ORDERS.name):
+        raise TrendsError("no orders table yet: run `cvseg ingest` first")
+    if not storage.exists(CUSTOMER_FEATURES.name):
+        raise TrendsError(f"no customer_features table yet: run `cvseg features --as-of {as_of_date}` first")
+    features_df = storage.read(CUSTOMER_FEATURES.name).where(F.col("as_of_date") == F.lit(as_of_date))
+    if features_df.select("customer_id").limit(1).first() is None:
+        ensure_not_pruned(storage, CUSTOMER_FEATURES.name, as_of_date)
+        raise TrendsError(f"no customer_features for {as_of_date}: run `cvseg features --as-of {as_of_date}` first")
+    return features_df
+
+
+def _incremental_starts(last: dict[str, Any], as_of_date: dt.date, conf: TrendsConf, unseen: list[dt.date],
+                        summary_df: DataFrame, segmented: bool, segments_version: int | None,
+                        generation_id: int | None, window_first_year: int) -> dict[str, int | None]:
+    """Per table, the first partition year an incremental run recomputes (None: the whole table):
+    back to the last run, ``trends.recompute_weeks`` before D, the first order date of any ingest run
+    not seen before, and for the segment table the first order of any customer placed since."""
+    base = min([last["as_of_date"], as_of_date - dt.timedelta(weeks=conf.recompute_weeks), *unseen])
+    segment_base = base
+    if segmented and generation_id == last["generation_id"] and segments_version != last["segments_version"]:
+        # customers placed since the last run leave "(unsegmented)" from their first order on
+        # (placements on L itself came before the trend run of L: segments run first each night)
+        placed = summary_df.where(F.col("newly_placed")).agg(F.min("first_order_date")).first()[0]
+        segment_base = min(base, placed) if placed is not None else base
+    yearly_from = max(base.year, window_first_year)
+    return {
+        # a new generation may move every customer: the whole table
+        TREND_WEEKLY_SEGMENT.name: (monday(segment_base).year if generation_id == last["generation_id"] else None),
+        TREND_NEW_CUSTOMERS_WEEKLY.name: monday(base).year,
+        TREND_F2_CONVERSION.name: (base - dt.timedelta(days=F2_LOOKBACK_DAYS)).year,
+        TREND_COHORT_RETENTION.name: base.year,
+        TREND_YEARLY.name: yearly_from,
+        TREND_YEARLY_CATEGORY.name: yearly_from,
+    }
+
+
+def _write_tables(storage: Storage, orders_df: DataFrame, features_df: DataFrame, segments_df: DataFrame | None,
+                  summary_df: DataFrame, starts: dict[str, int | None], full: bool, as_of_date: dt.date,
+                  window_first_year: int, identity_at: int | None) -> dict[str, Any]:
+    """Compute and write each trend table from its start year (``starts`` gains the channel-set table
+    when identities are resolved); returns table -> partition years replaced, or "all"."""
     # the orders of the recomputed years with their customers' attributes, materialised once
     order_years = [starts[t] for t in (TREND_WEEKLY_SEGMENT.name, TREND_COHORT_RETENTION.name, TREND_YEARLY.name)]
     range_df = orders_df
@@ -467,12 +493,7 @@ def run_trends(storage: Storage, as_of_date: dt.date, conf: TrendsConf, rebuild:
             partitions[name] = years
     finally:
         enriched_df.unpersist()
-        summary_df.unpersist()
-
-    recomputed_from = {name: ("all" if full or start is None else start) for name, start in starts.items()}
-    _record_run(storage, last, as_of_date, "rebuild" if full else "incremental", generation_id, segments_version,
-                sorted(ingest_runs), starts, identity_at)
-    return TrendsResult(as_of_date, "rebuild" if full else "incremental", recomputed_from, partitions)
+    return partitions
 
 
 def _summary(features_df: DataFrame, segments_df: DataFrame | None, placed_after: dt.date | None) -> DataFrame:
