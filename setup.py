@@ -16,9 +16,10 @@ setup(
     long_description=(ROOT / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     python_requires=">=3.10,<3.13",
-    packages=find_packages(include=["core", "core.*", "jobs", "jobs.*", "pipelines", "pipelines.*",
-                                    "models", "models.*", "conf", "conf.*"]),
-    package_data={"core": ["VERSION", "jars.lock", "log4j2.properties"], "conf": ["*.yaml", "examples/*.yaml", "README.md"]},
+    packages=find_packages(include=["cvseg", "cvseg.*", "core", "core.*", "jobs", "jobs.*", "pipelines",
+                                    "pipelines.*", "models", "models.*", "conf", "conf.*"]),
+    package_data={"core": ["VERSION", "jars.lock", "log4j2.properties"],
+                  "conf": ["*.yaml", "examples/*.yaml", "README.md"]},
     install_requires=[
         SPARK,
         "delta-spark>=4.0,<4.1",   # native Delta when the session has Delta's jars
