@@ -166,6 +166,28 @@ class SourceConf(_Frozen):
             raise ValueError("set either channel (one channel for the whole source) or columns.channel, not both")
         return self
 
+    @model_validator(mode="after")
+    def _mapping_can_work(self) -> "SourceConf":
+        """Mapping combinations that cannot work, refused when the config is read (not at ingest)."""
+        cols, cancellation = self.columns, self.cancellation
+        if cols.gross_amount is None and not (cols.quantity and cols.unit_price):
+            raise ValueError("map columns.gross_amount, or both columns.quantity and columns.unit_price "
+                             "(gross = quantity x unit_price)")
+        if self.grain == "line" and cols.order_id is None:
+            raise ValueError("grain: line needs columns.order_id (lines are summed per order)")
+        if cancellation.style == "status" and (cols.status is None or not cancellation.cancelled_values):
+            raise ValueError("cancellation.style: status needs columns.status and cancellation.cancelled_values "
+                             "(e.g. [キャンセル])")
+        if cancellation.style == "negative_lines" and cancellation.order_id_prefix and cols.order_id is None:
+            raise ValueError("cancellation.order_id_prefix needs columns.order_id")
+        if self.allowed_currencies and cols.currency is None:
+            raise ValueError("allowed_currencies is set but columns.currency is not mapped")
+        for fmt in (self.timestamp_format, *self.timestamp_formats_extra):
+            if "%" in fmt:
+                raise ValueError(f"timestamp_format {fmt!r}: use Spark datetime patterns such as "
+                                 "yyyy/MM/dd HH:mm:ss, not strftime codes")
+        return self
+
 
 class IdentityConf(_Frozen):
     """One customer across several sources (pipelines/identity.py): an explicit map and/or
@@ -549,6 +571,8 @@ def _format_errors(exc: ValidationError) -> str:
             lines.append(f"  {path}: unknown key (see conf/README.md for the keys that exist)")
         elif err["type"] == "missing":
             lines.append(f"  {path}: required key is missing")
+        elif isinstance(err.get("input"), dict):   # a check across a section's keys: the message names them
+            lines.append(f"  {path}: {err['msg'].removeprefix('Value error, ')}")
         else:
             lines.append(f"  {path}: {err['msg']} (got {err.get('input')!r})")
     return "invalid configuration:\n" + "\n".join(lines)

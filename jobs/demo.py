@@ -92,7 +92,6 @@ def main(args: argparse.Namespace) -> dict:
                                out_dir=str(demo_dir / "export"), fmt="csv")
         print(f"  {summary['n_rows']:,} export rows in {summary['orders_path']}")
 
-    from core import tracking
     from pipelines.nightly import STEPS, PipelineStepError, run_nightly
 
     # The same orchestrator as `cvseg run`; force: the demo re-runs every step even if a previous
@@ -110,20 +109,27 @@ def main(args: argparse.Namespace) -> dict:
     with step(f"calibration/holdout at cutoff {cutoff} (for `cvseg backtest`)"):
         calibration_stats = run_calibration(storage, cutoff, config.features)
     print(f"  {calibration_stats.summary_line()}")
+    _print_what_was_made(storage, config, as_of, result)
+    _print_next_commands(args.dataset, config, conf_path, as_of, demo_dir)
+    return {"conf": str(conf_path), "as_of": as_of, "run": result, "calibration": calibration_stats,
+            "export": result.outcome("export").details}
+
+
+def _print_what_was_made(storage, config, as_of: dt.date, result) -> None:
+    """A few customer_features rows, every table written, the export and the MLflow champion."""
+    from core import tracking
+    from core.tables import TABLES
+    from jobs.show import select_rows
+
     target = tracking.tracking_target(config)
     score = result.outcome("score")
     export = result.outcome("export")
-
-    from jobs.show import select_rows
-
     rows, _, _ = select_rows(storage, "customer_features", as_of=as_of, limit=5,
                           columns="customer_id,n_orders,frequency,recency,T,net_amount,cancel_rate_count,"
                                   "acquisition_channel,rfm_score")
     print(f"\ncustomer_features as of {as_of} (first 5 rows):")
     print(rows.to_string(index=False))
     print("\nTables:")
-    from core.tables import TABLES
-
     for table in TABLES:
         if storage.exists(table):
             print(f"  {table:<26} {storage.path(table)}")
@@ -131,8 +137,12 @@ def main(args: argparse.Namespace) -> dict:
           f"({export.details['rows']:,} rows, sha256 {export.details['sha256'][:16]}...)")
     print(f"MLflow: {target.uri} (experiment {target.experiment}, model {target.registered_model}, "
           f"champion v{score.details['model_version']})")
+
+
+def _print_next_commands(dataset: str, config, conf_path: Path, as_of: dt.date, demo_dir: Path) -> None:
+    """The commands a user goes on with, on the demo's resolved config."""
     print(f"\nResolved config: {conf_path}\nGo on with, e.g.:")
-    if args.dataset == "omni":
+    if dataset == "omni":
         key = os.environ[config.export.hmac_key_env]
         shown = key if key == DEMO_HMAC_KEY else "<the key you set>"
         print(f"  export {config.export.hmac_key_env}={shown}   # the key the demo hashed e-mail and phone with: "
@@ -145,5 +155,3 @@ def main(args: argparse.Namespace) -> dict:
     print(f"  cvseg models --conf {conf_path}")
     print(f"  cvseg report --conf {conf_path} --as-of {as_of} --language ja --language en   # HTML + PDF")
     print(f"  cvseg backtest --conf {conf_path} --as-of {as_of}       # all models vs the cohort method")
-    return {"conf": str(conf_path), "as_of": as_of, "run": result, "calibration": calibration_stats,
-            "export": export.details}

@@ -260,7 +260,11 @@ def _hour_warp(frac: np.ndarray, hour_weights: tuple[float, ...]) -> np.ndarray:
 
 def simulate_block(block_id: int, n_customers: int, seed: int, params: GeneratorParams,
                    dirty_share: float, block_size: int = DEFAULT_BLOCK_SIZE) -> pd.DataFrame:
-    """Rows of one block (customers ``block_id * block_size`` ..), in the internal integer layout."""
+    """Rows of one block (customers ``block_id * block_size`` ..), in the internal integer layout.
+
+    Long on purpose: one vectorised simulation whose steps (customers, orders, cancellations,
+    defects) share a dozen per-customer arrays and three random streams whose draw order fixes the
+    output for a seed; split, every part would take and return most of them."""
     first = block_id * block_size
     n = min(block_size, n_customers - first)
     # Separate streams so that, e.g., changing dirty_share leaves the clean rows unchanged.

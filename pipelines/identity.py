@@ -419,41 +419,11 @@ def resolve_new_ids(appended_orders_df: DataFrame, appended_keys_df: DataFrame |
     members_df = new_df.select("node", "own_id", "first_order_date", F.lit(None).cast("string").alias("_existing"))
     labels_df, iterations = None, 0
     if holders_df is not None:
-        # a holder that has orders: an earlier id (with its customer) or a new one
-        fresh = appended_keys_df.select(*id_columns, "key_type", "key_hash").withColumn("_fresh", F.lit(True))
-        held_df = (holders_df.join(earlier_df, on=id_columns, how="left")
-                   .join(new_df.select(*id_columns, "own_id"), on=id_columns, how="left")
-                   .where(F.col("_existing").isNotNull() | F.col("own_id").isNotNull())
-                   .join(fresh, on=[*id_columns, "key_type", "key_hash"], how="left")
-                   .withColumn("_before", F.col("_existing").isNotNull() & F.col("_fresh").isNull())
-                   .withColumn("node", node_id(F.col("source_name"), F.col("source_customer_id")))
-                   .localCheckpoint())
-        per_key_df = (held_df.groupBy("key_type", "key_hash")
-                      .agg(F.count(F.lit(1)).alias("holders"), F.count_if("_before").alias("holders_before"),
-                           F.slice(F.array_sort(F.collect_list(F.coalesce("_existing", "own_id"))), 1, 20)
-                           .alias("candidates")).localCheckpoint())
-        unlinked = per_key_df.where((F.col("holders") > max_ids_per_key) & (F.col("holders_before") >= 2)
-                                    & (F.col("holders_before") <= max_ids_per_key)).count()
-        if unlinked:
-            return f"{unlinked:,} matching key(s) that linked source ids are now held by more than {max_ids_per_key}"
-        conflicts_df = per_key_df.where(F.col("holders") > max_ids_per_key).select(
-            F.lit(run_id).alias("identity_run_id"), F.lit(run_date).alias("run_date"),
-            F.lit(KEY_TOO_COMMON).alias("reason"), F.lit(None).cast("string").alias("source_name"),
-            F.lit(None).cast("string").alias("source_customer_id"), "key_type", "key_hash", "candidates",
-            F.concat(F.lit("not used: held by "), F.col("holders").cast("string"),
-                     F.lit(f" source ids (identity.max_ids_per_key={max_ids_per_key}; the first 20 listed)"))
-            .alias("resolution"))
-        linking_df = per_key_df.where(F.col("holders").between(2, max_ids_per_key)).select("key_type", "key_hash")
-        edges_df = (held_df.join(linking_df, on=["key_type", "key_hash"], how="left_semi")
-                    .select("node", F.concat(F.lit("k"), F.col("key_type"), F.lit(_SEP), F.col("key_hash"))
-                            .alias("vertex")).distinct().localCheckpoint())
-        if edges_df.limit(1).count():
-            labels_df, iterations = connected_components(edges_df, max_iterations)
-            existing_df = (held_df.where(F.col("_existing").isNotNull())
-                           .select("node", "_existing", F.lit(None).cast("string").alias("own_id"),
-                                   F.lit(None).cast("date").alias("first_order_date")).distinct())
-            members_df = (members_df.select("node", "own_id", "first_order_date", "_existing")
-                          .unionByName(existing_df.select("node", "own_id", "first_order_date", "_existing")))
+        linked = _linked_by_new_keys(appended_keys_df, holders_df, earlier_df, new_df, members_df, run_date=run_date,
+                                     run_id=run_id, max_ids_per_key=max_ids_per_key, max_iterations=max_iterations)
+        if isinstance(linked, str):
+            return linked
+        members_df, labels_df, iterations, conflicts_df = linked
     if labels_df is not None:
         members_df = members_df.join(labels_df, on="node", how="left")
     else:
@@ -484,6 +454,54 @@ def resolve_new_ids(appended_orders_df: DataFrame, appended_keys_df: DataFrame |
         conflicts_df = _empty_conflicts(result_df.sparkSession)
     return NewIdsResolution(result_df.drop("_new_customer"), conflicts_df, int(stats["ids"]),
                             int(stats["customers"] or 0), int(stats["linked"]), iterations)
+
+
+def _linked_by_new_keys(appended_keys_df: DataFrame, holders_df: DataFrame, earlier_df: DataFrame,
+                        new_df: DataFrame, members_df: DataFrame, *, run_date: dt.date, run_id: str,
+                        max_ids_per_key: int, max_iterations: int
+                        ) -> tuple[DataFrame, DataFrame | None, int, DataFrame] | str:
+    """The links tonight's matching keys make among their holders (earlier ids with their customer,
+    new ids): the members with the earlier customers they reach, the connected components' labels
+    (None without a linking key), the iterations and the keys too common to use (conflicts). Returns
+    why every id must be resolved instead when a key that linked ids became too common."""
+    labels_df, iterations = None, 0
+    id_columns = ["source_name", "source_customer_id"]
+    # a holder that has orders: an earlier id (with its customer) or a new one
+    fresh = appended_keys_df.select(*id_columns, "key_type", "key_hash").withColumn("_fresh", F.lit(True))
+    held_df = (holders_df.join(earlier_df, on=id_columns, how="left")
+               .join(new_df.select(*id_columns, "own_id"), on=id_columns, how="left")
+               .where(F.col("_existing").isNotNull() | F.col("own_id").isNotNull())
+               .join(fresh, on=[*id_columns, "key_type", "key_hash"], how="left")
+               .withColumn("_before", F.col("_existing").isNotNull() & F.col("_fresh").isNull())
+               .withColumn("node", node_id(F.col("source_name"), F.col("source_customer_id")))
+               .localCheckpoint())
+    per_key_df = (held_df.groupBy("key_type", "key_hash")
+                  .agg(F.count(F.lit(1)).alias("holders"), F.count_if("_before").alias("holders_before"),
+                       F.slice(F.array_sort(F.collect_list(F.coalesce("_existing", "own_id"))), 1, 20)
+                       .alias("candidates")).localCheckpoint())
+    unlinked = per_key_df.where((F.col("holders") > max_ids_per_key) & (F.col("holders_before") >= 2)
+                                & (F.col("holders_before") <= max_ids_per_key)).count()
+    if unlinked:
+        return f"{unlinked:,} matching key(s) that linked source ids are now held by more than {max_ids_per_key}"
+    conflicts_df = per_key_df.where(F.col("holders") > max_ids_per_key).select(
+        F.lit(run_id).alias("identity_run_id"), F.lit(run_date).alias("run_date"),
+        F.lit(KEY_TOO_COMMON).alias("reason"), F.lit(None).cast("string").alias("source_name"),
+        F.lit(None).cast("string").alias("source_customer_id"), "key_type", "key_hash", "candidates",
+        F.concat(F.lit("not used: held by "), F.col("holders").cast("string"),
+                 F.lit(f" source ids (identity.max_ids_per_key={max_ids_per_key}; the first 20 listed)"))
+        .alias("resolution"))
+    linking_df = per_key_df.where(F.col("holders").between(2, max_ids_per_key)).select("key_type", "key_hash")
+    edges_df = (held_df.join(linking_df, on=["key_type", "key_hash"], how="left_semi")
+                .select("node", F.concat(F.lit("k"), F.col("key_type"), F.lit(_SEP), F.col("key_hash"))
+                        .alias("vertex")).distinct().localCheckpoint())
+    if edges_df.limit(1).count():
+        labels_df, iterations = connected_components(edges_df, max_iterations)
+        existing_df = (held_df.where(F.col("_existing").isNotNull())
+                       .select("node", "_existing", F.lit(None).cast("string").alias("own_id"),
+                               F.lit(None).cast("date").alias("first_order_date")).distinct())
+        members_df = (members_df.select("node", "own_id", "first_order_date", "_existing")
+                      .unionByName(existing_df.select("node", "own_id", "first_order_date", "_existing")))
+    return members_df, labels_df, iterations, conflicts_df
 
 
 def _empty_conflicts(spark: SparkSession) -> DataFrame:

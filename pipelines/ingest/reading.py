@@ -425,28 +425,6 @@ def check_mapping(names: Sequence[str], source: SourceConf, path: str) -> None:
     raise IngestError("\n".join(lines))
 
 
-def check_conf(source: SourceConf) -> None:
-    """Mapping combinations that cannot work, named by their conf key."""
-    cols = source.columns
-    if cols.gross_amount is None and not (cols.quantity and cols.unit_price):
-        raise IngestError("map source.columns.gross_amount, or both source.columns.quantity and "
-                          "source.columns.unit_price (gross = quantity x unit_price)")
-    if source.grain == "line" and cols.order_id is None:
-        raise IngestError("source.grain: line needs source.columns.order_id (lines are summed per order)")
-    style = source.cancellation.style
-    if style == "status" and (cols.status is None or not source.cancellation.cancelled_values):
-        raise IngestError("source.cancellation.style: status needs source.columns.status and "
-                          "source.cancellation.cancelled_values (e.g. [キャンセル])")
-    if style == "negative_lines" and source.cancellation.order_id_prefix and cols.order_id is None:
-        raise IngestError("source.cancellation.order_id_prefix needs source.columns.order_id")
-    if source.allowed_currencies and cols.currency is None:
-        raise IngestError("source.allowed_currencies is set but source.columns.currency is not mapped")
-    for fmt in (source.timestamp_format, *source.timestamp_formats_extra):
-        if "%" in fmt:
-            raise IngestError(f"source.timestamp_format {fmt!r}: use Spark datetime patterns such as "
-                              "yyyy/MM/dd HH:mm:ss, not strftime codes")
-
-
 def local_path(uri: str) -> str:
     """Spark's file URI -> the path a user recognises (file:/x/a%20b.csv -> /x/a b.csv)."""
     return unquote(re.sub(r"^file:(//)?", "", uri))

@@ -17,7 +17,7 @@ from core.storage import Storage
 from core.tables import IDENTITY_KEYS, INGEST_RUNS, INGESTED_FILES, ORDERS, ORDERS_QUARANTINE
 from pipelines.identity import hashed_keys
 from pipelines.ingest.reading import (Source, SourceFile, action_error, java_charsets,
-                                     check_conf, check_mapping, ingested_file_keys, local_path, unused_name,
+                                     check_mapping, ingested_file_keys, local_path, unused_name,
                                      list_source_files, read_source)
 from pipelines.ingest.summary import (DEFAULT_SOURCE, KIND_CANCELLATION, KIND_DUPLICATE, KIND_ORDER, KIND_QUARANTINED,
                                       IngestError, IngestRejectedError, IngestSummary)
@@ -158,14 +158,13 @@ def _run_ingest(spark: SparkSession, storage: Storage, source: SourceConf, valid
 
 
 def _checked(spark: SparkSession, source: SourceConf, path: str | None) -> str:
-    """The path to read (``--path`` or ``source.path``), once the session and the source settings
-    are fit for a run."""
+    """The path to read (``--path`` or ``source.path``), once the session is fit for a run (the source's
+    settings were checked when the config was read: ``core.config.SourceConf``)."""
     path = path or source.path
     if not path:
         raise IngestError("no source path: set source.path in the conf or pass --path")
     if spark.conf.get("spark.sql.session.timeZone") != "UTC":
         raise IngestError("the Spark session must run in UTC (core.spark.build_spark sets it)")
-    check_conf(source)
     return path
 
 

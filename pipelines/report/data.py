@@ -283,7 +283,8 @@ class DiagnosticData:
 
 def collect_diagnostic(storage, as_of: dt.date) -> DiagnosticData:
     """Every aggregate of the diagnostic report: two passes over the customer base and small reads
-    of the aggregated tables."""
+    of the aggregated tables. Long on purpose: one read per report section, in page order, around
+    the one persisted customer base that two of them share."""
     from pipelines.report import sources
 
     base = customer_base(storage, as_of)

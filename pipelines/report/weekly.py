@@ -37,6 +37,9 @@ def _value(value: float, kind: str, c: Context) -> str:
 
 
 def build_weekly(data: WeeklyData, language: str, currency: str, client: str, generated: dt.datetime) -> Document:
+    """The weekly report, section by section in reading order. Long on purpose: a flat sequence of
+    independent sections on one document, each a few lines; split, the page order would be hidden
+    across functions."""
     c = Context(language, currency)
     doc = Document(title=c.m("weekly.title"),
                    subtitle=c.m("subtitle", client=client, as_of=c.f.date(data.as_of),

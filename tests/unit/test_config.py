@@ -152,3 +152,19 @@ def test_champion_metrics_are_the_metric_registry():
 
     choices = get_args(ModelsConf.model_fields["champion_metric"].annotation)
     assert set(choices) == set(METRIC_DIRECTION)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["source.columns.gross_amount=null"], r"source: map columns\.gross_amount, or both columns\.quantity"),
+    (["source.grain=line", "source.columns.order_id=null"], r"source: grain: line needs columns\.order_id"),
+    (["source.cancellation.style=status"], r"source: cancellation\.style: status needs columns\.status"),
+    (["source.allowed_currencies=[JPY]"], r"source: allowed_currencies is set but columns\.currency"),
+    (["source.timestamp_format=%Y-%m-%d"], r"source: timestamp_format '%Y-%m-%d': use Spark datetime patterns"),
+])
+def test_mappings_that_cannot_work_are_refused_when_the_config_is_read(overrides, message):
+    """Checked at load (core.config.SourceConf), before any Spark session or file read."""
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, overrides)
+    # a mapping that derives gross from its lines is fine
+    load_config(None, ["source.columns.gross_amount=null", "source.columns.quantity=qty",
+                       "source.columns.unit_price=price"])
