@@ -367,7 +367,13 @@ class SegmentBand(_Frozen):
     lower: float | None = None            # None: the bottom band, which takes everyone left
 
 
-RESERVED_SEGMENT_NAMES = ("new", "dormant", "(none)", "(gone)", "(unsegmented)")
+# The segment vocabulary, one home: the lifecycle segments every generation has beside the value
+# bands, and the markers the migration matrix and the trend tables use for "no segment".
+NEW, DORMANT = "new", "dormant"
+NO_SEGMENT, GONE = "(none)", "(gone)"            # segment_migration: a newcomer / a customer no longer scored
+UNSEGMENTED = "(unsegmented)"                    # trend tables: a customer not placed yet
+LIFECYCLE_SEGMENTS = (NEW, DORMANT)
+RESERVED_SEGMENT_NAMES = (*LIFECYCLE_SEGMENTS, NO_SEGMENT, GONE, UNSEGMENTED)
 
 
 class SegmentsConf(_Frozen):
@@ -404,7 +410,7 @@ class SegmentsConf(_Frozen):
         if self.band_method == "quantile" and any(not 0.0 < v < 1.0 for v in bounded):
             raise ValueError(f"bands: with band_method quantile every `lower` is a quantile in (0, 1) "
                              f"(got {bounded}); use band_method: value for amounts")
-        unknown = sorted(set(self.labels) - set(names) - {"new", "dormant"})
+        unknown = sorted(set(self.labels) - set(names) - set(LIFECYCLE_SEGMENTS))
         if unknown:
             raise ValueError(f"labels: {unknown} are not segments; label the bands {names}, new or dormant")
         if len(set(self.labels.values())) != len(self.labels) or any(not t.strip() for t in self.labels.values()):

@@ -73,7 +73,7 @@ from typing import Any, Sequence
 from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
 
-from core.config import SegmentsConf
+from core.config import DORMANT, GONE, NEW, NO_SEGMENT, SegmentsConf
 from core.dates import add_months
 from core.errors import UserError
 from core.results import StageResult, omitted_when_none
@@ -85,8 +85,6 @@ from pipelines.maintenance import ensure_not_pruned
 
 log = logging.getLogger(__name__)
 
-NEW, DORMANT = "new", "dormant"
-NO_SEGMENT, GONE = "(none)", "(gone)"
 PRECEDENCE = (NEW, DORMANT, "value bands")
 DEFINITION_VERSION = 1
 

@@ -89,7 +89,7 @@ from typing import Any
 from pyspark.sql import Column, DataFrame, Window
 from pyspark.sql import functions as F
 
-from core.config import TrendsConf
+from core.config import UNSEGMENTED, TrendsConf
 from core.dates import monday
 from core.errors import UserError
 from core.results import StageResult
@@ -102,7 +102,6 @@ from pipelines.maintenance import ensure_not_pruned
 
 log = logging.getLogger(__name__)
 
-UNSEGMENTED = "(unsegmented)"
 UNKNOWN = "(unknown)"
 F2_WINDOWS = (90, 180)
 F2_LOOKBACK_DAYS = max(F2_WINDOWS)

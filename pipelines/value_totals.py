@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
+from pyspark.sql import types as T
 
 from core.results import StageResult
 from core.storage import Storage
@@ -97,7 +98,8 @@ def rollup_interval_sums(value: str, width: int) -> list[Column]:
             F.sum(LOG_P_ZERO).alias(LOG_P_ZERO), F.sum(WITHOUT_INTERVAL).alias(WITHOUT_INTERVAL)]
 
 
-@F.pandas_udf("struct<p10:double,p90:double>")
+# a typed return type, not a DDL string: importing this module needs no Spark session
+@F.pandas_udf(T.StructType([T.StructField("p10", T.DoubleType()), T.StructField("p90", T.DoubleType())]))
 def _total_quantiles(mean: pd.Series, variance: pd.Series, log_p_zero: pd.Series) -> pd.DataFrame:
     quantiles = intervals_lib.total_quantiles(mean.to_numpy(float), variance.to_numpy(float),
                                               np.exp(log_p_zero.to_numpy(float)))

@@ -22,20 +22,13 @@ from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
 
 from pipelines.identity import read_orders
-
 from pipelines.maintenance import ensure_not_pruned
+from pipelines.report import sources
+from pipelines.report.tables import GROUP_TOTAL_COLUMNS, Missing, require, table_available, to_pandas
 
 HISTOGRAM_BINS = 30
 F2_WINDOW_DAYS = 90
 UNKNOWN = "__unknown__"          # null channel / category; the renderer shows it translated
-
-@dataclass(frozen=True)
-class Missing:
-    """A section's table is not in the warehouse yet."""
-
-    tables: tuple[str, ...]
-    command: str
-
 
 @dataclass(frozen=True)
 class Histogram:
@@ -49,26 +42,6 @@ class Histogram:
     total: int
 
 
-def table_available(storage, name: str) -> bool:
-    from core.tables import TABLES
-
-    return name in TABLES and storage.exists(name)
-
-
-def missing(as_of: dt.date, *tables: str) -> Missing:
-    """Which tables a section lacks and the commands that write them (``TableSpec.produced_by``)."""
-    from core.tables import producing_command
-
-    commands = dict.fromkeys(producing_command(t, as_of) for t in tables)
-    return Missing(tables=tables, command=" ; ".join(commands))
-
-
-def require(storage, as_of: dt.date, *tables: str) -> Missing | None:
-    absent = tuple(t for t in tables if not table_available(storage, t))
-    return missing(as_of, *absent) if absent else None
-
-
-
 def _nice_cap(value: float | None) -> float:
     """Round a histogram's upper limit up to 1, 2, 2.5 or 5 x 10^k so bin edges read well."""
     if value is None or not math.isfinite(value) or value <= 0:
@@ -80,11 +53,6 @@ def _nice_cap(value: float | None) -> float:
     return 10 * exponent
 
 
-def _pdf(df: DataFrame, limit: int = 5000) -> pd.DataFrame:
-    """A grouped result to pandas; the limit guards against a mistaken customer-level frame."""
-    return df.limit(limit).toPandas()
-
-
 def months_before(as_of: dt.date, months: int) -> Column:
     return F.add_months(F.lit(as_of), -months)
 
@@ -92,11 +60,6 @@ def months_before(as_of: dt.date, months: int) -> Column:
 # --------------------------------------------------------------------------------------------
 # Customer base: features joined with scores at the as-of date, aggregated in two passes
 # --------------------------------------------------------------------------------------------
-#: customer_scores columns the segment totals' intervals add up (pipelines/value_totals.py), with their types
-GROUP_TOTAL_COLUMNS = {"p_zero_value": "double", "predicted_net_value_sd": "double",
-                       "predicted_net_value_param_sd": "double", "predicted_net_value_param_loadings": "array<double>"}
-
-
 def customer_base(storage, as_of: dt.date) -> DataFrame | Missing:
     absent = require(storage, as_of, "customer_features")
     if absent:
@@ -204,7 +167,7 @@ def base_groups(base_df: DataFrame, as_of: dt.date, caps: dict[str, float], deci
     grouped_df = (base_df.select(F.explode(F.array(*rows)).alias("g")).where(F.col("g").isNotNull())
                   .groupBy(F.col("g.dim").alias("dim"), F.col("g.key").alias("key"))
                   .agg(F.count(F.lit(1)).alias("n"), F.sum("g.v1").alias("v1"), F.sum("g.v2").alias("v2")))
-    return _pdf(grouped_df, limit=20_000)
+    return to_pandas(grouped_df, limit=20_000)
 
 
 def _dim(groups: pd.DataFrame, dim: str) -> pd.DataFrame:
@@ -238,7 +201,7 @@ def quarantine(storage, as_of: dt.date) -> dict[str, Any] | Missing:
         F.sum("exact_duplicate_rows").alias("exact_duplicate_rows")).first().asDict()
     reasons = pd.DataFrame(columns=["reason", "rows"])
     if table_available(storage, "orders_quarantine"):
-        reasons = _pdf(storage.read("orders_quarantine").groupBy("reason")
+        reasons = to_pandas(storage.read("orders_quarantine").groupBy("reason")
                        .agg(F.count(F.lit(1)).alias("rows")).orderBy(F.desc("rows"), "reason"))
     return {"runs": runs, "reasons": reasons}
 
@@ -285,8 +248,6 @@ def collect_diagnostic(storage, as_of: dt.date) -> DiagnosticData:
     """Every aggregate of the diagnostic report: two passes over the customer base and small reads
     of the aggregated tables. Long on purpose: one read per report section, in page order, around
     the one persisted customer base that two of them share."""
-    from pipelines.report import sources
-
     base = customer_base(storage, as_of)
     scores_missing = require(storage, as_of, "customer_scores")
     if isinstance(base, Missing):
@@ -419,14 +380,12 @@ class WeeklyData:
 
 
 def collect_weekly(storage, as_of: dt.date) -> WeeklyData:
-    from pipelines.report import sources
-
     windows = week_windows(as_of)
     orders = require(storage, as_of, "orders")
     if orders is None:
         week = _week_label(F.col("order_date"), windows)
         first_day = windows["year"][0]
-        orders = _pdf(read_orders(storage)   # buyers on the unified customer id
+        orders = to_pandas(read_orders(storage)   # buyers on the unified customer id
                       .where((F.col("order_month") >= F.lit(first_day.strftime("%Y-%m")))   # partition pruning
                              & (F.col("order_date") >= F.lit(first_day)))
                       .withColumn("week", week).where(F.col("week").isNotNull())
@@ -468,4 +427,4 @@ def _new_and_f2_from_features(storage, as_of: dt.date, windows) -> pd.DataFrame 
              .where(F.col("week").isNotNull()).groupBy("week", channel)
              .agg(F.count(F.lit(1)).alias("f2_conversions")))
     joined = new_df.join(f2_df, on=["week", "channel"], how="full").fillna(0)
-    return _pdf(joined)
+    return to_pandas(joined)

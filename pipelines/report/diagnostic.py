@@ -7,8 +7,10 @@ import json
 import numpy as np
 import pandas as pd
 
+from core.config import GONE, NO_SEGMENT
 from pipelines.report import charts
-from pipelines.report.data import CANCEL_BAND_LABELS, UNKNOWN, DiagnosticData, Histogram, Missing
+from pipelines.report.data import CANCEL_BAND_LABELS, UNKNOWN, DiagnosticData, Histogram
+from pipelines.report.tables import Missing
 from pipelines.report.document import (Bullets, Chart, Document, Heading, KeyFigures, PageBreak, Paragraph,
                                        Table)
 from pipelines.report.i18n import CATALOGUE, Formats, Messages
@@ -54,7 +56,7 @@ def finding_segment_shift(data: DiagnosticData, c: Context) -> str | None:
     if isinstance(mig, Missing) or mig is None or mig.empty:
         return None
     moved = mig[(mig["from_segment"] != mig["to_segment"])
-                & ~mig["from_segment"].isin(["(none)"]) & ~mig["to_segment"].isin(["(gone)"])]
+                & ~mig["from_segment"].isin([NO_SEGMENT]) & ~mig["to_segment"].isin([GONE])]
     if moved.empty:
         return None
     top = moved.sort_values("customers", ascending=False).iloc[0]

@@ -1,6 +1,6 @@
 """Readers of the stage-2/3 tables (segments, trends, backtests) for the reports.
 
-Each returns a small pandas frame, or :class:`~pipelines.report.data.Missing` when its table is
+Each returns a small pandas frame, or :class:`~pipelines.report.tables.Missing` when its table is
 not in the warehouse, so the report says which command to run instead of failing. Column names
 are those of the TableSpecs in :mod:`core.tables`.
 """
@@ -13,9 +13,10 @@ from dateutil.relativedelta import relativedelta
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
+from core.config import DORMANT, LIFECYCLE_SEGMENTS
 from pipelines.identity import read_orders
 
-from pipelines.report.data import GROUP_TOTAL_COLUMNS, Missing, _pdf, missing, require, table_available
+from pipelines.report.tables import GROUP_TOTAL_COLUMNS, Missing, missing, require, table_available, to_pandas
 from pipelines.value_totals import loadings_width, rollup_interval_sums, total_interval_sums, with_total_interval
 
 
@@ -44,11 +45,11 @@ def segments_value(storage, base_df: DataFrame | None, as_of: dt.date) -> pd.Dat
     sums_df = seg_df.groupBy("segment").agg(F.count(F.lit(1)).alias("customers"),
                                             F.max("generation_id").alias("generation_id"),
                                             *total_interval_sums(value, loadings_width(seg_df)))
-    out = _pdf(with_total_interval(sums_df).select("segment", "customers", "generation_id", "value", "value_p10",
+    out = to_pandas(with_total_interval(sums_df).select("segment", "customers", "generation_id", "value", "value_p10",
                                                    "value_p90"))
     out["mean_value"] = out["value"] / out["customers"]
     # value bands by value (their own order), then the lifecycle segments, whatever their value
-    lifecycle = {"new": 1, "dormant": 2}
+    lifecycle = {name: rank for rank, name in enumerate(LIFECYCLE_SEGMENTS, start=1)}
     out["_rank"] = out["segment"].map(lambda s: lifecycle.get(s, 0))
     return (out.sort_values(["_rank", "mean_value"], ascending=[True, False]).drop(columns="_rank")
             .rename(columns={"segment": "group"}).reset_index(drop=True))
@@ -68,7 +69,7 @@ def channel_value(storage, as_of: dt.date) -> pd.DataFrame | Missing:
         F.sum(F.when(complete, F.col("customers"))).alias("f2_customers"),
         F.sum(F.when(complete, F.col("converted_90d"))).alias("converted_90d"),
         *rollup_interval_sums("predicted_net_value", loadings_width(rows_df)))
-    out = _pdf(with_total_interval(sums_df).select("acquisition_channel", "customers", "value", "value_p10",
+    out = to_pandas(with_total_interval(sums_df).select("acquisition_channel", "customers", "value", "value_p10",
                                                    "value_p90", "f2_customers", "converted_90d"))
     if out.empty:   # the table exists, but the trends step has not run for this date
         return missing(as_of, "ltv_by_channel")
@@ -82,7 +83,7 @@ def f2_cohorts(storage, as_of: dt.date, months: int = 24) -> pd.DataFrame | Miss
     absent = require(storage, as_of, "trend_f2_conversion")
     if absent:
         return absent
-    out = _pdf(storage.read("trend_f2_conversion")
+    out = to_pandas(storage.read("trend_f2_conversion")
                .where(F.col("is_complete_90d") & (F.col("cohort_month") <= F.lit(as_of.strftime("%Y-%m"))))
                .orderBy(F.desc("cohort_month")).limit(months)
                .select("cohort_month", "customers", F.col("converted_90d").alias("converted"),
@@ -96,7 +97,7 @@ def cohort_retention(storage, as_of: dt.date, cohorts: int = 18, max_months: int
     if absent:
         return absent
     first = _month(as_of, cohorts - 1)
-    return _pdf(storage.read("trend_cohort_retention")
+    return to_pandas(storage.read("trend_cohort_retention")
                 .where((F.col("cohort_month") >= F.lit(first)) & (F.col("months_since_first_order") <= max_months)
                        & (F.col("activity_month") <= F.lit(as_of.strftime("%Y-%m"))))
                 .select("cohort_month", "months_since_first_order", "cohort_customers", "retention_rate"))
@@ -106,7 +107,7 @@ def yearly(storage, as_of: dt.date) -> pd.DataFrame | Missing:
     absent = require(storage, as_of, "trend_yearly")
     if absent:
         return absent
-    return _pdf(storage.read("trend_yearly").where(F.col("year") <= as_of.year).orderBy("year"))
+    return to_pandas(storage.read("trend_yearly").where(F.col("year") <= as_of.year).orderBy("year"))
 
 
 def channel_sets(storage, as_of: dt.date, years: int = 5) -> pd.DataFrame | None:
@@ -114,7 +115,7 @@ def channel_sets(storage, as_of: dt.date, years: int = 5) -> pd.DataFrame | None
     for a client with one source (no such table: the report has no page for it)."""
     if not table_available(storage, "trend_channel_sets"):
         return None
-    return _pdf(storage.read("trend_channel_sets")
+    return to_pandas(storage.read("trend_channel_sets")
                 .where((F.col("period") == "year") & (F.col("year") > as_of.year - years) & (F.col("year") <= as_of.year))
                 .select("year", "first_source", "source_set", "customers", "converted_90d", "net_6m",
                         "crossed_customers", "is_complete_90d", "is_complete_6m"))
@@ -125,7 +126,7 @@ def yearly_category(storage, as_of: dt.date, top: int = 6) -> pd.DataFrame | Mis
     absent = require(storage, as_of, "trend_yearly_category")
     if absent:
         return absent
-    return _pdf(storage.read("trend_yearly_category").where(F.col("year") <= as_of.year)
+    return to_pandas(storage.read("trend_yearly_category").where(F.col("year") <= as_of.year)
                 .select("year", "category", "net", "new_customers", "existing_customers", "is_partial_year"))
 
 
@@ -134,7 +135,7 @@ def weekly_segment(storage, as_of: dt.date, weeks: int = 26) -> pd.DataFrame | M
     if absent:
         return absent
     start = as_of - dt.timedelta(days=7 * weeks)
-    return _pdf(storage.read("trend_weekly_segment")
+    return to_pandas(storage.read("trend_weekly_segment")
                 .where((F.col("year") >= start.year)    # partition pruning
                        & (F.col("week_start") > F.lit(start)) & (F.col("week_end") <= F.lit(as_of)))   # whole weeks
                 .select("week_start", "segment", "customers", "active_buyers", "orders", "net", "is_partial_week")
@@ -156,7 +157,7 @@ def backtest(storage, as_of: dt.date) -> pd.DataFrame | Missing:
     if latest is None:
         return pd.DataFrame()
     run_id, origin = latest
-    return _pdf(storage.read("model_backtest")
+    return to_pandas(storage.read("model_backtest")
                 .where((F.col("backtest_run_id") == run_id) & (F.col("origin_date") == F.lit(origin)))
                 .select("backtest_run_id", "origin_date", "cutoff_date", "horizon_end", "model", "value_model",
                         "n_customers", "actual_total", "predicted_total", "mae", "rmse", "abs_total_error_pct",
@@ -173,7 +174,7 @@ def backtest_deciles(storage, as_of: dt.date) -> pd.DataFrame | Missing:
     if latest is None:
         return pd.DataFrame()
     run_id, origin = latest
-    return _pdf(storage.read("model_backtest_deciles")
+    return to_pandas(storage.read("model_backtest_deciles")
                 .where((F.col("backtest_run_id") == run_id) & (F.col("origin_date") == F.lit(origin)))
                 .select("model", "decile", "n", "mean_predicted", "mean_actual").orderBy("model", "decile"))
 
@@ -186,7 +187,7 @@ def hybrid_importances(storage, as_of: dt.date, top: int = 10) -> pd.DataFrame |
     latest = _latest_backtest_run(storage, as_of)
     if latest is None:
         return pd.DataFrame()
-    return _pdf(storage.read("model_importances").where((F.col("backtest_run_id") == latest[0])
+    return to_pandas(storage.read("model_importances").where((F.col("backtest_run_id") == latest[0])
                                                         & (F.col("rank") <= top))
                 .select("model", "feature", "rank", "importance", "importance_std", "split_gain_share",
                         "training_cutoff", "training_rows", "holdout_rows", "base_model", "base_params")
@@ -202,7 +203,7 @@ def migration(storage, as_of: dt.date) -> pd.DataFrame | Missing:
     newest = mig_df.agg(F.max("to_generation")).first()[0]
     if newest is None:
         return pd.DataFrame(columns=["from_generation", "to_generation", "from_segment", "to_segment", "customers"])
-    return _pdf(mig_df.where(F.col("to_generation") == newest)
+    return to_pandas(mig_df.where(F.col("to_generation") == newest)
                 .select("from_generation", "to_generation", "from_segment", "to_segment", "customers"))
 
 
@@ -216,7 +217,7 @@ def generation_review(storage, as_of: dt.date) -> pd.DataFrame | Missing:
     if newest is None:
         return pd.DataFrame(columns=["generation_id", "segment", "customers", "predicted_net_value",
                                      "actual_net_value", "actual_to_predicted", "horizon_coverage"])
-    return _pdf(review_df.where(F.col("generation_id") == newest)
+    return to_pandas(review_df.where(F.col("generation_id") == newest)
                 .select("generation_id", "segment", "valid_from", "valid_to", "customers", "predicted_net_value",
                         "actual_net_value", "actual_to_predicted", "horizon_coverage")
                 .orderBy(F.desc("predicted_net_value")))
@@ -238,7 +239,7 @@ def new_customers_weekly(storage, as_of: dt.date, windows) -> pd.DataFrame | Mis
     if absent:
         return absent
     starts = [start for start, _ in windows.values()]
-    return _pdf(storage.read("trend_new_customers_weekly")
+    return to_pandas(storage.read("trend_new_customers_weekly")
                 .where(F.col("year").isin(sorted({s.year for s in starts}))     # partition pruning
                        & F.col("week_start").isin([F.lit(s) for s in starts]))
                 .select(_week_of(F.col("week_start"), windows).alias("week"),
@@ -250,14 +251,13 @@ def weekly_segment_compare(storage, as_of: dt.date, windows) -> pd.DataFrame | M
     if absent:
         return absent
     starts = [start for start, _ in windows.values()]
-    return _pdf(storage.read("trend_weekly_segment")
+    return to_pandas(storage.read("trend_weekly_segment")
                 .where(F.col("year").isin(sorted({s.year for s in starts}))     # partition pruning
                        & F.col("week_start").isin([F.lit(s) for s in starts]))
                 .select(_week_of(F.col("week_start"), windows).alias("week"), "segment", "customers",
                         "active_buyers", "orders", "net"))
 
 
-DORMANT = "dormant"
 
 
 def dormant_movements(storage, as_of: dt.date, windows) -> pd.DataFrame | Missing:

@@ -6,7 +6,8 @@ import datetime as dt
 import pandas as pd
 
 from pipelines.report import charts
-from pipelines.report.data import Missing, WeeklyData
+from pipelines.report.data import WeeklyData
+from pipelines.report.tables import Missing
 from pipelines.report.diagnostic import Context
 from pipelines.report.document import Bullets, Chart, Document, Heading, Paragraph, Table
 

@@ -19,7 +19,8 @@ from pyspark.sql import functions as F
 
 from core.tables import producing_command
 from pipelines.report import build, collect, write
-from pipelines.report.data import table_available, week_windows
+from pipelines.report.data import week_windows
+from pipelines.report.tables import table_available
 from pipelines.report.i18n import Formats, Messages
 
 AS_OF = dt.date(2026, 9, 30)

@@ -13,7 +13,8 @@ import pandas as pd
 import pytest
 
 from pipelines.report import build
-from pipelines.report.data import DiagnosticData, Histogram, Missing, WeeklyData, week_windows
+from pipelines.report.data import DiagnosticData, Histogram, WeeklyData, week_windows
+from pipelines.report.tables import Missing
 from pipelines.report.html import render_html
 from pipelines.report.i18n import CATALOGUE, LANGUAGES, Formats, Messages
 from pipelines.report.pdf import render_pdf
@@ -148,7 +149,7 @@ def test_full_diagnostic_renders_every_section_with_data(full_data, language):
 
 def test_missing_tables_become_one_line_each(full_data):
     """On a warehouse that has only the stage-1 tables every other section says what to run."""
-    from pipelines.report.data import missing
+    from pipelines.report.tables import missing
 
     absent = {name: missing(AS_OF, table) for name, table in (
         ("cohort_retention", "trend_cohort_retention"), ("value_by_segment", "segments_current"),
