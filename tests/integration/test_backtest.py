@@ -138,19 +138,19 @@ def test_backtest_registers_a_champion_and_a_second_run_adds_rows_and_versions(s
     assert cli(["backtest", "--as-of", END.isoformat(), "--json", "--conf", str(CONF),
                 *sum((["--set", o] for o in overrides), [])]) == 0
     second = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert second.backtest_run_id != first.backtest_run_id
-    assert second.calibration_reused[END.isoformat()] == {"calibration": True, "cohort_cells": True}
-    assert min(map(int, second.model_versions.values())) > max(map(int, first.model_versions.values()))
-    assert tracking.champion_version(target.registered_model) == second.champion_version
+    assert second["backtest_run_id"] != first.backtest_run_id
+    assert second["calibration_reused"][END.isoformat()] == {"calibration": True, "cohort_cells": True}
+    assert min(map(int, second["model_versions"].values())) > max(map(int, first.model_versions.values()))
+    assert tracking.champion_version(target.registered_model) == second["champion_version"]
     assert len(tracking.list_versions(target.registered_model)) == 12
     rows = storage.read("model_backtest").toPandas()
     assert len(rows) == 12 and rows.groupby("backtest_run_id").size().eq(6).all()
     # same data, same fits: the metrics of the two runs agree
     by_run = rows.set_index(["backtest_run_id", "model"])["mae"].unstack(0)
-    pd.testing.assert_series_equal(by_run[first.backtest_run_id], by_run[second.backtest_run_id],
+    pd.testing.assert_series_equal(by_run[first.backtest_run_id], by_run[second["backtest_run_id"]],
                                    check_names=False, rtol=1e-5)   # iterative fits: agree to 5 digits, not the last bits
 
-    assert set(rows["purchase_basis"]) == {"gross"} and second.champion_purchase_basis == "gross"
+    assert set(rows["purchase_basis"]) == {"gross"} and second["champion_purchase_basis"] == "gross"
 
     # re-running the SAME run id replaces its rows instead of adding them
     # (one model, untracked, to keep the test short: the merge keys are what is tested), here on
@@ -158,15 +158,15 @@ def test_backtest_registers_a_champion_and_a_second_run_adds_rows_and_versions(s
     one_model = load_config(CONF, [*overrides, "models.purchase_models=[bgnbd]", "models.compare_cohort=false",
                                    "models.compare_naive=false", "models.purchase_basis=auto",
                                    "models.hybrid.enabled=false"])
-    again = run_backtest(storage, END, one_model, n_origins=1, backtest_run_id=second.backtest_run_id,
+    again = run_backtest(storage, END, one_model, n_origins=1, backtest_run_id=second["backtest_run_id"],
                          track=False)
-    assert again.backtest_run_id == second.backtest_run_id
+    assert again.backtest_run_id == second["backtest_run_id"]
     assert set(again.basis_comparison) == {"gross", "net"}
     assert again.champion_purchase_basis == ("net" if again.champion == "bgnbd_net" else "gross")
     rows = storage.read("model_backtest").toPandas()
     assert len(rows) == 13 and not rows.duplicated(["backtest_run_id", "origin_date", "model"]).any()
     assert len(storage.read("model_backtest_deciles").toPandas()) == 130
-    replaced = rows[(rows["backtest_run_id"] == second.backtest_run_id) & (rows["model"] == "bgnbd")]
+    replaced = rows[(rows["backtest_run_id"] == second["backtest_run_id"]) & (rows["model"] == "bgnbd")]
     assert replaced["mlflow_run_id"].isna().all()       # the untracked re-run's row replaced the tracked one
     assert rows.set_index("model").loc["bgnbd_net", "purchase_basis"] == "net"
     assert math.isfinite(rows["mae"].sum())
