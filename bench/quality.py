@@ -44,7 +44,6 @@ import json
 import sys
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -119,23 +118,11 @@ def coverage(band: pd.DataFrame, actual: np.ndarray) -> dict[str, float]:
 
 def lifetimes_predictions(storage: Storage, cutoff: dt.date, customers: pd.Index) -> pd.Series:
     """The plain lifetimes path on completed orders up to the cutoff (customers without one: 0)."""
-    from lifetimes import BetaGeoFitter, GammaGammaFitter
-    from lifetimes.utils import summary_data_from_transaction_data
+    from models.lifetimes_baseline import plain_lifetimes_value
 
     completed = (storage.read("orders").where(~F.col("is_cancelled") & (F.col("order_date") <= F.lit(cutoff)))
                  .select("customer_id", "order_date", "net_amount").toPandas())
-    completed["order_date"] = pd.to_datetime(completed["order_date"])
-    summary = summary_data_from_transaction_data(completed, "customer_id", "order_date", monetary_value_col="net_amount",
-                                                 observation_period_end=pd.Timestamp(cutoff), freq="D")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        bgf = BetaGeoFitter(penalizer_coef=0.0).fit(summary["frequency"], summary["recency"], summary["T"])
-        repeat = summary[(summary["frequency"] > 0) & (summary["monetary_value"] > 0)]
-        ggf = GammaGammaFitter(penalizer_coef=0.0).fit(repeat["frequency"], repeat["monetary_value"])
-        clv = ggf.customer_lifetime_value(bgf, summary["frequency"], summary["recency"], summary["T"],
-                                          summary["monetary_value"], time=HORIZON_MONTHS, discount_rate=0.0,
-                                          freq="D")
-    return clv.reindex(customers).fillna(0.0)
+    return plain_lifetimes_value(completed, cutoff, HORIZON_MONTHS).reindex(customers).fillna(0.0)
 
 
 def compare(name: str, storage: Storage, config, end: dt.date) -> list[dict]:

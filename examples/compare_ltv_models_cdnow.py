@@ -18,7 +18,6 @@
 # %%
 import os
 import tempfile
-import warnings
 from pathlib import Path
 
 import pandas as pd
@@ -45,25 +44,16 @@ print(table.sort_values("mae").round(3).to_string())
 print(backtest.summary_line())
 
 # %% 3. A plain lifetimes fit on the same cutoff, measured on the same customers
-from lifetimes import BetaGeoFitter, GammaGammaFitter
-from lifetimes.utils import summary_data_from_transaction_data
 from pyspark.sql import functions as F
+
+from models.lifetimes_baseline import plain_lifetimes_value   # lifetimes alone: summary, BG/NBD, Gamma-Gamma
 
 cutoff = add_months(AS_OF, -HORIZON_MONTHS)
 holdout = (engine.table("calibration_holdout", as_of=cutoff).select("customer_id", "holdout_net").toPandas()
            .set_index("customer_id")["holdout_net"])
 orders = (engine.table("orders").where(~F.col("is_cancelled") & (F.col("order_date") <= F.lit(cutoff)))
           .select("customer_id", "order_date", "net_amount").toPandas())
-orders["order_date"] = pd.to_datetime(orders["order_date"])
-summary = summary_data_from_transaction_data(orders, "customer_id", "order_date", monetary_value_col="net_amount",
-                                             observation_period_end=pd.Timestamp(cutoff), freq="D")
-with warnings.catch_warnings():
-    warnings.simplefilter("ignore")
-    bgf = BetaGeoFitter().fit(summary["frequency"], summary["recency"], summary["T"])
-    repeat = summary[(summary["frequency"] > 0) & (summary["monetary_value"] > 0)]
-    ggf = GammaGammaFitter().fit(repeat["frequency"], repeat["monetary_value"])
-    plain = ggf.customer_lifetime_value(bgf, summary["frequency"], summary["recency"], summary["T"],
-                                        summary["monetary_value"], time=HORIZON_MONTHS, discount_rate=0.0, freq="D")
+plain = plain_lifetimes_value(orders, cutoff, HORIZON_MONTHS)
 predicted = plain.reindex(holdout.index).fillna(0.0).to_numpy(float)
 actual = holdout.to_numpy(float)
 plain_row = {"mae": metrics.mae(predicted, actual), "spearman": metrics.spearman(predicted, actual),

@@ -30,12 +30,13 @@ import uuid
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Iterable
 
+from pyspark.sql import DataFrame, Row
 from pyspark.sql import functions as F
 
 from core.config import RetentionConf
 from core.results import StageResult, jsonable
 from core.storage import Storage, StorageError
-from core.tables import MAINTENANCE_RUNS, TABLES
+from core.tables import MAINTENANCE_RUNS, TABLES, table_spec
 
 log = logging.getLogger(__name__)
 
@@ -270,6 +271,21 @@ def pruned_message(storage: Storage, table: str, day: dt.date | str) -> str | No
     return (f"{table} for {day} was pruned by {row['retention_setting']}={row['retention_days']} "
             f"(`cvseg maintain` as of {row['as_of_date']}); raise it or recompute with "
             f"{RECOMPUTE[table].format(day=day.isoformat())}")
+
+
+def dated_partition(storage: Storage, table: str, day: dt.date, error: type[Exception], hint: str,
+                    probe: str = "customer_id") -> tuple[DataFrame, Row]:
+    """``table``'s partition for ``day`` (on its first partition column) and its first row's ``probe``
+    column; when the table or the date is missing, ``error`` naming which with ``hint`` (the command to
+    run), or :class:`PrunedPartitionError` when retention removed the date."""
+    if not storage.exists(table):
+        raise error(f"no {table} table yet: {hint}")
+    df = storage.read(table).where(F.col(table_spec(table).partition_by[0]) == F.lit(day))
+    first = df.select(probe).limit(1).first()
+    if first is None:
+        ensure_not_pruned(storage, table, day)
+        raise error(f"no {table} for {day}: {hint}")
+    return df, first
 
 
 def ensure_not_pruned(storage: Storage, table: str, day: dt.date | str) -> None:

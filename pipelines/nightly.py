@@ -194,12 +194,7 @@ def _ingest(ctx: _Context) -> tuple[str, dict]:
     # a first run over a whole history) keeps the later orders; features stop at D anyway
     result = run_sources(ctx.spark, ctx.storage, ctx.config,
                          read_day(ctx.config.validation, ctx.config.business.timezone), path=ctx.source_path)
-    unknown = sorted({v for s in result.summaries for v in s.unknown_statuses})
-    unknown_text = f"; status value(s) never seen before counted as live: {', '.join(unknown)}" if unknown else ""
-    identity = (f"; {result.identity.source_ids:,} source ids -> {result.identity.customers:,} customers, "
-                f"{result.identity.conflicts:,} identity conflicts" if result.identity else "")
-    return (f"{result.total('input_rows'):,} rows read, {result.total('orders_written'):,} orders new or changed, "
-            f"{result.total('quarantined_rows'):,} quarantined{unknown_text}{identity}"), result.details()
+    return result.summary_line(), result.asdict()
 
 
 def _features(ctx: _Context) -> tuple[str, dict]:

@@ -81,7 +81,7 @@ from core.storage import Storage
 from core.tables import (CUSTOMER_FEATURES, CUSTOMER_SCORES, GENERATION_REVIEW, SEGMENT_GENERATIONS,
                          SEGMENT_MIGRATION, SEGMENTS_CURRENT, SEGMENTS_HISTORY)
 from pipelines.identity import read_orders
-from pipelines.maintenance import ensure_not_pruned
+from pipelines.maintenance import dated_partition
 
 log = logging.getLogger(__name__)
 
@@ -301,26 +301,15 @@ class SegmentsResult(StageResult):
 
 def _scores_at(storage: Storage, as_of_date: dt.date) -> tuple[DataFrame, int]:
     """customer_scores at D and their horizon; fails with the command to run when missing."""
-    hint = f"run `cvseg score --as-of {as_of_date}` first"
-    if not storage.exists(CUSTOMER_SCORES.name):
-        raise SegmentsError(f"no customer_scores table yet: {hint}")
-    scores_df = storage.read(CUSTOMER_SCORES.name).where(F.col("as_of_date") == F.lit(as_of_date))
-    first = scores_df.select("horizon_months").limit(1).first()
-    if first is None:
-        ensure_not_pruned(storage, CUSTOMER_SCORES.name, as_of_date)
-        raise SegmentsError(f"no customer_scores for {as_of_date}: {hint}")
+    scores_df, first = dated_partition(storage, CUSTOMER_SCORES.name, as_of_date, SegmentsError,
+                                       f"run `cvseg score --as-of {as_of_date}` first", probe="horizon_months")
     return scores_df, int(first["horizon_months"])
 
 
 def _features_at(storage: Storage, as_of_date: dt.date) -> DataFrame:
-    hint = f"run `cvseg features --as-of {as_of_date}` first (segments read n_purchase_days and first_order_date)"
-    if not storage.exists(CUSTOMER_FEATURES.name):
-        raise SegmentsError(f"no customer_features table yet: {hint}")
-    features_df = storage.read(CUSTOMER_FEATURES.name).where(F.col("as_of_date") == F.lit(as_of_date))
-    if features_df.select("customer_id").limit(1).first() is None:
-        ensure_not_pruned(storage, CUSTOMER_FEATURES.name, as_of_date)
-        raise SegmentsError(f"no customer_features for {as_of_date}: {hint}")
-    return features_df
+    return dated_partition(storage, CUSTOMER_FEATURES.name, as_of_date, SegmentsError,
+                           f"run `cvseg features --as-of {as_of_date}` first (segments read n_purchase_days and "
+                           "first_order_date)")[0]
 
 
 def _current_generation(storage: Storage) -> dict[str, Any] | None:

@@ -18,13 +18,15 @@ from typing import Any
 from pyspark.sql import SparkSession
 
 from core.config import Config
+from core.results import StageResult
 from core.storage import Storage
 from pipelines.identity import IdentitySummary, identity_hmac_key, run_identity
 from pipelines.ingest import IngestError, IngestSummary, KeyReading, run_ingest
 
 
 @dataclass(frozen=True)
-class SourcesResult:
+class SourcesResult(StageResult):
+    """Each source's ingest summary and, when identities are resolved, the identity step's."""
     summaries: tuple[IngestSummary, ...]
     identity: IdentitySummary | None
 
@@ -46,10 +48,18 @@ class SourcesResult:
     def __str__(self) -> str:
         return "\n".join(self.to_lines())
 
-    def details(self) -> dict[str, Any]:
+    def asdict(self) -> dict[str, Any]:
         return {"input_rows": self.total("input_rows"), "orders_written": self.total("orders_written"),
                 "quarantined_rows": self.total("quarantined_rows"),
                 **({"identity": self.identity.asdict()} if self.identity else {})}
+
+    def summary_line(self) -> str:
+        unknown = sorted({v for s in self.summaries for v in s.unknown_statuses})
+        unknown_text = f"; status value(s) never seen before counted as live: {', '.join(unknown)}" if unknown else ""
+        identity = (f"; {self.identity.source_ids:,} source ids -> {self.identity.customers:,} customers, "
+                    f"{self.identity.conflicts:,} identity conflicts" if self.identity else "")
+        return (f"{self.total('input_rows'):,} rows read, {self.total('orders_written'):,} orders new or changed, "
+                f"{self.total('quarantined_rows'):,} quarantined{unknown_text}{identity}")
 
 
 def run_sources(spark: SparkSession, storage: Storage, config: Config, run_date: dt.date, *,

@@ -98,7 +98,7 @@ from core.tables import (CUSTOMER_FEATURES, IDENTITY_MAP, ORDERS, SEGMENT_GENERA
                          TREND_CHANNEL_SETS, TREND_COHORT_RETENTION, TREND_F2_CONVERSION, TREND_NEW_CUSTOMERS_WEEKLY, TREND_RUNS, TREND_WEEKLY_SEGMENT,
                          TREND_YEARLY, TREND_YEARLY_CATEGORY, table_spec)
 from pipelines.identity import LEGACY_SOURCE_NAME, identity_version, read_orders
-from pipelines.maintenance import ensure_not_pruned
+from pipelines.maintenance import dated_partition
 
 log = logging.getLogger(__name__)
 
@@ -414,13 +414,8 @@ def _features_at(storage: Storage, as_of_date: dt.date) -> DataFrame:
     """customer_features at D; fails with the command to run when orders or the partition are missing."""
     if not storage.exists(ORDERS.name):
         raise TrendsError("no orders table yet: run `cvseg ingest` first")
-    if not storage.exists(CUSTOMER_FEATURES.name):
-        raise TrendsError(f"no customer_features table yet: run `cvseg features --as-of {as_of_date}` first")
-    features_df = storage.read(CUSTOMER_FEATURES.name).where(F.col("as_of_date") == F.lit(as_of_date))
-    if features_df.select("customer_id").limit(1).first() is None:
-        ensure_not_pruned(storage, CUSTOMER_FEATURES.name, as_of_date)
-        raise TrendsError(f"no customer_features for {as_of_date}: run `cvseg features --as-of {as_of_date}` first")
-    return features_df
+    return dated_partition(storage, CUSTOMER_FEATURES.name, as_of_date, TrendsError,
+                           f"run `cvseg features --as-of {as_of_date}` first")[0]
 
 
 def _incremental_starts(last: dict[str, Any], as_of_date: dt.date, conf: TrendsConf, unseen: list[dt.date],

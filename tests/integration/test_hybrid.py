@@ -103,6 +103,20 @@ def test_the_training_sample_is_bounded_stratified_and_stable(spark):
     assert everyone.count() == 100 and small["population"] == 100
 
 
+def test_the_sample_bound_holds_at_two_million_training_customers(spark):
+    """The default bound (models.hybrid.sample_rows, 200,000) on a 2M-customer population: what
+    reaches the driver is the sample, whatever the population; every stratum keeps its floor share."""
+    population, bound = 2_000_000, HybridConf().sample_rows
+    train_df = spark.range(population).select(
+        F.concat(F.lit("C"), F.col("id").cast("string")).alias("customer_id"),
+        (F.col("id") % 13).cast("double").alias("frequency"),
+        F.when(F.col("id") % 5 == 0, F.lit(80.0)).otherwise(F.lit(0.0)).alias("holdout_net"))
+    sample_df, info = training_sample(train_df, bound, seed=11)
+    rows = sample_df.select("customer_id").toPandas()["customer_id"]
+    assert info["population"] == population and bound - len(info["strata"]) <= len(rows) <= bound
+    assert rows.is_unique and sum(info["quota"].values()) == len(rows)
+
+
 def test_fit_collects_at_most_the_configured_rows(spark, orders):
     fit, _, design = _hybrid_at_cutoff(spark, orders, SMALL)
     assert fit.bundle.metadata["training_population"] > SMALL.sample_rows
