@@ -118,7 +118,7 @@ def coverage(band: pd.DataFrame, actual: np.ndarray) -> dict[str, float]:
 
 def lifetimes_predictions(storage: Storage, cutoff: dt.date, customers: pd.Index) -> pd.Series:
     """The plain lifetimes path on completed orders up to the cutoff (customers without one: 0)."""
-    from models.lifetimes_baseline import plain_lifetimes_value
+    from cvseg.baselines import plain_lifetimes_value
 
     completed = (storage.read("orders").where(~F.col("is_cancelled") & (F.col("order_date") <= F.lit(cutoff)))
                  .select("customer_id", "order_date", "net_amount").toPandas())

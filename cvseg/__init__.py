@@ -14,5 +14,6 @@ Each method runs one stage runner (``pipelines/``) and returns its typed result
 Dates may be ``datetime.date`` or ``"YYYY-MM-DD"``: this is an edge, where dates are parsed.
 """
 from cvseg.api import Engine, cdnow_sample_path, load_config, sample_conf
+from cvseg.baselines import plain_lifetimes_value
 
-__all__ = ["Engine", "load_config", "sample_conf", "cdnow_sample_path"]
+__all__ = ["Engine", "load_config", "sample_conf", "cdnow_sample_path", "plain_lifetimes_value"]

@@ -46,7 +46,7 @@ print(backtest.summary_line())
 # %% 3. A plain lifetimes fit on the same cutoff, measured on the same customers
 from pyspark.sql import functions as F
 
-from models.lifetimes_baseline import plain_lifetimes_value   # lifetimes alone: summary, BG/NBD, Gamma-Gamma
+from cvseg.baselines import plain_lifetimes_value   # lifetimes alone: summary, BG/NBD, Gamma-Gamma
 
 cutoff = add_months(AS_OF, -HORIZON_MONTHS)
 holdout = (engine.table("calibration_holdout", as_of=cutoff).select("customer_id", "holdout_net").toPandas()

@@ -1,5 +1,6 @@
 """The plain lifetimes fit the engine is measured against (`bench/quality.py`, the examples): what a
-data scientist writes with `lifetimes` alone, on completed orders, with no engine code in between."""
+data scientist writes with `lifetimes` alone, on completed orders, with no engine code in between.
+(Here, not in `models/`: there only `models/_lifetimes_compat.py` may import lifetimes.)"""
 from __future__ import annotations
 
 import datetime as dt
