@@ -51,6 +51,5 @@ class StageResult:
         return out
 
     def summary_line(self) -> str:
-        """One line for a person; subclasses say what matters, this default lists the scalars."""
-        scalars = {k: v for k, v in self.asdict().items() if isinstance(v, (int, float, str))}
-        return ", ".join(f"{k}={v}" for k, v in scalars.items())[:300]
+        """One line for a person: each stage's result says what matters."""
+        raise NotImplementedError(type(self).__name__)

@@ -32,14 +32,16 @@ def main(args: argparse.Namespace):
 
     config = config_from(args)
     spark, storage = open_warehouse(args, config)
+    def backtest():
+        return run_backtest(storage, args.as_of, config, n_origins=args.origins, spacing_months=args.spacing_months,
+                            backtest_run_id=args.run_id, rebuild=args.rebuild, track=not args.no_tracking)
+
     if args.json:
-        result = run_backtest(storage, args.as_of, config, n_origins=args.origins, spacing_months=args.spacing_months,
-                              backtest_run_id=args.run_id, rebuild=args.rebuild, track=not args.no_tracking)
+        result = backtest()
         print(json.dumps(result.asdict(), default=str))
         return result
     with step(f"backtest as of {args.as_of} ({args.origins} origin(s))"):
-        result = run_backtest(storage, args.as_of, config, n_origins=args.origins, spacing_months=args.spacing_months,
-                              backtest_run_id=args.run_id, rebuild=args.rebuild, track=not args.no_tracking)
+        result = backtest()
     print(f"  backtest_run_id {result.backtest_run_id}  origins {', '.join(map(str, result.origins))}")
     print(f"  {'model':<10} {'origin':<10} {'mae':>10} {'rmse':>10} {'total err %':>11} {'spearman':>9} "
           f"{'gini':>6} {'top10%':>7} {'top20%':>7}")
