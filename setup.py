@@ -17,7 +17,8 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10,<3.13",
     packages=find_packages(include=["cvseg", "cvseg.*", "core", "core.*", "jobs", "jobs.*", "pipelines",
-                                    "pipelines.*", "models", "models.*", "conf", "conf.*"]),
+                                    "pipelines.*", "models", "models.*", "report", "report.*", "datagen",
+                                    "datagen.*", "conf", "conf.*"]),
     package_data={"core": ["VERSION", "jars.lock", "log4j2.properties"],
                   "conf": ["*.yaml", "examples/*.yaml", "README.md"]},
     install_requires=[

@@ -16,7 +16,7 @@ from pyspark.sql import functions as F
 
 from core.storage import Storage
 from core.tables import ORDERS
-from pipelines.generate import GeneratorParams, generate_orders
+from datagen.generate import GeneratorParams, generate_orders
 from pipelines.ingest import local_date, parse_timestamp
 
 SOURCE_TZ = "Asia/Tokyo"          # the generator's wall-clock zone (conf/examples/synthetic.yaml)
@@ -59,7 +59,7 @@ def _check(n_customers: int = 3000, seed: int = 11) -> None:
 
     from core.config import load_config
     from core.spark import build_spark
-    from pipelines.generate import write_export
+    from datagen.generate import write_export
     from pipelines.ingest import run_ingest
 
     end = dt.date(2026, 9, 30)

@@ -42,7 +42,7 @@ def prepare(args: argparse.Namespace, workdir: Path) -> Path:
     """Generate (unless reused) and split the export; returns the staging folder."""
     from core.config import SparkConf
     from core.spark import build_spark
-    from pipelines.generate import generate
+    from datagen.generate import generate
 
     export_dir = workdir / f"export-{args.customers}-parquet"
     staging = workdir / f"staging-{args.customers}"

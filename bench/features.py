@@ -52,7 +52,7 @@ def main() -> None:
         f"spark.driver_memory={args.driver_memory}", *args.overrides])
 
     from pipelines.features import run_features
-    from pipelines.generate import generate
+    from datagen.generate import generate
     from pipelines.ingest import run_ingest
 
     timer = Timer()

@@ -70,7 +70,7 @@ def main() -> None:
     from pyspark.sql import functions as F
 
     from core.dates import add_months
-    from pipelines.generate import generate
+    from datagen.generate import generate
     from pipelines.ingest import local_date, parse_timestamp
     from pipelines.ltv import fit_btyd_bundles, score_customers
 

@@ -48,7 +48,7 @@ def main() -> None:
 
     from core.config import SparkConf
     from core.spark import build_spark
-    from pipelines.generate import generate
+    from datagen.generate import generate
 
     spark = build_spark(SparkConf(master="local[*]", app_name="bench-generate", driver_memory=args.driver_memory))
     end_date = dt.date.fromisoformat(args.end_date)

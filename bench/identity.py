@@ -128,7 +128,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from pipelines.features import run_features
-    from pipelines.generate import generate_sources
+    from datagen.generate import generate_sources
 
     os.environ.setdefault("CVSEG_EXPORT_HMAC_KEY", "bench-identity-key")
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="cvseg-bench-identity-"))

@@ -4,7 +4,7 @@
 
 The customers' features (frequency, recency, T, monetary value, orders and cancellations, in days)
 are simulated in numpy from the generator's default BG/NBD + Gamma-Gamma parameters
-(``pipelines.generate.GeneratorParams``: first orders uniform over 5 years, ~6.5% cancelled orders)
+(``datagen.generate.GeneratorParams``: first orders uniform over 5 years, ~6.5% cancelled orders)
 and written once as parquet (kept in ``--workdir`` and reused); ingest and features are not what is
 measured. A BG/NBD (``--purchase-model``: MBG/NBD, Pareto/NBD) + Gamma-Gamma + cancellation bundle is fitted on them with the engine's
 ``fit_btyd_bundles``, then the engine's ``score_customers`` runs over every customer and the scores
@@ -39,7 +39,7 @@ from core.spark import build_spark  # noqa: E402
 
 def simulate_features(n: int, seed: int, chunk: int = 500_000) -> pd.DataFrame:
     """BG/NBD + Gamma-Gamma customer statistics (days, yen), as customer_features holds them."""
-    from pipelines.generate import GeneratorParams
+    from datagen.generate import GeneratorParams
 
     params = GeneratorParams()
     rng = np.random.default_rng(seed)

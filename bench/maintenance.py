@@ -116,7 +116,7 @@ def main() -> None:
         f"source.path={source_dir}", f"export.dest={exports}", f"spark.driver_memory={args.driver_memory}",
         "maintenance.every_days=0", *args.overrides])
 
-    from pipelines.generate import generate
+    from datagen.generate import generate
     from pipelines.maintenance import format_summary, run_maintenance
     from pipelines.nightly import run_nightly
 

@@ -82,7 +82,7 @@ def main() -> None:
     from models.bundle import ScoringBundle
     from pipelines.backtest import run_backtest
     from pipelines.features import run_features
-    from pipelines.generate import generate
+    from datagen.generate import generate
     from pipelines.ingest import run_ingest
     from pipelines.ltv import (cancellation_sufficient_stats, rfm_sufficient_stats, run_score,
                                spend_sufficient_stats)

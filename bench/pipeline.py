@@ -125,7 +125,7 @@ def main() -> None:
     backends = args.backends.split(",") if args.backends else [None]
     config = config_for(backends[0])[1]
 
-    from pipelines.generate import generate
+    from datagen.generate import generate
     from pipelines.nightly import run_nightly
 
     timer = Timer()

@@ -147,7 +147,7 @@ def compare(name: str, storage: Storage, config, end: dt.date) -> list[dict]:
 
 
 def generated_storage(spark, root: Path, pattern: str, customers: int, seed: int):
-    from pipelines.generate import GeneratorParams
+    from datagen.generate import GeneratorParams
 
     warehouse = root / f"wh-{pattern}"
     config = load_config(ROOT / "conf" / "examples" / "synthetic.yaml",

@@ -69,7 +69,7 @@ def main(args: argparse.Namespace) -> dict:
 
     spark = build_session(config)
     if args.dataset == "omni":
-        from pipelines.generate import generate_sources
+        from datagen.generate import generate_sources
 
         if not os.environ.get(config.export.hmac_key_env):
             # matching keys are hashed with the export's key; a fixed one is fine for sample data only
@@ -85,7 +85,7 @@ def main(args: argparse.Namespace) -> dict:
     storage = build_storage(config, spark)
     print(f"storage backend: {storage.backend}; warehouse: {config.storage.warehouse}")
     if args.dataset == "synthetic":
-        from pipelines.generate import generate
+        from datagen.generate import generate
 
         with step(f"generate {args.customers:,} customers"):
             summary = generate(spark, n_customers=args.customers, seed=args.seed, end_date=as_of,

@@ -32,7 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> dict:
-    from pipelines.generate import GeneratorParams, generate, generate_sources
+    from datagen.generate import GeneratorParams, generate, generate_sources
 
     config = config_from(args)
     spark = build_session(config)

@@ -20,7 +20,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> list[str]:
     from jobs.common import UsageError
-    from pipelines.report import ReportError, report_dir, run_report
+    from report import ReportError, report_dir, run_report
 
     config = config_from(args)
     languages = list(dict.fromkeys(args.language or [config.report.language]))

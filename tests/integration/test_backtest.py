@@ -17,7 +17,7 @@ from pyspark.sql import functions as F
 
 from core.config import load_config
 from core.storage import Storage
-from pipelines.generate import GeneratorParams, generate
+from datagen.generate import GeneratorParams, generate
 from pipelines.ingest import run_ingest
 
 END = dt.date(2026, 9, 30)

@@ -16,7 +16,7 @@ from core.config import load_config
 from core.tables import ORDERS
 from pipelines.backtest import choose_champion, compute_metrics, fit_origin_models, predict_all
 from pipelines.calibration import build_calibration_holdout
-from pipelines.generate import GeneratorParams
+from datagen.generate import GeneratorParams
 from tests.integration.test_purchase_basis import CONF, CUTOFF, END, orders_frame
 
 pytestmark = pytest.mark.slow   # minutes (three backtests, one tracked): started first (tests/conftest.py)
@@ -98,7 +98,7 @@ def test_backtest_registers_a_channel_aware_champion_and_the_night_refits_it_as_
     from core.storage import Storage
     from pipelines.backtest import run_backtest
     from pipelines.features import run_features
-    from pipelines.generate import GeneratorParams as Params
+    from datagen.generate import GeneratorParams as Params
     from pipelines.nightly import _Context, _score, champion_info
 
     config = load_config(CONF, [f"storage.warehouse={tmp_path / 'warehouse'}", "models.purchase_models=[bgnbd]",

@@ -50,7 +50,7 @@ def cluster(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def export_orders(spark, tmp_path_factory):
-    from pipelines.generate import GeneratorParams, generate
+    from datagen.generate import GeneratorParams, generate
 
     out = tmp_path_factory.mktemp("cluster-export")
     # 16 months of history: fewer order-month partitions and trend weeks, as many tasks per stage

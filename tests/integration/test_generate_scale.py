@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipelines.generate import GeneratorParams, generate_orders
+from datagen.generate import GeneratorParams, generate_orders
 
 END = dt.date(2026, 9, 30)
 PARAMS = GeneratorParams()

@@ -21,7 +21,7 @@ from core.tables import ORDERS
 from models.hybrid import BEHAVIOUR_COLUMNS, design_matrix
 from pipelines.calibration import build_calibration_holdout
 from pipelines.features import build_customer_features
-from pipelines.generate import GeneratorParams
+from datagen.generate import GeneratorParams
 from pipelines.hybrid import fit_hybrid, training_cutoff, training_sample
 from pipelines.ltv import fit_btyd_bundles, load_champion, score_customers
 from tests.integration.test_purchase_basis import orders_frame

@@ -254,7 +254,7 @@ def _assert_no_clear_keys(storage, log_text: str, needles: list[str]) -> None:
 
 def test_two_sources_give_the_features_of_one_premerged_export(spark, tmp_path, caplog):
     from core.storage import Storage
-    from pipelines.generate import generate_sources
+    from datagen.generate import generate_sources
     from pipelines.trends import run_trends
 
     caplog.set_level(logging.INFO)

@@ -16,7 +16,7 @@ from pyspark.sql import functions as F
 from core.config import load_config
 from core.tables import CUSTOMER_FEATURES, CUSTOMER_SCORES, LTV_BY_CHANNEL, ORDERS
 from pipelines.features import run_features
-from pipelines.generate import GeneratorParams
+from datagen.generate import GeneratorParams
 from pipelines.ltv import fit_btyd_bundles, run_score
 
 from .test_purchase_basis import CONF, END, orders_frame
@@ -87,7 +87,7 @@ def test_ltv_by_channel_adds_up_to_the_scores(engine):
 
 
 def test_a_channels_months_roll_up_to_one_interval(engine):
-    from pipelines.report.sources import channel_value
+    from report.sources import channel_value
 
     storage, orders = engine["storage"], engine["orders"]
     scores = storage.read(CUSTOMER_SCORES.name).where(F.col("as_of_date") == F.lit(END)).toPandas()
@@ -128,8 +128,8 @@ def test_a_rerun_writes_the_same_rows(engine):
 
 
 def test_segment_totals_have_their_interval(engine):
-    from pipelines.report.data import customer_base
-    from pipelines.report.sources import segments_value
+    from report.data import customer_base
+    from report.sources import segments_value
 
     storage = engine["storage"]
     segments = segments_value(storage, customer_base(storage, END), END).set_index("group")
@@ -149,9 +149,9 @@ def test_segment_totals_have_their_interval(engine):
 
 
 def test_the_report_shows_ltv_by_acquisition_media(engine):
-    from pipelines.report import build, collect
-    from pipelines.report.html import render_html
-    from pipelines.report.i18n import Formats, Messages
+    from report import build, collect
+    from report.html import render_html
+    from report.i18n import Formats, Messages
 
     storage = engine["storage"]
     data = collect(storage, END, weekly=False)

@@ -69,7 +69,7 @@ def test_step_is_stale_when_an_earlier_step_ran_after_it():
 # --------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def export_path(spark, tmp_path_factory):
-    from pipelines.generate import GeneratorParams, generate
+    from datagen.generate import GeneratorParams, generate
 
     out = tmp_path_factory.mktemp("nightly-export")
     # 16 months of history: what is under test (resuming, atomic commits, the lock) does not depend on

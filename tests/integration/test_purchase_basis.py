@@ -26,7 +26,7 @@ from core.tables import ORDERS
 from pipelines.backtest import choose_champion, compute_metrics, fit_origin_models, predict_all
 from pipelines.calibration import build_calibration_holdout
 from core.dates import add_months
-from pipelines.generate import GeneratorParams, simulate_block
+from datagen.generate import GeneratorParams, simulate_block
 
 END = dt.date(2026, 9, 30)
 CUTOFF = add_months(END, -6)

@@ -18,10 +18,10 @@ import pytest
 from pyspark.sql import functions as F
 
 from core.tables import producing_command
-from pipelines.report import build, collect, write
-from pipelines.report.data import week_windows
-from pipelines.report.tables import table_available
-from pipelines.report.i18n import Formats, Messages
+from report import build, collect, write
+from report.data import week_windows
+from report.tables import table_available
+from report.i18n import Formats, Messages
 
 AS_OF = dt.date(2026, 9, 30)
 N_CUSTOMERS = 2000
@@ -39,7 +39,7 @@ def engine(spark, tmp_path_factory):
     from core.config import load_config
     from core.storage import Storage
     from pipelines.features import run_features
-    from pipelines.generate import generate
+    from datagen.generate import generate
     from pipelines.ingest import run_ingest
     from pipelines.ltv import fit_btyd_bundles, run_score
 

@@ -19,7 +19,7 @@ from models.bundle import GROUP_COLUMNS, INTERVAL_COLUMNS, LOADINGS_COLUMN
 from pipelines.backtest import compute_metrics, fit_origin_models, predict_all
 from pipelines.calibration import build_calibration_holdout
 from pipelines.features import run_features
-from pipelines.generate import GeneratorParams
+from datagen.generate import GeneratorParams
 from pipelines.ltv import fit_btyd_bundles, run_score
 
 from .test_purchase_basis import CONF, CUTOFF, END, orders_frame

@@ -96,7 +96,7 @@ def _client(endpoint: str):
 @pytest.fixture(scope="module")
 def export_files(spark, tmp_path_factory):
     """A generated export split in two files (rows in order): night 1 sees the first, night 2 both."""
-    from pipelines.generate import GeneratorParams, generate
+    from datagen.generate import GeneratorParams, generate
 
     out = tmp_path_factory.mktemp("s3-export")
     # one year of history: every order month is a partition and every object an S3 round trip

@@ -10,9 +10,12 @@ import pkgutil
 import pytest
 
 import core
+import cvseg
+import datagen
 import jobs
 import models
 import pipelines
+import report
 from core.errors import CvsegError, InternalError, UserError
 from jobs.common import run_main
 
@@ -22,7 +25,7 @@ NOT_ERRORS = {"pipelines.hybrid.HybridSkipped"}
 
 def _engine_exception_classes() -> list[type[BaseException]]:
     found = []
-    for package in (core, models, pipelines, jobs):
+    for package in (core, models, pipelines, report, datagen, jobs, cvseg):
         for info in pkgutil.walk_packages(package.__path__, prefix=f"{package.__name__}."):
             module = importlib.import_module(info.name)
             for _, cls in inspect.getmembers(module, inspect.isclass):

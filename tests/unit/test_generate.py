@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 from pyspark.sql import functions as F
 
-from pipelines.generate import (
+from datagen.generate import (
     DEFECT_KINDS, EXPORT_COLUMNS, TIMESTAMP_FORMAT, GeneratorError, GeneratorParams, generate, generate_orders,
 )
 
@@ -294,7 +294,7 @@ def test_example_conf_maps_every_export_column():
 
 @pytest.fixture(scope="module")
 def patterns():
-    from pipelines.generate import simulate_block
+    from datagen.generate import simulate_block
 
     return {name: simulate_block(0, 4000, 21, GeneratorParams(cancellations=name), dirty_share=0.0)
             for name in ("independent", "retry", "stray", "mixed")}
@@ -348,7 +348,7 @@ def test_an_unknown_cancellation_pattern_is_rejected():
 
 
 def test_channel_effects_scale_the_purchase_rate_and_order_value_of_their_channel_only():
-    from pipelines.generate import simulate_block
+    from datagen.generate import simulate_block
 
     plain = simulate_block(0, 10_000, 5, GeneratorParams(), dirty_share=0.0)
     # multipliers of 1 are no effect: the same rows as the default

@@ -12,12 +12,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipelines.report import build
-from pipelines.report.data import DiagnosticData, Histogram, WeeklyData, week_windows
-from pipelines.report.tables import Missing
-from pipelines.report.html import render_html
-from pipelines.report.i18n import CATALOGUE, LANGUAGES, Formats, Messages
-from pipelines.report.pdf import render_pdf
+from report import build
+from report.data import DiagnosticData, Histogram, WeeklyData, week_windows
+from report.tables import Missing
+from report.html import render_html
+from report.i18n import CATALOGUE, LANGUAGES, Formats, Messages
+from report.pdf import render_pdf
 
 AS_OF = dt.date(2026, 9, 30)
 GENERATED = dt.datetime(2026, 10, 1, 6, 0)
@@ -149,7 +149,7 @@ def test_full_diagnostic_renders_every_section_with_data(full_data, language):
 
 def test_missing_tables_become_one_line_each(full_data):
     """On a warehouse that has only the stage-1 tables every other section says what to run."""
-    from pipelines.report.tables import missing
+    from report.tables import missing
 
     absent = {name: missing(AS_OF, table) for name, table in (
         ("cohort_retention", "trend_cohort_retention"), ("value_by_segment", "segments_current"),
@@ -204,7 +204,7 @@ def test_weekly_report_compares_three_weeks():
 @pytest.mark.parametrize("language", ["ja", "en"])
 def test_cancel_headline_wording_follows_the_ratio(full_data, language):
     """Customers who cancel a lot worth less: "only" / にとどまります; worth more: no "only" / に達します."""
-    from pipelines.report.diagnostic import Context, finding_cancel_effect
+    from report.diagnostic import Context, finding_cancel_effect
 
     c = Context(language, "JPY")
     lower = finding_cancel_effect(full_data, c)
@@ -256,7 +256,7 @@ def test_a_hybrid_champion_shows_what_drives_it(full_data, language):
 
 def test_lifecycle_segments_come_after_the_value_bands_whatever_their_value(spark, storage):
     from core.tables import SEGMENTS_CURRENT
-    from pipelines.report.sources import segments_value
+    from report.sources import segments_value
 
     values = {"top": 900.0, "middle": 100.0, "dormant": 400.0, "new": 50.0, "low": 10.0}
     rows = [(f"C{i}", segment, 1, AS_OF, value, 0.5, AS_OF) for i, (segment, value) in enumerate(values.items())]

@@ -209,7 +209,7 @@ CATALOGUE: dict[str, dict[str, str]] = {
     "vm.naive": {"ja": "前期実績の繰り越し", "en": "last period carried forward"},
     "vm.hybrid": {"ja": "ハイブリッド（BTYDの予測と購買行動を学習した勾配ブースティング木）",
                   "en": "hybrid (gradient-boosted trees on the BTYD forecast and buying behaviour)"},
-    # -- the hybrid's explanation (pipelines/report/diagnostic.py: hybrid_block) ------------------
+    # -- the hybrid's explanation (report/diagnostic.py: hybrid_block) ------------------
     "hyb.title": {"ja": "ハイブリッドモデルが重視している項目", "en": "What the hybrid model relies on"},
     "hyb.lead": {"ja": "チャンピオンのハイブリッドモデルは、{train}時点の顧客{rows}人の情報と、その後6か月の実際の購入額から学習しています。"
                        "下の表は、項目の値を顧客間でシャッフルしたときに予測誤差（1人あたりの平均絶対誤差）がどれだけ増えるかを、"

@@ -1,6 +1,6 @@
 """Readers of the stage-2/3 tables (segments, trends, backtests) for the reports.
 
-Each returns a small pandas frame, or :class:`~pipelines.report.tables.Missing` when its table is
+Each returns a small pandas frame, or :class:`~report.tables.Missing` when its table is
 not in the warehouse, so the report says which command to run instead of failing. Column names
 are those of the TableSpecs in :mod:`core.tables`.
 """
@@ -16,7 +16,7 @@ from pyspark.sql import functions as F
 from core.config import DORMANT, LIFECYCLE_SEGMENTS
 from pipelines.identity import read_orders
 
-from pipelines.report.tables import GROUP_TOTAL_COLUMNS, Missing, missing, require, table_available, to_pandas
+from report.tables import GROUP_TOTAL_COLUMNS, Missing, missing, require, table_available, to_pandas
 from pipelines.value_totals import loadings_width, rollup_interval_sums, total_interval_sums, with_total_interval
 
 

@@ -5,11 +5,11 @@ import datetime as dt
 
 import pandas as pd
 
-from pipelines.report import charts
-from pipelines.report.data import WeeklyData
-from pipelines.report.tables import Missing
-from pipelines.report.diagnostic import Context
-from pipelines.report.document import Bullets, Chart, Document, Heading, Paragraph, Table
+from report import charts
+from report.data import WeeklyData
+from report.tables import Missing
+from report.diagnostic import Context
+from report.document import Bullets, Chart, Document, Heading, Paragraph, Table
 
 WEEKS = ("this", "last", "year")
 

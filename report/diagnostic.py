@@ -8,12 +8,12 @@ import numpy as np
 import pandas as pd
 
 from core.config import GONE, NO_SEGMENT
-from pipelines.report import charts
-from pipelines.report.data import CANCEL_BAND_LABELS, UNKNOWN, DiagnosticData, Histogram
-from pipelines.report.tables import Missing
-from pipelines.report.document import (Bullets, Chart, Document, Heading, KeyFigures, PageBreak, Paragraph,
+from report import charts
+from report.data import CANCEL_BAND_LABELS, UNKNOWN, DiagnosticData, Histogram
+from report.tables import Missing
+from report.document import (Bullets, Chart, Document, Heading, KeyFigures, PageBreak, Paragraph,
                                        Table)
-from pipelines.report.i18n import CATALOGUE, Formats, Messages
+from report.i18n import CATALOGUE, Formats, Messages
 
 
 class Context:

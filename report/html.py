@@ -4,7 +4,7 @@ from __future__ import annotations
 import base64
 from html import escape
 
-from pipelines.report.document import (Bullets, Chart, Document, Heading, KeyFigures, PageBreak, Paragraph,
+from report.document import (Bullets, Chart, Document, Heading, KeyFigures, PageBreak, Paragraph,
                                        Table)
 
 CSS = """

@@ -18,9 +18,9 @@ from reportlab.platypus import (Image, KeepTogether, ListFlowable, ListItem, Pag
                                 Paragraph as RLParagraph, SimpleDocTemplate, Spacer, Table as RLTable, TableStyle)
 from xml.sax.saxutils import escape
 
-from pipelines.report.document import (Bullets, Chart, Document, Heading, KeyFigures, PageBreak, Paragraph,
+from report.document import (Bullets, Chart, Document, Heading, KeyFigures, PageBreak, Paragraph,
                                        Table)
-from pipelines.report.fonts import reportlab_font
+from report.fonts import reportlab_font
 
 NAVY = colors.HexColor("#1f4e79")
 MARGIN = 18 * mm

@@ -4,7 +4,7 @@ Figures are built on the Agg canvas directly (no pyplot): no global state, no di
 
 Every chart gets a title and axis labels with units from the caller; the reading aid is set as
 text under the chart by the renderers. Text uses the embedded Japanese-capable font
-(:mod:`pipelines.report.fonts`) in both languages, so client data in Japanese (channel or
+(:mod:`report.fonts`) in both languages, so client data in Japanese (channel or
 category names) never turns into boxes.
 """
 from __future__ import annotations
@@ -19,7 +19,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, MaxNLocator, PercentFormatter
 
-from pipelines.report.fonts import matplotlib_font
+from report.fonts import matplotlib_font
 
 WIDTH, HEIGHT, DPI = 7.6, 3.3, 150
 PALETTE = ("#1f4e79", "#e07b39", "#7f9c3a", "#a23b72", "#4f9fd6", "#c9a227", "#6b6b6b", "#3a8f85")

@@ -617,7 +617,7 @@ def generate(spark: SparkSession, n_customers: int, seed: int, end_date: dt.date
         "gross_amount": counts["gross_amount"],
     }
     truth = {
-        "generator": "pipelines.generate",
+        "generator": "datagen.generate",
         "generator_version": GENERATOR_VERSION,
         "numpy_version": np.__version__,
         "seed": seed,

@@ -21,12 +21,12 @@ from typing import Iterable
 
 from core.errors import UserError
 from core.storage import Storage
-from pipelines.report.data import DiagnosticData, WeeklyData, collect_diagnostic, collect_weekly
-from pipelines.report.diagnostic import build_diagnostic
-from pipelines.report.document import Document
-from pipelines.report.html import render_html
-from pipelines.report.pdf import render_pdf
-from pipelines.report.weekly import build_weekly
+from report.data import DiagnosticData, WeeklyData, collect_diagnostic, collect_weekly
+from report.diagnostic import build_diagnostic
+from report.document import Document
+from report.html import render_html
+from report.pdf import render_pdf
+from report.weekly import build_weekly
 
 FORMATS = ("html", "pdf")
 

@@ -23,8 +23,8 @@ from pyspark.sql import functions as F
 
 from pipelines.identity import read_orders
 from pipelines.maintenance import ensure_not_pruned
-from pipelines.report import sources
-from pipelines.report.tables import GROUP_TOTAL_COLUMNS, Missing, require, table_available, to_pandas
+from report import sources
+from report.tables import GROUP_TOTAL_COLUMNS, Missing, require, table_available, to_pandas
 
 HISTOGRAM_BINS = 30
 F2_WINDOW_DAYS = 90
