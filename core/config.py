@@ -8,6 +8,7 @@ unknown keys and wrong types are rejected with the dotted key path in the messag
 from __future__ import annotations
 
 import copy
+import logging
 import re
 from datetime import date
 from importlib.resources import files
@@ -18,6 +19,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from core.errors import UserError
+
+log = logging.getLogger(__name__)
 
 ENVIRONMENTS = ("local", "databricks", "emr")
 
@@ -232,17 +235,25 @@ class ValidationConf(_Frozen):
 
 class FeaturesConf(_Frozen):
     time_unit: Literal["days", "weeks"] = "days"
+    # the customer_features table's windows (core.tables.TRAILING_MONTHS); kept as a key so a
+    # resolved config says which windows its features have
     trailing_months: tuple[int, ...] = (3, 6, 12)
-    horizon_months: int = Field(default=6, ge=1)
     incremental: bool = True
     full_every_days: int = Field(default=7, ge=1)
 
     @field_validator("trailing_months")
     @classmethod
-    def _positive(cls, v: tuple[int, ...]) -> tuple[int, ...]:
+    def _the_tables_windows(cls, v: tuple[int, ...]) -> tuple[int, ...]:
+        from core.tables import TRAILING_MONTHS   # pyspark types: imported when a config names windows
+
         if not v or any(m <= 0 for m in v):
             raise ValueError("must be a non-empty list of positive month counts")
-        return tuple(sorted(set(v)))
+        months = tuple(sorted(set(v)))
+        if months != TRAILING_MONTHS:
+            raise ValueError(f"must be {list(TRAILING_MONTHS)}: the customer_features table has columns for "
+                             f"these windows only (orders_<m>m, net_<m>m); another window means adding its "
+                             f"columns in core/tables.py")
+        return months
 
 
 class HybridConf(_Frozen):
@@ -278,6 +289,8 @@ class ByChannelConf(_Frozen):
 
 
 class ModelsConf(_Frozen):
+    # the prediction horizon (customer_scores' value, the export's column) and the backtest's holdout
+    horizon_months: int = Field(default=6, ge=1)
     purchase_models: tuple[Literal["bgnbd", "paretonbd", "mbgnbd"], ...] = ("bgnbd", "paretonbd", "mbgnbd")
     compare_cohort: bool = True
     compare_naive: bool = True
@@ -584,10 +597,43 @@ def _format_errors(exc: ValidationError) -> str:
     return "invalid configuration:\n" + "\n".join(lines)
 
 
+#: Keys that moved: old dotted path -> new one. A layer (a conf file, --set) that uses the old path is
+#: read as the new one with a warning; setting both in one layer is an error.
+MOVED_KEYS: dict[str, str] = {
+    "features.horizon_months": "models.horizon_months",   # 2026-12: the horizon is the models' (#18)
+}
+
+
+def _move_keys(layer: dict[str, Any], where: str) -> dict[str, Any]:
+    """``layer`` with every :data:`MOVED_KEYS` old path (section.key) moved to its new one (a copy when any moved)."""
+    for old, new in MOVED_KEYS.items():
+        old_parts, new_parts = old.split("."), new.split(".")
+        parent = layer.get(old_parts[0])
+        if not isinstance(parent, dict) or old_parts[1] not in parent:
+            continue
+        layer = copy.deepcopy(layer)
+        value = layer[old_parts[0]].pop(old_parts[1])
+        target = layer.setdefault(new_parts[0], {})
+        if not isinstance(target, dict):
+            raise ConfigError(f"{where}: {new_parts[0]} is not a section")
+        if new_parts[1] in target and target[new_parts[1]] != value:
+            raise ConfigError(f"{where}: {old} ({value!r}) and {new} ({target[new_parts[1]]!r}) both set; "
+                              f"{old} is the old name of {new}: keep {new} only")
+        target[new_parts[1]] = value
+        log.warning("config %s: %s is now %s (read as such; rename it)", where, old, new)
+    return layer
+
+
 def resolve_layers(conf_path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
     """The merged (not yet validated) mapping of every layer."""
-    user = _read_yaml(conf_path) if conf_path else {}
+    user = _move_keys(_read_yaml(conf_path), str(conf_path)) if conf_path else {}
     set_items = [parse_override(o) for o in overrides]
+    moved = {tuple(old.split(".")): tuple(new.split(".")) for old, new in MOVED_KEYS.items()}
+    for i, (parts, value) in enumerate(set_items):
+        if tuple(parts) in moved:
+            log.warning("config --set: %s is now %s (read as such; rename it)", ".".join(parts),
+                        ".".join(moved[tuple(parts)]))
+            set_items[i] = (list(moved[tuple(parts)]), value)
     env = user.get("env", "local")
     for parts, value in set_items:
         if parts == ["env"]:

@@ -158,6 +158,10 @@ INGEST_RUNS = TableSpec(
     keys=("ingest_run_id",),
 )
 
+#: The trailing windows of customer_features (orders_<m>m, net_<m>m): ``features.trailing_months`` must
+#: name these (checked when the config loads); another window is a schema change here.
+TRAILING_MONTHS: tuple[int, ...] = (3, 6, 12)
+
 CUSTOMER_FEATURES = TableSpec(
     name="customer_features",
     produced_by="features",
@@ -183,12 +187,8 @@ CUSTOMER_FEATURES = TableSpec(
         _f("cancel_rate_amount", D),         # null when gross_amount is 0
         _f("gap_mean_days", D),              # cadence: gaps between purchase days
         _f("gap_std_days", D),
-        _f("orders_3m", L, False),
-        _f("net_3m", D, False),
-        _f("orders_6m", L, False),
-        _f("net_6m", D, False),
-        _f("orders_12m", L, False),
-        _f("net_12m", D, False),
+        *[field for months in TRAILING_MONTHS
+          for field in (_f(f"orders_{months}m", L, False), _f(f"net_{months}m", D, False))],
         _f("acquisition_channel", S),
         _f("top_category", S),
         _f("first_category", S),             # category of the first order

@@ -182,7 +182,7 @@ def log_fit(bundle, config: Config, as_of, features_version: Any, seconds: dict[
     params = {"purchase_model": bundle.purchase.name, "value_model": bundle.value_model,
               "as_of": as_of.isoformat(), "purchase_basis": bundle.purchase_basis,
               "time_unit": config.features.time_unit, "penalizer_coef": config.models.penalizer_coef,
-              "horizon_months": config.features.horizon_months,
+              "horizon_months": config.models.horizon_months,
               "customer_features_version": features_version, **(extra_params or {})}
     metrics = {"log_likelihood": bundle.purchase.fit_info_.get("log_likelihood"),
                **{f"fit_seconds_{k}": v for k, v in seconds.items()}}

@@ -70,7 +70,8 @@ class Engine:
     def calibration(self, cutoff: DateLike):
         from pipelines.calibration import run_calibration
 
-        return run_calibration(self.storage, to_date(cutoff), self.config.features)
+        return run_calibration(self.storage, to_date(cutoff), self.config.features,
+                               self.config.models.horizon_months)
 
     def backtest(self, as_of: DateLike, origins: int = 1, spacing_months: int = 1, track: bool = True):
         """Every configured model fitted one horizon before each origin and measured on what followed;
@@ -106,7 +107,7 @@ class Engine:
         from pipelines.export import run_export
 
         return run_export(self.storage, to_date(as_of), self.config.export, dest=str(dest) if dest else None,
-                          horizon_months=self.config.features.horizon_months, labels=self.config.segments.labels)
+                          horizon_months=self.config.models.horizon_months, labels=self.config.segments.labels)
 
     def night(self, as_of: DateLike, **options: Any):
         """The nightly pipeline for one date, as `cvseg run` (options: see ``pipelines.nightly.run_nightly``)."""

@@ -20,6 +20,7 @@ def main(args: argparse.Namespace):
     config = config_from(args)
     spark, storage = open_warehouse(args, config)
     with step("calibrate"):
-        stats = run_calibration(storage, args.cutoff, config.features, allow_incomplete=args.allow_incomplete)
+        stats = run_calibration(storage, args.cutoff, config.features, config.models.horizon_months,
+                                allow_incomplete=args.allow_incomplete)
     print(f"calibration_holdout: {stats.summary_line()}")
     return stats

@@ -105,9 +105,9 @@ def main(args: argparse.Namespace) -> dict:
         from jobs.common import UsageError
 
         raise UsageError(str(exc)) from exc
-    cutoff = as_of - relativedelta(months=config.features.horizon_months)
+    cutoff = as_of - relativedelta(months=config.models.horizon_months)
     with step(f"calibration/holdout at cutoff {cutoff} (for `cvseg backtest`)"):
-        calibration_stats = run_calibration(storage, cutoff, config.features)
+        calibration_stats = run_calibration(storage, cutoff, config.features, config.models.horizon_months)
     print(f"  {calibration_stats.summary_line()}")
     _print_what_was_made(storage, config, as_of, result)
     _print_next_commands(args.dataset, config, conf_path, as_of, demo_dir)

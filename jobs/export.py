@@ -22,7 +22,7 @@ def main(args: argparse.Namespace):
     storage = build_storage(config, spark)
     with step(f"export as of {args.as_of}"):   # an ExportError is a UserError: one line, exit 2
         result = run_export(storage, args.as_of, config.export, dest=args.dest,
-                            horizon_months=config.features.horizon_months,
+                            horizon_months=config.models.horizon_months,
                             labels=config.segments.labels)
     print(f"  {result.rows:,} rows -> {result.file}\n  manifest: {result.manifest} (sha256 {result.sha256})")
     return result

@@ -33,7 +33,7 @@ def main(args: argparse.Namespace) -> dict:
             # auto: `cvseg backtest` chooses the basis; a plain fit without one uses gross (today's default)
             basis = "gross" if config.models.purchase_basis == "auto" else config.models.purchase_basis
             fitted = fit_btyd_bundles(features_df, config.models.purchase_models, config.features.time_unit,
-                                      config.features.horizon_months, config.models.penalizer_coef,
+                                      config.models.horizon_months, config.models.penalizer_coef,
                                       purchase_basis=basis, by_channel=config.models.by_channel)
         except LtvInputError:
             ensure_not_pruned(storage, "customer_features", args.as_of)

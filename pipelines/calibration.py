@@ -121,11 +121,12 @@ class CalibrationResult(StageResult):
                 f"{self.holdout_buyers:,} buyers, {self.holdout_orders:,} orders, net {self.holdout_net:,.2f}")
 
 
-def run_calibration(storage: Storage, cutoff_date: dt.date, features_conf: FeaturesConf,
+def run_calibration(storage: Storage, cutoff_date: dt.date, features_conf: FeaturesConf, horizon_months: int,
                     allow_incomplete: bool = False) -> CalibrationResult:
-    """Read ``orders``, write the ``cutoff_date`` partition of ``calibration_holdout``."""
+    """Read ``orders``, write the ``cutoff_date`` partition of ``calibration_holdout``: features at the
+    cutoff and what each customer did in the ``horizon_months`` after it (``models.horizon_months``)."""
     holdout_df = build_calibration_holdout(
-        read_orders(storage), cutoff_date, horizon_months=features_conf.horizon_months,
+        read_orders(storage), cutoff_date, horizon_months=horizon_months,
         time_unit=features_conf.time_unit, trailing_months=features_conf.trailing_months,
         allow_incomplete=allow_incomplete)
     storage.replace_partitions(CALIBRATION_HOLDOUT.name, holdout_df, partitions={"cutoff_date": [cutoff_date]})
@@ -136,7 +137,7 @@ def run_calibration(storage: Storage, cutoff_date: dt.date, features_conf: Featu
                   F.coalesce(F.sum("holdout_orders"), F.lit(0)).alias("holdout_orders"),
                   F.coalesce(F.sum("holdout_net"), F.lit(0.0)).alias("holdout_net"))
              .first())
-    return CalibrationResult(cutoff_date, holdout_end(cutoff_date, features_conf.horizon_months),
+    return CalibrationResult(cutoff_date, holdout_end(cutoff_date, horizon_months),
                              features_conf.time_unit, customers=int(stats["customers"]),
                              holdout_buyers=int(stats["holdout_buyers"]),
                              holdout_orders=int(stats["holdout_orders"]), holdout_net=float(stats["holdout_net"]))

@@ -40,7 +40,7 @@ from core.storage import Storage
 
 log = logging.getLogger(__name__)
 
-#: The export's columns, in order; ``predicted_value`` is the value over features.horizon_months.
+#: The export's columns, in order; ``predicted_value`` is the value over models.horizon_months.
 EXPORT_COLUMNS = ("customer_id", "segment", "generation_id", "predicted_value", "p_alive")
 HMAC_BLOCK_SIZE = 64   # SHA-256 block size in bytes (RFC 2104)
 _CHUNK = 8 * 1024 * 1024

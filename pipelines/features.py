@@ -71,7 +71,6 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import re
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Sequence
@@ -84,7 +83,7 @@ from core.dates import add_months, to_date
 from core.errors import UserError
 from core.results import StageResult, omitted_when_none
 from core.storage import Storage
-from core.tables import CUSTOMER_FEATURES, FEATURES_RUNS, IDENTITY_MAP, ORDERS, conform
+from core.tables import CUSTOMER_FEATURES, FEATURES_RUNS, IDENTITY_MAP, ORDERS, TRAILING_MONTHS, conform
 from pipelines.identity import IdLookup, identity_version
 
 log = logging.getLogger(__name__)
@@ -111,16 +110,11 @@ class FeaturesError(UserError, ValueError):
 # --------------------------------------------------------------------------------------------
 # Small helpers (plain Python: dates and parameters)
 # --------------------------------------------------------------------------------------------
-def schema_trailing_months() -> tuple[int, ...]:
-    """The trailing-window months that CUSTOMER_FEATURES has columns for (3, 6, 12)."""
-    months = {int(m.group(1)) for c in CUSTOMER_FEATURES.columns
-              if (m := re.fullmatch(r"orders_(\d+)m", c))}
-    return tuple(sorted(months))
-
-
 def check_trailing_months(trailing_months: Iterable[int]) -> tuple[int, ...]:
+    """The windows as the table declares them; the config checks this at load, the transforms again
+    for callers that pass windows of their own."""
     months = tuple(sorted(set(int(m) for m in trailing_months)))
-    expected = schema_trailing_months()
+    expected = TRAILING_MONTHS
     if months != expected:
         raise FeaturesError(
             f"features.trailing_months is {list(months)} but the customer_features table has "

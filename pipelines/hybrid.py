@@ -265,7 +265,7 @@ def training_frame(storage: Storage, train_cutoff: dt.date, config: Config) -> T
     from pipelines.backtest import ensure_calibration, lacks_net_basis
     from pipelines.calibration import holdout_end
 
-    horizon = config.features.horizon_months
+    horizon = config.models.horizon_months
     if storage.exists(CUSTOMER_FEATURES.name):
         features_df = storage.read(CUSTOMER_FEATURES.name, partitions={"as_of_date": [train_cutoff]})
         stored = features_df.select("time_unit").limit(1).collect()
@@ -286,7 +286,7 @@ def refit_hybrid(storage: Storage, as_of_date: dt.date, scoring_btyd: ScoringBun
                  ) -> tuple[HybridBundle | None, str | None, dict[str, float]]:
     """The nightly refit of a hybrid champion at D: trees on the customers as of D - H (:func:`training_frame`)
     on top of ``scoring_btyd`` (fitted at D). Returns (bundle or None, the skip line, seconds)."""
-    cutoff = training_cutoff(as_of_date, config.features.horizon_months)
+    cutoff = training_cutoff(as_of_date, config.models.horizon_months)
     started = time.perf_counter()
     base_model = config.models.hybrid.base_model
     if base_model and base_model != scoring_btyd.purchase.name:     # the base the backtest's hybrid had
@@ -314,7 +314,7 @@ def origin_hybrids(storage: Storage, cutoff: dt.date, config: Config, bundles: M
     from core.tables import ORDERS
     from pipelines.backtest import ensure_calibration
 
-    horizon = config.features.horizon_months
+    horizon = config.models.horizon_months
     train_cutoff = training_cutoff(cutoff, horizon)
     first = storage.read(ORDERS.name).agg(F.min("order_date").alias("first")).first()["first"]
     if first is None or first > train_cutoff:

@@ -365,7 +365,7 @@ def refit_champion(storage: Storage, as_of_date: dt.date, config: Config, champi
     purchase_model = refit_purchase_model(models.purchase_models, champion)
     channel_aware = refit_by_channel(models.by_channel, purchase_model, champion)
     fitted = fit_btyd_bundles(features_df, (purchase_model,), config.features.time_unit,
-                              config.features.horizon_months, models.penalizer_coef, purchase_basis=basis,
+                              config.models.horizon_months, models.penalizer_coef, purchase_basis=basis,
                               by_channel=models.by_channel if channel_aware else None)
     # the channel-aware variant comes after the pooled bundle it was built from
     name, bundle = list(fitted.bundles.items())[-1 if channel_aware else 0]

@@ -258,7 +258,7 @@ def _export(ctx: _Context) -> tuple[str, dict]:
     from pipelines.export import run_export
 
     result = run_export(ctx.storage, ctx.as_of_date, ctx.config.export, dest=ctx.dest,
-                        horizon_months=ctx.config.features.horizon_months, labels=ctx.config.segments.labels)
+                        horizon_months=ctx.config.models.horizon_months, labels=ctx.config.segments.labels)
     return result.summary_line(), result.asdict()
 
 

@@ -66,7 +66,7 @@ def fit_origin_models(holdout_df: DataFrame, cohort_train_df: DataFrame | None, 
     sizes: dict[str, int] = {}
     for basis in purchase_bases(models_conf.purchase_basis):
         fitted = fit_btyd_bundles(holdout_df, models_conf.purchase_models, features_conf.time_unit,
-                                  features_conf.horizon_months, models_conf.penalizer_coef, purchase_basis=basis,
+                                  models_conf.horizon_months, models_conf.penalizer_coef, purchase_basis=basis,
                                   by_channel=models_conf.by_channel)
         suffix = "" if basis == "gross" else f"_{basis}"
         bundles.update({basis_model_name(name, basis): b for name, b in fitted.bundles.items()})
@@ -74,7 +74,7 @@ def fit_origin_models(holdout_df: DataFrame, cohort_train_df: DataFrame | None, 
         sizes.update({f"{k}{suffix}": v for k, v in fitted.sizes.items()})
     base = next(iter(bundles.values()))
     shared = dict(purchase=base.purchase, spend=base.spend, cancellation=base.cancellation,
-                  horizon_months=features_conf.horizon_months, time_unit=features_conf.time_unit)
+                  horizon_months=models_conf.horizon_months, time_unit=features_conf.time_unit)
     if cohort_train_df is not None:
         started = time.perf_counter()
         cohort = fit_cohort_model(cohort_train_df, features_conf.time_unit, models_conf.cohort_min_cell_size,
@@ -83,10 +83,10 @@ def fit_origin_models(holdout_df: DataFrame, cohort_train_df: DataFrame | None, 
         bundles["cohort"] = ScoringBundle(value_model="cohort", cohort=cohort,
                                           cohort_with_channel=models_conf.cohort_by_channel, **shared)
     if models_conf.compare_naive:
-        if features_conf.horizon_months != 6:
+        if models_conf.horizon_months != 6:
             log.warning("naive baseline skipped: it repeats the trailing six months (net_6m), which only "
-                        "compares with a six-month horizon (features.horizon_months=%d)",
-                        features_conf.horizon_months)
+                        "compares with a six-month horizon (models.horizon_months=%d)",
+                        models_conf.horizon_months)
         else:
             bundles["naive"] = ScoringBundle(value_model="naive", naive=NaiveRepeatModel().fit(), **shared)
     return OriginModels(bundles=bundles, seconds=seconds, sizes=sizes)

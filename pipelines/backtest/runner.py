@@ -43,7 +43,7 @@ def ensure_calibration(storage: Storage, cutoff: dt.date, config: Config, rebuil
     """The ``calibration_holdout`` rows at ``cutoff``; reused when the partition exists with the same
     horizon end and time unit (else built and written). Returns (rows, reused)."""
     features_conf = config.features
-    expected_end = holdout_end(cutoff, features_conf.horizon_months)
+    expected_end = holdout_end(cutoff, config.models.horizon_months)
     if not rebuild and storage.exists(CALIBRATION_HOLDOUT.name):
         existing = (storage.read(CALIBRATION_HOLDOUT.name).where(F.col("cutoff_date") == F.lit(cutoff))
                     .select("horizon_end", "time_unit").limit(1).collect())
@@ -55,7 +55,7 @@ def ensure_calibration(storage: Storage, cutoff: dt.date, config: Config, rebuil
             log.warning("calibration_holdout at %s was built with horizon end %s / %s; rebuilding it for %s / %s",
                         cutoff, existing[0]["horizon_end"], existing[0]["time_unit"], expected_end,
                         features_conf.time_unit)
-    run_calibration(storage, cutoff, features_conf)
+    run_calibration(storage, cutoff, features_conf, config.models.horizon_months)
     return calibration_rows(storage, cutoff), False
 
 
@@ -84,7 +84,7 @@ class OriginResult:
 
 def run_origin(storage: Storage, origin: dt.date, config: Config, rebuild: bool = False) -> OriginResult:
     """Calibration at ``origin - H`` (and ``- 2H`` for the cohort cells), fits, predictions, metrics."""
-    horizon = config.features.horizon_months
+    horizon = config.models.horizon_months
     cutoff = add_months(origin, -horizon)
     seconds: dict[str, float] = {}
     started = time.perf_counter()
@@ -267,7 +267,7 @@ def run_backtest(storage: Storage, as_of: dt.date, config: Config, n_origins: in
         target = tracking.tracking_target(config)
         tracking.start(target)
         parent_params = {"backtest_run_id": run_id, "as_of": as_of.isoformat(), "origins": len(origins),
-                         "spacing_months": spacing_months, "horizon_months": config.features.horizon_months,
+                         "spacing_months": spacing_months, "horizon_months": config.models.horizon_months,
                          "time_unit": config.features.time_unit, "penalizer_coef": config.models.penalizer_coef,
                          "purchase_models": list(config.models.purchase_models),
                          "compare_cohort": config.models.compare_cohort, "compare_naive": config.models.compare_naive,
@@ -286,7 +286,7 @@ def run_backtest(storage: Storage, as_of: dt.date, config: Config, n_origins: in
     _write_backtest_tables(storage, results, run_id, config, champion, runs, created_at, importance_rows)
     write_seconds = time.perf_counter() - started
     return BacktestResult(
-        backtest_run_id=run_id, as_of=as_of, origins=tuple(origins), horizon_months=config.features.horizon_months,
+        backtest_run_id=run_id, as_of=as_of, origins=tuple(origins), horizon_months=config.models.horizon_months,
         champion=champion, champion_metric=champion_metric, champion_purchase_basis=champion_basis,
         purchase_basis=config.models.purchase_basis, basis_comparison=basis_comparison,
         champion_version=runs.champion_version if runs else None, mean_metric={k: float(v) for k, v in means.items()},
@@ -305,7 +305,7 @@ def _backtest_fits(results: Sequence[OriginResult], run_id: str, config: Config)
     """Each fitted model at each origin as MLflow logs it; the newest origin's fits are registered
     (what was just measured). MLflow parameter names are read back by ``cvseg models`` and the
     nightly refit: keep them."""
-    horizon = config.features.horizon_months
+    horizon = config.models.horizon_months
     for position, result in enumerate(results):
         for name, bundle in result.models.bundles.items():
             row = result.metrics.set_index("model").loc[name]
@@ -359,7 +359,7 @@ def _write_backtest_tables(storage: Storage, results: Sequence[OriginResult], ru
             bundle = result.models.bundles[name]
             rows.append({
                 "backtest_run_id": run_id, "origin_date": result.origin, "cutoff_date": result.cutoff,
-                "horizon_end": result.horizon_end, "horizon_months": config.features.horizon_months,
+                "horizon_end": result.horizon_end, "horizon_months": config.models.horizon_months,
                 "time_unit": config.features.time_unit,
                 "model": name, "value_model": bundle.value_model, "purchase_model": bundle.purchase.name,
                 "purchase_basis": bundle.purchase_basis,

@@ -54,7 +54,7 @@ def engine(spark, tmp_path_factory):
                path=str(root / "export" / "orders"))
     run_features(storage, AS_OF, config.features)
     features_df = storage.read("customer_features").where(F.col("as_of_date") == F.lit(AS_OF))
-    fitted = fit_btyd_bundles(features_df, ("bgnbd",), config.features.time_unit, config.features.horizon_months)
+    fitted = fit_btyd_bundles(features_df, ("bgnbd",), config.features.time_unit, config.models.horizon_months)
     run_score(storage, AS_OF, fitted.bundles["bgnbd"], "unregistered")
     try:                                    # stage 3, once it exists in this checkout
         from pipelines.segments import run_segments

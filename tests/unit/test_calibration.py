@@ -18,7 +18,7 @@ def test_holdout_counts_only_the_window_and_excludes_new_customers(spark, storag
         ("o6", "c2", "2024-02-01", 7.0),                                       # c2: no holdout orders
         ("o7", "c3", "2024-05-01", 8.0),                                       # c3: first seen after cutoff
     ]))
-    stats = run_calibration(storage, dt.date(2024, 3, 31), FeaturesConf(horizon_months=6))
+    stats = run_calibration(storage, dt.date(2024, 3, 31), FeaturesConf(), 6)
     rows = {r.customer_id: r for r in storage.read("calibration_holdout").collect()}
     assert set(rows) == {"c1", "c2"}
     assert (rows["c1"].holdout_orders, rows["c1"].holdout_purchase_days, rows["c1"].holdout_net) == (2, 1, 35.0)
@@ -27,4 +27,4 @@ def test_holdout_counts_only_the_window_and_excludes_new_customers(spark, storag
     assert rows["c1"].horizon_end == dt.date(2024, 9, 30)
     assert stats.customers == 2 and stats.holdout_buyers == 1
     with pytest.raises(CalibrationError, match="runs past the last order day"):
-        run_calibration(storage, dt.date(2024, 9, 1), FeaturesConf(horizon_months=6))
+        run_calibration(storage, dt.date(2024, 9, 1), FeaturesConf(), 6)

@@ -41,11 +41,29 @@ def test_environment_files_select_cluster_settings():
     ("validation.max_rejected_share=1.5", r"validation\.max_rejected_share: .*less than or equal to 1"),
     ("features.time_unit=months", r"features\.time_unit: .*'days' or 'weeks'"),
     ("features.trailing_months=[0]", r"features\.trailing_months: .*positive"),
+    ("features.trailing_months=[3,6,24]", r"features\.trailing_months: .*must be \[3, 6, 12\].*core/tables\.py"),
     ("storage.backend=hive", r"storage\.backend"),
 ])
 def test_bad_values_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, [override])
+
+
+def test_a_moved_key_is_read_under_its_new_name_with_a_warning(tmp_path, caplog):
+    old = tmp_path / "old.yaml"
+    old.write_text(yaml.safe_dump({"features": {"horizon_months": 3, "time_unit": "weeks"}}), encoding="utf-8")
+    with caplog.at_level("WARNING", logger="core.config"):
+        config = load_config(old)
+    assert config.models.horizon_months == 3 and config.features.time_unit == "weeks"
+    assert "features.horizon_months is now models.horizon_months" in caplog.text
+    assert load_config(None, ["features.horizon_months=12"]).models.horizon_months == 12
+    assert load_config(old, ["models.horizon_months=9"]).models.horizon_months == 9   # a later layer wins
+    assert "horizon_months" not in load_config(old).to_dict()["features"]
+    both = tmp_path / "both.yaml"
+    both.write_text(yaml.safe_dump({"features": {"horizon_months": 3}, "models": {"horizon_months": 6}}),
+                    encoding="utf-8")
+    with pytest.raises(ConfigError, match="features.horizon_months .* and models.horizon_months .* both set"):
+        load_config(both)
 
 
 def test_bad_files_and_override_syntax(tmp_path):
