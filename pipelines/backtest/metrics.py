@@ -15,6 +15,7 @@ from pipelines.backtest.schema import DECILE_COLUMNS
 
 _FRAME_TO_CURRENT = (Window.unboundedPreceding, Window.currentRow)
 _FRAME_WHOLE = (Window.unboundedPreceding, Window.unboundedFollowing)
+RANK_A = "actual_rank_centered"
 
 # --------------------------------------------------------------------------------------------
 # Metrics in Spark (reference: models/metrics.py)
@@ -59,16 +60,51 @@ def tie_groups(predictions_df: DataFrame, order_column: str) -> DataFrame:
 
     ``customers`` (W) and ``actual_sum`` (A) of the group; ``above`` = customers with a strictly
     higher value (C); ``captured_before`` = actual revenue of those customers; ``n_total`` and
-    ``actual_total`` of the model.
+    ``actual_total`` of the model. Rows with ``actual_rank_centered`` (``predict_all``'s, see
+    :func:`collect_actual_ranks`) also give the group's sum of it and of its square (Spearman's terms).
     """
     ordered = Window.partitionBy("model").orderBy(F.col("value").desc()).rowsBetween(*_FRAME_TO_CURRENT)
     whole = Window.partitionBy("model").rowsBetween(*_FRAME_WHOLE)
+    rank_sums = [F.sum(RANK_A).alias("rank_a_sum"), F.sum(F.col(RANK_A) * F.col(RANK_A)).alias("rank_a_sq_sum")] \
+        if RANK_A in predictions_df.columns else []
     return (predictions_df.groupBy("model", F.col(order_column).alias("value"))
-            .agg(F.count(F.lit(1)).alias("customers"), F.sum("actual").alias("actual_sum"))
+            .agg(F.count(F.lit(1)).alias("customers"), F.sum("actual").alias("actual_sum"), *rank_sums)
             .withColumn("above", F.sum("customers").over(ordered) - F.col("customers"))
             .withColumn("captured_before", F.sum("actual_sum").over(ordered) - F.col("actual_sum"))
             .withColumn("n_total", F.sum("customers").over(whole))
             .withColumn("actual_total", F.sum("actual_sum").over(whole)))
+
+
+def actual_tie_groups(holdout_df: DataFrame) -> DataFrame:
+    """:func:`tie_groups` of the realised value (``holdout_net``) over an origin's customers, once for
+    every model: :func:`~pipelines.backtest.transforms.predict_all` scores every customer with every model,
+    so each model's ranking by actual is this one (its ``model`` column is a placeholder). Computed on N
+    customer rows instead of N x models prediction rows."""
+    return tie_groups(holdout_df.select(F.lit("*").alias("model"), F.col("holdout_net").alias("actual")), "actual")
+
+
+def collect_actual_ranks(actual_groups: DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """(distinct realised values ascending, their average ranks minus the mean rank (N + 1) / 2): one
+    row per distinct value, a small sufficient statistic (amounts are whole yen: bounded by the spread
+    of values, not by customers). ``predict_all`` looks each customer's rank up in it: no join of
+    customer rows on a value that is 0 for most of them (one skewed partition). Centred, so that
+    Spearman's sums of products do not cancel large terms."""
+    centred = _ascending_average_rank() - (F.col("n_total") + F.lit(1.0)) / 2.0
+    ranks = (actual_groups.select(F.col("value"), centred.alias("rank"))
+             .orderBy("value").toPandas())
+    return ranks["value"].to_numpy(float), ranks["rank"].to_numpy(float)
+
+
+def rank_lookup(values: np.ndarray, ranks: np.ndarray, actual: np.ndarray) -> np.ndarray:
+    """Each ``actual``'s rank from :func:`collect_actual_ranks`' arrays (exact values: they come from
+    the same column)."""
+    if len(actual) == 0:
+        return np.empty(0)
+    at = np.minimum(np.searchsorted(values, actual), max(len(values) - 1, 0))
+    if len(values) == 0 or not np.array_equal(values[at], actual):
+        raise ValueError("a realised value is missing from the origin's ranks (the holdout changed while "
+                         "the backtest read it)")
+    return ranks[at]
 
 
 def _ascending_average_rank() -> Column:
@@ -93,32 +129,54 @@ def _captured_share(share: float) -> Column:
     return F.try_divide(F.sum(F.col("actual_sum") * fraction), F.first("actual_total"))
 
 
+def _rank_correlation_from_groups() -> Column:
+    """Spearman as Pearson on the ranks, from predicted tie groups carrying the sums of the customers'
+    centred actual ranks (``rank_a_sum``, ``rank_a_sq_sum``): a group's centred predicted rank is
+    ``(N - 2C - W) / 2``, the same for its W customers, so ``sum(rank_p * rank_a)`` is a sum over groups."""
+    n = F.first("n_total")
+    rank_p = (F.col("n_total") - F.lit(2.0) * F.col("above") - F.col("customers")) / 2.0
+    mean_p = F.sum(rank_p * F.col("customers")) / n
+    mean_a = F.sum("rank_a_sum") / n
+    covariance = F.sum(rank_p * F.col("rank_a_sum")) / n - mean_p * mean_a
+    variances = (F.sum(rank_p * rank_p * F.col("customers")) / n - mean_p * mean_p) \
+        * (F.sum("rank_a_sq_sum") / n - mean_a * mean_a)
+    # a constant ranking has no variance: null (try_divide; ANSI would raise), NaN in compute_metrics
+    return F.try_divide(covariance, F.sqrt(F.greatest(variances, F.lit(0.0))))
+
+
 def ranking_metrics(predictions_df: DataFrame, by_predicted: DataFrame | None = None,
-                    by_actual: DataFrame | None = None) -> DataFrame:
+                    actual_groups: DataFrame | None = None) -> DataFrame:
     """Per model: spearman, normalized_gini, top_decile_capture, top20_capture (NaN where degenerate).
 
-    ``by_predicted`` / ``by_actual``: :func:`tie_groups` of the same rows, when the caller has them.
+    ``by_predicted``: :func:`tie_groups` of the same rows, when the caller has them. ``actual_groups``:
+    :func:`actual_tie_groups` of the customers every model scored, with their ``actual_rank_centered``
+    on the rows (:data:`~pipelines.backtest.schema.RANKED_PREDICTION_SCHEMA`, from ``predict_all``): then
+    Spearman comes from the predicted tie groups' sums, with no join of the predictions. Without them
+    the ranks by actual are computed per model (models may have scored different customers) and joined.
     """
     by_predicted = tie_groups(predictions_df, "predicted") if by_predicted is None else by_predicted
-    by_actual = tie_groups(predictions_df, "actual") if by_actual is None else by_actual
-    curve = (by_predicted.groupBy("model")
-             .agg(_gini_area().alias("gini"),
-                  _captured_share(0.1).alias("top_decile_capture"),
-                  _captured_share(0.2).alias("top20_capture"),
-                  F.first("actual_total").alias("actual_total")))
-    best = by_actual.groupBy("model").agg(_gini_area().alias("best_gini"))
-    rank_p = by_predicted.select("model", F.col("value").alias("predicted"), _ascending_average_rank().alias("rank_p"))
-    rank_a = by_actual.select("model", F.col("value").alias("actual"), _ascending_average_rank().alias("rank_a"))
-    spearman = (predictions_df.select("model", "predicted", "actual")
-                .join(rank_p, on=["model", "predicted"], how="inner")
-                .join(rank_a, on=["model", "actual"], how="inner")
-                .groupBy("model")
-                # Pearson from population moments; try_divide: a constant ranking has no variance (ANSI
-                # would raise), its null becomes NaN in compute_metrics
-                .agg(F.try_divide(F.covar_pop("rank_p", "rank_a"),
-                                  F.sqrt(F.var_pop("rank_p") * F.var_pop("rank_a"))).alias("rank_corr")))
+    curve_terms = [_gini_area().alias("gini"), _captured_share(0.1).alias("top_decile_capture"),
+                   _captured_share(0.2).alias("top20_capture"), F.first("actual_total").alias("actual_total")]
+    if actual_groups is None:
+        curve = by_predicted.groupBy("model").agg(*curve_terms)
+        by_actual = tie_groups(predictions_df, "actual")
+        best = by_actual.groupBy("model").agg(_gini_area().alias("best_gini"))
+        rank_p = by_predicted.select("model", F.col("value").alias("predicted"),
+                                     _ascending_average_rank().alias("rank_p"))
+        rank_a = by_actual.select("model", F.col("value").alias("actual"), _ascending_average_rank().alias("rank_a"))
+        spearman = (predictions_df.select("model", "predicted", "actual")
+                    .join(rank_a, on=["model", "actual"]).join(rank_p, on=["model", "predicted"])
+                    .groupBy("model")
+                    # Pearson from population moments; try_divide: a constant ranking has no variance
+                    # (ANSI would raise), its null becomes NaN in compute_metrics
+                    .agg(F.try_divide(F.covar_pop("rank_p", "rank_a"),
+                                      F.sqrt(F.var_pop("rank_p") * F.var_pop("rank_a"))).alias("rank_corr")))
+        curve = curve.join(best, on="model", how="inner").join(spearman, on="model", how="inner")
+    else:   # one best curve for every model: one row
+        curve = (by_predicted.groupBy("model").agg(*curve_terms, _rank_correlation_from_groups().alias("rank_corr"))
+                 .crossJoin(actual_groups.agg(_gini_area().alias("best_gini"))))
     positive_total = F.col("actual_total") > 0
-    return (curve.join(best, on="model", how="inner").join(spearman, on="model", how="inner")
+    return (curve
             .select("model",
                     F.col("rank_corr").alias("spearman_raw"),
                     F.when(positive_total & (F.col("best_gini") > 0), F.col("gini") / F.col("best_gini"))
@@ -150,21 +208,21 @@ def decile_table(predictions_df: DataFrame, by_predicted: DataFrame | None = Non
             .withColumn("mean_actual", F.col("sum_actual") / F.col("n")))
 
 
-def compute_metrics(predictions_df: DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+def compute_metrics(predictions_df: DataFrame, actual_groups: DataFrame | None = None
+                    ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(one row per model with every metric, ten rows per model of deciles): bounded results only.
 
+    ``actual_groups``: see :func:`ranking_metrics` (rows from ``predict_all(..., actual_ranks=...)``).
     Empty deciles are added on the driver (n = 0, NaN means), as in the reference.
     """
     errors = error_metrics(predictions_df).toPandas()
-    # one row per tie group, read by three aggregates: materialised once (far fewer rows than customers)
+    # one row per tie group, read by two aggregates: materialised once (fewer rows than predictions)
     by_predicted = tie_groups(predictions_df, "predicted").persist(StorageLevel.MEMORY_AND_DISK)
-    by_actual = tie_groups(predictions_df, "actual").persist(StorageLevel.MEMORY_AND_DISK)
     try:
-        ranks = ranking_metrics(predictions_df, by_predicted, by_actual).toPandas()
+        ranks = ranking_metrics(predictions_df, by_predicted, actual_groups).toPandas()
         deciles = decile_table(predictions_df, by_predicted).toPandas()
     finally:
         by_predicted.unpersist()
-        by_actual.unpersist()
     metrics = errors.merge(ranks, on="model", how="left")
     degenerate = metrics["all_predicted_equal"].astype(bool) | metrics["all_actual_equal"].astype(bool)
     metrics["spearman"] = np.where(degenerate, np.nan, np.clip(metrics["spearman_raw"].astype(float), -1.0, 1.0))

@@ -26,7 +26,7 @@ from core.tables import CALIBRATION_HOLDOUT, MODEL_BACKTEST, MODEL_BACKTEST_DECI
 from models.bundle import ScoringBundle
 from models.metrics import METRIC_COLUMNS, METRIC_DIRECTION
 from pipelines.backtest.fits import OriginModels, fit_origin_models
-from pipelines.backtest.metrics import compute_metrics
+from pipelines.backtest.metrics import actual_tie_groups, collect_actual_ranks, compute_metrics
 from pipelines.backtest.schema import INTERVAL_METRIC_COLUMNS, BacktestError
 from pipelines.backtest.transforms import backtest_origins, predict_all
 from pipelines.calibration import holdout_end, run_calibration
@@ -104,12 +104,15 @@ def run_origin(storage: Storage, origin: dt.date, config: Config, rebuild: bool 
         models.bundles.update(hybrids)
         models.seconds.update(hybrid_seconds)
     started = time.perf_counter()
-    predictions_df = predict_all(holdout_df, models.bundles, config.models.intervals).persist(
-        StorageLevel.MEMORY_AND_DISK)
+    # the realised values' ranks: the same for every model, computed once per origin
+    actual_groups = actual_tie_groups(holdout_df).persist(StorageLevel.MEMORY_AND_DISK)
+    predictions_df = predict_all(holdout_df, models.bundles, config.models.intervals,
+                                 collect_actual_ranks(actual_groups)).persist(StorageLevel.MEMORY_AND_DISK)
     try:
-        metrics, deciles = compute_metrics(predictions_df)
+        metrics, deciles = compute_metrics(predictions_df, actual_groups)
     finally:
         predictions_df.unpersist()
+        actual_groups.unpersist()
     seconds["predict_and_metrics"] = time.perf_counter() - started
     return OriginResult(origin=origin, cutoff=cutoff, horizon_end=holdout_end(cutoff, horizon),
                         calibration_version=version, reused=reused_flags, models=models, metrics=metrics,

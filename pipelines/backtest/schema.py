@@ -23,6 +23,11 @@ PREDICTION_SCHEMA = T.StructType([
     T.StructField("p_zero", T.DoubleType(), True),
 ])
 
+#: :data:`PREDICTION_SCHEMA` plus each customer's ascending average rank of ``actual`` among the origin's
+#: customers minus the mean rank, the same for every model (:func:`pipelines.backtest.metrics.collect_actual_ranks`)
+RANKED_PREDICTION_SCHEMA = T.StructType([*PREDICTION_SCHEMA.fields,
+                                         T.StructField("actual_rank_centered", T.DoubleType(), False)])
+
 
 class BacktestError(UserError, ValueError):
     """The backtest cannot run as asked; the message says what to change."""

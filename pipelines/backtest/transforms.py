@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 from typing import Iterator, Mapping, Sequence
 
+import numpy as np
 import pandas as pd
 from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
@@ -13,7 +14,8 @@ from core.dates import add_months
 from models import CELL_COLUMNS
 from models.bundle import DAYS_PER_UNIT, ScoringBundle
 from models.hybrid import bundle_from_payload
-from pipelines.backtest.schema import PREDICTION_SCHEMA, BacktestError
+from pipelines.backtest.metrics import rank_lookup
+from pipelines.backtest.schema import PREDICTION_SCHEMA, RANKED_PREDICTION_SCHEMA, BacktestError
 
 
 
@@ -88,14 +90,19 @@ def cohort_cell_stats(holdout_df: DataFrame, time_unit: str, bands: Mapping[str,
 # --------------------------------------------------------------------------------------------
 # Predictions: every model, every customer, one mapInPandas pass
 # --------------------------------------------------------------------------------------------
-def predict_all(holdout_df: DataFrame, bundles: Mapping[str, ScoringBundle], intervals: bool = True) -> DataFrame:
+def predict_all(holdout_df: DataFrame, bundles: Mapping[str, ScoringBundle], intervals: bool = True,
+                actual_ranks: tuple[np.ndarray, np.ndarray] | None = None) -> DataFrame:
     """Long rows (model, customer_id, predicted, actual, p10, p90, p_zero): each bundle's predicted net
     value over the horizon, its 80% interval (``intervals``: where the model has one, else null) and
-    the customer's actual ``holdout_net``. The bundles are broadcast once."""
+    the customer's actual ``holdout_net``. The bundles are broadcast once. With ``actual_ranks``
+    (:func:`~pipelines.backtest.metrics.collect_actual_ranks` of ``holdout_df``'s tie groups) each row
+    also carries the customer's ``actual_rank_centered``, looked up once per customer for every model."""
     if not bundles:
         raise BacktestError("no models to backtest: list models.purchase_models or enable compare_cohort/naive")
     spark = holdout_df.sparkSession
     shared = spark.sparkContext.broadcast({name: b.to_payload() for name, b in bundles.items()})
+    ranked = actual_ranks is not None
+    shared_ranks = spark.sparkContext.broadcast(actual_ranks) if ranked else None
 
     def predict_batches(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
         models = {name: bundle_from_payload(payload) for name, payload in shared.value.items()}
@@ -104,21 +111,24 @@ def predict_all(holdout_df: DataFrame, bundles: Mapping[str, ScoringBundle], int
             model.group_terms = False          # each customer's own interval only: no group-total terms
         for batch in batches:
             actual = batch["holdout_net"].to_numpy(float)
+            ranks = {"actual_rank_centered": rank_lookup(*shared_ranks.value, actual)} if ranked else {}
             for name, model in models.items():
                 scores = model.predict(batch)
+                # every model returns every row of the batch, in order: `actual` and its rank stay aligned
                 yield pd.DataFrame({"model": name, "customer_id": scores["customer_id"].to_numpy(),
                                     "predicted": scores["predicted_net_value"].to_numpy(float),
                                     "actual": actual,
                                     "p10": scores["predicted_net_value_p10"].to_numpy(float),
                                     "p90": scores["predicted_net_value_p90"].to_numpy(float),
-                                    "p_zero": scores["p_zero_value"].to_numpy(float)})
+                                    "p_zero": scores["p_zero_value"].to_numpy(float), **ranks})
 
     columns = list(dict.fromkeys(c for b in bundles.values() for c in b.feature_columns))
     inputs = holdout_df.select(*[F.col(c).cast("double") if c in ("n_orders", "n_cancelled") else F.col(c)
                                  for c in columns], "holdout_net")
     # pandas' NaN ("no interval") arrives as a NaN double: null, so that averages skip it
-    return inputs.mapInPandas(predict_batches, PREDICTION_SCHEMA).select(
+    return inputs.mapInPandas(predict_batches, RANKED_PREDICTION_SCHEMA if ranked else PREDICTION_SCHEMA).select(
         "model", "customer_id", "predicted", "actual",
-        *[F.nanvl(F.col(c), F.lit(None).cast("double")).alias(c) for c in ("p10", "p90", "p_zero")])
+        *[F.nanvl(F.col(c), F.lit(None).cast("double")).alias(c) for c in ("p10", "p90", "p_zero")],
+        *(["actual_rank_centered"] if ranked else []))
 
 

@@ -132,6 +132,41 @@ def test_decile_table_equals_the_reference(computed, model):
         assert got.loc[0, "n"] == 0 and got.loc[1, "n"] == 3    # the tie group is never split
 
 
+def test_ranks_of_the_actuals_once_per_origin_equal_the_per_model_path(spark, computed):
+    """The backtest's path: every model scored the same customers, the realised values' tie groups are
+    computed once (from the holdout rows) and each row carries its rank: the metrics equal the per-model
+    path and the reference."""
+    from pipelines.backtest.metrics import actual_tie_groups, collect_actual_ranks, rank_lookup
+    from pipelines.backtest.schema import RANKED_PREDICTION_SCHEMA
+
+    per_model, _, _, _ = computed
+    shared = ["tied", "continuous", "constant"]         # the same 397 customers and actuals
+    actual = per_model["tied"]["actual"].to_numpy()
+    holdout = spark.createDataFrame(pd.DataFrame({"customer_id": [f"c{i}" for i in range(len(actual))],
+                                                  "holdout_net": actual}))
+    groups = actual_tie_groups(holdout)
+    values, ranks = collect_actual_ranks(groups)
+    assert len(values) == len(np.unique(actual)) and np.all(np.diff(values) > 0)
+    rank = rank_lookup(values, ranks, actual)
+    expected_rank = pd.Series(actual).rank(method="average").to_numpy() - (len(actual) + 1) / 2.0
+    np.testing.assert_allclose(rank, expected_rank, rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="missing from the origin's ranks"):
+        rank_lookup(values, ranks, np.array([0.5]))
+    rows = pd.concat([pd.DataFrame({"model": name, "customer_id": [f"c{i}" for i in range(len(actual))],
+                                    "predicted": per_model[name]["predicted"].to_numpy(float), "actual": actual,
+                                    "p10": None, "p90": None, "p_zero": None, "actual_rank_centered": rank})
+                      for name in shared], ignore_index=True)
+    ranked_df = spark.createDataFrame(rows, RANKED_PREDICTION_SCHEMA)
+    fast, fast_deciles = compute_metrics(ranked_df, groups)
+    general, general_deciles = compute_metrics(ranked_df.drop("actual_rank_centered"))
+    pd.testing.assert_frame_equal(fast.set_index("model").sort_index(), general.set_index("model").sort_index(),
+                                  rtol=RTOL, atol=ATOL)
+    pd.testing.assert_frame_equal(fast_deciles, general_deciles)
+    continuous = per_model["continuous"]
+    assert fast.set_index("model").loc["continuous", "spearman"] == pytest.approx(
+        reference.spearman(continuous["predicted"].to_numpy(), actual), rel=RTOL)
+
+
 def test_cohort_cells_in_spark_equal_assign_cells_and_the_cell_sums(spark, rng):
     """Spark's band columns give the same cells as models.cohort.assign_cells (what scoring uses)."""
     n = 300
