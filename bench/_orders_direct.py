@@ -50,7 +50,7 @@ def direct_orders(spark: SparkSession, n_customers: int, seed: int, end_date: dt
 def write_orders_direct(spark: SparkSession, storage: Storage, n_customers: int, seed: int,
                         end_date: dt.date, business_tz: str = SOURCE_TZ,
                         params: GeneratorParams = GeneratorParams()) -> None:
-    storage.append(ORDERS.name, direct_orders(spark, n_customers, seed, end_date, business_tz, params))
+    storage.append(ORDERS, direct_orders(spark, n_customers, seed, end_date, business_tz, params))
 
 
 def _check(n_customers: int = 3000, seed: int = 11) -> None:
@@ -73,7 +73,7 @@ def _check(n_customers: int = 3000, seed: int = 11) -> None:
                            [f"storage.warehouse={tmp}/wh", "source.format=parquet"])
         run_ingest(spark, storage, conf.source, conf.validation, conf.business.timezone, end, path=path)
         lineage = ["source_file", "source_row", "ingest_run_id", "extra"]   # extra: null in both
-        ingested = storage.read(ORDERS.name).drop(*lineage)
+        ingested = storage.read(ORDERS).drop(*lineage)
         direct = direct_orders(spark, n_customers, seed, end, conf.business.timezone).drop(*lineage)
         only_ingest, only_direct = ingested.exceptAll(direct).count(), direct.exceptAll(ingested).count()
         print(f"rows: ingest {ingested.count():,}, direct {direct.count():,}; "

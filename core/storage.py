@@ -15,6 +15,7 @@ files named by the Delta log, and the log is written last, atomically.
 """
 from __future__ import annotations
 
+import functools
 import inspect
 import json
 import logging
@@ -642,6 +643,18 @@ def _jar_dir() -> str:
 # --------------------------------------------------------------------------------------------
 # Public facade
 # --------------------------------------------------------------------------------------------
+#: A table as its declaration (``ORDERS``) or its name (``"orders"``): the facade takes either.
+TableRef = TableSpec | str
+
+
+def _by_name(method):
+    """A :class:`Storage` method that takes its table (first argument) as a :class:`TableSpec` or a name."""
+    @functools.wraps(method)
+    def by_name(self, table: TableRef, *args, **kwargs):
+        return method(self, table.name if isinstance(table, TableSpec) else table, *args, **kwargs)
+    return by_name
+
+
 class Storage:
     """Reads and writes the engine's tables under one warehouse path."""
 
@@ -686,14 +699,17 @@ class Storage:
     def backend(self) -> str:
         return self._backend.name
 
-    def path(self, name: str) -> str:
+    @_by_name
+    def path(self, name: TableRef) -> str:
         table_spec(name)
         return f"{self.warehouse.rstrip('/')}/{name}"
 
-    def exists(self, name: str) -> bool:
+    @_by_name
+    def exists(self, name: TableRef) -> bool:
         return self._backend.exists(self.path(name))
 
-    def read(self, name: str, version: int | None = None,
+    @_by_name
+    def read(self, name: TableRef, version: int | None = None,
              partitions: dict[str, Iterable[Any]] | None = None) -> DataFrame:
         """The table (at ``version``); ``partitions`` ({partition column: values}) reads only those
         partitions, pruned from the Delta log before any file is listed."""
@@ -710,19 +726,23 @@ class Storage:
             named = {k: [str(v) for v in vs] for k, vs in partitions.items()}
         return self._backend.read(path, spec, version, named)
 
-    def read_or_empty(self, name: str) -> DataFrame:
+    @_by_name
+    def read_or_empty(self, name: TableRef) -> DataFrame:
         spec = table_spec(name)
         if not self.exists(name):
             return self.spark.createDataFrame([], spec.stored_schema)
         return self.read(name)
 
-    def version(self, name: str) -> int:
+    @_by_name
+    def version(self, name: TableRef) -> int:
         return self._backend.version(self.path(name))
 
-    def history(self, name: str) -> list[dict[str, Any]]:
+    @_by_name
+    def history(self, name: TableRef) -> list[dict[str, Any]]:
         return self._backend.history(self.path(name))
 
-    def appended_since(self, name: str, version: int) -> DataFrame | None:
+    @_by_name
+    def appended_since(self, name: TableRef, version: int) -> DataFrame | None:
         """The rows added to the table after ``version`` when every commit since was a plain
         append (so nothing was rewritten or removed); None otherwise. Reads only the new files:
         what incremental stages use to find what changed in a large table."""
@@ -736,19 +756,22 @@ class Storage:
         return (self.spark.read.schema(spec.stored_schema).option("basePath", path)
                 .option("mergeSchema", "false").parquet(*files).select(*spec.stored_columns))
 
-    def append(self, name: str, df: DataFrame) -> None:
+    @_by_name
+    def append(self, name: TableRef, df: DataFrame) -> None:
         spec = table_spec(name)
         self._evolve(name)
         self._backend.write(conform(df, spec), self.path(name), spec, "append", None)
         self._register(name)
 
-    def overwrite(self, name: str, df: DataFrame) -> None:
+    @_by_name
+    def overwrite(self, name: TableRef, df: DataFrame) -> None:
         spec = table_spec(name)
         self._evolve(name)
         self._backend.write(conform(df, spec), self.path(name), spec, "overwrite", None)
         self._register(name)
 
-    def replace_partitions(self, name: str, df: DataFrame,
+    @_by_name
+    def replace_partitions(self, name: TableRef, df: DataFrame,
                            partitions: dict[str, Iterable[Any]] | None = None) -> None:
         """Replace the partitions present in ``df`` (and any named in ``partitions``, which may be
         emptied that way); every other partition is left as it was."""
@@ -760,7 +783,8 @@ class Storage:
         self._backend.write(conform(df, spec), self.path(name), spec, "replace_partitions", named)
         self._register(name)
 
-    def merge(self, name: str, df: DataFrame, keys: tuple[str, ...] | None = None,
+    @_by_name
+    def merge(self, name: TableRef, df: DataFrame, keys: tuple[str, ...] | None = None,
               previous_partitions: dict[str, Iterable[Any]] | None = None) -> None:
         """Upsert by key: rows of ``df`` replace rows with the same key; other rows stay.
 
@@ -805,7 +829,8 @@ class Storage:
                          "existing rows read null)", name, ", ".join(f.name for f in missing))
         self._schema_checked.add(name)
 
-    def catalog_name(self, name: str) -> str | None:
+    @_by_name
+    def catalog_name(self, name: TableRef) -> str | None:
         """The table's name in ``storage.catalog`` (``cat.schema.table``), or None without a catalog."""
         return f"{self.catalog}.{name}" if self.catalog else None
 
@@ -830,11 +855,13 @@ class Storage:
         self._registered.add(name)
 
     # -- maintenance (pipelines/maintenance.py; `cvseg maintain`) --------------------------------
-    def file_stats(self, name: str) -> tuple[int, int]:
+    @_by_name
+    def file_stats(self, name: TableRef) -> tuple[int, int]:
         """(data files, bytes) the table's latest version references: what a full read opens."""
         return self._backend.file_stats(self.path(name))
 
-    def disk_usage(self, name: str) -> tuple[int, int]:
+    @_by_name
+    def disk_usage(self, name: TableRef) -> tuple[int, int]:
         """(files, bytes) under the table's folder, Delta log and files of older versions included:
         what the table costs in storage. Listed through Hadoop's file system (local, s3a, dbfs)."""
         jvm = self.spark.sparkContext._jvm  # noqa: SLF001 - Hadoop's FileSystem has no Python API
@@ -845,7 +872,8 @@ class Storage:
         summary = fs.getContentSummary(hadoop_path)
         return int(summary.getFileCount()), int(summary.getLength())
 
-    def partition_values(self, name: str) -> list[str]:
+    @_by_name
+    def partition_values(self, name: TableRef) -> list[str]:
         """The distinct values of the table's partition column in its latest version, as text."""
         spec = table_spec(name)
         if len(spec.partition_by) != 1:
@@ -853,12 +881,14 @@ class Storage:
         (column,) = spec.partition_by
         return sorted(str(r[0]) for r in self.read(name).select(column).distinct().collect())
 
-    def compact(self, name: str) -> dict[str, int]:
+    @_by_name
+    def compact(self, name: TableRef) -> dict[str, int]:
         """Rewrite the table's small files into larger ones; the rows read the same."""
         spec = table_spec(name)
         return self._backend.compact(self.path(name), spec)
 
-    def vacuum(self, name: str, retention_hours: int, dry_run: bool = False) -> list[str]:
+    @_by_name
+    def vacuum(self, name: TableRef, retention_hours: int, dry_run: bool = False) -> list[str]:
         """Delete the files no version of the last ``retention_hours`` needs (``dry_run``: list
         them only); time travel to older versions stops working. Returns those files."""
         if retention_hours < 0:
@@ -869,12 +899,14 @@ class Storage:
             self._remove_empty_partition_folders(name)
         return files
 
-    def checkpoint(self, name: str) -> bool:
+    @_by_name
+    def checkpoint(self, name: TableRef) -> bool:
         """Checkpoint the latest version and drop expired log files; False when the backend cannot
         do it explicitly (delta-spark outside Delta 4.0's JVM API: it checkpoints every 10 commits)."""
         return self._backend.checkpoint(self.path(name))
 
-    def delete_partitions(self, name: str, partitions: dict[str, Iterable[Any]]) -> int:
+    @_by_name
+    def delete_partitions(self, name: TableRef, partitions: dict[str, Iterable[Any]]) -> int:
         """Remove whole partitions ({partition column: values}) in one commit, reading no data;
         older versions still have them until VACUUM. Returns the number of files removed."""
         spec = table_spec(name)

@@ -129,9 +129,9 @@ def run_calibration(storage: Storage, cutoff_date: dt.date, features_conf: Featu
         read_orders(storage), cutoff_date, horizon_months=horizon_months,
         time_unit=features_conf.time_unit, trailing_months=features_conf.trailing_months,
         allow_incomplete=allow_incomplete)
-    storage.replace_partitions(CALIBRATION_HOLDOUT.name, holdout_df, partitions={"cutoff_date": [cutoff_date]})
+    storage.replace_partitions(CALIBRATION_HOLDOUT, holdout_df, partitions={"cutoff_date": [cutoff_date]})
     # Stats from the written partition: reading it back is cheaper than recomputing the join.
-    stats = (storage.read(CALIBRATION_HOLDOUT.name).where(F.col("cutoff_date") == F.lit(cutoff_date))
+    stats = (storage.read(CALIBRATION_HOLDOUT).where(F.col("cutoff_date") == F.lit(cutoff_date))
              .agg(F.count(F.lit(1)).alias("customers"),
                   F.count_if(F.col("holdout_orders") > 0).alias("holdout_buyers"),
                   F.coalesce(F.sum("holdout_orders"), F.lit(0)).alias("holdout_orders"),

@@ -523,10 +523,10 @@ def incremental_base(storage: Storage, as_of_date: dt.date, features_conf: Featu
     why a full computation is needed)."""
     if not features_conf.incremental:
         return None, None, "features.incremental is false"
-    if not storage.exists(FEATURES_RUNS.name):
+    if not storage.exists(FEATURES_RUNS):
         return None, None, "no earlier features"
     months = [int(m) for m in features_conf.trailing_months]
-    base = (storage.read(FEATURES_RUNS.name)
+    base = (storage.read(FEATURES_RUNS)
             .where((F.col("as_of_date") < F.lit(as_of_date)) & (F.col("time_unit") == features_conf.time_unit)
                    & (F.col("trailing_months") == F.array(*[F.lit(m) for m in months])))
             .orderBy(F.desc("as_of_date")).limit(1).collect())
@@ -539,7 +539,7 @@ def incremental_base(storage: Storage, as_of_date: dt.date, features_conf: Featu
                             f"(features.full_every_days={features_conf.full_every_days})")
     if base["orders_version"] > orders_version:
         return None, None, "orders is older than the earlier features"
-    appended_df = storage.appended_since(ORDERS.name, int(base["orders_version"]))
+    appended_df = storage.appended_since(ORDERS, int(base["orders_version"]))
     if appended_df is None:
         return None, None, f"orders were rewritten since version {base['orders_version']} (not only appended)"
     if identity_at is not None:
@@ -547,7 +547,7 @@ def incremental_base(storage: Storage, as_of_date: dt.date, features_conf: Featu
         # a source id merged into another customer (identity_map rewritten) moves orders between them
         base_identity = base["identity_version"] if "identity_version" in base.asDict() else None
         if base_identity is None or (base_identity != identity_at
-                                     and storage.appended_since(IDENTITY_MAP.name, int(base_identity)) is None):
+                                     and storage.appended_since(IDENTITY_MAP, int(base_identity)) is None):
             return None, None, "identity_map moved source ids to other customers since the earlier features"
         appended_df = identity.apply(appended_df)
     return base, appended_df, ""
@@ -560,7 +560,7 @@ def _update_from(storage: Storage, base: Any, orders_df: DataFrame, appended_df:
     or (None, count or None, why the update does not apply). With ``identity`` ``orders_df``
     holds the stored ids (see :func:`update_customer_features`)."""
     previous_as_of = base["as_of_date"]
-    previous_df = storage.read(CUSTOMER_FEATURES.name).where(F.col("as_of_date") == F.lit(previous_as_of))
+    previous_df = storage.read(CUSTOMER_FEATURES).where(F.col("as_of_date") == F.lit(previous_as_of))
     if previous_df.count() != base["customers"]:
         return None, None, f"the customer_features partition {previous_as_of} does not match its features_runs row"
     lacks_net_basis = (F.col("net_first_order_date").isNull() & (F.col("n_orders") > F.col("n_cancelled")))
@@ -605,12 +605,12 @@ def run_features(storage: Storage, as_of_date: dt.date, features_conf: FeaturesC
     time_unit = check_time_unit(features_conf.time_unit)
     months = check_trailing_months(features_conf.trailing_months)
     started = time.perf_counter()
-    orders_version = storage.version(ORDERS.name)
+    orders_version = storage.version(ORDERS)
     identity_at = identity_version(storage)
-    stored_df = storage.read(ORDERS.name, version=orders_version)
+    stored_df = storage.read(ORDERS, version=orders_version)
     # several sources: orders go on the unified id through the few ids not on their own id, kept
     # for every lookup of this run (the map is scanned once)
-    identity = (IdLookup.of(storage.read(IDENTITY_MAP.name, version=identity_at), materialise=True)
+    identity = (IdLookup.of(storage.read(IDENTITY_MAP, version=identity_at), materialise=True)
                 if identity_at is not None else None)
     base, appended_df, reason = (None, None, "requested") if full else \
         incremental_base(storage, as_of_date, features_conf, orders_version, identity_at, identity)
@@ -624,7 +624,7 @@ def run_features(storage: Storage, as_of_date: dt.date, features_conf: FeaturesC
         orders_df = identity.apply(stored_df) if identity is not None else stored_df   # on the unified id
         features_df = build_customer_features(orders_df, as_of_date, time_unit=time_unit, trailing_months=months)
     computed = time.perf_counter()
-    storage.replace_partitions(CUSTOMER_FEATURES.name, features_df, partitions={"as_of_date": [as_of_date]})
+    storage.replace_partitions(CUSTOMER_FEATURES, features_df, partitions={"as_of_date": [as_of_date]})
     log.debug("features %s: computed in %.1f s, written in %.1f s", as_of_date, computed - started,
               time.perf_counter() - computed)
     stats = features_df.agg(F.count(F.lit(1)).alias("customers"),
@@ -634,7 +634,7 @@ def run_features(storage: Storage, as_of_date: dt.date, features_conf: FeaturesC
     run = (as_of_date, orders_version, time_unit, list(months), "incremental" if incremental else "full",
            base["as_of_date"] if incremental else None, base["full_as_of_date"] if incremental else as_of_date,
            customers, recomputed if incremental else customers, dt.datetime.now(dt.timezone.utc), identity_at)
-    storage.merge(FEATURES_RUNS.name, storage.spark.createDataFrame([run], FEATURES_RUNS.schema))
+    storage.merge(FEATURES_RUNS, storage.spark.createDataFrame([run], FEATURES_RUNS.schema))
     return FeaturesResult(as_of_date, time_unit, "incremental" if incremental else "full", customers,
                           recomputed_customers=run[8], orders=int(stats["orders"]),
                           repeat_customers=int(stats["repeat_customers"]),

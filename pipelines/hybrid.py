@@ -266,8 +266,8 @@ def training_frame(storage: Storage, train_cutoff: dt.date, config: Config) -> T
     from pipelines.calibration import holdout_end
 
     horizon = config.models.horizon_months
-    if storage.exists(CUSTOMER_FEATURES.name):
-        features_df = storage.read(CUSTOMER_FEATURES.name, partitions={"as_of_date": [train_cutoff]})
+    if storage.exists(CUSTOMER_FEATURES):
+        features_df = storage.read(CUSTOMER_FEATURES, partitions={"as_of_date": [train_cutoff]})
         stored = features_df.select("time_unit").limit(1).collect()
         if stored and stored[0]["time_unit"] == config.features.time_unit and not lacks_net_basis(features_df):
             end = holdout_end(train_cutoff, horizon)
@@ -292,7 +292,7 @@ def refit_hybrid(storage: Storage, as_of_date: dt.date, scoring_btyd: ScoringBun
     if base_model and base_model != scoring_btyd.purchase.name:     # the base the backtest's hybrid had
         from core.tables import CUSTOMER_FEATURES
 
-        features_df = storage.read(CUSTOMER_FEATURES.name, partitions={"as_of_date": [as_of_date]})
+        features_df = storage.read(CUSTOMER_FEATURES, partitions={"as_of_date": [as_of_date]})
         scoring_btyd = fit_btyd_bundles(features_df, (base_model,), scoring_btyd.time_unit,
                                         scoring_btyd.horizon_months, config.models.penalizer_coef,
                                         purchase_basis=scoring_btyd.purchase_basis).bundles[base_model]
@@ -316,7 +316,7 @@ def origin_hybrids(storage: Storage, cutoff: dt.date, config: Config, bundles: M
 
     horizon = config.models.horizon_months
     train_cutoff = training_cutoff(cutoff, horizon)
-    first = storage.read(ORDERS.name).agg(F.min("order_date").alias("first")).first()["first"]
+    first = storage.read(ORDERS).agg(F.min("order_date").alias("first")).first()["first"]
     if first is None or first > train_cutoff:
         return {}, {}, [f"hybrid skipped at cutoff {cutoff}: it trains on customers as of {train_cutoff} and the "
                         f"orders start on {first}; it needs two horizons of history before the end of the holdout"]

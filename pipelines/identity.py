@@ -579,20 +579,20 @@ class IdLookup:
 # Reading orders on the unified id (every stage after ingest)
 # --------------------------------------------------------------------------------------------
 def identity_version(storage: Storage) -> int | None:
-    return storage.version(IDENTITY_MAP.name) if storage.exists(IDENTITY_MAP.name) else None
+    return storage.version(IDENTITY_MAP) if storage.exists(IDENTITY_MAP) else None
 
 
 def read_orders(storage: Storage, version: int | None = None, *, identity_at: int | None = None) -> DataFrame:
     """``orders`` (at ``version``) with ``customer_id`` the unified id when the identity step has
     run (``identity_map`` at ``identity_at``, default the latest); otherwise as stored."""
-    orders_df = storage.read(ORDERS.name, version=version)
+    orders_df = storage.read(ORDERS, version=version)
     return with_unified_ids(storage, orders_df, identity_at)
 
 
 def with_unified_ids(storage: Storage, orders_df: DataFrame, identity_at: int | None = None) -> DataFrame:
-    if not storage.exists(IDENTITY_MAP.name):
+    if not storage.exists(IDENTITY_MAP):
         return orders_df
-    return IdLookup.of(storage.read(IDENTITY_MAP.name, version=identity_at)).apply(orders_df)
+    return IdLookup.of(storage.read(IDENTITY_MAP, version=identity_at)).apply(orders_df)
 
 
 # --------------------------------------------------------------------------------------------
@@ -692,24 +692,24 @@ def incremental_inputs(storage: Storage, identity: IdentityConf,
         return "no earlier identity_map"
     if identity.map:
         return "identity.map is set (the client's map is read whole on every run)"
-    if not storage.exists(IDENTITY_RUNS.name):
+    if not storage.exists(IDENTITY_RUNS):
         return "no earlier identity run"
-    last = storage.read(IDENTITY_RUNS.name).orderBy(F.desc("finished_at")).limit(1).collect()[0]
+    last = storage.read(IDENTITY_RUNS).orderBy(F.desc("finished_at")).limit(1).collect()[0]
     if last["identity_map_version"] != previous_version:
         return "identity_map was written after the last identity run"
     if last["orders_version"] is None:
         return "the last identity run did not record the versions it read"
     if last["settings"] != identity_settings(identity):
         return f"the identity settings changed (were {last['settings']})"
-    appended_orders_df = storage.appended_since(ORDERS.name, int(last["orders_version"]))
+    appended_orders_df = storage.appended_since(ORDERS, int(last["orders_version"]))
     if appended_orders_df is None:
         return f"orders were rewritten since version {last['orders_version']} (not only appended)"
     appended_keys_df = None
-    if identity.match_on and storage.exists(IDENTITY_KEYS.name):
+    if identity.match_on and storage.exists(IDENTITY_KEYS):
         if last["keys_version"] is None:
-            appended_keys_df = storage.read(IDENTITY_KEYS.name)      # keys arrived since: all of them are new
+            appended_keys_df = storage.read(IDENTITY_KEYS)      # keys arrived since: all of them are new
         else:
-            appended_keys_df = storage.appended_since(IDENTITY_KEYS.name, int(last["keys_version"]))
+            appended_keys_df = storage.appended_since(IDENTITY_KEYS, int(last["keys_version"]))
             if appended_keys_df is None:
                 return f"identity_keys were rewritten since version {last['keys_version']} (not only appended)"
         appended_keys_df = appended_keys_df.where(F.col("key_type").isin(list(identity.match_on)))
@@ -728,17 +728,17 @@ def run_identity(storage: Storage, identity: IdentityConf, source_names: Sequenc
     started = time.perf_counter()
     spark = storage.spark
     run_id = run_id or f"identity-{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}"
-    if not storage.exists(ORDERS.name):
+    if not storage.exists(ORDERS):
         raise IdentityError("no orders yet: run `cvseg ingest` first")
-    orders_version = storage.version(ORDERS.name)
-    keys_version = storage.version(IDENTITY_KEYS.name) if storage.exists(IDENTITY_KEYS.name) else None
+    orders_version = storage.version(ORDERS)
+    keys_version = storage.version(IDENTITY_KEYS) if storage.exists(IDENTITY_KEYS) else None
     keys_df = None
     if identity.match_on and keys_version is not None:
-        keys_df = (storage.read(IDENTITY_KEYS.name, version=keys_version)
+        keys_df = (storage.read(IDENTITY_KEYS, version=keys_version)
                    .where(F.col("key_type").isin(list(identity.match_on))))
     namespaced = len(source_names) > 1
     previous_version = identity_version(storage)
-    previous_df = storage.read(IDENTITY_MAP.name, version=previous_version) if previous_version is not None else None
+    previous_df = storage.read(IDENTITY_MAP, version=previous_version) if previous_version is not None else None
     inputs = "requested" if full else incremental_inputs(storage, identity, previous_version)
     new_ids = inputs if isinstance(inputs, str) else resolve_new_ids(
         inputs[0], inputs[1], keys_df, previous_df, run_date=run_date, run_id=run_id, namespaced=namespaced,
@@ -750,11 +750,11 @@ def run_identity(storage: Storage, identity: IdentityConf, source_names: Sequenc
                   "linked": last["linked_source_ids"] + new_ids.linked_source_ids}
         write_mode = "append" if new else "unchanged"
         if new:
-            storage.append(IDENTITY_MAP.name, new_ids.map_df.drop("_previous"))
+            storage.append(IDENTITY_MAP, new_ids.map_df.drop("_previous"))
         conflicts_df = new_ids.conflicts_df
     else:
         mode, full_reason = "full", new_ids
-        source_ids_df = source_customer_ids(storage.read(ORDERS.name, version=orders_version))
+        source_ids_df = source_customer_ids(storage.read(ORDERS, version=orders_version))
         client_map_df = (read_client_map(spark, identity.map, source_names, identity.map_format)
                          if identity.map else None)
         resolution = resolve(source_ids_df, keys_df, client_map_df, previous_df, run_date=run_date, run_id=run_id,
@@ -772,17 +772,17 @@ def run_identity(storage: Storage, identity: IdentityConf, source_names: Sequenc
         # valid); a moved id rewrites the table, and the next features run computes in full.
         if previous_version is None or reassigned:
             write_mode = "overwrite"
-            storage.overwrite(IDENTITY_MAP.name, result_df.drop("_previous"))
+            storage.overwrite(IDENTITY_MAP, result_df.drop("_previous"))
         elif new:
             write_mode = "append"
-            storage.append(IDENTITY_MAP.name, result_df.where(F.col("_previous").isNull()).drop("_previous"))
+            storage.append(IDENTITY_MAP, result_df.where(F.col("_previous").isNull()).drop("_previous"))
         else:
             write_mode = "unchanged"
         conflicts_df = resolution.conflicts_df
     conflicts_df = conflicts_df.localCheckpoint()
     conflict_counts = {r["reason"]: int(r["count"]) for r in conflicts_df.groupBy("reason").count().collect()}
     if conflict_counts:
-        storage.append(IDENTITY_CONFLICTS.name, conflicts_df)
+        storage.append(IDENTITY_CONFLICTS, conflicts_df)
     summary = IdentitySummary(
         identity_run_id=run_id, run_date=run_date, source_ids=totals["source_ids"], customers=totals["customers"],
         linked_source_ids=totals["linked"], new_source_ids=new, reassigned_source_ids=reassigned,
@@ -792,7 +792,7 @@ def run_identity(storage: Storage, identity: IdentityConf, source_names: Sequenc
                summary.conflicts, summary.iterations, write_mode, identity_version(storage),
                dt.datetime.now(dt.timezone.utc), mode, full_reason, orders_version, keys_version,
                identity_settings(identity))
-    storage.append(IDENTITY_RUNS.name, spark.createDataFrame([run_row], IDENTITY_RUNS.schema))
+    storage.append(IDENTITY_RUNS, spark.createDataFrame([run_row], IDENTITY_RUNS.schema))
     log.info("%s", summary)
     return summary
 

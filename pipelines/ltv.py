@@ -290,7 +290,7 @@ def run_score(storage: Storage, as_of_date: dt.date, bundle: ScoringBundle, mode
     (``models.intervals``): fill the value interval columns where the model has them."""
     from pipelines.maintenance import ensure_not_pruned
 
-    features_df = storage.read(CUSTOMER_FEATURES.name).where(F.col("as_of_date") == F.lit(as_of_date))
+    features_df = storage.read(CUSTOMER_FEATURES).where(F.col("as_of_date") == F.lit(as_of_date))
     try:
         time_unit = _time_unit_of(features_df)
     except LtvInputError:
@@ -303,8 +303,8 @@ def run_score(storage: Storage, as_of_date: dt.date, bundle: ScoringBundle, mode
     bundle = dataclasses.replace(bundle, intervals=intervals)
     rows_df = scores_table_rows(score_customers(features_df, bundle), as_of_date, bundle.value_model,
                                 model_version, bundle.horizon_months)
-    storage.replace_partitions(CUSTOMER_SCORES.name, rows_df, partitions={"as_of_date": [as_of_date]})
-    written = storage.read(CUSTOMER_SCORES.name).where(F.col("as_of_date") == F.lit(as_of_date))
+    storage.replace_partitions(CUSTOMER_SCORES, rows_df, partitions={"as_of_date": [as_of_date]})
+    written = storage.read(CUSTOMER_SCORES).where(F.col("as_of_date") == F.lit(as_of_date))
     stats = written.agg(F.count(F.lit(1)).alias("customers"), F.sum("predicted_net_value").alias("total"),
                         F.avg("p_alive").alias("mean_p_alive"),
                         F.count_if(F.col("purchase_basis") == "net_rule").alias("placed_by_rule"),
@@ -358,7 +358,7 @@ def refit_champion(storage: Storage, as_of_date: dt.date, config: Config, champi
 
     started = time.perf_counter()
     models = config.models
-    features_df = storage.read(CUSTOMER_FEATURES.name).where(F.col("as_of_date") == F.lit(as_of_date))
+    features_df = storage.read(CUSTOMER_FEATURES).where(F.col("as_of_date") == F.lit(as_of_date))
     basis = refit_basis(models.purchase_basis, champion)
     # the champion's purchase model, not always the first configured: a backtest that chose MBG/NBD
     # must not see its champion replaced by a BG/NBD fit at the next refit
@@ -380,7 +380,7 @@ def refit_champion(storage: Storage, as_of_date: dt.date, config: Config, champi
             extra_params = {**tracking_extras(hybrid)[0], **extra_params}
             fitted.seconds.update(hybrid_seconds)
     _, version = tracking.log_fit(
-        bundle, config, as_of_date, storage.version(CUSTOMER_FEATURES.name), fitted.seconds,
+        bundle, config, as_of_date, storage.version(CUSTOMER_FEATURES), fitted.seconds,
         run_name=f"nightly-fit-{name}-{as_of_date}", extra_params=extra_params, tags={"trigger": "nightly"},
         register_as=registered_model)
     tracking.set_champion(registered_model, version)

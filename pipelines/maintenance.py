@@ -219,7 +219,7 @@ def _record(storage: Storage, run_id: str, as_of: dt.date, done: list[TableMaint
              t.disk_files_after, t.bytes_before, t.bytes_after, t.files_compacted, list(t.partitions_pruned),
              t.retention_setting, t.retention_days, t.files_vacuumed, hours, t.checkpoint, float(t.seconds), now)
             for t in done]
-    storage.append(MAINTENANCE_RUNS.name, storage.spark.createDataFrame(rows, MAINTENANCE_RUNS.schema))
+    storage.append(MAINTENANCE_RUNS, storage.spark.createDataFrame(rows, MAINTENANCE_RUNS.schema))
 
 
 def format_summary(summary: MaintenanceResult) -> list[str]:
@@ -254,12 +254,12 @@ def pruned_message(storage: Storage, table: str, day: dt.date | str) -> str | No
     if table not in RETAINED:
         return None
     try:
-        if not storage.exists(MAINTENANCE_RUNS.name):
+        if not storage.exists(MAINTENANCE_RUNS):
             return None
     except KeyError:
         return None
     day = dt.date.fromisoformat(day) if isinstance(day, str) else day
-    record = (storage.read(MAINTENANCE_RUNS.name)
+    record = (storage.read(MAINTENANCE_RUNS)
               .where((F.col("table_name") == table) & F.array_contains("partitions_pruned", day.isoformat()))
               .orderBy(F.col("finished_at").desc()).limit(1).collect())   # a few rows per run
     if not record:

@@ -141,9 +141,9 @@ def fail_after_from_env() -> str | None:
 # --------------------------------------------------------------------------------------------
 def completed_steps(storage: Storage, as_of_date: dt.date) -> dict[str, dt.datetime]:
     """Step -> latest successful finish for D (at most one row per step reaches the driver)."""
-    if not storage.exists(PIPELINE_RUNS.name):
+    if not storage.exists(PIPELINE_RUNS):
         return {}
-    rows = (storage.read(PIPELINE_RUNS.name)
+    rows = (storage.read(PIPELINE_RUNS)
             .where((F.col("run_date") == F.lit(as_of_date)) & (F.col("status") == F.lit("ok")))
             .groupBy("step").agg(F.max("finished_at").alias("finished_at")).collect())
     return {r["step"]: r["finished_at"] for r in rows}
@@ -153,7 +153,7 @@ def _record(spark: SparkSession, storage: Storage, run_id: str, as_of_date: dt.d
             started: dt.datetime, finished: dt.datetime, versions: dict[str, int], message: str) -> None:
     row = (run_id, as_of_date, step, status, started, finished, (finished - started).total_seconds(),
            versions, message[:2000])
-    storage.append(PIPELINE_RUNS.name, spark.createDataFrame([row], PIPELINE_RUNS.schema))
+    storage.append(PIPELINE_RUNS, spark.createDataFrame([row], PIPELINE_RUNS.schema))
 
 
 def step_tables(step: str) -> list[str]:
@@ -265,9 +265,9 @@ def _export(ctx: _Context) -> tuple[str, dict]:
 def last_maintained(storage: Storage) -> tuple[dt.date | None, dt.date | None]:
     """As-of dates of the latest successful ``maintain`` step and of the first successful step of
     any kind in ``pipeline_runs`` (one row to the driver)."""
-    if not storage.exists(PIPELINE_RUNS.name):
+    if not storage.exists(PIPELINE_RUNS):
         return None, None
-    ok = storage.read(PIPELINE_RUNS.name).where(F.col("status") == F.lit("ok"))
+    ok = storage.read(PIPELINE_RUNS).where(F.col("status") == F.lit("ok"))
     row = ok.agg(F.max(F.when(F.col("step") == F.lit("maintain"), F.col("run_date"))).alias("last"),
                  F.min("run_date").alias("first")).first()
     return row["last"], row["first"]

@@ -314,9 +314,9 @@ def _features_at(storage: Storage, as_of_date: dt.date) -> DataFrame:
 
 def _current_generation(storage: Storage) -> dict[str, Any] | None:
     """The open row of ``segment_generations`` (a tiny table) as a dict, or None before the first cut."""
-    if not storage.exists(SEGMENT_GENERATIONS.name):
+    if not storage.exists(SEGMENT_GENERATIONS):
         return None
-    rows = storage.read(SEGMENT_GENERATIONS.name).orderBy(F.col("generation_id").desc()).limit(1).collect()
+    rows = storage.read(SEGMENT_GENERATIONS).orderBy(F.col("generation_id").desc()).limit(1).collect()
     return rows[0].asDict(recursive=True) if rows else None
 
 
@@ -360,20 +360,20 @@ def _cut_generation(storage: Storage, as_of_date: dt.date, conf: SegmentsConf,
     if previous is not None:
         previous_id = int(previous["generation_id"])
         # the ended generation as history holds it (intact even if a crashed cut already closed it)
-        ended_df = storage.read(SEGMENTS_HISTORY.name).where(F.col("generation_id") == F.lit(previous_id))
+        ended_df = storage.read(SEGMENTS_HISTORY).where(F.col("generation_id") == F.lit(previous_id))
         review_df = generation_review(ended_df, read_orders(storage), previous_id, previous["valid_from"],
                                       as_of_date, int(previous["horizon_months"]))
-        storage.replace_partitions(GENERATION_REVIEW.name, review_df, partitions={"generation_id": [previous_id]})
+        storage.replace_partitions(GENERATION_REVIEW, review_df, partitions={"generation_id": [previous_id]})
         # one row per (from, to) segment pair: computed once, summed here and written from the rows
         migration = migration_matrix(ended_df, new_history_df, previous_id, generation_id).collect()
-        storage.replace_partitions(SEGMENT_MIGRATION.name,
+        storage.replace_partitions(SEGMENT_MIGRATION,
                                    storage.spark.createDataFrame(migration, SEGMENT_MIGRATION.schema),
                                    partitions={"to_generation": [generation_id]})
         history_df = ended_df.withColumn("valid_to", F.lit(as_of_date)).unionByName(new_history_df)
         replaced.append(previous_id)
         migrated = sum(int(r["customers"]) for r in migration)
-    storage.replace_partitions(SEGMENTS_HISTORY.name, history_df, partitions={"generation_id": replaced})
-    storage.overwrite(SEGMENTS_CURRENT.name, current_rows(new_history_df))
+    storage.replace_partitions(SEGMENTS_HISTORY, history_df, partitions={"generation_id": replaced})
+    storage.overwrite(SEGMENTS_CURRENT, current_rows(new_history_df))
     _write_generation(storage, generation_id, as_of_date, rules, horizon_months, counts, previous)
     tagged_df.unpersist()
     return SegmentsResult(as_of_date, generation_id, True, sum(counts.values()), counts, counts, sum(counts.values()),
@@ -388,19 +388,19 @@ def _write_generation(storage: Storage, generation_id: int, as_of_date: dt.date,
     new_df = spark.createDataFrame(
         [(generation_id, as_of_date, None, as_of_date, rules.band_method, rules.to_json(), horizon_months,
           sum(counts.values()), counts)], SEGMENT_GENERATIONS.schema)
-    earlier_df = storage.read_or_empty(SEGMENT_GENERATIONS.name).where(F.col("generation_id") < F.lit(generation_id))
+    earlier_df = storage.read_or_empty(SEGMENT_GENERATIONS).where(F.col("generation_id") < F.lit(generation_id))
     if previous is not None:
         earlier_df = earlier_df.withColumn(
             "valid_to", F.when(F.col("generation_id") == F.lit(int(previous["generation_id"])), F.lit(as_of_date))
             .otherwise(F.col("valid_to")))
-    storage.overwrite(SEGMENT_GENERATIONS.name, earlier_df.unionByName(new_df))
+    storage.overwrite(SEGMENT_GENERATIONS, earlier_df.unionByName(new_df))
 
 
 def _place_newcomers(storage: Storage, as_of_date: dt.date, generation: dict[str, Any]) -> SegmentsResult:
     generation_id = int(generation["generation_id"])
     rules = SegmentRules.from_json(generation["definition"])
     scores_df, _ = _scores_at(storage, as_of_date)
-    current_df = storage.read(SEGMENTS_CURRENT.name)
+    current_df = storage.read(SEGMENTS_CURRENT)
     # the one customer-sized step of a nightly run: scores anti-join segmented customers
     newcomers_df = (scores_df.select("customer_id", "predicted_net_value", "p_alive")
                     .join(current_df.select("customer_id"), on="customer_id", how="left_anti")
@@ -418,7 +418,7 @@ def _place_newcomers(storage: Storage, as_of_date: dt.date, generation: dict[str
         # A run that died between the two appends left its rows in history only: those customers
         # keep the assignment history recorded (whatever date this run is), and are not appended
         # again. Picked from this generation's placements with the newcomers' ids broadcast.
-        orphans_df = (storage.read(SEGMENTS_HISTORY.name)
+        orphans_df = (storage.read(SEGMENTS_HISTORY)
                       .where((F.col("generation_id") == F.lit(generation_id)) & (F.col("assignment") == "placement"))
                       .join(F.broadcast(newcomers_df.select("customer_id")), on="customer_id", how="left_semi")
                       .localCheckpoint(eager=True))
@@ -426,10 +426,10 @@ def _place_newcomers(storage: Storage, as_of_date: dt.date, generation: dict[str
         if orphans_df.limit(1).count():
             placed_counts = _segment_counts(fresh_df.unionByName(orphans_df))
         if fresh_df.limit(1).count():
-            storage.append(SEGMENTS_HISTORY.name, fresh_df)
-        storage.append(SEGMENTS_CURRENT.name, current_rows(fresh_df.unionByName(orphans_df)))
+            storage.append(SEGMENTS_HISTORY, fresh_df)
+        storage.append(SEGMENTS_CURRENT, current_rows(fresh_df.unionByName(orphans_df)))
         orphans_df.unpersist()
-    counts = _segment_counts(storage.read(SEGMENTS_CURRENT.name))
+    counts = _segment_counts(storage.read(SEGMENTS_CURRENT))
     placed_df.unpersist()
     newcomers_df.unpersist()
     return SegmentsResult(as_of_date, generation_id, False, sum(placed_counts.values()), placed_counts, counts,

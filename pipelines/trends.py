@@ -358,21 +358,21 @@ class TrendsResult(StageResult):
 
 
 def _last_run(storage: Storage) -> dict[str, Any] | None:
-    if not storage.exists(TREND_RUNS.name):
+    if not storage.exists(TREND_RUNS):
         return None
-    rows = storage.read(TREND_RUNS.name).orderBy(F.col("run_seq").desc()).limit(1).collect()
+    rows = storage.read(TREND_RUNS).orderBy(F.col("run_seq").desc()).limit(1).collect()
     return rows[0].asDict(recursive=True) if rows else None
 
 
 def _segments_state(storage: Storage) -> tuple[DataFrame | None, int | None, int | None]:
     """segments_current (or None), its Delta version and the current generation id."""
-    if not storage.exists(SEGMENTS_CURRENT.name):
+    if not storage.exists(SEGMENTS_CURRENT):
         return None, None, None
     generation = None
-    if storage.exists(SEGMENT_GENERATIONS.name):
-        row = storage.read(SEGMENT_GENERATIONS.name).agg(F.max("generation_id")).first()
+    if storage.exists(SEGMENT_GENERATIONS):
+        row = storage.read(SEGMENT_GENERATIONS).agg(F.max("generation_id")).first()
         generation = None if row[0] is None else int(row[0])
-    return storage.read(SEGMENTS_CURRENT.name), storage.version(SEGMENTS_CURRENT.name), generation
+    return storage.read(SEGMENTS_CURRENT), storage.version(SEGMENTS_CURRENT), generation
 
 
 def run_trends(storage: Storage, as_of_date: dt.date, conf: TrendsConf, rebuild: bool = False) -> TrendsResult:
@@ -412,7 +412,7 @@ def run_trends(storage: Storage, as_of_date: dt.date, conf: TrendsConf, rebuild:
 
 def _features_at(storage: Storage, as_of_date: dt.date) -> DataFrame:
     """customer_features at D; fails with the command to run when orders or the partition are missing."""
-    if not storage.exists(ORDERS.name):
+    if not storage.exists(ORDERS):
         raise TrendsError("no orders table yet: run `cvseg ingest` first")
     return dated_partition(storage, CUSTOMER_FEATURES.name, as_of_date, TrendsError,
                            f"run `cvseg features --as-of {as_of_date}` first")[0]
@@ -516,7 +516,7 @@ def _identity_moved(storage: Storage, last: dict[str, Any], identity_at: int | N
     seen = last.get("identity_version")
     if identity_at is None or seen == identity_at:
         return False
-    return seen is None or storage.appended_since(IDENTITY_MAP.name, int(seen)) is None
+    return seen is None or storage.appended_since(IDENTITY_MAP, int(seen)) is None
 
 
 def _record_run(storage: Storage, last: dict[str, Any] | None, as_of_date: dt.date, mode: str,
@@ -524,9 +524,9 @@ def _record_run(storage: Storage, last: dict[str, Any] | None, as_of_date: dt.da
                 starts: dict[str, int | None], identity_at: int | None = None) -> None:
     """Append the run's state; written last, so a run that dies before it is redone in full."""
     previous_seq = last["run_seq"] if last is not None else None
-    if previous_seq is None and storage.exists(TREND_RUNS.name):   # a rebuild after earlier runs
-        previous_seq = storage.read(TREND_RUNS.name).agg(F.max("run_seq")).first()[0]
+    if previous_seq is None and storage.exists(TREND_RUNS):   # a rebuild after earlier runs
+        previous_seq = storage.read(TREND_RUNS).agg(F.max("run_seq")).first()[0]
     row = (int(previous_seq or 0) + 1, as_of_date, mode, generation_id, segments_version, ingest_run_ids,
            dict(starts),   # None: the whole table was recomputed
            dt.datetime.now(dt.timezone.utc), identity_at)
-    storage.append(TREND_RUNS.name, storage.spark.createDataFrame([row], TREND_RUNS.schema))
+    storage.append(TREND_RUNS, storage.spark.createDataFrame([row], TREND_RUNS.schema))

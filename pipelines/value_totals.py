@@ -180,17 +180,17 @@ class LtvByChannelResult(StageResult):
 def run_ltv_by_channel(storage: Storage, as_of_date: dt.date) -> LtvByChannelResult:
     """Rewrite the D partition of ``ltv_by_channel`` from ``customer_scores`` and ``customer_features``
     at D; without scores for D nothing is written and the summary says what to run."""
-    scores_df = (storage.read(CUSTOMER_SCORES.name).where(F.col("as_of_date") == F.lit(as_of_date))
-                 if storage.exists(CUSTOMER_SCORES.name) else None)
+    scores_df = (storage.read(CUSTOMER_SCORES).where(F.col("as_of_date") == F.lit(as_of_date))
+                 if storage.exists(CUSTOMER_SCORES) else None)
     # one pass: whether D is scored, and the loadings' width
     scored, width = _rows_and_loadings_width(scores_df) if scores_df is not None else (0, 0)
     if not scored:
         return LtvByChannelResult(as_of_date, not_written=f"not written: no customer_scores for {as_of_date} "
                                                           f"(run `cvseg score --as-of {as_of_date}`, then this again)")
-    features_df = storage.read(CUSTOMER_FEATURES.name).where(F.col("as_of_date") == F.lit(as_of_date))
+    features_df = storage.read(CUSTOMER_FEATURES).where(F.col("as_of_date") == F.lit(as_of_date))
     rows_df = ltv_by_channel(scores_df, features_df, as_of_date, width)
-    storage.replace_partitions(LTV_BY_CHANNEL.name, rows_df, partitions={"as_of_date": [as_of_date]})
-    written = (storage.read(LTV_BY_CHANNEL.name).where(F.col("as_of_date") == F.lit(as_of_date))
+    storage.replace_partitions(LTV_BY_CHANNEL, rows_df, partitions={"as_of_date": [as_of_date]})
+    written = (storage.read(LTV_BY_CHANNEL).where(F.col("as_of_date") == F.lit(as_of_date))
                .agg(F.count(F.lit(1)).alias("rows"), F.sum("customers").alias("customers"),
                     F.count("predicted_net_value_p10").alias("with_interval")).first())
     return LtvByChannelResult(as_of_date, int(written["rows"]), int(written["customers"] or 0),

@@ -44,8 +44,8 @@ def ensure_calibration(storage: Storage, cutoff: dt.date, config: Config, rebuil
     horizon end and time unit (else built and written). Returns (rows, reused)."""
     features_conf = config.features
     expected_end = holdout_end(cutoff, config.models.horizon_months)
-    if not rebuild and storage.exists(CALIBRATION_HOLDOUT.name):
-        existing = (storage.read(CALIBRATION_HOLDOUT.name).where(F.col("cutoff_date") == F.lit(cutoff))
+    if not rebuild and storage.exists(CALIBRATION_HOLDOUT):
+        existing = (storage.read(CALIBRATION_HOLDOUT).where(F.col("cutoff_date") == F.lit(cutoff))
                     .select("horizon_end", "time_unit").limit(1).collect())
         if existing and existing[0]["horizon_end"] == expected_end \
                 and existing[0]["time_unit"] == features_conf.time_unit \
@@ -66,7 +66,7 @@ def lacks_net_basis(rows_df: DataFrame) -> bool:
 
 
 def calibration_rows(storage: Storage, cutoff: dt.date) -> DataFrame:
-    return storage.read(CALIBRATION_HOLDOUT.name).where(F.col("cutoff_date") == F.lit(cutoff))
+    return storage.read(CALIBRATION_HOLDOUT).where(F.col("cutoff_date") == F.lit(cutoff))
 
 
 @dataclass
@@ -95,7 +95,7 @@ def run_origin(storage: Storage, origin: dt.date, config: Config, rebuild: bool 
         cohort_train_df, reused_flags["cohort_cells"] = ensure_calibration(
             storage, add_months(cutoff, -horizon), config, rebuild)
     seconds["calibration"] = time.perf_counter() - started
-    version = storage.version(CALIBRATION_HOLDOUT.name)
+    version = storage.version(CALIBRATION_HOLDOUT)
     models = fit_origin_models(holdout_df, cohort_train_df, config)
     if config.models.hybrid.enabled:    # the hybrid, trained one horizon back: pipelines/hybrid.py
         from pipelines.hybrid import origin_hybrids
@@ -274,7 +274,7 @@ def run_backtest(storage: Storage, as_of: dt.date, config: Config, n_origins: in
                          "time_unit": config.features.time_unit, "penalizer_coef": config.models.penalizer_coef,
                          "purchase_models": list(config.models.purchase_models),
                          "compare_cohort": config.models.compare_cohort, "compare_naive": config.models.compare_naive,
-                         "champion_metric": champion_metric, "orders_version": storage.version(ORDERS.name),
+                         "champion_metric": champion_metric, "orders_version": storage.version(ORDERS),
                          "purchase_basis": config.models.purchase_basis,
                          **channel_params(config.models.by_channel)}
         runs = tracking.log_backtest(
@@ -384,12 +384,12 @@ def _write_backtest_tables(storage: Storage, results: Sequence[OriginResult], ru
                 "mean_actual": _finite_or_none(record["mean_actual"]),
                 "sum_predicted": float(record["sum_predicted"]), "sum_actual": float(record["sum_actual"]),
                 "created_at": created_at})
-    storage.merge(MODEL_BACKTEST.name, spark.createDataFrame(rows, MODEL_BACKTEST.schema))
-    storage.merge(MODEL_BACKTEST_DECILES.name, spark.createDataFrame(decile_rows, MODEL_BACKTEST_DECILES.schema))
+    storage.merge(MODEL_BACKTEST, spark.createDataFrame(rows, MODEL_BACKTEST.schema))
+    storage.merge(MODEL_BACKTEST_DECILES, spark.createDataFrame(decile_rows, MODEL_BACKTEST_DECILES.schema))
     if importance_rows:
         from core.tables import MODEL_IMPORTANCES
 
-        storage.merge(MODEL_IMPORTANCES.name, spark.createDataFrame(importance_rows, MODEL_IMPORTANCES.schema))
+        storage.merge(MODEL_IMPORTANCES, spark.createDataFrame(importance_rows, MODEL_IMPORTANCES.schema))
 
 
 def _json_value(value: Any) -> Any:

@@ -370,9 +370,9 @@ def list_source_files(spark: SparkSession, src: Source) -> list[SourceFile] | No
 
 def ingested_file_keys(storage: Storage) -> set[tuple[str, int, int]]:
     """(path, size, modification ms) of every file committed before: one small row per file."""
-    if not storage.exists(INGESTED_FILES.name):
+    if not storage.exists(INGESTED_FILES):
         return set()
-    rows = storage.read(INGESTED_FILES.name).select(
+    rows = storage.read(INGESTED_FILES).select(
         "source_file", "file_size", F.unix_millis("modified_at").alias("modified_ms")).collect()
     return {(r["source_file"], int(r["file_size"]), int(r["modified_ms"])) for r in rows}
 

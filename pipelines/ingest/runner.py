@@ -425,9 +425,9 @@ def _merge_orders(storage: Storage, orders_df: DataFrame, accepted: int | None,
                   cached: list[DataFrame]) -> tuple[int, int]:
     """Merge by order_id, skipping orders whose content is already in the table.
     Returns (orders accepted, orders new or changed); ``accepted`` is known at grain order."""
-    if not storage.exists(ORDERS.name):
-        storage.merge(ORDERS.name, orders_df)   # one write, no second pass
-        written = accepted if accepted is not None else storage.read(ORDERS.name).count()
+    if not storage.exists(ORDERS):
+        storage.merge(ORDERS, orders_df)   # one write, no second pass
+        written = accepted if accepted is not None else storage.read(ORDERS).count()
         return written, written
     # Hash only the stored orders whose id comes in again: a night's file touches a few thousand
     # of the millions of stored orders.
@@ -442,12 +442,12 @@ def _merge_orders(storage: Storage, orders_df: DataFrame, accepted: int | None,
     incoming_ids_df = incoming_df.select("order_id")
     if incoming_count <= BROADCAST_MAX_INCOMING:
         incoming_ids_df = F.broadcast(incoming_ids_df)
-    stored_months = [r[0] for r in storage.read(ORDERS.name).select("order_id", "order_month")
+    stored_months = [r[0] for r in storage.read(ORDERS).select("order_id", "order_month")
                      .join(incoming_ids_df, on="order_id", how="left_semi")
                      .select("order_month").distinct().collect()]
     incoming_months = [r[0] for r in incoming_df.select("order_month").distinct().collect()]
     months = sorted(set(incoming_months) | set(stored_months))
-    existing_df = (storage.read(ORDERS.name, partitions={"order_month": months})
+    existing_df = (storage.read(ORDERS, partitions={"order_month": months})
                    .join(incoming_ids_df, on="order_id", how="left_semi"))
     existing_df = (existing_df.select("order_id", order_content_hash(existing_df).alias("_hash"))
                    .persist(StorageLevel.MEMORY_AND_DISK))
@@ -462,11 +462,11 @@ def _merge_orders(storage: Storage, orders_df: DataFrame, accepted: int | None,
     clock.lap("merge: changed orders")
     if replacing:
         # rewrites the months of the replaced orders, also the month a re-dated order leaves
-        storage.merge(ORDERS.name, changed_df, previous_partitions={"order_month": stored_months})
+        storage.merge(ORDERS, changed_df, previous_partitions={"order_month": stored_months})
     elif written:
         # only new order ids (a regular night): append, no month rewritten; the months of a big
         # table cost ~10 us per stored row to rewrite, the new orders ~nothing
-        storage.append(ORDERS.name, changed_df)
+        storage.append(ORDERS, changed_df)
     clock.lap("merge: write")
     return (accepted if accepted is not None else incoming_count), written
 
@@ -479,8 +479,8 @@ def _add_keys(storage: Storage, keys_df: DataFrame, most_keys: int) -> int:
     """Append the keys not yet in ``identity_keys`` (an earlier first_seen is kept); returns how many.
     ``most_keys``: a bound on the rows of ``keys_df`` (rows read x key types), known without a job."""
     keys_df = keys_df.localCheckpoint()
-    if storage.exists(IDENTITY_KEYS.name):
-        stored_df = storage.read(IDENTITY_KEYS.name).select(*IDENTITY_KEYS.keys)
+    if storage.exists(IDENTITY_KEYS):
+        stored_df = storage.read(IDENTITY_KEYS).select(*IDENTITY_KEYS.keys)
         if most_keys <= KEYS_BROADCAST_MAX:
             # a night's keys: find those already stored by a scan with the few broadcast, not a
             # shuffle of the whole table
@@ -489,7 +489,7 @@ def _add_keys(storage: Storage, keys_df: DataFrame, most_keys: int) -> int:
         keys_df = keys_df.join(stored_df, on=list(IDENTITY_KEYS.keys), how="left_anti").localCheckpoint()
     added = keys_df.count()
     if added:
-        storage.append(IDENTITY_KEYS.name, keys_df)
+        storage.append(IDENTITY_KEYS, keys_df)
     return added
 
 
@@ -504,9 +504,9 @@ def _unknown_statuses(storage: Storage, source: SourceConf, counts: dict[str, in
     if not candidates:
         return ()
     seen: set[str] = set()
-    if storage.exists(INGEST_RUNS.name):
+    if storage.exists(INGEST_RUNS):
         of_source = F.coalesce(F.col("source_name"), F.lit(DEFAULT_SOURCE)) == F.lit(source.name)
-        seen = {r[0] for r in storage.read(INGEST_RUNS.name).where((F.col("status") == "ok") & of_source)
+        seen = {r[0] for r in storage.read(INGEST_RUNS).where((F.col("status") == "ok") & of_source)
                 .select(F.explode(F.map_keys("status_counts"))).distinct().collect()}   # a few values
     return tuple(v for v in candidates if v not in seen)
 
@@ -515,10 +515,10 @@ def _quarantined_files(storage: Storage, last_day: date) -> dict[str, int]:
     """Source file -> how many of its quarantined rows are future_timestamp rows whose order day is
     now on or before ``last_day`` (0 for a file with other quarantined rows only): one small row
     per file with quarantined rows reaches the driver."""
-    if not storage.exists(ORDERS_QUARANTINE.name):
+    if not storage.exists(ORDERS_QUARANTINE):
         return {}
     is_due = (F.col("reason") == FUTURE_TIMESTAMP) & (F.col("order_date") <= F.lit(last_day))
-    rows = (storage.read(ORDERS_QUARANTINE.name).groupBy("source_file")
+    rows = (storage.read(ORDERS_QUARANTINE).groupBy("source_file")
             .agg(F.count(F.when(is_due, True)).alias("due")).collect())
     return {r["source_file"]: int(r["due"]) for r in rows}
 
@@ -530,13 +530,13 @@ def _write_quarantine(storage: Storage, quarantine_df: DataFrame | None, read_fi
     leave it; ``replace`` is off for a rejected run (nothing of it was accepted): its rows are upserted."""
     if stored_files & set(read_files):
         if replace:
-            kept_df = storage.read(ORDERS_QUARANTINE.name).where(~F.col("source_file").isin(read_files))
-            storage.overwrite(ORDERS_QUARANTINE.name,
+            kept_df = storage.read(ORDERS_QUARANTINE).where(~F.col("source_file").isin(read_files))
+            storage.overwrite(ORDERS_QUARANTINE,
                               kept_df if quarantine_df is None else kept_df.unionByName(quarantine_df))
         elif quarantine_df is not None:
-            storage.merge(ORDERS_QUARANTINE.name, quarantine_df)
+            storage.merge(ORDERS_QUARANTINE, quarantine_df)
     elif quarantine_df is not None:
-        storage.append(ORDERS_QUARANTINE.name, quarantine_df)
+        storage.append(ORDERS_QUARANTINE, quarantine_df)
 
 
 def _record_files(spark: SparkSession, storage: Storage, files: list[SourceFile], splits: list,
@@ -558,4 +558,4 @@ def _append_run(spark: SparkSession, storage: Storage, s: IngestSummary) -> None
            s.exact_duplicate_rows, s.orders_written, s.reason_counts, s.started_at, s.finished_at,
            s.status, s.cancellation_lines_applied, s.future_rows_retried,
            *(s.value_counts.get(c) for c in PROFILED), s.source_name)
-    storage.append(INGEST_RUNS.name, spark.createDataFrame([row], INGEST_RUNS.schema))
+    storage.append(INGEST_RUNS, spark.createDataFrame([row], INGEST_RUNS.schema))

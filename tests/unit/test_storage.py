@@ -64,10 +64,13 @@ def test_replace_partition_leaves_other_partitions_intact_and_old_versions_reada
 
 
 def test_merge_upserts_by_key_and_is_idempotent(spark, any_storage):
+    # the table by name or by its declaration: the same table
     any_storage.merge("orders_quarantine", _quarantine_df(spark, [("a.csv", 1, "x"), ("a.csv", 2, "y")]))
+    any_storage.merge(ORDERS_QUARANTINE, _quarantine_df(spark, [("a.csv", 2, "z"), ("b.csv", 1, "x")]))
     any_storage.merge("orders_quarantine", _quarantine_df(spark, [("a.csv", 2, "z"), ("b.csv", 1, "x")]))
-    any_storage.merge("orders_quarantine", _quarantine_df(spark, [("a.csv", 2, "z"), ("b.csv", 1, "x")]))
-    got = any_storage.read("orders_quarantine").select("source_file", "source_row", "reason")
+    assert any_storage.version(ORDERS_QUARANTINE) == any_storage.version("orders_quarantine") == 2
+    assert any_storage.path(ORDERS_QUARANTINE) == any_storage.path("orders_quarantine")
+    got = any_storage.read(ORDERS_QUARANTINE).select("source_file", "source_row", "reason")
     expected = spark.createDataFrame([("a.csv", 1, "x"), ("a.csv", 2, "z"), ("b.csv", 1, "x")],
                                      "source_file string, source_row long, reason string")
     assert_df_equality(got, expected, ignore_row_order=True, ignore_nullable=True)
