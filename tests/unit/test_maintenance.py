@@ -292,6 +292,16 @@ def test_cli_maintain_then_a_report_or_fit_for_a_pruned_date_names_the_setting(s
         {"as_of_date": day, "customer_id": "c1"} for day in (old, new)]))
     conf = dump_config(_config(storage, "retention.customer_features_days=30"), tmp_path / "conf.yaml")
 
+    # --tables: only the listed tables (customer_features left as it was); a name not in the catalogue
+    # is a usage error that lists the tables
+    assert main(["maintain", "--as-of", D.isoformat(), "--conf", str(conf), "--tables", "orders,customer_scores"]) == 0
+    assert "customer_features" not in capsys.readouterr().out
+    assert storage.partition_values("customer_features") == [old.isoformat(), new.isoformat()]
+    with pytest.raises(SystemExit) as usage:
+        main(["maintain", "--conf", str(conf), "--tables", "orders,customer_featurez"])
+    assert usage.value.code == 2
+    assert "unknown table(s) ['customer_featurez']; tables are: " in capsys.readouterr().err
+
     assert main(["maintain", "--as-of", D.isoformat(), "--conf", str(conf), "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "dry run: nothing was changed" in out and "would prune 1 partition(s)" in out
