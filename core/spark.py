@@ -97,6 +97,24 @@ def build_spark(conf: SparkConf, warehouse: str | None = None, s3: bool = False,
     builder = SparkSession.builder.appName(conf.app_name)
     if conf.master:
         builder = builder.master(conf.master)
+    settings = session_settings(conf, warehouse, s3, s3_conf, cores)
+    for key, value in settings.items():
+        builder = builder.config(key, value)
+    spark = builder.getOrCreate()
+    spark.sparkContext.setLogLevel("ERROR")
+    if spark.sparkContext.master.startswith("local") and SNAPSHOT_PARTITIONS not in conf.extra:
+        # (the master as started: a null spark.master is local[*] from Python, YARN under spark-submit)
+        spark.conf.set(SNAPSHOT_PARTITIONS, str(max(2, cores)))
+    if conf.master and not conf.master.startswith("local[") and "spark.submit.pyFiles" not in conf.extra:
+        ship_engine_code(spark)
+    return spark
+
+
+def session_settings(conf: SparkConf, warehouse: str | None, s3: bool, s3_conf: S3Conf | None,
+                     cores: int) -> dict[str, str]:
+    """The settings a new session starts with (``build_spark``): the engine's defaults for a machine
+    of ``cores`` cores, the warehouse's SQL folder, the cached jars, the s3a settings when ``s3``,
+    loopback addresses for a cluster on this machine, then ``spark.extra`` over all of them."""
     settings = {
         "spark.driver.memory": conf.driver_memory,
         "spark.sql.shuffle.partitions": str(conf.shuffle_partitions or max(4, 2 * cores)),
@@ -136,16 +154,7 @@ def build_spark(conf: SparkConf, warehouse: str | None = None, s3: bool = False,
         # executors in other JVMs connect back to the driver: on loopback, like the cluster
         settings.update({"spark.driver.host": "127.0.0.1", "spark.driver.bindAddress": "127.0.0.1"})
     settings.update(conf.extra)
-    for key, value in settings.items():
-        builder = builder.config(key, value)
-    spark = builder.getOrCreate()
-    spark.sparkContext.setLogLevel("ERROR")
-    if spark.sparkContext.master.startswith("local") and SNAPSHOT_PARTITIONS not in conf.extra:
-        # (the master as started: a null spark.master is local[*] from Python, YARN under spark-submit)
-        spark.conf.set(SNAPSHOT_PARTITIONS, str(max(2, cores)))
-    if conf.master and not conf.master.startswith("local[") and "spark.submit.pyFiles" not in conf.extra:
-        ship_engine_code(spark)
-    return spark
+    return settings
 
 
 def is_loopback_master(master: str) -> bool:

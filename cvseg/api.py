@@ -8,6 +8,7 @@ from typing import Any, Sequence
 from core.config import Config
 from core.config import load_config as _load_config
 from core.dates import to_date
+from core.errors import UserError
 
 DateLike = dt.date | str
 
@@ -122,13 +123,26 @@ class Engine:
         (``as_of_date``, ``cutoff_date`` or ``origin_date``)."""
         from pyspark.sql import functions as F
 
-        from core.tables import table_spec
+        from core.tables import TABLES
 
-        spec = table_spec(name)
+        if name not in TABLES:
+            raise TableArgumentError(f"unknown table {name!r}; tables are: {', '.join(TABLES)}")
+        column = _date_column(name)
+        if as_of is not None and column is None:
+            dated = [table for table in TABLES if _date_column(table)]
+            raise TableArgumentError(f"table {name} has no date column to select as_of on (it holds one current state); "
+                               f"read it without as_of. Tables with dates: {', '.join(dated)}")
         df = self.storage.read(name)
-        if as_of is None:
-            return df
-        column = next((c for c in ("as_of_date", "cutoff_date", "origin_date") if c in spec.stored_columns), None)
-        if column is None:
-            raise ValueError(f"table {name} has no date column to select as_of on")
-        return df.where(F.col(column) == F.lit(to_date(as_of)))
+        return df if as_of is None else df.where(F.col(column) == F.lit(to_date(as_of)))
+
+
+class TableArgumentError(UserError, ValueError):
+    """``Engine.table`` was asked for a table the catalogue does not have, or for a date of an undated one."""
+
+
+def _date_column(name: str) -> str | None:
+    """The column a dated table is selected on (``Engine.table(..., as_of=)``), or None."""
+    from core.tables import table_spec
+
+    columns = table_spec(name).stored_columns
+    return next((c for c in ("as_of_date", "cutoff_date", "origin_date") if c in columns), None)

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 import cvseg
+from core.errors import UserError
 from core.results import StageResult
 
 pytestmark = pytest.mark.slow
@@ -82,5 +83,7 @@ def test_every_stage_method_returns_its_typed_result_and_night_runs_on_top(engin
     assert engine.table("customer_scores", as_of=D + dt.timedelta(days=1)).count() == CUSTOMERS
     assert {r["as_of_date"] for r in engine.table("customer_scores").select("as_of_date").distinct().collect()} \
         == {D, D + dt.timedelta(days=1)}
-    with pytest.raises(ValueError, match="no date column"):
+    with pytest.raises(ValueError, match="no date column .* Tables with dates: .*customer_scores"):
         engine.table("segments_current", as_of=D)
+    with pytest.raises(UserError, match="unknown table 'customer_score'; tables are: orders, "):
+        engine.table("customer_score")

@@ -1,0 +1,32 @@
+"""core.spark.session_settings: what a new session starts with. No Spark."""
+from __future__ import annotations
+
+import os
+
+from core.config import S3Conf, SparkConf
+from core.spark import session_settings
+
+
+def test_local_session_defaults_scale_with_cores_and_extra_wins(tmp_path):
+    conf = SparkConf(master="local[2]", app_name="t", shuffle_partitions=None, driver_memory="3g",
+                     extra={"spark.sql.adaptive.enabled": "false", "spark.custom.key": "x"})
+    settings = session_settings(conf, str(tmp_path / "wh"), s3=False, s3_conf=None, cores=8)
+    assert settings["spark.sql.shuffle.partitions"] == "16" and settings["spark.sql.files.minPartitionNum"] == "32"
+    assert settings["spark.driver.memory"] == "3g" and settings["spark.sql.session.timeZone"] == "UTC"
+    assert "-Duser.timezone=UTC" in settings["spark.driver.extraJavaOptions"]
+    assert settings["spark.sql.warehouse.dir"] == os.path.abspath(tmp_path / "wh" / "_spark_sql")
+    assert settings["spark.sql.adaptive.enabled"] == "false" and settings["spark.custom.key"] == "x"
+    assert "spark.driver.host" not in settings                       # local[...]: one JVM
+    assert not any(key.startswith("spark.hadoop.fs.s3a.") for key in settings)
+
+
+def test_s3_warehouse_and_a_standalone_master_on_this_machine():
+    conf = SparkConf(master="spark://127.0.0.1:7077", app_name="t", shuffle_partitions=4)
+    settings = session_settings(conf, "s3a://bucket/wh/", s3=True,
+                                s3_conf=S3Conf(endpoint_url="http://127.0.0.1:9000", path_style_access=True),
+                                cores=2)
+    assert settings["spark.sql.shuffle.partitions"] == "4"
+    assert settings["spark.sql.warehouse.dir"] == "s3a://bucket/wh/_spark_sql"
+    assert settings["spark.hadoop.fs.s3a.endpoint"] == "http://127.0.0.1:9000"
+    # executors in other JVMs connect back to the driver on loopback
+    assert settings["spark.driver.host"] == settings["spark.driver.bindAddress"] == "127.0.0.1"
