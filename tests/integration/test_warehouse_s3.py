@@ -15,8 +15,8 @@ point, in order:
    (the comparison below reads the tables after it; every other table is maintained by the same
    code, tested locally in tests/unit/test_maintenance.py).
 
-The same two nights run in this process on a local warehouse (the shared session); every table
-and both exports must be equal. The secret key the subprocess gets must appear in none of its
+The same two nights run in this process on a local warehouse (the shared session) while the
+subprocess runs; every table and both exports must be equal. The secret key the subprocess gets must appear in none of its
 output, the MLflow store, the artifacts or the run log.
 """
 from __future__ import annotations
@@ -131,7 +131,8 @@ def _local_nights(spark, root: Path, export_files) -> tuple[Storage, Path]:
 
 @pytest.fixture(scope="module")
 def s3_nights(spark, moto_endpoint, export_files, tmp_path_factory):
-    """The subprocess (see the module's docstring); then the bucket copied to a local folder."""
+    """The subprocess (see the module's docstring), and meanwhile the same two nights on a local
+    warehouse in this process; then the bucket copied to a local folder."""
     client = _client(moto_endpoint)
     client.create_bucket(Bucket=BUCKET)
     first, second = export_files
@@ -149,8 +150,17 @@ def s3_nights(spark, moto_endpoint, export_files, tmp_path_factory):
     log_path = root / "run.log"     # stdout and stderr as they come (look at it while the test runs)
     try:
         with open(log_path, "w", encoding="utf-8") as log_file:
-            subprocess.run([sys.executable, "-c", DRIVER, proxy.endpoint, str(second), BUCKET, json.dumps(args)],
-                           cwd=root, env=env, stdout=log_file, stderr=subprocess.STDOUT, timeout=2400)
+            process = subprocess.Popen([sys.executable, "-c", DRIVER, proxy.endpoint, str(second), BUCKET,
+                                        json.dumps(args)], cwd=root, env=env, stdout=log_file, stderr=subprocess.STDOUT)
+            try:
+                # the local reference nights run here meanwhile: the subprocess spends much of its time
+                # waiting on S3 round trips and retry back-offs
+                local = _local_nights(spark, tmp_path_factory.mktemp("local-run"), export_files)
+                process.wait(timeout=2400)
+            finally:
+                if process.poll() is None:
+                    process.kill()
+                    process.wait()
     finally:
         proxy.stop()
     output = log_path.read_text(encoding="utf-8")
@@ -160,7 +170,7 @@ def s3_nights(spark, moto_endpoint, export_files, tmp_path_factory):
             target = copy / obj["Key"]
             target.parent.mkdir(parents=True, exist_ok=True)
             client.download_file(BUCKET, obj["Key"], str(target))
-    return output, proxy, copy, root / "mlflow.db"
+    return output, proxy, copy, root / "mlflow.db", local
 
 
 def _section(output: str, label: str) -> str:
@@ -186,8 +196,8 @@ def _fingerprints(storage: Storage) -> dict[str, tuple[int, int]]:
     return {r["table"]: (int(r["n"]), int(r["h"] or 0)) for r in rows}
 
 
-def test_nightly_run_on_s3_with_faults_equals_local_run(spark, s3_nights, export_files, tmp_path):
-    output, proxy, copy, mlflow_db = s3_nights
+def test_nightly_run_on_s3_with_faults_equals_local_run(spark, s3_nights, export_files):
+    output, proxy, copy, mlflow_db, (local_storage, local_exports) = s3_nights
     exits = {line.split()[1]: line.split()[-1] for line in output.splitlines() if line.startswith("@@ ") and " exit " in line}
     assert exits == {"night1": "0", "night2-ingest-features": "0", "night2-s3-down": "2", "night2-resumed": "0",
                      "maintain": "0"}, output[-4000:]
@@ -219,8 +229,7 @@ def test_nightly_run_on_s3_with_faults_equals_local_run(spark, s3_nights, export
     # MLflow's artifacts are in the bucket, next to the warehouse
     assert list((copy / "warehouse" / "mlflow-artifacts").rglob("MLmodel")), "no model artifacts on S3"
 
-    # every table and both exports equal the local run's
-    local_storage, local_exports = _local_nights(spark, tmp_path, export_files)
+    # every table and both exports equal the local run's (run in this process while the subprocess ran)
     s3_storage = Storage(spark, str(copy / "warehouse"), backend="delta-spark")
     assert _fingerprints(s3_storage) == _fingerprints(local_storage)
     for day in (D1, D2):
