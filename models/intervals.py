@@ -77,6 +77,7 @@ be scored by the same bundle.
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
@@ -173,12 +174,25 @@ def count_moments(param_rows: np.ndarray, t: float, x, t_x, T, modified: bool = 
     return count_moments_by_point(param_rows, t, x, t_x, T, modified).averaged()
 
 
-def count_moments_by_point(param_rows: np.ndarray, t: float, x, t_x, T, modified: bool = False) -> CountMoments:
+def count_moments_by_point(param_rows: np.ndarray, t: float, x, t_x, T, modified: bool = False,
+                           compiled: bool | None = None) -> CountMoments:
     """:func:`count_moments` before averaging: (parameter rows x customers) arrays. Group totals need
-    ``E[N | theta]`` per parameter vector (:func:`group_terms`)."""
+    ``E[N | theta]`` per parameter vector (:func:`group_terms`).
+
+    The series runs in numba's compiled loop (:func:`_compiled_series`: each element's terms in
+    registers, ~2.5x the numpy loop's speed) when numba imports, else in numpy
+    (:func:`_count_moments_flat`); both stop at the same tolerance and agree to ~1e-8 relative.
+    ``compiled``: True / False forces one (tests), None takes the compiled one when available."""
     x, t_x, T = (np.asarray(v, dtype=float) for v in (x, t_x, T))
     rows = np.asarray(param_rows, dtype=float)
     k_rows, n = len(rows), x.shape[0]
+    kernel = _compiled_series() if compiled is not False else None
+    if compiled and kernel is None:
+        raise RuntimeError("the compiled count series needs numba, which does not import here")
+    if kernel is not None:
+        out = [np.empty((k_rows, n)) for _ in range(3)]
+        kernel(rows, x, t_x, T, float(t), bool(modified), SERIES_TOLERANCE, MAX_TERMS, *out)
+        return CountMoments(*out)
     out = [np.empty((k_rows, n)) for _ in range(3)]
     # customers in chunks of ~SERIES_CHUNK elements: the loop's dozen state arrays then stay in the
     # CPU cache (about a quarter faster than one pass over a 10,000-row Arrow batch x 5 rows)
@@ -275,6 +289,64 @@ def _count_moments_flat(r, alpha, a, b, t, x, t_x, T, modified):
         k += 1
     write_back(idx, k - 1, c_mean, c_cumsum, tail, surv * alive_beta)
     return p_zero, mean, factorial2
+
+
+def _series_elements(rows, x, t_x, T, t, modified, tolerance, max_terms, p_zero, mean, factorial2):  # pragma: no cover
+    """:func:`bg_family_p_alive` and the count series of :func:`_count_moments_flat` for every (parameter
+    row, customer), one element at a time (numba compiles it: no temporary arrays, each element's terms
+    in registers); the same recurrences and geometric tail, each element stopping at the first term
+    below the tolerance."""
+    for j in range(rows.shape[0]):
+        r, alpha, a, b = rows[j, 0], rows[j, 1], rows[j, 2], rows[j, 3]
+        for i in range(x.shape[0]):
+            x_i = x[i]
+            log_ratio = (r + x_i) * (math.log(alpha + T[i]) - math.log(alpha + t_x[i]))
+            if modified:
+                log_odds_dead = math.log(a) - math.log(b + x_i) + log_ratio
+            elif x_i > 0:
+                log_odds_dead = math.log(a) - math.log(b + max(x_i, 1.0) - 1.0) + log_ratio
+            else:
+                log_odds_dead = -math.inf
+            if log_odds_dead > 0:                                   # expit(-log_odds_dead), no overflow
+                odds = math.exp(-log_odds_dead)
+                alive = odds / (1.0 + odds)
+            else:
+                alive = 1.0 / (1.0 + math.exp(log_odds_dead))
+            shape = r + x_i
+            q = t / (alpha + T[i] + t)                              # NB: P(M = k+1) / P(M = k) -> q
+            b_post = b + x_i + (1.0 if modified else 0.0)
+            pmf = math.exp(shape * math.log1p(-q))                  # P(M = 0)
+            p_zero[j, i] = 1.0 - alive * (1.0 - pmf)
+            surv, alive_beta = 1.0 - pmf, alive                     # P(M >= 1), P(alive) E[(1-p)^0]
+            shape_q, b_less, ab_less = (shape - 1.0) * q, b_post - 1.0, a + b_post - 1.0
+            running = cumulative = tail = 0.0
+            k = 1
+            while True:
+                tail = surv * alive_beta                            # P(N >= k)
+                running += tail
+                cumulative += running
+                pmf *= shape_q / k + q
+                surv -= pmf
+                alive_beta *= (b_less + k) / (ab_less + k)
+                if tail <= tolerance * running or k >= max_terms:
+                    break
+                k += 1
+            following = surv * alive_beta
+            ratio = min(following / tail, 0.999) if tail > 0 else 0.0
+            mean[j, i] = running + following / (1.0 - ratio)
+            factorial2[j, i] = 2.0 * (k * running - cumulative
+                                      + following * (k / (1.0 - ratio) + ratio / (1.0 - ratio) ** 2))
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_series():
+    """:func:`_series_elements` compiled by numba (once per process, cached on disk where the code
+    is a file: ~1.4 s to compile, then ~0.1 s to load), or None without numba."""
+    try:
+        import numba
+    except ImportError:     # the numpy series then (slower, same numbers to ~1e-8)
+        return None
+    return numba.njit(nogil=True, cache=True)(_series_elements)
 
 
 def pareto_count_moments(param_rows: np.ndarray, t: float, x, t_x, T, alive: np.ndarray) -> CountMoments:

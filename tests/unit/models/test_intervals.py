@@ -72,6 +72,30 @@ def test_the_count_series_is_the_models_expected_purchases_and_p_alive(model, cd
     assert np.all(counts.factorial2 + counts.mean - counts.mean ** 2 >= -1e-9)
 
 
+
+@pytest.mark.parametrize("modified", [False, True], ids=["bgnbd", "mbgnbd"])
+def test_the_compiled_and_the_numpy_count_series_sum_to_the_same_tolerance(modified, monkeypatch):
+    pytest.importorskip("numba")
+    rng = np.random.default_rng(20261205)
+    n = 4000
+    T = rng.uniform(1.0, 2000.0, n)
+    x = np.where(rng.random(n) < 0.4, 0.0, rng.integers(1, 80, n)).astype(float)
+    t_x = np.where(x > 0, T * rng.beta(3.0, 1.0, n), 0.0)
+    # edge customers: a heavy buyer on a short history (a long series), long lapsed, brand new
+    x, t_x, T = (np.append(v, extra) for v, extra in ((x, [500.0, 30.0, 0.0]), (t_x, [60.0, 10.0, 0.0]),
+                                                      (T, [61.0, 3000.0, 1.0])))
+    rows = np.array([[PURCHASE["r"], PURCHASE["alpha"], PURCHASE["a"], PURCHASE["b"]],
+                     [0.9, 25.0, 1.6, 9.0], [0.3, 80.0, 0.5, 1.5]])
+    compiled = iv.count_moments_by_point(rows, HORIZON, x, t_x, T, modified, compiled=True)
+    numpy = iv.count_moments_by_point(rows, HORIZON, x, t_x, T, modified, compiled=False)
+    monkeypatch.setattr(iv, "SERIES_TOLERANCE", 1e-14)       # the series summed on to the last bits
+    exact = iv.count_moments_by_point(rows, HORIZON, x, t_x, T, modified, compiled=False)
+    for got in (compiled, numpy):
+        np.testing.assert_allclose(got.p_zero, exact.p_zero, rtol=1e-12)
+        np.testing.assert_allclose(got.mean, exact.mean, rtol=1e-7)
+        np.testing.assert_allclose(got.factorial2, exact.factorial2, rtol=1e-6)
+    assert exact.mean.max() > 100     # the heavy buyer's series ran long
+
 def test_the_count_distribution_matches_a_monte_carlo_of_the_process():
     # one customer, BG/NBD: draw alive, lambda, p from their posteriors and N = min(Poisson, Geometric)
     r, alpha, a, b = 0.5, 30.0, 0.7, 2.5
