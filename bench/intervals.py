@@ -10,7 +10,7 @@ measured. A BG/NBD (``--purchase-model``: MBG/NBD, Pareto/NBD) + Gamma-Gamma + c
 ``fit_btyd_bundles``, then the engine's ``score_customers`` runs over every customer and the scores
 are written as parquet (what ``cvseg score`` does before its Delta commit), alternately without
 (``models.intervals: false``) and with intervals, ``--repeats`` times each. Reported: seconds per run,
-the median of each and their ratio (the issue's target: at most 1.5x), plus the pure numpy cost per
+the median of each and their ratio (the issue's target: at most 1.5x), plus the cost per
 customer of ``ScoringBundle.predict`` on a 200k sample (no Spark). The machine is shared: read the
 ratio, measured in the same session minutes apart, rather than the absolute seconds.
 """
@@ -124,7 +124,7 @@ def main() -> None:
     print()
     print(f"score + write {args.customers:,} customers: without intervals {median['without']:.1f} s, with "
           f"{median['with']:.1f} s (medians of {args.repeats}): ratio {ratio:.2f} (target <= 1.5)")
-    print(f"ScoringBundle.predict in numpy: {per_customer['without']:.2f} us per customer without, "
+    print(f"ScoringBundle.predict without Spark: {per_customer['without']:.2f} us per customer without, "
           f"{per_customer['with']:.2f} us with intervals")
     print(json.dumps({"customers": args.customers, "seconds": seconds, "median": median, "ratio": round(ratio, 3),
                       "customers_with_interval": with_interval,
