@@ -346,7 +346,10 @@ def _compiled_series():
         import numba
     except ImportError:     # the numpy series then (slower, same numbers to ~1e-8)
         return None
-    return numba.njit(nogil=True, cache=True)(_series_elements)
+    try:
+        return numba.njit(nogil=True, cache=True)(_series_elements)
+    except RuntimeError:    # no writable cache location (a read-only install and home): compile each time
+        return numba.njit(nogil=True)(_series_elements)
 
 
 def pareto_count_moments(param_rows: np.ndarray, t: float, x, t_x, T, alive: np.ndarray) -> CountMoments:
