@@ -59,6 +59,11 @@ def tracking_target(config: Config) -> TrackingTarget:
         artifact_root = artifact_root or (folder / "mlflow-artifacts").as_uri()
     elif artifact_root is None and is_s3(warehouse) and not on_databricks:
         artifact_root = f"{warehouse.rstrip('/')}/mlflow-artifacts"
+    elif artifact_root is None and not remote and uri.startswith(("sqlite:", "file:")):
+        # a local store named explicitly: the artifacts still go beside the warehouse, not to
+        # MLflow's default ./mlruns of whatever folder the command runs in (a tracking server,
+        # http://..., keeps its own artifact store)
+        artifact_root = (Path(warehouse.removeprefix("file://")).resolve() / "mlflow-artifacts").as_uri()
     if artifact_root is not None:
         artifact_root = as_boto_uri(artifact_root)   # MLflow's S3 store knows s3:// only
     experiment = config.tracking.experiment or (f"/Shared/cvseg/{client}" if on_databricks else f"cvseg-{client}")

@@ -68,6 +68,11 @@ def test_tracking_on_an_s3_warehouse(tmp_path):
     assert explicit.artifact_root == "s3://other/art"
     local = tracking_target(_config(f"storage.warehouse={tmp_path / 'wh'}"))
     assert local.uri.startswith("sqlite:///") and local.artifact_root.startswith("file://") and local.s3 is None
+    # a local sqlite store named explicitly: artifacts beside the warehouse too, not in ./mlruns
+    named = tracking_target(_config(f"storage.warehouse={tmp_path / 'wh'}", f"tracking.uri=sqlite:///{tmp_path}/m.db"))
+    assert named.artifact_root == (tmp_path / "wh" / "mlflow-artifacts").resolve().as_uri()
+    server = tracking_target(_config(f"storage.warehouse={tmp_path / 'wh'}", "tracking.uri=http://127.0.0.1:5000"))
+    assert server.artifact_root is None       # a tracking server keeps its own artifact store
 
 
 def test_s3_errors_are_named_in_one_line():
