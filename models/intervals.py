@@ -180,8 +180,9 @@ def count_moments_by_point(param_rows: np.ndarray, t: float, x, t_x, T, modified
     ``E[N | theta]`` per parameter vector (:func:`group_terms`).
 
     The series runs in numba's compiled loop (:func:`_compiled_series`: each element's terms in
-    registers, ~2.5x the numpy loop's speed) when numba imports, else in numpy
-    (:func:`_count_moments_flat`); both stop at the same tolerance and agree to ~1e-8 relative.
+    registers, ~8x the numpy loop's speed) when numba imports, else in numpy
+    (:func:`_count_moments_flat`); both stop at the same tolerance (each within 1e-7 of the series
+    summed to the last bits).
     ``compiled``: True / False forces one (tests), None takes the compiled one when available."""
     x, t_x, T = (np.asarray(v, dtype=float) for v in (x, t_x, T))
     rows = np.asarray(param_rows, dtype=float)
@@ -189,11 +190,10 @@ def count_moments_by_point(param_rows: np.ndarray, t: float, x, t_x, T, modified
     kernel = _compiled_series() if compiled is not False else None
     if compiled and kernel is None:
         raise RuntimeError("the compiled count series needs numba, which does not import here")
+    out = [np.empty((k_rows, n)) for _ in range(3)]
     if kernel is not None:
-        out = [np.empty((k_rows, n)) for _ in range(3)]
         kernel(rows, x, t_x, T, float(t), bool(modified), SERIES_TOLERANCE, MAX_TERMS, *out)
         return CountMoments(*out)
-    out = [np.empty((k_rows, n)) for _ in range(3)]
     # customers in chunks of ~SERIES_CHUNK elements: the loop's dozen state arrays then stay in the
     # CPU cache (about a quarter faster than one pass over a 10,000-row Arrow batch x 5 rows)
     step = max(1, SERIES_CHUNK // k_rows)
