@@ -96,6 +96,29 @@ def test_the_compiled_and_the_numpy_count_series_sum_to_the_same_tolerance(modif
         np.testing.assert_allclose(got.factorial2, exact.factorial2, rtol=1e-6)
     assert exact.mean.max() > 100     # the heavy buyer's series ran long
 
+
+def test_without_a_writable_numba_cache_the_series_still_compiles(monkeypatch):
+    numba = pytest.importorskip("numba")
+    real_njit = numba.njit
+
+    def njit_without_cache(**options):
+        if options.get("cache"):
+            raise RuntimeError("cannot cache function: no locator available")   # what numba raises
+        return real_njit(**options)
+
+    monkeypatch.setattr(numba, "njit", njit_without_cache)
+    iv._compiled_series.cache_clear()
+    try:
+        kernel = iv._compiled_series()
+        assert kernel is not None
+        counts = iv.count_moments_by_point(np.array([[0.6, 40.0, 0.8, 3.0]]), HORIZON, [2.0], [100.0], [300.0],
+                                           compiled=True)
+        reference = iv.count_moments_by_point(np.array([[0.6, 40.0, 0.8, 3.0]]), HORIZON, [2.0], [100.0], [300.0],
+                                              compiled=False)
+        np.testing.assert_allclose(counts.mean, reference.mean, rtol=1e-7)
+    finally:
+        iv._compiled_series.cache_clear()
+
 def test_the_count_distribution_matches_a_monte_carlo_of_the_process():
     # one customer, BG/NBD: draw alive, lambda, p from their posteriors and N = min(Poisson, Geometric)
     r, alpha, a, b = 0.5, 30.0, 0.7, 2.5
