@@ -45,6 +45,7 @@ def tracking_target(config: Config) -> TrackingTarget:
     uri = config.tracking.uri or ("databricks" if on_databricks else None)
     warehouse = config.storage.warehouse
     remote = "://" in warehouse and not warehouse.startswith("file:")
+    folder = None if remote else Path(warehouse.removeprefix("file://")).resolve()
     artifact_root = config.tracking.artifact_location
     if uri is None:
         if remote:
@@ -53,17 +54,16 @@ def tracking_target(config: Config) -> TrackingTarget:
                 "cannot default to sqlite:///<warehouse>/mlflow.db; set tracking.uri to an MLflow server "
                 "(http://...), databricks, or a sqlite file on a disk that outlives the cluster "
                 "(sqlite:////mnt/shared/mlflow.db): the registry holds the champion the next night scores with")
-        folder = Path(warehouse.removeprefix("file://")).resolve()
         folder.mkdir(parents=True, exist_ok=True)
         uri = f"sqlite:///{folder / 'mlflow.db'}"
         artifact_root = artifact_root or (folder / "mlflow-artifacts").as_uri()
     elif artifact_root is None and is_s3(warehouse) and not on_databricks:
         artifact_root = f"{warehouse.rstrip('/')}/mlflow-artifacts"
-    elif artifact_root is None and not remote and uri.startswith(("sqlite:", "file:")):
+    elif artifact_root is None and folder is not None and uri.startswith(("sqlite:", "file:")):
         # a local store named explicitly: the artifacts still go beside the warehouse, not to
         # MLflow's default ./mlruns of whatever folder the command runs in (a tracking server,
         # http://..., keeps its own artifact store)
-        artifact_root = (Path(warehouse.removeprefix("file://")).resolve() / "mlflow-artifacts").as_uri()
+        artifact_root = (folder / "mlflow-artifacts").as_uri()
     if artifact_root is not None:
         artifact_root = as_boto_uri(artifact_root)   # MLflow's S3 store knows s3:// only
     experiment = config.tracking.experiment or (f"/Shared/cvseg/{client}" if on_databricks else f"cvseg-{client}")
