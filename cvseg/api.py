@@ -130,8 +130,8 @@ class Engine:
         column = _date_column(name)
         if as_of is not None and column is None:
             dated = [table for table in TABLES if _date_column(table)]
-            raise TableArgumentError(f"table {name} has no date column to select as_of on (it holds one current state); "
-                               f"read it without as_of. Tables with dates: {', '.join(dated)}")
+            raise TableArgumentError(f"table {name} has no date column to select as_of on (it holds one current "
+                                     f"state); read it without as_of. Tables with dates: {', '.join(dated)}")
         df = self.storage.read(name)
         return df if as_of is None else df.where(F.col(column) == F.lit(to_date(as_of)))
 
