@@ -154,6 +154,9 @@ INGEST_RUNS = TableSpec(
         _f("channel_counts", T.MapType(S, L)),   # rows per channel value read
         _f("category_counts", T.MapType(S, L)),  # rows per category value read
         _f("source_name", S),                # sources[].name (null: written before sources existed)
+        # earliest order_date of the orders new or changed (null: none, or written before this column):
+        # the trend tables' incremental runs start there without scanning `orders`
+        _f("first_order_date", DT),
     ]),
     keys=("ingest_run_id",),
 )
@@ -638,7 +641,7 @@ TREND_RUNS = TableSpec(
         _f("mode", S, False),                 # rebuild | incremental
         _f("generation_id", I),               # segment generation the weekly segment trend used
         _f("segments_version", L),            # Delta version of segments_current read
-        _f("ingest_run_ids", T.ArrayType(S), False),  # ingest runs present in orders
+        _f("ingest_run_ids", T.ArrayType(S), False),  # ingest runs that had written orders
         _f("recomputed_from", T.MapType(S, I), False),  # table -> first year recomputed (null: all)
         _f("finished_at", TS, False),
         _f("identity_version", L),            # Delta version of identity_map read (null: no identity step)

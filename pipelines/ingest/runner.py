@@ -115,8 +115,9 @@ def _run_ingest(spark: SparkSession, storage: Storage, source: SourceConf, valid
                                 first.total, cached)
         clock.lap("pass 2: classify+count")
         orders_accepted = orders_written = key_rows = 0
+        first_order_date = None
         if not second.rejected and second.accepted:
-            orders_accepted, orders_written, key_rows = _write_accepted(
+            orders_accepted, orders_written, first_order_date, key_rows = _write_accepted(
                 storage, second, first.offsets_df, src, source, mapping, run_id, run_date, order_id_prefix,
                 keys, cached, clock)
         quarantine_df = None
@@ -136,7 +137,8 @@ def _run_ingest(spark: SparkSession, storage: Storage, source: SourceConf, valid
             status="rejected" if second.rejected else "ok", input_rows=first.total,
             accepted_rows=second.accepted, cancellation_lines_applied=second.counts[KIND_CANCELLATION],
             quarantined_rows=second.quarantined, exact_duplicate_rows=second.counts[KIND_DUPLICATE],
-            orders_accepted=orders_accepted, orders_written=orders_written, reason_counts=second.reason_counts,
+            orders_accepted=orders_accepted, orders_written=orders_written, first_order_date=first_order_date,
+            reason_counts=second.reason_counts,
             max_rejected_share=validation.max_rejected_share,
             source_files=len({r["_src_file"] for r in first.splits}),
             cancellation_lines_by_heuristic=second.heuristic, encoding_suspect_rows=second.suspects,
@@ -364,10 +366,10 @@ def _pass_classify(flagged_df: DataFrame, src: Source, source: SourceConf, valid
 def _write_accepted(storage: Storage, classified: _ClassifyPass, offsets_df: DataFrame, src: Source,
                     source: SourceConf, mapping: dict[str, str | None], run_id: str, run_date: date,
                     order_id_prefix: str, keys: KeyReading | None, cached: list[DataFrame],
-                    clock: "_Clock") -> tuple[int, int, int]:
+                    clock: "_Clock") -> tuple[int, int, date | None, int]:
     """Pass 3: the accepted orders merged (row kind "order" never depends on cancellation matching);
     pass 4: their matching keys, normalised and hashed in the scan (no clear text kept). Returns
-    (orders accepted, orders written, key rows)."""
+    (orders accepted, orders written, the earliest order date written, key rows)."""
     order_rows_df = classified.kinds_df.filter(F.col("kind") == KIND_ORDER)
     cancels_df = None
     if classified.counts[KIND_CANCELLATION]:
@@ -375,7 +377,7 @@ def _write_accepted(storage: Storage, classified: _ClassifyPass, offsets_df: Dat
     orders_df = build_orders(order_rows_df.transform(with_source_rows, offsets_df), cancels_df, grain=source.grain,
                              order_id_mapped=mapping["order_id"] is not None, ingest_run_id=run_id,
                              source_name=source.name, order_id_prefix=order_id_prefix)
-    orders_accepted, orders_written = _merge_orders(
+    orders_accepted, orders_written, first_order_date = _merge_orders(
         storage, orders_df, classified.accepted if source.grain == "order" else None, cached)
     clock.lap("pass 3: write orders")
     key_columns = {k: mapping[k] for k in (keys.match_on if keys else ()) if mapping.get(k)}
@@ -389,7 +391,7 @@ def _write_accepted(storage: Storage, classified: _ClassifyPass, offsets_df: Dat
             country_code=keys.phone_country_code, hmac_key=keys.hmac_key, run_date=run_date)
         key_rows = _add_keys(storage, keys_df, most_keys=classified.accepted * len(key_columns))
         clock.lap("pass 4: matching keys")
-    return orders_accepted, orders_written, key_rows
+    return orders_accepted, orders_written, first_order_date, key_rows
 
 
 class _Clock:
@@ -422,13 +424,15 @@ BROADCAST_MAX_INCOMING = 5_000_000
 
 
 def _merge_orders(storage: Storage, orders_df: DataFrame, accepted: int | None,
-                  cached: list[DataFrame]) -> tuple[int, int]:
-    """Merge by order_id, skipping orders whose content is already in the table.
-    Returns (orders accepted, orders new or changed); ``accepted`` is known at grain order."""
+                  cached: list[DataFrame]) -> tuple[int, int, date | None]:
+    """Merge by order_id, skipping orders whose content is already in the table. Returns (orders
+    accepted, orders new or changed, the earliest order date among those); ``accepted`` is known
+    at grain order."""
     if not storage.exists(ORDERS):
         storage.merge(ORDERS, orders_df)   # one write, no second pass
-        written = accepted if accepted is not None else storage.read(ORDERS).count()
-        return written, written
+        # one column read back (a first load: every order is new)
+        row = storage.read(ORDERS).agg(F.count(F.lit(1)), F.min("order_date")).first()
+        return (accepted if accepted is not None else row[0]), row[0], row[1]
     # Hash only the stored orders whose id comes in again: a night's file touches a few thousand
     # of the millions of stored orders.
     incoming_df = (orders_df.withColumn("_hash", order_content_hash(orders_df))
@@ -456,7 +460,7 @@ def _merge_orders(storage: Storage, orders_df: DataFrame, accepted: int | None,
     changed_df = (incoming_df.join(existing_df, on=["order_id", "_hash"], how="left_anti").drop("_hash")
                   .persist(StorageLevel.MEMORY_AND_DISK))
     cached.append(changed_df)
-    written = changed_df.count()
+    written, first_order_date = changed_df.agg(F.count(F.lit(1)), F.min("order_date")).first()
     replacing = written and changed_df.join(existing_df.select("order_id"), on="order_id", how="left_semi") \
         .limit(1).count() > 0
     clock.lap("merge: changed orders")
@@ -468,7 +472,7 @@ def _merge_orders(storage: Storage, orders_df: DataFrame, accepted: int | None,
         # table cost ~10 us per stored row to rewrite, the new orders ~nothing
         storage.append(ORDERS, changed_df)
     clock.lap("merge: write")
-    return (accepted if accepted is not None else incoming_count), written
+    return (accepted if accepted is not None else incoming_count), written, first_order_date
 
 
 #: up to this many keys read, they are broadcast to the scan of identity_keys
@@ -557,5 +561,5 @@ def _append_run(spark: SparkSession, storage: Storage, s: IngestSummary) -> None
     row = (s.ingest_run_id, s.run_date, s.source_path, s.input_rows, s.accepted_rows, s.quarantined_rows,
            s.exact_duplicate_rows, s.orders_written, s.reason_counts, s.started_at, s.finished_at,
            s.status, s.cancellation_lines_applied, s.future_rows_retried,
-           *(s.value_counts.get(c) for c in PROFILED), s.source_name)
+           *(s.value_counts.get(c) for c in PROFILED), s.source_name, s.first_order_date)
     storage.append(INGEST_RUNS, spark.createDataFrame([row], INGEST_RUNS.schema))

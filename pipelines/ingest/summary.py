@@ -56,6 +56,7 @@ class IngestSummary:
     value_counts: dict[str, dict[str, int]] = field(default_factory=dict)   # status/channel/category -> value -> rows
     unknown_statuses: tuple[str, ...] = ()   # never seen before, in neither cancelled_values nor live_values
     key_rows: int = 0                # matching keys (identity.match_on) hashed and new in identity_keys
+    first_order_date: date | None = None   # earliest order_date among the orders written (None: none written)
     started_at: datetime | None = None
     finished_at: datetime | None = None
 

@@ -93,8 +93,9 @@ def test_quarantine_reasons_threshold_and_reingest(spark, storage):
     assert again.orders_written == 0 and again.accepted_rows == 4
     assert storage.read("orders").orderBy("order_id").collect() == before
     assert quarantine_rows(storage) == expected_quarantine
-    runs = {r.ingest_run_id: r.status for r in storage.read("ingest_runs").collect()}
-    assert runs == {"r1": "rejected", "r2": "ok", "r3": "unchanged", "r4": "ok"}
+    runs = {r.ingest_run_id: (r.status, r.first_order_date) for r in storage.read("ingest_runs").collect()}
+    assert runs == {"r1": ("rejected", None), "r2": ("ok", date(2024, 1, 5)), "r3": ("unchanged", None),
+                    "r4": ("ok", None)}
     # the rejected run r1 recorded no file; r2 did, and r4 replaced that row (same file, same key)
     files = storage.read("ingested_files").collect()
     assert [(f.source_file, f.data_rows, f.ingest_run_id) for f in files] == [(path, 16, "r4")]
@@ -126,6 +127,9 @@ def test_new_files_only_reads_new_and_changed_files(spark, storage, tmp_path):
     assert (fourth.input_rows, fourth.orders_written, fourth.skipped_files) == (2, 1, 1)
     amounts = {r.order_id: r.gross_amount for r in storage.read("orders").collect()}
     assert amounts == {"A1": 150.0, "A2": 200.0, "A3": 300.0}
+    # each run records the earliest order date it wrote (the trend tables' incremental start)
+    first_dates = {r.ingest_run_id: r.first_order_date for r in storage.read("ingest_runs").collect()}
+    assert first_dates == {"n1": date(2024, 1, 5), "n2": date(2024, 1, 6), "n3": None, "n4": date(2024, 1, 5)}
     files = sorted((f.source_file.rsplit("/", 1)[-1], f.data_rows, f.ingest_run_id)
                    for f in storage.read("ingested_files").collect())
     # the old day-1 row stays (another size): it records what was read when

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from core.config import FeaturesConf, TrendsConf
-from core.tables import ORDERS, SEGMENTS_CURRENT
+from core.tables import INGEST_RUNS, ORDERS, SEGMENTS_CURRENT
 
 D1 = dt.date(2025, 12, 24)      # a Wednesday: partial week, and the year ends before D2
 D2 = dt.date(2026, 1, 14)
@@ -50,7 +50,10 @@ def seeded_orders(seed: int, n_customers: int, start: dt.date, end: dt.date, run
     return pd.DataFrame(rows)
 
 
-def write_orders(storage, pdf: pd.DataFrame) -> None:
+def write_orders(storage, pdf: pd.DataFrame, runs: str = "dated") -> None:
+    """Orders as ingest writes them; ``runs``: each ingest run's row in ``ingest_runs`` with the
+    first order date it wrote ("dated"), without it (a run recorded before that column existed:
+    "undated"), or no ``ingest_runs`` at all ("unrecorded": orders written by other means)."""
     text = lambda value: None if pd.isna(value) else value  # noqa: E731 - pandas turns None into NaN
     data = [(r.order_id, r.customer_id, dt.datetime.combine(r.order_date, dt.time(r.hour)), r.order_date,
              r.gross_amount, r.is_cancelled, r.cancelled_amount, r.net_amount, text(r.channel), text(r.category),
@@ -58,6 +61,13 @@ def write_orders(storage, pdf: pd.DataFrame) -> None:
              "test.csv", i + 1, r.ingest_run_id, r.order_date.strftime("%Y-%m"))
             for i, r in enumerate(pdf.itertuples())]
     storage.merge(ORDERS.name, storage.spark.createDataFrame(data, ORDERS.schema))
+    if runs == "unrecorded":
+        return
+    now = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
+    rows = [(run_id, now.date(), "test.csv", len(group), len(group), 0, 0, len(group), {}, now, now, "ok", 0, 0,
+             None, None, None, "default", min(group["order_date"]) if runs == "dated" else None)
+            for run_id, group in pdf.groupby("ingest_run_id")]
+    storage.append(INGEST_RUNS.name, storage.spark.createDataFrame(rows, INGEST_RUNS.schema))
 
 
 def write_segments(storage, assignments: dict[str, str], as_of: dt.date) -> None:
@@ -81,7 +91,7 @@ def write_trend_features(storage, orders: pd.DataFrame, as_of: dt.date) -> None:
     for cid, group in o.groupby("customer_id"):
         days = sorted(set(group["order_date"]))
         channel = group["channel"].iloc[0]
-        rows.append({"as_of_date": as_of, "customer_id": cid, "first_order_date": days[0],
+        rows.append({"as_of_date": as_of, "customer_id": cid, "first_order_date": days[0], "last_order_date": days[-1],
                      "acquisition_channel": None if pd.isna(channel) else channel,
                      "days_to_second_purchase": (days[1] - days[0]).days if len(days) > 1 else None})
     filler = {"string": "x", "bigint": 0, "int": 0, "double": 0.0, "boolean": False, "date": as_of}
@@ -259,6 +269,38 @@ def test_trends_match_pandas_and_incremental_equals_rebuild(storage):
     assert run_trends(storage, D2, conf, rebuild=True).mode == "rebuild"
     for name in TABLE_KEYS:
         assert_frames_equal(read_table(storage, name), incremental[name], name)
+
+
+def test_ingest_runs_first_dates_come_from_ingest_runs_and_orders_only_where_unrecorded(storage):
+    """Where an incremental run finds each ingest run's first order date: ``ingest_runs`` when the
+    run recorded it; ``orders`` for runs recorded before that column existed that the last run had
+    not seen, and for every run when nothing recorded them (orders written by other means)."""
+    from pyspark.sql import functions as F
+
+    from pipelines.trends import _ingest_run_first_dates
+
+    d = dt.date(2025, 6, 30)
+    orders = pd.concat([seeded_orders(21, 5, dt.date(2024, 1, 1), dt.date(2024, 12, 31), "old"),
+                        seeded_orders(22, 5, dt.date(2025, 3, 1), dt.date(2025, 6, 30), "legacy", prefix="l"),
+                        seeded_orders(23, 5, dt.date(2025, 6, 1), dt.date(2025, 6, 30), "new", prefix="n")])
+    first = orders.groupby("ingest_run_id")["order_date"].min().to_dict()
+    write_orders(storage, orders, runs="unrecorded")
+    orders_df = storage.read(ORDERS.name).where(F.col("order_date") <= F.lit(d))
+    assert _ingest_run_first_dates(storage, orders_df, {"old"}, need_dates=True) == first
+
+    # "old" and "legacy" recorded before the column existed, "new" with it; "old" already seen
+    now = dt.datetime(2025, 7, 1, tzinfo=dt.timezone.utc)
+    rows = [(run_id, now.date(), "f.csv", 5, 5, 0, 0, 5, {}, now, now, "ok", 0, 0, None, None, None, "default",
+             first[run_id] if run_id == "new" else None) for run_id in ("old", "legacy", "new")]
+    rows.append(("nothing-new", now.date(), "f.csv", 5, 5, 0, 0, 0, {}, now, now, "ok", 0, 0, None, None, None,
+                 "default", None))   # re-read files: no order written, not a run of the orders
+    storage.append(INGEST_RUNS.name, storage.spark.createDataFrame(rows, INGEST_RUNS.schema))
+    orders_df = orders_df.where(F.col("ingest_run_id") != "new")   # not looked up: proven by its absence here
+    got = _ingest_run_first_dates(storage, orders_df, {"old"}, need_dates=True)
+    assert got == {"old": None, "legacy": first["legacy"], "new": first["new"]}
+    # a rebuild needs only the runs, not their dates
+    assert _ingest_run_first_dates(storage, orders_df.limit(0), set(), need_dates=False) == {
+        "old": None, "legacy": None, "new": first["new"]}
 
 
 def test_missing_features_say_what_to_run(storage):
