@@ -474,13 +474,15 @@ def _write_tables(storage: Storage, orders_df: DataFrame, features_df: DataFrame
     when identities are resolved); returns table -> partition years replaced, or "all"."""
     # the orders of the recomputed years with their customers' attributes, materialised once
     order_years = [starts[t] for t in (TREND_WEEKLY_SEGMENT.name, TREND_COHORT_RETENTION.name, TREND_YEARLY.name)]
-    range_df = orders_df
+    range_df, buyers_df = orders_df, features_df
     if all(y is not None for y in order_years):
-        first_year = min(order_years)   # order_month (yyyy-MM of order_date) prunes the older files
-        range_df = orders_df.where((F.col("order_date") >= F.lit(dt.date(first_year, 1, 1)))
-                                   & (F.col("order_month") >= F.lit(f"{first_year:04d}-01")))
+        range_start = dt.date(min(order_years), 1, 1)   # order_month (yyyy-MM of order_date) prunes older files
+        range_df = orders_df.where((F.col("order_date") >= F.lit(range_start))
+                                   & (F.col("order_month") >= F.lit(f"{range_start:%Y-%m}")))
+        # only customers with an order in the range join one: the join's customer side shrinks
+        buyers_df = features_df.where(F.col("last_order_date") >= F.lit(range_start))
     partitions_n = int(storage.spark.conf.get("spark.sql.shuffle.partitions"))
-    enriched_df = orders_with_customers(range_df, customer_attributes(features_df, segments_df), partitions_n)
+    enriched_df = orders_with_customers(range_df, customer_attributes(buyers_df, segments_df), partitions_n)
     # cache, not a checkpoint: columnar (each table reads only its columns) and it keeps the
     # customer partitioning the per-customer aggregates rely on
     enriched_df = enriched_df.cache()
