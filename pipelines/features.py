@@ -627,9 +627,11 @@ def run_features(storage: Storage, as_of_date: dt.date, features_conf: FeaturesC
     storage.replace_partitions(CUSTOMER_FEATURES, features_df, partitions={"as_of_date": [as_of_date]})
     log.debug("features %s: computed in %.1f s, written in %.1f s", as_of_date, computed - started,
               time.perf_counter() - computed)
-    stats = features_df.agg(F.count(F.lit(1)).alias("customers"),
-                            F.coalesce(F.sum("n_orders"), F.lit(0)).alias("orders"),
-                            F.count_if("is_repeat").alias("repeat_customers")).first()
+    # from the written partition (two columns read back), not by computing features_df a second time
+    written_df = storage.read(CUSTOMER_FEATURES).where(F.col("as_of_date") == F.lit(as_of_date))
+    stats = written_df.agg(F.count(F.lit(1)).alias("customers"),
+                           F.coalesce(F.sum("n_orders"), F.lit(0)).alias("orders"),
+                           F.count_if("is_repeat").alias("repeat_customers")).first()
     customers = int(stats["customers"])
     run = (as_of_date, orders_version, time_unit, list(months), "incremental" if incremental else "full",
            base["as_of_date"] if incremental else None, base["full_as_of_date"] if incremental else as_of_date,
