@@ -624,16 +624,29 @@ def _move_keys(layer: dict[str, Any], where: str) -> dict[str, Any]:
     return layer
 
 
+def _move_overrides(set_items: list[tuple[list[str], Any]]) -> list[tuple[list[str], Any]]:
+    """``--set`` items with every :data:`MOVED_KEYS` old path renamed, as :func:`_move_keys` does for
+    a file: the --set layer may not give an old path and its new one different values."""
+    given = {".".join(parts): value for parts, value in set_items}
+    moved = []
+    for parts, value in set_items:
+        old = ".".join(parts)
+        new = MOVED_KEYS.get(old)
+        if new is None:
+            moved.append((parts, value))
+            continue
+        if new in given and given[new] != value:
+            raise ConfigError(f"--set: {old} ({value!r}) and {new} ({given[new]!r}) both set; "
+                              f"{old} is the old name of {new}: keep {new} only")
+        log.warning("config --set: %s is now %s (read as such; rename it)", old, new)
+        moved.append((new.split("."), value))
+    return moved
+
+
 def resolve_layers(conf_path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
     """The merged (not yet validated) mapping of every layer."""
     user = _move_keys(_read_yaml(conf_path), str(conf_path)) if conf_path else {}
-    set_items = [parse_override(o) for o in overrides]
-    moved = {tuple(old.split(".")): tuple(new.split(".")) for old, new in MOVED_KEYS.items()}
-    for i, (parts, value) in enumerate(set_items):
-        if tuple(parts) in moved:
-            log.warning("config --set: %s is now %s (read as such; rename it)", ".".join(parts),
-                        ".".join(moved[tuple(parts)]))
-            set_items[i] = (list(moved[tuple(parts)]), value)
+    set_items = _move_overrides([parse_override(o) for o in overrides])
     env = user.get("env", "local")
     for parts, value in set_items:
         if parts == ["env"]:

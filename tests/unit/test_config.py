@@ -64,6 +64,10 @@ def test_a_moved_key_is_read_under_its_new_name_with_a_warning(tmp_path, caplog)
                     encoding="utf-8")
     with pytest.raises(ConfigError, match="features.horizon_months .* and models.horizon_months .* both set"):
         load_config(both)
+    # the same rule within the --set layer (the same value twice is no conflict)
+    with pytest.raises(ConfigError, match="--set: features.horizon_months .3. and models.horizon_months .6. both"):
+        load_config(None, ["features.horizon_months=3", "models.horizon_months=6"])
+    assert load_config(None, ["features.horizon_months=3", "models.horizon_months=3"]).models.horizon_months == 3
 
 
 def test_bad_files_and_override_syntax(tmp_path):
