@@ -12,7 +12,10 @@ Generates two sources (`cvseg generate --sources ec,store`, parquet), then in on
   customers), ingest (+ identity) and features.
 Prints seconds per step and the identity runs as ratios of the baselines measured in the same run
 (this machine is shared: absolute seconds drift). Targets: the first load at most 1.15x the
-baseline, a regular night at most 5 s more.
+baseline, a regular night at most 5 s more. ``--with-trends`` adds the trends step to every load and
+night on both warehouses and reports the totals with it too: with identity it also writes
+``trend_channel_sets``, recomputed from every order each run (segments are not cut here, so the
+segment trend counts everyone as unsegmented on both sides).
 """
 from __future__ import annotations
 
@@ -78,6 +81,7 @@ def _more_nights(spark, workdir: Path, conf_path: Path, args, timer: Timer, memo
     """Regular nights on the warehouses an earlier run left, baseline and identity alternating
     which goes first: the median added seconds is what a client's night pays."""
     from pipelines.features import run_features
+    from pipelines.trends import run_trends
 
     configs = _configs(conf_path, workdir)
     storages = {name: Storage(spark, str(workdir / f"wh-{name}"), backend="delta-spark") for name in configs}
@@ -102,7 +106,12 @@ def _more_nights(spark, workdir: Path, conf_path: Path, args, timer: Timer, memo
                     print(result.identity)
             with timer.step(f"{night} {name}: features", memory):
                 stats = run_features(storage, night, night_config.features)
-            seconds[name] = timer.total(f"{night} {name}: ingest", f"{night} {name}: features")
+            steps = [f"{night} {name}: ingest", f"{night} {name}: features"]
+            if args.with_trends:
+                with timer.step(f"{night} {name}: trends", memory):
+                    run_trends(storage, night, night_config.trends)
+                steps.append(f"{night} {name}: trends")
+            seconds[name] = timer.total(*steps)
             print(f"  {night} {name}: {seconds[name]:.1f} s, features {stats.mode}")
         added.append(seconds["identity"] - seconds["baseline"])
     ordered = sorted(added)
@@ -122,12 +131,15 @@ def main() -> None:
     parser.add_argument("--workdir", default=None, help="default: a temporary folder, removed afterwards")
     parser.add_argument("--reuse-export", action="store_true", help="skip generate if the export exists")
     parser.add_argument("--driver-memory", default="12g")
+    parser.add_argument("--with-trends", action="store_true",
+                        help="also run the trends step after features on every load and night (see above)")
     parser.add_argument("--more-nights", type=int, default=0,
                         help="with --reuse-export and the warehouses of an earlier run in --workdir: skip the first "
                              "loads and run this many more regular nights on each, alternating which goes first")
     args = parser.parse_args()
 
     from pipelines.features import run_features
+    from pipelines.trends import run_trends
     from datagen.generate import generate_sources
 
     os.environ.setdefault("CVSEG_EXPORT_HMAC_KEY", "bench-identity-key")
@@ -166,6 +178,9 @@ def main() -> None:
                     results["first"] = result
             with timer.step(f"{name}: first load features", memory):
                 run_features(storage, END_DATE, config.features)
+            if args.with_trends:
+                with timer.step(f"{name}: first load trends", memory):
+                    run_trends(storage, END_DATE, config.trends)
             night_sources = []
             for source in config.order_sources:
                 night = workdir / f"night-{name}-{source.name}"
@@ -180,6 +195,9 @@ def main() -> None:
                     results["night"] = result
             with timer.step(f"{name}: night features", memory):
                 results[f"{name}_night_features"] = run_features(storage, NIGHT, night_config.features)
+            if args.with_trends:
+                with timer.step(f"{name}: night trends", memory):
+                    run_trends(storage, NIGHT, night_config.trends)
     first_base = timer.total("baseline: first load ingest", "baseline: first load features")
     first_id = timer.total("identity: first load ingest", "identity: first load features")
     night_base = timer.total("baseline: night ingest", "baseline: night features")
@@ -196,6 +214,17 @@ def main() -> None:
     print(f"\nfirst load: identity {first_id:.1f} s vs baseline {first_base:.1f} s = {summary['first_load_ratio']}x "
           f"(target <= 1.15x); regular night: {night_id:.1f} vs {night_base:.1f} s = "
           f"{summary['night_added_seconds']:+.1f} s (target <= +5 s)")
+    if args.with_trends:
+        first = {name: timer.total(f"{name}: first load ingest", f"{name}: first load features",
+                                   f"{name}: first load trends") for name in setups}
+        nights = {name: timer.total(f"{name}: night ingest", f"{name}: night features", f"{name}: night trends")
+                  for name in setups}
+        summary["with_trends"] = {"first_load_ratio": round(first["identity"] / first["baseline"], 3),
+                                  "night_added_seconds": round(nights["identity"] - nights["baseline"], 1),
+                                  "trends_seconds": {k: v for k, v in summary["seconds"].items() if "trends" in k}}
+        print(f"with trends: first load {first['identity']:.1f} vs {first['baseline']:.1f} s = "
+              f"{summary['with_trends']['first_load_ratio']}x; regular night {nights['identity']:.1f} vs "
+              f"{nights['baseline']:.1f} s = {summary['with_trends']['night_added_seconds']:+.1f} s")
     print(json.dumps(summary))
     spark.stop()
     if args.workdir is None:
