@@ -53,7 +53,11 @@ def test_update_equals_full_computation_and_falls_back_when_orders_are_rewritten
     assert at_d.mode == "incremental" and at_d.updated_from == P, at_d
     assert 0 < at_d.recomputed_customers < at_d.customers
     stored = storage.read("customer_features").where(F.col("as_of_date") == F.lit(D))
-    assert_same_features(stored, build_customer_features(storage.read("orders"), D))
+    reference = build_customer_features(storage.read("orders"), D)
+    assert_same_features(stored, reference)
+    # the run's counts are those of the written partition
+    want = reference.agg(F.count(F.lit(1)), F.sum("n_orders"), F.count_if("is_repeat")).first()
+    assert (at_d.customers, at_d.orders, at_d.repeat_customers) == tuple(want)
     runs = {r["as_of_date"]: r for r in storage.read("features_runs").collect()}
     assert (runs[D]["mode"], runs[D]["base_as_of_date"], runs[D]["full_as_of_date"]) == ("incremental", P, P)
 
