@@ -138,6 +138,7 @@ def print_nights(steps: list[tuple], intervals: list[tuple[float, float]], custo
     for day, (wall, busy, jobs) in totals.items():
         print(f"   {day.isoformat():<10} {'all':<9} {wall:7.1f} {jobs:5d} {busy:16.1f} {wall - busy:15.1f}")
 
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--customers", type=int, default=400)
