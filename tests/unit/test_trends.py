@@ -63,10 +63,15 @@ def write_orders(storage, pdf: pd.DataFrame, runs: str = "dated") -> None:
     storage.merge(ORDERS.name, storage.spark.createDataFrame(data, ORDERS.schema))
     if runs == "unrecorded":
         return
+    write_ingest_runs(storage, [(run_id, len(group), min(group["order_date"]) if runs == "dated" else None)
+                                for run_id, group in pdf.groupby("ingest_run_id")])
+
+
+def write_ingest_runs(storage, runs: list[tuple[str, int, dt.date | None]]) -> None:
+    """``ingest_runs`` rows of successful runs: (run id, orders written, first order date written)."""
     now = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
-    rows = [(run_id, now.date(), "test.csv", len(group), len(group), 0, 0, len(group), {}, now, now, "ok", 0, 0,
-             None, None, None, "default", min(group["order_date"]) if runs == "dated" else None)
-            for run_id, group in pdf.groupby("ingest_run_id")]
+    rows = [(run_id, now.date(), "test.csv", written, written, 0, 0, written, {}, now, now, "ok", 0, 0,
+             None, None, None, "default", first_date) for run_id, written, first_date in runs]
     storage.append(INGEST_RUNS.name, storage.spark.createDataFrame(rows, INGEST_RUNS.schema))
 
 
@@ -289,12 +294,8 @@ def test_ingest_runs_first_dates_come_from_ingest_runs_and_orders_only_where_unr
     assert _ingest_run_first_dates(storage, orders_df, {"old"}, need_dates=True) == first
 
     # "old" and "legacy" recorded before the column existed, "new" with it; "old" already seen
-    now = dt.datetime(2025, 7, 1, tzinfo=dt.timezone.utc)
-    rows = [(run_id, now.date(), "f.csv", 5, 5, 0, 0, 5, {}, now, now, "ok", 0, 0, None, None, None, "default",
-             first[run_id] if run_id == "new" else None) for run_id in ("old", "legacy", "new")]
-    rows.append(("nothing-new", now.date(), "f.csv", 5, 5, 0, 0, 0, {}, now, now, "ok", 0, 0, None, None, None,
-                 "default", None))   # re-read files: no order written, not a run of the orders
-    storage.append(INGEST_RUNS.name, storage.spark.createDataFrame(rows, INGEST_RUNS.schema))
+    write_ingest_runs(storage, [("old", 5, None), ("legacy", 5, None), ("new", 5, first["new"]),
+                                ("nothing-new", 0, None)])   # re-read files: no order written
     orders_df = orders_df.where(F.col("ingest_run_id") != "new")   # not looked up: proven by its absence here
     got = _ingest_run_first_dates(storage, orders_df, {"old"}, need_dates=True)
     assert got == {"old": None, "legacy": first["legacy"], "new": first["new"]}
