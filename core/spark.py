@@ -5,7 +5,9 @@ import logging
 import os
 import shutil
 import sys
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator, Mapping
 
 from pyspark.sql import SparkSession
 
@@ -232,3 +234,20 @@ def _apply_runtime_settings(spark: SparkSession, conf: SparkConf) -> None:
         spark.conf.set("spark.sql.shuffle.partitions", str(conf.shuffle_partitions))
     for key, value in conf.extra.items():
         spark.conf.set(key, value)
+
+
+@contextmanager
+def sql_settings(spark: SparkSession, settings: Mapping[str, str]) -> Iterator[None]:
+    """Session settings for the actions inside the block only (a plan is made when an action
+    runs), then back to what they were: unset if they were unset."""
+    previous = {key: spark.conf.get(key, None) for key in settings}
+    for key, value in settings.items():
+        spark.conf.set(key, value)
+    try:
+        yield
+    finally:
+        for key, value in previous.items():
+            if value is None:
+                spark.conf.unset(key)
+            else:
+                spark.conf.set(key, value)

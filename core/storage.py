@@ -37,7 +37,7 @@ from pyspark.sql import types as T
 from core.config import S3Conf
 from core.errors import UserError
 from core.s3 import is_s3
-from core.spark import has_delta_classes
+from core.spark import has_delta_classes, sql_settings
 from core.tables import TableSpec, conform, table_spec
 
 log = logging.getLogger(__name__)
@@ -575,10 +575,7 @@ class _DeltaSparkBackend:
         listing = "spark.sql.sources.parallelPartitionDiscovery.parallelism"
         if self.spark.conf.get(listing, None) is None:
             settings[listing] = str(max(1, self.spark.sparkContext.defaultParallelism))
-        previous = {key: self.spark.conf.get(key, None) for key in settings}
-        for key, value in settings.items():
-            self.spark.conf.set(key, value)
-        try:
+        with sql_settings(self.spark, settings):
             if dry_run:
                 quoted = path.replace("`", "``")
                 return [r["path"] for r in self.spark.sql(
@@ -586,12 +583,6 @@ class _DeltaSparkBackend:
             before = self._data_files(path)
             DeltaTable.forPath(self.spark, path).vacuum(float(retention_hours))
             return sorted(before - self._data_files(path))
-        finally:
-            for key, value in previous.items():
-                if value is None:
-                    self.spark.conf.unset(key)
-                else:
-                    self.spark.conf.set(key, value)
 
     def checkpoint(self, path: str) -> bool:
         """delta-spark has no public checkpoint call: it writes one every delta.checkpointInterval

@@ -17,6 +17,7 @@ from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 from core.config import SourceConf
+from core.spark import sql_settings
 from core.storage import Storage
 from core.tables import INGESTED_FILES
 from pipelines.ingest.summary import IngestError
@@ -62,14 +63,8 @@ def java_charsets(spark: SparkSession, source: SourceConf) -> Iterator[None]:
     needs_flag = (source.format == "csv"
                   and _JAVA_CHARSETS.get(source.csv.encoding.strip().lower(), source.csv.encoding).lower()
                   not in _SPARK_CHARSETS)
-    previous = spark.conf.get(_LEGACY_CHARSETS, "false")
-    if needs_flag:
-        spark.conf.set(_LEGACY_CHARSETS, "true")
-    try:
+    with sql_settings(spark, {_LEGACY_CHARSETS: "true"} if needs_flag else {}):
         yield
-    finally:
-        if needs_flag:
-            spark.conf.set(_LEGACY_CHARSETS, previous)
 
 
 def _java_charset(spark: SparkSession, encoding: str) -> str:
