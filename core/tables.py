@@ -207,6 +207,10 @@ CUSTOMER_FEATURES = TableSpec(
         _f("net_recency", D),
         _f("net_T", D),
         _f("net_monetary_value", D),          # mean net amount per repeat completed purchase day
+        # Sources (several order sources, one customer); nullable only for partitions written before them.
+        _f("first_source", S),                # source of the first order
+        _f("source_set", S),                  # sources bought from, sorted, joined by "+" ("ec+store")
+        _f("net_first_6m", D),                # net amount of orders in the six months from the first order
     ]),
     partition_by=("as_of_date",),
     keys=("as_of_date", "customer_id"),

@@ -99,7 +99,7 @@ from core.storage import Storage
 from core.tables import (CUSTOMER_FEATURES, IDENTITY_MAP, INGEST_RUNS, ORDERS, SEGMENT_GENERATIONS, SEGMENTS_CURRENT,
                          TREND_CHANNEL_SETS, TREND_COHORT_RETENTION, TREND_F2_CONVERSION, TREND_NEW_CUSTOMERS_WEEKLY, TREND_RUNS, TREND_WEEKLY_SEGMENT,
                          TREND_YEARLY, TREND_YEARLY_CATEGORY, table_spec)
-from pipelines.identity import LEGACY_SOURCE_NAME, identity_version, read_orders
+from pipelines.identity import identity_version, read_orders
 from pipelines.maintenance import dated_partition
 
 log = logging.getLogger(__name__)
@@ -252,20 +252,16 @@ def f2_conversion(summary_df: DataFrame, as_of_date: dt.date, from_year: int | N
                       for w in F2_WINDOWS]))
 
 
-def channel_sets(orders_df: DataFrame, features_df: DataFrame, as_of_date: dt.date) -> DataFrame:
+def channel_sets(features_df: DataFrame, as_of_date: dt.date) -> DataFrame:
     """TREND_CHANNEL_SETS: customers by acquisition week and year, the source of their first order
     across all sources and the set of sources they bought from by D (``ec``, ``store``,
     ``ec+store``): F2 within 90 days (any source), net revenue in the six months from the first
     order, and how many bought later from another source than the first (store-first customers
-    who started buying online). ``orders_df``: orders up to D on the unified customer id."""
-    source = F.coalesce(F.col("source_name"), F.lit(LEGACY_SOURCE_NAME))
-    customers_df = features_df.select("customer_id", "first_order_date", "days_to_second_purchase")
-    per_customer_df = (orders_df.join(customers_df, on="customer_id", how="inner")
-                       .groupBy("customer_id", "first_order_date", "days_to_second_purchase")
-                       .agg(F.min_by(source, F.struct("order_ts", "order_id")).alias("first_source"),
-                            F.array_join(F.array_sort(F.collect_set(source)), "+").alias("source_set"),
-                            F.sum(F.when(F.col("order_date") < F.add_months("first_order_date", 6),
-                                         F.col("net_amount")).otherwise(F.lit(0.0))).alias("net_6m")))
+    who started buying online). All of it is in ``customer_features`` at D (``first_source``,
+    ``source_set``, ``net_first_6m``, on the unified customer id): an aggregate of the customers,
+    no order read."""
+    per_customer_df = features_df.select("customer_id", "first_order_date", "days_to_second_purchase",
+                                         "first_source", "source_set", F.col("net_first_6m").alias("net_6m"))
     periods_df = per_customer_df.select(
         "*", F.explode(F.array(
             F.struct(F.lit("week").alias("period"), week_start(F.col("first_order_date")).alias("period_start")),
@@ -472,6 +468,9 @@ def _write_tables(storage: Storage, orders_df: DataFrame, features_df: DataFrame
                   window_first_year: int, identity_at: int | None) -> dict[str, Any]:
     """Compute and write each trend table from its start year (``starts`` gains the channel-set table
     when identities are resolved); returns table -> partition years replaced, or "all"."""
+    if identity_at is not None and features_df.where(F.col("first_source").isNull()).limit(1).count():
+        raise TrendsError(f"customer_features at {as_of_date} was written before it had the source columns "
+                          f"the channel-set table reads: run `cvseg features --as-of {as_of_date}` again")
     # the orders of the recomputed years with their customers' attributes, materialised once
     order_years = [starts[t] for t in (TREND_WEEKLY_SEGMENT.name, TREND_COHORT_RETENTION.name, TREND_YEARLY.name)]
     range_df, buyers_df = orders_df, features_df
@@ -499,8 +498,9 @@ def _write_tables(storage: Storage, orders_df: DataFrame, features_df: DataFrame
             TREND_YEARLY_CATEGORY.name: yearly_category(enriched_df, as_of_date, starts[TREND_YEARLY_CATEGORY.name]),
         }
         if identity_at is not None:
-            # a customer's source set changes with any later order: recomputed whole each run
-            results[TREND_CHANNEL_SETS.name] = channel_sets(orders_df, features_df, as_of_date)
+            # a customer's source set changes with any later order: recomputed whole each run (from
+            # the features, a few seconds at 2M)
+            results[TREND_CHANNEL_SETS.name] = channel_sets(features_df, as_of_date)
             starts[TREND_CHANNEL_SETS.name] = None
         partitions: dict[str, Any] = {}
         for name, df in results.items():

@@ -74,3 +74,11 @@ def test_update_equals_full_computation_and_falls_back_when_orders_are_rewritten
     assert stale.mode == "full" and "full_every_days=1" in stale.full_reason
     stored = storage.read("customer_features").where(F.col("as_of_date") == F.lit(later + dt.timedelta(days=1)))
     assert_same_features(stored, build_customer_features(storage.read("orders"), later + dt.timedelta(days=1)))
+
+    # a partition written before the source columns existed (null there) is not updated from
+    last = later + dt.timedelta(days=1)
+    old_df = (storage.read("customer_features").where(F.col("as_of_date") == F.lit(last))
+              .withColumn("first_source", F.lit(None).cast("string")))
+    storage.replace_partitions("customer_features", old_df, partitions={"as_of_date": [last]})
+    upgraded = run_features(storage, last + dt.timedelta(days=1), CONF)
+    assert upgraded.mode == "full" and "source columns" in upgraded.full_reason, upgraded

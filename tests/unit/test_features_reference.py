@@ -18,14 +18,15 @@ AS_OF = dt.date(2024, 5, 31)     # month end: the 3-month bound clamps to 2024-0
 START = dt.date(2022, 6, 1)
 CHANNELS = ["web", "app", "LINE", "catalog", None]
 CATEGORIES = ["food", "beauty", "health", "kids", None]
+SOURCES = ["ec", "ec", "store", None]      # None: an order written before sources had names
 
 
 # --------------------------------------------------------------------------------------------
 # Sample: random customers plus named edge cases
 # --------------------------------------------------------------------------------------------
-def _order(customer_id, day, hour, gross, cancelled="no", channel="web", category="food"):
+def _order(customer_id, day, hour, gross, cancelled="no", channel="web", category="food", source="ec"):
     cancelled_amount = {"no": 0.0, "full": gross, "part": float(round(gross * 0.3))}[cancelled]
-    return {"customer_id": customer_id, "order_date": day,
+    return {"customer_id": customer_id, "source_name": source, "order_date": day,
             "order_ts": dt.datetime.combine(day, dt.time(hour)), "gross_amount": float(gross),
             "is_cancelled": cancelled == "full", "cancelled_amount": cancelled_amount,
             "net_amount": float(gross) - cancelled_amount, "channel": channel, "category": category}
@@ -59,6 +60,11 @@ def _edge_cases() -> list[dict]:
         _order("e_trailing", d(2023, 11, 30), 9, 40),                             # = add_months(D, -6): out
         _order("e_trailing", d(2023, 5, 31), 9, 80),                              # = add_months(D, -12): out
         _order("e_trailing", d(2023, 6, 1), 9, 160),
+        _order("e_store_first", d(2023, 8, 31), 9, 100, source="store"),         # six months end 2024-02-29:
+        _order("e_store_first", d(2024, 2, 28), 9, 200, "part", source="ec"),   # in (net 140)
+        _order("e_store_first", d(2024, 2, 29), 9, 400, source="ec"),            # = add_months(first, 6): out
+        _order("e_unnamed", d(2023, 3, 1), 9, 100, source=None),                 # "default"
+        _order("e_unnamed", d(2023, 4, 1), 9, 100, source="store"),
     ]
 
 
@@ -75,7 +81,8 @@ def make_sample(rng: np.random.Generator, n_customers: int = 300) -> pd.DataFram
             cancelled = rng.choice(["no", "full", "part"], p=[0.75, 0.15, 0.10])
             rows.append(_order(customer_id, START + dt.timedelta(days=offset), int(rng.choice([9, 12, 12, 18])),
                                int(rng.choice([0, 500, 1000, 1500, 3000])), cancelled,
-                               CHANNELS[rng.integers(len(CHANNELS))], CATEGORIES[rng.integers(len(CATEGORIES))]))
+                               CHANNELS[rng.integers(len(CHANNELS))], CATEGORIES[rng.integers(len(CATEGORIES))],
+                               SOURCES[rng.integers(len(SOURCES))]))
     rows += _edge_cases()
     orders = pd.DataFrame(rows)
     # order ids in a random order, so "ties by order_id" is not the insertion order
@@ -95,9 +102,10 @@ def to_spark_orders(spark, orders: pd.DataFrame):
     full = orders.assign(currency="JPY", extra=None, source_file="sample.csv",
                          source_row=np.arange(1, len(orders) + 1), ingest_run_id="test",
                          order_month=[d.strftime("%Y-%m") for d in orders["order_date"]])
+    schema = ORDERS.stored_schema          # with source_name, a column added after the first release
     records = [tuple(_python_value(v) for v in row)
-               for row in full[ORDERS.columns].astype(object).itertuples(index=False, name=None)]
-    return spark.createDataFrame(records, ORDERS.schema)
+               for row in full[schema.fieldNames()].astype(object).itertuples(index=False, name=None)]
+    return spark.createDataFrame(records, schema)
 
 
 # --------------------------------------------------------------------------------------------
@@ -109,6 +117,10 @@ def _quantile_scores(values: list[float], reverse: bool = False) -> list[int]:
     cuts = np.quantile(np.asarray(values, dtype=float), [0.2, 0.4, 0.6, 0.8], method="inverted_cdf")
     scores = [1 + sum(1 for c in cuts if v > c) for v in values]
     return [6 - s for s in scores] if reverse else scores
+
+
+def _source(name) -> str:
+    return "default" if name is None or (isinstance(name, float) and math.isnan(name)) else name
 
 
 def reference_features(orders: pd.DataFrame, as_of: dt.date, time_unit: str = "days") -> pd.DataFrame:
@@ -143,6 +155,10 @@ def reference_features(orders: pd.DataFrame, as_of: dt.date, time_unit: str = "d
             "gap_std_days": float(np.std(gaps, ddof=1)) if len(gaps) >= 2 else None,
             "acquisition_channel": g.iloc[0]["channel"], "top_category": top,
             "first_category": g.iloc[0]["category"],
+            "first_source": _source(g.iloc[0]["source_name"]),
+            "source_set": "+".join(sorted({_source(s) for s in g["source_name"]})),
+            "net_first_6m": g.loc[g["order_date"] < (pd.Timestamp(days[0]) + pd.DateOffset(months=6)).date(),
+                                  "net_amount"].sum(),
             "is_repeat": len(days) >= 2,
             "days_to_second_purchase": (days[1] - days[0]).days if len(days) >= 2 else None,
         }
@@ -233,6 +249,10 @@ def test_every_feature_matches_the_pandas_reference(sample, sample_orders_df):
     assert pd.isna(by_id.loc["e_zero_gross", "cancel_rate_amount"])
     assert pd.isna(by_id.loc["e_all_cancelled", "net_frequency"])
     assert (expected["net_frequency"] < expected["frequency"]).sum() > 10     # cancelled purchase days
+    assert by_id.loc["e_store_first", ["first_source", "source_set", "net_first_6m"]].tolist() == \
+        ["store", "ec+store", 240.0]
+    assert by_id.loc["e_unnamed", ["first_source", "source_set"]].tolist() == ["default", "default+store"]
+    assert expected["source_set"].nunique() >= 4                                # ec, store, default, mixes
 
 
 def test_weeks_divide_the_day_counts_by_seven(sample, sample_orders_df):
