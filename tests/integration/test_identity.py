@@ -314,6 +314,13 @@ def test_two_sources_give_the_features_of_one_premerged_export(spark, tmp_path, 
     assert yearly.where(F.col("source_set") == "ec+store").agg(F.sum("customers")).first()[0] == both > 0
     _assert_no_clear_keys(multi, caplog.text + str(result), ["example.jp", "customer1@", "090-"])
 
+    # features written before the source columns: the channel sets are not written with null sources
+    from pipelines.trends import TrendsError
+    old_df = multi.read("customer_features").withColumn("first_source", F.lit(None).cast("string"))
+    multi.replace_partitions("customer_features", old_df, partitions={"as_of_date": [end]})
+    with pytest.raises(TrendsError, match=r"run `cvseg features --as-of 2026-09-30` again"):
+        run_trends(multi, end, config.trends, rebuild=True)
+
 
 def test_the_client_map_is_read_from_csv_parquet_delta_or_a_table(spark, tmp_path):
     from pipelines.identity import IdentityError, read_client_map
