@@ -14,7 +14,7 @@ Prints seconds per step and the identity runs as ratios of the baselines measure
 (this machine is shared: absolute seconds drift). Targets: the first load at most 1.15x the
 baseline, a regular night at most 5 s more. ``--with-trends`` adds the trends step to every load and
 night on both warehouses and reports the totals with it too: with identity it also writes
-``trend_channel_sets``, recomputed from every order each run (segments are not cut here, so the
+``trend_channel_sets``, an aggregate of the customer features (segments are not cut here, so the
 segment trend counts everyone as unsegmented on both sides).
 """
 from __future__ import annotations

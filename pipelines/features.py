@@ -91,7 +91,7 @@ from core.results import StageResult, omitted_when_none
 from core.spark import sql_settings
 from core.storage import Storage
 from core.tables import CUSTOMER_FEATURES, FEATURES_RUNS, IDENTITY_MAP, ORDERS, TRAILING_MONTHS, conform
-from pipelines.identity import LEGACY_SOURCE_NAME, IdLookup, identity_version
+from pipelines.identity import IdLookup, identity_version, order_source
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +138,7 @@ def check_time_unit(time_unit: str) -> str:
 
 def validate_orders(orders_df: DataFrame) -> DataFrame:
     """Fail early, naming every missing or mistyped column the features need."""
-    # source_name came later (an orders table without it holds one unnamed source)
+    # source_name is not checked: it came later, and orders without it hold one unnamed source
     want = {f.name: f.dataType.simpleString() for f in ORDERS.schema.fields if f.name in FEATURE_INPUT_COLUMNS}
     have = dict(orders_df.dtypes)
     problems = [f"{name} is missing" if name not in have else f"{name} is {have[name]}, expected {dtype}"
@@ -181,10 +181,9 @@ def rfm_score(r: Column, f: Column, m: Column) -> Column:
 # Transforms
 # --------------------------------------------------------------------------------------------
 def orders_as_of(orders_df: DataFrame, as_of_date: dt.date) -> DataFrame:
-    """Orders on or before the as-of date, only the columns features read (``source_name``
-    :data:`LEGACY_SOURCE_NAME` where the orders have none)."""
-    source = (F.coalesce(F.col("source_name"), F.lit(LEGACY_SOURCE_NAME)) if "source_name" in orders_df.columns
-              else F.lit(LEGACY_SOURCE_NAME))
+    """Orders on or before the as-of date, only the columns features read (``source_name`` as
+    :func:`pipelines.identity.order_source` gives it)."""
+    source = order_source(orders_df)
     return (validate_orders(orders_df)
             .where(F.col("order_date") <= F.lit(as_of_date))
             .select(*[source.alias(c) if c == "source_name" else F.col(c) for c in FEATURE_INPUT_COLUMNS]))

@@ -103,6 +103,14 @@ def normalised_phone(text: Column, country_code: str) -> Column:
     return F.when(F.length(full).between(8, 15), full)
 
 
+def order_source(orders_df: DataFrame) -> Column:
+    """An order's source name: :data:`LEGACY_SOURCE_NAME` where it has none (rows, or a whole
+    orders frame, from before sources had names)."""
+    if "source_name" not in orders_df.columns:
+        return F.lit(LEGACY_SOURCE_NAME)
+    return F.coalesce(F.col("source_name"), F.lit(LEGACY_SOURCE_NAME))
+
+
 def id_method(map_id: Column, customer_id: Column, own_id: Column) -> Column:
     """How a source id got its unified id: ``map`` (the client's map), ``own`` (its own id: linked
     to nobody, or the id the others of its customer took) or ``match`` (another id's, by shared
@@ -546,7 +554,7 @@ class IdLookup:
     def apply(self, orders_df: DataFrame) -> DataFrame:
         """``orders_df`` (stored source ids) with ``customer_id`` the unified id."""
         lookup_df = F.broadcast(self.others_df) if self.broadcast else self.others_df
-        source = F.coalesce(F.col("source_name"), F.lit(LEGACY_SOURCE_NAME))
+        source = order_source(orders_df)
         own_id = own_customer_id(source, F.col("customer_id"), self.namespaced)
         joined_df = orders_df.join(lookup_df, on=(source == F.col("_map_source"))
                                    & (F.col("customer_id") == F.col("_map_id")), how="left")
@@ -565,7 +573,7 @@ class IdLookup:
             own_df = customers_df.select(F.substring_index("customer_id", ":", 1).alias("_map_source"),
                                          F.expr("substr(customer_id, instr(customer_id, ':') + 1)").alias("_map_id"))
             candidates_df = F.broadcast(linked_df.unionByName(own_df))
-            source = F.coalesce(F.col("source_name"), F.lit(LEGACY_SOURCE_NAME))
+            source = order_source(orders_df)
             few_df = orders_df.join(candidates_df, on=(source == F.col("_map_source"))
                                     & (F.col("customer_id") == F.col("_map_id")), how="left_semi")
         else:                   # one source: the id alone
@@ -671,7 +679,7 @@ def read_client_map(spark: SparkSession, path: str, source_names: Sequence[str],
 
 def source_customer_ids(orders_df: DataFrame) -> DataFrame:
     """(source_name, source_customer_id, first_order_date) of every source id with an order."""
-    return (orders_df.groupBy(F.coalesce("source_name", F.lit(LEGACY_SOURCE_NAME)).alias("source_name"),
+    return (orders_df.groupBy(order_source(orders_df).alias("source_name"),
                               F.col("customer_id").alias("source_customer_id"))
             .agg(F.min("order_date").alias("first_order_date")))
 
