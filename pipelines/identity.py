@@ -67,6 +67,9 @@ MAP_CONFLICT, MATCH_CONFLICT, KEY_TOO_COMMON = "map_conflict", "match_conflict",
 LEGACY_SOURCE_NAME = "default"
 MAP_COLUMNS = ("source_name", "source_customer_id", "customer_id")
 _SEP = "\u001f"      # joins source name and id into one node id: a character no id holds
+#: NFKC of each full-width ASCII form (U+FF01-FF5E) and of the ideographic space is one ASCII character
+_FULL_WIDTH = "\u3000" + "".join(chr(c) for c in range(0xFF01, 0xFF5F))
+_HALF_WIDTH = " " + "".join(chr(c) for c in range(0x21, 0x7F))
 
 
 class IdentityError(UserError, ValueError):
@@ -85,8 +88,7 @@ def nfkc(text: pd.Series) -> pd.Series:
 
 def normalised_email(text: Column) -> Column:
     """NFKC'd text -> trimmed, lower-case e-mail; null unless it looks like one (x@y.z)."""
-    email = F.lower(F.trim(text))
-    return F.when(email.rlike(r"^[^@\s]+@[^@\s]+\.[^@\s]+$"), email)
+    return _email_key(F.trim(text))
 
 
 def normalised_phone(text: Column, country_code: str) -> Column:
@@ -94,13 +96,33 @@ def normalised_phone(text: Column, country_code: str) -> Column:
     null unless 8 to 15 digits. ``+81 90-1234-5678``, ``0081 90...``, ``090-1234-5678`` (national:
     trunk 0 -> ``country_code``) and ``819012345678`` give the same key."""
     trimmed = F.trim(text)
-    digits = F.regexp_replace(trimmed, r"[^0-9]", "")
+    return _phone_key(trimmed, _digits_of(trimmed), country_code)
+
+
+def _email_key(trimmed: Column) -> Column:
+    email = F.lower(trimmed)
+    return F.when(email.rlike(r"^[^@\s]+@[^@\s]+\.[^@\s]+$"), email)
+
+
+def _digits_of(trimmed: Column) -> Column:
+    return F.regexp_replace(trimmed, r"[^0-9]", "")
+
+
+def _phone_key(trimmed: Column, digits: Column, country_code: str) -> Column:
+    """The phone key from the trimmed text and its digits. Both are read many times below: pass
+    columns (computed once), not expressions, where rows are many."""
     full = (F.when(trimmed.startswith("+"), digits)
             .when(digits.startswith("00"), F.substring(digits, 3, 64))
             .when(digits.startswith("0"), F.concat(F.lit(country_code), F.substring(digits, 2, 64)))
             .when(digits.startswith(country_code) & (F.length(digits) >= 11), digits)
             .otherwise(F.concat(F.lit(country_code), digits)))
     return F.when(F.length(full).between(8, 15), full)
+
+
+def _with_key_parts(df: DataFrame, text: Column) -> DataFrame:
+    """``_trimmed`` and a phone's ``_digits`` (null for other key types) of the NFKC'd ``text``."""
+    return (df.withColumn("_trimmed", F.trim(text))
+            .withColumn("_digits", F.when(F.col("key_type") == "phone", _digits_of(F.col("_trimmed")))))
 
 
 def order_source(orders_df: DataFrame) -> Column:
@@ -145,22 +167,29 @@ def hashed_keys(df: DataFrame, key_columns: dict[str, str], *, source_name: str,
                       for key_type, column in key_columns.items()])
     pairs_df = (df.select(F.col("customer_id"), F.inline(pairs))
                 .where(F.col("_raw").isNotNull() & F.col("customer_id").isNotNull()))
-    text = F.col("_nfkc")   # the UDF once per distinct pair, then native functions
-    normalised = (F.when(F.col("key_type") == "email", normalised_email(text))
-                  .otherwise(normalised_phone(text, country_code)))
-    # NFKC leaves ASCII as it is: only the other values go through the Python UDF (a Spark
-    # condition does not keep a UDF from running on every row, a filter does)
-    distinct_df = pairs_df.distinct().localCheckpoint()   # read once: both branches below use it
-    is_ascii = ~F.col("_raw").rlike("[^\\x00-\\x7F]")
-    keyed_df = (distinct_df.where(is_ascii).withColumn("_nfkc", F.col("_raw"))
-                .unionByName(distinct_df.where(~is_ascii).withColumn("_nfkc", nfkc(F.col("_raw"))))
-                .withColumn("_key", normalised).where(F.col("_key").isNotNull())
+    # NFKC leaves ASCII as it is, and full-width forms become their ASCII letters (a native
+    # translate, char by char as NFKC does: a Japanese export's full-width phone digits need no
+    # Python): only what is still not ASCII goes through the Python UDF (a Spark condition does not
+    # keep a UDF from running on every row, a filter does). The trimmed text and a phone's digits
+    # are computed before the checkpoint: the filter on the key below is pushed down and would
+    # otherwise repeat the regular expressions once per use.
+    distinct_df = (pairs_df.distinct().withColumn("_narrow", F.translate("_raw", _FULL_WIDTH, _HALF_WIDTH))
+                   .withColumn("_ascii", ~F.col("_narrow").rlike("[^\\x00-\\x7F]"))
+                   .transform(_with_key_parts, F.col("_narrow"))
+                   .localCheckpoint())   # read once: both branches below use it
+    parts = ["customer_id", "key_type", "_trimmed", "_digits"]
+    keyed_df = (distinct_df.where(F.col("_ascii")).select(*parts)
+                .unionByName(distinct_df.where(~F.col("_ascii")).drop("_trimmed", "_digits")
+                             .transform(_with_key_parts, nfkc(F.col("_raw"))).select(*parts))
+                .withColumn("_key", F.when(F.col("key_type") == "email", _email_key(F.col("_trimmed")))
+                            .otherwise(_phone_key(F.col("_trimmed"), F.col("_digits"), country_code)))
+                .where(F.col("_key").isNotNull())
+                .select("customer_id", "key_type", "_key").distinct()   # two texts can give one key
                 .transform(with_hmac_pads, hmac_key))
     key_hash = hmac_sha256_hex(F.concat(F.col("key_type"), F.lit(":"), F.col("_key")),
                                F.col("_hmac_inner"), F.col("_hmac_outer"))
     return (keyed_df.select(F.lit(source_name).alias("source_name"), F.col("customer_id").alias("source_customer_id"),
-                            "key_type", key_hash.alias("key_hash"), F.lit(run_date).alias("first_seen"))
-            .distinct())
+                            "key_type", key_hash.alias("key_hash"), F.lit(run_date).alias("first_seen")))
 
 
 def connected_components(edges_df: DataFrame, max_iterations: int) -> tuple[DataFrame, int]:

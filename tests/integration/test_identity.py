@@ -3,7 +3,11 @@ ids across nights, features equal to a pre-merged export, no clear-text e-mail o
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
+import hmac
 import logging
+import re
+import unicodedata
 from pathlib import Path
 
 import pandas as pd
@@ -54,6 +58,40 @@ def test_phone_normalisation(spark):
     df = spark.createDataFrame([(t,) for t in texts], "t string")
     got = [r[0] for r in df.select(normalised_phone(nfkc(F.col("t")), "81")).collect()]
     assert got == ["819012345678"] * 6 + ["14155550100", None, None]
+
+
+def _reference_key(key_type: str, raw: str) -> str | None:
+    """The matching key as the module docstring states it, in plain Python (NFKC, Spark's trim of
+    spaces, Java's \\s in the e-mail pattern)."""
+    text = unicodedata.normalize("NFKC", raw).strip(" ")
+    if key_type == "email":
+        email = text.lower()
+        return email if re.fullmatch(r"[^@ \t\n\x0b\f\r]+@[^@ \t\n\x0b\f\r]+\.[^@ \t\n\x0b\f\r]+", email) else None
+    digits = re.sub(r"[^0-9]", "", text)
+    full = (digits if text.startswith("+") else digits[2:] if digits.startswith("00")
+            else "81" + digits[1:] if digits.startswith("0")
+            else digits if digits.startswith("81") and len(digits) >= 11 else "81" + digits)
+    return full if 8 <= len(full) <= 15 else None
+
+
+def test_hashed_keys_equal_nfkc_and_hmac_in_python(spark):
+    """Full-width forms take the native path, other non-ASCII text the NFKC UDF; two texts of one
+    customer that normalise alike (one on each path) give one key row."""
+    rows = [("C1", "ＣＵＳＴＯＭＥＲ１＠ＥＸＡＭＰＬＥ．ＪＰ\u3000", "０９０ー１１１１ー２２２２"),   # prolonged-sound mark: UDF path
+            ("C1", "customer1@example.jp", "090-1111-2222"),
+            ("C2", "ｶﾅ@example.jp", "+81 ９０ ３３３３ ４４４４"),       # half-width kana: NFKC makes it full-width
+            ("C3", "Ｔａｒｏ＠ｅｘａｍｐｌｅ", "①②③"),                      # no dot; circled digits are not 8 digits
+            ("C4", " x@y.z ", "0081-90-5555-6666")]
+    expected = set()
+    for customer, email, phone in rows:
+        for key_type, raw in (("email", email), ("phone", phone)):
+            key = _reference_key(key_type, raw)
+            if key is not None:
+                digest = hmac.new(KEY.encode(), f"{key_type}:{key}".encode(), hashlib.sha256).hexdigest()
+                expected.add((customer, key_type, digest))
+    got = [(r.source_customer_id, r.key_type, r.key_hash) for r in _keys(spark, rows).collect()]
+    assert len(got) == len(set(got)) == len(expected) == 6
+    assert set(got) == expected
 
 
 def test_matching_links_what_it_should_and_nothing_else(spark):
