@@ -195,24 +195,27 @@ def hashed_keys(df: DataFrame, key_columns: dict[str, str], *, source_name: str,
 def connected_components(edges_df: DataFrame, max_iterations: int) -> tuple[DataFrame, int]:
     """(node, label) for every node of the bipartite ``edges_df`` (node, vertex): the label is the
     smallest node id of the node's component. Min-label propagation: each round a vertex takes the
-    smallest label of its nodes and a node the smallest of its vertices; it stops when no label
-    moved. Each round is checkpointed (its lineage would otherwise grow with the rounds)."""
-    labels_df = edges_df.select("node").distinct().withColumn("label", F.col("node")).localCheckpoint()
-    for round_no in range(1, max_iterations + 1):
-        vertex_df = (edges_df.join(labels_df, on="node", how="inner")
-                     .groupBy("vertex").agg(F.min("label").alias("vertex_label")))
-        offered_df = (edges_df.join(vertex_df, on="vertex", how="inner")
-                      .groupBy("node").agg(F.min("vertex_label").alias("offered")))
-        next_df = (labels_df.join(offered_df, on="node", how="left")
-                   .select("node", F.least("label", F.coalesce("offered", "label")).alias("label"),
-                           (F.col("offered") < F.col("label")).alias("_moved"))
-                   .localCheckpoint())
-        moved = next_df.where(F.col("_moved")).count()
-        labels_df = next_df.drop("_moved")
-        if moved == 0:
+    smallest label of its nodes and a node the smallest of its vertices', starting from each node's
+    own id (so the first round needs no labels to join); it stops when every vertex's nodes carry
+    one label. A node's label is then its component's smallest node: it is a node of the component,
+    never above the node's own id, and one for the whole component. Each round is checkpointed (its
+    lineage would otherwise grow with the rounds); the check is one aggregate, not another round."""
+    labels_df = _offered_labels(edges_df, edges_df.groupBy("vertex").agg(F.min("node").alias("vertex_label")))
+    for round_no in range(2, max_iterations + 1):
+        vertex_df = (edges_df.join(labels_df, on="node", how="inner").groupBy("vertex")
+                     .agg(F.min("label").alias("vertex_label"), F.max("label").alias("_highest")))
+        if not vertex_df.where(F.col("vertex_label") != F.col("_highest")).limit(1).count():
             return labels_df, round_no
+        labels_df = _offered_labels(edges_df, vertex_df.drop("_highest"))
     raise IdentityError(f"the identity graph did not settle in {max_iterations} rounds of label propagation "
                         "(a very long chain of shared keys); raise identity.max_iterations")
+
+
+def _offered_labels(edges_df: DataFrame, vertex_df: DataFrame) -> DataFrame:
+    """(node, label): the smallest ``vertex_label`` of the node's vertices (its own label is among
+    them, so it never rises)."""
+    return (edges_df.join(vertex_df, on="vertex", how="inner")
+            .groupBy("node").agg(F.min("vertex_label").alias("label")).localCheckpoint())
 
 
 @dataclass(frozen=True)
@@ -254,7 +257,8 @@ def resolve(source_ids_df: DataFrame, keys_df: DataFrame | None, client_map_df: 
         edges_df = edge_parts[0]
         for part in edge_parts[1:]:
             edges_df = edges_df.unionByName(part)
-        labels_df, iterations = connected_components(edges_df.distinct().localCheckpoint(), max_iterations)
+        # no distinct: each part holds each edge once, and key and map vertices differ by prefix
+        labels_df, iterations = connected_components(edges_df.localCheckpoint(), max_iterations)
         members_df = members_df.join(labels_df, on="node", how="left")
     else:
         members_df = members_df.withColumn("label", F.lit(None).cast("string"))
@@ -320,26 +324,29 @@ def _map_claims(client_map_df: DataFrame, nodes_df: DataFrame,
 def _key_edges(keys_df: DataFrame, nodes_df: DataFrame, max_ids_per_key: int,
                conflict_base: list[Column]) -> tuple[DataFrame, DataFrame]:
     """Matching keys: (node, vertex) edges of the keys held by two to ``max_ids_per_key`` source
-    ids with orders, and key_too_common rows for the keys held by more."""
+    ids with orders, and key_too_common rows for the keys held by more. Each (node, vertex) once:
+    a key's holders are a set."""
     # identity_keys holds each (source id, key) once: no distinct (a shuffle of every key); the
-    # holders are counted as a set all the same
+    # holders are counted as a set all the same. The edges come from the few keys' holder lists,
+    # not from a second join of every key with the nodes.
     held_df = (keys_df.join(nodes_df.select("source_name", "source_customer_id", "node", "own_id"),
                             on=["source_name", "source_customer_id"], how="inner")
                .select("key_type", "key_hash", "node", "own_id"))
     per_key_df = (held_df.groupBy("key_type", "key_hash")
-                  .agg(F.array_sort(F.collect_set("own_id")).alias("_holders"))
+                  # own_id is one to one with node: sorted by it, as the conflicts list them
+                  .agg(F.array_sort(F.collect_set(F.struct("own_id", "node"))).alias("_holders"))
                   .where(F.size("_holders") >= 2)
-                  .select("key_type", "key_hash", F.size("_holders").alias("holders"),
-                          F.slice("_holders", 1, 20).alias("candidates")).localCheckpoint())
+                  .select("key_type", "key_hash", F.size("_holders").alias("holders"), "_holders").localCheckpoint())
     conflicts_df = per_key_df.where(F.col("holders") > max_ids_per_key).select(
         *conflict_base, F.lit(KEY_TOO_COMMON).alias("reason"), F.lit(None).cast("string").alias("source_name"),
-        F.lit(None).cast("string").alias("source_customer_id"), "key_type", "key_hash", "candidates",
+        F.lit(None).cast("string").alias("source_customer_id"), "key_type", "key_hash",
+        F.transform(F.slice("_holders", 1, 20), lambda holder: holder["own_id"]).alias("candidates"),
         F.concat(F.lit("not used: held by "), F.col("holders").cast("string"),
                  F.lit(f" source ids (identity.max_ids_per_key={max_ids_per_key}; the first 20 listed)"))
         .alias("resolution"))
-    linking_df = per_key_df.where(F.col("holders") <= max_ids_per_key).select("key_type", "key_hash")
-    edges_df = held_df.join(linking_df, on=["key_type", "key_hash"], how="left_semi").select(
-        "node", F.concat(F.lit("k"), F.col("key_type"), F.lit(_SEP), F.col("key_hash")).alias("vertex"))
+    edges_df = per_key_df.where(F.col("holders") <= max_ids_per_key).select(
+        F.explode(F.transform("_holders", lambda holder: holder["node"])).alias("node"),
+        F.concat(F.lit("k"), F.col("key_type"), F.lit(_SEP), F.col("key_hash")).alias("vertex"))
     return edges_df, conflicts_df
 
 
