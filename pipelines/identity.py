@@ -48,7 +48,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
 
 import pandas as pd
-from pyspark.sql import Column, DataFrame, SparkSession
+from pyspark.sql import Column, DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
@@ -327,10 +327,14 @@ def _key_edges(keys_df: DataFrame, nodes_df: DataFrame, max_ids_per_key: int,
     ids with orders, and key_too_common rows for the keys held by more. Each (node, vertex) once:
     a key's holders are a set."""
     # identity_keys holds each (source id, key) once: no distinct (a shuffle of every key); the
-    # holders are counted as a set all the same. The edges come from the few keys' holder lists,
-    # not from a second join of every key with the nodes.
-    held_df = (keys_df.join(nodes_df.select("source_name", "source_customer_id", "node", "own_id"),
-                            on=["source_name", "source_customer_id"], how="inner")
+    # holders are counted as a set all the same. Most keys have one holder: a window counts them
+    # (a sort; a set per key over every key is an object aggregate that spills), and only the
+    # shared keys' rows meet the nodes. The edges come from those keys' holder lists, not from a
+    # second join with the nodes.
+    shared_df = (keys_df.withColumn("_ids", F.count(F.lit(1)).over(Window.partitionBy("key_type", "key_hash")))
+                 .where(F.col("_ids") >= 2))
+    held_df = (shared_df.join(nodes_df.select("source_name", "source_customer_id", "node", "own_id"),
+                              on=["source_name", "source_customer_id"], how="inner")
                .select("key_type", "key_hash", "node", "own_id"))
     per_key_df = (held_df.groupBy("key_type", "key_hash")
                   # own_id is one to one with node: sorted by it, as the conflicts list them
