@@ -389,7 +389,7 @@ def _write_accepted(storage: Storage, classified: _ClassifyPass, offsets_df: Dat
                                                   for k, c in key_columns.items()]),
             {k: f"_key_{k}" for k in key_columns}, source_name=source.name,
             country_code=keys.phone_country_code, hmac_key=keys.hmac_key, run_date=run_date)
-        key_rows = _add_keys(storage, keys_df, most_keys=classified.accepted * len(key_columns))
+        key_rows = _add_keys(storage, keys_df, source.name, most_keys=classified.accepted * len(key_columns))
         clock.lap("pass 4: matching keys")
     return orders_accepted, orders_written, first_order_date, key_rows
 
@@ -479,12 +479,16 @@ def _merge_orders(storage: Storage, orders_df: DataFrame, accepted: int | None,
 KEYS_BROADCAST_MAX = 1_000_000
 
 
-def _add_keys(storage: Storage, keys_df: DataFrame, most_keys: int) -> int:
+def _add_keys(storage: Storage, keys_df: DataFrame, source_name: str, most_keys: int) -> int:
     """Append the keys not yet in ``identity_keys`` (an earlier first_seen is kept); returns how many.
-    ``most_keys``: a bound on the rows of ``keys_df`` (rows read x key types), known without a job."""
+    ``keys_df``: keys of ``source_name``; ``most_keys``: a bound on its rows (rows read x key types),
+    known without a job."""
     keys_df = keys_df.localCheckpoint()
     if storage.exists(IDENTITY_KEYS):
-        stored_df = storage.read(IDENTITY_KEYS).select(*IDENTITY_KEYS.keys)
+        # another source's keys never match (source_name is a key column); each ingest appends one
+        # source's keys, so their files' statistics let the scan skip them
+        stored_df = (storage.read(IDENTITY_KEYS).where(F.col("source_name") == source_name)
+                     .select(*IDENTITY_KEYS.keys))
         if most_keys <= KEYS_BROADCAST_MAX:
             # a night's keys: find those already stored by a scan with the few broadcast, not a
             # shuffle of the whole table

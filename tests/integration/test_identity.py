@@ -17,8 +17,8 @@ from pyspark.sql import functions as F
 from core.config import load_config
 from core.tables import TABLES
 from pipelines.features import run_features
-from pipelines.identity import (KEY_TOO_COMMON, MAP_CONFLICT, MATCH_CONFLICT, hashed_keys, normalised_phone, nfkc,
-                                IdLookup, resolve)
+from pipelines.identity import (KEY_TOO_COMMON, MAP_CONFLICT, MATCH_CONFLICT, IdentityError, IdLookup,
+                                connected_components, hashed_keys, normalised_phone, nfkc, resolve)
 from pipelines.sources import run_sources
 from tests.integration.test_features_incremental import assert_same_features
 
@@ -92,6 +92,19 @@ def test_hashed_keys_equal_nfkc_and_hmac_in_python(spark):
     got = [(r.source_customer_id, r.key_type, r.key_hash) for r in _keys(spark, rows).collect()]
     assert len(got) == len(set(got)) == len(expected) == 6
     assert set(got) == expected
+
+
+def test_connected_components_follow_a_long_chain(spark):
+    """A chain n5 - n4 - ... - n0 (each pair sharing a key) takes one round per hop for the smallest
+    id to reach its end; a separate pair keeps its own label; too few rounds is an error."""
+    chain = [(f"n{i}", f"k{i}") for i in range(5)] + [(f"n{i + 1}", f"k{i}") for i in range(5)]
+    edges = spark.createDataFrame(chain + [("p2", "kp"), ("p1", "kp")], "node string, vertex string")
+    labels_df, rounds = connected_components(edges, max_iterations=10)
+    labels = {r.node: r.label for r in labels_df.collect()}
+    assert labels == {**{f"n{i}": "n0" for i in range(6)}, "p1": "p1", "p2": "p1"}
+    assert rounds == 6     # five hops, then the round that finds every key's holders agree
+    with pytest.raises(IdentityError, match="did not settle in 3 rounds"):
+        connected_components(edges, max_iterations=3)
 
 
 def test_matching_links_what_it_should_and_nothing_else(spark):
