@@ -253,7 +253,8 @@ def test_a_night_resolves_only_its_new_ids_as_a_full_resolution_would(spark, sto
     _write(ec, "d2.csv", ["W-10,E1,2024-01-22 09:00:00,100,,+81 90 1111 1111",   # joins the store's M1
                           "W-11,E2,2024-01-22 09:00:00,100,PAIR@example.jp,",      # with N1: both new
                           "W-12,X6,2024-01-22 09:00:00,100,,0120-000-000",         # the shop's phone again
-                          "W-13,X1,2024-01-22 09:00:00,100,,03-5555-5555"])        # a known id, a new key
+                          "W-13,X1,2024-01-22 09:00:00,100,,03-5555-5555",         # a known id, a new key
+                          "W-14,X1,2024-01-22 10:00:00,100,x1@example.jp,"])       # a known id, a stored key
     _write(store, "d2.csv", ["S-10,N1,2024-01-02 09:00:00,100,pair@example.jp,"])
     night = run_sources(spark, storage, config, dt.date(2024, 1, 22)).identity
     assert (night.mode, night.write_mode, night.new_source_ids, night.reassigned_source_ids) == (
@@ -263,6 +264,9 @@ def test_a_night_resolves_only_its_new_ids_as_a_full_resolution_would(spark, sto
     assert {k: stored[k] for k in [("ec", "E1"), ("ec", "E2"), ("store", "N1"), ("ec", "X6"), ("store", "M1")]} == {
         ("ec", "E1"): ("store:M1", "match"), ("ec", "E2"): ("store:N1", "match"),
         ("store", "N1"): ("store:N1", "own"), ("ec", "X6"): ("ec:X6", "own"), ("store", "M1"): ("store:M1", "own")}
+    # a key already stored for its source id is not appended again
+    keys = [(r.source_name, r.source_customer_id, r.key_type, r.key_hash) for r in storage.read("identity_keys").collect()]
+    assert len(keys) == len(set(keys)) and sum(k[1] == "X1" for k in keys) == 2
     conflicts = storage.read("identity_conflicts").where(F.col("run_date") == dt.date(2024, 1, 22)).collect()
     assert [(r.reason, r.candidates) for r in conflicts] == [(KEY_TOO_COMMON, [f"ec:X{i}" for i in range(2, 7)])]
     # the summary's totals, kept without reading the whole map, are those of the table
