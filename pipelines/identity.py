@@ -146,6 +146,16 @@ def node_id(source_name: Column, source_customer_id: Column) -> Column:
     return F.concat(source_name, F.lit(_SEP), source_customer_id)
 
 
+def key_vertex(key_type: Column, key_hash: Column) -> Column:
+    """The graph vertex of a matching key (prefix ``k``: never equal to a map vertex)."""
+    return F.concat(F.lit("k"), key_type, F.lit(_SEP), key_hash)
+
+
+def map_vertex(map_id: Column) -> Column:
+    """The graph vertex of a customer in the client's map (prefix ``m``)."""
+    return F.concat(F.lit("m"), F.lit(_SEP), map_id)
+
+
 def own_customer_id(source_name: Column, source_customer_id: Column, namespaced: bool) -> Column:
     """The unified id of a source id linked to nobody: its own id, ``<source>:<id>`` with several
     sources (their ids collide: EC customer 123 is not store member 123)."""
@@ -245,7 +255,7 @@ def resolve(source_ids_df: DataFrame, keys_df: DataFrame | None, client_map_df: 
         edge_parts.append(key_edges_df)
         conflict_parts.append(key_conflicts_df)
     if mapped_df is not None:
-        edge_parts.append(mapped_df.select("node", F.concat(F.lit("m"), F.lit(_SEP), F.col("map_id")).alias("vertex")))
+        edge_parts.append(mapped_df.select("node", map_vertex(F.col("map_id")).alias("vertex")))
 
     iterations = 0
     members_df = nodes_df
@@ -350,7 +360,7 @@ def _key_edges(keys_df: DataFrame, nodes_df: DataFrame, max_ids_per_key: int,
         .alias("resolution"))
     edges_df = per_key_df.where(F.col("holders") <= max_ids_per_key).select(
         F.explode(F.transform("_holders", lambda holder: holder["node"])).alias("node"),
-        F.concat(F.lit("k"), F.col("key_type"), F.lit(_SEP), F.col("key_hash")).alias("vertex"))
+        key_vertex(F.col("key_type"), F.col("key_hash")).alias("vertex"))
     return edges_df, conflicts_df
 
 
@@ -369,7 +379,7 @@ def _split_by_map(members_df: DataFrame, conflict_base: list[Column]) -> tuple[D
         .alias("resolution"))
     members_df = (members_df
                   .withColumn("component", F.when(is_split & F.col("map_id").isNotNull(),
-                                                  F.concat(F.lit("m"), F.lit(_SEP), F.col("map_id")))
+                                                  map_vertex(F.col("map_id")))
                               .when(is_split, F.col("node")).otherwise(F.col("component")))
                   .drop("_map_ids"))
     return members_df, conflicts_df
@@ -540,7 +550,7 @@ def _linked_by_new_keys(appended_keys_df: DataFrame, holders_df: DataFrame, earl
         .alias("resolution"))
     linking_df = per_key_df.where(F.col("holders").between(2, max_ids_per_key)).select("key_type", "key_hash")
     edges_df = (held_df.join(linking_df, on=["key_type", "key_hash"], how="left_semi")
-                .select("node", F.concat(F.lit("k"), F.col("key_type"), F.lit(_SEP), F.col("key_hash"))
+                .select("node", key_vertex(F.col("key_type"), F.col("key_hash"))
                         .alias("vertex")).distinct().localCheckpoint())
     if edges_df.limit(1).count():
         labels_df, iterations = connected_components(edges_df, max_iterations)
