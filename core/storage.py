@@ -108,8 +108,9 @@ class StorageBackend(Protocol):
         """Add nullable columns to the table's schema (a metadata-only commit; older rows read null)."""
 
     def write(self, df: DataFrame, path: str, spec: TableSpec, mode: str,
-              partitions: dict[str, list[str]] | None) -> None:
-        """mode: append | overwrite (whole table) | replace_partitions (those in df and ``partitions``)."""
+              partitions: dict[str, list[str]] | None, below: dict[str, int] | None = None) -> None:
+        """mode: append | overwrite (whole table) | replace_partitions (those in df and ``partitions``,
+        and with ``below`` every partition whose number is below that one's)."""
 
     def merge(self, df: DataFrame, path: str, spec: TableSpec, keys: tuple[str, ...],
               previous_partitions: dict[str, list[str]]) -> None:
@@ -293,7 +294,7 @@ class _DeltaRsBackend:
             partition_filters=partition_filters, commit_properties=props)
 
     def write(self, df: DataFrame, path: str, spec: TableSpec, mode: str,
-              partitions: dict[str, list[str]] | None) -> None:
+              partitions: dict[str, list[str]] | None, below: dict[str, int] | None = None) -> None:
         """mode: append | overwrite (whole table) | replace_partitions."""
         staged = self._stage(df, path, spec)
         adds = self._add_actions(staged)
@@ -308,7 +309,8 @@ class _DeltaRsBackend:
         values = {f.partition_values.get(column) for f in staged if f.partition_values}
         values |= set((partitions or {}).get(column, []))
         values.discard(None)
-        if not values:
+        floor = (below or {}).get(column)
+        if not values and floor is None:
             log.info("%s: nothing to replace", spec.name)
             if not self.exists(path):
                 self._commit(path, spec, [], "append", None, "create")
@@ -323,7 +325,8 @@ class _DeltaRsBackend:
         removes = []
         current = pa.table(DeltaTable(path).get_add_actions(flatten=True)).to_pylist()
         for action in current:
-            if str(action.get(f"partition.{column}")) in values:
+            value = action.get(f"partition.{column}")
+            if str(value) in values or (floor is not None and value is not None and int(value) < floor):
                 removes.append(RemoveAction(path=action["path"], data_change=True,
                                             deletion_timestamp=now, size=action["size_bytes"],
                                             partition_values={column: str(action[f"partition.{column}"])}))
@@ -507,7 +510,7 @@ class _DeltaSparkBackend:
         self.spark.sql(f"ALTER TABLE delta.`{quoted}` ADD COLUMNS ({columns})")
 
     def write(self, df: DataFrame, path: str, spec: TableSpec, mode: str,
-              partitions: dict[str, list[str]] | None) -> None:
+              partitions: dict[str, list[str]] | None, below: dict[str, int] | None = None) -> None:
         writer = df.write.format("delta")
         if spec.partition_by:
             writer = writer.partitionBy(*spec.partition_by)
@@ -518,7 +521,10 @@ class _DeltaSparkBackend:
         elif partitions and any(partitions.values()):
             (column,) = spec.partition_by
             quoted = ", ".join("'" + str(v).replace("'", "''") + "'" for v in partitions[column])
-            writer.mode("overwrite").option("replaceWhere", f"{column} IN ({quoted})").save(path)
+            condition = f"{column} IN ({quoted})"
+            if (below or {}).get(column) is not None:
+                condition += f" OR {column} < {int(below[column])}"
+            writer.mode("overwrite").option("replaceWhere", condition).save(path)
         else:
             writer.mode("overwrite").option("partitionOverwriteMode", "dynamic").save(path)
 
@@ -763,15 +769,20 @@ class Storage:
 
     @_by_name
     def replace_partitions(self, name: TableRef, df: DataFrame,
-                           partitions: dict[str, Iterable[Any]] | None = None) -> None:
+                           partitions: dict[str, Iterable[Any]] | None = None,
+                           below: dict[str, int] | None = None) -> None:
         """Replace the partitions present in ``df`` (and any named in ``partitions``, which may be
-        emptied that way); every other partition is left as it was."""
+        emptied that way); every other partition is left as it was. ``below`` ({numeric partition
+        column: n}, with ``partitions`` named) also empties every partition under n, in the same
+        commit, without the caller reading which exist (a trend table's years that left its window)."""
         spec = table_spec(name)
         if not spec.partition_by:
             raise StorageError(f"table {name!r} is not partitioned; use overwrite or merge")
         named = {k: [str(v) for v in vs] for k, vs in (partitions or {}).items()}
+        if below and not (set(below) <= set(named) and all(named[k] for k in below)):
+            raise StorageError(f"replace_partitions({name!r}): `below` needs the partitions written named too")
         self._evolve(name)
-        self._backend.write(conform(df, spec), self.path(name), spec, "replace_partitions", named)
+        self._backend.write(conform(df, spec), self.path(name), spec, "replace_partitions", named, below)
         self._register(name)
 
     @_by_name

@@ -510,8 +510,13 @@ def _write_tables(storage: Storage, orders_df: DataFrame, features_df: DataFrame
                 storage.overwrite(name, df)
                 partitions[name] = "all"
                 continue
-            years = _replaced_years(storage, name, starts[name], as_of_date, window_first_year)
-            storage.replace_partitions(name, df, partitions={table_spec(name).partition_by[0]: years})
+            # every partition year of the recomputed range (emptied when it gets no rows) and, for
+            # the yearly tables, any year that left the window (in the same commit, nothing read)
+            column = table_spec(name).partition_by[0]
+            years = list(range(starts[name], as_of_date.year + 1))
+            windowed = name in (TREND_YEARLY.name, TREND_YEARLY_CATEGORY.name)
+            storage.replace_partitions(name, df, partitions={column: years},
+                                       below={column: window_first_year} if windowed else None)
             partitions[name] = years
     finally:
         enriched_df.unpersist()
@@ -525,17 +530,6 @@ def _summary(features_df: DataFrame, segments_df: DataFrame | None, placed_after
 
 _TABLES = (TREND_WEEKLY_SEGMENT.name, TREND_NEW_CUSTOMERS_WEEKLY.name, TREND_F2_CONVERSION.name,
            TREND_COHORT_RETENTION.name, TREND_YEARLY.name, TREND_YEARLY_CATEGORY.name)
-
-
-def _replaced_years(storage: Storage, name: str, from_year: int, as_of_date: dt.date,
-                    window_first_year: int) -> list[int]:
-    """Every partition year of the recomputed range (emptied when it gets no rows) - plus, for the
-    yearly tables, years that fell out of the window."""
-    years = list(range(from_year, as_of_date.year + 1))
-    if name in (TREND_YEARLY.name, TREND_YEARLY_CATEGORY.name) and storage.exists(name):
-        # a few rows, one per year (and category)
-        years += [r[0] for r in storage.read(name).select("year").distinct().collect() if r[0] < window_first_year]
-    return years
 
 
 def _identity_moved(storage: Storage, last: dict[str, Any], identity_at: int | None) -> bool:

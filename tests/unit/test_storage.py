@@ -63,6 +63,25 @@ def test_replace_partition_leaves_other_partitions_intact_and_old_versions_reada
     assert [h["version"] for h in history][:3] == [2, 1, 0]
 
 
+def test_replace_partitions_below_empties_the_lower_years_in_the_same_commit(spark, any_storage):
+    """``below`` (a trend table's years that left its window): every partition under the number is
+    emptied with those written, in one commit; the partitions between are left as they were."""
+    from core.tables import TREND_YEARLY
+
+    def years_df(years, net):
+        return spark.createDataFrame([(y, 1, 0, 0.0, 0.0, net, 1, False, dt.date(y, 12, 31)) for y in years],
+                                     TREND_YEARLY.schema)
+
+    any_storage.overwrite("trend_yearly", years_df([2019, 2020, 2021, 2022], 1.0))
+    before = any_storage.version("trend_yearly")
+    any_storage.replace_partitions("trend_yearly", years_df([2023], 2.0), partitions={"year": [2022, 2023]},
+                                   below={"year": 2021})
+    assert {r.year: r.net for r in any_storage.read("trend_yearly").collect()} == {2021: 1.0, 2023: 2.0}
+    assert any_storage.version("trend_yearly") == before + 1
+    with pytest.raises(StorageError, match="needs the partitions written named"):
+        any_storage.replace_partitions("trend_yearly", years_df([2023], 3.0), below={"year": 2021})
+
+
 def test_merge_upserts_by_key_and_is_idempotent(spark, any_storage):
     # the table by name or by its declaration: the same table
     any_storage.merge("orders_quarantine", _quarantine_df(spark, [("a.csv", 1, "x"), ("a.csv", 2, "y")]))
