@@ -351,13 +351,8 @@ def _key_edges(keys_df: DataFrame, nodes_df: DataFrame, max_ids_per_key: int,
                   .agg(F.array_sort(F.collect_set(F.struct("own_id", "node"))).alias("_holders"))
                   .where(F.size("_holders") >= 2)
                   .select("key_type", "key_hash", F.size("_holders").alias("holders"), "_holders").localCheckpoint())
-    conflicts_df = per_key_df.where(F.col("holders") > max_ids_per_key).select(
-        *conflict_base, F.lit(KEY_TOO_COMMON).alias("reason"), F.lit(None).cast("string").alias("source_name"),
-        F.lit(None).cast("string").alias("source_customer_id"), "key_type", "key_hash",
-        F.transform(F.slice("_holders", 1, 20), lambda holder: holder["own_id"]).alias("candidates"),
-        F.concat(F.lit("not used: held by "), F.col("holders").cast("string"),
-                 F.lit(f" source ids (identity.max_ids_per_key={max_ids_per_key}; the first 20 listed)"))
-        .alias("resolution"))
+    conflicts_df = _too_common_keys(per_key_df, conflict_base, max_ids_per_key,
+                                    F.transform(F.slice("_holders", 1, 20), lambda holder: holder["own_id"]))
     edges_df = per_key_df.where(F.col("holders") <= max_ids_per_key).select(
         F.explode(F.transform("_holders", lambda holder: holder["node"])).alias("node"),
         key_vertex(F.col("key_type"), F.col("key_hash")).alias("vertex"))
@@ -514,6 +509,19 @@ def resolve_new_ids(appended_orders_df: DataFrame, appended_keys_df: DataFrame |
                             int(stats["customers"] or 0), int(stats["linked"]), iterations)
 
 
+def _too_common_keys(per_key_df: DataFrame, conflict_base: list[Column], max_ids_per_key: int,
+                     candidates: Column) -> DataFrame:
+    """key_too_common conflict rows of the keys in ``per_key_df`` (``key_type``, ``key_hash``,
+    ``holders``) held by more than ``max_ids_per_key`` source ids; ``candidates``: up to 20 of
+    their unified ids."""
+    return per_key_df.where(F.col("holders") > max_ids_per_key).select(
+        *conflict_base, F.lit(KEY_TOO_COMMON).alias("reason"), F.lit(None).cast("string").alias("source_name"),
+        F.lit(None).cast("string").alias("source_customer_id"), "key_type", "key_hash", candidates.alias("candidates"),
+        F.concat(F.lit("not used: held by "), F.col("holders").cast("string"),
+                 F.lit(f" source ids (identity.max_ids_per_key={max_ids_per_key}; the first 20 listed)"))
+        .alias("resolution"))
+
+
 def _linked_by_new_keys(appended_keys_df: DataFrame, holders_df: DataFrame, earlier_df: DataFrame,
                         new_df: DataFrame, members_df: DataFrame, *, run_date: dt.date, run_id: str,
                         max_ids_per_key: int, max_iterations: int
@@ -541,13 +549,9 @@ def _linked_by_new_keys(appended_keys_df: DataFrame, holders_df: DataFrame, earl
                                 & (F.col("holders_before") <= max_ids_per_key)).count()
     if unlinked:
         return f"{unlinked:,} matching key(s) that linked source ids are now held by more than {max_ids_per_key}"
-    conflicts_df = per_key_df.where(F.col("holders") > max_ids_per_key).select(
-        F.lit(run_id).alias("identity_run_id"), F.lit(run_date).alias("run_date"),
-        F.lit(KEY_TOO_COMMON).alias("reason"), F.lit(None).cast("string").alias("source_name"),
-        F.lit(None).cast("string").alias("source_customer_id"), "key_type", "key_hash", "candidates",
-        F.concat(F.lit("not used: held by "), F.col("holders").cast("string"),
-                 F.lit(f" source ids (identity.max_ids_per_key={max_ids_per_key}; the first 20 listed)"))
-        .alias("resolution"))
+    conflicts_df = _too_common_keys(per_key_df, [F.lit(run_id).alias("identity_run_id"),
+                                                 F.lit(run_date).alias("run_date")],
+                                    max_ids_per_key, F.col("candidates"))
     linking_df = per_key_df.where(F.col("holders").between(2, max_ids_per_key)).select("key_type", "key_hash")
     edges_df = (held_df.join(linking_df, on=["key_type", "key_hash"], how="left_semi")
                 .select("node", key_vertex(F.col("key_type"), F.col("key_hash"))
