@@ -41,13 +41,31 @@ from core.storage import Storage  # noqa: E402
 
 END_DATE = dt.date(2026, 9, 30)
 NIGHT = END_DATE + dt.timedelta(days=1)
+# a night's customers: new source ids with new keys, new source ids linked by known keys (see _night_file)
+NEW_SHARE, LINKED_SHARE = 0.05, 0.01
 
 
-def _night_file(spark, source_path: str, out: Path, share: float, seed: int, night: dt.date = NIGHT) -> None:
-    """A regular night's file: a sample of the source's rows with new order ids, dated ``night``."""
+def _night_file(spark, source_path: str, out: Path, share: float, seed: int, night: dt.date = NIGHT,
+                new_share: float = NEW_SHARE, linked_share: float = LINKED_SHARE) -> None:
+    """A regular night's file: a sample of the source's rows with new order ids, dated ``night``.
+    The customers of about ``new_share`` of the rows come back as new source ids with an e-mail
+    nobody holds and no phone (new customers: new ids and new keys for the identity step), about
+    ``linked_share`` as new source ids with the e-mail and phone of the customer they were
+    sampled from (a second account: tonight's keys link it to that customer, the incremental
+    resolution's linking path); the rest are known customers."""
     rows_df = spark.read.parquet(source_path)
+    bucket = F.abs(F.xxhash64("customer_id", F.lit(seed))) % 1000   # by customer: all of its rows alike
+    new_bound, linked_bound = round(new_share * 1000), round((new_share + linked_share) * 1000)
+    tag = f"{night:%Y%m%d}"
     (rows_df.sample(fraction=share, seed=seed)
-     .withColumn("order_id", F.concat(F.lit(f"N{night:%Y%m%d}-"), F.col("order_id")))
+     .withColumn("_kind", F.when(bucket < new_bound, "new").when(bucket < linked_bound, "linked"))
+     .withColumn("customer_id", F.when(F.col("_kind").isNotNull(), F.concat(F.lit(f"N{tag}-"), F.col("customer_id")))
+                 .otherwise(F.col("customer_id")))
+     .withColumn("email", F.when(F.col("_kind") == "new", F.concat(F.lit(f"n{tag}."), F.col("email")))
+                 .otherwise(F.col("email")))
+     .withColumn("phone", F.when(F.col("_kind") == "new", F.lit(None).cast("string")).otherwise(F.col("phone")))
+     .drop("_kind")
+     .withColumn("order_id", F.concat(F.lit(f"N{tag}-"), F.col("order_id")))
      .withColumn("order_datetime", F.lit(f"{night:%Y/%m/%d} 10:00:00"))
      .coalesce(1).write.mode("overwrite").parquet(str(out)))
 
