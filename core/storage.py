@@ -309,8 +309,8 @@ class _DeltaRsBackend:
         values = {f.partition_values.get(column) for f in staged if f.partition_values}
         values |= set((partitions or {}).get(column, []))
         values.discard(None)
-        floor = (below or {}).get(column)
-        if not values and floor is None:
+        floor = (below or {}).get(column)   # Storage.replace_partitions names partitions with it
+        if not values:
             log.info("%s: nothing to replace", spec.name)
             if not self.exists(path):
                 self._commit(path, spec, [], "append", None, "create")
