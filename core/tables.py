@@ -649,6 +649,7 @@ TREND_RUNS = TableSpec(
         _f("recomputed_from", T.MapType(S, I), False),  # table -> first year recomputed (null: all)
         _f("finished_at", TS, False),
         _f("identity_version", L),            # Delta version of identity_map read (null: no identity step)
+        _f("orders_version", L),              # Delta version of orders read (null: runs before it was recorded)
     ]),
     keys=("run_seq",),
 )

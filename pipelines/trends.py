@@ -88,7 +88,8 @@ from __future__ import annotations
 import datetime as dt
 import logging
 from dataclasses import dataclass
-from typing import Any
+from functools import reduce
+from typing import Any, Sequence
 
 from pyspark.sql import Column, DataFrame, Window
 from pyspark.sql import functions as F
@@ -96,12 +97,12 @@ from pyspark.sql import functions as F
 from core.config import UNSEGMENTED, TrendsConf
 from core.dates import monday
 from core.errors import UserError
-from core.results import StageResult
+from core.results import StageResult, omitted_when_none
 from core.storage import Storage
 from core.tables import (CUSTOMER_FEATURES, IDENTITY_MAP, INGEST_RUNS, ORDERS, SEGMENT_GENERATIONS, SEGMENTS_CURRENT,
                          TREND_CHANNEL_SETS, TREND_COHORT_RETENTION, TREND_F2_CONVERSION, TREND_NEW_CUSTOMERS_WEEKLY, TREND_RUNS, TREND_WEEKLY_SEGMENT,
                          TREND_YEARLY, TREND_YEARLY_CATEGORY, table_spec)
-from pipelines.identity import identity_version, read_orders
+from pipelines.identity import IdLookup, identity_version
 from pipelines.maintenance import dated_partition
 
 log = logging.getLogger(__name__)
@@ -201,9 +202,71 @@ def _per_customer(orders_df: DataFrame, keys: list[Column], sums: dict[str, Colu
                  *[agg.alias(name) for name, agg in sums.items()]))
 
 
-def weekly_segment(orders_df: DataFrame, summary_df: DataFrame, as_of_date: dt.date,
+# --------------------------------------------------------------------------------------------
+# Activity cells: what the orders add to each (period, group) of a table. Per customer first
+# (``*_per_customer``), then per cell (``_cells``) as signed sums: a customer's rows with
+# ``_sign`` -1 take back what they added before (the incremental update, ``_updated_cells``).
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class CellSpec:
+    keys: tuple[str, ...]
+    counts: tuple[tuple[str, Column], ...]     # (cell column, condition on a customer's row): customers counted
+    sums: tuple[tuple[str, Column], ...]       # (cell column, value of a customer's row): added up
+
+    @property
+    def columns(self) -> list[str]:
+        return [name for name, _ in self.counts] + [name for name, _ in self.sums]
+
+
+WEEKLY_CELLS = CellSpec(("week_start", "segment"), (("active_buyers", F.col("is_active")),),
+                        tuple((c, F.col(c)) for c in ("orders", "cancelled_orders", "gross", "cancelled", "net")))
+COHORT_CELLS = CellSpec(("activity_first", "cohort_first"), (("active_customers", F.col("is_active")),),
+                        (("orders", F.col("orders")), ("net", F.col("net"))))
+_NEW = F.col("is_new")
+YEAR_COUNTS = (("new_buyers", _NEW & F.col("is_active")), ("existing_customers", ~_NEW & F.col("is_active")))
+YEAR_SUMS = (("new_customer_net", F.when(_NEW, F.col("net")).otherwise(F.lit(0.0))),
+             ("existing_customer_net", F.when(~_NEW, F.col("net")).otherwise(F.lit(0.0))),
+             ("net", F.col("net")), ("orders", F.col("orders")))
+YEARLY_CELLS = CellSpec(("year",), YEAR_COUNTS, YEAR_SUMS)
+YEARLY_CATEGORY_CELLS = CellSpec(("year", "category"), YEAR_COUNTS, YEAR_SUMS)
+
+
+def weekly_per_customer(orders_df: DataFrame, from_year: int | None) -> DataFrame:
+    orders_df = _from(orders_df, F.year(week_start(F.col("order_date"))), from_year)
+    return _per_customer(orders_df, [week_start(F.col("order_date")).alias("week_start"), F.col("segment")],
+                         {"cancelled_orders": F.count_if("is_cancelled"), "gross": F.sum("gross_amount"),
+                          "cancelled": F.sum("cancelled_amount"), "net": F.sum("net_amount")})
+
+
+def cohort_per_customer(orders_df: DataFrame, from_year: int | None) -> DataFrame:
+    # months as first days (cheap to group by), labelled after aggregating
+    return _per_customer(_from(orders_df, F.year("order_date"), from_year),
+                         [F.trunc("order_date", "month").alias("activity_first"),
+                          F.trunc("first_order_date", "month").alias("cohort_first")],
+                         {"net": F.sum("net_amount")})
+
+
+def year_per_customer(orders_df: DataFrame, from_year: int | None, keys: Sequence[str] = ()) -> DataFrame:
+    year = F.year("order_date")
+    return _per_customer(_from(orders_df, year, from_year),
+                         [year.alias("year"), (F.year("first_order_date") == year).alias("is_new"),
+                          *[F.col(k) for k in keys]], {"net": F.sum("net_amount")})
+
+
+def _cells(per_customer_df: DataFrame, spec: CellSpec) -> DataFrame:
+    """Per cell of ``spec``: customers counted (``_sign`` per row: 1, or -1 for rows taken back)
+    and values added up (times the sign). Without ``_sign`` every row counts once."""
+    sign = F.col("_sign") if "_sign" in per_customer_df.columns else F.lit(1)
+    return per_customer_df.groupBy(*spec.keys).agg(
+        *[F.sum(F.when(condition, sign).otherwise(F.lit(0))).cast("long").alias(name) for name, condition in spec.counts],
+        *[(F.sum(value * sign) if name == "orders" else F.sum(value * sign).cast("double")).alias(name)
+          for name, value in spec.sums])
+
+
+def weekly_segment(cells_df: DataFrame, summary_df: DataFrame, as_of_date: dt.date,
                    from_year: int | None) -> DataFrame:
-    """``trend_weekly_segment`` rows: a dense grid of weeks per segment up to the as-of week."""
+    """``trend_weekly_segment`` rows: a dense grid of weeks per segment up to the as-of week
+    (``cells_df``: :data:`WEEKLY_CELLS` of the weeks from ``from_year``)."""
     # segment base: new customers per (first week, segment) -> running total over the week grid
     firsts_df = (summary_df.groupBy(week_start(F.col("first_order_date")).alias("week_start"), "segment")
                  .agg(F.sum("customers").alias("new_in_week")))
@@ -216,15 +279,8 @@ def weekly_segment(orders_df: DataFrame, summary_df: DataFrame, as_of_date: dt.d
                .withColumn("customers", F.sum(F.coalesce(F.col("new_in_week"), F.lit(0))).over(running))
                .drop("new_in_week"))
     base_df = _from(base_df, F.year("week_start"), from_year)
-    orders_df = _from(orders_df, F.year(week_start(F.col("order_date"))), from_year)
-    activity_df = (_per_customer(orders_df, [week_start(F.col("order_date")).alias("week_start"), F.col("segment")],
-                                 {"cancelled_orders": F.count_if("is_cancelled"), "gross": F.sum("gross_amount"),
-                                  "cancelled": F.sum("cancelled_amount"), "net": F.sum("net_amount")})
-                   .groupBy("week_start", "segment").agg(
-                       F.count_if("is_active").alias("active_buyers"),
-                       *[F.sum(c).alias(c) for c in ("orders", "cancelled_orders", "gross", "cancelled", "net")]))
     zero_long, zero = F.lit(0).cast("long"), F.lit(0.0)
-    return (base_df.join(activity_df, on=["week_start", "segment"], how="left")
+    return (base_df.join(cells_df, on=["week_start", "segment"], how="left")
             .select(F.year("week_start").alias("year"), "week_start", F.date_add("week_start", 6).alias("week_end"),
                     "segment", "customers",
                     *[F.coalesce(F.col(c), zero_long).alias(c) for c in ("active_buyers", "orders", "cancelled_orders")],
@@ -283,19 +339,12 @@ def channel_sets(features_df: DataFrame, as_of_date: dt.date) -> DataFrame:
                     (F.add_months("_last_first", 6) <= F.lit(as_of_date)).alias("is_complete_6m")))
 
 
-def cohort_retention(orders_df: DataFrame, summary_df: DataFrame, from_year: int | None) -> DataFrame:
-    # months as first days (cheap to group by), labelled after aggregating
+def cohort_retention(cells_df: DataFrame, summary_df: DataFrame) -> DataFrame:
+    """``trend_cohort_retention`` rows from :data:`COHORT_CELLS` (the pairs with orders)."""
     sizes_df = (summary_df.groupBy(F.trunc("first_order_date", "month").alias("cohort_first"))
                 .agg(F.sum("customers").alias("cohort_customers")))
-    activity_df = (_per_customer(_from(orders_df, F.year("order_date"), from_year),
-                                 [F.trunc("order_date", "month").alias("activity_first"),
-                                  F.trunc("first_order_date", "month").alias("cohort_first")],
-                                 {"net": F.sum("net_amount")})
-                   .groupBy("activity_first", "cohort_first")
-                   .agg(F.count_if("is_active").alias("active_customers"),
-                        F.sum("orders").alias("orders"), F.sum("net").alias("net")))
     # one row per cohort month: small enough to broadcast
-    return (activity_df.join(F.broadcast(sizes_df), on="cohort_first", how="inner")
+    return (cells_df.where(F.col("orders") > 0).join(F.broadcast(sizes_df), on="cohort_first", how="inner")
             .select(F.year("activity_first").alias("activity_year"),
                     month_label(F.col("activity_first")).alias("activity_month"),
                     month_label(F.col("cohort_first")).alias("cohort_month"),
@@ -304,26 +353,13 @@ def cohort_retention(orders_df: DataFrame, summary_df: DataFrame, from_year: int
                     share(F.col("active_customers"), F.col("cohort_customers")).alias("retention_rate")))
 
 
-def _year_groups(orders_df: DataFrame, keys: list[str]) -> DataFrame:
-    year = F.year("order_date")
-    per_customer = _per_customer(orders_df, [year.alias("year"), (F.year("first_order_date") == year).alias("is_new"),
-                                             *[F.col(k) for k in keys]], {"net": F.sum("net_amount")})
-    is_new = F.col("is_new")
-    return per_customer.groupBy("year", *keys).agg(
-        F.count_if(is_new & F.col("is_active")).alias("new_buyers"),
-        F.count_if(~is_new & F.col("is_active")).alias("existing_customers"),
-        F.coalesce(F.sum(F.when(is_new, F.col("net"))), F.lit(0.0)).alias("new_customer_net"),
-        F.coalesce(F.sum(F.when(~is_new, F.col("net"))), F.lit(0.0)).alias("existing_customer_net"),
-        F.sum("net").alias("net"), F.sum("orders").alias("orders"))
-
-
-def yearly(orders_df: DataFrame, summary_df: DataFrame, as_of_date: dt.date, from_year: int) -> DataFrame:
+def yearly(cells_df: DataFrame, summary_df: DataFrame, as_of_date: dt.date, from_year: int) -> DataFrame:
+    """``trend_yearly`` rows from :data:`YEARLY_CELLS` and the customers' first order years."""
     new_df = (_from(summary_df, F.year("first_order_date"), from_year)
               .groupBy(F.year("first_order_date").alias("year")).agg(F.sum("customers").alias("new_customers")))
-    active_df = _year_groups(_from(orders_df, F.year("order_date"), from_year), []).drop("new_buyers")
     zero_long, zero = F.lit(0).cast("long"), F.lit(0.0)
     year_end = F.make_date(F.col("year"), F.lit(12), F.lit(31))
-    return (new_df.join(active_df, on="year", how="full")
+    return (new_df.join(cells_df.where(F.col("orders") > 0).drop("new_buyers"), on="year", how="full")
             .select("year", F.coalesce("new_customers", zero_long).alias("new_customers"),
                     F.coalesce("existing_customers", zero_long).alias("existing_customers"),
                     *[F.coalesce(c, zero).alias(c) for c in ("new_customer_net", "existing_customer_net", "net")],
@@ -332,9 +368,9 @@ def yearly(orders_df: DataFrame, summary_df: DataFrame, as_of_date: dt.date, fro
                     F.least(year_end, F.lit(as_of_date)).alias("through_date")))
 
 
-def yearly_category(orders_df: DataFrame, as_of_date: dt.date, from_year: int) -> DataFrame:
-    return (_year_groups(_from(orders_df, F.year("order_date"), from_year), ["category"])
-            .withColumnRenamed("new_buyers", "new_customers")
+def yearly_category(cells_df: DataFrame, as_of_date: dt.date) -> DataFrame:
+    """``trend_yearly_category`` rows from :data:`YEARLY_CATEGORY_CELLS` (the categories with orders)."""
+    return (cells_df.where(F.col("orders") > 0).withColumnRenamed("new_buyers", "new_customers")
             .withColumn("is_partial_year", F.make_date(F.col("year"), F.lit(12), F.lit(31)) > F.lit(as_of_date)))
 
 
@@ -349,12 +385,17 @@ class TrendsResult(StageResult):
     mode: str                              # rebuild | incremental | unchanged
     recomputed_from: dict[str, Any]
     partitions: dict[str, Any]
+    #: incremental runs: the customers whose orders updated the stored activity cells (None: the
+    #: cells of the recomputed years came from every order of those years)
+    cells_updated_from: int | None = omitted_when_none()
 
     def summary_line(self) -> str:
         if self.mode == "unchanged":
             return "unchanged: no new orders, segments or identities since the last run"
         tables = ", ".join(f"{name} from {start}" for name, start in self.recomputed_from.items())
-        return f"{self.mode}: {tables}"
+        cells = ("" if self.cells_updated_from is None
+                 else f" (activity cells updated from {self.cells_updated_from:,} customers' orders)")
+        return f"{self.mode}{cells}: {tables}"
 
 
 def _last_run(storage: Storage) -> dict[str, Any] | None:
@@ -378,10 +419,14 @@ def _segments_state(storage: Storage) -> tuple[DataFrame | None, int | None, int
 def run_trends(storage: Storage, as_of_date: dt.date, conf: TrendsConf, rebuild: bool = False) -> TrendsResult:
     """Update the trend tables for ``as_of_date`` (module docstring); ``rebuild`` recomputes all."""
     features_df = _features_at(storage, as_of_date)
-    orders_df = read_orders(storage).where(F.col("order_date") <= F.lit(as_of_date))
+    identity_at = identity_version(storage)
+    lookup = IdLookup.of(storage.read(IDENTITY_MAP, version=identity_at), materialise=True) \
+        if identity_at is not None else None
+    orders_version = storage.version(ORDERS)
+    stored_df = storage.read(ORDERS, version=orders_version)
+    orders_df = (lookup.apply(stored_df) if lookup else stored_df).where(F.col("order_date") <= F.lit(as_of_date))
     segments_df, segments_version, generation_id = _segments_state(storage)
     last = None if rebuild else _last_run(storage)
-    identity_at = identity_version(storage)
     full = last is None or as_of_date < last["as_of_date"] or _identity_moved(storage, last, identity_at)
     window_first_year = as_of_date.year - conf.years + 1
     seen = set() if full else set(last["ingest_run_ids"])
@@ -399,15 +444,20 @@ def run_trends(storage: Storage, as_of_date: dt.date, conf: TrendsConf, rebuild:
     else:
         starts = _incremental_starts(last, as_of_date, conf, unseen, summary_df, segments_df is not None,
                                      segments_version, generation_id, window_first_year)
+    touched = None if full else _touched_orders(storage, last, orders_df, features_df, segments_df, starts,
+                                                as_of_date, lookup)
     try:
         partitions = _write_tables(storage, orders_df, features_df, segments_df, summary_df, starts, full,
-                                   as_of_date, window_first_year, identity_at)
+                                   as_of_date, window_first_year, identity_at, touched)
     finally:
         summary_df.unpersist()
+        if touched is not None:
+            touched.unpersist()
     recomputed_from = {name: ("all" if full or start is None else start) for name, start in starts.items()}
     _record_run(storage, last, as_of_date, "rebuild" if full else "incremental", generation_id, segments_version,
-                sorted(ingest_runs), starts, identity_at)
-    return TrendsResult(as_of_date, "rebuild" if full else "incremental", recomputed_from, partitions)
+                sorted(ingest_runs), starts, identity_at, orders_version)
+    return TrendsResult(as_of_date, "rebuild" if full else "incremental", recomputed_from, partitions,
+                        cells_updated_from=None if touched is None else touched.customers)
 
 
 def _ingest_run_first_dates(storage: Storage, orders_df: DataFrame, seen: set[str],
@@ -465,39 +515,56 @@ def _incremental_starts(last: dict[str, Any], as_of_date: dt.date, conf: TrendsC
     }
 
 
+#: per activity table: its cells and the per-customer rows they add up
+_ACTIVITY = {
+    TREND_WEEKLY_SEGMENT.name: (WEEKLY_CELLS, weekly_per_customer),
+    TREND_COHORT_RETENTION.name: (COHORT_CELLS, cohort_per_customer),
+    TREND_YEARLY.name: (YEARLY_CELLS, year_per_customer),
+    TREND_YEARLY_CATEGORY.name: (YEARLY_CATEGORY_CELLS, lambda df, start: year_per_customer(df, start, ["category"])),
+}
+
+
 def _write_tables(storage: Storage, orders_df: DataFrame, features_df: DataFrame, segments_df: DataFrame | None,
                   summary_df: DataFrame, starts: dict[str, int | None], full: bool, as_of_date: dt.date,
-                  window_first_year: int, identity_at: int | None) -> dict[str, Any]:
+                  window_first_year: int, identity_at: int | None,
+                  touched: "TouchedOrders | None" = None) -> dict[str, Any]:
     """Compute and write each trend table from its start year (``starts`` gains the channel-set table
-    when identities are resolved); returns table -> partition years replaced, or "all"."""
+    when identities are resolved); returns table -> partition years replaced, or "all". With
+    ``touched`` the activity cells of the recomputed years are the stored ones updated by what the
+    touched customers' orders add and take back; otherwise they come from every order of those years."""
     if identity_at is not None and features_df.where(F.col("first_source").isNull()).limit(1).count():
         raise TrendsError(f"customer_features at {as_of_date} was written before it had the source columns "
                           f"the channel-set table reads: run `cvseg features --as-of {as_of_date}` again")
-    # the orders of the recomputed years with their customers' attributes, materialised once
-    order_years = [starts[t] for t in (TREND_WEEKLY_SEGMENT.name, TREND_COHORT_RETENTION.name, TREND_YEARLY.name)]
-    range_df, buyers_df = orders_df, features_df
-    if all(y is not None for y in order_years):
-        range_start = dt.date(min(order_years), 1, 1)   # order_month (yyyy-MM of order_date) prunes older files
-        range_df = orders_df.where((F.col("order_date") >= F.lit(range_start))
-                                   & (F.col("order_month") >= F.lit(f"{range_start:%Y-%m}")))
-        # only customers with an order in the range join one: the join's customer side shrinks
-        buyers_df = features_df.where(F.col("last_order_date") >= F.lit(range_start))
-    partitions_n = int(storage.spark.conf.get("spark.sql.shuffle.partitions"))
-    enriched_df = orders_with_customers(range_df, customer_attributes(buyers_df, segments_df), partitions_n)
-    # cache, not a checkpoint: columnar (each table reads only its columns) and it keeps the
-    # customer partitioning the per-customer aggregates rely on
-    enriched_df = enriched_df.cache()
+    enriched_df = None
+    if touched is None:
+        # the orders of the recomputed years with their customers' attributes, materialised once
+        range_start = _range_start(starts)
+        range_df, buyers_df = orders_df, features_df
+        if range_start is not None:
+            range_df = _orders_from(orders_df, range_start)
+            # only customers with an order in the range join one: the join's customer side shrinks
+            buyers_df = features_df.where(F.col("last_order_date") >= F.lit(range_start))
+        partitions_n = int(storage.spark.conf.get("spark.sql.shuffle.partitions"))
+        enriched_df = orders_with_customers(range_df, customer_attributes(buyers_df, segments_df), partitions_n)
+        # cache, not a checkpoint: columnar (each table reads only its columns) and it keeps the
+        # customer partitioning the per-customer aggregates rely on
+        enriched_df = enriched_df.cache()
     try:
+        cells = {}
+        for name, (spec, per_customer) in _ACTIVITY.items():
+            if touched is None:
+                cells[name] = _cells(per_customer(enriched_df, starts[name]), spec)
+            else:
+                cells[name] = _updated_cells(storage, name, spec, per_customer, touched, starts[name])
         results = {
-            TREND_WEEKLY_SEGMENT.name: weekly_segment(enriched_df, summary_df, as_of_date,
+            TREND_WEEKLY_SEGMENT.name: weekly_segment(cells[TREND_WEEKLY_SEGMENT.name], summary_df, as_of_date,
                                                       starts[TREND_WEEKLY_SEGMENT.name]),
             TREND_NEW_CUSTOMERS_WEEKLY.name: new_customers_weekly(summary_df, as_of_date,
                                                                   starts[TREND_NEW_CUSTOMERS_WEEKLY.name]),
             TREND_F2_CONVERSION.name: f2_conversion(summary_df, as_of_date, starts[TREND_F2_CONVERSION.name]),
-            TREND_COHORT_RETENTION.name: cohort_retention(enriched_df, summary_df,
-                                                          starts[TREND_COHORT_RETENTION.name]),
-            TREND_YEARLY.name: yearly(enriched_df, summary_df, as_of_date, starts[TREND_YEARLY.name]),
-            TREND_YEARLY_CATEGORY.name: yearly_category(enriched_df, as_of_date, starts[TREND_YEARLY_CATEGORY.name]),
+            TREND_COHORT_RETENTION.name: cohort_retention(cells[TREND_COHORT_RETENTION.name], summary_df),
+            TREND_YEARLY.name: yearly(cells[TREND_YEARLY.name], summary_df, as_of_date, starts[TREND_YEARLY.name]),
+            TREND_YEARLY_CATEGORY.name: yearly_category(cells[TREND_YEARLY_CATEGORY.name], as_of_date),
         }
         if identity_at is not None:
             # a customer's source set changes with any later order: recomputed whole each run (from
@@ -519,8 +586,144 @@ def _write_tables(storage: Storage, orders_df: DataFrame, features_df: DataFrame
                                        below={column: window_first_year} if windowed else None)
             partitions[name] = years
     finally:
-        enriched_df.unpersist()
+        if enriched_df is not None:
+            enriched_df.unpersist()
+        for df in (cells.values() if touched is not None else ()):
+            df.unpersist()
     return partitions
+
+
+def _range_start(starts: dict[str, int | None]) -> dt.date | None:
+    """The first day the activity tables recompute (None: all of them)."""
+    order_years = [starts[name] for name in _ACTIVITY]
+    return dt.date(min(order_years), 1, 1) if all(y is not None for y in order_years) else None
+
+
+def _orders_from(orders_df: DataFrame, day: dt.date) -> DataFrame:
+    # order_month (yyyy-MM of order_date) prunes the older files
+    return orders_df.where((F.col("order_date") >= F.lit(day)) & (F.col("order_month") >= F.lit(f"{day:%Y-%m}")))
+
+
+# --------------------------------------------------------------------------------------------
+# Incremental cells: only the customers whose orders or attributes moved since the last run
+# --------------------------------------------------------------------------------------------
+#: above this many touched customers, the activity cells are recomputed from every order of the years
+CELL_UPDATE_MAX_CUSTOMERS = 1_000_000
+
+
+@dataclass(frozen=True)
+class TouchedOrders:
+    """The orders (from the first recomputed day) of the customers whose contribution to the
+    activity cells can differ from the last run's: ``now_df`` as they count at D, ``then_df`` as they
+    counted at the last run (its orders, with the customer's first order date and segment then)."""
+    now_df: DataFrame
+    then_df: DataFrame
+    customers: int
+
+    def unpersist(self) -> None:
+        self.now_df.unpersist()
+        self.then_df.unpersist()
+
+
+def _touched_orders(storage: Storage, last: dict[str, Any], orders_df: DataFrame, features_df: DataFrame,
+                    segments_df: DataFrame | None, starts: dict[str, int | None], as_of_date: dt.date,
+                    lookup: IdLookup | None) -> TouchedOrders | None:
+    """The touched customers' orders now and then, when the last run recorded the orders version it
+    read and ``orders`` has only gained rows since; None otherwise (or when too many customers are
+    touched), and the cells are recomputed from every order.
+
+    A customer is touched by an order appended since (new, late or backfilled), an order dated after
+    the last run's date L (stored before L's run, not counted at L) or a first placement in a segment
+    since L (out of ``(unsegmented)``). Every other customer adds to the cells what it added at L:
+    the same orders up to D, the same first order date, the same segment (a new generation or moved
+    identities recompute every year: not here). Then, for a touched customer: its orders at L are the
+    stored ones dated up to L and not appended since; its first order date at L is today's unless
+    today's is one of the new orders, then the earliest of the others (all in the recomputed range:
+    new orders are dated on or after its start); its segment at L is ``(unsegmented)`` if it was
+    placed since, else today's."""
+    range_start = _range_start(starts)
+    last_version = last.get("orders_version")
+    if range_start is None or last_version is None:
+        return None
+    appended_df = storage.appended_since(ORDERS, int(last_version))
+    if appended_df is None:
+        return None
+    previous = last["as_of_date"]
+    if lookup is not None:
+        appended_df = lookup.apply(appended_df)
+    appended_df = (appended_df.where(F.col("order_date") <= F.lit(as_of_date))
+                   .select("order_id", "customer_id", "order_date").localCheckpoint(eager=True))
+    dated_df = orders_df.where((F.col("order_month") >= F.lit(f"{previous:%Y-%m}"))
+                               & (F.col("order_date") > F.lit(previous))).select("order_id", "customer_id", "order_date")
+    new_orders_df = appended_df.unionByName(dated_df).distinct()
+    customer_parts = [new_orders_df.select("customer_id")]
+    if segments_df is not None:
+        customer_parts.append(segments_df.where(F.col("assigned_as_of") > F.lit(previous)).select("customer_id"))
+    customers_df = reduce(DataFrame.unionByName, customer_parts).distinct().localCheckpoint(eager=True)
+    customers = customers_df.count()
+    if customers > CELL_UPDATE_MAX_CUSTOMERS:
+        customers_df.unpersist()
+        return None
+    touched = F.broadcast(customers_df)
+    attributes_df = customer_attributes(features_df.join(touched, on="customer_id", how="left_semi"),
+                                        None if segments_df is None else
+                                        segments_df.join(touched, on="customer_id", how="left_semi"), previous)
+    orders_df = (_orders_from(orders_df, range_start).join(touched, on="customer_id", how="left_semi")
+                 .select("order_id", "customer_id", "order_date", "is_cancelled", "gross_amount", "cancelled_amount",
+                         "net_amount", F.coalesce(F.col("category"), F.lit(UNKNOWN)).alias("category")))
+    new_ids_df = F.broadcast(new_orders_df.select("order_id", F.col("order_date").alias("_new_date")))
+    orders_df = (orders_df.join(new_ids_df, on="order_id", how="left")
+                 .withColumn("_is_new", F.col("_new_date").isNotNull() | (F.col("order_date") > F.lit(previous)))
+                 .drop("_new_date").localCheckpoint(eager=True))
+    earliest_df = (orders_df.groupBy("customer_id")
+                   .agg(F.min(F.when(~F.col("_is_new"), F.col("order_date"))).alias("_first_old")))
+    new_min_df = new_orders_df.groupBy("customer_id").agg(F.min("order_date").alias("_first_new_any"))
+    then_attributes_df = (attributes_df.join(earliest_df, on="customer_id", how="left")
+                          .join(new_min_df, on="customer_id", how="left")
+                          .select("customer_id",
+                                  F.when(F.col("_first_new_any").isNull()
+                                         | (F.col("first_order_date") < F.col("_first_new_any")),
+                                         F.col("first_order_date")).otherwise(F.col("_first_old"))
+                                  .alias("first_order_date"),
+                                  F.when(F.col("newly_placed"), F.lit(UNSEGMENTED)).otherwise(F.col("segment"))
+                                  .alias("segment")))
+    now_df = orders_df.drop("_is_new").join(attributes_df.select("customer_id", "first_order_date", "segment"),
+                                            on="customer_id", how="inner")
+    then_df = (orders_df.where(~F.col("_is_new")).drop("_is_new")
+               .join(then_attributes_df.where(F.col("first_order_date").isNotNull()), on="customer_id", how="inner"))
+    customers_df.unpersist()
+    return TouchedOrders(now_df.localCheckpoint(eager=True), then_df.localCheckpoint(eager=True), customers)
+
+
+def _stored_cells(storage: Storage, name: str, spec: CellSpec, start: int) -> DataFrame:
+    """The activity cells the table holds from year ``start`` (its cell columns, as :func:`_cells`
+    gives them)."""
+    column = table_spec(name).partition_by[0]
+    df = storage.read(name).where(F.col(column) >= F.lit(start))
+    if name == TREND_COHORT_RETENTION.name:
+        df = (df.withColumn("activity_first", F.to_date(F.concat(F.col("activity_month"), F.lit("-01"))))
+              .withColumn("cohort_first", F.to_date(F.concat(F.col("cohort_month"), F.lit("-01")))))
+    elif name == TREND_YEARLY.name:
+        df = df.withColumn("new_buyers", F.lit(0).cast("long"))      # not stored: new_customers is everyone's
+    elif name == TREND_YEARLY_CATEGORY.name:
+        df = df.withColumnRenamed("new_customers", "new_buyers")
+    return df.select(*spec.keys, *[F.col(c).cast("long") for c, _ in spec.counts],
+                     *[F.col(c).cast("long" if c == "orders" else "double") for c, _ in spec.sums])
+
+
+def _updated_cells(storage: Storage, name: str, spec: CellSpec, per_customer, touched: TouchedOrders,
+                   start: int) -> DataFrame:
+    """The table's cells from year ``start``: the stored ones, minus what the touched customers added
+    at the last run, plus what they add now (materialised: the table is then rewritten). A cell left
+    without orders has its sums set to exactly 0 (not the rounding left by the subtraction)."""
+    changes_df = (per_customer(touched.now_df, start).withColumn("_sign", F.lit(1))
+                  .unionByName(per_customer(touched.then_df, start).withColumn("_sign", F.lit(-1))))
+    combined_df = _stored_cells(storage, name, spec, start).unionByName(_cells(changes_df, spec))
+    doubles = [c for c, _ in spec.sums if c != "orders"]
+    summed_df = combined_df.groupBy(*spec.keys).agg(*[F.sum(c).alias(c) for c in spec.columns])
+    return summed_df.select(*spec.keys, *[F.col(c) for c, _ in spec.counts], "orders",
+                            *[F.when(F.col("orders") == 0, F.lit(0.0)).otherwise(F.col(c)).alias(c)
+                              for c in doubles]).localCheckpoint(eager=True)
 
 
 def _summary(features_df: DataFrame, segments_df: DataFrame | None, placed_after: dt.date | None) -> DataFrame:
@@ -543,12 +746,13 @@ def _identity_moved(storage: Storage, last: dict[str, Any], identity_at: int | N
 
 def _record_run(storage: Storage, last: dict[str, Any] | None, as_of_date: dt.date, mode: str,
                 generation_id: int | None, segments_version: int | None, ingest_run_ids: list[str],
-                starts: dict[str, int | None], identity_at: int | None = None) -> None:
+                starts: dict[str, int | None], identity_at: int | None = None,
+                orders_version: int | None = None) -> None:
     """Append the run's state; written last, so a run that dies before it is redone in full."""
     previous_seq = last["run_seq"] if last is not None else None
     if previous_seq is None and storage.exists(TREND_RUNS):   # a rebuild after earlier runs
         previous_seq = storage.read(TREND_RUNS).agg(F.max("run_seq")).first()[0]
     row = (int(previous_seq or 0) + 1, as_of_date, mode, generation_id, segments_version, ingest_run_ids,
            dict(starts),   # None: the whole table was recomputed
-           dt.datetime.now(dt.timezone.utc), identity_at)
+           dt.datetime.now(dt.timezone.utc), identity_at, orders_version)
     storage.append(TREND_RUNS, storage.spark.createDataFrame([row], TREND_RUNS.schema))

@@ -50,17 +50,19 @@ def seeded_orders(seed: int, n_customers: int, start: dt.date, end: dt.date, run
     return pd.DataFrame(rows)
 
 
-def write_orders(storage, pdf: pd.DataFrame, runs: str = "dated") -> None:
+def write_orders(storage, pdf: pd.DataFrame, runs: str = "dated", how: str = "merge") -> None:
     """Orders as ingest writes them; ``runs``: each ingest run's row in ``ingest_runs`` with the
     first order date it wrote ("dated"), without it (a run recorded before that column existed:
-    "undated"), or no ``ingest_runs`` at all ("unrecorded": orders written by other means)."""
+    "undated"), or no ``ingest_runs`` at all ("unrecorded": orders written by other means).
+    ``how``: "merge" (a rewrite of the table, as when ingest replaces orders) or "append" (new order
+    ids only, what a regular night's ingest does)."""
     text = lambda value: None if pd.isna(value) else value  # noqa: E731 - pandas turns None into NaN
     data = [(r.order_id, r.customer_id, dt.datetime.combine(r.order_date, dt.time(r.hour)), r.order_date,
              r.gross_amount, r.is_cancelled, r.cancelled_amount, r.net_amount, text(r.channel), text(r.category),
              "JPY", None,
              "test.csv", i + 1, r.ingest_run_id, r.order_date.strftime("%Y-%m"))
             for i, r in enumerate(pdf.itertuples())]
-    storage.merge(ORDERS.name, storage.spark.createDataFrame(data, ORDERS.schema))
+    getattr(storage, how)(ORDERS.name, storage.spark.createDataFrame(data, ORDERS.schema))
     if runs == "unrecorded":
         return
     write_ingest_runs(storage, [(run_id, len(group), min(group["order_date"]) if runs == "dated" else None)
@@ -231,10 +233,13 @@ def segment_map(customer_ids, share: float = 0.8, seed: int = 3) -> dict[str, st
 # --------------------------------------------------------------------------------------------
 # Tests
 # --------------------------------------------------------------------------------------------
-def test_trends_match_pandas_and_incremental_equals_rebuild(storage):
+@pytest.mark.parametrize("second_write", ["append", "merge"])
+def test_trends_match_pandas_and_incremental_equals_rebuild(storage, second_write):
     """Two nights (the second with late files, a backfill and newly placed customers): the
     incremental state vs the independent pandas computation and vs a rebuild; years the
-    incremental run did not recompute come from the first night, so they are checked too."""
+    incremental run did not recompute come from the first night, so they are checked too.
+    The second night's orders appended (a regular ingest: the stored activity cells are updated from
+    the touched customers) or merged (the table rewritten: the cells come from every order again)."""
     from pipelines.trends import run_trends
 
     conf = TrendsConf(recompute_weeks=1, years=2)
@@ -249,7 +254,7 @@ def test_trends_match_pandas_and_incremental_equals_rebuild(storage):
     batch2 = seeded_orders(12, 15, D1 - dt.timedelta(days=20), D2, "run-2", prefix="n")
     backfill = seeded_orders(13, 4, dt.date(2024, 2, 1), dt.date(2024, 9, 30), "run-2", prefix="c")
     backfill["order_id"] = "late-" + backfill["order_id"]
-    write_orders(storage, pd.concat([batch2, backfill]))
+    write_orders(storage, pd.concat([batch2, backfill]), how=second_write)
     write_trend_features(storage, pd.concat([batch1, batch2, backfill]), D2)
     placed = {c: "new" for c in sorted(batch2["customer_id"].unique())[:10]}
     placed.update({c: "low" for c in sorted(set(batch1["customer_id"]) - set(segments))[:3]})
@@ -257,6 +262,11 @@ def test_trends_match_pandas_and_incremental_equals_rebuild(storage):
 
     summary = run_trends(storage, D2, conf)
     assert summary.mode == "incremental"
+    # orders were only appended since the first run: the stored activity cells were updated from the
+    # customers with new orders, orders dated after D1 (stored before, not counted at D1) or placed since
+    after_d1 = batch1[(batch1["order_date"] > D1) & (batch1["order_date"] <= D2)]
+    touched = set(batch2["customer_id"]) | set(backfill["customer_id"]) | set(after_d1["customer_id"]) | set(placed)
+    assert summary.cells_updated_from == (len(touched) if second_write == "append" else None)
     assert summary.recomputed_from["trend_new_customers_weekly"] == 2024   # the backfill's year
     assert summary.recomputed_from["trend_yearly"] == 2025     # 2024 left the window
     assert summary.recomputed_from["trend_f2_conversion"] == 2023
