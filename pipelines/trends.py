@@ -65,6 +65,19 @@ tables must read anyway. Why ingest run ids rather than only "the last N weeks":
 backfills (a client re-sends last quarter) are common in mail order and a fixed window would
 silently miss them; each run's first order date is recorded by ingest (``ingest_runs.first_order_date``),
 so finding them reads that small table, not ``orders``.
+Within the recomputed years, the *activity* columns (buyers, orders and amounts per week and
+segment, per cohort and activity month, per year and category) are sums over customers of what
+each customer's orders add to a cell. When ``orders`` has only gained rows since the last run
+(``trend_runs.orders_version``; a regular night's ingest appends), they are not recomputed from
+every order: the stored cells are updated from the *touched* customers alone, those with orders
+appended since, orders dated after L (stored before L's run, not counted at L) or a first
+placement in a segment since L. Their orders are read (a scan with their ids broadcast), what they
+added at L is taken back (their orders then, with their first order date and segment then) and
+what they add now is added; every other customer adds what it added at L. Counts are exact; sums
+of amounts can differ from a rebuild in the last bits. Otherwise (orders rewritten, a new segment
+generation, moved identities, more than :data:`CELL_UPDATE_MAX_CUSTOMERS` touched) the cells come
+from every order of those years, joined with every customer's attributes.
+
 ``rebuild=True`` (also the first run, and a run for a date before the last one) recomputes
 everything and overwrites every table; the result is the same as the incremental one (tested).
 A re-run for the same date with nothing new writes nothing.
@@ -79,7 +92,8 @@ Measured at 2M customers / 13.7M orders, 2 shared cores, a nightly incremental r
 ~56 JVM CPU seconds, from ~71 (the per-customer summary replaced scans of a checkpoint of every
 customer; two-step aggregates replaced distinct counts and ``date_format`` grouping per order).
 The ingest-run aggregate over every order (~5 s) was replaced by ``ingest_runs.first_order_date``.
-Left: the orders join and its cache (~15-20 s). With several sources, ``trend_channel_sets`` is
+The orders join and its cache (~15-20 s) is left only where the cells are recomputed; a regular
+night updates them instead (2M: trends 33.7 / 30.3 -> 23.5 / 26.1 s warm, bench/trends.py). With several sources, ``trend_channel_sets`` is
 an aggregate of ``customer_features`` (first source, source set, first six months' net value are
 feature columns): rewritten whole each run without reading an order.
 """
@@ -416,8 +430,11 @@ def _segments_state(storage: Storage) -> tuple[DataFrame | None, int | None, int
     return storage.read(SEGMENTS_CURRENT), storage.version(SEGMENTS_CURRENT), generation
 
 
-def run_trends(storage: Storage, as_of_date: dt.date, conf: TrendsConf, rebuild: bool = False) -> TrendsResult:
-    """Update the trend tables for ``as_of_date`` (module docstring); ``rebuild`` recomputes all."""
+def run_trends(storage: Storage, as_of_date: dt.date, conf: TrendsConf, rebuild: bool = False,
+               cell_update: bool = True) -> TrendsResult:
+    """Update the trend tables for ``as_of_date`` (module docstring); ``rebuild`` recomputes all;
+    ``cell_update=False`` recomputes the activity cells of the recomputed years from every order even
+    where the touched customers' update applies (the two give the same tables: bench/trends.py)."""
     features_df = _features_at(storage, as_of_date)
     identity_at = identity_version(storage)
     lookup = IdLookup.of(storage.read(IDENTITY_MAP, version=identity_at), materialise=True) \
@@ -444,7 +461,7 @@ def run_trends(storage: Storage, as_of_date: dt.date, conf: TrendsConf, rebuild:
     else:
         starts = _incremental_starts(last, as_of_date, conf, unseen, summary_df, segments_df is not None,
                                      segments_version, generation_id, window_first_year)
-    touched = None if full else _touched_orders(storage, last, orders_df, features_df, segments_df, starts,
+    touched = None if full or not cell_update else _touched_orders(storage, last, orders_df, features_df, segments_df, starts,
                                                 as_of_date, lookup)
     try:
         partitions = _write_tables(storage, orders_df, features_df, segments_df, summary_df, starts, full,
