@@ -31,11 +31,10 @@ from core.config import load_config  # noqa: E402
 from core.spark import build_spark  # noqa: E402
 from core.storage import Storage  # noqa: E402
 
-ACTIVITY_TABLES = ("trend_weekly_segment", "trend_cohort_retention", "trend_yearly", "trend_yearly_category")
 TABLES = ("trend_weekly_segment", "trend_new_customers_weekly", "trend_f2_conversion", "trend_cohort_retention",
           "trend_yearly", "trend_yearly_category")
-KEYS = {"trend_weekly_segment": ["week_start", "segment"], "trend_new_customers_weekly": ["week_start", "acquisition_channel"],
-        "trend_f2_conversion": ["cohort_month"], "trend_cohort_retention": ["activity_month", "cohort_month"],
+KEYS = {"trend_weekly_segment": ["week_start", "segment"],
+        "trend_new_customers_weekly": ["week_start", "acquisition_channel"], "trend_f2_conversion": ["cohort_month"], "trend_cohort_retention": ["activity_month", "cohort_month"],
         "trend_yearly": ["year"], "trend_yearly_category": ["year", "category"]}
 
 

@@ -60,11 +60,11 @@ segment). A run at ``D`` after a run at ``L`` recomputes, per table, the years f
 
 A new order can only move a customer's first order to a date on or after ``base``, so every year
 before these is unchanged; replaced years are replaced whole (a year left without rows is
-emptied). In a nightly run that is the current year (two around New Year), which the yearly
-tables must read anyway. Why ingest run ids rather than only "the last N weeks": late files and
+emptied). In a nightly run that is the current year (two around New Year). Why ingest run ids rather than only "the last N weeks": late files and
 backfills (a client re-sends last quarter) are common in mail order and a fixed window would
 silently miss them; each run's first order date is recorded by ingest (``ingest_runs.first_order_date``),
 so finding them reads that small table, not ``orders``.
+
 Within the recomputed years, the *activity* columns (buyers, orders and amounts per week and
 segment, per cohort and activity month, per year and category) are sums over customers of what
 each customer's orders add to a cell. When ``orders`` has only gained rows since the last run
@@ -93,9 +93,10 @@ Measured at 2M customers / 13.7M orders, 2 shared cores, a nightly incremental r
 customer; two-step aggregates replaced distinct counts and ``date_format`` grouping per order).
 The ingest-run aggregate over every order (~5 s) was replaced by ``ingest_runs.first_order_date``.
 The orders join and its cache (~15-20 s) is left only where the cells are recomputed; a regular
-night updates them instead (2M: trends 33.7 / 30.3 -> 23.5 / 26.1 s warm, bench/trends.py). With several sources, ``trend_channel_sets`` is
-an aggregate of ``customer_features`` (first source, source set, first six months' net value are
-feature columns): rewritten whole each run without reading an order.
+night updates them instead (2M: trends 31.4 -> 24.1 s, bench/trends.py). With
+several sources, ``trend_channel_sets`` is an aggregate of ``customer_features`` (first source,
+source set, first six months' net value are feature columns): rewritten whole each run without
+reading an order.
 """
 from __future__ import annotations
 
@@ -103,7 +104,7 @@ import datetime as dt
 import logging
 from dataclasses import dataclass
 from functools import reduce
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from pyspark.sql import Column, DataFrame, Window
 from pyspark.sql import functions as F
@@ -223,26 +224,41 @@ def _per_customer(orders_df: DataFrame, keys: list[Column], sums: dict[str, Colu
 # --------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class CellSpec:
+    """A table's activity cells. Column expressions are built when used (functions of nothing): a
+    Column needs a Spark session, and this module is imported before one exists."""
     keys: tuple[str, ...]
-    counts: tuple[tuple[str, Column], ...]     # (cell column, condition on a customer's row): customers counted
-    sums: tuple[tuple[str, Column], ...]       # (cell column, value of a customer's row): added up
+    counts: tuple[tuple[str, Callable[[], Column]], ...]   # (cell column, condition on a customer's row): counted
+    sums: tuple[tuple[str, Callable[[], Column]], ...]     # (cell column, value of a customer's row): added up
 
     @property
     def columns(self) -> list[str]:
         return [name for name, _ in self.counts] + [name for name, _ in self.sums]
 
 
-WEEKLY_CELLS = CellSpec(("week_start", "segment"), (("active_buyers", F.col("is_active")),),
-                        tuple((c, F.col(c)) for c in ("orders", "cancelled_orders", "gross", "cancelled", "net")))
-COHORT_CELLS = CellSpec(("activity_first", "cohort_first"), (("active_customers", F.col("is_active")),),
-                        (("orders", F.col("orders")), ("net", F.col("net"))))
-_NEW = F.col("is_new")
-YEAR_COUNTS = (("new_buyers", _NEW & F.col("is_active")), ("existing_customers", ~_NEW & F.col("is_active")))
-YEAR_SUMS = (("new_customer_net", F.when(_NEW, F.col("net")).otherwise(F.lit(0.0))),
-             ("existing_customer_net", F.when(~_NEW, F.col("net")).otherwise(F.lit(0.0))),
-             ("net", F.col("net")), ("orders", F.col("orders")))
+def _column(name: str) -> Callable[[], Column]:
+    return lambda: F.col(name)
+
+
+def _new_only(value: str, new: bool) -> Callable[[], Column]:
+    return lambda: F.when(F.col("is_new") if new else ~F.col("is_new"), F.col(value)).otherwise(F.lit(0.0))
+
+
+WEEKLY_CELLS = CellSpec(("week_start", "segment"), (("active_buyers", _column("is_active")),),
+                        tuple((c, _column(c)) for c in ("orders", "cancelled_orders", "gross", "cancelled", "net")))
+COHORT_CELLS = CellSpec(("activity_first", "cohort_first"), (("active_customers", _column("is_active")),),
+                        (("orders", _column("orders")), ("net", _column("net"))))
+YEAR_COUNTS = (("new_buyers", lambda: F.col("is_new") & F.col("is_active")),
+               ("existing_customers", lambda: ~F.col("is_new") & F.col("is_active")))
+YEAR_SUMS = (("new_customer_net", _new_only("net", True)), ("existing_customer_net", _new_only("net", False)),
+             ("net", _column("net")), ("orders", _column("orders")))
 YEARLY_CELLS = CellSpec(("year",), YEAR_COUNTS, YEAR_SUMS)
 YEARLY_CATEGORY_CELLS = CellSpec(("year", "category"), YEAR_COUNTS, YEAR_SUMS)
+#: summed cell columns that count orders (longs); the other sums are amounts (doubles)
+ORDER_COUNTS = ("orders", "cancelled_orders")
+
+
+def _sum_type(name: str) -> str:
+    return "long" if name in ORDER_COUNTS else "double"
 
 
 def weekly_per_customer(orders_df: DataFrame, from_year: int | None) -> DataFrame:
@@ -272,9 +288,9 @@ def _cells(per_customer_df: DataFrame, spec: CellSpec) -> DataFrame:
     and values added up (times the sign). Without ``_sign`` every row counts once."""
     sign = F.col("_sign") if "_sign" in per_customer_df.columns else F.lit(1)
     return per_customer_df.groupBy(*spec.keys).agg(
-        *[F.sum(F.when(condition, sign).otherwise(F.lit(0))).cast("long").alias(name) for name, condition in spec.counts],
-        *[(F.sum(value * sign) if name == "orders" else F.sum(value * sign).cast("double")).alias(name)
-          for name, value in spec.sums])
+        *[F.sum(F.when(condition(), sign).otherwise(F.lit(0))).cast("long").alias(name)
+          for name, condition in spec.counts],
+        *[F.sum(value() * sign).cast(_sum_type(name)).alias(name) for name, value in spec.sums])
 
 
 def weekly_segment(cells_df: DataFrame, summary_df: DataFrame, as_of_date: dt.date,
@@ -461,8 +477,9 @@ def run_trends(storage: Storage, as_of_date: dt.date, conf: TrendsConf, rebuild:
     else:
         starts = _incremental_starts(last, as_of_date, conf, unseen, summary_df, segments_df is not None,
                                      segments_version, generation_id, window_first_year)
-    touched = None if full or not cell_update else _touched_orders(storage, last, orders_df, features_df, segments_df, starts,
-                                                as_of_date, lookup)
+    touched = None
+    if not full and cell_update:
+        touched = _touched_orders(storage, last, orders_df, features_df, segments_df, starts, as_of_date, lookup)
     try:
         partitions = _write_tables(storage, orders_df, features_df, segments_df, summary_df, starts, full,
                                    as_of_date, window_first_year, identity_at, touched)
@@ -670,8 +687,9 @@ def _touched_orders(storage: Storage, last: dict[str, Any], orders_df: DataFrame
         appended_df = lookup.apply(appended_df)
     appended_df = (appended_df.where(F.col("order_date") <= F.lit(as_of_date))
                    .select("order_id", "customer_id", "order_date").localCheckpoint(eager=True))
-    dated_df = orders_df.where((F.col("order_month") >= F.lit(f"{previous:%Y-%m}"))
-                               & (F.col("order_date") > F.lit(previous))).select("order_id", "customer_id", "order_date")
+    dated_df = (orders_df.where((F.col("order_month") >= F.lit(f"{previous:%Y-%m}"))
+                                & (F.col("order_date") > F.lit(previous)))
+                .select("order_id", "customer_id", "order_date"))
     new_orders_df = appended_df.unionByName(dated_df).distinct()
     customer_parts = [new_orders_df.select("customer_id")]
     if segments_df is not None:
@@ -725,7 +743,7 @@ def _stored_cells(storage: Storage, name: str, spec: CellSpec, start: int) -> Da
     elif name == TREND_YEARLY_CATEGORY.name:
         df = df.withColumnRenamed("new_customers", "new_buyers")
     return df.select(*spec.keys, *[F.col(c).cast("long") for c, _ in spec.counts],
-                     *[F.col(c).cast("long" if c == "orders" else "double") for c, _ in spec.sums])
+                     *[F.col(c).cast(_sum_type(c)) for c, _ in spec.sums])
 
 
 def _updated_cells(storage: Storage, name: str, spec: CellSpec, per_customer, touched: TouchedOrders,
@@ -736,11 +754,11 @@ def _updated_cells(storage: Storage, name: str, spec: CellSpec, per_customer, to
     changes_df = (per_customer(touched.now_df, start).withColumn("_sign", F.lit(1))
                   .unionByName(per_customer(touched.then_df, start).withColumn("_sign", F.lit(-1))))
     combined_df = _stored_cells(storage, name, spec, start).unionByName(_cells(changes_df, spec))
-    doubles = [c for c, _ in spec.sums if c != "orders"]
     summed_df = combined_df.groupBy(*spec.keys).agg(*[F.sum(c).alias(c) for c in spec.columns])
-    return summed_df.select(*spec.keys, *[F.col(c) for c, _ in spec.counts], "orders",
-                            *[F.when(F.col("orders") == 0, F.lit(0.0)).otherwise(F.col(c)).alias(c)
-                              for c in doubles]).localCheckpoint(eager=True)
+    return summed_df.select(*spec.keys, *[F.col(c) for c, _ in spec.counts],
+                            *[F.col(c) if _sum_type(c) == "long" else
+                              F.when(F.col("orders") == 0, F.lit(0.0)).otherwise(F.col(c)).alias(c)
+                              for c, _ in spec.sums]).localCheckpoint(eager=True)
 
 
 def _summary(features_df: DataFrame, segments_df: DataFrame | None, placed_after: dt.date | None) -> DataFrame:
