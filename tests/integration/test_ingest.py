@@ -10,13 +10,15 @@ from chispa import assert_approx_df_equality, assert_df_equality
 from pyspark.sql import functions as F
 
 from core.config import SourceConf, ValidationConf, load_config
+from jobs.demo import cdnow_sample_path
 from pipelines.ingest import IngestError, IngestRejectedError, run_ingest
 
 pytestmark = pytest.mark.slow   # minutes: started first (tests/conftest.py)
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "ingest"
 ROOT = Path(__file__).resolve().parents[2]
-CDNOW = next((ROOT / ".venv" / "lib").glob("python3*/site-packages/lifetimes/datasets/CDNOW_sample.txt"), None)
+# the raw transactions lifetimes ships, wherever the environment installed it (not only ./.venv)
+CDNOW = cdnow_sample_path() if cdnow_sample_path().is_file() else None
 ORDER_COLUMNS = {"order_id": "order_id", "customer_id": "customer_id", "order_ts": "order_ts",
                  "gross_amount": "gross_amount"}
 
