@@ -686,11 +686,13 @@ def _touched_orders(storage: Storage, last: dict[str, Any], orders_df: DataFrame
     if lookup is not None:
         appended_df = lookup.apply(appended_df)
     appended_df = (appended_df.where(F.col("order_date") <= F.lit(as_of_date))
-                   .select("order_id", "customer_id", "order_date").localCheckpoint(eager=True))
+                   .select("order_id", "customer_id", "order_date"))
     dated_df = (orders_df.where((F.col("order_month") >= F.lit(f"{previous:%Y-%m}"))
                                 & (F.col("order_date") > F.lit(previous)))
                 .select("order_id", "customer_id", "order_date"))
-    new_orders_df = appended_df.unionByName(dated_df).distinct()
+    # read three times below (the touched ids, the new order ids, each customer's earliest new order):
+    # the appended files and the months after L are scanned once
+    new_orders_df = appended_df.unionByName(dated_df).distinct().localCheckpoint(eager=True)
     customer_parts = [new_orders_df.select("customer_id")]
     if segments_df is not None:
         customer_parts.append(segments_df.where(F.col("assigned_as_of") > F.lit(previous)).select("customer_id"))
@@ -698,6 +700,7 @@ def _touched_orders(storage: Storage, last: dict[str, Any], orders_df: DataFrame
     customers = customers_df.count()
     if customers > CELL_UPDATE_MAX_CUSTOMERS:
         customers_df.unpersist()
+        new_orders_df.unpersist()
         return None
     touched = F.broadcast(customers_df)
     attributes_df = customer_attributes(features_df.join(touched, on="customer_id", how="left_semi"),
@@ -726,8 +729,10 @@ def _touched_orders(storage: Storage, last: dict[str, Any], orders_df: DataFrame
                                             on="customer_id", how="inner")
     then_df = (orders_df.where(~F.col("_is_new")).drop("_is_new")
                .join(then_attributes_df.where(F.col("first_order_date").isNotNull()), on="customer_id", how="inner"))
+    touched_orders = TouchedOrders(now_df.localCheckpoint(eager=True), then_df.localCheckpoint(eager=True), customers)
     customers_df.unpersist()
-    return TouchedOrders(now_df.localCheckpoint(eager=True), then_df.localCheckpoint(eager=True), customers)
+    new_orders_df.unpersist()
+    return touched_orders
 
 
 def _stored_cells(storage: Storage, name: str, spec: CellSpec, start: int) -> DataFrame:
