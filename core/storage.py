@@ -107,6 +107,12 @@ class StorageBackend(Protocol):
     def add_columns(self, path: str, fields: list[T.StructField]) -> None:
         """Add nullable columns to the table's schema (a metadata-only commit; older rows read null)."""
 
+    def properties(self, path: str) -> dict[str, str]:
+        """The table's properties (its metadata's configuration)."""
+
+    def set_properties(self, path: str, properties: dict[str, str]) -> None:
+        """Set table properties (a metadata-only commit)."""
+
     def write(self, df: DataFrame, path: str, spec: TableSpec, mode: str,
               partitions: dict[str, list[str]] | None, below: dict[str, int] | None = None) -> None:
         """mode: append | overwrite (whole table) | replace_partitions (those in df and ``partitions``,
@@ -230,6 +236,17 @@ class _DeltaRsBackend:
         added = Schema.from_arrow(spark_to_arrow_schema(T.StructType(fields)))
         DeltaTable(path).alter.add_columns(list(added.fields))
 
+    def properties(self, path: str) -> dict[str, str]:
+        from deltalake import DeltaTable
+
+        return dict(DeltaTable(path).metadata().configuration or {})
+
+    def set_properties(self, path: str, properties: dict[str, str]) -> None:
+        from deltalake import CommitProperties, DeltaTable
+
+        DeltaTable(path).alter.set_table_properties(
+            properties, commit_properties=CommitProperties(custom_metadata={"engine_operation": "set_properties"}))
+
     # -- writing --------------------------------------------------------------------------
     def _stage(self, df: DataFrame, path: str, spec: TableSpec) -> list[_StagedFile]:
         """Write df as parquet into a fresh staging folder, move the files into place."""
@@ -287,7 +304,7 @@ class _DeltaRsBackend:
             create_table_with_add_actions(path, schema, [a for a in actions if hasattr(a, "stats")],
                                           mode="error", partition_by=list(spec.partition_by) or None,
                                           name=spec.name, description=spec.description,
-                                          commit_properties=props)
+                                          configuration=spec.table_properties or None, commit_properties=props)
             return
         DeltaTable(path).create_write_transaction(
             actions, mode=mode, schema=schema, partition_by=list(spec.partition_by) or None,
@@ -509,9 +526,27 @@ class _DeltaSparkBackend:
         columns = ", ".join(f"`{f.name}` {f.dataType.simpleString()}" for f in fields)
         self.spark.sql(f"ALTER TABLE delta.`{quoted}` ADD COLUMNS ({columns})")
 
+    def properties(self, path: str) -> dict[str, str]:
+        try:
+            jvm, delta_log = self._delta_log(path)
+            configuration = self._snapshot(jvm, delta_log).metadata().configuration()     # no Spark job
+            return dict(jvm.scala.jdk.javaapi.CollectionConverters.asJava(configuration))
+        except Exception:  # noqa: BLE001 - an internal API: another Delta release may differ
+            from delta.tables import DeltaTable
+
+            row = DeltaTable.forPath(self.spark, path).detail().select("properties").first()
+            return dict(row["properties"] or {})
+
+    def set_properties(self, path: str, properties: dict[str, str]) -> None:
+        quoted = path.replace("`", "``")
+        pairs = ", ".join(f"'{k}' = '{v}'" for k, v in properties.items())
+        self.spark.sql(f"ALTER TABLE delta.`{quoted}` SET TBLPROPERTIES ({pairs})")
+
     def write(self, df: DataFrame, path: str, spec: TableSpec, mode: str,
               partitions: dict[str, list[str]] | None, below: dict[str, int] | None = None) -> None:
-        writer = df.write.format("delta")
+        # table properties as options apply when the write creates the table; Delta ignores them on
+        # an existing one (maintenance sets them on tables created before: Storage.ensure_properties)
+        writer = df.write.format("delta").options(**spec.table_properties)
         if spec.partition_by:
             writer = writer.partitionBy(*spec.partition_by)
         if mode == "append":
@@ -882,6 +917,19 @@ class Storage:
             raise StorageError(f"table {name!r} is not partitioned by one column")
         (column,) = spec.partition_by
         return sorted(str(r[0]) for r in self.read(name).select(column).distinct().collect())
+
+    @_by_name
+    def ensure_properties(self, name: TableRef) -> dict[str, str]:
+        """Give a table created by an earlier release the properties this one creates it with
+        (:attr:`core.tables.TableSpec.table_properties`); returns those it set (a metadata-only
+        commit, none when nothing differs). Maintenance calls it: new tables have them already."""
+        wanted = table_spec(name).table_properties
+        path = self.path(name)
+        current = self._backend.properties(path)
+        missing = {k: v for k, v in wanted.items() if current.get(k) != v}
+        if missing:
+            self._backend.set_properties(path, missing)
+        return missing
 
     @_by_name
     def compact(self, name: TableRef) -> dict[str, int]:

@@ -194,6 +194,12 @@ def _maintain_table(storage: Storage, retention: RetentionConf, name: str, as_of
         pruned = partitions_to_prune(storage.partition_values(name), as_of, days)
         if pruned and not dry_run:
             storage.delete_partitions(name, {column: pruned})
+    if not dry_run:
+        # tables created by an earlier release: statistics on the key and filter columns only from
+        # now on (the compaction below already writes its files that way)
+        changed = storage.ensure_properties(name)
+        if changed:
+            log.info("%s: set table properties %s", name, changed)
     compacted = 0
     if name in COMPACTED and not dry_run and files_before > 1:
         outcome = storage.compact(name)

@@ -256,3 +256,57 @@ def test_delta_spark_reads_versions_and_appends_from_its_log_without_spark_jobs(
     assert len(from_log) == 2
     storage.merge("orders", _orders_df(spark, [("O2", "C2", "2024-02-05", 25.0)]))
     assert backend._files_appended_from_log(path, 0) is None                      # noqa: SLF001
+
+
+def _stats_columns_of_adds(backend: str, spark, path: str) -> set[str]:
+    """The columns with min/max statistics in the table's add actions (every file's)."""
+    if backend == "deltalake":
+        import pyarrow as pa
+
+        adds = pa.table(DeltaTable(path).get_add_actions(flatten=True)).to_pylist()
+        return {k.split(".", 1)[1] for a in adds for k, v in a.items() if k.startswith("min.") and v is not None}
+    import json
+    from pathlib import Path
+
+    columns = set()
+    for commit in sorted(Path(path, "_delta_log").glob("*.json")):
+        for line in commit.read_text().splitlines():
+            add = json.loads(line).get("add")
+            if add and add.get("stats"):
+                columns |= set(json.loads(add["stats"]).get("minValues", {}))
+    return columns
+
+
+def test_tables_keep_statistics_on_their_key_and_filter_columns_only(spark, any_storage):
+    from core.tables import ORDERS, STATS_COLUMNS_PROPERTY
+
+    assert ORDERS.stats_columns == ("order_id", "order_date", "customer_id")
+    any_storage.append("orders", _orders_df(spark, [("o1", "c1", "2024-01-05", 10.0), ("o2", "c2", "2024-02-05", 20.0)]))
+    any_storage.append("orders", _orders_df(spark, [("o3", "c1", "2024-02-06", 30.0)]))
+    path = any_storage.path("orders")
+    assert any_storage._backend.properties(path)[STATS_COLUMNS_PROPERTY] == "order_id,order_date,customer_id"
+    # delta-spark writes min/max of those columns only (not gross_amount, source_row, ...);
+    # the deltalake backend writes record counts only
+    expected = set() if any_storage.backend == "deltalake" else {"order_id", "order_date", "customer_id"}
+    assert _stats_columns_of_adds(any_storage.backend, spark, path) == expected
+    assert any_storage.ensure_properties("orders") == {}       # nothing to set: no commit
+    assert any_storage.version("orders") == 1
+    # a filter on a column with statistics still reads the right rows
+    assert [r.order_id for r in any_storage.read("orders").where(F.col("order_date") > dt.date(2024, 2, 5)).collect()] == ["o3"]
+
+
+def test_maintenance_gives_tables_of_an_earlier_release_the_statistics_property(spark, warehouse):
+    """A table created without the property (an earlier release) gets it from maintenance; the
+    files written after that carry the reduced statistics."""
+    from core.config import RetentionConf
+    from core.tables import CUSTOMER_SCORES, STATS_COLUMNS_PROPERTY
+    from pipelines.maintenance import run_maintenance
+
+    storage = Storage(spark, str(warehouse), backend="delta-spark")
+    path = storage.path(CUSTOMER_SCORES.name)
+    rows = spark.createDataFrame([], CUSTOMER_SCORES.stored_schema)
+    rows.write.format("delta").partitionBy("as_of_date").save(path)       # as an earlier release did
+    assert STATS_COLUMNS_PROPERTY not in storage._backend.properties(path)
+    run_maintenance(storage, D1, RetentionConf(), retention_hours=168, tables=[CUSTOMER_SCORES.name])
+    assert storage._backend.properties(path)[STATS_COLUMNS_PROPERTY] == "customer_id"
+    assert storage.ensure_properties(CUSTOMER_SCORES.name) == {}
