@@ -1,6 +1,7 @@
 """What the value intervals cost: scoring N customers with and without them, in the same run.
 
     python bench/intervals.py --customers 2000000 [--workdir DIR] [--repeats 2] [--purchase-model paretonbd]
+                              [--sink delta|parquet]
 
 The customers' features (frequency, recency, T, monetary value, orders and cancellations, in days)
 are simulated in numpy from the generator's default BG/NBD + Gamma-Gamma parameters
@@ -8,8 +9,10 @@ are simulated in numpy from the generator's default BG/NBD + Gamma-Gamma paramet
 and written once as parquet (kept in ``--workdir`` and reused); ingest and features are not what is
 measured. A BG/NBD (``--purchase-model``: MBG/NBD, Pareto/NBD) + Gamma-Gamma + cancellation bundle is fitted on them with the engine's
 ``fit_btyd_bundles``, then the engine's ``score_customers`` runs over every customer and the scores
-are written as parquet (what ``cvseg score`` does before its Delta commit), alternately without
-(``models.intervals: false``) and with intervals, ``--repeats`` times each. Reported: seconds per run,
+are written, alternately without (``models.intervals: false``) and with intervals, ``--repeats``
+times each: ``--sink delta`` (default) as ``cvseg score`` writes them (``scores_table_rows`` into the
+``customer_scores`` partition of the date, through the engine's ``Storage`` on delta-spark, with the
+table's properties), ``--sink parquet`` as plain parquet files (no table, no commit). Reported: seconds per run,
 the median of each and their ratio (the issue's target: at most 1.5x), plus the cost per
 customer of ``ScoringBundle.predict`` on a 200k sample (no Spark). The machine is shared: read the
 ratio, measured in the same session minutes apart, rather than the absolute seconds.
@@ -73,6 +76,8 @@ def main() -> None:
     parser.add_argument("--driver-memory", default="6g")
     parser.add_argument("--purchase-model", default="bgnbd", choices=("bgnbd", "mbgnbd", "paretonbd"),
                         help="the bundle's purchase model (the simulated customers stay BG/NBD)")
+    parser.add_argument("--sink", default="delta", choices=("delta", "parquet"),
+                        help="delta: the customer_scores table as `cvseg score` writes it; parquet: plain files")
     args = parser.parse_args()
 
     workdir = Path(args.workdir)
@@ -86,9 +91,27 @@ def main() -> None:
     config = load_config(Path(__file__).resolve().parents[1] / "conf" / "examples" / "synthetic.yaml", [
         f"storage.warehouse={workdir / 'warehouse'}", f"spark.driver_memory={args.driver_memory}"])
 
-    from pipelines.ltv import fit_btyd_bundles, score_customers
+    import datetime as dt
+
+    from core.storage import Storage
+    from core.tables import CUSTOMER_SCORES
+    from pipelines.ltv import fit_btyd_bundles, score_customers, scores_table_rows
 
     spark = build_spark(config.spark, str(workdir / "warehouse"))
+    as_of = dt.date(2026, 9, 30)
+
+    def write_scores(scored_bundle, target: Path) -> Storage | None:
+        """The scores into a new table (a new warehouse folder each time: Delta's log cache never sees
+        a table deleted under it) or a new parquet folder."""
+        scores_df = score_customers(features_df, scored_bundle)
+        if args.sink == "parquet":
+            scores_df.write.parquet(str(target))
+            return None
+        storage = Storage(spark, str(target), backend="delta-spark")
+        rows_df = scores_table_rows(scores_df, as_of, scored_bundle.value_model, "bench", scored_bundle.horizon_months)
+        storage.replace_partitions(CUSTOMER_SCORES, rows_df, partitions={"as_of_date": [as_of]})
+        return storage
+
     features_df = spark.read.parquet(str(features_path)).cache()
     print(f"customers: {features_df.count():,}")
     started = time.perf_counter()
@@ -96,17 +119,18 @@ def main() -> None:
     print(f"fit {time.perf_counter() - started:.1f} s; params {bundle.describe()['purchase_params']}; "
           f"covariance stored: {bundle.purchase.fit_info_.get('log_param_covariance') is not None}")
 
+    shutil.rmtree(scratch, ignore_errors=True)
     seconds: dict[str, list[float]] = {"without": [], "with": []}
     for repeat in range(args.repeats):
         for variant in ("without", "with"):
             scored = dataclasses.replace(bundle, intervals=variant == "with")
-            shutil.rmtree(scratch, ignore_errors=True)
+            target = scratch / f"{repeat}-{variant}"
             started = time.perf_counter()
-            score_customers(features_df, scored).write.parquet(str(scratch))
+            storage = write_scores(scored, target)
             seconds[variant].append(time.perf_counter() - started)
             print(f"  run {repeat + 1} {variant:>7} intervals: {seconds[variant][-1]:.1f} s")
     median = {k: statistics.median(v) for k, v in seconds.items()}
-    written = spark.read.parquet(str(scratch))
+    written = storage.read(CUSTOMER_SCORES) if storage is not None else spark.read.parquet(str(target))
     with_interval = written.where("predicted_net_value_p10 is not null").count()
 
     sample = features_df.limit(200_000).toPandas()
@@ -122,11 +146,11 @@ def main() -> None:
 
     ratio = median["with"] / median["without"]
     print()
-    print(f"score + write {args.customers:,} customers: without intervals {median['without']:.1f} s, with "
+    print(f"score + write ({args.sink}) {args.customers:,} customers: without intervals {median['without']:.1f} s, with "
           f"{median['with']:.1f} s (medians of {args.repeats}): ratio {ratio:.2f} (target <= 1.5)")
     print(f"ScoringBundle.predict without Spark: {per_customer['without']:.2f} us per customer without, "
           f"{per_customer['with']:.2f} us with intervals")
-    print(json.dumps({"customers": args.customers, "seconds": seconds, "median": median, "ratio": round(ratio, 3),
+    print(json.dumps({"customers": args.customers, "sink": args.sink, "seconds": seconds, "median": median, "ratio": round(ratio, 3),
                       "customers_with_interval": with_interval,
                       "numpy_predict_us_per_customer": {k: round(v, 3) for k, v in per_customer.items()}}))
 
