@@ -1,6 +1,7 @@
 """Quality benchmark: the engine's champion vs a plain lifetimes fit, same data, same holdout.
 
     python bench/quality.py [--customers 200000] [--patterns retry,stray,mixed] [--no-cdnow] [--json OUT]
+                            [--set models.champion_metric=spearman ...]
 
 For each data set, in one run:
 
@@ -90,7 +91,7 @@ def engine_predictions(storage: Storage, config, end: dt.date) -> tuple[str, dic
         "compare_cohort": champion == "cohort", "compare_naive": champion == "naive"})})
     bundles = fit_origin_models(holdout_df, cohort_df, only_btyd).bundles
     hybrids, _, notes = origin_hybrids(storage, cutoff, config, bundles)
-    for note in notes + choice.get("notes", []):
+    for note in [*notes, *choice.notes]:
         print(f"... {note}", flush=True)
     bundles.update(hybrids)
     shown = {name: bundles[name] for name in dict.fromkeys([champion, "bgnbd", "bgnbd_net", *hybrids])
@@ -146,19 +147,19 @@ def compare(name: str, storage: Storage, config, end: dt.date) -> list[dict]:
     return rows
 
 
-def generated_storage(spark, root: Path, pattern: str, customers: int, seed: int):
+def generated_storage(spark, root: Path, pattern: str, customers: int, seed: int, overrides: list[str]):
     from datagen.generate import GeneratorParams
 
     warehouse = root / f"wh-{pattern}"
     config = load_config(ROOT / "conf" / "examples" / "synthetic.yaml",
-                         [f"storage.warehouse={warehouse}", "storage.backend=deltalake"])
+                         [f"storage.warehouse={warehouse}", "storage.backend=deltalake", *overrides])
     storage = Storage(spark, str(warehouse), "deltalake")
     write_orders_direct(spark, storage, customers, seed, GENERATED_END, config.business.timezone,
                         params=GeneratorParams(cancellations=pattern))
     return storage, config
 
 
-def cdnow_storage(spark, root: Path):
+def cdnow_storage(spark, root: Path, overrides: list[str]):
     import lifetimes
 
     from pipelines.ingest import run_ingest
@@ -167,7 +168,7 @@ def cdnow_storage(spark, root: Path):
     warehouse = root / "wh-cdnow"
     config = load_config(ROOT / "conf" / "examples" / "cdnow.yaml",
                          [f"storage.warehouse={warehouse}", f"source.path={path}", "storage.backend=deltalake",
-                          "models.compare_cohort=false"])
+                          "models.compare_cohort=false", *overrides])
     storage = Storage(spark, str(warehouse), "deltalake")
     run_ingest(spark, storage, config.source, config.validation, config.business.timezone, CDNOW_END, path=str(path))
     return storage, config
@@ -228,6 +229,8 @@ def main() -> None:
                         help="comma-separated cancellation patterns (independent, retry, stray, mixed)")
     parser.add_argument("--no-cdnow", action="store_true")
     parser.add_argument("--json", help="write the rows as JSON here")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a configuration override for every data set (e.g. models.champion_metric=spearman)")
     args = parser.parse_args()
 
     rows: list[dict] = []
@@ -236,11 +239,11 @@ def main() -> None:
         config = load_config(None, [f"storage.warehouse={root}/wh"])
         spark = build_spark(config.spark, f"{root}/wh")
         for pattern in [p for p in args.patterns.split(",") if p]:
-            storage, pattern_config = generated_storage(spark, root, pattern, args.customers, args.seed)
+            storage, pattern_config = generated_storage(spark, root, pattern, args.customers, args.seed, args.set)
             rows += compare(f"generated {pattern} ({args.customers:,})", storage, pattern_config, GENERATED_END)
             print(f"... {pattern} done ({rows[-1]['seconds']} s)", flush=True)
         if not args.no_cdnow:
-            storage, cdnow_config = cdnow_storage(spark, root)
+            storage, cdnow_config = cdnow_storage(spark, root, args.set)
             rows += compare("CDNOW (2,357)", storage, cdnow_config, CDNOW_END)
     print_table(rows)
     for data in dict.fromkeys(r["data"] for r in rows):
