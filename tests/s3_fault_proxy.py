@@ -4,13 +4,16 @@ Every request is forwarded unchanged, except that a share of them (``failure_rat
 by the proxy itself with S3's own error bodies: 503 SlowDown (throttling) and 500 InternalError,
 alternately. Which requests fail is decided by a seeded random sequence, one draw per request
 in arrival order, so a run sees the same pattern of failures for the same seed and the same
-requests. ``failure_rate`` can be changed while clients run (1.0: S3 is down).
+requests. ``failure_rate`` can be changed while clients run (1.0: S3 is down). ``on_request``, when
+given, is called after each forwarded or failed request with (method, path with query, status,
+seconds): ``bench/s3_requests.py`` counts a night's S3 requests with it.
 """
 from __future__ import annotations
 
 import http.client
 import random
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlparse
 
@@ -23,12 +26,13 @@ _HOP_BY_HOP = {"connection", "keep-alive", "proxy-connection", "transfer-encodin
 
 
 class FaultProxy:
-    def __init__(self, upstream: str, failure_rate: float = 0.0, seed: int = 0):
+    def __init__(self, upstream: str, failure_rate: float = 0.0, seed: int = 0, on_request=None):
         parsed = urlparse(upstream)
         if parsed.hostname not in ("127.0.0.1", "localhost"):
             raise ValueError(f"the proxy forwards to loopback only, not {upstream}")
         self.upstream = (parsed.hostname, parsed.port)
         self.failure_rate = failure_rate
+        self.on_request = on_request
         self._random = random.Random(seed)
         self._lock = threading.Lock()
         self.requests = 0
@@ -86,13 +90,20 @@ class FaultProxy:
                 return self.rfile.read(int(self.headers.get("Content-Length") or 0))
 
             def _relay(self) -> None:
+                started = time.perf_counter()
+                status = self._forward()
+                if proxy.on_request is not None and status is not None:
+                    proxy.on_request(self.command, self.path, status, time.perf_counter() - started)
+
+            def _forward(self) -> int | None:
+                """Answer the request (forwarded, or failed by the proxy); its status, None for a control call."""
                 body = self._body()
                 if self.path.startswith(CONTROL):
                     proxy.failure_rate = float(self.path[len(CONTROL):])
                     self.send_response(204)
                     self.send_header("Content-Length", "0")
                     self.end_headers()
-                    return
+                    return None
                 fault = proxy._fault()
                 if fault is not None:
                     status, code, message = fault
@@ -105,7 +116,7 @@ class FaultProxy:
                     self.end_headers()
                     if self.command != "HEAD":
                         self.wfile.write(payload)
-                    return
+                    return status
                 headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP_BY_HOP}
                 if body or self.command in ("PUT", "POST"):
                     headers["Content-Length"] = str(len(body))
@@ -123,6 +134,7 @@ class FaultProxy:
                     self.end_headers()
                     if self.command != "HEAD":
                         self.wfile.write(data)
+                    return response.status
                 finally:
                     connection.close()
 
