@@ -698,6 +698,11 @@ class Storage:
         self.s3 = s3 or S3Conf()   # the export's boto3 client uses the same endpoint and retries
         self._registered: set[str] = set()
         self._schema_checked: set[str] = set()
+        # Tables this object has seen exist. The engine never drops a table, so the answer stays
+        # true and is not asked again: on S3 each backend check is a HEAD and a LIST, and a night
+        # asked ~110 times for ~25 tables (bench/s3_requests.py). A missing table is asked again
+        # every time (another process may create it).
+        self._existing: set[str] = set()
         remote = "://" in self.warehouse and not self.warehouse.startswith("file:")
         if remote and backend == "deltalake":
             # the deltalake backend moves Spark's files into place and commits on local paths
@@ -738,7 +743,12 @@ class Storage:
 
     @_by_name
     def exists(self, name: TableRef) -> bool:
-        return self._backend.exists(self.path(name))
+        if name in self._existing:
+            return True
+        if self._backend.exists(self.path(name)):
+            self._existing.add(name)
+            return True
+        return False
 
     @_by_name
     def read(self, name: TableRef, version: int | None = None,
@@ -747,7 +757,7 @@ class Storage:
         partitions, pruned from the Delta log before any file is listed."""
         spec = table_spec(name)
         path = self.path(name)
-        if not self._backend.exists(path):
+        if not self.exists(name):
             raise StorageError(f"table {name!r} does not exist yet at {path}; run the stage that "
                                "writes it first (see `cvseg --help`)")
         named = None
@@ -836,7 +846,7 @@ class Storage:
             raise StorageError(f"table {name!r} has no merge keys")
         new_df = conform(df, spec)
         path = self.path(name)
-        if not self._backend.exists(path):
+        if not self.exists(name):
             self._backend.write(new_df, path, spec, "replace_partitions" if spec.partition_by else "overwrite", None)
         else:
             self._evolve(name)
@@ -852,7 +862,7 @@ class Storage:
         if name in self._schema_checked:
             return
         path = self.path(name)
-        if self._backend.exists(path):
+        if self.exists(name):
             stored = set(self._backend.columns(path))
             missing = [f for f in table_spec(name).stored_schema.fields if f.name not in stored]
             required = [f.name for f in missing if not f.nullable]
@@ -874,7 +884,7 @@ class Storage:
     def _register(self, name: str) -> None:
         """Register the table in ``storage.catalog`` as an external Delta table at its path (once per
         process); a name already registered at another location is an error, never silently reused."""
-        if not self.catalog or name in self._registered or not self._backend.exists(self.path(name)):
+        if not self.catalog or name in self._registered or not self.exists(name):
             return
         schema = ".".join(f"`{part}`" for part in self.catalog.split("."))
         table = f"{schema}.`{name}`"

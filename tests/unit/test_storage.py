@@ -170,6 +170,27 @@ def test_reading_a_table_that_does_not_exist_says_what_to_run(any_storage):
         any_storage.path("no_such_table")
 
 
+def test_a_table_seen_to_exist_is_not_asked_again_and_a_missing_one_always_is(spark, any_storage, monkeypatch):
+    """Each backend check is a HEAD and a LIST on S3: once a table is seen, reads, writes and the
+    night's bookkeeping stop asking; a table not there yet is asked every time, so one written by
+    another process (another Storage on the same warehouse) is found."""
+    asked = []
+    backend_exists = type(any_storage._backend).exists
+    monkeypatch.setattr(type(any_storage._backend), "exists", lambda self, path: asked.append(path) or
+                        backend_exists(self, path))
+    assert not any_storage.exists("orders") and not any_storage.exists("orders")
+    assert len(asked) == 2
+    other = Storage(spark, any_storage.warehouse, backend=any_storage.backend)
+    other.append("orders", _orders_df(spark, [("o1", "c1", "2024-01-05", 10.0)]))
+    asked.clear()
+    assert any_storage.exists("orders")
+    assert any_storage.exists("orders") and any_storage.read("orders").count() == 1
+    assert any_storage.version("orders") == 0
+    assert len(asked) == 1                    # only the first answer came from the backend
+    any_storage.append("orders", _orders_df(spark, [("o2", "c1", "2024-01-09", 20.0)]))
+    assert any_storage.read("orders").count() == 2 and other.read("orders").count() == 2
+
+
 def test_tables_are_plain_delta_readable_without_spark(spark, any_storage):
     any_storage.append("orders", _orders_df(spark, [("o1", "c1", "2024-01-05", 10.0)]))
     table = DeltaTable(any_storage.path("orders")).to_pyarrow_table()
