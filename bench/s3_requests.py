@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import datetime as dt
 import json
 import os
 import re
@@ -40,29 +39,9 @@ use_engine_imports()
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf" / "examples" / "synthetic.yaml"
 BUCKET = "cvseg-s3-requests"
-D1, D2 = dt.date(2026, 9, 30), dt.date(2026, 10, 1)
-# what the S3 test runs: one purchase model on one basis, no hybrid
-COMMON = ["models.purchase_models=[bgnbd]", "models.purchase_basis=gross", "models.hybrid.enabled=false",
-          f"validation.future_cutoff={D1}", "storage.backend=delta-spark", "trends.years=2"]
 STEP_START = re.compile(r"^\[run (\S+)\] \d+/\d+ (\w+)\s+\.\.\.$")
 STEP_END = re.compile(r"^\[run (\S+)\] \d+/\d+ (\w+)\s+(done in|skipped|failed)")
 KINDS = ("LIST", "HEAD", "GET", "PUT", "DELETE")
-
-
-def split_export(spark, out: Path, customers: int, seed: int) -> tuple[Path, Path]:
-    """A generated CSV export in two files (rows in order): night 1 reads the first, night 2 both."""
-    from datagen.generate import GeneratorParams, generate
-
-    generate(spark, n_customers=customers, seed=seed, end_date=D1, out_dir=str(out / "generated"), fmt="csv",
-             params=GeneratorParams(history_days=400), num_partitions=1)
-    lines = [line for part in sorted((out / "generated" / "orders").glob("part-*.csv"))
-             for line in part.read_text(encoding="utf-8").splitlines(keepends=True)]
-    header, rows = lines[0], [line for line in lines[1:] if line != lines[0]]
-    cut = 2 * len(rows) // 3
-    first, second = out / "orders-1.csv", out / "orders-2.csv"
-    first.write_text(header + "".join(rows[:cut]), encoding="utf-8")
-    second.write_text(header + "".join(rows[cut:]), encoding="utf-8")
-    return first, second
 
 
 def classify(method: str, raw_path: str) -> tuple[str, str]:
@@ -164,6 +143,7 @@ def main() -> None:
 
     from core.config import load_config
     from core.spark import build_spark
+    from tests.integration.test_warehouse_s3 import COMMON, D1, D2, split_export   # the test's nights
     from tests.s3_fault_proxy import FaultProxy
 
     os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")

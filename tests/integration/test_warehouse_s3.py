@@ -98,12 +98,16 @@ def _client(endpoint: str):
 
 @pytest.fixture(scope="module")
 def export_files(spark, tmp_path_factory):
-    """A generated export split in two files (rows in order): night 1 sees the first, night 2 both."""
+    return split_export(spark, tmp_path_factory.mktemp("s3-export"))
+
+
+def split_export(spark, out: Path, customers: int = 400, seed: int = 11) -> tuple[Path, Path]:
+    """A generated export split in two files (rows in order): night 1 sees the first, night 2 both
+    (bench/s3_requests.py counts the requests of the same nights)."""
     from datagen.generate import GeneratorParams, generate
 
-    out = tmp_path_factory.mktemp("s3-export")
     # one year of history: every order month is a partition and every object an S3 round trip
-    generate(spark, n_customers=400, seed=11, end_date=D1, out_dir=str(out / "generated"), fmt="csv",
+    generate(spark, n_customers=customers, seed=seed, end_date=D1, out_dir=str(out / "generated"), fmt="csv",
              params=GeneratorParams(history_days=400), num_partitions=1)
     lines = [line for part in sorted((out / "generated" / "orders").glob("part-*.csv"))
              for line in part.read_text(encoding="utf-8").splitlines(keepends=True)]
