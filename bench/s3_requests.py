@@ -106,28 +106,28 @@ def run_night(args: list[str], env: dict, cwd: Path) -> tuple[list[tuple[str, fl
 
 
 def summarise(rows) -> dict:
-    counts = collections.Counter()
+    kinds, targets, log_kinds = collections.Counter(), collections.Counter(), collections.Counter()
     for _, method, path, _, _ in rows:
         kind, target = classify(method, path)
-        counts[kind] += 1
-        counts[f"target:{target}"] += 1
+        kinds[kind] += 1
+        targets[target] += 1
         if target == "delta_log":
-            counts[f"delta_log:{kind}"] += 1
+            log_kinds[kind] += 1
     return {"requests": len(rows), "seconds_in_moto": round(sum(r[4] for r in rows), 2),
-            **{k: counts.get(k, 0) for k in KINDS},
-            "delta_log": counts.get("target:delta_log", 0),
-            "delta_log_by_kind": {k: counts.get(f"delta_log:{k}", 0) for k in KINDS},
-            "by_target": {k.split(":", 1)[1]: v for k, v in sorted(counts.items()) if k.startswith("target:")}}
+            **{k: kinds[k] for k in KINDS}, "delta_log": targets["delta_log"],
+            "delta_log_by_kind": {k: log_kinds[k] for k in KINDS}, "by_target": dict(sorted(targets.items()))}
 
 
 def print_night(label: str, per_step: list[tuple[str, float, dict]], whole: dict, seconds: float) -> None:
+    def row(name: str, step_seconds: float, s: dict) -> str:
+        return (f"{name:<16} {step_seconds:6.1f} {s['requests']:9,} " + " ".join(f"{s[k]:6,}" for k in KINDS)
+                + f" {s['delta_log']:10,}")
+
     print(f"\n{label}: {seconds:.1f} s, {whole['requests']:,} requests ({whole['seconds_in_moto']:.1f} s inside moto)")
     print(f"{'step':<16} {'s':>6} {'requests':>9} " + " ".join(f"{k:>6}" for k in KINDS) + f" {'Delta log':>10}")
     for name, step_seconds, s in per_step:
-        print(f"{name:<16} {step_seconds:6.1f} {s['requests']:9,} " + " ".join(f"{s[k]:6,}" for k in KINDS)
-              + f" {s['delta_log']:10,}")
-    print(f"{'whole night':<16} {seconds:6.1f} {whole['requests']:9,} " + " ".join(f"{whole[k]:6,}" for k in KINDS)
-          + f" {whole['delta_log']:10,}")
+        print(row(name, step_seconds, s))
+    print(row("whole night", seconds, whole))
     print(f"  by target: {whole['by_target']}; Delta log by kind: {whole['delta_log_by_kind']}")
 
 
