@@ -42,11 +42,28 @@ def cdnow_sample_path() -> Path:
     return Path(lifetimes.__file__).parent / "datasets" / "CDNOW_sample.txt"
 
 
+DATASET_MARKER = ".cvseg-demo-dataset"
+
+
+def claim_demo_dir(demo_dir: Path, dataset: str, given: str) -> None:
+    """Mark the folder with the demo's data set; a folder another demo wrote is refused before anything
+    is written (its warehouse holds other customers and dates: CDNOW's 1998 night after the synthetic
+    demo's 2026 one failed at segments, which only move forward)."""
+    marker = demo_dir / DATASET_MARKER
+    if marker.exists() and (earlier := marker.read_text(encoding="utf-8").strip()) != dataset:
+        from jobs.common import UsageError
+
+        raise UsageError(f"{given} holds the {earlier} demo's warehouse; run the {dataset} demo in a folder of its "
+                         f"own (`cvseg demo --dataset {dataset} --dir {given.rstrip('/')}-{dataset}`) or remove {given}")
+    demo_dir.mkdir(parents=True, exist_ok=True)
+    marker.write_text(dataset + "\n", encoding="utf-8")
+
+
 def main(args: argparse.Namespace) -> dict:
     from pipelines.calibration import run_calibration
 
     demo_dir = Path(args.dir).resolve()
-    demo_dir.mkdir(parents=True, exist_ok=True)
+    claim_demo_dir(demo_dir, args.dataset, args.dir)
     generated = args.dataset in ("synthetic", "omni")
     if args.dataset == "synthetic":
         source_path = demo_dir / "export" / "orders"

@@ -63,3 +63,16 @@ def test_a_past_as_of_date_on_a_fresh_warehouse_keeps_the_later_orders(spark, tm
     features = storage.read("customer_features").agg(F.count(F.lit(1)), F.max("as_of_date"), F.max("n_orders"))
     customers, as_of, _ = features.first()
     assert (customers, str(as_of)) == (2357, "1997-09-30")
+
+
+def test_a_folder_another_demo_wrote_is_refused_before_anything_is_written(tmp_path, capsys):
+    """`cvseg demo` then `cvseg demo --dataset cdnow` in the same folder: CDNOW's 1998 night cannot go
+    on the synthetic demo's 2026 warehouse; the second demo says where to run instead, and writes nothing."""
+    demo_dir = tmp_path / "demo"
+    demo_dir.mkdir()
+    (demo_dir / ".cvseg-demo-dataset").write_text("synthetic\n", encoding="utf-8")
+    assert main(["demo", "--dataset", "cdnow", "--dir", str(demo_dir)]) == 2
+    err = capsys.readouterr().err
+    assert "holds the synthetic demo's warehouse" in err and f"--dir {demo_dir}-cdnow" in err, err
+    assert sorted(p.name for p in demo_dir.iterdir()) == [".cvseg-demo-dataset"]
+    assert (demo_dir / ".cvseg-demo-dataset").read_text(encoding="utf-8") == "synthetic\n"
