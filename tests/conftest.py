@@ -26,9 +26,12 @@ def pytest_collection_modifyitems(config, items):
 #: spends more CPU compiling generated classes (Janino, then the JIT) than running them: two
 #: 400-customer nights compiled 1,308 classes (19.9 s in Janino) and took 134.7 s with code
 #: generation, 101.7 s without. Results are the same either way (Spark tests both paths); the
-#: end-to-end tests that run `cvseg` in its own process (demo, S3, cluster, the killed driver) keep
-#: the engine's settings, and the S3 test compares such a run with this session's.
+#: tests whose own `cvseg` processes are about storage, faults or the cluster (S3, the standalone
+#: cluster, the killed driver) use it too; the demo and example tests run the engine's own
+#: settings, every step and every command a user types, with generated code.
 INTERPRETED = {"spark.sql.codegen.wholeStage": "false", "spark.sql.codegen.factoryMode": "NO_CODEGEN"}
+#: The same for a `cvseg` command run by a test (``--set``; a YAML flow mapping).
+INTERPRETED_SET = "spark.extra={" + ", ".join(f'"{k}": "{v}"' for k, v in INTERPRETED.items()) + "}"
 
 
 @pytest.fixture(scope="session")

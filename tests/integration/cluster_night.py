@@ -184,6 +184,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from core.config import SparkConf
     from core.spark import build_spark
+    from tests.conftest import INTERPRETED
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--master", required=True)
@@ -197,7 +198,8 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     spark = build_spark(SparkConf(master=args.master, app_name="cvseg-cluster-test",
                                   shuffle_partitions=SHUFFLE_PARTITIONS, driver_memory="1g",
-                                  extra={"spark.executor.memory": args.executor_memory, **event_log_settings(events_dir)}),
+                                  extra={"spark.executor.memory": args.executor_memory, **INTERPRETED,
+                                         **event_log_settings(events_dir)}),
                         str(args.root / "warehouse"))
     session_seconds = time.perf_counter() - started
     probe = probe_python_workers(spark)
