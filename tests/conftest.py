@@ -1,6 +1,7 @@
 """Shared fixtures: one local Spark session for the whole run, UTC, a temp warehouse per test."""
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -30,8 +31,8 @@ def pytest_collection_modifyitems(config, items):
 #: cluster, the killed driver) use it too; the demo and example tests run the engine's own
 #: settings, every step and every command a user types, with generated code.
 INTERPRETED = {"spark.sql.codegen.wholeStage": "false", "spark.sql.codegen.factoryMode": "NO_CODEGEN"}
-#: The same for a `cvseg` command run by a test (``--set``; a YAML flow mapping).
-INTERPRETED_SET = "spark.extra={" + ", ".join(f'"{k}": "{v}"' for k, v in INTERPRETED.items()) + "}"
+#: The same for a `cvseg` command run by a test (``--set`` reads the value as YAML, which JSON is).
+INTERPRETED_SET = "spark.extra=" + json.dumps(INTERPRETED)
 
 
 @pytest.fixture(scope="session")

@@ -233,8 +233,8 @@ def _start_run(conf_file: Path, cwd: Path, name: str) -> tuple[subprocess.Popen,
     env.pop("CVSEG_FAIL_AFTER_STEP", None)
     with open(log, "wb") as out:
         proc = subprocess.Popen([sys.executable, "-m", "jobs.cli", "run", "--as-of", D.isoformat(), "--conf",
-                                 str(conf_file), "--set", INTERPRETED_SET], cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+                                 str(conf_file), "--set", INTERPRETED_SET], cwd=cwd, env=env, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
     return proc, log
 
 
