@@ -20,6 +20,11 @@ from core.s3 import hadoop_settings, is_s3
 # option (infra/ does) since their JVMs are not started from here.
 JIT_OPTIONS = "-XX:-DontCompileHugeMethods"
 
+# Spark keeps 100 compiled classes of generated code per JVM; a night plans ~650 distinct ones, so
+# the same code was compiled again and again on the driver (serial time). 5,000 holds a night's;
+# measured in docs/SCALING.md section 5. Static: clusters set it too (infra/).
+CODEGEN_CACHE = {"spark.sql.codegen.cache.maxEntries": "5000"}
+
 log = logging.getLogger(__name__)
 
 #: Spark's JVM log configuration for local sessions: errors only (a URI: the path may hold spaces).
@@ -143,6 +148,7 @@ def session_settings(conf: SparkConf, warehouse: str | None, s3: bool, s3_conf: 
         # with a Spark job of one task per file (a 600-file orders table: ~6 s per read). Local
         # files are listed on the driver in milliseconds.
         "spark.sql.sources.parallelPartitionDiscovery.threshold": "1000000",
+        **CODEGEN_CACHE,
     }
     if warehouse and "://" not in warehouse:
         settings["spark.sql.warehouse.dir"] = os.path.abspath(os.path.join(warehouse, "_spark_sql"))

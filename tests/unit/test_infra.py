@@ -168,6 +168,20 @@ def test_every_spark_jvm_compiles_large_generated_methods(spark):
         assert f"spark.{side}.extraJavaOptions={JIT_OPTIONS}" in params
 
 
+def test_every_spark_session_keeps_a_nights_generated_classes(spark):
+    """The compiled-code cache (see core.spark) is set on the local session and in both cluster
+    definitions: it is static, so a cluster that does not start with it compiles again."""
+    from core.spark import CODEGEN_CACHE
+
+    (key, entries), = CODEGEN_CACHE.items()
+    assert int(entries) >= 2000 and spark.sparkContext.getConf().get(key) == entries
+    bundle = yaml.safe_load((INFRA / "databricks" / "databricks.yml").read_text(encoding="utf-8"))
+    clusters = [c["new_cluster"] for job in bundle["resources"]["jobs"].values() for c in job["job_clusters"]]
+    assert clusters and all(c["spark_conf"][key] == entries for c in clusters)
+    submit = json.dumps(json.loads((INFRA / "emr" / "job_run.json").read_text(encoding="utf-8")))
+    assert f"--conf {key}={entries}" in submit
+
+
 def test_a_local_session_rebuilds_delta_snapshots_in_a_few_partitions_and_clusters_keep_deltas_default(spark):
     """Local sessions set Delta's snapshot partitions to one per core (see core.spark); the cluster
     definitions leave Delta's default (sized for clusters) alone."""

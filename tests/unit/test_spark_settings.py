@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 
 from core.config import S3Conf, SparkConf
-from core.spark import session_settings
+from core.spark import CODEGEN_CACHE, session_settings
 
 
 def test_local_session_defaults_scale_with_cores_and_extra_wins(tmp_path):
@@ -17,6 +17,7 @@ def test_local_session_defaults_scale_with_cores_and_extra_wins(tmp_path):
     assert settings["spark.sql.warehouse.dir"] == os.path.abspath(tmp_path / "wh" / "_spark_sql")
     assert settings["spark.sql.adaptive.enabled"] == "false" and settings["spark.custom.key"] == "x"
     assert "spark.driver.host" not in settings                       # local[...]: one JVM
+    assert CODEGEN_CACHE.items() <= settings.items()                  # a night's generated classes kept
     assert not any(key.startswith("spark.hadoop.fs.s3a.") for key in settings)
 
 
