@@ -38,6 +38,9 @@ class SparkConf(_Frozen):
     app_name: str = "cvseg"
     shuffle_partitions: int | None = Field(default=None, ge=1)
     driver_memory: str = "4g"
+    # a night on a warehouse with fewer customers (the last features run) evaluates Spark's
+    # expressions interpreted, without compiling generated code (core.spark.expressions_sized_for); 0: never
+    interpreted_below_customers: int = Field(default=50_000, ge=0)
     extra: dict[str, str] = Field(default_factory=dict)
 
 

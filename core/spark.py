@@ -25,6 +25,34 @@ JIT_OPTIONS = "-XX:-DontCompileHugeMethods"
 # measured in docs/SCALING.md section 5. Static: clusters set it too (infra/).
 CODEGEN_CACHE = {"spark.sql.codegen.cache.maxEntries": "5000"}
 
+#: Spark evaluates expressions without generated code (session settings, changeable at run time).
+INTERPRETED = {"spark.sql.codegen.wholeStage": "false", "spark.sql.codegen.factoryMode": "NO_CODEGEN"}
+
+
+@contextmanager
+def expressions_sized_for(spark: SparkSession, customers: int | None, interpreted_below: int,
+                          user_settings: Mapping[str, str]) -> Iterator[bool]:
+    """Run the block with Spark's expressions interpreted (True) when the warehouse holds fewer
+    than ``interpreted_below`` customers, else as configured (False). On small data compiling the
+    generated classes (driver time, several hundred a night) costs more than the compiled code
+    saves; on customer-sized scans it is the other way round (docs/SCALING.md, section 5).
+    ``customers`` None (no earlier features: a first load, of any size) and settings the user gave
+    in ``spark.extra`` keep the configured behaviour. The previous values are restored after."""
+    if customers is None or customers >= interpreted_below or any(key in user_settings for key in INTERPRETED):
+        yield False
+        return
+    previous = {key: spark.conf.get(key, None) for key in INTERPRETED}
+    for key, value in INTERPRETED.items():
+        spark.conf.set(key, value)
+    try:
+        yield True
+    finally:
+        for key, value in previous.items():
+            if value is None:
+                spark.conf.unset(key)
+            else:
+                spark.conf.set(key, value)
+
 log = logging.getLogger(__name__)
 
 #: Spark's JVM log configuration for local sessions: errors only (a URI: the path may hold spaces).

@@ -544,6 +544,15 @@ INCREMENTAL_MAX_TOUCHED_SHARE = 0.3
 BROADCAST_MAX_TOUCHED = 2_000_000
 
 
+def last_customer_count(storage: Storage) -> int | None:
+    """Customers in the latest ``customer_features`` partition (its ``features_runs`` row), or None
+    before the first features run."""
+    if not storage.exists(FEATURES_RUNS):
+        return None
+    last = storage.read(FEATURES_RUNS).orderBy(F.desc("as_of_date")).select("customers").limit(1).collect()
+    return int(last[0]["customers"]) if last else None
+
+
 def incremental_base(storage: Storage, as_of_date: dt.date, features_conf: FeaturesConf,
                      orders_version: int, identity_at: int | None = None,
                      identity: IdLookup | None = None) -> tuple[Any, DataFrame | None, str]:

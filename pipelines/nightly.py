@@ -41,6 +41,7 @@ from pyspark.sql import functions as F
 from core.config import Config
 from core.errors import CvsegError
 from core.s3 import s3_error_summary
+from core.spark import expressions_sized_for
 from core.storage import Storage
 from core.tables import PIPELINE_RUNS, TABLES, tables_produced_by
 from core.tracking import ChampionInfo, champion_info  # noqa: F401 -- the nightly's view of the champion
@@ -339,53 +340,60 @@ def run_nightly(spark: SparkSession, storage: Storage, config: Config, as_of_dat
     done = completed_steps(storage, as_of_date)
     outcomes: list[StepOutcome] = []
     total_started = time.perf_counter()
-    progress(f"[run {as_of_date}] {run_id}: steps {' -> '.join(selected)} "
-             f"(storage backend {storage.backend}, warehouse {storage.warehouse})")
-    for position, name in enumerate(selected, start=1):
-        label = f"[run {as_of_date}] {position}/{len(selected)} {name:<8}"
-        if not force and is_up_to_date(name, done):
-            progress(f"{label} skipped (committed at {done[name]:%Y-%m-%d %H:%M:%S})")
-            outcomes.append(StepOutcome(name, "skipped", message="already committed for this date"))
-            continue
-        not_due = CADENCE[name](ctx) if name in CADENCE and not force else None
-        if not_due:
-            progress(f"{label} skipped ({not_due})")
-            outcomes.append(StepOutcome(name, "skipped", message=not_due))
-            continue
-        progress(f"{label} ...")
-        outputs = step_tables(name)
-        before = table_versions(storage, outputs)
-        started_at = dt.datetime.now(dt.timezone.utc)
-        clock = time.perf_counter()
-        try:
-            with step_job_group(spark, name, as_of_date), (step_hook(name) if step_hook else nullcontext()):
-                message, details = RUNNERS[name](ctx)
-        except Exception as exc:  # noqa: BLE001 - every failure becomes one recorded line
-            s3_error = s3_error_summary(exc)
-            reason = (f"{s3_error} (the S3 retries of storage.s3 were used up)" if s3_error
-                      else _first_line(exc))
+    from pipelines.features import last_customer_count
+
+    below = config.spark.interpreted_below_customers
+    customers = last_customer_count(storage) if below else None
+    with expressions_sized_for(spark, customers, below, config.spark.extra) as interpreted:
+        expressions = (f"; expressions interpreted: {customers:,} customers < spark.interpreted_below_customers"
+                       if interpreted else "")
+        progress(f"[run {as_of_date}] {run_id}: steps {' -> '.join(selected)} "
+                 f"(storage backend {storage.backend}, warehouse {storage.warehouse}{expressions})")
+        for position, name in enumerate(selected, start=1):
+            label = f"[run {as_of_date}] {position}/{len(selected)} {name:<8}"
+            if not force and is_up_to_date(name, done):
+                progress(f"{label} skipped (committed at {done[name]:%Y-%m-%d %H:%M:%S})")
+                outcomes.append(StepOutcome(name, "skipped", message="already committed for this date"))
+                continue
+            not_due = CADENCE[name](ctx) if name in CADENCE and not force else None
+            if not_due:
+                progress(f"{label} skipped ({not_due})")
+                outcomes.append(StepOutcome(name, "skipped", message=not_due))
+                continue
+            progress(f"{label} ...")
+            outputs = step_tables(name)
+            before = table_versions(storage, outputs)
+            started_at = dt.datetime.now(dt.timezone.utc)
+            clock = time.perf_counter()
             try:
-                _record(spark, storage, run_id, as_of_date, name, "failed", started_at,
-                        dt.datetime.now(dt.timezone.utc), {}, reason)
-            except Exception:  # noqa: BLE001 - the step's own error is the one to report
-                log.warning("could not record the failure of step %s in pipeline_runs", name, exc_info=True)
-            progress(f"{label} FAILED after {time.perf_counter() - clock:.1f}s")
-            fix = "once S3 answers again," if s3_error else "fix it and"
-            raise PipelineStepError(
-                f"step {name} failed for {as_of_date}: {reason}; {fix} re-run `cvseg run --as-of "
-                f"{as_of_date}` (committed steps are skipped)", name, exc) from exc
-        seconds = time.perf_counter() - clock
-        after = table_versions(storage, outputs)
-        versions = {t: v for t, v in after.items() if before.get(t) != v}
-        finished_at = dt.datetime.now(dt.timezone.utc)
-        _record(spark, storage, run_id, as_of_date, name, "ok", started_at, finished_at, versions, message)
-        done[name] = finished_at.astimezone().replace(tzinfo=None)   # as PySpark reads it back: local, naive
-        outcomes.append(StepOutcome(name, "ok", seconds, versions, message, details))
-        progress(f"{label} done in {seconds:.1f}s: {message}")
-        if fail_after == name:
-            raise PipelineStepError(
-                f"injected failure after step {name} ({FAIL_AFTER_ENV}); re-run `cvseg run --as-of {as_of_date}` "
-                "to resume", name, InjectedFailure(name))
+                with step_job_group(spark, name, as_of_date), (step_hook(name) if step_hook else nullcontext()):
+                    message, details = RUNNERS[name](ctx)
+            except Exception as exc:  # noqa: BLE001 - every failure becomes one recorded line
+                s3_error = s3_error_summary(exc)
+                reason = (f"{s3_error} (the S3 retries of storage.s3 were used up)" if s3_error
+                          else _first_line(exc))
+                try:
+                    _record(spark, storage, run_id, as_of_date, name, "failed", started_at,
+                            dt.datetime.now(dt.timezone.utc), {}, reason)
+                except Exception:  # noqa: BLE001 - the step's own error is the one to report
+                    log.warning("could not record the failure of step %s in pipeline_runs", name, exc_info=True)
+                progress(f"{label} FAILED after {time.perf_counter() - clock:.1f}s")
+                fix = "once S3 answers again," if s3_error else "fix it and"
+                raise PipelineStepError(
+                    f"step {name} failed for {as_of_date}: {reason}; {fix} re-run `cvseg run --as-of "
+                    f"{as_of_date}` (committed steps are skipped)", name, exc) from exc
+            seconds = time.perf_counter() - clock
+            after = table_versions(storage, outputs)
+            versions = {t: v for t, v in after.items() if before.get(t) != v}
+            finished_at = dt.datetime.now(dt.timezone.utc)
+            _record(spark, storage, run_id, as_of_date, name, "ok", started_at, finished_at, versions, message)
+            done[name] = finished_at.astimezone().replace(tzinfo=None)   # as PySpark reads it back: local, naive
+            outcomes.append(StepOutcome(name, "ok", seconds, versions, message, details))
+            progress(f"{label} done in {seconds:.1f}s: {message}")
+            if fail_after == name:
+                raise PipelineStepError(
+                    f"injected failure after step {name} ({FAIL_AFTER_ENV}); re-run `cvseg run --as-of {as_of_date}` "
+                    "to resume", name, InjectedFailure(name))
     ran = sum(o.status == "ok" for o in outcomes)
     progress(f"[run {as_of_date}] finished in {time.perf_counter() - total_started:.1f}s: "
              f"{ran} step(s) ran, {len(outcomes) - ran} skipped")

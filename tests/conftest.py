@@ -29,8 +29,9 @@ def pytest_collection_modifyitems(config, items):
 #: generation, 101.7 s without. Results are the same either way (Spark tests both paths); the
 #: tests whose own `cvseg` processes are about storage, faults or the cluster (S3, the standalone
 #: cluster, the killed driver) use it too; the demo and example tests run the engine's own
-#: settings, every step and every command a user types, with generated code.
-INTERPRETED = {"spark.sql.codegen.wholeStage": "false", "spark.sql.codegen.factoryMode": "NO_CODEGEN"}
+#: settings, every step and every command a user types: a first load with generated code, later
+#: nights as the engine itself runs small warehouses (``spark.interpreted_below_customers``).
+from core.spark import INTERPRETED  # noqa: E402  (the settings the engine uses on small warehouses)
 #: The same for a `cvseg` command run by a test (``--set`` reads the value as YAML, which JSON is).
 INTERPRETED_SET = "spark.extra=" + json.dumps(INTERPRETED)
 

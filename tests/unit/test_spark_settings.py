@@ -1,10 +1,13 @@
-"""core.spark.session_settings: what a new session starts with. No Spark."""
+"""core.spark.session_settings: what a new session starts with (no Spark); expressions_sized_for: a
+small warehouse's night without generated code (the suite's session)."""
 from __future__ import annotations
 
 import os
 
+import pytest
+
 from core.config import S3Conf, SparkConf
-from core.spark import CODEGEN_CACHE, session_settings
+from core.spark import CODEGEN_CACHE, INTERPRETED, expressions_sized_for, session_settings
 
 
 def test_local_session_defaults_scale_with_cores_and_extra_wins(tmp_path):
@@ -31,3 +34,26 @@ def test_s3_warehouse_and_a_standalone_master_on_this_machine():
     assert settings["spark.hadoop.fs.s3a.endpoint"] == "http://127.0.0.1:9000"
     # executors in other JVMs connect back to the driver on loopback
     assert settings["spark.driver.host"] == settings["spark.driver.bindAddress"] == "127.0.0.1"
+
+
+def test_a_small_warehouse_runs_interpreted_and_the_session_gets_its_settings_back(spark):
+    generated = {"spark.sql.codegen.wholeStage": "true", "spark.sql.codegen.factoryMode": "FALLBACK"}
+    before = {key: spark.conf.get(key) for key in INTERPRETED}
+    try:
+        for key, value in generated.items():
+            spark.conf.set(key, value)
+        with expressions_sized_for(spark, 99_999, 100_000, {}) as interpreted:
+            assert interpreted and {key: spark.conf.get(key) for key in INTERPRETED} == INTERPRETED
+            assert spark.range(5).selectExpr("sum(id * 2) AS s").first()["s"] == 20   # runs interpreted
+        assert {key: spark.conf.get(key) for key in INTERPRETED} == generated
+        with pytest.raises(RuntimeError), expressions_sized_for(spark, 10, 100_000, {}):
+            raise RuntimeError("a failed step")
+        assert {key: spark.conf.get(key) for key in INTERPRETED} == generated   # restored on failure too
+        # large enough, no earlier features (a first load, of any size), switched off, or the user's own choice
+        for customers, below, extra in [(100_000, 100_000, {}), (None, 100_000, {}), (10, 0, {}),
+                                        (10, 100_000, {"spark.sql.codegen.wholeStage": "true"})]:
+            with expressions_sized_for(spark, customers, below, extra) as interpreted:
+                assert not interpreted and {key: spark.conf.get(key) for key in INTERPRETED} == generated
+    finally:
+        for key, value in before.items():
+            spark.conf.set(key, value)
