@@ -41,17 +41,9 @@ def expressions_sized_for(spark: SparkSession, customers: int | None, interprete
     if customers is None or customers >= interpreted_below or any(key in user_settings for key in INTERPRETED):
         yield False
         return
-    previous = {key: spark.conf.get(key, None) for key in INTERPRETED}
-    for key, value in INTERPRETED.items():
-        spark.conf.set(key, value)
-    try:
+    with sql_settings(spark, INTERPRETED):
         yield True
-    finally:
-        for key, value in previous.items():
-            if value is None:
-                spark.conf.unset(key)
-            else:
-                spark.conf.set(key, value)
+
 
 log = logging.getLogger(__name__)
 
