@@ -31,7 +31,7 @@ import logging
 import os
 import time
 import uuid
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Callable, ContextManager, Iterator
 
@@ -323,6 +323,20 @@ def _first_line(exc: BaseException) -> str:
 # --------------------------------------------------------------------------------------------
 # The orchestrator
 # --------------------------------------------------------------------------------------------
+def _expressions_sized_for_warehouse(stack: ExitStack, spark: SparkSession, storage: Storage,
+                                     config: Config) -> str:
+    """Enter :func:`core.spark.expressions_sized_for` on ``stack`` for the warehouse's last
+    customer count; what to tell the user when expressions run interpreted, else ''. The count is
+    read only when ``spark.interpreted_below_customers`` is on (its first read costs ~3 s)."""
+    from pipelines.features import last_customer_count
+
+    below = config.spark.interpreted_below_customers
+    customers = last_customer_count(storage) if below else None
+    if stack.enter_context(expressions_sized_for(spark, customers, below, config.spark.extra)):
+        return f"expressions interpreted: {customers:,} customers < spark.interpreted_below_customers"
+    return ""
+
+
 def run_nightly(spark: SparkSession, storage: Storage, config: Config, as_of_date: dt.date, *,
                 source_path: str | None = None, steps: list[str] | tuple[str, ...] | None = None,
                 refit: str = "auto", new_generation: bool = False, rebuild_trends: bool = False,
@@ -340,15 +354,10 @@ def run_nightly(spark: SparkSession, storage: Storage, config: Config, as_of_dat
     done = completed_steps(storage, as_of_date)
     outcomes: list[StepOutcome] = []
     total_started = time.perf_counter()
-    from pipelines.features import last_customer_count
-
-    below = config.spark.interpreted_below_customers
-    customers = last_customer_count(storage) if below else None
-    with expressions_sized_for(spark, customers, below, config.spark.extra) as interpreted:
-        expressions = (f"; expressions interpreted: {customers:,} customers < spark.interpreted_below_customers"
-                       if interpreted else "")
-        progress(f"[run {as_of_date}] {run_id}: steps {' -> '.join(selected)} "
-                 f"(storage backend {storage.backend}, warehouse {storage.warehouse}{expressions})")
+    progress(f"[run {as_of_date}] {run_id}: steps {' -> '.join(selected)} "
+             f"(storage backend {storage.backend}, warehouse {storage.warehouse})")
+    with ExitStack() as sized:
+        sized_yet = False   # decided before the first step that runs: a night with nothing to do reads nothing
         for position, name in enumerate(selected, start=1):
             label = f"[run {as_of_date}] {position}/{len(selected)} {name:<8}"
             if not force and is_up_to_date(name, done):
@@ -360,6 +369,11 @@ def run_nightly(spark: SparkSession, storage: Storage, config: Config, as_of_dat
                 progress(f"{label} skipped ({not_due})")
                 outcomes.append(StepOutcome(name, "skipped", message=not_due))
                 continue
+            if not sized_yet:
+                sized_yet = True
+                expressions = _expressions_sized_for_warehouse(sized, spark, storage, config)
+                if expressions:
+                    progress(f"[run {as_of_date}] {expressions}")
             progress(f"{label} ...")
             outputs = step_tables(name)
             before = table_versions(storage, outputs)

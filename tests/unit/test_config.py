@@ -190,3 +190,11 @@ def test_mappings_that_cannot_work_are_refused_when_the_config_is_read(overrides
     # a mapping that derives gross from its lines is fine
     load_config(None, ["source.columns.gross_amount=null", "source.columns.quantity=qty",
                        "source.columns.unit_price=price"])
+
+
+@pytest.mark.parametrize("env", ["databricks", "emr"])
+def test_cluster_environments_keep_generated_code_and_read_no_count_for_it(env):
+    # their clients are large, and a per-step task (Databricks' bundle) would pay a first read of
+    # features_runs just to learn it; locally small warehouses run interpreted
+    assert load_config(None, [f"env={env}"]).spark.interpreted_below_customers == 0
+    assert load_config(None, []).spark.interpreted_below_customers == 50_000
