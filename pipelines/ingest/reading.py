@@ -363,6 +363,13 @@ def list_source_files(spark: SparkSession, src: Source) -> list[SourceFile] | No
     return sorted(files, key=lambda f: f.path)
 
 
+def spark_file_paths(spark: SparkSession, files: list[SourceFile]) -> dict[str, str]:
+    """File path -> the name Spark's ``_metadata.file_path`` gives its rows (a URI-encoded Hadoop
+    path: file:/x/a%20b.csv)."""
+    jvm = spark.sparkContext._jvm  # noqa: SLF001 - Hadoop's own encoding of the path
+    return {f.path: str(jvm.org.apache.hadoop.fs.Path(f.uri).toUri().toString()) for f in files}
+
+
 def ingested_file_keys(storage: Storage) -> set[tuple[str, int, int]]:
     """(path, size, modification ms) of every file committed before: one small row per file."""
     if not storage.exists(INGESTED_FILES):

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta, timezone
 
 from pyspark import StorageLevel
-from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from core.config import SourceConf, ValidationConf
@@ -18,7 +18,7 @@ from core.tables import IDENTITY_KEYS, INGEST_RUNS, INGESTED_FILES, ORDERS, ORDE
 from pipelines.identity import hashed_keys
 from pipelines.ingest.reading import (Source, SourceFile, action_error, java_charsets,
                                      check_mapping, ingested_file_keys, local_path, unused_name,
-                                     list_source_files, read_source)
+                                     list_source_files, read_source, spark_file_paths)
 from pipelines.ingest.summary import (DEFAULT_SOURCE, KIND_CANCELLATION, KIND_DUPLICATE, KIND_ORDER, KIND_QUARANTINED,
                                       IngestError, IngestRejectedError, IngestSummary)
 from pipelines.ingest.transforms import (KEY_FIELDS, POSITION, PROFILED, SET_PROFILE, SET_SPLIT, TEXT_FIELDS, as_text,
@@ -103,16 +103,20 @@ def _run_ingest(spark: SparkSession, storage: Storage, source: SourceConf, valid
     check_mapping(src.names, source, path)
     clock.lap("open source")
     keyed_df = _keyed_rows(src.df, src.names, source, mapping, business_tz, order_id_mapped)
+    retry = files.retry
     rules = order_rules(run_date=run_date, future_tolerance_days=validation.future_tolerance_days,
                         allowed_currencies=source.allowed_currencies, order_id_mapped=order_id_mapped,
                         expected_fields=len(src.names), expected_from=src.names_from or "the header")
 
     cached: list[DataFrame] = []
     try:
-        first = _pass_keys(spark, storage, keyed_df, source, validation, path, mapping, order_id_mapped, cached)
+        first = _pass_keys(spark, storage, keyed_df, source, validation, path, mapping, order_id_mapped, cached,
+                           in_read=retry.rows_read() if retry else None)
         clock.lap("pass 1: splits+dups")
+        retried_rows = sum(r["_n"] for r in first.splits if retry and r["_src_file"] in retry.uris)
         second = _pass_classify(first.flagged_df, src, source, validation, path, rules, private_columns,
-                                first.total, cached)
+                                first.total, cached, retry_uris=retry.uris if retry else frozenset(),
+                                retried_rows=retried_rows)
         clock.lap("pass 2: classify+count")
         orders_accepted = orders_written = key_rows = 0
         first_order_date = None
@@ -128,8 +132,12 @@ def _run_ingest(spark: SparkSession, storage: Storage, source: SourceConf, valid
                 second.others_df.transform(with_quarantine_text, rules, field_count=src.field_count,
                                            line_key=line_key).transform(with_source_rows, first.offsets_df),
                 order_id_mapped=order_id_mapped, ingest_run_id=run_id, run_date=run_date)
-        _write_quarantine(storage, quarantine_df, sorted({local_path(r["_src_file"]) for r in first.splits}),
-                          set(files.quarantined_before), replace=not second.rejected)
+        # a file of which only the due rows' closure was read keeps its other quarantined rows
+        narrowed = {local_path(r["_src_file"]) for r in first.splits if retry and r["_src_file"] in retry.narrowed_uris}
+        _write_quarantine(storage, quarantine_df,
+                          sorted({local_path(r["_src_file"]) for r in first.splits} - narrowed),
+                          set(files.quarantined_before), replace=not second.rejected,
+                          read_again=retry.quarantine_rows_read(sorted(narrowed)) if narrowed else None)
         clock.lap("write quarantine")
 
         summary = IngestSummary(
@@ -143,6 +151,7 @@ def _run_ingest(spark: SparkSession, storage: Storage, source: SourceConf, valid
             source_files=len({r["_src_file"] for r in first.splits}),
             cancellation_lines_by_heuristic=second.heuristic, encoding_suspect_rows=second.suspects,
             skipped_files=files.skipped, future_rows_retried=files.retried, value_counts=first.value_counts,
+            retried_file_rows=retried_rows if narrowed else 0, narrowed_files=len(narrowed),
             unknown_statuses=first.unknown_statuses, started_at=started, finished_at=datetime.now(timezone.utc))
         if not second.rejected and files.new_files:
             # after the orders commit: a crash before this line only means the files are read again
@@ -155,7 +164,7 @@ def _run_ingest(spark: SparkSession, storage: Storage, source: SourceConf, valid
             df.unpersist()
     log.info("%s", summary)
     if second.rejected:
-        raise _rejection(summary)
+        raise _rejection(summary, *second.judged)
     return summary
 
 
@@ -170,13 +179,15 @@ def _checked(spark: SparkSession, source: SourceConf, path: str | None) -> str:
     return path
 
 
-def _rejection(summary: IngestSummary) -> IngestRejectedError:
-    """A run above ``validation.max_rejected_share``: the share, the top reasons and where to look."""
+def _rejection(summary: IngestSummary, quarantined: int, rows: int) -> IngestRejectedError:
+    """A run above ``validation.max_rejected_share``: the share, the top reasons and where to look.
+    ``quarantined`` of ``rows``: what the share is taken over (rows read again only for their
+    future-dated rows are not: their file was judged when it was first read)."""
     top = ", ".join(f"{code} {count:,}" for code, count in
                     sorted(summary.reason_counts.items(), key=lambda kv: (-kv[1], kv[0]))[:3])
-    share = summary.quarantined_rows / summary.input_rows
+    share = quarantined / rows
     return IngestRejectedError(
-        f"{summary.quarantined_rows:,} of {summary.input_rows:,} rows ({share:.1%}) were rejected, above "
+        f"{quarantined:,} of {rows:,} rows ({share:.1%}) were rejected, above "
         f"validation.max_rejected_share={summary.max_rejected_share:.0%}: top reasons {top}; nothing was "
         "written to `orders`; inspect with `cvseg show orders_quarantine`", summary)
 
@@ -190,6 +201,42 @@ class _Files:
     known: set                              # the keys of every file ingested before
     quarantined_before: dict[str, int]      # file -> rows quarantined as future whose day has come
     retried: int                            # of those, the rows this run reads again
+    retry: "_Retry | None" = None           # files read again only for those rows
+
+
+#: Up to this many due rows, a file read again only for them is narrowed to their closure.
+RETRY_CLOSURE_MAX_ROWS = 10_000
+
+
+@dataclass(frozen=True)
+class _Retry:
+    """Files ingested before, unchanged, read again because rows of theirs quarantined as future have
+    come due. Of a narrowed file only the due rows' closure is read: every row of their customers
+    and order ids. That is all a row's classification depends on besides itself (duplicates and
+    line grouping by order id, cancellation matching by customer), so the closure classifies as a
+    whole-file read would; its other rows' outcome cannot change (an unchanged order is not
+    rewritten anyway). A night then reads a few rows of a history file, not its millions."""
+    uris: frozenset[str]            # every retry file, as Spark's _metadata.file_path names it
+    narrowed_uris: frozenset[str]   # those read narrowed (the others are read whole)
+    customers: tuple[str, ...]
+    order_ids: tuple[str, ...]      # empty when the export has no order id column
+
+    def _closure(self) -> Column:
+        closure = F.col("customer_id").isin(list(self.customers))
+        if self.order_ids:
+            closure = closure | F.col("order_id").isin(list(self.order_ids))
+        return F.coalesce(closure, F.lit(False))
+
+    def rows_read(self) -> Column | None:
+        """On the keyed source rows: the rows this run reads (None: every row)."""
+        if not self.narrowed_uris:
+            return None
+        return ~F.col("_src_file").isin(list(self.narrowed_uris)) | self._closure()
+
+    def quarantine_rows_read(self, narrowed_files: list[str]) -> Column:
+        """On ``orders_quarantine``: the stored rows of the narrowed files that this run read again
+        (the same customer and order id test, on the same values)."""
+        return F.col("source_file").isin(narrowed_files) & self._closure()
 
 
 def _files_to_read(spark: SparkSession, storage: Storage, source: SourceConf, validation: ValidationConf,
@@ -201,6 +248,7 @@ def _files_to_read(spark: SparkSession, storage: Storage, source: SourceConf, va
     new_files, skipped, known = listed, 0, set()
     quarantined_before = _quarantined_files(storage, run_date + timedelta(days=validation.future_tolerance_days))
     due = {file: count for file, count in quarantined_before.items() if count}
+    retry = None
     if listed is not None and source.new_files_only:
         known = ingested_file_keys(storage)
         new_files = [f for f in listed if f.key not in known or f.path in due]
@@ -210,9 +258,35 @@ def _files_to_read(spark: SparkSession, storage: Storage, source: SourceConf, va
         # A Delta source is read whole (its log, not its files, says which rows are live).
         if skipped and source.format != "delta":
             src = read_source(spark, [f.uri for f in new_files], source)
+        if source.format != "delta":
+            retry = _retry(spark, storage, [f for f in new_files if f.key in known and f.path in due],
+                           run_date + timedelta(days=validation.future_tolerance_days),
+                           order_id_mapped=source.columns.order_id is not None)
     # every file read holds its rows; without a listing (Spark Connect) every due row is read again
     retried = sum(due.get(f.path, 0) for f in new_files) if new_files is not None else sum(due.values())
-    return _Files(src, new_files, skipped, known, quarantined_before, retried)
+    return _Files(src, new_files, skipped, known, quarantined_before, retried, retry)
+
+
+def _retry(spark: SparkSession, storage: Storage, files: list[SourceFile], last_day: date, *,
+           order_id_mapped: bool) -> _Retry | None:
+    """The files read again only for their due rows, and the closure to read of them: a file is
+    read whole when a due row has neither customer nor order id to find it by, or when more than
+    RETRY_CLOSURE_MAX_ROWS rows are due (a clock that ran a day ahead for a whole export)."""
+    if not files:
+        return None
+    is_due = (F.col("reason") == FUTURE_TIMESTAMP) & (F.col("order_date") <= F.lit(last_day))
+    rows = (storage.read(ORDERS_QUARANTINE).where(is_due & F.col("source_file").isin([f.path for f in files]))
+            .select("source_file", "customer_id", "order_id").limit(RETRY_CLOSURE_MAX_ROWS + 1).collect())
+    uris = spark_file_paths(spark, files)
+    if len(rows) > RETRY_CLOSURE_MAX_ROWS:
+        return _Retry(frozenset(uris.values()), frozenset(), (), ())
+    unfindable = {r["source_file"] for r in rows
+                  if r["customer_id"] is None and (r["order_id"] is None or not order_id_mapped)}
+    narrowed = [f for f in files if f.path not in unfindable]
+    return _Retry(frozenset(uris.values()), frozenset(uris[f.path] for f in narrowed),
+                  tuple(sorted({r["customer_id"] for r in rows if r["customer_id"] is not None})),
+                  tuple(sorted({r["order_id"] for r in rows if r["order_id"] is not None}))
+                  if order_id_mapped else ())
 
 
 def _keyed_rows(df: DataFrame, names: list[str], source: SourceConf, mapping: dict[str, str | None],
@@ -244,12 +318,13 @@ class _KeysPass:
 
 def _pass_keys(spark: SparkSession, storage: Storage, keyed_df: DataFrame, source: SourceConf,
                validation: ValidationConf, path: str, mapping: dict[str, str | None], order_id_mapped: bool,
-               cached: list[DataFrame]) -> _KeysPass:
+               cached: list[DataFrame], in_read: Column | None = None) -> _KeysPass:
     """Pass 1: keys only. The statistics are small on any sane export: bring them to the driver, so
-    later passes join a local table (no broadcast job per pass) or nothing at all."""
+    later passes join a local table (no broadcast job per pass) or nothing at all. ``in_read``: the
+    rows the run reads (default: all); the others count only for row numbers."""
     profiled = [c for c in PROFILED if mapping.get(c)]
-    stats_df = source_stats(keyed_df, grain=source.grain, order_id_mapped=order_id_mapped, profile=profiled) \
-        .persist(StorageLevel.MEMORY_AND_DISK)
+    stats_df = source_stats(keyed_df, grain=source.grain, order_id_mapped=order_id_mapped, profile=profiled,
+                            in_read=in_read).persist(StorageLevel.MEMORY_AND_DISK)
     cached.append(stats_df)
     try:
         stats = stats_df.limit(LOCAL_STATS_MAX_ROWS + 1).collect()
@@ -283,6 +358,8 @@ def _pass_keys(spark: SparkSession, storage: Storage, keyed_df: DataFrame, sourc
     if unknown_statuses:
         log.warning("%s: status value(s) %s never seen before are counted as live orders; list them in "
                     "source.cancellation.cancelled_values or live_values", path, list(unknown_statuses))
+    if in_read is not None:
+        keyed_df = keyed_df.filter(in_read)
     flagged_df = keyed_df.transform(with_duplicate_flags, problems_df, grain=source.grain, broadcast=broadcast)
     return _KeysPass(splits, total, value_counts, unknown_statuses, _offsets_frame(spark, splits), flagged_df)
 
@@ -298,13 +375,16 @@ class _ClassifyPass:
     accepted: int
     quarantined: int
     rejected: bool                       # above validation.max_rejected_share: no orders are written
+    judged: tuple[int, int]              # (quarantined, rows) the share is taken over
 
 
 def _pass_classify(flagged_df: DataFrame, src: Source, source: SourceConf, validation: ValidationConf, path: str,
-                   rules: list, private_columns: set[str], total: int, cached: list[DataFrame]) -> _ClassifyPass:
+                   rules: list, private_columns: set[str], total: int, cached: list[DataFrame], *,
+                   retry_uris: frozenset[str] = frozenset(), retried_rows: int = 0) -> _ClassifyPass:
     """Pass 2: classify every row by the row rules; keep the few that are not plain orders
     (cancellation lines included, with their raw text in case they end up quarantined) and count them
-    in one aggregation. No ``detail`` here: its message code, evaluated in the scan, made the generated
+    in one aggregation (rows of ``retry_uris``, ``retried_rows`` of ``total``, are kept out of the
+    rejected share: their file was judged when first read). No ``detail`` here: its message code, evaluated in the scan, made the generated
     method too big for the JIT (measured 2x slower); it is added on the cached rows later."""
     row_rules = [r for r in rules if r.code != "cancellation_without_order"]
     raw_map = F.create_map(*[x for i, n in enumerate(src.names) if n not in private_columns
@@ -341,26 +421,30 @@ def _pass_classify(flagged_df: DataFrame, src: Source, source: SourceConf, valid
                      .persist(StorageLevel.MEMORY_AND_DISK))
         cached.append(others_df)
     try:
-        tallies = others_df.groupBy("kind", "reason", "_match", "_is_encoding_suspect").count().collect()
+        tallies = (others_df.withColumn("_retried", F.col("_src_file").isin(list(retry_uris)))
+                   .groupBy("kind", "reason", "_match", "_is_encoding_suspect", "_retried").count().collect())
     except Exception as exc:  # noqa: BLE001
         raise action_error(exc, path, source) from exc
     counts = {k: 0 for k in (KIND_CANCELLATION, KIND_QUARANTINED, KIND_DUPLICATE)}
     reason_counts: dict[str, int] = {}
-    heuristic = suspects = 0
+    heuristic = suspects = retried_quarantined = 0
     for r in tallies:
         if r["kind"] != KIND_ORDER:
             counts[r["kind"]] += r["count"]
         if r["kind"] == KIND_QUARANTINED:
             reason_counts[r["reason"]] = reason_counts.get(r["reason"], 0) + r["count"]
+            retried_quarantined += r["count"] if r["_retried"] else 0
         if r["kind"] == KIND_CANCELLATION and r["_match"] == "heuristic":
             heuristic += r["count"]
         if r["_is_encoding_suspect"]:
             suspects += r["count"]
     quarantined = counts[KIND_QUARANTINED]
+    judged = (quarantined - retried_quarantined, total - retried_rows)
     return _ClassifyPass(kinds_df, others_df, counts,
                          {code: reason_counts[code] for code in REASON_CODES if code in reason_counts},
                          heuristic, suspects, accepted=total - sum(counts.values()), quarantined=quarantined,
-                         rejected=quarantined / total > validation.max_rejected_share)
+                         rejected=judged[1] > 0 and judged[0] / judged[1] > validation.max_rejected_share,
+                         judged=judged)
 
 
 def _write_accepted(storage: Storage, classified: _ClassifyPass, offsets_df: DataFrame, src: Source,
@@ -414,7 +498,7 @@ def _offsets_frame(spark: SparkSession, splits: list) -> DataFrame:
             before, last_file = 0, r["_src_file"]
         rows.append((r["_src_file"], int(r["_src_block"]), int(r["_first_pos"]), before,
                      local_path(r["_src_file"])))
-        before += int(r["_n"])
+        before += int(r["_n_all"])
     return spark.createDataFrame(
         rows, "_src_file string, _src_block bigint, _first_pos bigint, _rows_before bigint, source_file string")
 
@@ -532,13 +616,17 @@ def _quarantined_files(storage: Storage, last_day: date) -> dict[str, int]:
 
 
 def _write_quarantine(storage: Storage, quarantine_df: DataFrame | None, read_files: list[str],
-                      stored_files: set[str], replace: bool) -> None:
+                      stored_files: set[str], replace: bool, read_again: Column | None = None) -> None:
     """The run's quarantined rows. A file read again (changed, ``--all-files``, rejected before, or
     its future rows retried) replaces every row it had in the table, so rows it no longer rejects
-    leave it; ``replace`` is off for a rejected run (nothing of it was accepted): its rows are upserted."""
-    if stored_files & set(read_files):
+    leave it; ``read_again``: the stored rows of files read narrowed (:class:`_Retry`), replaced the
+    same way. ``replace`` is off for a rejected run (nothing of it was accepted): its rows are upserted."""
+    if stored_files & set(read_files) or read_again is not None:
         if replace:
-            kept_df = storage.read(ORDERS_QUARANTINE).where(~F.col("source_file").isin(read_files))
+            replaced = F.col("source_file").isin(read_files)
+            if read_again is not None:
+                replaced = replaced | read_again
+            kept_df = storage.read(ORDERS_QUARANTINE).where(~replaced)
             storage.overwrite(ORDERS_QUARANTINE,
                               kept_df if quarantine_df is None else kept_df.unionByName(quarantine_df))
         elif quarantine_df is not None:
@@ -553,7 +641,7 @@ def _record_files(spark: SparkSession, storage: Storage, files: list[SourceFile]
     rows_by_file: dict[str, int] = {}
     for r in splits:
         name = local_path(r["_src_file"])
-        rows_by_file[name] = rows_by_file.get(name, 0) + int(r["_n"])
+        rows_by_file[name] = rows_by_file.get(name, 0) + int(r["_n_all"])
     rows = [(f.path, f.size, datetime.fromtimestamp(f.modified_ms / 1000, tz=timezone.utc),
              rows_by_file.get(f.path, 0), run_id, at, source_name) for f in files]
     files_df = spark.createDataFrame(rows, INGESTED_FILES.schema)

@@ -53,6 +53,8 @@ class IngestSummary:
     encoding_suspect_rows: int = 0
     skipped_files: int = 0           # already ingested with the same size and modification time
     future_rows_retried: int = 0     # rows quarantined as future by an earlier read, read again now that their day came
+    retried_file_rows: int = 0       # rows read of files read narrowed for those rows (their customers and orders)
+    narrowed_files: int = 0          # those files
     value_counts: dict[str, dict[str, int]] = field(default_factory=dict)   # status/channel/category -> value -> rows
     unknown_statuses: tuple[str, ...] = ()   # never seen before, in neither cancelled_values nor live_values
     key_rows: int = 0                # matching keys (identity.match_on) hashed and new in identity_keys
@@ -97,7 +99,11 @@ class IngestSummary:
             lines.append(f"  warning: status value(s) {', '.join(repr(v) for v in self.unknown_statuses)} never seen "
                          "before are counted as live orders (not in source.cancellation.cancelled_values); list "
                          "them in cancelled_values or live_values")
-        if self.future_rows_retried:
+        if self.future_rows_retried and self.narrowed_files:
+            lines.append(f"  {n(self.future_rows_retried)} row(s) quarantined as future_timestamp by an earlier ingest "
+                         f"were read again (their order day has come), with the rows of their customers and orders: "
+                         f"{n(self.retried_file_rows)} row(s) of {self.narrowed_files} file(s) ingested before")
+        elif self.future_rows_retried:
             lines.append(f"  {n(self.future_rows_retried)} row(s) quarantined as future_timestamp by an earlier ingest "
                          f"were read again (their order day has come): their file(s) are among those read")
         if self.cancellation_lines_by_heuristic:

@@ -237,20 +237,32 @@ SET_SPLIT, SET_ORDER, SET_LINE, SET_PROFILE = "split", "order", "line", "profile
 PROFILED = ("status", "channel", "category")
 
 
-def source_stats(df: DataFrame, *, grain: str, order_id_mapped: bool, profile: Sequence[str] = ()) -> DataFrame:
+def source_stats(df: DataFrame, *, grain: str, order_id_mapped: bool, profile: Sequence[str] = (),
+                 in_read: Column | None = None) -> DataFrame:
     """One aggregation (grouping sets) over the keyed rows giving
     * per file split (``_set`` = split): its rows and first position, for exact row numbers;
     * per order id seen more than once (``order``): rows, min/max header hash, first position;
     * at grain line, per (order id, content) seen more than once (``line``): the exact copies;
     * per combination of the ``profile`` columns' values (``profile``: status, channel, category):
       its rows, so ingest can say which values it saw (a few hundred combinations at most).
-    Only those rows are kept, so the result is small unless the export is mostly duplicates."""
+    Only those rows are kept, so the result is small unless the export is mostly duplicates.
+
+    ``in_read``: which rows the run reads (default: all). The others count only in a split's
+    ``_n_all`` and first position (row numbers are positions in the whole file); ``_n`` and every
+    other set hold the rows read."""
     # plain longs, not structs: min over a struct would turn the hash aggregation into a sort
     first = [F.min("_src_key").alias("_first"), F.min("_src_pos").alias("_first_pos")]
+    counts = [F.count(F.lit(1)).alias("_n_all"), F.count(F.lit(1)).alias("_n")]
     profile = list(profile)
+    if in_read is not None:
+        counts[1] = F.count(F.when(F.col("_in_read"), F.lit(1))).alias("_n")
+        # a row not read joins no order (its key is null) and no profile value (it counts 0)
+        df = df.withColumn("_in_read", F.coalesce(in_read, F.lit(False)))
+        if order_id_mapped:
+            df = df.withColumn("_order_key", F.when(F.col("_in_read"), F.col("_order_key")))
     if not order_id_mapped and not profile:
         return (df.groupBy("_src_file", "_src_block")
-                .agg(F.count(F.lit(1)).alias("_n"), *first)
+                .agg(*counts, *first)
                 .withColumn("_set", F.lit(SET_SPLIT)))
     sets: dict[str, list[str]] = {SET_SPLIT: ["_src_file", "_src_block"]}
     cols = ["_src_file", "_src_block"]
@@ -266,7 +278,7 @@ def source_stats(df: DataFrame, *, grain: str, order_id_mapped: bool, profile: S
     hashes = ([F.min("_header_hash").alias("_hmin"), F.max("_header_hash").alias("_hmax")]
               if order_id_mapped else [])
     stats_df = (df.groupingSets(list(sets.values()), *cols)
-                .agg(F.count(F.lit(1)).alias("_n"), *hashes, *first, F.grouping_id().alias("_gid")))
+                .agg(*counts, *hashes, *first, F.grouping_id().alias("_gid")))
     # grouping_id sets a bit for every grouping column NOT in the set (first column = highest bit)
     width = len(cols)
     gid = {name: sum(1 << (width - 1 - cols.index(c)) for c in cols if c not in members)
@@ -274,7 +286,7 @@ def source_stats(df: DataFrame, *, grain: str, order_id_mapped: bool, profile: S
     kind = F.lit(None).cast("string")
     for name in sets:
         kind = F.when(F.col("_gid") == gid[name], F.lit(name)).otherwise(kind)
-    keep = (F.col("_set") == SET_SPLIT) | (F.col("_set") == SET_PROFILE)
+    keep = (F.col("_set") == SET_SPLIT) | ((F.col("_set") == SET_PROFILE) & (F.col("_n") > 0))
     if order_id_mapped:
         keep = keep | (((F.col("_set") == SET_ORDER) & (F.col("_n") > 1)
                         & ((F.col("_hmin") != F.col("_hmax")) | F.lit(grain == "order")))

@@ -159,14 +159,92 @@ def test_rows_quarantined_as_future_are_read_again_once_their_day_has_come(spark
 
     (folder / "day2.csv").write_text(header + "A3,C1,2024-02-11 12:00:00,300\n")
     third = run(date(2024, 2, 11), "f3")
-    assert (third.source_files, third.input_rows, third.future_rows_retried) == (2, 3, 1)
-    assert (third.orders_written, third.quarantined_rows) == (2, 0)   # A2 and A3; A1 unchanged
-    assert "1 row(s) quarantined as future_timestamp by an earlier ingest were read again" in str(third)
+    # day 1 is read narrowed: the due row's customer and order id (A2 of C2), not A1
+    assert (third.source_files, third.input_rows, third.future_rows_retried) == (2, 2, 1)
+    assert (third.orders_written, third.quarantined_rows) == (2, 0)   # A2 and A3
+    assert ("1 row(s) quarantined as future_timestamp by an earlier ingest were read again (their order day has "
+            "come), with the rows of their customers and orders: 1 row(s) of 1 file(s) ingested before") in str(third)
     assert sorted(r.order_id for r in storage.read("orders").collect()) == ["A1", "A2", "A3"]
     assert storage.read("orders_quarantine").count() == 0
     assert {r.ingest_run_id: r.future_rows_retried for r in storage.read("ingest_runs").collect()} == {
         "f1": 0, "f2": 0, "f3": 1}
     assert run(date(2024, 2, 12), "f4").status == "unchanged"
+
+
+def _history_with_future_lines(folder: Path) -> None:
+    """A line-grain history with cancellation lines (by id and by customer) and an exact copy around
+    an order dated after the day it is read, one still further ahead, and other quarantined rows."""
+    rows = [f"O{i},c{i % 50},2024-01-{1 + i % 28:02d} 10:00:00,{1 + i % 3},{10 + i}" for i in range(300)]
+    rows[120:120] = [
+        "X0,cX,2024-01-20 09:00:00,1,40",             # cX's order before the future one
+        "F1,cX,2024-02-10 09:00:00,2,25",             # due on 02-10: two lines...
+        "F1,cX,2024-02-10 09:00:00,1,70",
+        "F1,cX,2024-02-10 09:00:00,2,25",             # ...and an exact copy of the first
+        "CF1,cX,2024-02-10 13:00:00,-1,25",           # cancels a line of F1 by its id
+        "CZZ,cX,2024-02-10 14:00:00,-1,70",           # names no order: cX's latest order (F1)
+        "F2,cX,2024-03-01 09:00:00,1,99",             # not due yet: stays quarantined
+        "Y1,cY,2024-02-10 08:00:00,1,30",             # another due customer, by its order id only
+        "N1,cZ,2024-01-15 10:00:00,-5,10",            # negative amount: stays quarantined
+    ]
+    (folder / "history.csv").write_text("order_id,customer_id,order_ts,quantity,unit_price\n" + "\n".join(rows) + "\n")
+
+
+def test_a_history_file_read_again_for_due_rows_reads_their_closure_and_ends_as_a_whole_read(spark, storage,
+                                                                                           tmp_path, monkeypatch):
+    """A file read again only for rows quarantined as future whose day has come is read narrowed: the
+    rows of their customers and order ids. That classifies the due rows as reading the whole file
+    does (lines grouped, copies dropped, cancellation lines matched by id and by customer), and the
+    tables end the same, row numbers included; the few rows read are kept out of the rejected share
+    (one of them is still ahead: 1 of 8 rows would reject the run at 5%)."""
+    from core.storage import Storage
+    from pipelines.ingest import runner
+
+    conf = source(grain="line", columns={"order_id": "order_id", "customer_id": "customer_id", "order_ts": "order_ts",
+                                         "gross_amount": None, "quantity": "quantity", "unit_price": "unit_price"},
+                  cancellation={"style": "negative_lines", "order_id_prefix": "C"})
+    key = "spark.sql.files.maxPartitionBytes"
+    previous = spark.conf.get(key)
+    spark.conf.set(key, "2k")   # the history file in several splits: row numbers across them
+    tables = {}
+    try:
+        for narrowed in (True, False):
+            folder = tmp_path / f"drop-{narrowed}"
+            folder.mkdir()
+            _history_with_future_lines(folder)
+            wh = Storage(spark, str(tmp_path / f"wh-{narrowed}"), backend=storage._backend.name)
+            run = lambda day, run_id: run_ingest(spark, wh, conf, ValidationConf(), "UTC", day,  # noqa: E731
+                                                 path=str(folder), run_id=run_id)
+            first = run(date(2024, 1, 31), "h1")
+            assert (first.input_rows, first.quarantined_rows, first.exact_duplicate_rows) == (309, 7, 1)
+            (folder / "day2.csv").write_text("order_id,customer_id,order_ts,quantity,unit_price\n"
+                                             "D1,c1,2024-02-11 10:00:00,1,5\nD2,cX,2024-02-11 11:00:00,1,6\n")
+            monkeypatch.setattr(runner, "RETRY_CLOSURE_MAX_ROWS", 10_000 if narrowed else 0)
+            night = run(date(2024, 2, 11), "h2")
+            assert night.status == "ok" and night.future_rows_retried == 5
+            if narrowed:   # the history's rows of cX, cY and order ids F1, CF1, CZZ, Y1 (X0 is cX's) + day 2
+                assert (night.input_rows, night.narrowed_files, night.retried_file_rows) == (10, 1, 8)
+                assert "8 row(s) of 1 file(s) ingested before" in str(night)
+            else:
+                assert (night.input_rows, night.narrowed_files) == (311, 0)
+            tables[narrowed] = (
+                wh.read("orders").drop("ingest_run_id").orderBy("order_id"),
+                wh.read("orders_quarantine").drop("ingest_run_id", "run_date").orderBy("source_row"),
+                wh.read("ingested_files").select("source_file", "data_rows", "ingest_run_id"))
+    finally:
+        spark.conf.set(key, previous)
+    narrow_orders, narrow_quarantine, narrow_files = tables[True]
+    whole_orders, whole_quarantine, whole_files = tables[False]
+    f1 = narrow_orders.where("order_id = 'F1'").first()
+    assert (f1.gross_amount, f1.cancelled_amount, f1.source_row) == (120.0, 95.0, 122)
+    assert [(r.source_row, r.reason) for r in narrow_quarantine.collect()] == [
+        (127, "future_timestamp"), (129, "negative_amount")]
+    drop_folder = F.regexp_replace("source_file", "/drop-(True|False)/", "/")
+    assert_df_equality(narrow_orders.withColumn("source_file", drop_folder),
+                       whole_orders.withColumn("source_file", drop_folder), ignore_nullable=True)
+    assert_df_equality(narrow_quarantine.withColumn("source_file", drop_folder),
+                       whole_quarantine.withColumn("source_file", drop_folder), ignore_nullable=True)
+    assert sorted((r.source_file.rsplit("/", 1)[-1], r.data_rows) for r in narrow_files.collect()) == [
+        ("day2.csv", 2), ("history.csv", 309)]
 
 
 def test_status_channel_and_category_values_are_counted_and_new_statuses_reported(spark, storage, tmp_path):
