@@ -114,6 +114,8 @@ def _run_ingest(spark: SparkSession, storage: Storage, source: SourceConf, valid
                            in_read=retry.rows_read() if retry else None)
         clock.lap("pass 1: splits+dups")
         retried_rows = sum(r["_n"] for r in first.splits if retry and r["_src_file"] in retry.uris)
+        retried_files = frozenset(local_path(r["_src_file"]) for r in first.splits
+                                  if retry and r["_src_file"] in retry.uris)
         second = _pass_classify(first.flagged_df, src, source, validation, path, rules, private_columns,
                                 first.total, cached, retry_uris=retry.uris if retry else frozenset(),
                                 retried_rows=retried_rows)
@@ -123,7 +125,7 @@ def _run_ingest(spark: SparkSession, storage: Storage, source: SourceConf, valid
         if not second.rejected and second.accepted:
             orders_accepted, orders_written, first_order_date, key_rows = _write_accepted(
                 storage, second, first.offsets_df, src, source, mapping, run_id, run_date, order_id_prefix,
-                keys, cached, clock)
+                keys, cached, clock, retried_files)
         quarantine_df = None
         if second.quarantined:
             # a malformed line would carry the e-mail / phone in clear: no line text then
@@ -450,10 +452,11 @@ def _pass_classify(flagged_df: DataFrame, src: Source, source: SourceConf, valid
 def _write_accepted(storage: Storage, classified: _ClassifyPass, offsets_df: DataFrame, src: Source,
                     source: SourceConf, mapping: dict[str, str | None], run_id: str, run_date: date,
                     order_id_prefix: str, keys: KeyReading | None, cached: list[DataFrame],
-                    clock: "_Clock") -> tuple[int, int, date | None, int]:
+                    clock: "_Clock", retried_files: frozenset[str] = frozenset()) -> tuple[int, int, date | None, int]:
     """Pass 3: the accepted orders merged (row kind "order" never depends on cancellation matching);
     pass 4: their matching keys, normalised and hashed in the scan (no clear text kept). Returns
-    (orders accepted, orders written, the earliest order date written, key rows)."""
+    (orders accepted, orders written, the earliest order date written, key rows). ``retried_files``:
+    files read again for their due rows, whose orders never replace a later file's (see _merge_orders)."""
     order_rows_df = classified.kinds_df.filter(F.col("kind") == KIND_ORDER)
     cancels_df = None
     if classified.counts[KIND_CANCELLATION]:
@@ -462,7 +465,7 @@ def _write_accepted(storage: Storage, classified: _ClassifyPass, offsets_df: Dat
                              order_id_mapped=mapping["order_id"] is not None, ingest_run_id=run_id,
                              source_name=source.name, order_id_prefix=order_id_prefix)
     orders_accepted, orders_written, first_order_date = _merge_orders(
-        storage, orders_df, classified.accepted if source.grain == "order" else None, cached)
+        storage, orders_df, classified.accepted if source.grain == "order" else None, cached, retried_files)
     clock.lap("pass 3: write orders")
     key_columns = {k: mapping[k] for k in (keys.match_on if keys else ()) if mapping.get(k)}
     key_rows = 0
@@ -508,10 +511,12 @@ BROADCAST_MAX_INCOMING = 5_000_000
 
 
 def _merge_orders(storage: Storage, orders_df: DataFrame, accepted: int | None,
-                  cached: list[DataFrame]) -> tuple[int, int, date | None]:
+                  cached: list[DataFrame], retried_files: frozenset[str] = frozenset()) -> tuple[int, int, date | None]:
     """Merge by order_id, skipping orders whose content is already in the table. Returns (orders
     accepted, orders new or changed, the earliest order date among those); ``accepted`` is known
-    at grain order."""
+    at grain order. An order of ``retried_files`` (read again for their due future rows) replaces a
+    stored copy only when that copy came from the same file: a later file's restatement of the
+    order (a correction, a cancellation by status) is newer than the old file's."""
     if not storage.exists(ORDERS):
         storage.merge(ORDERS, orders_df)   # one write, no second pass
         # one column read back (a first load: every order is new)
@@ -537,12 +542,19 @@ def _merge_orders(storage: Storage, orders_df: DataFrame, accepted: int | None,
     months = sorted(set(incoming_months) | set(stored_months))
     existing_df = (storage.read(ORDERS, partitions={"order_month": months})
                    .join(incoming_ids_df, on="order_id", how="left_semi"))
-    existing_df = (existing_df.select("order_id", order_content_hash(existing_df).alias("_hash"))
+    existing_df = (existing_df.select("order_id", order_content_hash(existing_df).alias("_hash"),
+                                      F.col("source_file").alias("_stored_file"))
                    .persist(StorageLevel.MEMORY_AND_DISK))
     cached.append(existing_df)
+    changed_df = incoming_df.join(existing_df.drop("_stored_file"), on=["order_id", "_hash"], how="left_anti")
+    if retried_files:
+        stated_later_df = (changed_df.select("order_id", "source_file")
+                           .where(F.col("source_file").isin(sorted(retried_files)))
+                           .join(existing_df, on="order_id")
+                           .where(F.col("_stored_file") != F.col("source_file")).select("order_id"))
+        changed_df = changed_df.join(stated_later_df, on="order_id", how="left_anti")
     # merge reads its input several times (touched months, keys, rows): keep the changed orders
-    changed_df = (incoming_df.join(existing_df, on=["order_id", "_hash"], how="left_anti").drop("_hash")
-                  .persist(StorageLevel.MEMORY_AND_DISK))
+    changed_df = changed_df.drop("_hash").persist(StorageLevel.MEMORY_AND_DISK)
     cached.append(changed_df)
     written, first_order_date = changed_df.agg(F.count(F.lit(1)), F.min("order_date")).first()
     replacing = written and changed_df.join(existing_df.select("order_id"), on="order_id", how="left_semi") \
