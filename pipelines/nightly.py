@@ -337,6 +337,58 @@ def _expressions_sized_for_warehouse(stack: ExitStack, spark: SparkSession, stor
     return ""
 
 
+def _why_skipped(ctx: _Context, name: str, done: dict[str, dt.datetime], force: bool) -> tuple[str, str] | None:
+    """(what the progress line says, the outcome's message) when step ``name`` does not run: already
+    committed for D, or not due by its cadence; None when it runs."""
+    if force:
+        return None
+    if is_up_to_date(name, done):
+        return f"committed at {done[name]:%Y-%m-%d %H:%M:%S}", "already committed for this date"
+    not_due = CADENCE[name](ctx) if name in CADENCE else None
+    return (not_due, not_due) if not_due else None
+
+
+@dataclass(frozen=True)
+class _StepRun:
+    outcome: StepOutcome
+    finished_at: dt.datetime   # as PySpark reads pipeline_runs back: local, naive
+
+
+def _run_step(ctx: _Context, run_id: str, name: str, label: str, progress: Callable[[str], None],
+              step_hook: Callable[[str], ContextManager] | None) -> _StepRun:
+    """Run one step and record it in ``pipeline_runs`` (ok, with the table versions it committed; or
+    failed, then :class:`PipelineStepError` says what to re-run)."""
+    spark, storage, as_of_date = ctx.spark, ctx.storage, ctx.as_of_date
+    outputs = step_tables(name)
+    before = table_versions(storage, outputs)
+    started_at = dt.datetime.now(dt.timezone.utc)
+    clock = time.perf_counter()
+    try:
+        with step_job_group(spark, name, as_of_date), (step_hook(name) if step_hook else nullcontext()):
+            message, details = RUNNERS[name](ctx)
+    except Exception as exc:  # noqa: BLE001 - every failure becomes one recorded line
+        s3_error = s3_error_summary(exc)
+        reason = (f"{s3_error} (the S3 retries of storage.s3 were used up)" if s3_error
+                  else _first_line(exc))
+        try:
+            _record(spark, storage, run_id, as_of_date, name, "failed", started_at,
+                    dt.datetime.now(dt.timezone.utc), {}, reason)
+        except Exception:  # noqa: BLE001 - the step's own error is the one to report
+            log.warning("could not record the failure of step %s in pipeline_runs", name, exc_info=True)
+        progress(f"{label} FAILED after {time.perf_counter() - clock:.1f}s")
+        fix = "once S3 answers again," if s3_error else "fix it and"
+        raise PipelineStepError(
+            f"step {name} failed for {as_of_date}: {reason}; {fix} re-run `cvseg run --as-of "
+            f"{as_of_date}` (committed steps are skipped)", name, exc) from exc
+    seconds = time.perf_counter() - clock
+    after = table_versions(storage, outputs)
+    versions = {t: v for t, v in after.items() if before.get(t) != v}
+    finished_at = dt.datetime.now(dt.timezone.utc)
+    _record(spark, storage, run_id, as_of_date, name, "ok", started_at, finished_at, versions, message)
+    return _StepRun(StepOutcome(name, "ok", seconds, versions, message, details),
+                    finished_at.astimezone().replace(tzinfo=None))
+
+
 def run_nightly(spark: SparkSession, storage: Storage, config: Config, as_of_date: dt.date, *,
                 source_path: str | None = None, steps: list[str] | tuple[str, ...] | None = None,
                 refit: str = "auto", new_generation: bool = False, rebuild_trends: bool = False,
@@ -357,53 +409,23 @@ def run_nightly(spark: SparkSession, storage: Storage, config: Config, as_of_dat
     progress(f"[run {as_of_date}] {run_id}: steps {' -> '.join(selected)} "
              f"(storage backend {storage.backend}, warehouse {storage.warehouse})")
     with ExitStack() as sized:
-        sized_yet = False   # decided before the first step that runs: a night with nothing to do reads nothing
         for position, name in enumerate(selected, start=1):
             label = f"[run {as_of_date}] {position}/{len(selected)} {name:<8}"
-            if not force and is_up_to_date(name, done):
-                progress(f"{label} skipped (committed at {done[name]:%Y-%m-%d %H:%M:%S})")
-                outcomes.append(StepOutcome(name, "skipped", message="already committed for this date"))
+            skipped = _why_skipped(ctx, name, done, force)
+            if skipped:
+                progress(f"{label} skipped ({skipped[0]})")
+                outcomes.append(StepOutcome(name, "skipped", message=skipped[1]))
                 continue
-            not_due = CADENCE[name](ctx) if name in CADENCE and not force else None
-            if not_due:
-                progress(f"{label} skipped ({not_due})")
-                outcomes.append(StepOutcome(name, "skipped", message=not_due))
-                continue
-            if not sized_yet:
-                sized_yet = True
+            if all(o.status == "skipped" for o in outcomes):
+                # the first step that runs: a night with nothing to do reads nothing
                 expressions = _expressions_sized_for_warehouse(sized, spark, storage, config)
                 if expressions:
                     progress(f"[run {as_of_date}] {expressions}")
             progress(f"{label} ...")
-            outputs = step_tables(name)
-            before = table_versions(storage, outputs)
-            started_at = dt.datetime.now(dt.timezone.utc)
-            clock = time.perf_counter()
-            try:
-                with step_job_group(spark, name, as_of_date), (step_hook(name) if step_hook else nullcontext()):
-                    message, details = RUNNERS[name](ctx)
-            except Exception as exc:  # noqa: BLE001 - every failure becomes one recorded line
-                s3_error = s3_error_summary(exc)
-                reason = (f"{s3_error} (the S3 retries of storage.s3 were used up)" if s3_error
-                          else _first_line(exc))
-                try:
-                    _record(spark, storage, run_id, as_of_date, name, "failed", started_at,
-                            dt.datetime.now(dt.timezone.utc), {}, reason)
-                except Exception:  # noqa: BLE001 - the step's own error is the one to report
-                    log.warning("could not record the failure of step %s in pipeline_runs", name, exc_info=True)
-                progress(f"{label} FAILED after {time.perf_counter() - clock:.1f}s")
-                fix = "once S3 answers again," if s3_error else "fix it and"
-                raise PipelineStepError(
-                    f"step {name} failed for {as_of_date}: {reason}; {fix} re-run `cvseg run --as-of "
-                    f"{as_of_date}` (committed steps are skipped)", name, exc) from exc
-            seconds = time.perf_counter() - clock
-            after = table_versions(storage, outputs)
-            versions = {t: v for t, v in after.items() if before.get(t) != v}
-            finished_at = dt.datetime.now(dt.timezone.utc)
-            _record(spark, storage, run_id, as_of_date, name, "ok", started_at, finished_at, versions, message)
-            done[name] = finished_at.astimezone().replace(tzinfo=None)   # as PySpark reads it back: local, naive
-            outcomes.append(StepOutcome(name, "ok", seconds, versions, message, details))
-            progress(f"{label} done in {seconds:.1f}s: {message}")
+            outcome = _run_step(ctx, run_id, name, label, progress, step_hook)
+            done[name] = outcome.finished_at
+            outcomes.append(outcome.outcome)
+            progress(f"{label} done in {outcome.outcome.seconds:.1f}s: {outcome.outcome.message}")
             if fail_after == name:
                 raise PipelineStepError(
                     f"injected failure after step {name} ({FAIL_AFTER_ENV}); re-run `cvseg run --as-of {as_of_date}` "
