@@ -64,6 +64,22 @@ def test_an_exact_copy_is_a_duplicate_and_differing_rows_of_one_order_are_all_co
     assert details[1] is None and details[5] is None
 
 
+def test_rows_not_read_count_only_for_row_numbers(spark):
+    """A narrowed re-read (``in_read``): the split still counts every row and starts at the file's
+    first position (row numbers are the whole file's); orders and value counts hold only the rows
+    read, so a copy among the others is no duplicate of a row read."""
+    df = with_row_keys(_keyed_rows(spark, [
+        (1, "o1", "c1", "100"), (2, "o1", "c1", "100"),     # o1 twice, not read
+        (3, "o2", "c2", "200"), (4, "o2", "c2", "200"),     # o2 twice, read: the second is a copy
+        (5, "o3", "c1", "300"),
+    ]), grain="order", order_id_mapped=True).withColumn("status", F.col("customer_id"))
+    stats = source_stats(df, grain="order", order_id_mapped=True, profile=["status"],
+                         in_read=F.col("customer_id") == "c2")
+    rows = {(r["_set"], r["_order_key"], r["status"]): (r["_n"], r["_n_all"], r["_first_pos"]) for r in stats.collect()}
+    assert rows == {("split", None, None): (2, 5, 1), ("order", "o2", None): (2, 2, 3),
+                    ("profile", None, "c2"): (2, 2, 3)}
+
+
 def test_line_grain_copies_are_per_line_and_a_changed_customer_is_a_conflict(spark):
     df = with_row_keys(_keyed_rows(spark, [
         (1, "o1", "c1", "100"), (2, "o1", "c1", "40"), (3, "o1", "c1", "40"),   # two lines, one copied
