@@ -113,9 +113,9 @@ def _run_ingest(spark: SparkSession, storage: Storage, source: SourceConf, valid
         first = _pass_keys(spark, storage, keyed_df, source, validation, path, mapping, order_id_mapped, cached,
                            in_read=retry.rows_read() if retry else None)
         clock.lap("pass 1: splits+dups")
-        retried_rows = sum(r["_n"] for r in first.splits if retry and r["_src_file"] in retry.uris)
-        retried_files = frozenset(local_path(r["_src_file"]) for r in first.splits
-                                  if retry and r["_src_file"] in retry.uris)
+        retried_splits = [r for r in first.splits if retry and r["_src_file"] in retry.uris]
+        retried_rows = sum(r["_n"] for r in retried_splits)
+        retried_files = frozenset(local_path(r["_src_file"]) for r in retried_splits)
         second = _pass_classify(first.flagged_df, src, source, validation, path, rules, private_columns,
                                 first.total, cached, retry_uris=retry.uris if retry else frozenset(),
                                 retried_rows=retried_rows)
@@ -135,7 +135,7 @@ def _run_ingest(spark: SparkSession, storage: Storage, source: SourceConf, valid
                                            line_key=line_key).transform(with_source_rows, first.offsets_df),
                 order_id_mapped=order_id_mapped, ingest_run_id=run_id, run_date=run_date)
         # a file of which only the due rows' closure was read keeps its other quarantined rows
-        narrowed = {local_path(r["_src_file"]) for r in first.splits if retry and r["_src_file"] in retry.narrowed_uris}
+        narrowed = {local_path(r["_src_file"]) for r in retried_splits if r["_src_file"] in retry.narrowed_uris}
         _write_quarantine(storage, quarantine_df,
                           sorted({local_path(r["_src_file"]) for r in first.splits} - narrowed),
                           set(files.quarantined_before), replace=not second.rejected,
@@ -248,7 +248,8 @@ def _files_to_read(spark: SparkSession, storage: Storage, source: SourceConf, va
     src = read_source(spark, path, source)
     listed = list_source_files(spark, src)
     new_files, skipped, known = listed, 0, set()
-    quarantined_before = _quarantined_files(storage, run_date + timedelta(days=validation.future_tolerance_days))
+    last_due_day = run_date + timedelta(days=validation.future_tolerance_days)
+    quarantined_before = _quarantined_files(storage, last_due_day)
     due = {file: count for file, count in quarantined_before.items() if count}
     retry = None
     if listed is not None and source.new_files_only:
@@ -262,8 +263,7 @@ def _files_to_read(spark: SparkSession, storage: Storage, source: SourceConf, va
             src = read_source(spark, [f.uri for f in new_files], source)
         if source.format != "delta":
             retry = _retry(spark, storage, [f for f in new_files if f.key in known and f.path in due],
-                           run_date + timedelta(days=validation.future_tolerance_days),
-                           order_id_mapped=source.columns.order_id is not None)
+                           last_due_day, order_id_mapped=source.columns.order_id is not None)
     # every file read holds its rows; without a listing (Spark Connect) every due row is read again
     retried = sum(due.get(f.path, 0) for f in new_files) if new_files is not None else sum(due.values())
     return _Files(src, new_files, skipped, known, quarantined_before, retried, retry)
@@ -276,8 +276,8 @@ def _retry(spark: SparkSession, storage: Storage, files: list[SourceFile], last_
     RETRY_CLOSURE_MAX_ROWS rows are due (a clock that ran a day ahead for a whole export)."""
     if not files:
         return None
-    is_due = (F.col("reason") == FUTURE_TIMESTAMP) & (F.col("order_date") <= F.lit(last_day))
-    rows = (storage.read(ORDERS_QUARANTINE).where(is_due & F.col("source_file").isin([f.path for f in files]))
+    rows = (storage.read(ORDERS_QUARANTINE)
+            .where(_is_due(last_day) & F.col("source_file").isin([f.path for f in files]))
             .select("source_file", "customer_id", "order_id").limit(RETRY_CLOSURE_MAX_ROWS + 1).collect())
     uris = spark_file_paths(spark, files)
     if len(rows) > RETRY_CLOSURE_MAX_ROWS:
@@ -386,8 +386,9 @@ def _pass_classify(flagged_df: DataFrame, src: Source, source: SourceConf, valid
     """Pass 2: classify every row by the row rules; keep the few that are not plain orders
     (cancellation lines included, with their raw text in case they end up quarantined) and count them
     in one aggregation (rows of ``retry_uris``, ``retried_rows`` of ``total``, are kept out of the
-    rejected share: their file was judged when first read). No ``detail`` here: its message code, evaluated in the scan, made the generated
-    method too big for the JIT (measured 2x slower); it is added on the cached rows later."""
+    rejected share: their file was judged when first read). No ``detail`` here: its message code,
+    evaluated in the scan, made the generated method too big for the JIT (measured 2x slower); it is
+    added on the cached rows later."""
     row_rules = [r for r in rules if r.code != "cancellation_without_order"]
     raw_map = F.create_map(*[x for i, n in enumerate(src.names) if n not in private_columns
                              for x in (F.lit(n), as_text(F.col(source_col(i)), src.df.schema[source_col(i)].dataType))])
@@ -615,15 +616,19 @@ def _unknown_statuses(storage: Storage, source: SourceConf, counts: dict[str, in
     return tuple(v for v in candidates if v not in seen)
 
 
+def _is_due(last_day: date) -> Column:
+    """On ``orders_quarantine``: a row quarantined as future whose order day is on or before ``last_day``."""
+    return (F.col("reason") == FUTURE_TIMESTAMP) & (F.col("order_date") <= F.lit(last_day))
+
+
 def _quarantined_files(storage: Storage, last_day: date) -> dict[str, int]:
     """Source file -> how many of its quarantined rows are future_timestamp rows whose order day is
     now on or before ``last_day`` (0 for a file with other quarantined rows only): one small row
     per file with quarantined rows reaches the driver."""
     if not storage.exists(ORDERS_QUARANTINE):
         return {}
-    is_due = (F.col("reason") == FUTURE_TIMESTAMP) & (F.col("order_date") <= F.lit(last_day))
     rows = (storage.read(ORDERS_QUARANTINE).groupBy("source_file")
-            .agg(F.count(F.when(is_due, True)).alias("due")).collect())
+            .agg(F.count(F.when(_is_due(last_day), True)).alias("due")).collect())
     return {r["source_file"]: int(r["due"]) for r in rows}
 
 
