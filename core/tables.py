@@ -290,10 +290,18 @@ CUSTOMER_SCORES = TableSpec(
         _f("predicted_net_value_sd", D),
         _f("predicted_net_value_param_sd", D),
         _f("predicted_net_value_param_loadings", T.ArrayType(D)),
+        # SCORES_CARRIED_COLUMNS: the customer's acquisition as in customer_features at D, copied at
+        # scoring so per-channel totals (ltv_by_channel) need no join; null in partitions written before
+        _f("acquisition_channel", S),
+        _f("first_order_date", DT),
+        _f("days_to_second_purchase", I),
     ]),
     partition_by=("as_of_date",),
     keys=("as_of_date", "customer_id"),
 )
+
+#: customer_features columns customer_scores holds as they were at scoring (see its schema)
+SCORES_CARRIED_COLUMNS = ("acquisition_channel", "first_order_date", "days_to_second_purchase")
 
 FEATURES_RUNS = TableSpec(
     name="features_runs",

@@ -46,7 +46,7 @@ from core.config import ByChannelConf, Config
 from core.errors import UserError
 from core.results import StageResult
 from core.storage import Storage
-from core.tables import CUSTOMER_FEATURES, CUSTOMER_SCORES
+from core.tables import CUSTOMER_FEATURES, CUSTOMER_SCORES, SCORES_CARRIED_COLUMNS
 from core.tracking import ChampionInfo
 from models import CancellationRateModel, GammaGammaModel, make_model
 from models.bundle import (GROUP_COLUMNS, INTERVAL_COLUMNS, LOADINGS_COLUMN, NET_FEATURE_COLUMNS, SCORE_COLUMNS,
@@ -224,19 +224,25 @@ SCORE_SCHEMA = T.StructType([
 ])
 
 
-def score_customers(features_df: DataFrame, bundle: ScoringBundle) -> DataFrame:
-    """Scores for every customer row of ``features_df`` (a vectorised pandas function per batch).
+def score_customers(features_df: DataFrame, bundle: ScoringBundle, carry: tuple[str, ...] = ()) -> DataFrame:
+    """Scores for every customer row of ``features_df`` (a vectorised pandas function per batch),
+    followed by the ``carry`` columns of ``features_df`` as they are.
 
     Arrow batches in and out (``mapInArrow``), not ``mapInPandas``: Spark's pandas path turns every
     array cell (the loadings) into a Python list, row by row; here the scores frame goes to Arrow
     column by column (the loadings are an Arrow list column already). As with pandas' own
-    conversion, a NaN double arrives as null."""
+    conversion, a NaN double arrives as null. The carried columns stay Arrow arrays (never pandas):
+    the model returns one row per input row, in order (checked)."""
     from pyspark.sql.pandas.types import to_arrow_schema
 
     spark = features_df.sparkSession
     shared = spark.sparkContext.broadcast(bundle.to_payload())
     intervals = bundle.intervals        # a scoring-time switch, not part of the payload
-    arrow_schema = to_arrow_schema(SCORE_SCHEMA)
+    carried_fields = [features_df.schema[c] for c in carry]
+    out_schema = T.StructType([*SCORE_SCHEMA.fields, *carried_fields])
+    score_arrow, arrow_schema = to_arrow_schema(SCORE_SCHEMA), to_arrow_schema(out_schema)
+    score_names = SCORE_SCHEMA.fieldNames()
+    feature_names = list(bundle.feature_columns)
 
     def predict_batches(batches):
         import pyarrow as pa
@@ -244,26 +250,33 @@ def score_customers(features_df: DataFrame, bundle: ScoringBundle) -> DataFrame:
         model = bundle_from_payload(shared.value)      # a ScoringBundle or a HybridBundle
         model.intervals = intervals
         for batch in batches:
-            out = model.predict(batch.to_pandas())
+            out = model.predict(batch.select(feature_names).to_pandas())
+            if len(out) != batch.num_rows:
+                raise RuntimeError(f"the model returned {len(out)} rows for {batch.num_rows} customers")
             # a value without group terms (the hybrid's trees) leaves them null
-            for column in (c for c in SCORE_SCHEMA.fieldNames() if c not in out.columns):
+            for column in (c for c in score_names if c not in out.columns):
                 out[column] = None if column == LOADINGS_COLUMN else np.nan
-            yield pa.RecordBatch.from_pandas(out[arrow_schema.names], schema=arrow_schema, preserve_index=False)
+            scored = pa.RecordBatch.from_pandas(out[score_names], schema=score_arrow, preserve_index=False)
+            yield pa.RecordBatch.from_arrays([*scored.columns, *[batch.column(c) for c in carry]],
+                                             schema=arrow_schema)
 
     inputs = features_df.select(*[F.col(c).cast("double") if c in ("n_orders", "n_cancelled") else F.col(c)
-                                  for c in bundle.feature_columns])
-    return inputs.mapInArrow(predict_batches, SCORE_SCHEMA)
+                                  for c in feature_names],
+                                *[c for c in carry if c not in feature_names])
+    return inputs.mapInArrow(predict_batches, out_schema)
 
 
 def scores_table_rows(scores_df: DataFrame, as_of_date: dt.date, value_model: str, model_version: str,
                       horizon_months: int) -> DataFrame:
+    carried = [F.col(c) if c in scores_df.columns else F.lit(None).cast(CUSTOMER_SCORES.schema[c].dataType).alias(c)
+               for c in SCORES_CARRIED_COLUMNS]
     return scores_df.select(
         F.lit(as_of_date).alias("as_of_date"), *SCORE_COLUMNS,
         F.lit(value_model).alias("value_model"), F.lit(str(model_version)).alias("model_version"),
         F.lit(horizon_months).alias("horizon_months"),
         # Arrow carries pandas' NaN as a NaN double, not null: "no interval" is stored as null
         *[F.nanvl(F.col(c), F.lit(None).cast("double")).alias(c) for c in INTERVAL_COLUMNS + GROUP_COLUMNS],
-        LOADINGS_COLUMN)
+        LOADINGS_COLUMN, *carried)
 
 
 @dataclass(frozen=True)
@@ -301,8 +314,8 @@ def run_score(storage: Storage, as_of_date: dt.date, bundle: ScoringBundle, mode
                             f"is in {time_unit}; rebuild features with features.time_unit="
                             f"{bundle.time_unit} or refit")
     bundle = dataclasses.replace(bundle, intervals=intervals)
-    rows_df = scores_table_rows(score_customers(features_df, bundle), as_of_date, bundle.value_model,
-                                model_version, bundle.horizon_months)
+    rows_df = scores_table_rows(score_customers(features_df, bundle, carry=SCORES_CARRIED_COLUMNS), as_of_date,
+                                bundle.value_model, model_version, bundle.horizon_months)
     storage.replace_partitions(CUSTOMER_SCORES, rows_df, partitions={"as_of_date": [as_of_date]})
     written = storage.read(CUSTOMER_SCORES).where(F.col("as_of_date") == F.lit(as_of_date))
     stats = written.agg(F.count(F.lit(1)).alias("customers"), F.sum("predicted_net_value").alias("total"),

@@ -27,7 +27,7 @@ from pyspark.sql import types as T
 
 from core.results import StageResult
 from core.storage import Storage
-from core.tables import CUSTOMER_FEATURES, CUSTOMER_SCORES, LTV_BY_CHANNEL
+from core.tables import CUSTOMER_FEATURES, CUSTOMER_SCORES, LTV_BY_CHANNEL, SCORES_CARRIED_COLUMNS
 from models import intervals as intervals_lib
 from models.bundle import LOADINGS_COLUMN
 from pipelines.trends import UNKNOWN, is_f2_complete, is_f2_converted, month_label, share
@@ -46,17 +46,20 @@ def loadings_width(scores_df: DataFrame) -> int:
     """Length of the loadings arrays (0 without intervals): one aggregate, two numbers to the driver.
     Every customer of one scores partition is scored by one bundle, so one length; two lengths
     would mean coordinates of different fits, which must not be added up."""
-    return _rows_and_loadings_width(scores_df)[1]
+    return _scores_profile(scores_df)[1]
 
 
-def _rows_and_loadings_width(scores_df: DataFrame) -> tuple[int, int]:
-    """(rows, :func:`loadings_width`) in one pass over the scores."""
+def _scores_profile(scores_df: DataFrame) -> tuple[int, int, int]:
+    """(rows, :func:`loadings_width`, rows without the carried ``first_order_date``) in one pass: the
+    last is every row for a partition scored before customer_scores carried the acquisition columns."""
     sizes = F.when(F.col(LOADINGS_COLUMN).isNotNull(), F.size(LOADINGS_COLUMN))
-    row = scores_df.agg(F.count(F.lit(1)).alias("rows"), F.min(sizes).alias("low"), F.max(sizes).alias("high")).first()
+    row = scores_df.agg(F.count(F.lit(1)).alias("rows"), F.min(sizes).alias("low"), F.max(sizes).alias("high"),
+                        (F.count_if(F.col("first_order_date").isNull()) if "first_order_date" in scores_df.columns
+                         else F.count(F.lit(1))).alias("uncarried")).first()
     if row["low"] != row["high"]:
         raise ValueError(f"the rows mix parameter loadings of {row['low']} and {row['high']} coordinates (scores "
                          "of several fits in one date?); re-score the date with one model, then re-run trends")
-    return int(row["rows"]), int(row["high"] or 0)
+    return int(row["rows"]), int(row["high"] or 0), int(row["uncarried"])
 
 
 def _squared_norm(array: Column) -> Column:
@@ -126,15 +129,19 @@ def with_total_interval(sums_df: DataFrame) -> DataFrame:
 # --------------------------------------------------------------------------------------------
 # ltv_by_channel
 # --------------------------------------------------------------------------------------------
-def ltv_by_channel(scores_df: DataFrame, features_df: DataFrame, as_of_date: dt.date, width: int) -> DataFrame:
-    """``ltv_by_channel`` rows of one date from its ``customer_scores`` and ``customer_features``
-    partitions: every scored customer counts once (a customer without a features row, which the
-    score step cannot produce, would count under ``(unknown)``)."""
-    customers_df = features_df.select(
-        "customer_id", F.coalesce(F.col("acquisition_channel"), F.lit(UNKNOWN)).alias("acquisition_channel"),
+def ltv_by_channel(scores_df: DataFrame, features_df: DataFrame | None, as_of_date: dt.date,
+                   width: int) -> DataFrame:
+    """``ltv_by_channel`` rows of one date from its ``customer_scores`` partition: every scored customer
+    counts once. The acquisition columns are the scores' own (carried from the features at scoring)
+    or, given ``features_df`` (a partition scored before they were carried), joined from it (a customer
+    without a features row, which the score step cannot produce, would count under ``(unknown)``)."""
+    if features_df is not None:
+        attributes_df = features_df.select("customer_id", *SCORES_CARRIED_COLUMNS)
+        scores_df = scores_df.drop(*SCORES_CARRIED_COLUMNS).join(attributes_df, on="customer_id", how="left")
+    customers_df = scores_df.select(
+        "*", F.coalesce(F.col("acquisition_channel"), F.lit(UNKNOWN)).alias("_channel"),
         F.trunc("first_order_date", "month").alias("month_day"), is_f2_converted(90).alias("is_converted"))
-    joined_df = (scores_df.join(customers_df, on="customer_id", how="left")
-                 .fillna(UNKNOWN, subset=["acquisition_channel"]))
+    joined_df = customers_df.drop("acquisition_channel").withColumnRenamed("_channel", "acquisition_channel")
     sums_df = joined_df.groupBy("acquisition_channel", "month_day").agg(
         F.count(F.lit(1)).alias("customers"),
         F.count_if(F.coalesce(F.col("is_converted"), F.lit(False))).alias("converted_90d"),
@@ -182,12 +189,13 @@ def run_ltv_by_channel(storage: Storage, as_of_date: dt.date) -> LtvByChannelRes
     at D; without scores for D nothing is written and the summary says what to run."""
     scores_df = (storage.read(CUSTOMER_SCORES).where(F.col("as_of_date") == F.lit(as_of_date))
                  if storage.exists(CUSTOMER_SCORES) else None)
-    # one pass: whether D is scored, and the loadings' width
-    scored, width = _rows_and_loadings_width(scores_df) if scores_df is not None else (0, 0)
+    # one pass: whether D is scored, the loadings' width and whether its rows carry the acquisition columns
+    scored, width, uncarried = _scores_profile(scores_df) if scores_df is not None else (0, 0, 0)
     if not scored:
         return LtvByChannelResult(as_of_date, not_written=f"not written: no customer_scores for {as_of_date} "
                                                           f"(run `cvseg score --as-of {as_of_date}`, then this again)")
-    features_df = storage.read(CUSTOMER_FEATURES).where(F.col("as_of_date") == F.lit(as_of_date))
+    features_df = (storage.read(CUSTOMER_FEATURES).where(F.col("as_of_date") == F.lit(as_of_date))
+                   if uncarried else None)
     rows_df = ltv_by_channel(scores_df, features_df, as_of_date, width)
     storage.replace_partitions(LTV_BY_CHANNEL, rows_df, partitions={"as_of_date": [as_of_date]})
     written = (storage.read(LTV_BY_CHANNEL).where(F.col("as_of_date") == F.lit(as_of_date))

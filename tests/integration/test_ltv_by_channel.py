@@ -63,7 +63,8 @@ def test_ltv_by_channel_adds_up_to_the_scores(engine):
     first = orders.sort_values(["order_ts", "order_id"]).groupby("customer_id").first()
     first = first.assign(acquisition_channel=first["channel"].fillna("(unknown)"),
                          acquisition_month=pd.to_datetime(first["order_date"]).dt.strftime("%Y-%m"))
-    expected = (scores.join(first[["acquisition_channel", "acquisition_month"]], on="customer_id")
+    expected = (scores.drop(columns="acquisition_channel")      # the carried copy: checked below
+                .join(first[["acquisition_channel", "acquisition_month"]], on="customer_id")
                 .groupby(["acquisition_channel", "acquisition_month"])
                 .agg(customers=("customer_id", "size"), total=("predicted_net_value", "sum")).reset_index()
                 .sort_values(["acquisition_channel", "acquisition_month"]).reset_index(drop=True))
@@ -165,3 +166,33 @@ def test_the_report_shows_ltv_by_acquisition_media(engine):
         assert f.money(web["predicted_net_value"].sum() / web["customers"].sum()) in html
         complete = web[web["is_complete_90d"]]
         assert f.pct(complete["converted_90d"].sum() / complete["customers"].sum()) in html
+
+
+def test_scores_carry_the_acquisition_and_an_older_partition_reads_it_from_the_features(engine):
+    """customer_scores holds each customer's acquisition columns as customer_features had them at D, so
+    ltv_by_channel reads the scores alone; a partition scored before it carried them (the columns null)
+    gives the same rows through the features."""
+    from core.tables import SCORES_CARRIED_COLUMNS
+    from pipelines.value_totals import run_ltv_by_channel
+
+    storage = engine["storage"]
+    at_end = F.col("as_of_date") == F.lit(END)
+    scores = storage.read(CUSTOMER_SCORES.name).where(at_end).toPandas().set_index("customer_id").sort_index()
+    features = storage.read(CUSTOMER_FEATURES.name).where(at_end).toPandas().set_index("customer_id").sort_index()
+    carried = list(SCORES_CARRIED_COLUMNS)
+    assert scores["first_order_date"].notna().all() and scores["days_to_second_purchase"].notna().any()
+    pd.testing.assert_frame_equal(scores[carried], features.loc[scores.index, carried], check_dtype=False)
+    before = _rows(storage)
+    older = storage.read(CUSTOMER_SCORES.name).where(at_end).select(
+        *[F.lit(None).cast(CUSTOMER_SCORES.schema[c].dataType).alias(c) if c in carried else F.col(c)
+          for c in CUSTOMER_SCORES.schema.fieldNames()])
+    spark = older.sparkSession
+    storage.replace_partitions(CUSTOMER_SCORES.name, spark.createDataFrame(older.toPandas(), CUSTOMER_SCORES.schema),
+                               partitions={"as_of_date": [END]})
+    try:
+        assert storage.read(CUSTOMER_SCORES.name).where(at_end & F.col("first_order_date").isNotNull()).count() == 0
+        run_ltv_by_channel(storage, END)
+        pd.testing.assert_frame_equal(_rows(storage), before)
+    finally:
+        storage.replace_partitions(CUSTOMER_SCORES.name, spark.createDataFrame(scores.reset_index()[
+            CUSTOMER_SCORES.schema.fieldNames()], CUSTOMER_SCORES.schema), partitions={"as_of_date": [END]})

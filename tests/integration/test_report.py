@@ -155,7 +155,8 @@ def test_headline_findings_are_sentences_from_the_data(engine, reports):
     scores_df = storage.read("customer_scores").where(F.col("as_of_date") == F.lit(AS_OF))
     # best channel by mean predicted value of customers acquired in the last 12 months (20+ of them)
     channels = (features_df.where(F.col("first_order_date") > F.add_months(F.lit(AS_OF), -12))
-                .join(scores_df, "customer_id", "inner").groupBy("acquisition_channel")
+                .join(scores_df.select("customer_id", "predicted_net_value"), "customer_id", "inner")
+                .groupBy("acquisition_channel")
                 .agg(F.count(F.lit(1)).alias("n"), F.avg("predicted_net_value").alias("v"))
                 .where((F.col("n") >= 20) & F.col("acquisition_channel").isNotNull()).orderBy(F.desc("v")).collect())
     best, worst = channels[0], channels[-1]
