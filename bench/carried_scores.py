@@ -56,13 +56,15 @@ def main(argv: list[str] | None = None) -> int:
     bundle, version = ltv.load_champion(target.registered_model)
     spark = build_session(config)
     storage = build_storage(config, spark)
-    carried = ltv.SCORES_CARRIED_COLUMNS
+    score_customers = ltv.score_customers
     seconds: dict[str, list[float]] = {f"{part} {way}": [] for part in ("score", "ltv_by_channel")
                                        for way in ("without", "with")}
     rows: dict[str, object] = {}
     for repeat in range(args.repeats):
         for way in ("without", "with"):
-            ltv.SCORES_CARRIED_COLUMNS = carried if way == "with" else ()
+            # without: nothing carried (scores_table_rows then writes the columns null)
+            ltv.score_customers = (score_customers if way == "with" else
+                                   lambda features_df, bundle, carry=(): score_customers(features_df, bundle))
             started = time.perf_counter()
             ltv.run_score(storage, args.date, bundle, version, intervals=config.models.intervals)
             seconds[f"score {way}"].append(time.perf_counter() - started)
@@ -74,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
                   flush=True)
             rows[way] = (storage.read(LTV_BY_CHANNEL).where(F.col("as_of_date") == F.lit(args.date)).toPandas()
                          .sort_values(["acquisition_channel", "acquisition_month"]).reset_index(drop=True))
-    ltv.SCORES_CARRIED_COLUMNS = carried
+    ltv.score_customers = score_customers
     a, b = rows["without"], rows["with"]
     same = len(a) == len(b)
     for column in (a.columns if same else ()):
