@@ -100,3 +100,29 @@ class Timer:
 
     def total(self, *names: str) -> float:
         return sum(s for n, s, _ in self.rows if not names or n in names)
+
+
+def warehouse_arguments(parser, default_repeats: int) -> None:
+    """The arguments of a bench that runs on a ``bench/pipeline.py`` warehouse with its champion."""
+    import datetime as dt
+
+    parser.add_argument("--conf", default=str(Path(__file__).resolve().parent.parent / "conf/examples/synthetic.yaml"))
+    parser.add_argument("--date", type=dt.date.fromisoformat, default=dt.date(2026, 10, 1))
+    parser.add_argument("--repeats", type=int, default=default_repeats)
+    parser.add_argument("--driver-memory", default="12g")
+
+
+def champion_session(args):
+    """(config, champion bundle, its version, Spark session, Storage) for ``args`` of
+    :func:`warehouse_arguments` plus ``--warehouse``; call after :func:`use_engine_imports`."""
+    import pipelines.ltv as ltv
+    from core import tracking
+    from core.config import load_config
+    from jobs.common import build_session, build_storage
+
+    config = load_config(args.conf, [f"storage.warehouse={args.warehouse}", f"spark.driver_memory={args.driver_memory}"])
+    target = tracking.tracking_target(config)
+    tracking.start(target)
+    bundle, version = ltv.load_champion(target.registered_model)
+    spark = build_session(config)
+    return config, bundle, version, spark, build_storage(config, spark)

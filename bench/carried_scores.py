@@ -18,7 +18,6 @@ the same both ways (rows exact, amounts to 1e-9 relative). The first run of a se
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import statistics
 import sys
@@ -26,36 +25,24 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _measure import use_engine_imports  # noqa: E402
+from _measure import champion_session, use_engine_imports, warehouse_arguments  # noqa: E402
 
 use_engine_imports()
-
-from core.config import load_config  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--warehouse", required=True, help="a copy of WORKDIR/run/warehouse of a bench/pipeline.py run")
-    parser.add_argument("--conf", default=str(Path(__file__).resolve().parent.parent / "conf/examples/synthetic.yaml"))
-    parser.add_argument("--date", type=dt.date.fromisoformat, default=dt.date(2026, 10, 1))
-    parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--driver-memory", default="12g")
+    warehouse_arguments(parser, default_repeats=2)
     args = parser.parse_args(argv)
     import numpy as np
     from pyspark.sql import functions as F
 
     import pipelines.ltv as ltv
-    from core import tracking
     from core.tables import LTV_BY_CHANNEL
-    from jobs.common import build_session, build_storage
     from pipelines.value_totals import run_ltv_by_channel
 
-    config = load_config(args.conf, [f"storage.warehouse={args.warehouse}", f"spark.driver_memory={args.driver_memory}"])
-    target = tracking.tracking_target(config)
-    tracking.start(target)
-    bundle, version = ltv.load_champion(target.registered_model)
-    spark = build_session(config)
-    storage = build_storage(config, spark)
+    config, bundle, version, spark, storage = champion_session(args)
     score_customers = ltv.score_customers
     seconds: dict[str, list[float]] = {f"{part} {way}": [] for part in ("score", "ltv_by_channel")
                                        for way in ("without", "with")}

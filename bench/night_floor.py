@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime as dt
 import json
 import shutil
 import statistics
@@ -33,11 +32,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _measure import use_engine_imports  # noqa: E402
+from _measure import champion_session, use_engine_imports, warehouse_arguments  # noqa: E402
 
 use_engine_imports()
-
-from core.config import load_config  # noqa: E402
 
 PASSES = ("read", "features write", "scoring", "scores write", "export rows")
 
@@ -45,25 +42,15 @@ PASSES = ("read", "features write", "scoring", "scores write", "export rows")
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--warehouse", required=True, help="WORKDIR/run/warehouse of a bench/pipeline.py run")
-    parser.add_argument("--conf", default=str(Path(__file__).resolve().parent.parent / "conf/examples/synthetic.yaml"))
-    parser.add_argument("--date", type=dt.date.fromisoformat, default=dt.date(2026, 10, 1))
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--driver-memory", default="12g")
+    warehouse_arguments(parser, default_repeats=3)
     args = parser.parse_args(argv)
     from pyspark.sql import functions as F
 
     import pipelines.ltv as ltv
-    from core import tracking
     from core.tables import CUSTOMER_FEATURES, CUSTOMER_SCORES, SCORES_CARRIED_COLUMNS
-    from jobs.common import build_session, build_storage
 
-    config = load_config(args.conf, [f"storage.warehouse={args.warehouse}", f"spark.driver_memory={args.driver_memory}"])
-    target = tracking.tracking_target(config)
-    tracking.start(target)
-    bundle, _ = ltv.load_champion(target.registered_model)
+    config, bundle, _, spark, storage = champion_session(args)
     bundle = dataclasses.replace(bundle, intervals=config.models.intervals)     # as run_score scores
-    spark = build_session(config)
-    storage = build_storage(config, spark)
     at_date = F.col("as_of_date") == F.lit(args.date)
     features_df = storage.read(CUSTOMER_FEATURES).where(at_date)
     scores_df = storage.read(CUSTOMER_SCORES).where(at_date)
