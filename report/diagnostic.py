@@ -542,6 +542,25 @@ def generations_section(data: DiagnosticData, c: Context) -> list:
     return blocks
 
 
+def _basis_choice(bt: pd.DataFrame | Missing, scored_basis: str, c: Context) -> str:
+    """How the scores' purchase basis came about, as far as the latest backtest tells: compared with
+    the other basis and chosen, named by the configuration, or gross for want of a backtest (the
+    report does not claim a comparison that never ran)."""
+    if isinstance(bt, Missing) or bt.empty:
+        return c.m("met.basis.how.none")
+    bases = set(bt["purchase_basis"].dropna()) if "purchase_basis" in bt.columns else set()
+    champion = bt[bt["is_champion"]]
+    if not {"gross", "net"} <= bases or champion.empty:
+        return c.m("met.basis.how.set")
+    row = champion.iloc[0]
+    if row["purchase_basis"] != scored_basis:
+        return c.m("met.basis.how.differs", champion=row["purchase_basis"])
+    metric = row["champion_metric"]
+    label = c.m(f"mod.m.{metric}") if metric in dict(METRICS) else metric
+    return c.m("met.basis.how.compared", origin=c.f.date(row["origin_date"]), metric=label,
+               other="net" if scored_basis == "gross" else "gross")
+
+
 def method_section(data: DiagnosticData, c: Context) -> list:
     blocks: list = [PageBreak(), Heading(c.m("sec.method")), Paragraph(c.m("met.asof", as_of=c.f.date(data.as_of)))]
     if isinstance(data.kpis, Missing):
@@ -571,8 +590,10 @@ def method_section(data: DiagnosticData, c: Context) -> list:
         by_basis = champ.groupby("purchase_basis")["customers"].sum()
         scored_basis = "net" if by_basis.get("net", 0) + by_basis.get("net_rule", 0) > by_basis.get("gross", 0) \
             else "gross"
-        blocks.append(Paragraph(c.m(f"met.basis.{scored_basis}",
-                                    by_rule=c.f.number(int(by_basis.get("net_rule", 0))))))
+        basis = c.m(f"met.basis.{scored_basis}", by_rule=c.f.number(int(by_basis.get("net_rule", 0))))
+        # Japanese sentences follow one another without a space
+        blocks.append(Paragraph(basis + ("" if basis.endswith("。") else " ")
+                                + _basis_choice(data.backtest, scored_basis, c)))
     blocks += [Heading(c.m("met.defs"), 2),
                Bullets(tuple(c.m(k) for k in ("def.ltv", "def.p_alive", "def.repeat", "def.f2", "def.active",
                                               "def.revenue", "def.cancel", "def.segment", "def.channel")))]

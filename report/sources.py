@@ -162,7 +162,8 @@ def backtest(storage, as_of: dt.date) -> pd.DataFrame | Missing:
                 .select("backtest_run_id", "origin_date", "cutoff_date", "horizon_end", "model", "value_model",
                         "n_customers", "actual_total", "predicted_total", "mae", "rmse", "abs_total_error_pct",
                         "total_error_pct", "spearman", "normalized_gini", "top_decile_capture", "top20_capture",
-                        "interval_coverage", "is_champion", "champion_metric", "model_version")
+                        "interval_coverage", "is_champion", "champion_metric", "model_version",
+                        F.coalesce(F.col("purchase_basis"), F.lit("gross")).alias("purchase_basis"))
                 .orderBy("model"))
 
 

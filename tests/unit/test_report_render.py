@@ -6,6 +6,7 @@ backtest), every string in both languages, and the number formats.
 from __future__ import annotations
 
 import datetime as dt
+import html
 import re
 
 import numpy as np
@@ -305,3 +306,32 @@ def test_ltv_by_acquisition_media_page(full_data, language):
     html = render_html(build(absent, language, "JPY", "acme", GENERATED))
     assert m("missing", tables="ltv_by_channel", command="cvseg trends --as-of 2026-09-30") in html
     assert m("sec.channel_value") not in render_html(build(full_data, language, "JPY", "acme", GENERATED))
+
+
+@pytest.mark.parametrize("language", LANGUAGES)
+def test_method_notes_say_how_the_purchase_basis_was_chosen(full_data, language):
+    """The basis sentence claims a comparison only when the latest backtest ran both bases and its
+    champion is on the scores' basis; otherwise it says the configuration named it, or that no
+    backtest has compared them yet (gross under auto)."""
+    m, f = Messages(language), Formats(language, "JPY")
+
+    def notes(backtest, scored_basis="net"):
+        champion = pd.DataFrame({"value_model": ["btyd"], "model_version": ["3"], "customers": [1000],
+                                 "purchase_basis": [scored_basis]})
+        doc = build(DiagnosticData(**{**full_data.__dict__, "champion": champion, "backtest": backtest}),
+                    language, "JPY", "acme", GENERATED)
+        return html.unescape(render_html(doc))
+
+    both = pd.DataFrame({"model": ["bgnbd", "bgnbd_net", "cohort"], "value_model": ["btyd", "btyd", "cohort"],
+                         "purchase_basis": ["gross", "net", None], "is_champion": [False, True, False],
+                         "champion_metric": "spearman", "origin_date": AS_OF, "mae": [1.0, 1.0, 2.0],
+                         "spearman": [0.5, 0.6, 0.4]})
+    compared = m("met.basis.how.compared", origin=f.date(AS_OF), metric=m("mod.m.spearman"), other="gross")
+    assert compared in notes(both)
+    assert m("met.basis.how.differs", champion="net") in notes(both, scored_basis="gross")
+    one_basis = both[both["purchase_basis"] != "net"].assign(is_champion=[True, False])
+    assert m("met.basis.how.set") in notes(one_basis, scored_basis="gross")
+    assert m("met.basis.how.none") in notes(Missing(("model_backtest",), "run `cvseg backtest`"))
+    page = notes(pd.DataFrame())
+    assert m("met.basis.how.none") in page and compared not in page
+    assert ("。" + m("met.basis.how.none") if language == "ja" else ". " + m("met.basis.how.none")) in page
