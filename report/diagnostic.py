@@ -442,6 +442,11 @@ def _metric(value, kind: str, c: Context) -> str:
     return f"{value:.3f}"
 
 
+def _metric_label(metric: str, c: Context) -> str:
+    """A backtest metric's name in the report's language (its column name when the report has none)."""
+    return c.m(f"mod.m.{metric}") if metric in dict(METRICS) else metric
+
+
 def models_section(data: DiagnosticData, c: Context) -> list:
     blocks: list = [PageBreak(), Heading(c.m("sec.models"))]
     champ = data.champion
@@ -462,8 +467,7 @@ def models_section(data: DiagnosticData, c: Context) -> list:
     if champion_model is not None:
         metric = champion_rows.iloc[0]["champion_metric"]
         kind = dict(METRICS).get(metric, "r")
-        label = c.m(f"mod.m.{metric}") if metric in dict(METRICS) else metric
-        blocks.append(Paragraph(c.m("mod.why", model=champion_model, metric=label,
+        blocks.append(Paragraph(c.m("mod.why", model=champion_model, metric=_metric_label(metric, c),
                                     value=_metric(champion_rows.iloc[0][metric], kind, c))))
     header = (c.m("mod.table.model"),) + tuple(c.m(f"mod.m.{key}") for key, _ in METRICS)
     rows = tuple((row["model"] + (" ★" if row["model"] == champion_model else ""),)
@@ -555,10 +559,8 @@ def _basis_choice(bt: pd.DataFrame | Missing, scored_basis: str, c: Context) -> 
     row = champion.iloc[0]
     if row["purchase_basis"] != scored_basis:
         return c.m("met.basis.how.differs", champion=row["purchase_basis"])
-    metric = row["champion_metric"]
-    label = c.m(f"mod.m.{metric}") if metric in dict(METRICS) else metric
-    return c.m("met.basis.how.compared", origin=c.f.date(row["origin_date"]), metric=label,
-               other="net" if scored_basis == "gross" else "gross")
+    return c.m("met.basis.how.compared", origin=c.f.date(row["origin_date"]),
+               metric=_metric_label(row["champion_metric"], c), other="net" if scored_basis == "gross" else "gross")
 
 
 def method_section(data: DiagnosticData, c: Context) -> list:
