@@ -29,6 +29,7 @@ def test_demo_then_every_command_it_prints(spark, tmp_path, capsys, dataset, opt
     assert main(["demo", "--dataset", dataset, "--dir", str(demo_dir), *options, *settings]) == 0
     out = capsys.readouterr().out
     assert "6 step(s) ran, 0 skipped" in out and "rows -> " in out
+    assert "never seen before" not in out        # the example conf knows every status the generator writes
     commands = _printed_commands(out)
     assert [c[0] for c in commands] == ["run", "show", "show", "show", "export", "models", "report", "backtest"]
 
