@@ -141,7 +141,8 @@ def session_settings(conf: SparkConf, warehouse: str | None, s3: bool, s3_conf: 
                      cores: int) -> dict[str, str]:
     """The settings a new session starts with (``build_spark``): the engine's defaults for a machine
     of ``cores`` cores, the warehouse's SQL folder, the cached jars, the s3a settings when ``s3``,
-    loopback addresses for a cluster on this machine, then ``spark.extra`` over all of them."""
+    loopback addresses for a cluster on this machine, then ``spark.extra`` over all of them (JVM
+    options appended to the engine's)."""
     settings = {
         "spark.driver.memory": conf.driver_memory,
         "spark.sql.shuffle.partitions": str(conf.shuffle_partitions or max(4, 2 * cores)),
@@ -181,8 +182,16 @@ def session_settings(conf: SparkConf, warehouse: str | None, s3: bool, s3_conf: 
     if conf.master and is_loopback_master(conf.master) and not conf.master.startswith("local["):
         # executors in other JVMs connect back to the driver: on loopback, like the cluster
         settings.update({"spark.driver.host": "127.0.0.1", "spark.driver.bindAddress": "127.0.0.1"})
-    settings.update(conf.extra)
+    for key, value in conf.extra.items():
+        # JVM options the user adds (-Xss, a GC, ...) go after the engine's, not in their place: the
+        # UTC clock and the log configuration stay, and the user's flag wins where both set one
+        # (the JVM takes the last of a repeated -XX option).
+        settings[key] = f"{settings[key]} {value}" if key in JAVA_OPTION_KEYS and key in settings else value
     return settings
+
+
+#: The settings that hold JVM command-line options (see session_settings).
+JAVA_OPTION_KEYS = ("spark.driver.extraJavaOptions", "spark.executor.extraJavaOptions")
 
 
 def is_loopback_master(master: str) -> bool:

@@ -31,9 +31,20 @@ def pytest_collection_modifyitems(config, items):
 #: cluster, the killed driver) use it too; the demo and example tests run the engine's own
 #: settings, every step and every command a user types: a first load with generated code, later
 #: nights as the engine itself runs small warehouses (``spark.interpreted_below_customers``).
-from core.spark import INTERPRETED  # noqa: E402  (the settings the engine uses on small warehouses)
-#: The same for a `cvseg` command run by a test (``--set`` reads the value as YAML, which JSON is).
-INTERPRETED_SET = "spark.extra=" + json.dumps(INTERPRETED)
+from core.spark import INTERPRETED, JAVA_OPTION_KEYS  # noqa: E402  (the settings the engine uses on small warehouses)
+
+#: The suite's JVMs compile with C1 only. A test JVM lives minutes on kilobytes of data: HotSpot's
+#: optimising compiler (C2) spent ~35 of a fresh test JVM's first 90 CPU seconds compiling code
+#: that then ran a few times. Two test modules on two workers (trends, segment stability), twice
+#: each, 2026-12-07: 253 / 213 s of wall and 470 / 396 CPU-s with C2, 189 / 190 s and 315 / 326
+#: CPU-s with C1 only. Results do not depend on the compiler. Engine runs keep HotSpot's default:
+#: on customer-sized data C2's code is what makes the scans fast.
+TEST_JVM_OPTIONS = "-XX:TieredStopAtLevel=1"
+TEST_JVM = {key: TEST_JVM_OPTIONS for key in JAVA_OPTION_KEYS}
+#: What the suite's sessions add to the engine's settings, and the same for a `cvseg` command run by
+#: a test (``--set`` reads the value as YAML, which JSON is).
+TEST_SPARK_EXTRA = {**INTERPRETED, **TEST_JVM}
+SPARK_EXTRA_SET = "spark.extra=" + json.dumps(TEST_SPARK_EXTRA)
 
 
 @pytest.fixture(scope="session")
@@ -44,7 +55,7 @@ def spark():
     session = build_spark(SparkConf(
         master="local[2]", app_name="cvseg-tests", shuffle_partitions=2, driver_memory="2g",
         extra={"spark.default.parallelism": "2", "spark.sql.adaptive.coalescePartitions.enabled": "true",
-               "spark.rdd.compress": "false", **INTERPRETED}))
+               "spark.rdd.compress": "false", **TEST_SPARK_EXTRA}))
     yield session
     session.stop()
 

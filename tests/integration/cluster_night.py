@@ -184,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from core.config import SparkConf
     from core.spark import build_spark
-    from tests.conftest import INTERPRETED
+    from tests.conftest import TEST_SPARK_EXTRA
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--master", required=True)
@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     spark = build_spark(SparkConf(master=args.master, app_name="cvseg-cluster-test",
                                   shuffle_partitions=SHUFFLE_PARTITIONS, driver_memory="1g",
-                                  extra={"spark.executor.memory": args.executor_memory, **INTERPRETED,
+                                  extra={"spark.executor.memory": args.executor_memory, **TEST_SPARK_EXTRA,
                                          **event_log_settings(events_dir)}),
                         str(args.root / "warehouse"))
     session_seconds = time.perf_counter() - started

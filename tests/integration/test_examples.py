@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import TEST_JVM_OPTIONS
+
 ROOT = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.slow
@@ -16,7 +18,9 @@ pytestmark = pytest.mark.slow
 
 def test_compare_ltv_models_cdnow_runs_as_a_script(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "CVSEG_EXAMPLE_DIR": str(tmp_path), "TZ": "UTC",
-           "SPARK_LOCAL_IP": "127.0.0.1", "PYSPARK_PYTHON": sys.executable}
+           "SPARK_LOCAL_IP": "127.0.0.1", "PYSPARK_PYTHON": sys.executable,
+           # the suite's JIT choice (tests/conftest.py) for the script's JVM, which its own code starts
+           "JAVA_TOOL_OPTIONS": TEST_JVM_OPTIONS}
     run = subprocess.run([sys.executable, str(ROOT / "examples" / "compare_ltv_models_cdnow.py")], cwd=tmp_path,
                          env=env, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stderr[-3000:]

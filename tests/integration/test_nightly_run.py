@@ -25,7 +25,7 @@ from pyspark.sql import types as T
 
 from core.config import dump_config, load_config
 from core.storage import Storage
-from tests.conftest import BACKENDS, INTERPRETED_SET
+from tests.conftest import BACKENDS, SPARK_EXTRA_SET
 from core.tables import PIPELINE_RUNS, TABLES
 from pipelines.nightly import STEPS, ChampionInfo, is_up_to_date, refit_reason, run_nightly, table_versions
 
@@ -240,7 +240,7 @@ def _start_run(conf_file: Path, cwd: Path, name: str) -> tuple[subprocess.Popen,
     env.pop("CVSEG_FAIL_AFTER_STEP", None)
     with open(log, "wb") as out:
         proc = subprocess.Popen([sys.executable, "-m", "jobs.cli", "run", "--as-of", D.isoformat(), "--conf",
-                                 str(conf_file), "--set", INTERPRETED_SET], cwd=cwd, env=env, stdout=out,
+                                 str(conf_file), "--set", SPARK_EXTRA_SET], cwd=cwd, env=env, stdout=out,
                                 stderr=subprocess.STDOUT, start_new_session=True)
     return proc, log
 

@@ -39,7 +39,7 @@ from core.config import load_config
 from core.storage import Storage
 from core.tables import PIPELINE_RUNS, TABLES
 from pipelines.nightly import run_nightly
-from tests.conftest import INTERPRETED_SET
+from tests.conftest import SPARK_EXTRA_SET
 from tests.integration.test_nightly_run import _comparable
 from tests.s3_fault_proxy import FaultProxy
 
@@ -148,7 +148,7 @@ def s3_nights(spark, moto_endpoint, export_files, tmp_path_factory):
         "spark.master=local[2]", "spark.shuffle_partitions=2", f"storage.warehouse=s3a://{BUCKET}/warehouse",
         f"source.path=s3a://{BUCKET}/source/orders", f"export.dest=s3://{BUCKET}/exports/",
         f"storage.s3.endpoint_url={proxy.endpoint}", "storage.s3.path_style_access=true",
-        f"tracking.uri=sqlite:///{root / 'mlflow.db'}", INTERPRETED_SET, *COMMON, *RETRIES]) for item in pair]
+        f"tracking.uri=sqlite:///{root / 'mlflow.db'}", SPARK_EXTRA_SET, *COMMON, *RETRIES]) for item in pair]
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "MLFLOW_"))}
     env.update(PYTHONPATH=str(ROOT), SPARK_LOCAL_IP="127.0.0.1", PYSPARK_PYTHON=sys.executable, TZ="UTC",
                AWS_ACCESS_KEY_ID=KEY_ID, AWS_SECRET_ACCESS_KEY=SECRET, AWS_DEFAULT_REGION="us-east-1")

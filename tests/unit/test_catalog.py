@@ -3,6 +3,7 @@ so `SELECT * FROM <catalog>.<table>` works (Unity Catalog / Glue / Hive on clust
 session's Delta catalog, and Spark's embedded Hive metastore in a temporary folder)."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -12,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from core.storage import Storage, StorageError
+from tests.conftest import TEST_JVM
 from tests.unit.test_storage import _orders_df
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -47,7 +49,7 @@ def test_tables_stay_registered_in_a_persistent_metastore_across_sessions(tmp_pa
     """Two separate Spark applications on one embedded (Derby) Hive metastore: the second one
     queries by name what the first one wrote through the engine."""
     script = textwrap.dedent('''
-        import sys
+        import json, sys
         from core.config import SparkConf
         from core.spark import build_spark
         from core.storage import Storage
@@ -56,7 +58,7 @@ def test_tables_stay_registered_in_a_persistent_metastore_across_sessions(tmp_pa
                                       driver_memory="1g", extra={
             "spark.sql.catalogImplementation": "hive",
             "spark.hadoop.javax.jdo.option.ConnectionURL": f"jdbc:derby:;databaseName={tmp}/metastore_db;create=true",
-            "spark.sql.warehouse.dir": f"{tmp}/hive_warehouse"}))
+            "spark.sql.warehouse.dir": f"{tmp}/hive_warehouse", **json.loads(sys.argv[3])}))
         if action == "write":
             from tests.unit.test_storage import _orders_df
             storage = Storage(spark, f"{tmp}/warehouse", "delta-spark", catalog="cvseg")
@@ -67,7 +69,7 @@ def test_tables_stay_registered_in_a_persistent_metastore_across_sessions(tmp_pa
     ''')
     env = dict(os.environ, PYSPARK_PYTHON=sys.executable, SPARK_LOCAL_IP="127.0.0.1")
     for action in ("write", "read"):
-        done = subprocess.run([sys.executable, "-c", script, str(tmp_path), action], cwd=ROOT, env=env,
+        done = subprocess.run([sys.executable, "-c", script, str(tmp_path), action, json.dumps(TEST_JVM)], cwd=ROOT, env=env,
                               capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr[-3000:]
     assert "ROWS 2" in done.stdout

@@ -24,6 +24,16 @@ def test_local_session_defaults_scale_with_cores_and_extra_wins(tmp_path):
     assert not any(key.startswith("spark.hadoop.fs.s3a.") for key in settings)
 
 
+def test_jvm_options_in_extra_are_added_after_the_engines():
+    """A client's -Xss keeps the UTC clock and the log configuration, and wins where both set a flag."""
+    conf = SparkConf(master="local[2]", app_name="t", extra={"spark.driver.extraJavaOptions": "-Xss4m",
+                                                            "spark.executor.extraJavaOptions": "-XX:+DontCompileHugeMethods"})
+    settings = session_settings(conf, None, s3=False, s3_conf=None, cores=2)
+    driver, executor = settings["spark.driver.extraJavaOptions"].split(), settings["spark.executor.extraJavaOptions"].split()
+    assert driver[0] == "-Duser.timezone=UTC" and driver[-1] == "-Xss4m" and any("log4j2" in o for o in driver)
+    assert executor == ["-Duser.timezone=UTC", "-XX:-DontCompileHugeMethods", "-XX:+DontCompileHugeMethods"]
+
+
 def test_s3_warehouse_and_a_standalone_master_on_this_machine():
     conf = SparkConf(master="spark://127.0.0.1:7077", app_name="t", shuffle_partitions=4)
     settings = session_settings(conf, "s3a://bucket/wh/", s3=True,
@@ -57,3 +67,12 @@ def test_a_small_warehouse_runs_interpreted_and_the_session_gets_its_settings_ba
     finally:
         for key, value in before.items():
             spark.conf.set(key, value)
+
+
+def test_the_suites_jvm_got_the_engines_options_and_the_suites_own(spark):
+    from core.spark import JIT_OPTIONS
+    from tests.conftest import TEST_JVM_OPTIONS
+
+    runtime = spark.sparkContext._jvm.java.lang.management.ManagementFactory.getRuntimeMXBean()  # noqa: SLF001
+    arguments = list(runtime.getInputArguments())
+    assert {"-Duser.timezone=UTC", JIT_OPTIONS, TEST_JVM_OPTIONS} <= set(arguments)
