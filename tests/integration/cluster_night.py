@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     sys.path.remove(bench)   # bench/models.py must not shadow the engine's models package
 
     from core.config import SparkConf
-    from core.spark import build_spark
+    from core.spark import SNAPSHOT_PARTITIONS, build_spark
     from tests.conftest import TEST_SPARK_EXTRA
 
     parser = argparse.ArgumentParser()
@@ -198,7 +198,11 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     spark = build_spark(SparkConf(master=args.master, app_name="cvseg-cluster-test",
                                   shuffle_partitions=SHUFFLE_PARTITIONS, driver_memory="1g",
+                                  # one Delta snapshot task per core, as local sessions have (core.spark):
+                                  # Delta's default of 50 made 67 stages of 50 tiny tasks, 3,350 of the
+                                  # night's ~3,600 tasks on this two-core cluster
                                   extra={"spark.executor.memory": args.executor_memory, **TEST_SPARK_EXTRA,
+                                         SNAPSHOT_PARTITIONS: "2",
                                          **event_log_settings(events_dir)}),
                         str(args.root / "warehouse"))
     session_seconds = time.perf_counter() - started
