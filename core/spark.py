@@ -19,6 +19,9 @@ from core.s3 import hadoop_settings, is_s3
 # Compile Spark's large generated methods too (see build_spark); clusters should set the same
 # option (infra/ does) since their JVMs are not started from here.
 JIT_OPTIONS = "-XX:-DontCompileHugeMethods"
+#: The settings that hold JVM command-line options: ``spark.extra``'s are added after the engine's
+#: (session_settings).
+JAVA_OPTION_KEYS = ("spark.driver.extraJavaOptions", "spark.executor.extraJavaOptions")
 
 # Spark keeps 100 compiled classes of generated code per JVM; a night plans ~650 distinct ones, so
 # the same code was compiled again and again on the driver (serial time). 5,000 holds a night's;
@@ -188,10 +191,6 @@ def session_settings(conf: SparkConf, warehouse: str | None, s3: bool, s3_conf: 
         # (the JVM takes the last of a repeated -XX option).
         settings[key] = f"{settings[key]} {value}" if key in JAVA_OPTION_KEYS and key in settings else value
     return settings
-
-
-#: The settings that hold JVM command-line options (see session_settings).
-JAVA_OPTION_KEYS = ("spark.driver.extraJavaOptions", "spark.executor.extraJavaOptions")
 
 
 def is_loopback_master(master: str) -> bool:
