@@ -107,13 +107,15 @@ def engine_predictions(storage: Storage, config, end: dt.date) -> tuple[str, dic
 
 def coverage(band: pd.DataFrame, actual: np.ndarray) -> dict[str, float]:
     """Interval coverage (models.intervals: a realised 0 counted by the randomised PIT) and the plain
-    closed-interval share; NaN when the model has no intervals."""
+    closed-interval share, over the customers with an interval (net basis: those placed by rule, who
+    only cancelled, have none, as in the backtest's ``interval_coverage``); NaN when the model has none."""
     from models.intervals import interval_coverage
 
-    if band["p10"].isna().any():
+    has = band["p10"].notna().to_numpy()
+    if not has.any():
         return {"coverage": float("nan"), "closed_coverage": float("nan")}
-    p10, p90, p_zero = (band[c].to_numpy(float) for c in ("p10", "p90", "p_zero"))
-    result = interval_coverage(actual, p10, p10, p90, p_zero)
+    p10, p90, p_zero = (band[c].to_numpy(float)[has] for c in ("p10", "p90", "p_zero"))
+    result = interval_coverage(actual[has], p10, p10, p90, p_zero)
     return {"coverage": result["coverage"], "closed_coverage": result["closed_coverage"]}
 
 

@@ -300,9 +300,10 @@ class ModelsConf(_Frozen):
     penalizer_coef: float = Field(default=0.0, ge=0.0)
     cohort_min_cell_size: int = Field(default=30, ge=1)
     cohort_by_channel: bool = False
-    # models.metrics.METRIC_DIRECTION's keys (tests/unit/test_config.py keeps them equal; core stays below models)
-    champion_metric: Literal["mae", "rmse", "abs_total_error_pct", "spearman", "normalized_gini",
-                             "top_decile_capture", "top20_capture"] = "mae"
+    # auto (Config.champion_metric) or one of models.metrics.METRIC_DIRECTION's keys
+    # (tests/unit/test_config.py keeps them equal; core stays below models)
+    champion_metric: Literal["auto", "mae", "rmse", "abs_total_error_pct", "spearman", "normalized_gini",
+                             "top_decile_capture", "top20_capture"] = "auto"
     refit_every_days: int = Field(default=7, ge=1)
     champion_max_age_days: int | None = Field(default=None, ge=1)
     # Which orders the purchase and spend models see: gross (cancelled ones too), net (completed
@@ -515,6 +516,17 @@ class Config(_Frozen):
     def order_sources(self) -> tuple[SourceConf, ...]:
         """The sources to ingest: `sources`, or the lone `source` as a list of one."""
         return self.sources or (self.source,)
+
+    @property
+    def champion_metric(self) -> str:
+        """The backtest metric that picks the champion: ``models.champion_metric``, with ``auto`` chosen
+        by what the segments do with the value. Quantile bands cut customers by their rank, so what
+        matters is ordering them by what they will spend: ``normalized_gini`` (the whole capture
+        curve: top 10%, 30%, 60% ... at once, weighted by revenue). Value bands cut at amounts, so the
+        amounts must be right: ``mae``."""
+        if self.models.champion_metric != "auto":
+            return self.models.champion_metric
+        return "normalized_gini" if self.segments.band_method == "quantile" else "mae"
 
     @property
     def has_identity_step(self) -> bool:

@@ -37,7 +37,8 @@ from typing import Any, Mapping
 import numpy as np
 import pandas as pd
 
-from models.bundle import DAYS_PER_UNIT, FEATURE_COLUMNS, INTERVAL_COLUMNS, SCORE_COLUMNS, ScoringBundle
+from models.bundle import (DAYS_PER_UNIT, FEATURE_COLUMNS, GROUP_COLUMNS, INTERVAL_COLUMNS, LOADINGS_COLUMN,
+                           SCORE_COLUMNS, ScoringBundle)
 
 HYBRID_FORMAT_VERSION = 1
 VALUE_MODEL = "hybrid"
@@ -248,6 +249,29 @@ class HybridValueModel:
         return document["model"]
 
 
+def rescale_intervals(scores: pd.DataFrame, scale: np.ndarray) -> None:
+    """Multiply each row's value distribution by ``scale`` in place (NaN: the row's interval becomes NaN).
+
+    ``c * V`` keeps ``P(V = 0)``; its quantiles, sd and parameter loadings are ``c`` times ``V``'s."""
+    for column in (*INTERVAL_COLUMNS[:3], *GROUP_COLUMNS):
+        scores[column] = scores[column].to_numpy(float) * scale
+    scores[INTERVAL_COLUMNS[3]] = np.where(np.isfinite(scale), scores[INTERVAL_COLUMNS[3]].to_numpy(float), np.nan)
+    loadings = scores[LOADINGS_COLUMN]
+    if loadings.isna().all():
+        return
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    lists = pa.array(loadings)
+    lengths = pc.fill_null(pc.list_value_length(lists), 0).to_numpy(zero_copy_only=False)
+    per_value = np.repeat(np.nan_to_num(scale, nan=0.0), lengths)
+    values = pc.multiply(pc.list_flatten(lists), pa.array(per_value))
+    mask = pc.or_(pc.is_null(lists), pa.array(~np.isfinite(scale)))
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+    scores[LOADINGS_COLUMN] = pd.arrays.ArrowExtensionArray(
+        pa.ListArray.from_arrays(pa.array(offsets), values, mask=mask))
+
+
 @dataclass
 class HybridBundle:
     """The BTYD bundle fitted at the scoring cutoff plus the trees; scores like a :class:`ScoringBundle`."""
@@ -256,9 +280,10 @@ class HybridBundle:
     trees: HybridValueModel
     metadata: dict[str, Any] = field(default_factory=dict)
     value_model: str = VALUE_MODEL
-    #: read like ScoringBundle.intervals, but the trees' value has no interval yet: the interval
-    #: columns stay null (the BTYD base's P10..P90 are around another value, so they are not passed on)
+    #: read like ScoringBundle.intervals / group_terms: the base's interval, rescaled to the trees' value
+    #: (:meth:`predict`), and the terms of group totals (the backtest switches these off)
     intervals: bool = True
+    group_terms: bool = True
 
     # the attributes the pipelines read from any bundle
     @property
@@ -304,17 +329,26 @@ class HybridBundle:
 
     def predict(self, features: pd.DataFrame) -> pd.DataFrame:
         """:data:`SCORE_COLUMNS` per customer row, the net value from the trees (never NaN, checked),
-        then :data:`INTERVAL_COLUMNS`, all NaN (no interval for the trees' value)."""
-        scores = dataclasses.replace(self.btyd, intervals=False).predict(features)
+        then the interval columns of :meth:`ScoringBundle.predict`, rescaled to that value.
+
+        The trees give a mean, not a distribution. The interval is the BTYD base's distribution of the
+        same customer's value scaled by ``trees' value / BTYD value``: the trees move where a
+        customer's value lies, the base says how spread and how likely zero it is (P(value = 0) kept,
+        quantiles, sd and parameter loadings multiplied). A customer whose BTYD value is 0 (placed by
+        rule) gets no interval. The backtest measures the coverage this gives like any model's.
+        """
+        scores = dataclasses.replace(self.btyd, intervals=self.intervals, group_terms=self.group_terms
+                                     ).predict(features)
         if len(features):
             net = self.trees.predict(design_matrix(features, self.btyd, scores))
             if not np.isfinite(net).all():
                 raise FloatingPointError(f"{int((~np.isfinite(net)).sum())} customers got non-finite hybrid values")
+            base = scores["predicted_net_value"].to_numpy(float)
+            scale = np.divide(net, base, out=np.full(len(net), np.nan), where=base > 0)
             scores["predicted_net_value"] = net
-        out = scores[list(SCORE_COLUMNS)].copy()
-        for column in INTERVAL_COLUMNS:
-            out[column] = np.nan
-        return out
+            rescale_intervals(scores, scale)
+        return scores
+
 
     def input_example(self) -> pd.DataFrame:
         """One customer row with every column :meth:`predict` reads (the MLflow signature's example)."""

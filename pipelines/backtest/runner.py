@@ -249,7 +249,7 @@ def run_backtest(storage: Storage, as_of: dt.date, config: Config, n_origins: in
     started_all = time.perf_counter()
     results = [run_origin(storage, origin, config, rebuild) for origin in origins]
     all_metrics = pd.concat([r.metrics.assign(origin_date=r.origin) for r in results], ignore_index=True)
-    champion_metric = config.models.champion_metric
+    champion_metric = config.champion_metric
     champion, means = choose_champion(all_metrics, champion_metric)
     champion_basis = results[0].models.bundles[champion].purchase_basis
     basis_comparison = compare_bases(means, results[0].models.bundles, champion_metric)
@@ -375,7 +375,7 @@ def _write_backtest_tables(storage: Storage, results: Sequence[OriginResult], ru
                 "mlflow_parent_run_id": runs.parent_run_id if runs else None,
                 "model_version": runs.versions.get(name) if runs and result is results[0] else None,
                 "is_champion": bool(name == champion),
-                "champion_metric": config.models.champion_metric, "created_at": created_at})
+                "champion_metric": config.champion_metric, "created_at": created_at})
         for record in result.deciles.to_dict("records"):
             decile_rows.append({
                 "backtest_run_id": run_id, "origin_date": result.origin, "model": record["model"],

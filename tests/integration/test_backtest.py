@@ -101,7 +101,9 @@ def test_backtest_registers_a_champion_and_a_second_run_adds_rows_and_versions(s
     assert (btyd["normalized_gini"] > 0.3).all() and (btyd["abs_total_error_pct"] < 50).all()
     champion_row = rows[rows["is_champion"]]
     assert len(champion_row) == 1
-    assert champion_row["mae"].iloc[0] == rows["mae"].min()          # champion_metric: mae, lower is better
+    # champion_metric auto, quantile bands: normalized_gini, higher is better
+    assert config.champion_metric == "normalized_gini" and (rows["champion_metric"] == "normalized_gini").all()
+    assert champion_row["normalized_gini"].iloc[0] == rows["normalized_gini"].max()
     assert champion_row["model"].iloc[0] == first.champion
     deciles = storage.read("model_backtest_deciles").toPandas()
     assert len(deciles) == 60

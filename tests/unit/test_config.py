@@ -173,7 +173,17 @@ def test_champion_metrics_are_the_metric_registry():
     from models.metrics import METRIC_DIRECTION
 
     choices = get_args(ModelsConf.model_fields["champion_metric"].annotation)
-    assert set(choices) == set(METRIC_DIRECTION)
+    assert set(choices) == {"auto", *METRIC_DIRECTION}
+
+
+@pytest.mark.parametrize("overrides, metric", [
+    ([], "normalized_gini"),                                       # quantile bands: the ranking decides
+    (["segments.band_method=value", "segments.bands=[{name: top, lower: 50000}, {name: rest, lower: null}]"], "mae"),
+    (["models.champion_metric=spearman"], "spearman"),             # named: taken as it is
+    (["models.champion_metric=mae"], "mae"),
+])
+def test_auto_champion_metric_follows_how_segments_use_the_value(overrides, metric):
+    assert load_config(None, overrides).champion_metric == metric
 
 
 @pytest.mark.parametrize("overrides, message", [

@@ -1,12 +1,14 @@
 """The hybrid value model (models/hybrid.py): trees on BTYD outputs and behavioural features, pure pandas."""
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pandas as pd
 import pytest
 
 from models import BGNBDModel, CancellationRateModel, GammaGammaModel
-from models.bundle import INTERVAL_COLUMNS, SCORE_COLUMNS, ScoringBundle
+from models.bundle import GROUP_COLUMNS, INTERVAL_COLUMNS, LOADINGS_COLUMN, SCORE_COLUMNS, ScoringBundle
 from models.hybrid import (CATEGORICAL_INPUTS, INPUTS, HybridBundle, HybridValueModel, bundle_from_payload,
                            design_matrix, load_bundle, training_target)
 from tests.unit.models.helpers import simulate_bgnbd
@@ -120,8 +122,7 @@ def test_a_more_recent_purchase_never_lowers_the_prediction(fitted):
 def test_bundle_scores_like_a_scoring_bundle_and_round_trips(fitted, tmp_path):
     test = customers(300, seed=5)
     scores = fitted.predict(test)
-    assert list(scores.columns) == list(SCORE_COLUMNS) + list(INTERVAL_COLUMNS)
-    assert scores[list(INTERVAL_COLUMNS)].isna().all().all()     # the trees' value has no interval yet
+    assert list(scores.columns) == [*SCORE_COLUMNS, *INTERVAL_COLUMNS, *GROUP_COLUMNS, LOADINGS_COLUMN]
     btyd = fitted.btyd.predict(test)
     pd.testing.assert_series_equal(scores["p_alive"], btyd["p_alive"])
     np.testing.assert_allclose(scores["predicted_net_value"], fitted.trees.predict(design_matrix(test, fitted.btyd)))
@@ -132,6 +133,39 @@ def test_bundle_scores_like_a_scoring_bundle_and_round_trips(fitted, tmp_path):
     pd.testing.assert_frame_equal(loaded.predict(test), scores)
     assert isinstance(load_bundle(fitted.btyd.save(tmp_path / "btyd")), ScoringBundle)
     assert set(fitted.input_example().columns) == set(fitted.feature_columns)
+
+
+def test_the_interval_is_the_bases_distribution_scaled_to_the_trees_value(fitted):
+    test = customers(300, seed=5)
+    scores, base = fitted.predict(test), fitted.btyd.predict(test)
+    scale = scores["predicted_net_value"].to_numpy() / base["predicted_net_value"].to_numpy()
+    assert np.isfinite(scale).all() and not np.allclose(scale, 1.0)      # the trees moved the values
+    for column in (*INTERVAL_COLUMNS[:3], *GROUP_COLUMNS):
+        np.testing.assert_allclose(scores[column], base[column] * scale, rtol=1e-12)
+    pd.testing.assert_series_equal(scores["p_zero_value"], base["p_zero_value"])    # c * V is 0 when V is
+    assert (scores["predicted_net_value_p10"] <= scores["predicted_net_value_p90"]).all()
+    for got, want, c in zip(scores[LOADINGS_COLUMN], base[LOADINGS_COLUMN], scale):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want) * c, rtol=1e-12)
+    # without intervals (models.intervals: false) or group terms (the backtest) the columns stay empty
+    plain = dataclasses.replace(fitted, intervals=False).predict(test)
+    assert plain[[*INTERVAL_COLUMNS, *GROUP_COLUMNS]].isna().all().all() and plain[LOADINGS_COLUMN].isna().all()
+    own = dataclasses.replace(fitted, group_terms=False).predict(test)
+    assert own[list(GROUP_COLUMNS)].isna().all().all() and own[LOADINGS_COLUMN].isna().all()
+    np.testing.assert_allclose(own["predicted_net_value_p90"], scores["predicted_net_value_p90"], rtol=1e-12)
+
+
+def test_a_customer_without_a_btyd_value_gets_no_interval(fitted):
+    """Net basis: a customer who only cancelled is placed by rule (BTYD value 0): nothing to scale."""
+    test = customers(50, seed=6)
+    net = {c: test[c.removeprefix("net_")].astype(float) for c in ("net_frequency", "net_recency", "net_T",
+                                                                   "net_monetary_value")}
+    test = test.assign(**net)
+    test.loc[:4, list(net)] = np.nan
+    bundle = dataclasses.replace(fitted, btyd=dataclasses.replace(fitted.btyd, purchase_basis="net"))
+    scores = bundle.predict(test)
+    assert scores.loc[:4, [*INTERVAL_COLUMNS, *GROUP_COLUMNS]].isna().all().all()
+    assert scores.loc[:4, LOADINGS_COLUMN].isna().all() and scores.loc[5:, LOADINGS_COLUMN].notna().all()
+    assert scores.loc[5:, list(INTERVAL_COLUMNS)].notna().all().all()
 
 
 def test_trees_saved_under_another_scikit_learn_are_refused(fitted, monkeypatch):
