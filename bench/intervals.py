@@ -1,7 +1,7 @@
 """What the value intervals cost: scoring N customers with and without them, in the same run.
 
     python bench/intervals.py --customers 2000000 [--workdir DIR] [--repeats 2] [--purchase-model paretonbd]
-                              [--sink delta|parquet]
+                              [--sink delta|parquet] [--hybrid]
 
 The customers' features (frequency, recency, T, monetary value, orders and cancellations, in days)
 are simulated in numpy from the generator's default BG/NBD + Gamma-Gamma parameters
@@ -10,7 +10,9 @@ and written once as parquet (kept in ``--workdir`` and reused); ingest and featu
 measured. A BG/NBD (``--purchase-model``: MBG/NBD, Pareto/NBD) + Gamma-Gamma + cancellation bundle is fitted on them with the engine's
 ``fit_btyd_bundles``, then the engine's ``score_customers`` runs over every customer and the scores
 are written, alternately without (``models.intervals: false``) and with intervals, ``--repeats``
-times each: ``--sink delta`` (default) as ``cvseg score`` writes them (``scores_table_rows`` into the
+times each (``--hybrid``: a :class:`models.hybrid.HybridBundle` on that BTYD bundle, its trees fitted on
+a 200k sample of the customers with a simulated next-six-months value, so the scoring also runs the
+trees and the interval is the base's rescaled): ``--sink delta`` (default) as ``cvseg score`` writes them (``scores_table_rows`` into the
 ``customer_scores`` partition of the date, through the engine's ``Storage`` on delta-spark, with the
 table's properties), ``--sink parquet`` as plain parquet files (no table, no commit). Reported: seconds per run,
 the median of each and their ratio (the issue's target: at most 1.5x), plus the cost per
@@ -60,11 +62,32 @@ def simulate_features(n: int, seed: int, chunk: int = 500_000) -> pd.DataFrame:
         monetary = np.where(x > 0, rng.gamma(params.spend_p * np.maximum(x, 1), 1.0) / nu / np.maximum(x, 1), 0.0)
         n_orders = x + 1
         n_cancelled = rng.binomial(n_orders.astype(int), 0.065).astype(float)
+        since = T - recency
         parts.append(pd.DataFrame({
             "customer_id": [f"C{start + i}" for i in range(m)], "frequency": x, "recency": recency, "T": T,
             "monetary_value": monetary, "n_orders": n_orders, "n_cancelled": n_cancelled,
-            "net_6m": 0.0, "acquisition_channel": "web"}))
+            "net_6m": np.where(since < 183, monetary, 0.0), "acquisition_channel": "web",
+            # what the hybrid's trees read besides (models.hybrid.BEHAVIOUR_COLUMNS), derived coarsely
+            "n_purchase_days": n_orders, "avg_order_value": monetary, "cancel_rate_count": n_cancelled / n_orders,
+            "cancel_rate_amount": n_cancelled / n_orders,
+            "gap_mean_days": np.where(x > 0, recency / np.maximum(x, 1), np.nan), "gap_std_days": np.nan,
+            "orders_3m": (since < 91).astype(float), "net_3m": np.where(since < 91, monetary, 0.0),
+            "orders_6m": (since < 183).astype(float), "first_category": "food"}))
     return pd.concat(parts, ignore_index=True)
+
+
+def hybrid_on(btyd, features_df, seed: int, rows: int = 200_000):
+    """A HybridBundle on ``btyd``: trees fitted on ``rows`` customers, the target their BTYD value times
+    gamma noise (what the trees learn does not matter here, only what scoring them costs)."""
+    from models.hybrid import HybridBundle, HybridValueModel, design_matrix
+
+    started = time.perf_counter()
+    sample = features_df.limit(rows).toPandas()
+    design = design_matrix(sample, btyd)
+    target = design["btyd_net_value"].to_numpy() * np.random.default_rng(seed).gamma(2.0, 0.5, len(sample))
+    trees = HybridValueModel().fit(design, target)
+    print(f"hybrid trees fitted on {len(sample):,} customers in {time.perf_counter() - started:.1f} s")
+    return HybridBundle(btyd=btyd, trees=trees, metadata={"training_cutoff": "2026-03-31"})
 
 
 def main() -> None:
@@ -78,10 +101,11 @@ def main() -> None:
                         help="the bundle's purchase model (the simulated customers stay BG/NBD)")
     parser.add_argument("--sink", default="delta", choices=("delta", "parquet"),
                         help="delta: the customer_scores table as `cvseg score` writes it; parquet: plain files")
+    parser.add_argument("--hybrid", action="store_true", help="score with a hybrid bundle on the BTYD bundle")
     args = parser.parse_args()
 
     workdir = Path(args.workdir)
-    features_path = workdir / f"features-{args.customers}-seed{args.seed}"
+    features_path = workdir / f"features-v2-{args.customers}-seed{args.seed}"   # v2: with the hybrid's inputs
     scratch = workdir / "scores"
     if not features_path.exists():
         started = time.perf_counter()
@@ -118,6 +142,8 @@ def main() -> None:
     bundle = fit_btyd_bundles(features_df, (args.purchase_model,), "days").bundles[args.purchase_model]
     print(f"fit {time.perf_counter() - started:.1f} s; params {bundle.describe()['purchase_params']}; "
           f"covariance stored: {bundle.purchase.fit_info_.get('log_param_covariance') is not None}")
+    if args.hybrid:
+        bundle = hybrid_on(bundle, features_df, args.seed)
 
     shutil.rmtree(scratch, ignore_errors=True)
     seconds: dict[str, list[float]] = {"without": [], "with": []}
@@ -148,9 +174,9 @@ def main() -> None:
     print()
     print(f"score + write ({args.sink}) {args.customers:,} customers: without intervals {median['without']:.1f} s, with "
           f"{median['with']:.1f} s (medians of {args.repeats}): ratio {ratio:.2f} (target <= 1.5)")
-    print(f"ScoringBundle.predict without Spark: {per_customer['without']:.2f} us per customer without, "
+    print(f"{type(bundle).__name__}.predict without Spark: {per_customer['without']:.2f} us per customer without, "
           f"{per_customer['with']:.2f} us with intervals")
-    print(json.dumps({"customers": args.customers, "sink": args.sink, "seconds": seconds, "median": median, "ratio": round(ratio, 3),
+    print(json.dumps({"customers": args.customers, "sink": args.sink, "hybrid": args.hybrid, "seconds": seconds, "median": median, "ratio": round(ratio, 3),
                       "customers_with_interval": with_interval,
                       "numpy_predict_us_per_customer": {k: round(v, 3) for k, v in per_customer.items()}}))
 
