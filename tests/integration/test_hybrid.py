@@ -170,6 +170,10 @@ def test_a_hybrid_champion_is_backtested_registered_scores_and_exports(spark, or
     scores = storage.read("customer_scores").where(F.col("as_of_date") == F.lit(END)).toPandas()
     assert (scores["value_model"] == "hybrid").all()
     assert scores["predicted_net_value"].notna().all() and (scores["predicted_net_value"] >= 0).all()
+    # its interval: the BTYD base's, rescaled (none for a customer the net basis places by rule)
+    modelled = scores[scores["purchase_basis"] != "net_rule"]
+    assert len(modelled) and modelled["predicted_net_value_p90"].notna().all()
+    assert (modelled["predicted_net_value_p10"] <= modelled["predicted_net_value_p90"]).all()
     exported = pd.read_csv(next((tmp_path / "exports").glob("*.csv")))
     assert len(exported) == len(scores)
     # `cvseg score` with the hybrid champion (the same runner as the nightly step)

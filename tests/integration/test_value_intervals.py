@@ -60,6 +60,28 @@ def test_the_backtest_measures_coverage_near_80_percent_on_the_holdout(orders_df
     assert off["interval_coverage"].isna().all()
 
 
+def test_the_hybrids_rescaled_interval_covers_near_80_percent(orders_df, config):
+    """The hybrid's interval is its BTYD base's distribution scaled to the trees' value
+    (models.hybrid.HybridBundle.predict); measured on the holdout like any model's."""
+    from core.dates import add_months
+    from pipelines.hybrid import hybrid_bundles
+
+    train_cutoff = add_months(CUTOFF, -6)
+    train_df = build_calibration_holdout(orders_df, train_cutoff).localCheckpoint(eager=True)
+    holdout_df = build_calibration_holdout(orders_df, CUTOFF).localCheckpoint(eager=True)
+    base = fit_origin_models(holdout_df, None, config.model_copy(update={"models": config.models.model_copy(
+        update={"purchase_models": ("bgnbd",), "compare_naive": False})})).bundles
+    hybrids, _, skipped = hybrid_bundles(train_df, base, config.models.hybrid, ("bgnbd",), 0.0, train_cutoff, CUTOFF)
+    assert set(hybrids) == {"hybrid", "hybrid_net"} and not skipped
+    metrics, _ = compute_metrics(predict_all(holdout_df, {**base, **hybrids}))
+    metrics = metrics.set_index("model")
+    for name in hybrids:
+        assert metrics.loc[name, "interval_coverage"] == pytest.approx(0.80, abs=0.05), name
+        assert metrics.loc[name, "interval_closed_coverage"] > metrics.loc[name, "interval_coverage"]
+    # the trees moved the values, so these are not the base's numbers under another name
+    assert metrics.loc["hybrid", "mae"] != metrics.loc["bgnbd", "mae"]
+
+
 def test_customer_scores_carry_the_interval_columns(spark, orders_df, config, tmp_path):
     from core.storage import Storage
 
