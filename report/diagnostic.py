@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 
 from core.config import GONE, NO_SEGMENT
+from models.metrics import METRIC_DIRECTION
 from report import charts
 from report.data import CANCEL_BAND_LABELS, UNKNOWN, DiagnosticData, Histogram
 from report.tables import Missing
@@ -469,6 +470,8 @@ def models_section(data: DiagnosticData, c: Context) -> list:
         kind = dict(METRICS).get(metric, "r")
         blocks.append(Paragraph(c.m("mod.why", model=champion_model, metric=_metric_label(metric, c),
                                     value=_metric(champion_rows.iloc[0][metric], kind, c))))
+        if METRIC_DIRECTION.get(metric):          # a ranking metric: say what that means for the totals
+            blocks.append(Paragraph(c.m("mod.why.ranking")))
     header = (c.m("mod.table.model"),) + tuple(c.m(f"mod.m.{key}") for key, _ in METRICS)
     rows = tuple((row["model"] + (" ★" if row["model"] == champion_model else ""),)
                  + tuple(_metric(row.get(key), kind, c) for key, kind in METRICS) for _, row in bt.iterrows())

@@ -250,6 +250,10 @@ CATALOGUE: dict[str, dict[str, str]] = {
                      "en": "Current scores come from {model} (model version {version})."},
     "mod.why": {"ja": "チャンピオンは選定指標「{metric}」が最も良い「{model}」（{value}）です。",
                 "en": "The champion is {model}: it has the best {metric} ({value})."},
+    "mod.why.ranking": {"ja": "セグメントは予測値の順位（分位）で区切るため、顧客を今後の購買額の順に最もよく並べるモデルを選んでいます。"
+                              "合計額がどこまで正確かは下の表の「合計の誤差率」をご覧ください。",
+                        "en": "Segments are cut by rank (quantile bands), so the champion is the model that best orders "
+                              "customers by what they will spend; how exact its totals are is the total error in the table below."},
     "mod.table.model": {"ja": "モデル", "en": "Model"},
     "mod.m.mae": {"ja": "MAE（平均絶対誤差）", "en": "MAE"},
     "mod.m.rmse": {"ja": "RMSE", "en": "RMSE"},

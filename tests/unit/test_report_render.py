@@ -144,6 +144,7 @@ def test_full_diagnostic_renders_every_section_with_data(full_data, language):
     # F2: latest six cohorts 15/50 = 30.0% vs 40.0% before
     assert "30.0%" in findings[2] and "40.0%" in findings[2]
     assert m("mod.why", model="bgnbd", metric=m("mod.m.mae"), value=Formats(language, "JPY").money(5280)) in html
+    assert m("mod.why.ranking") not in html                  # chosen by an error, not a ranking
     pdf = render_pdf(doc)
     assert pdf.startswith(b"%PDF") and len(pdf) > 50_000
 
@@ -246,6 +247,11 @@ def test_a_hybrid_champion_shows_what_drives_it(full_data, language):
     for feature in ("btyd_net_value", "days_since_last", "acquisition_channel"):
         assert m(f"hyb.f.{feature}") in html
     assert Formats(language, "JPY").money(812.0) in html and "200,000" in html and "alpha=21.4" in html
+    # chosen by a ranking metric (champion_metric auto under quantile bands): the report says what that means
+    by_gini = DiagnosticData(**{**hybrid.__dict__, "backtest": backtest.assign(champion_metric="normalized_gini")})
+    html = render_html(build(by_gini, language, "JPY", "acme", GENERATED))
+    assert m("mod.why", model="hybrid_net", metric=m("mod.m.normalized_gini"), value="0.810") in html
+    assert m("mod.why.ranking") in html
     # another champion: no hybrid block, even with importances in the data
     assert m("hyb.title") not in render_html(build(DiagnosticData(**{**full_data.__dict__,
                                                                      "hybrid_importances": importances}),
