@@ -96,8 +96,9 @@ def executor_pid_by_port(app_id: str) -> dict[int, int]:
 
 class ExecutorKiller:
     """A step hook: when a chosen step runs, a watcher thread waits until an executor of the
-    cluster runs a task of it, then SIGKILLs that executor's JVM; what happened is recorded in
-    ``events``.
+    cluster runs a task of it, then SIGKILLs that executor's JVM; when no task failed with it (the
+    task had just ended), it waits for the worker's new executor and kills again during a later task.
+    What happened is recorded in ``events``.
 
     The executor is told by Spark's own status (running tasks per executor, keyed by its block
     manager's port) and found by the port its JVM listens on. Waiting for *both* cores to be busy
@@ -140,15 +141,31 @@ class ExecutorKiller:
                 if any(port not in pid_by_port for port in running):
                     pid_by_port = executor_pid_by_port(self.sc.applicationId)
                 target = next((port for port in running if port in pid_by_port), None)
-                if target is not None:
+                if target is not None and len(set(pid_by_port.values())) == 2:
+                    failed_before = self._failed_tasks(tracker, stages)
                     pid = pid_by_port[target]
                     os.kill(pid, signal.SIGKILL)
                     info = tracker.getStageInfo(max(stages))
                     record.update(killed_pid=pid, executors_before=len(set(pid_by_port.values())),
                                   running_tasks_on_killed=running[target], stage_id=max(stages),
-                                  stage_name=info.name if info else None, killed_at=time.time())
-                    return
+                                  stage_name=info.name if info else None, killed_at=time.time(),
+                                  kills=record.get("kills", 0) + 1)
+                    if self._failed_tasks(tracker, stages, after_losing=target) > failed_before:
+                        return
+                    # Spark's status lags its tasks by ~0.1-0.2 s, and a Delta log stage's tasks last
+                    # less: the task had ended before the kill landed. Wait for the worker's new
+                    # executor (two again) and kill during a later task of the step.
+                    pid_by_port = {}
             stop.wait(0.005)
+
+    def _failed_tasks(self, tracker, stages, after_losing: int | None = None) -> int:
+        """Failed tasks of ``stages`` so far; with ``after_losing``, once Spark has dropped that executor
+        (its task failures are recorded with its removal; bounded wait, also after the step ended)."""
+        deadline = time.time() + 30
+        while after_losing is not None and after_losing in self._running_tasks_by_port() and time.time() < deadline:
+            time.sleep(0.05)
+        infos = (tracker.getStageInfo(s) for s in stages)
+        return sum(info.numFailedTasks for info in infos if info is not None)
 
 
 # --------------------------------------------------------------------------------------------
