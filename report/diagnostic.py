@@ -8,7 +8,6 @@ import numpy as np
 import pandas as pd
 
 from core.config import GONE, NO_SEGMENT
-from models.metrics import METRIC_DIRECTION
 from report import charts
 from report.data import CANCEL_BAND_LABELS, UNKNOWN, DiagnosticData, Histogram
 from report.tables import Missing
@@ -429,6 +428,9 @@ METRICS = (("mae", "money"), ("rmse", "money"), ("abs_total_error_pct", "num"), 
            ("normalized_gini", "r"), ("top_decile_capture", "pct"), ("top20_capture", "pct"),
            # share of customers inside their 80% value interval (target ~80%; none for cohort / naive)
            ("interval_coverage", "pct"))
+#: champion metrics that measure how customers are ordered, not how exact the amounts are
+#: (models.metrics.METRIC_DIRECTION's higher-is-better ones; report sits below models)
+RANKING_METRICS = ("spearman", "normalized_gini", "top_decile_capture", "top20_capture")
 
 
 def _metric(value, kind: str, c: Context) -> str:
@@ -470,7 +472,7 @@ def models_section(data: DiagnosticData, c: Context) -> list:
         kind = dict(METRICS).get(metric, "r")
         blocks.append(Paragraph(c.m("mod.why", model=champion_model, metric=_metric_label(metric, c),
                                     value=_metric(champion_rows.iloc[0][metric], kind, c))))
-        if METRIC_DIRECTION.get(metric):          # a ranking metric: say what that means for the totals
+        if metric in RANKING_METRICS:             # say what a ranking champion means for the totals
             blocks.append(Paragraph(c.m("mod.why.ranking")))
     header = (c.m("mod.table.model"),) + tuple(c.m(f"mod.m.{key}") for key, _ in METRICS)
     rows = tuple((row["model"] + (" ★" if row["model"] == champion_model else ""),)

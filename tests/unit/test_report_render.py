@@ -102,6 +102,13 @@ def full_data() -> DiagnosticData:
     )
 
 
+def test_ranking_metrics_are_the_higher_is_better_champion_metrics():
+    from models.metrics import METRIC_DIRECTION
+    from report.diagnostic import RANKING_METRICS
+
+    assert set(RANKING_METRICS) == {m for m, higher_is_better in METRIC_DIRECTION.items() if higher_is_better}
+
+
 def test_every_message_exists_in_both_languages():
     incomplete = [key for key, texts in CATALOGUE.items() if set(texts) != set(LANGUAGES)]
     assert not incomplete
