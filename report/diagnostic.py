@@ -429,7 +429,7 @@ METRICS = (("mae", "money"), ("rmse", "money"), ("abs_total_error_pct", "num"), 
            # share of customers inside their 80% value interval (target ~80%; none for cohort / naive)
            ("interval_coverage", "pct"))
 #: champion metrics that measure how customers are ordered, not how exact the amounts are
-#: (models.metrics.METRIC_DIRECTION's higher-is-better ones; report sits below models)
+#: (models.metrics.METRIC_DIRECTION's higher-is-better ones; the report imports core and pipelines only)
 RANKING_METRICS = ("spearman", "normalized_gini", "top_decile_capture", "top20_capture")
 
 
