@@ -349,7 +349,6 @@ class HybridBundle:
             rescale_intervals(scores, scale)
         return scores
 
-
     def input_example(self) -> pd.DataFrame:
         """One customer row with every column :meth:`predict` reads (the MLflow signature's example)."""
         row = {"customer_id": "C1", "frequency": 2.0, "recency": 30.0, "T": 60.0, "monetary_value": 5000.0,
