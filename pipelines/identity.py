@@ -425,6 +425,19 @@ INCREMENTAL_MAX_NEW_IDS = 1_000_000
 
 
 @dataclass(frozen=True)
+class NightKeys:
+    """What the ingest's comparison of a night's matching keys with ``identity_keys`` found
+    (:func:`pipelines.ingest.add_keys`): the keys it appended and every holder of a key read
+    tonight (stored before, or appended), with the table's versions around its one append. The
+    identity step takes the new keys' holders from it instead of scanning the table again, when
+    no other append came between its last run and this one."""
+    added_df: DataFrame          # IDENTITY_KEYS rows appended tonight
+    holders_df: DataFrame        # (source_name, source_customer_id, key_type, key_hash) of tonight's keys
+    version_before: int          # identity_keys before the append
+    version_after: int           # ... and after it (the same when nothing was new)
+
+
+@dataclass(frozen=True)
 class NewIdsResolution:
     map_df: DataFrame            # IDENTITY_MAP rows of the new source ids only (plus _previous, null)
     conflicts_df: DataFrame      # key_too_common rows of the keys the night touched
@@ -436,13 +449,15 @@ class NewIdsResolution:
 
 def resolve_new_ids(appended_orders_df: DataFrame, appended_keys_df: DataFrame | None, keys_df: DataFrame | None,
                     previous_df: DataFrame, *, run_date: dt.date, run_id: str, namespaced: bool,
-                    max_ids_per_key: int, max_iterations: int) -> NewIdsResolution | str:
+                    max_ids_per_key: int, max_iterations: int,
+                    known_holders_df: DataFrame | None = None) -> NewIdsResolution | str:
     """Unified ids for the source ids that appeared since the previous resolution (``previous_df``,
     the IDENTITY_MAP), from the orders and keys appended since: the same ids :func:`resolve` gives
     when nothing earlier moves. Returns why every id must be resolved instead when something
     would move: tonight's keys link customers that were apart (a merge), or a key that linked ids
     became too common. Reads the large tables only through semi-joins with what is new (no shuffle
-    of the whole map or key table)."""
+    of the whole map or key table). ``known_holders_df``: every holder of the appended keys (and
+    maybe of others), found by the ingest's scan (:class:`NightKeys`): no scan of ``keys_df`` then."""
     id_columns = ["source_name", "source_customer_id"]
     seen_df = source_customer_ids(appended_orders_df).localCheckpoint()
     seen = seen_df.count()
@@ -453,8 +468,9 @@ def resolve_new_ids(appended_orders_df: DataFrame, appended_keys_df: DataFrame |
         touched_df = appended_keys_df.select("key_type", "key_hash").distinct().localCheckpoint()
         if touched_df.count() > INCREMENTAL_MAX_NEW_IDS:
             return "more new matching keys than the incremental resolution broadcasts"
-        # every holder of a touched key (one scan of identity_keys)
-        holders_df = (keys_df.join(F.broadcast(touched_df), on=["key_type", "key_hash"], how="left_semi")
+        # every holder of a touched key (one scan of identity_keys, unless the ingest's scan found them)
+        holders_df = (keys_df if known_holders_df is None else known_holders_df)
+        holders_df = (holders_df.join(F.broadcast(touched_df), on=["key_type", "key_hash"], how="left_semi")
                       .select(*id_columns, "key_type", "key_hash").localCheckpoint())
     # one scan of identity_map for every earlier id the night needs: those with new orders and the
     # holders of a touched key (with the customer each has)
@@ -745,11 +761,12 @@ def identity_settings(identity: IdentityConf) -> str:
     return json.dumps(identity.model_dump(mode="json"), sort_keys=True)
 
 
-def incremental_inputs(storage: Storage, identity: IdentityConf,
-                       previous_version: int | None) -> tuple[DataFrame, DataFrame | None, Any] | str:
+def incremental_inputs(storage: Storage, identity: IdentityConf, previous_version: int | None,
+                       night_keys: NightKeys | None = None
+                       ) -> tuple[DataFrame, DataFrame | None, Any, DataFrame | None] | str:
     """(orders appended since the last identity run, matching keys appended since, that run's
-    identity_runs row) when the night can resolve only its new source ids; otherwise why every
-    id must be resolved."""
+    identity_runs row, every holder of those keys when ``night_keys`` knows them) when the night
+    can resolve only its new source ids; otherwise why every id must be resolved."""
     if previous_version is None:
         return "no earlier identity_map"
     if identity.map:
@@ -766,27 +783,31 @@ def incremental_inputs(storage: Storage, identity: IdentityConf,
     appended_orders_df = storage.appended_since(ORDERS, int(last["orders_version"]))
     if appended_orders_df is None:
         return f"orders were rewritten since version {last['orders_version']} (not only appended)"
-    appended_keys_df = None
+    appended_keys_df = holders_df = None
     if identity.match_on and storage.exists(IDENTITY_KEYS):
-        if last["keys_version"] is None:
+        if night_keys is not None and last["keys_version"] == night_keys.version_before:
+            # tonight's ingest appended the only keys since the last run and found their holders
+            appended_keys_df, holders_df = night_keys.added_df, night_keys.holders_df
+        elif last["keys_version"] is None:
             appended_keys_df = storage.read(IDENTITY_KEYS)      # keys arrived since: all of them are new
         else:
             appended_keys_df = storage.appended_since(IDENTITY_KEYS, int(last["keys_version"]))
             if appended_keys_df is None:
                 return f"identity_keys were rewritten since version {last['keys_version']} (not only appended)"
         appended_keys_df = appended_keys_df.where(F.col("key_type").isin(list(identity.match_on)))
-    return appended_orders_df, appended_keys_df, last
+    return appended_orders_df, appended_keys_df, last, holders_df
 
 
 def run_identity(storage: Storage, identity: IdentityConf, source_names: Sequence[str], run_date: dt.date, *,
-                 run_id: str | None = None, full: bool = False) -> IdentitySummary:
+                 run_id: str | None = None, full: bool = False, night_keys: NightKeys | None = None) -> IdentitySummary:
     """Resolve every source customer id in ``orders`` to a unified id: write ``identity_map``
     (appended when only new source ids arrived, rewritten when an id moved), the run's
     ``identity_conflicts`` and one ``identity_runs`` row.
 
     A regular night resolves only the source ids and keys that arrived since the last run
     (:func:`resolve_new_ids`, reading the large tables through semi-joins); the first run, a
-    client map, rewritten orders or keys, a merge or ``full`` resolve every id (:func:`resolve`)."""
+    client map, rewritten orders or keys, a merge or ``full`` resolve every id (:func:`resolve`).
+    ``night_keys``: what tonight's ingest found comparing its keys with ``identity_keys``."""
     started = time.perf_counter()
     spark = storage.spark
     run_id = run_id or f"identity-{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}"
@@ -801,10 +822,10 @@ def run_identity(storage: Storage, identity: IdentityConf, source_names: Sequenc
     namespaced = len(source_names) > 1
     previous_version = identity_version(storage)
     previous_df = storage.read(IDENTITY_MAP, version=previous_version) if previous_version is not None else None
-    inputs = "requested" if full else incremental_inputs(storage, identity, previous_version)
+    inputs = "requested" if full else incremental_inputs(storage, identity, previous_version, night_keys)
     new_ids = inputs if isinstance(inputs, str) else resolve_new_ids(
         inputs[0], inputs[1], keys_df, previous_df, run_date=run_date, run_id=run_id, namespaced=namespaced,
-        max_ids_per_key=identity.max_ids_per_key, max_iterations=identity.max_iterations)
+        max_ids_per_key=identity.max_ids_per_key, max_iterations=identity.max_iterations, known_holders_df=inputs[3])
     if isinstance(new_ids, NewIdsResolution):
         mode, full_reason, last = "incremental", None, inputs[2]
         new, reassigned, iterations = new_ids.new_source_ids, 0, new_ids.iterations

@@ -3,15 +3,18 @@
 
 Each source (``sources``, or the lone ``source``) is ingested on its own (:func:`pipelines.ingest.run_ingest`:
 its files, its quarantine rows, its ``ingest_runs`` row, all carrying its name); with several
-sources their order ids are kept apart as ``<source>:<order id>``. Then, when there are several
-sources or an ``identity`` config, :func:`pipelines.identity.run_identity` gives every source
-customer id its unified id. A source whose rejected share is above the threshold stops the run
+sources their order ids are kept apart as ``<source>:<order id>``. Their matching keys are
+compared with ``identity_keys`` together once every source is read (one scan on a regular night,
+whose holders the identity step reuses), and only then is each source's run recorded (a crash
+before that reads its files again). Then, when there are several sources or an ``identity``
+config, :func:`pipelines.identity.run_identity` gives every source customer id its unified id. A source whose rejected share is above the threshold stops the run
 after the sources before it are committed (they are complete on their own); the identity step
 does not run, so no stage reads a half-resolved customer base.
 """
 from __future__ import annotations
 
 import datetime as dt
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,8 +23,10 @@ from pyspark.sql import SparkSession
 from core.config import Config
 from core.results import StageResult
 from core.storage import Storage
-from pipelines.identity import IdentitySummary, identity_hmac_key, run_identity
-from pipelines.ingest import IngestError, IngestSummary, KeyReading, run_ingest
+from pipelines.identity import IdentitySummary, NightKeys, identity_hmac_key, run_identity
+from pipelines.ingest import IngestError, IngestSummary, KeyReading, PendingIngest, add_keys, read_source_orders
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -76,20 +81,35 @@ def run_sources(spark: SparkSession, storage: Storage, config: Config, run_date:
     hmac_key = identity_hmac_key(config)
     keys = (KeyReading(config.identity.match_on, hmac_key, config.identity.phone_country_code)
             if hmac_key is not None else None)
-    summaries = []
-    for source in sources:
-        if only is not None and source.name != only:
-            continue
-        if all_files:
-            source = source.model_copy(update={"new_files_only": False})
-        source_path = path if (path is not None and (only == source.name or len(sources) == 1)) else source.path
-        if not source_path:
-            where = "source.path" if len(sources) == 1 else f"the path of source {source.name!r} (sources[].path)"
-            raise IngestError(f"no path to ingest: set {where} in the conf or pass --path")
-        summaries.append(run_ingest(spark, storage, source, config.validation, config.business.timezone, run_date,
-                                    path=source_path, order_id_prefix=f"{source.name}:" if len(sources) > 1 else "",
-                                    keys=keys))
+    reads: list[PendingIngest] = []
+    try:
+        for source in sources:
+            if only is not None and source.name != only:
+                continue
+            if all_files:
+                source = source.model_copy(update={"new_files_only": False})
+            source_path = path if (path is not None and (only == source.name or len(sources) == 1)) else source.path
+            if not source_path:
+                where = "source.path" if len(sources) == 1 else f"the path of source {source.name!r} (sources[].path)"
+                raise IngestError(f"no path to ingest: set {where} in the conf or pass --path")
+            reads.append(read_source_orders(
+                spark, storage, source, config.validation, config.business.timezone, run_date, path=source_path,
+                order_id_prefix=f"{source.name}:" if len(sources) > 1 else "", keys=keys))
+    except Exception:
+        try:
+            _finish(storage, reads)     # the sources read before are complete on their own
+        except Exception:               # the first error is the one to report
+            log.exception("the sources read before the error could not be recorded: their files are read again")
+        raise
+    summaries, night_keys = _finish(storage, reads)
     identity = None
     if config.has_identity_step:
-        identity = run_identity(storage, config.identity, names, run_date)
-    return SourcesResult(tuple(summaries), identity)
+        identity = run_identity(storage, config.identity, names, run_date, night_keys=night_keys)
+    return SourcesResult(summaries, identity)
+
+
+def _finish(storage: Storage, reads: list[PendingIngest]) -> tuple[tuple[IngestSummary, ...], NightKeys | None]:
+    """Every source's new matching keys appended in one comparison with ``identity_keys`` (one scan
+    on a night, whose holders the identity step reuses), then each source's files and run recorded."""
+    added, night_keys = add_keys(storage, reads)
+    return tuple(r.finish(added.get(r.summary.source_name, 0)) for r in reads), night_keys

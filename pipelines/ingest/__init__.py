@@ -51,9 +51,9 @@ and a window over all rows (a full sort) cost more than an aggregation of keys.
 Package layout: :mod:`.summary` (errors, the run summary), :mod:`.transforms` (pure column
 functions and DataFrame transforms), :mod:`.reading` (the source edge), :mod:`.runner` (the stage runner).
 """
-from pipelines.ingest.runner import KeyReading, read_day, run_ingest
+from pipelines.ingest.runner import KeyReading, PendingIngest, add_keys, read_day, read_source_orders, run_ingest
 from pipelines.ingest.summary import DEFAULT_SOURCE, IngestError, IngestRejectedError, IngestSummary
 from pipelines.ingest.transforms import is_non_numeric_amount, local_date, parse_amount, parse_timestamp
 
-__all__ = ["run_ingest", "read_day", "KeyReading", "IngestError", "IngestRejectedError", "IngestSummary",
+__all__ = ["run_ingest", "read_source_orders", "add_keys", "PendingIngest", "read_day", "KeyReading", "IngestError", "IngestRejectedError", "IngestSummary",
            "DEFAULT_SOURCE", "is_non_numeric_amount", "local_date", "parse_amount", "parse_timestamp"]

@@ -5,8 +5,10 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import date, datetime, timedelta, timezone
+from functools import reduce
+from typing import Callable
 
 from pyspark import StorageLevel
 from pyspark.sql import Column, DataFrame, SparkSession
@@ -15,7 +17,7 @@ from pyspark.sql import functions as F
 from core.config import SourceConf, ValidationConf
 from core.storage import Storage
 from core.tables import IDENTITY_KEYS, INGEST_RUNS, INGESTED_FILES, ORDERS, ORDERS_QUARANTINE
-from pipelines.identity import hashed_keys
+from pipelines.identity import NightKeys, hashed_keys
 from pipelines.ingest.reading import (Source, SourceFile, action_error, java_charsets,
                                      check_mapping, ingested_file_keys, local_path, unused_name,
                                      list_source_files, read_source, spark_file_paths)
@@ -61,6 +63,28 @@ class KeyReading:
     phone_country_code: str = "81"
 
 
+@dataclass(frozen=True)
+class PendingIngest:
+    """A source read whose orders and quarantine are committed, but whose matching keys are not yet
+    compared with ``identity_keys`` and whose files and ``ingest_runs`` row are not yet recorded:
+    :func:`add_keys` does the first for every source of a run at once, :meth:`finish` the rest. A
+    crash before :meth:`finish` only means the files are read again (the orders' merge adds
+    nothing twice, and the keys are hashed again)."""
+    summary: IngestSummary
+    keys_df: DataFrame | None = None            # the read's hashed keys (checkpointed), if any
+    most_keys: int = 0                          # a bound on keys_df's rows, known without a job
+    record: Callable[[IngestSummary], None] | None = field(default=None, repr=False)   # None: recorded
+
+    def finish(self, key_rows: int = 0) -> IngestSummary:
+        """Record the files and the run (with ``key_rows`` new matching keys); returns the summary."""
+        if self.record is None:
+            return self.summary
+        summary = replace(self.summary, key_rows=key_rows, finished_at=datetime.now(timezone.utc))
+        self.record(summary)
+        log.info("%s", summary)
+        return summary
+
+
 def run_ingest(spark: SparkSession, storage: Storage, source: SourceConf, validation: ValidationConf,
                business_tz: str, run_date: date, path: str | None = None, *,
                run_id: str | None = None, order_id_prefix: str = "",
@@ -70,6 +94,19 @@ def run_ingest(spark: SparkSession, storage: Storage, source: SourceConf, valida
     :class:`IngestRejectedError` when the rejected share is above the threshold.
     ``order_id_prefix``: prepended to every order id (``<source>:`` with several sources);
     ``keys``: the source's e-mail / phone columns are hashed into ``identity_keys``."""
+    pending = read_source_orders(spark, storage, source, validation, business_tz, run_date, path, run_id=run_id,
+                                 order_id_prefix=order_id_prefix, keys=keys)
+    added = add_keys(storage, [pending])[0] if pending.keys_df is not None else {}
+    return pending.finish(added.get(source.name, 0))
+
+
+def read_source_orders(spark: SparkSession, storage: Storage, source: SourceConf, validation: ValidationConf,
+                       business_tz: str, run_date: date, path: str | None = None, *,
+                       run_id: str | None = None, order_id_prefix: str = "",
+                       keys: KeyReading | None = None) -> PendingIngest:
+    """:func:`run_ingest` up to its matching keys: the keys hashed but not compared with
+    ``identity_keys``, the files and the run not recorded (see :class:`PendingIngest`). A read
+    without keys to add, an unchanged one and a rejected one (which raises) are recorded already."""
     with java_charsets(spark, source):
         return _run_ingest(spark, storage, source, validation, business_tz, run_date, path, run_id,
                            order_id_prefix, keys)
@@ -77,7 +114,7 @@ def run_ingest(spark: SparkSession, storage: Storage, source: SourceConf, valida
 
 def _run_ingest(spark: SparkSession, storage: Storage, source: SourceConf, validation: ValidationConf,
                 business_tz: str, run_date: date, path: str | None, run_id: str | None,
-                order_id_prefix: str, keys: KeyReading | None) -> IngestSummary:
+                order_id_prefix: str, keys: KeyReading | None) -> PendingIngest:
     """Pass 1: keys only (rows per file split, order ids seen twice); pass 2: every row
     classified, the few that are not plain orders kept and counted; pass 3: accepted orders written
     (pass 4: their matching keys hashed); then the quarantine, the files and the run recorded."""
@@ -98,7 +135,7 @@ def _run_ingest(spark: SparkSession, storage: Storage, source: SourceConf, valid
             skipped_files=files.skipped, started_at=started, finished_at=datetime.now(timezone.utc))
         _append_run(spark, storage, summary)
         log.info("%s", summary)
-        return summary
+        return PendingIngest(summary)
     src = files.src
     check_mapping(src.names, source, path)
     clock.lap("open source")
@@ -120,10 +157,10 @@ def _run_ingest(spark: SparkSession, storage: Storage, source: SourceConf, valid
                                 first.total, cached, retry_uris=retry.uris if retry else frozenset(),
                                 retried_rows=retried_rows)
         clock.lap("pass 2: classify+count")
-        orders_accepted = orders_written = key_rows = 0
-        first_order_date = None
+        orders_accepted = orders_written = most_keys = 0
+        first_order_date = keys_df = None
         if not second.rejected and second.accepted:
-            orders_accepted, orders_written, first_order_date, key_rows = _write_accepted(
+            orders_accepted, orders_written, first_order_date, keys_df, most_keys = _write_accepted(
                 storage, second, first.offsets_df, src, source, mapping, run_id, run_date, order_id_prefix,
                 keys, cached, clock, retried_files)
         quarantine_df = None
@@ -143,7 +180,7 @@ def _run_ingest(spark: SparkSession, storage: Storage, source: SourceConf, valid
         clock.lap("write quarantine")
 
         summary = IngestSummary(
-            ingest_run_id=run_id, source_name=source.name, run_date=run_date, source_path=path, key_rows=key_rows,
+            ingest_run_id=run_id, source_name=source.name, run_date=run_date, source_path=path,
             status="rejected" if second.rejected else "ok", input_rows=first.total,
             accepted_rows=second.accepted, cancellation_lines_applied=second.counts[KIND_CANCELLATION],
             quarantined_rows=second.quarantined, exact_duplicate_rows=second.counts[KIND_DUPLICATE],
@@ -155,11 +192,17 @@ def _run_ingest(spark: SparkSession, storage: Storage, source: SourceConf, valid
             skipped_files=files.skipped, future_rows_retried=files.retried, value_counts=first.value_counts,
             retried_file_rows=retried_rows if narrowed else 0, narrowed_files=len(narrowed),
             unknown_statuses=first.unknown_statuses, started_at=started, finished_at=datetime.now(timezone.utc))
-        if not second.rejected and files.new_files:
-            # after the orders commit: a crash before this line only means the files are read again
-            _record_files(spark, storage, files.new_files, first.splits, run_id, summary.finished_at, source.name,
-                          all_new=source.new_files_only and not any(f.key in files.known for f in files.new_files))
-        _append_run(spark, storage, summary)
+
+        def record(done: IngestSummary) -> None:
+            if not second.rejected and files.new_files:
+                # after the orders commit: a crash before this line only means the files are read again
+                _record_files(spark, storage, files.new_files, first.splits, run_id, done.finished_at, source.name,
+                              all_new=source.new_files_only and not any(f.key in files.known for f in files.new_files))
+            _append_run(spark, storage, done)
+
+        if keys_df is not None:     # the keys' comparison with identity_keys first (add_keys), then record
+            return PendingIngest(summary, keys_df, most_keys, record)
+        record(summary)
         clock.lap("write ingest_runs")
     finally:
         for df in cached:
@@ -167,7 +210,7 @@ def _run_ingest(spark: SparkSession, storage: Storage, source: SourceConf, valid
     log.info("%s", summary)
     if second.rejected:
         raise _rejection(summary, *second.judged)
-    return summary
+    return PendingIngest(summary)
 
 
 def _checked(spark: SparkSession, source: SourceConf, path: str | None) -> str:
@@ -453,10 +496,12 @@ def _pass_classify(flagged_df: DataFrame, src: Source, source: SourceConf, valid
 def _write_accepted(storage: Storage, classified: _ClassifyPass, offsets_df: DataFrame, src: Source,
                     source: SourceConf, mapping: dict[str, str | None], run_id: str, run_date: date,
                     order_id_prefix: str, keys: KeyReading | None, cached: list[DataFrame],
-                    clock: "_Clock", retried_files: frozenset[str] = frozenset()) -> tuple[int, int, date | None, int]:
+                    clock: "_Clock", retried_files: frozenset[str] = frozenset()
+                    ) -> tuple[int, int, date | None, DataFrame | None, int]:
     """Pass 3: the accepted orders merged (row kind "order" never depends on cancellation matching);
     pass 4: their matching keys, normalised and hashed in the scan (no clear text kept). Returns
-    (orders accepted, orders written, the earliest order date written, key rows). ``retried_files``:
+    (orders accepted, orders written, the earliest order date written, the hashed keys (checkpointed,
+    not yet compared with identity_keys: :func:`add_keys`) and a bound on their rows). ``retried_files``:
     files read again for their due rows, whose orders never replace a later file's (see _merge_orders)."""
     order_rows_df = classified.kinds_df.filter(F.col("kind") == KIND_ORDER)
     cancels_df = None
@@ -469,17 +514,17 @@ def _write_accepted(storage: Storage, classified: _ClassifyPass, offsets_df: Dat
         storage, orders_df, classified.accepted if source.grain == "order" else None, cached, retried_files)
     clock.lap("pass 3: write orders")
     key_columns = {k: mapping[k] for k in (keys.match_on if keys else ()) if mapping.get(k)}
-    key_rows = 0
+    keys_df, most_keys = None, 0
     if key_columns:
         index = {name: i for i, name in enumerate(src.names)}
         keys_df = hashed_keys(
             order_rows_df.select("customer_id", *[F.col(source_col(index[c])).cast("string").alias(f"_key_{k}")
                                                   for k, c in key_columns.items()]),
             {k: f"_key_{k}" for k in key_columns}, source_name=source.name,
-            country_code=keys.phone_country_code, hmac_key=keys.hmac_key, run_date=run_date)
-        key_rows = _add_keys(storage, keys_df, source.name, most_keys=classified.accepted * len(key_columns))
+            country_code=keys.phone_country_code, hmac_key=keys.hmac_key, run_date=run_date).localCheckpoint()
+        most_keys = classified.accepted * len(key_columns)
         clock.lap("pass 4: matching keys")
-    return orders_accepted, orders_written, first_order_date, key_rows
+    return orders_accepted, orders_written, first_order_date, keys_df, most_keys
 
 
 class _Clock:
@@ -576,11 +621,40 @@ def _merge_orders(storage: Storage, orders_df: DataFrame, accepted: int | None,
 KEYS_BROADCAST_MAX = 1_000_000
 
 
+def add_keys(storage: Storage, reads: list[PendingIngest]) -> tuple[dict[str, int], NightKeys | None]:
+    """Append the matching keys of ``reads`` (one per source) not yet in ``identity_keys``; returns
+    how many per source and, for a night's few keys, what the identity step needs of that
+    comparison (:class:`pipelines.identity.NightKeys`).
+
+    A night's keys (up to :data:`KEYS_BROADCAST_MAX` together) are compared with the table in one
+    scan for every source, the keys broadcast: the scan returns every stored holder of a key read
+    tonight, which says both which keys are stored already and, for the identity step, who else
+    holds the new ones (it would otherwise scan the table again). A first load or a large read
+    compares each source's keys on their own, by a shuffle, as before."""
+    reads = [r for r in reads if r.keys_df is not None]
+    if not reads:
+        return {}, None
+    if not storage.exists(IDENTITY_KEYS) or sum(r.most_keys for r in reads) > KEYS_BROADCAST_MAX:
+        return {r.summary.source_name: _add_keys(storage, r.keys_df, r.summary.source_name, r.most_keys)
+                for r in reads}, None
+    version_before = storage.version(IDENTITY_KEYS)
+    read_df = reduce(DataFrame.unionByName, [r.keys_df for r in reads])
+    touched_df = F.broadcast(read_df.select("key_type", "key_hash").distinct())
+    holders_df = (storage.read(IDENTITY_KEYS).select(*IDENTITY_KEYS.keys)
+                  .join(touched_df, on=["key_type", "key_hash"], how="left_semi").localCheckpoint())
+    added_df = read_df.join(holders_df, on=list(IDENTITY_KEYS.keys), how="left_anti").localCheckpoint()
+    counts = {row["source_name"]: int(row["count"]) for row in added_df.groupBy("source_name").count().collect()}
+    if counts:
+        storage.append(IDENTITY_KEYS, added_df)
+    night = NightKeys(added_df, holders_df.unionByName(added_df.select(*IDENTITY_KEYS.keys)), version_before,
+                      storage.version(IDENTITY_KEYS))
+    return {r.summary.source_name: counts.get(r.summary.source_name, 0) for r in reads}, night
+
+
 def _add_keys(storage: Storage, keys_df: DataFrame, source_name: str, most_keys: int) -> int:
     """Append the keys not yet in ``identity_keys`` (an earlier first_seen is kept); returns how many.
-    ``keys_df``: keys of ``source_name``; ``most_keys``: a bound on its rows (rows read x key types),
-    known without a job."""
-    keys_df = keys_df.localCheckpoint()
+    ``keys_df``: keys of ``source_name`` (checkpointed); ``most_keys``: a bound on its rows (rows
+    read x key types), known without a job."""
     if storage.exists(IDENTITY_KEYS):
         # another source's keys never match (source_name is a key column); each ingest appends one
         # source's keys, so their files' statistics let the scan skip them

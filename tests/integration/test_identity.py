@@ -243,7 +243,8 @@ def test_unified_ids_are_stable_when_a_later_night_adds_a_link(spark, storage, t
     _assert_no_clear_keys(storage, caplog.text, ["example.jp", "090-1234", "１２３４", "+81"])
 
 
-def test_a_night_resolves_only_its_new_ids_as_a_full_resolution_would(spark, storage, tmp_path, warehouse):
+def test_a_night_resolves_only_its_new_ids_as_a_full_resolution_would(spark, storage, tmp_path, warehouse,
+                                                                        monkeypatch):
     config = _conf(tmp_path, warehouse, "{match_on: [email, phone], max_ids_per_key: 3}")
     ec, store = tmp_path / "ec", tmp_path / "store"
     _write(store, "d1.csv", ["S-1,M1,2024-01-10 10:00:00,100,,090-1111-1111", "S-2,M2,2024-01-11 10:00:00,100,,"])
@@ -256,9 +257,26 @@ def test_a_night_resolves_only_its_new_ids_as_a_full_resolution_would(spark, sto
                           "W-13,X1,2024-01-22 09:00:00,100,,03-5555-5555",         # a known id, a new key
                           "W-14,X1,2024-01-22 10:00:00,100,x1@example.jp,"])       # a known id, a stored key
     _write(store, "d2.csv", ["S-10,N1,2024-01-02 09:00:00,100,pair@example.jp,"])
+    # the run stops after both sources' orders are committed, before their keys are compared: no
+    # key, file or run of the night is recorded, so the next run reads the files again
+    import pipelines.identity
+    import pipelines.sources
+    keys_before, files_before = storage.read("identity_keys").count(), storage.read("ingested_files").count()
+    with monkeypatch.context() as patch:
+        patch.setattr(pipelines.sources, "add_keys", _crash)
+        with pytest.raises(RuntimeError, match="crash"):
+            run_sources(spark, storage, config, dt.date(2024, 1, 22))
+    assert (storage.read("identity_keys").count(), storage.read("ingested_files").count()) == (keys_before,
+                                                                                                files_before)
+    # the night: the identity step takes the new keys' holders from the ingest's scan of identity_keys
+    holders_given = []
+    resolve_new_ids = pipelines.identity.resolve_new_ids
+    monkeypatch.setattr(pipelines.identity, "resolve_new_ids", lambda *a, **k: holders_given.append(
+        k["known_holders_df"] is not None) or resolve_new_ids(*a, **k))
     night = run_sources(spark, storage, config, dt.date(2024, 1, 22)).identity
     assert (night.mode, night.write_mode, night.new_source_ids, night.reassigned_source_ids) == (
         "incremental", "append", 4, 0)
+    assert holders_given == [True]
     stored = {(r.source_name, r.source_customer_id): (r.customer_id, r.method)
               for r in storage.read("identity_map").collect()}
     assert {k: stored[k] for k in [("ec", "E1"), ("ec", "E2"), ("store", "N1"), ("ec", "X6"), ("store", "M1")]} == {
@@ -291,6 +309,10 @@ def test_a_night_resolves_only_its_new_ids_as_a_full_resolution_would(spark, sto
     assert not isinstance(incremental_inputs(storage, config.identity, identity_version(storage)), str)
     changed = config.identity.model_copy(update={"max_ids_per_key": 4})
     assert "identity settings changed" in incremental_inputs(storage, changed, identity_version(storage))
+
+
+def _crash(*_args, **_kwargs):
+    raise RuntimeError("crash")
 
 
 #: a random UUID (Spark's part file names in source_file, run ids): "...-3090-4360-..." holds "090-"
