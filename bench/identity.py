@@ -114,7 +114,10 @@ def _more_nights(spark, workdir: Path, conf_path: Path, args, timer: Timer, memo
             paths = {}
             for source in config.order_sources:
                 out = workdir / f"night-{name}-{source.name}-{night:%Y%m%d}"
-                _night_file(spark, source.path, out, args.night_share, args.seed + index, night)
+                # seeded by the date: a later call's nights sample other customers (the same seeds
+                # would link the same customers again, night after night, until their keys are too
+                # common and the step resolves every id)
+                _night_file(spark, source.path, out, args.night_share, args.seed + (night - END_DATE).days, night)
                 paths[source.name] = str(out)
             night_config = config.model_copy(update={"sources": tuple(
                 s.model_copy(update={"path": paths[s.name]}) for s in config.sources)})
