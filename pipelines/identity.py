@@ -428,13 +428,12 @@ INCREMENTAL_MAX_NEW_IDS = 1_000_000
 class NightKeys:
     """What the ingest's comparison of a night's matching keys with ``identity_keys`` found
     (:func:`pipelines.ingest.add_keys`): the keys it appended and every holder of a key read
-    tonight (stored before, or appended), with the table's versions around its one append. The
+    tonight (stored before, or appended), and the table's version before its one append. The
     identity step takes the new keys' holders from it instead of scanning the table again, when
     no other append came between its last run and this one."""
     added_df: DataFrame          # IDENTITY_KEYS rows appended tonight
     holders_df: DataFrame        # (source_name, source_customer_id, key_type, key_hash) of tonight's keys
     version_before: int          # identity_keys before the append
-    version_after: int           # ... and after it (the same when nothing was new)
 
 
 @dataclass(frozen=True)

@@ -7,9 +7,10 @@ sources their order ids are kept apart as ``<source>:<order id>``. Their matchin
 compared with ``identity_keys`` together once every source is read (one scan on a regular night,
 whose holders the identity step reuses), and only then is each source's run recorded (a crash
 before that reads its files again). Then, when there are several sources or an ``identity``
-config, :func:`pipelines.identity.run_identity` gives every source customer id its unified id. A source whose rejected share is above the threshold stops the run
-after the sources before it are committed (they are complete on their own); the identity step
-does not run, so no stage reads a half-resolved customer base.
+config, :func:`pipelines.identity.run_identity` gives every source customer id its unified id. A
+source whose rejected share is above the threshold stops the run after the sources before it are
+committed (they are complete on their own); the identity step does not run, so no stage reads a
+half-resolved customer base.
 """
 from __future__ import annotations
 

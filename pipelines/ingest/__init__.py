@@ -55,5 +55,6 @@ from pipelines.ingest.runner import KeyReading, PendingIngest, add_keys, read_da
 from pipelines.ingest.summary import DEFAULT_SOURCE, IngestError, IngestRejectedError, IngestSummary
 from pipelines.ingest.transforms import is_non_numeric_amount, local_date, parse_amount, parse_timestamp
 
-__all__ = ["run_ingest", "read_source_orders", "add_keys", "PendingIngest", "read_day", "KeyReading", "IngestError", "IngestRejectedError", "IngestSummary",
-           "DEFAULT_SOURCE", "is_non_numeric_amount", "local_date", "parse_amount", "parse_timestamp"]
+__all__ = ["run_ingest", "read_source_orders", "add_keys", "PendingIngest", "read_day", "KeyReading", "IngestError",
+           "IngestRejectedError", "IngestSummary", "DEFAULT_SOURCE", "is_non_numeric_amount", "local_date",
+           "parse_amount", "parse_timestamp"]

@@ -117,7 +117,8 @@ def _run_ingest(spark: SparkSession, storage: Storage, source: SourceConf, valid
                 order_id_prefix: str, keys: KeyReading | None) -> PendingIngest:
     """Pass 1: keys only (rows per file split, order ids seen twice); pass 2: every row
     classified, the few that are not plain orders kept and counted; pass 3: accepted orders written
-    (pass 4: their matching keys hashed); then the quarantine, the files and the run recorded."""
+    (pass 4: their matching keys hashed); then the quarantine, the files and the run recorded (with
+    matching keys, the files and the run wait for the keys' comparison: :class:`PendingIngest`)."""
     started = datetime.now(timezone.utc)
     clock = _Clock(log)
     path = _checked(spark, source, path)
@@ -646,8 +647,7 @@ def add_keys(storage: Storage, reads: list[PendingIngest]) -> tuple[dict[str, in
     counts = {row["source_name"]: int(row["count"]) for row in added_df.groupBy("source_name").count().collect()}
     if counts:
         storage.append(IDENTITY_KEYS, added_df)
-    night = NightKeys(added_df, holders_df.unionByName(added_df.select(*IDENTITY_KEYS.keys)), version_before,
-                      storage.version(IDENTITY_KEYS))
+    night = NightKeys(added_df, holders_df.unionByName(added_df.select(*IDENTITY_KEYS.keys)), version_before)
     return {r.summary.source_name: counts.get(r.summary.source_name, 0) for r in reads}, night
 
 
