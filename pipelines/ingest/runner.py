@@ -96,7 +96,7 @@ def run_ingest(spark: SparkSession, storage: Storage, source: SourceConf, valida
     ``keys``: the source's e-mail / phone columns are hashed into ``identity_keys``."""
     pending = read_source_orders(spark, storage, source, validation, business_tz, run_date, path, run_id=run_id,
                                  order_id_prefix=order_id_prefix, keys=keys)
-    added = add_keys(storage, [pending])[0] if pending.keys_df is not None else {}
+    added, _ = add_keys(storage, [pending])        # {} without keys
     return pending.finish(added.get(source.name, 0))
 
 
