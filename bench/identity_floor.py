@@ -18,8 +18,9 @@ load measured in the same run: is the 1.15x budget above what any method costs h
     shuffle that finds which ids share a key);
   - ``one shuffle``: the same answer straight from both exports' rows (exploded, grouped by key,
     each key's holders as a set): pairs and grouping in one exchange;
-  - ``write keys`` / ``write map``: the pairs and the source ids written as Delta tables (the
-    tables identity must leave: ``identity_keys``, ``identity_map``).
+  - ``write keys`` / ``write map``: the pairs (each key as its SHA-256, the size of the stored
+    HMAC; no clear key is written) and the source ids written as Delta tables (the tables identity
+    must leave: ``identity_keys``, ``identity_map``).
 
 Prints each pass and two floors as a share of the baseline: the engine's design (pairs per source,
 then keys by key from the stored keys) and a one-shuffle design. A floor above 1.15x means no
@@ -130,8 +131,11 @@ def main() -> None:
         timed("one shuffle", one_shuffle)
 
         ids_df = orders_df.groupBy("source_name", "customer_id").agg(F.min("order_date").alias("first_order_date"))
-        timed("write keys", lambda: all_pairs_df.write.format("delta").mode("overwrite")
-              .save(str(workdir / "floor-keys")))
+        # the stored form: a hash of the key (identity_keys holds 64 hex characters), never the clear
+        # text, also when the export is a client's
+        hashed_df = all_pairs_df.select("source_name", "customer_id", "key_type",
+                                       F.sha2(F.concat_ws(":", "key_type", "raw"), 256).alias("key_hash"))
+        timed("write keys", lambda: hashed_df.write.format("delta").mode("overwrite").save(str(workdir / "floor-keys")))
         timed("write map", lambda: ids_df.write.format("delta").mode("overwrite").save(str(workdir / "floor-map")))
     spark.stop()
 
