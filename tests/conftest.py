@@ -5,6 +5,7 @@ import json
 import os
 import sys
 import time
+from collections import Counter
 
 import pytest
 
@@ -23,27 +24,29 @@ def pytest_collection_modifyitems(config, items):
                                  item.get_closest_marker("slow") is None))
 
 
-#: seconds (setup + call + teardown) and tests per test module, summed from every test's reports
+#: per test module: seconds (setup + call + teardown) and tests, summed from every test's reports
 #: (on the xdist controller, the workers' reports)
-_MODULE_SECONDS: dict[str, list] = {}
+_MODULE_SECONDS: Counter = Counter()
+_MODULE_TESTS: Counter = Counter()
 
 
 def pytest_runtest_logreport(report):
-    entry = _MODULE_SECONDS.setdefault(report.nodeid.split("::", 1)[0], [0.0, 0])
-    entry[0] += report.duration
-    entry[1] += report.when == "setup"
+    module = report.nodeid.split("::", 1)[0]
+    _MODULE_SECONDS[module] += report.duration
+    _MODULE_TESTS[module] += report.when == "setup"
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     """With ``--durations`` (as `./dev test` runs, CI included): the modules by their summed
-    seconds, where a module's shared fixtures count too (``--durations`` lists tests only). On two
+    seconds, shared fixtures included (``--durations`` lists single setups and calls). On two
     workers the wall time is about half the total; every figure includes the other worker's load."""
     if hasattr(config, "workerinput") or config.option.durations is None or len(_MODULE_SECONDS) < 2:
         return
-    total = sum(seconds for seconds, _ in _MODULE_SECONDS.values())
+    total = sum(_MODULE_SECONDS.values())
     terminalreporter.write_sep("=", f"seconds per test module (sum {total:,.0f} s, the 20 largest)")
-    for module, (seconds, tests) in sorted(_MODULE_SECONDS.items(), key=lambda kv: -kv[1][0])[:20]:
-        terminalreporter.write_line(f"{seconds:8.1f}s {100 * seconds / total:5.1f}%  {tests:3d} tests  {module}")
+    for module, seconds in _MODULE_SECONDS.most_common(20):
+        share, tests = 100 * seconds / total, _MODULE_TESTS[module]
+        terminalreporter.write_line(f"{seconds:8.1f}s {share:5.1f}%  {tests:3d} tests  {module}")
 
 
 #: The suite's session evaluates expressions without generating Java code. On test-sized data Spark
