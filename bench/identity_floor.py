@@ -35,6 +35,7 @@ import os
 import shutil
 import sys
 import tempfile
+from functools import reduce
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -108,19 +109,14 @@ def main() -> None:
         for source in keyed.order_sources:
             timed(f"pairs {source.name}", lambda s=source: key_rows(spark, s).distinct().count())
             pairs[source.name] = key_rows(spark, source).distinct().localCheckpoint()
-        all_pairs_df = pairs[keyed.order_sources[0].name]
-        for source in keyed.order_sources[1:]:
-            all_pairs_df = all_pairs_df.unionByName(pairs[source.name])
+        all_pairs_df = reduce(DataFrame.unionByName, pairs.values())
         ids_df = source_customer_ids(storage.read("orders"))   # what the full resolution reads
         timed("source ids", ids_df.count)
         timed("keys by key", lambda: all_pairs_df.groupBy("key_type", "raw").count()
               .where(F.col("count") > 1).count())
 
         def one_shuffle() -> int:
-            rows_df = None
-            for source in keyed.order_sources:
-                part_df = key_rows(spark, source)
-                rows_df = part_df if rows_df is None else rows_df.unionByName(part_df)
+            rows_df = reduce(DataFrame.unionByName, [key_rows(spark, source) for source in keyed.order_sources])
             holder = F.struct("source_name", "customer_id")
             return (rows_df.groupBy("key_type", "raw").agg(F.collect_set(holder).alias("holders"))
                     .where(F.size("holders") > 1).count())
